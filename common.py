@@ -1,0 +1,1518 @@
+"""EDM in one file: the machinery shared by every method file of this project.
+
+Karras, Aittala, Aila, Laine, "Elucidating the Design Space of Diffusion-Based Generative Models",
+NeurIPS 2022, arXiv:2206.00364v2 (equation and table numbers below refer to that version).
+Official code: https://github.com/NVlabs/edm (CC BY-NC-SA 4.0; nothing here is copied from it; parameter names
+match it so that official checkpoints load).
+
+Contents, in order:
+  1. distributed setup (`init_distributed`, `print0`, `run_main`)
+  2. command-line parsers (`parse_int_list`, `parse_bool`, `add_train_flags`)
+  3. seeding: per-step reseed (`reseed`), per-image generators (`PerSeedRNG`)
+  4. data: EDM-format `ImageFolderDataset` (zip or folder), the built-in `DemoDataset`, `InfiniteSampler`
+  5. EDM preconditioning (Table 1), loss (Eq. 2 with Table 1 weights), Heun sampler (Algorithm 2)
+  6. the EDM U-Nets: DDPM++/NCSN++ `SongUNet`, ADM `DhariwalUNet`
+  7. training plumbing: mixed precision, accumulation, lr ramp-up, EMA, gradient scrub, run directory, status lines
+  8. checkpoints: `save_checkpoint`/`load_checkpoint` and `load_official` for EDM-format pickles
+  9. images: uint8 conversion, per-seed PNGs, grids
+ 10. Inception-v3 features, Frechet distance and the other sample-quality metrics
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import pickle
+import re
+import resource
+import socket
+import sys
+import time
+import urllib.parse
+import urllib.request
+import warnings
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import scipy.linalg
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+#------------------------------------------------------------------------------
+# 1. Distributed setup. There is always a process group: torchrun sets RANK/WORLD_SIZE, a plain `python x.py`
+#    becomes a world of one. nccl on GPUs, gloo on CPU (the tests run there).
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+def init_distributed():
+    if 'RANK' not in os.environ:  # plain `python x.py`: a world of one
+        os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()))
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if cuda else 'gloo')
+    device = torch.device('cuda', int(os.environ['LOCAL_RANK'])) if cuda else torch.device('cpu')
+    if cuda:
+        torch.cuda.set_device(device)
+    return device
+
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+def print0(*args, **kwargs):
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+class UserError(Exception):
+    """A problem with the user's input (file, flag, data): `run_main` prints it as one line, without a traceback."""
+
+def run_main(command, args):
+    """Run a CLI command; user errors become one line on stderr and exit code 1; the process group is torn down."""
+    try:
+        command(args)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as e:  # a UserError raised inside a DataLoader worker comes back wrapped with its traceback
+        if 'UserError: ' not in str(e):
+            raise
+        print(f'error: {str(e).rsplit("UserError: ", 1)[1].strip()}', file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+#------------------------------------------------------------------------------
+# 2. Command-line parsers.
+
+def parse_int_list(s):
+    """'0-3,7' -> [0, 1, 2, 3, 7] (EDM's seed syntax); a list passes through."""
+    if isinstance(s, (list, tuple)):
+        return list(s)
+    out = []
+    for part in s.split(','):
+        m = re.fullmatch(r'\s*(-?\d+)\s*-\s*(-?\d+)\s*', part)
+        try:
+            out.extend(range(int(m[1]), int(m[2]) + 1) if m else [int(part)])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected integers or ranges like 0-49999,7; got {s!r}') from None
+    return out
+
+def parse_bool(s):
+    """Booleans that published commands pass as values: --cond=1, --fp16=True."""
+    if isinstance(s, bool):
+        return s
+    if s.lower() in ('1', 'true', 'yes', 'on'):
+        return True
+    if s.lower() in ('0', 'false', 'no', 'off'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected a boolean (1/0/true/false); got {s!r}')
+
+def add_train_flags(p, **defaults):
+    """The training flags every method file shares (EDM's names and units); `defaults` overrides per method."""
+    d = dict(outdir='training-runs', duration=200, batch=512, lr=1e-3, ema=0.5, dropout=0.13, tick=50, snap=50, dump=500) | defaults
+    p.add_argument('--outdir', default=d['outdir'], metavar='DIR', help='where to make the run directory')
+    p.add_argument('--data', default=None, metavar='ZIP|DIR|demo', help='required: an EDM-format zip or folder (dataset_tool.py), or demo[-RES] for built-in shapes')
+    p.add_argument('--cond', type=parse_bool, default=False, metavar='BOOL', help='class-conditional training (labels from dataset.json)')
+    p.add_argument('--duration', type=float, default=d['duration'], metavar='MIMG', help='training length in millions of images')
+    p.add_argument('--batch', type=int, default=d['batch'], metavar='INT', help='global batch size (images per optimizer step)')
+    p.add_argument('--batch-gpu', type=int, default=None, metavar='INT', help='max images per GPU per pass; the rest is gradient accumulation')
+    p.add_argument('--lr', type=float, default=d['lr'], metavar='FLOAT', help='Adam learning rate')
+    p.add_argument('--lr-rampup', type=float, default=10000, metavar='KIMG', help='linear lr ramp-up length (EDM: 10,000 kimg)')
+    p.add_argument('--ema', type=float, default=d['ema'], metavar='MIMG', help='EMA half-life in millions of images')
+    p.add_argument('--dropout', type=float, default=d['dropout'], metavar='FLOAT', help='dropout probability in the network')
+    p.add_argument('--xflip', type=parse_bool, default=False, metavar='BOOL', help='add x-flipped copies of the dataset')
+    p.add_argument('--fp16', type=parse_bool, default=False, metavar='BOOL', help='autocast fp16 around the network + GradScaler')
+    p.add_argument('--bf16', type=parse_bool, default=False, metavar='BOOL', help='autocast bf16 around the network')
+    p.add_argument('--ls', type=float, default=1, metavar='FLOAT', help='loss scaling (a constant multiplier, as EDM)')
+    p.add_argument('--tf32', type=parse_bool, default=False, metavar='BOOL', help='allow TF32 matmuls/convolutions')
+    p.add_argument('--tick', type=float, default=d['tick'], metavar='KIMG', help='thousands of images between status lines')
+    p.add_argument('--snap', type=int, default=d['snap'], metavar='TICKS', help='ticks between network snapshots')
+    p.add_argument('--dump', type=int, default=d['dump'], metavar='TICKS', help='ticks between training-state dumps')
+    p.add_argument('--seed', type=int, default=0, metavar='INT', help='random seed')
+    p.add_argument('--resume', default=None, metavar='PT', help='resume from a training-state-*.pt')
+    p.add_argument('--desc', default=None, metavar='STR', help='string appended to the run directory name')
+    p.add_argument('--nosubdir', action='store_true', help='write into --outdir itself, no numbered run directory')
+    p.add_argument('--workers', type=int, default=1, metavar='INT', help='DataLoader worker processes per GPU')
+    p.add_argument('-n', '--dry-run', action='store_true', help='print the resolved options as JSON and exit')
+
+#------------------------------------------------------------------------------
+# 3. Seeding. Training reseeds at every step from (seed, rank, cur_nimg), so a resumed run replays the same
+#    randomness (as EDM2). Generation gives every image its own generator, so image N depends on seed N only.
+
+def reseed(seed, rank, cur_nimg):
+    """Seed torch's global RNG for this step; returns a numpy Generator drawn from the same state."""
+    state = np.random.SeedSequence([seed, rank, cur_nimg]).generate_state(2)
+    torch.manual_seed(int(state[0]))
+    return np.random.default_rng(int(state[1]))
+
+class PerSeedRNG:
+    """One torch.Generator per image seed; every draw is a stack of per-image draws."""
+    def __init__(self, seeds, device):
+        self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+
+    def randn(self, size, **kwargs):
+        return torch.stack([torch.randn(size, generator=g, **kwargs) for g in self.generators])
+
+    def randn_like(self, x):
+        return self.randn(x.shape[1:], dtype=x.dtype, layout=x.layout, device=x.device)
+
+    def randint(self, high, size=(), **kwargs):
+        return torch.stack([torch.randint(high, size, generator=g, **kwargs) for g in self.generators])
+
+#------------------------------------------------------------------------------
+# 4. Data. Images are uint8 CHW; the training loop maps them to [-1, 1]. Labels are float32 one-hot vectors
+#    (shape [0] when unused). EDM format: `00000/img00000000.png` files plus `dataset.json` {"labels": [[name, k]]}.
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """An EDM-format dataset: a folder (searched recursively) or a zip of images, optionally with labels."""
+    def __init__(self,
+        path,                       # folder or .zip
+        resolution  = None,         # expected side length; None = whatever the images are
+        use_labels  = False,        # return one-hot labels from dataset.json
+        max_size    = None,         # seeded random subset of this many images; None = all
+        xflip       = False,        # append horizontally flipped copies (doubles the length)
+        random_seed = 0,            # seed of the max_size subset
+        cache       = False,        # keep decoded images in memory (per process)
+    ):
+        self.path, self.name, self.cache = path, os.path.splitext(os.path.basename(os.path.normpath(path)))[0], cache
+        self._zip, self._zip_pid, self._cached = None, None, {}
+        if os.path.isdir(path):
+            names = [os.path.relpath(os.path.join(root, f), path).replace('\\', '/') for root, _, files in os.walk(path) for f in files]
+        elif os.path.isfile(path) and zipfile.is_zipfile(path):
+            names = self._open_zip().namelist()
+        elif os.path.exists(path):
+            raise UserError(f'{path}: not a folder or a zip file')
+        else:
+            raise UserError(f'{path}: no such dataset (make one with dataset_tool.py, or use --data=demo)')
+        self.image_names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
+        if not self.image_names:
+            raise UserError(f'{path}: no images found')
+
+        self.labels = self._load_labels() if use_labels else None
+        self.label_dim = 0 if self.labels is None else self.labels.shape[1]
+        self.indices = np.arange(len(self.image_names))
+        if max_size is not None and max_size < len(self.indices):
+            self.indices = np.sort(np.random.RandomState(random_seed % (1 << 31)).permutation(self.indices)[:max_size])
+        self.xflip = xflip
+        first = self._read(self.indices[0])
+        self.num_channels, height, width = first.shape
+        if height != width:
+            raise UserError(f'{path}/{self.image_names[self.indices[0]]}: images must be square, got {width}x{height}')
+        self.resolution = height
+        if resolution is not None and resolution != self.resolution:
+            raise UserError(f'{path}: images are {self.resolution}x{self.resolution}, but resolution {resolution} was requested')
+
+    def _open_zip(self):
+        if self._zip is None or self._zip_pid != os.getpid():  # one handle per DataLoader worker
+            self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
+        return self._zip
+
+    def _open(self, name):
+        return open(os.path.join(self.path, name), 'rb') if os.path.isdir(self.path) else self._open_zip().open(name)
+
+    def _load_labels(self):
+        try:
+            with self._open('dataset.json') as f:
+                labels = json.load(f).get('labels')
+        except (KeyError, FileNotFoundError):
+            labels = None
+        except (ValueError, AttributeError) as e:
+            raise UserError(f'{self.path}/dataset.json: cannot parse ({e})')
+        if labels is None:
+            raise UserError(f'{self.path}: no labels in dataset.json; train with --cond=0 or add labels')
+        labels = {name.replace('\\', '/'): label for name, label in labels}
+        missing = [n for n in self.image_names if n not in labels]
+        if missing:
+            raise UserError(f'{self.path}/dataset.json: no label for {missing[0]} ({len(missing)} images without labels)')
+        labels = np.array([labels[n] for n in self.image_names])
+        if labels.ndim == 1:  # class indices -> one-hot
+            return np.eye(labels.max() + 1, dtype=np.float32)[labels]
+        return labels.astype(np.float32)
+
+    def _read(self, raw_index):
+        if raw_index in self._cached:
+            return self._cached[raw_index]
+        name = self.image_names[raw_index]
+        try:
+            with self._open(name) as f:
+                image = np.array(PIL.Image.open(io.BytesIO(f.read())))
+        except Exception as e:
+            raise UserError(f'{self.path}/{name}: cannot read image ({e})') from None
+        image = image[:, :, np.newaxis] if image.ndim == 2 else image
+        image = image.transpose(2, 0, 1)  # [H, W, C] -> [C, H, W]
+        if hasattr(self, 'num_channels') and image.shape != (self.num_channels, self.resolution, self.resolution):
+            raise UserError(f'{self.path}/{name}: image is {tuple(image.shape)} (CHW), expected '
+                            f'{(self.num_channels, self.resolution, self.resolution)} like the others')
+        if self.cache:
+            self._cached[raw_index] = image
+        return image
+
+    def __len__(self):
+        return len(self.indices) * (2 if self.xflip else 1)
+
+    def __getitem__(self, idx):
+        raw_index = self.indices[idx % len(self.indices)]
+        image = self._read(raw_index)
+        if idx >= len(self.indices):  # second half: flipped copies
+            image = image[:, :, ::-1]
+        label = self.labels[raw_index] if self.labels is not None else np.zeros([0], np.float32)
+        return image.copy(), label.copy()
+
+class DemoDataset(torch.utils.data.Dataset):
+    """Built-in toy data (`--data=demo` or `demo-RES`): deterministic random discs, squares and triangles on a
+    two-tone background, label = shape class (3 classes). No download, any resolution."""
+    def __init__(self, resolution=32, size=4096, use_labels=False, xflip=False, num_channels=3, **_):
+        self.name, self.resolution, self.num_channels, self.size = f'demo{resolution}', resolution, num_channels, size
+        self.label_dim, self.use_labels, self.xflip = (3 if use_labels else 0), use_labels, xflip
+
+    def __len__(self):
+        return self.size * (2 if self.xflip else 1)
+
+    def __getitem__(self, idx):
+        rng = np.random.default_rng([1234, idx % self.size])
+        R, shape = self.resolution, int(rng.integers(3))
+        y, x = (np.mgrid[0:R, 0:R] + 0.5) / R  # pixel centres in [0, 1]
+        cx, cy = rng.uniform(0.3, 0.7, 2)
+        r = rng.uniform(0.15, 0.3)
+        if shape == 0:
+            inside = (x - cx) ** 2 + (y - cy) ** 2 < r ** 2
+        elif shape == 1:
+            inside = (abs(x - cx) < r * 0.85) & (abs(y - cy) < r * 0.85)
+        else:
+            inside = (y - cy < r * 0.8) & (y - cy > 2 * abs(x - cx) - r)
+        top, bottom, color = rng.uniform(0, 255, (3, self.num_channels))
+        image = np.where(y[None] < 0.5, top[:, None, None], bottom[:, None, None])
+        image = np.where(inside[None], color[:, None, None], image).astype(np.uint8)
+        if idx >= self.size:
+            image = image[:, :, ::-1]
+        label = np.eye(3, dtype=np.float32)[shape] if self.use_labels else np.zeros([0], np.float32)
+        return image.copy(), label
+
+def open_dataset(data, **kwargs):
+    """`--data`: 'demo' (32x32), 'demo-64', ... for the built-in toy set; otherwise an EDM-format zip or folder."""
+    m = re.fullmatch(r'demo(?:-(\d+))?', data)
+    if m:
+        return DemoDataset(resolution=int(m[1] or 32), **kwargs)
+    return ImageFolderDataset(data, **kwargs)
+
+class InfiniteSampler(torch.utils.data.Sampler):
+    """Endless, seeded index stream for one rank. Epoch e visits a permutation seeded by (seed, e); ranks take
+    interleaved positions of it. `start` skips that many items of this rank's stream, so a run resumed with the
+    number of items it had consumed sees exactly the data it would have seen."""
+    def __init__(self, size, rank=0, world_size=1, seed=0, start=0):
+        self.size, self.rank, self.world_size, self.seed, self.start = size, rank, world_size, seed, start
+
+    def __iter__(self):
+        epoch, order = None, None
+        for i in range(self.start, 1 << 62):
+            e, pos = divmod(i * self.world_size + self.rank, self.size)
+            if e != epoch:
+                epoch, order = e, np.random.default_rng([self.seed, e]).permutation(self.size)
+            yield int(order[pos])
+
+def data_stream(dataset, batch_gpu, rank, world_size, seed, start, workers):
+    """Endless iterator over (uint8 images, labels) micro-batches, starting `start` items into this rank's stream."""
+    sampler = InfiniteSampler(len(dataset), rank, world_size, seed, start)
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=batch_gpu, sampler=sampler, num_workers=workers,
+        pin_memory=torch.cuda.is_available(), prefetch_factor=2 if workers else None, persistent_workers=workers > 0))
+
+#------------------------------------------------------------------------------
+# 5. EDM preconditioning, loss and sampler. D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)   (EDM Eq. 7)
+#    Coefficients are computed in float32; only the backbone F runs under autocast.
+
+class EDMPrecond(torch.nn.Module):
+    """EDM preconditioning (Table 1, "Ours"). The backbone is `self.model` (EDM's name, so checkpoints load)."""
+    def __init__(self,
+        img_resolution,                 # image side length
+        img_channels,                   # image channels (what the sampler draws)
+        label_dim       = 0,            # number of classes; 0 = unconditional
+        sigma_min       = 0,            # lowest supported noise level
+        sigma_max       = float('inf'), # highest supported noise level
+        sigma_data      = 0.5,          # expected std of the data
+        model_type      = 'SongUNet',   # 'SongUNet' (DDPM++/NCSN++) or 'DhariwalUNet' (ADM)
+        **model_kwargs,                 # backbone arguments; in_channels/out_channels default to img_channels
+    ):
+        super().__init__()
+        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
+        self.amp_dtype = None  # set by the training loop: torch.float16 / torch.bfloat16 autocast around the backbone
+        backbone = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}[model_type]
+        model_kwargs = dict(in_channels=img_channels, out_channels=img_channels) | model_kwargs
+        self.model = backbone(img_resolution=img_resolution, label_dim=label_dim, **model_kwargs)
+
+    def coefficients(self, sigma):
+        c_skip = self.sigma_data ** 2 / (sigma ** 2 + self.sigma_data ** 2)          # EDM Table 1, c_skip
+        c_out = sigma * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()  # EDM Table 1, c_out
+        c_in = 1 / (self.sigma_data ** 2 + sigma ** 2).sqrt()                         # EDM Table 1, c_in
+        c_noise = sigma.log() / 4                                                     # EDM Table 1, c_noise
+        return c_skip, c_out, c_in, c_noise
+
+    def prepare(self, x, sigma, class_labels):
+        """float32 input, sigma as [N, 1, 1, 1], labels None (unconditional) / a zero row (None given) / float."""
+        x = x.to(torch.float32)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
+        if self.label_dim == 0:
+            class_labels = None
+        elif class_labels is None:
+            class_labels = torch.zeros([1, self.label_dim], device=x.device)
+        else:
+            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        return x, sigma, class_labels
+
+    def backbone(self, x_in, c_noise, class_labels, augment_labels=None):
+        """F, under autocast when `amp_dtype` is set; the output is returned in float32."""
+        with torch.autocast(x_in.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            F_x = self.model(x_in, c_noise.flatten(), class_labels=class_labels, augment_labels=augment_labels)
+        return F_x.to(torch.float32)
+
+    def forward(self, x, sigma, class_labels=None, augment_labels=None):
+        x, sigma, class_labels = self.prepare(x, sigma, class_labels)
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        F_x = self.backbone(c_in * x, c_noise, class_labels, augment_labels)
+        return c_skip * x + c_out * F_x  # EDM Eq. 7
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+class VPPrecond(EDMPrecond):
+    """Variance-preserving preconditioning (EDM Table 1, "VP"; Song et al. 2021 DDPM++)."""
+    def __init__(self, img_resolution, img_channels, label_dim=0, beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5, **kwargs):
+        self.beta_d, self.beta_min, self.M = beta_d, beta_min, M
+        super().__init__(img_resolution, img_channels, label_dim, sigma_min=float(self.sigma(epsilon_t)),
+                         sigma_max=float(self.sigma(1)), sigma_data=0.5, **kwargs)
+
+    def sigma(self, t):  # EDM Table 1, VP sigma(t)
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return ((0.5 * self.beta_d * t ** 2 + self.beta_min * t).exp() - 1).sqrt()
+
+    def sigma_inv(self, sigma):  # t_VP(sigma), the inverse of sigma(t)
+        return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt() - self.beta_min) / self.beta_d
+
+    def coefficients(self, sigma):
+        return torch.ones_like(sigma), -sigma, 1 / (sigma ** 2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma)
+
+class VEPrecond(EDMPrecond):
+    """Variance-exploding preconditioning (EDM Table 1, "VE"; Song et al. 2021 NCSN++)."""
+    def __init__(self, img_resolution, img_channels, label_dim=0, sigma_min=0.02, sigma_max=100, **kwargs):
+        super().__init__(img_resolution, img_channels, label_dim, sigma_min=sigma_min, sigma_max=sigma_max, **kwargs)
+
+    def coefficients(self, sigma):
+        return torch.ones_like(sigma), sigma, torch.ones_like(sigma), (0.5 * sigma).log()
+
+class EDMLoss:
+    """EDM training loss (Eq. 2 with Table 1's p_train and lambda): returns the unreduced per-element loss."""
+    def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5):
+        self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
+
+    def sigma_and_weight(self, n, device):
+        sigma = (torch.randn([n, 1, 1, 1], device=device) * self.P_std + self.P_mean).exp()  # EDM Table 1, ln(sigma) ~ N(P_mean, P_std^2)
+        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2      # EDM Table 1, lambda(sigma)
+        return sigma, weight
+
+    def __call__(self, net, images, labels=None, augment_pipe=None):
+        sigma, weight = self.sigma_and_weight(images.shape[0], images.device)
+        y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
+        n = torch.randn_like(y) * sigma
+        D_yn = net(y + n, sigma, labels, augment_labels=augment_labels)
+        return weight * (D_yn - y) ** 2  # EDM Eq. 2
+
+class VPLoss(EDMLoss):
+    """Original VP training (EDM Table 1, "VP"): t ~ U(epsilon_t, 1), lambda = 1/sigma^2."""
+    def __init__(self, beta_d=19.9, beta_min=0.1, epsilon_t=1e-5):
+        self.beta_d, self.beta_min, self.epsilon_t = beta_d, beta_min, epsilon_t
+
+    def sigma_and_weight(self, n, device):
+        t = 1 + torch.rand([n, 1, 1, 1], device=device) * (self.epsilon_t - 1)
+        sigma = ((0.5 * self.beta_d * t ** 2 + self.beta_min * t).exp() - 1).sqrt()
+        return sigma, 1 / sigma ** 2
+
+class VELoss(EDMLoss):
+    """Original VE training (EDM Table 1, "VE"): sigma log-uniform in [sigma_min, sigma_max], lambda = 1/sigma^2."""
+    def __init__(self, sigma_min=0.02, sigma_max=100):
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def sigma_and_weight(self, n, device):
+        sigma = self.sigma_min * (self.sigma_max / self.sigma_min) ** torch.rand([n, 1, 1, 1], device=device)
+        return sigma, 1 / sigma ** 2
+
+def edm_time_steps(num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, round_sigma=torch.as_tensor):
+    """Noise levels t_0 > ... > t_{N-1} of EDM Eq. 5 in float64, then t_N = 0."""
+    i = torch.arange(num_steps, dtype=torch.float64)
+    t = (sigma_max ** (1 / rho) + i / max(num_steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho  # EDM Eq. 5
+    t = torch.as_tensor(round_sigma(t), dtype=torch.float64)
+    return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+
+@torch.no_grad()
+def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=0.002,
+                sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1):
+    """EDM Algorithm 2: Heun's 2nd-order method with optional stochastic churn, state in float64.
+    `net(x, sigma, class_labels)` is any denoiser; `randn_like` should be a per-image generator's."""
+    sigma_min = max(sigma_min, getattr(net, 'sigma_min', 0))
+    sigma_max = min(sigma_max, getattr(net, 'sigma_max', float('inf')))
+    round_sigma = getattr(net, 'round_sigma', torch.as_tensor)
+    t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho, round_sigma).to(latents.device)
+    x_next = latents.to(torch.float64) * t_steps[0]  # Alg. 2 line 1
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0  # Alg. 2 line 4
+        t_hat = torch.as_tensor(round_sigma(t_cur + gamma * t_cur), dtype=torch.float64)        # Alg. 2 line 5
+        x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)          # Alg. 2 line 6
+        d_cur = (x_hat - net(x_hat, t_hat, class_labels).to(torch.float64)) / t_hat            # Alg. 2 line 7
+        x_next = x_hat + (t_next - t_hat) * d_cur                                               # Alg. 2 line 8
+        if i < num_steps - 1:                                                                   # Alg. 2 lines 9-11
+            d_prime = (x_next - net(x_next, t_next, class_labels).to(torch.float64)) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+#------------------------------------------------------------------------------
+# 6. The EDM U-Nets.
+
+# Layers (EDM Appendix B.1; spec edm_common.md 3.1-3.3).
+
+# Weight init shared by all EDM layers (spec 3.1); for convolutions fan_in/fan_out count channels * k^2.
+def weight_init(shape, mode, fan_in, fan_out):
+    if mode == 'xavier_uniform':
+        return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(shape) * 2 - 1)
+    if mode == 'xavier_normal':
+        return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(shape)
+    if mode == 'kaiming_uniform':
+        return math.sqrt(3 / fan_in) * (torch.rand(shape) * 2 - 1)
+    if mode == 'kaiming_normal':
+        return math.sqrt(1 / fan_in) * torch.randn(shape)
+    raise ValueError(f'unknown init mode {mode!r}')
+
+# Fully connected layer; the bias is drawn like the weight and scaled by init_bias (0 = zero bias).
+class Linear(torch.nn.Module):
+    def __init__(self, in_features, out_features, bias=True, init_mode='kaiming_normal', init_weight=1, init_bias=0):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
+        self.weight = torch.nn.Parameter(weight_init([out_features, in_features], **fans) * init_weight)
+        self.bias = torch.nn.Parameter(weight_init([out_features], **fans) * init_bias) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+# Convolution with optional 2x up/downsampling by the separable FIR filter f f^T / (sum f)^2 (spec 3.1).
+# Unfused: resample, then convolve. Fused (NCSN++ residual encoder): convolve at a wider padding, then resample.
+class Conv2d(torch.nn.Module):
+    def __init__(self,
+        in_channels,                        # input channels
+        out_channels,                       # output channels
+        kernel,                             # kernel size; 0 = no weight and bias, a pure resampler
+        bias            = True,             # learned bias, added last
+        up              = False,            # 2x upsampling
+        down            = False,            # 2x downsampling
+        resample_filter = (1, 1),           # 1-D filter taps: (1, 1) = nearest / box, (1, 3, 3, 1) = binomial
+        fused_resample  = False,            # convolve before downsampling (after upsampling) with merged paddings
+        init_mode       = 'kaiming_normal', # see weight_init
+        init_weight     = 1,                # multiplier on the initial weight
+        init_bias       = 0,                # multiplier on the initial bias; 0 = zero
+    ):
+        super().__init__()
+        assert not (up and down)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.up = up
+        self.down = down
+        self.fused_resample = fused_resample
+        fans = dict(mode=init_mode, fan_in=in_channels * kernel**2, fan_out=out_channels * kernel**2)
+        self.weight = torch.nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **fans) * init_weight) if kernel else None
+        self.bias = torch.nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
+        f = torch.as_tensor(resample_filter, dtype=torch.float32)
+        f = torch.outer(f, f)[None, None] / f.sum() ** 2                    # [1, 1, k, k], sums to 1
+        self.register_buffer('resample_filter', f if up or down else None)
+
+    # Depthwise 2x resampling of every channel; the transposed filter is scaled by 4 to keep the mean.
+    def resample(self, x, padding):
+        f = self.resample_filter.expand(x.shape[1], 1, -1, -1)              # [C, 1, k, k]
+        if self.up:
+            return F.conv_transpose2d(x, f * 4, stride=2, padding=padding, groups=x.shape[1])
+        return F.conv2d(x, f, stride=2, padding=padding, groups=x.shape[1])
+
+    def forward(self, x):
+        w = self.weight
+        w_pad = w.shape[-1] // 2 if w is not None else 0
+        f_pad = (self.resample_filter.shape[-1] - 1) // 2 if self.up or self.down else 0
+        if self.fused_resample and self.up and w is not None:
+            # NOTE: paddings as fixed upstream in NVlabs/edm issue #2 (no config of the paper uses this path).
+            x = F.conv2d(self.resample(x, max(f_pad - w_pad, 0)), w, padding=max(w_pad - f_pad, 0))
+        elif self.fused_resample and self.down and w is not None:
+            x = self.resample(F.conv2d(x, w, padding=w_pad + f_pad), 0)
+        else:
+            if self.up or self.down:
+                x = self.resample(x, f_pad)
+            if w is not None:
+                x = F.conv2d(x, w, padding=w_pad)
+        if self.bias is not None:
+            x = x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)   # keeps the autocast dtype
+        return x
+
+# Group normalization with min(32, C // 4) groups, as EDM (plain torch.nn.GroupNorm would use fixed groups).
+class GroupNorm(torch.nn.Module):
+    def __init__(self, num_channels, num_groups=32, min_channels_per_group=4, eps=1e-5):
+        super().__init__()
+        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(num_channels))
+        self.bias = torch.nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+# Residual block with optional 2x up/downsampling and multi-head self-attention: the union of the DDPM++,
+# NCSN++ and ADM blocks (spec 3.3; EDM training/networks.py, UNetBlock).
+class UNetBlock(torch.nn.Module):
+    def __init__(self,
+        in_channels,                        # input channels
+        out_channels,                       # output channels
+        emb_channels,                       # width of the noise/label embedding vector
+        up                  = False,        # 2x upsampling at the start
+        down                = False,        # 2x downsampling at the start
+        attention           = False,        # self-attention after the residual branch
+        num_heads           = None,         # attention heads; None = out_channels // channels_per_head
+        channels_per_head   = 64,           # used only when num_heads is None
+        dropout             = 0,            # dropout probability before conv1 (train mode only)
+        skip_scale          = 1,            # multiplier on each residual sum (sqrt(0.5) for DDPM++/NCSN++)
+        eps                 = 1e-5,         # GroupNorm epsilon
+        resample_filter     = (1, 1),       # 1-D up/downsampling filter taps
+        resample_proj       = False,        # 1x1 conv on a resampled skip even when channels match
+        adaptive_scale      = True,         # embedding gives (scale, shift) as in ADM; False = an added bias
+        init                = dict(),       # init kwargs of conv0, affine, skip (and qkv if init_attn is None)
+        init_zero           = dict(init_weight=0),  # init kwargs of conv1 and proj
+        init_attn           = None,         # init kwargs of qkv; None = init
+    ):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
+        self.dropout = dropout
+        self.skip_scale = skip_scale
+        self.adaptive_scale = adaptive_scale
+
+        self.norm0 = GroupNorm(in_channels, eps=eps)
+        self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter, **init)
+        self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
+        self.norm1 = GroupNorm(out_channels, eps=eps)
+        self.conv1 = Conv2d(out_channels, out_channels, 3, **init_zero)
+        self.skip = None
+        if out_channels != in_channels or up or down:
+            kernel = 1 if resample_proj or out_channels != in_channels else 0
+            self.skip = Conv2d(in_channels, out_channels, kernel, up=up, down=down, resample_filter=resample_filter, **init)
+        if self.num_heads:
+            self.norm2 = GroupNorm(out_channels, eps=eps)
+            self.qkv = Conv2d(out_channels, out_channels * 3, 1, **(init_attn if init_attn is not None else init))
+            self.proj = Conv2d(out_channels, out_channels, 1, **init_zero)
+
+    def forward(self, x, emb):
+        h = self.conv0(F.silu(self.norm0(x)))
+        params = self.affine(emb)[:, :, None, None]                         # [N, C_o or 2*C_o, 1, 1]
+        if self.adaptive_scale:
+            scale, shift = params.chunk(2, dim=1)
+            h = F.silu(shift + self.norm1(h) * (scale + 1))
+        else:
+            h = F.silu(self.norm1(h + params))
+        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
+        x = (h + (self.skip(x) if self.skip is not None else x)) * self.skip_scale
+
+        if self.num_heads:
+            # EDM's qkv channel index is (head * d + c) * 3 + s with s in (q, k, v), d = channels per head.
+            qkv = self.qkv(self.norm2(x))
+            qkv = qkv.to(torch.promote_types(qkv.dtype, torch.float32))     # softmax in at least fp32, as EDM
+            q, k, v = rearrange(qkv, 'n (h d s) y x -> s (n h) (y x) d', h=self.num_heads, s=3)
+            with torch.autocast(x.device.type, enabled=False):
+                a = F.scaled_dot_product_attention(q, k, v)                 # [N*heads, H*W, d], scale 1/sqrt(d)
+            a = rearrange(a, '(n h) (y x) d -> n (h d) y x', h=self.num_heads, y=x.shape[2]).to(x.dtype).contiguous()
+            x = (self.proj(a) + x) * self.skip_scale
+        return x
+
+# Sinusoidal noise-level embedding [cos(c f_j), sin(c f_j)], f_j = (1/max_positions)^(j / (C/2 - endpoint))
+# (spec 3.2). DDPM++ uses endpoint=True, ADM endpoint=False.
+class PositionalEmbedding(torch.nn.Module):
+    def __init__(self, num_channels, max_positions=10000, endpoint=False):
+        super().__init__()
+        self.num_channels = num_channels
+        self.max_positions = max_positions
+        self.endpoint = endpoint
+
+    def forward(self, x):
+        half = self.num_channels // 2
+        freqs = torch.arange(half, dtype=torch.float32, device=x.device) / (half - int(self.endpoint))
+        freqs = (1 / self.max_positions) ** freqs
+        x = torch.outer(x, freqs.to(x.dtype))                               # [N] -> [N, C/2]
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+# Random Fourier features [cos(2 pi f c), sin(2 pi f c)], f ~ N(0, scale^2) fixed at construction (NCSN++).
+class FourierEmbedding(torch.nn.Module):
+    def __init__(self, num_channels, scale=16):
+        super().__init__()
+        self.register_buffer('freqs', torch.randn(num_channels // 2) * scale)
+
+    def forward(self, x):
+        x = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))         # [N] -> [N, C/2]
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+# Per-sample zeroing of class-label vectors with probability p in train mode (classifier-free guidance).
+def drop_labels(labels, p, batch_size, training):
+    if not training or not p:
+        return labels
+    keep = torch.rand([batch_size, 1], device=labels.device) >= p
+    return labels * keep.to(labels.dtype)
+
+# The U-Nets accept any H x W divisible by 2^(levels - 1), not only img_resolution (which only names layers).
+def check_input_size(x, num_levels):
+    divisor = 2 ** (num_levels - 1)
+    if x.shape[-2] % divisor or x.shape[-1] % divisor:
+        raise ValueError(f'input size {x.shape[-2]}x{x.shape[-1]} is not divisible by {divisor}, '
+                         f'as a U-Net with {num_levels} resolution levels requires')
+
+# Backbones (spec edm_common.md 3.4-3.6).
+
+# DDPM++ / NCSN++ U-Net, Song et al. 2021 (arXiv:2011.13456), as reimplemented and configured by EDM
+# (Karras et al. 2022, arXiv:2206.00364, Table 7). Official code: NVlabs/edm training/networks.py, SongUNet.
+class SongUNet(torch.nn.Module):
+    def __init__(self,
+        img_resolution,                     # image resolution; names the layers ('32x32_block0'), any input size works
+        in_channels,                        # input channels (extra conditioning channels included)
+        out_channels,                       # output channels
+        label_dim           = 0,            # number of classes; 0 = unconditional
+        augment_dim         = 0,            # augmentation label width; 0 = no augmentation conditioning
+        model_channels      = 128,          # base channel count
+        channel_mult        = (1, 2, 2, 2), # channel multiplier per resolution level
+        channel_mult_emb    = 4,            # embedding width = model_channels * channel_mult_emb
+        num_blocks          = 4,            # residual blocks per level in the encoder (decoder: one more)
+        attn_resolutions    = (16,),        # resolutions (named by img_resolution) with self-attention
+        dropout             = 0.10,         # dropout probability inside the blocks
+        label_dropout       = 0,            # probability of zeroing a sample's label in training; 0 = never
+        embedding_type      = 'positional', # 'positional' (DDPM++) or 'fourier' (NCSN++)
+        channel_mult_noise  = 1,            # noise embedding width = model_channels * this; 1 DDPM++, 2 NCSN++
+        encoder_type        = 'standard',   # 'standard' (DDPM++), 'residual' (NCSN++) or 'skip'
+        decoder_type        = 'standard',   # 'standard' (both) or 'skip'
+        resample_filter     = (1, 1),       # (1, 1) for DDPM++, (1, 3, 3, 1) for NCSN++
+    ):
+        assert embedding_type in ('positional', 'fourier')
+        assert encoder_type in ('standard', 'skip', 'residual')
+        assert decoder_type in ('standard', 'skip')
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.num_levels = len(channel_mult)
+        self.label_dropout = label_dropout
+        emb_channels = model_channels * channel_mult_emb
+        noise_channels = model_channels * channel_mult_noise
+        init = dict(init_mode='xavier_uniform')
+        init_zero = dict(init_mode='xavier_uniform', init_weight=1e-5)      # NOTE: small, not exactly zero (EDM)
+        init_attn = dict(init_mode='xavier_uniform', init_weight=math.sqrt(0.2))
+        block_kwargs = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5),
+                            eps=1e-6, resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
+                            init=init, init_zero=init_zero, init_attn=init_attn)
+
+        # Mapping network: noise level (+ label, + augmentation) -> embedding vector.
+        if embedding_type == 'positional':
+            self.map_noise = PositionalEmbedding(noise_channels, endpoint=True)
+        else:
+            self.map_noise = FourierEmbedding(noise_channels)
+        self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
+        self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
+        self.map_layer0 = Linear(noise_channels, emb_channels, **init)
+        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
+
+        # Encoder; every output except the aux layers' is kept for the decoder's skip connections.
+        self.enc = torch.nn.ModuleDict()
+        c = caux = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                self.enc[f'{res}x{res}_conv'] = Conv2d(c, model_channels, 3, **init)
+                c = model_channels
+            else:
+                self.enc[f'{res}x{res}_down'] = UNetBlock(c, c, down=True, **block_kwargs)
+                if encoder_type == 'skip':
+                    self.enc[f'{res}x{res}_aux_down'] = Conv2d(caux, caux, 0, down=True, resample_filter=resample_filter)
+                    self.enc[f'{res}x{res}_aux_skip'] = Conv2d(caux, c, 1, **init)
+                if encoder_type == 'residual':
+                    self.enc[f'{res}x{res}_aux_residual'] = Conv2d(caux, c, 3, down=True, resample_filter=resample_filter,
+                                                                   fused_resample=True, **init)
+                    caux = c
+            for idx in range(num_blocks):
+                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(c, model_channels * mult, attention=(res in attn_resolutions), **block_kwargs)
+                c = model_channels * mult
+        skips = [block.out_channels for name, block in self.enc.items() if 'aux' not in name]
+
+        # Decoder; attention only in the last block of a level; 'standard' has one output head at full resolution.
+        self.dec = torch.nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f'{res}x{res}_in0'] = UNetBlock(c, c, attention=True, **block_kwargs)
+                self.dec[f'{res}x{res}_in1'] = UNetBlock(c, c, **block_kwargs)
+            else:
+                self.dec[f'{res}x{res}_up'] = UNetBlock(c, c, up=True, **block_kwargs)
+            for idx in range(num_blocks + 1):
+                attn = idx == num_blocks and res in attn_resolutions
+                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(c + skips.pop(), model_channels * mult, attention=attn, **block_kwargs)
+                c = model_channels * mult
+            if decoder_type == 'skip' or level == 0:
+                if decoder_type == 'skip' and level < len(channel_mult) - 1:
+                    self.dec[f'{res}x{res}_aux_up'] = Conv2d(out_channels, out_channels, 0, up=True, resample_filter=resample_filter)
+                self.dec[f'{res}x{res}_aux_norm'] = GroupNorm(c, eps=1e-6)
+                self.dec[f'{res}x{res}_aux_conv'] = Conv2d(c, out_channels, 3, **init_zero)
+
+    def forward(self, x, noise_labels, class_labels, augment_labels=None):
+        check_input_size(x, self.num_levels)
+        emb = self.map_noise(noise_labels)
+        emb = torch.cat(emb.chunk(2, dim=1)[::-1], dim=1)                   # [cos, sin] -> [sin, cos], as EDM
+        if self.map_label is not None:
+            labels = drop_labels(class_labels, self.label_dropout, x.shape[0], self.training)
+            emb = emb + self.map_label(labels * math.sqrt(self.map_label.in_features))
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = F.silu(self.map_layer0(emb))
+        emb = F.silu(self.map_layer1(emb))
+
+        skips, aux = [], x
+        for name, block in self.enc.items():
+            if name.endswith('aux_down'):
+                aux = block(aux)
+            elif name.endswith('aux_skip'):
+                x = skips[-1] = x + block(aux)
+            elif name.endswith('aux_residual'):
+                x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
+            else:
+                x = block(x) if name.endswith('_conv') else block(x, emb)
+                skips.append(x)
+
+        out = None
+        for name, block in self.dec.items():
+            if name.endswith('aux_up'):
+                out = block(out)
+            elif name.endswith('aux_norm'):
+                head = block(x)
+            elif name.endswith('aux_conv'):
+                head = block(F.silu(head))
+                out = head if out is None else out + head
+            else:
+                if x.shape[1] != block.in_channels:
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = block(x, emb)
+        return out
+
+# ADM U-Net, Dhariwal & Nichol 2021 (arXiv:2105.05233), as reimplemented by EDM (Karras et al. 2022, Table 7).
+# Official code: NVlabs/edm training/networks.py, DhariwalUNet.
+class DhariwalUNet(torch.nn.Module):
+    def __init__(self,
+        img_resolution,                     # image resolution; names the layers ('64x64_block0'), any input size works
+        in_channels,                        # input channels (extra conditioning channels included)
+        out_channels,                       # output channels
+        label_dim           = 0,            # number of classes; 0 = unconditional
+        augment_dim         = 0,            # augmentation label width; 0 = no augmentation conditioning
+        model_channels      = 192,          # base channel count
+        channel_mult        = (1, 2, 3, 4), # channel multiplier per resolution level
+        channel_mult_emb    = 4,            # embedding width = model_channels * channel_mult_emb
+        num_blocks          = 3,            # residual blocks per level in the encoder (decoder: one more)
+        attn_resolutions    = (32, 16, 8),  # resolutions (named by img_resolution) with self-attention
+        dropout             = 0.10,         # dropout probability inside the blocks
+        label_dropout       = 0,            # probability of zeroing a sample's label in training; 0 = never
+    ):
+        super().__init__()
+        self.img_resolution = img_resolution
+        self.num_levels = len(channel_mult)
+        self.label_dropout = label_dropout
+        emb_channels = model_channels * channel_mult_emb
+        init = dict(init_mode='kaiming_uniform', init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
+        init_zero = dict(init_mode='kaiming_uniform', init_weight=0, init_bias=0)
+        block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero)
+
+        # Mapping network; the label enters after the MLP, with N(0, 1) weights and no bias.
+        self.map_noise = PositionalEmbedding(model_channels)
+        self.map_augment = Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None
+        self.map_layer0 = Linear(model_channels, emb_channels, **init)
+        self.map_layer1 = Linear(emb_channels, emb_channels, **init)
+        self.map_label = Linear(label_dim, emb_channels, bias=False, init_mode='kaiming_normal',
+                                init_weight=math.sqrt(label_dim)) if label_dim else None
+
+        # Encoder; every output is kept for the decoder's skip connections.
+        self.enc = torch.nn.ModuleDict()
+        c = in_channels
+        for level, mult in enumerate(channel_mult):
+            res = img_resolution >> level
+            if level == 0:
+                self.enc[f'{res}x{res}_conv'] = Conv2d(c, model_channels * mult, 3, **init)
+                c = model_channels * mult
+            else:
+                self.enc[f'{res}x{res}_down'] = UNetBlock(c, c, down=True, **block_kwargs)
+            for idx in range(num_blocks):
+                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(c, model_channels * mult, attention=(res in attn_resolutions), **block_kwargs)
+                c = model_channels * mult
+        skips = [block.out_channels for block in self.enc.values()]
+
+        # Decoder; attention in every block of an attention resolution.
+        self.dec = torch.nn.ModuleDict()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            res = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f'{res}x{res}_in0'] = UNetBlock(c, c, attention=True, **block_kwargs)
+                self.dec[f'{res}x{res}_in1'] = UNetBlock(c, c, **block_kwargs)
+            else:
+                self.dec[f'{res}x{res}_up'] = UNetBlock(c, c, up=True, **block_kwargs)
+            for idx in range(num_blocks + 1):
+                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(c + skips.pop(), model_channels * mult, attention=(res in attn_resolutions), **block_kwargs)
+                c = model_channels * mult
+        self.out_norm = GroupNorm(c)
+        self.out_conv = Conv2d(c, out_channels, 3, **init_zero)
+
+    def forward(self, x, noise_labels, class_labels, augment_labels=None):
+        check_input_size(x, self.num_levels)
+        emb = self.map_noise(noise_labels)
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = F.silu(self.map_layer0(emb))
+        emb = self.map_layer1(emb)
+        if self.map_label is not None:
+            emb = emb + self.map_label(drop_labels(class_labels, self.label_dropout, x.shape[0], self.training))
+        emb = F.silu(emb)
+
+        skips = []
+        for name, block in self.enc.items():
+            x = block(x) if name.endswith('_conv') else block(x, emb)
+            skips.append(x)
+        for block in self.dec.values():
+            if x.shape[1] != block.in_channels:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = block(x, emb)
+        return self.out_conv(F.silu(self.out_norm(x)))
+
+#------------------------------------------------------------------------------
+# 7. Training plumbing shared by the method files.
+
+def setup_precision(fp16, bf16, tf32, device):
+    """Autocast dtype for the backbone (None = fp32) and a GradScaler (enabled for fp16 only)."""
+    if fp16 and bf16:
+        raise UserError('--fp16 and --bf16 are exclusive')
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tf32)
+    amp_dtype = torch.float16 if fp16 else torch.bfloat16 if bf16 else None
+    return amp_dtype, torch.amp.GradScaler(device.type, enabled=bool(fp16))
+
+def split_batch(batch, batch_gpu, world_size):
+    """Global batch -> (micro-batch per GPU, accumulation rounds); batch = batch_gpu * rounds * world_size."""
+    per_gpu = batch // world_size
+    batch_gpu = min(batch_gpu or per_gpu, per_gpu)
+    rounds = per_gpu // max(batch_gpu, 1)
+    if batch_gpu < 1 or batch != batch_gpu * rounds * world_size:
+        raise UserError(f'--batch={batch} must equal --batch-gpu ({batch_gpu}) x accumulation rounds x {world_size} GPUs')
+    return batch_gpu, rounds
+
+def sync_if(ddp, sync):
+    """DDP all-reduces gradients only on the last accumulation round."""
+    return contextlib.nullcontext() if sync else ddp.no_sync()
+
+def learning_rate(lr, cur_nimg, rampup_kimg=10000):
+    """Linear lr ramp-up over `rampup_kimg` thousand images (EDM training_loop's lr_rampup_kimg)."""
+    return lr * min(cur_nimg / max(rampup_kimg * 1000, 1e-8), 1)
+
+def ema_beta(cur_nimg, batch_size, ema_halflife_kimg=500, ema_rampup_ratio=0.05):
+    """Per-step EMA decay for a half-life in images, with EDM's ramp-up: the half-life is at most
+    ema_rampup_ratio * cur_nimg (so the first step copies the weights)."""
+    ema_nimg = ema_halflife_kimg * 1000
+    if ema_rampup_ratio is not None:
+        ema_nimg = min(ema_nimg, cur_nimg * ema_rampup_ratio)
+    return 0.5 ** (batch_size / max(ema_nimg, 1e-8))
+
+@torch.no_grad()
+def update_ema(ema, net, beta):
+    for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+        p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+
+def optimizer_step(optimizer, scaler, lr):
+    """Set the lr and step. Without a GradScaler non-finite gradients are scrubbed first (NaN -> 0, +-inf -> +-1e5,
+    as EDM); with one, the scaler skips steps whose gradients overflowed."""
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        for group in optimizer.param_groups:
+            for p in group['params']:
+                if p.grad is not None:
+                    torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        optimizer.step()
+
+def make_run_dir(outdir, desc, nosubdir=False):
+    """`<outdir>/<5-digit id>-<desc>` (EDM), made by rank 0; every rank gets the path."""
+    path = [None]
+    if get_rank() == 0:
+        if nosubdir:
+            path[0] = outdir
+        else:
+            ids = [int(m[1]) for m in (re.match(r'(\d+)-', d) for d in (os.listdir(outdir) if os.path.isdir(outdir) else [])) if m]
+            path[0] = os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+        os.makedirs(path[0], exist_ok=True)
+    dist.broadcast_object_list(path)
+    return path[0]
+
+class Tee:
+    """Copy of everything printed into <run_dir>/log.txt (rank 0)."""
+    def __init__(self, path):
+        self.file, self.stdout = open(path, 'a'), sys.stdout
+        sys.stdout = self
+
+    def write(self, text):
+        self.file.write(text)
+        self.stdout.write(text)
+
+    def flush(self):
+        self.file.flush()
+        self.stdout.flush()
+
+    def close(self):
+        sys.stdout = self.stdout
+        self.file.close()
+
+class Ticker:
+    """EDM-style progress: one status line per tick (the first after one step, then every `tick_kimg`), the same
+    numbers appended to stats.jsonl. `add` accumulates values (e.g. the loss) on the device, without syncing."""
+    def __init__(self, run_dir, tick_kimg, cur_nimg, device):
+        self.run_dir, self.tick_kimg, self.device = run_dir, tick_kimg, device
+        self.tick, self.tick_start_nimg = 0, cur_nimg
+        self.start_time = self.tick_start_time = self.tick_end_time = time.time()
+        self.sums = {}
+
+    def add(self, name, value):
+        total, n = self.sums.get(name, (0, 0))
+        self.sums[name] = (total + value.detach().float().sum(), n + value.numel())
+
+    def due(self, cur_nimg, done):
+        return done or self.tick == 0 or cur_nimg >= self.tick_start_nimg + self.tick_kimg * 1000
+
+    def report(self, cur_nimg, **extra):
+        """Print the status line of the tick that just ended (all ranks must call it: means are all-reduced)."""
+        now = time.time()
+        means = {}
+        for name, (total, n) in sorted(self.sums.items()):
+            t = torch.stack([torch.as_tensor(total, device=self.device).float(), torch.tensor(float(n), device=self.device)])
+            dist.all_reduce(t)
+            means[name] = (t[0] / t[1]).item()
+        kimg_done = max(cur_nimg - self.tick_start_nimg, 1) / 1000
+        gpumem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == 'cuda' else 0
+        fields = dict(tick=self.tick, kimg=cur_nimg / 1000, time=now - self.start_time, **means,
+                      **{'sec/tick': now - self.tick_start_time, 'sec/kimg': (now - self.tick_start_time) / kimg_done,
+                         'maintenance': self.tick_start_time - self.tick_end_time,
+                         'cpumem': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 'gpumem': gpumem}, **extra)
+        print0('  '.join(f'{k} {v:<8.4g}' if isinstance(v, float) else f'{k} {v:<5}' for k, v in fields.items()))
+        if get_rank() == 0 and self.run_dir:
+            with open(os.path.join(self.run_dir, 'stats.jsonl'), 'a') as f:
+                f.write(json.dumps(dict(fields, timestamp=now)) + '\n')
+        if self.device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.tick, self.tick_start_nimg, self.sums = self.tick + 1, cur_nimg, {}
+        self.tick_end_time = now
+
+    def start_tick(self):
+        """Call after the tick's maintenance (snapshots); that time is shown as 'maintenance' next tick."""
+        self.tick_start_time = time.time()
+
+#------------------------------------------------------------------------------
+# 8. Checkpoints: plain dicts of tensors, numbers and strings; written to a temp file and renamed, so a kill
+#    never leaves a truncated file; always read with weights_only=True (no code runs).
+
+def save_checkpoint(obj, path):
+    tmp = f'{path}.tmp{os.getpid()}'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UserError(f'{path}: no such checkpoint')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise UserError(f'{path}: not a readable checkpoint ({e})') from None
+
+# Official checkpoints: EDM-format .pkl snapshots (EDM, Patch Diffusion, GDD) and .pt files (spec 7.2).
+
+CACHE_DIR = Path('~/.cache/edm_simple').expanduser()
+
+# Inert stand-in for a class or object of the official code base; keeps only what was pickled.
+class _Stub:
+    name, args, state = None, (), None
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+# Replaces torch_utils.persistence._reconstruct_persistent_obj, which would exec the class source in the pickle.
+def _persistent_obj(meta):
+    obj = _Stub()
+    obj.name, obj.state = meta.get('class_name'), meta.get('state')
+    return obj
+
+def _tensor(storage, offset, size, stride, *unused):
+    if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
+        raise pickle.UnpicklingError(f'tensor built from a {type(storage).__name__}, not a storage')
+    return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())
+
+def _parameter(data, *unused):
+    if not isinstance(data, torch.Tensor):
+        raise pickle.UnpicklingError(f'parameter built from a {type(data).__name__}, not a tensor')
+    return data
+
+def _storage(data):
+    return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+
+def _numpy_scalar(dtype, data):
+    return np.frombuffer(data, dtype=dtype)[0].item()
+
+# The only globals that resolve to callables: tensor/storage rebuilders and plain containers. Other classes of
+# the official code (and torch.nn containers such as ModuleDict) become _Stubs; anything else is refused.
+_SAFE_GLOBALS = {
+    ('torch._utils', '_rebuild_tensor_v2'): _tensor,
+    ('torch._utils', '_rebuild_parameter'): _parameter,
+    ('torch._utils', '_rebuild_parameter_with_state'): _parameter,
+    ('torch.storage', '_load_from_bytes'): _storage,
+    ('torch_utils.persistence', '_reconstruct_persistent_obj'): _persistent_obj,
+    ('collections', 'OrderedDict'): OrderedDict,
+    ('builtins', 'set'): set,
+    ('dnnlib.util', 'EasyDict'): dict,
+    ('dnnlib', 'EasyDict'): dict,
+    ('numpy', 'dtype'): np.dtype,
+    ('numpy.core.multiarray', 'scalar'): _numpy_scalar,
+    ('numpy._core.multiarray', 'scalar'): _numpy_scalar,
+}
+_STUB_MODULES = ('dnnlib.', 'torch_utils.', 'training.', 'torch.nn.modules.')
+
+class _SnapshotUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS:
+            return _SAFE_GLOBALS[module, name]
+        if (module + '.').startswith(_STUB_MODULES):
+            return type(name, (_Stub,), dict(name=f'{module}.{name}'))
+        raise pickle.UnpicklingError(f'refusing global {module}.{name} (only tensors and containers are loaded)')
+
+# Module tree of stubs -> flat state dict with the official names ('model.enc.32x32_conv.weight').
+def _flatten(obj, prefix, out):
+    state = getattr(obj, 'state', None)
+    if not isinstance(state, dict) or '_parameters' not in state:
+        raise ValueError(f'{prefix or "ema"!r} is not a pickled torch module')
+    transient = state.get('_non_persistent_buffers_set') or set()
+    for name, t in list(state['_parameters'].items()) + list(state.get('_buffers', {}).items()):
+        if t is not None and name not in transient:
+            out[prefix + name] = t
+    for name, child in state.get('_modules', {}).items():
+        if child is not None:
+            _flatten(child, f'{prefix}{name}.', out)
+    return out
+
+def _plain(value, key):
+    if isinstance(value, dict):
+        return {k: _plain(v, f'{key}.{k}') for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v, key) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ValueError(f'constructor argument {key} is a {type(value).__name__}, not a plain value')
+
+def _from_snapshot(data):
+    if not isinstance(data, dict) or not isinstance(data.get('ema'), _Stub):
+        raise ValueError("not an EDM network snapshot (expected a dict whose 'ema' is a pickled network)")
+    ema = data['ema']
+    kwargs = _plain(ema.state.get('_init_kwargs') or {}, 'init_kwargs')
+    kwargs.pop('use_fp16', None)                                            # our nets run under torch.autocast
+    model = ema.state.get('_modules', {}).get('model')
+    if model is None:                                                       # a bare backbone, no preconditioner
+        return dict(class_name=ema.name, precond=None, init_kwargs=kwargs, state_dict=_flatten(ema, '', {}))
+    kwargs.setdefault('model_type', model.name)
+    return dict(class_name=model.name, precond=ema.name, init_kwargs=kwargs, state_dict=_flatten(ema, '', {}))
+
+def _from_torch_file(path):
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    if isinstance(ckpt, dict) and 'net_kwargs' in ckpt and 'ema' in ckpt:  # our network-snapshot-*.pt
+        kwargs = dict(ckpt['net_kwargs'])
+        return dict(class_name=kwargs.get('model_type'), precond=ckpt.get('precond'), init_kwargs=kwargs, state_dict=ckpt['ema'])
+    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return dict(class_name=None, precond=None, init_kwargs=None, state_dict=ckpt)
+    raise ValueError("neither a state dict (name -> tensor) nor a snapshot with 'net_kwargs' and 'ema'")
+
+def download(url, cache_dir=CACHE_DIR):
+    path = Path(cache_dir) / Path(urllib.parse.urlparse(url).path).name
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')
+        urllib.request.urlretrieve(url, tmp)
+        os.replace(tmp, path)
+    return path
+
+# Weights and constructor arguments of a pretrained network, read without the official source tree and without
+# running code from the file. Returns dict(class_name, precond, init_kwargs, state_dict), such that
+# `EDMPrecond(**r['init_kwargs']).load_state_dict(r['state_dict'])` rebuilds an EDM snapshot's EMA network:
+#   .pkl (EDM format): class_name = backbone class ('SongUNet', 'DhariwalUNet'); precond = preconditioner class
+#       ('EDMPrecond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond', ...); init_kwargs = the preconditioner's
+#       constructor kwargs (model kwargs included, model_type set) minus use_fp16; keys as 'model.enc.32x32_conv.weight'.
+#   .pt with 'net_kwargs' and 'ema' (our snapshots): init_kwargs = net_kwargs, precond = ckpt.get('precond').
+#   .pt holding a plain state dict: class_name, precond and init_kwargs are None.
+def load_official(path_or_url, cache_dir=CACHE_DIR):
+    is_url = '://' in str(path_or_url)
+    path = download(str(path_or_url), cache_dir) if is_url else Path(path_or_url)
+    if not path.is_file():
+        raise UserError(f'{path}: no such file')
+    try:
+        if zipfile.is_zipfile(path):
+            return _from_torch_file(path)
+        with open(path, 'rb') as f:
+            return _from_snapshot(_SnapshotUnpickler(f).load())
+    except Exception as e:
+        raise UserError(f'cannot load {path} as an EDM .pkl snapshot or a torch .pt file: {e}') from e
+
+#------------------------------------------------------------------------------
+# 9. Images: float [-1, 1] NCHW -> uint8 (EDM: floor(clip(127.5 x + 128))), PNG files per seed, grids.
+
+def to_uint8(images):
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+def save_image(array, path):
+    """uint8 [C, H, W] tensor or array -> PNG (1 channel as grey)."""
+    array = np.asarray(array.cpu() if torch.is_tensor(array) else array).transpose(1, 2, 0)
+    PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
+
+def save_seed_images(images, seeds, outdir, subdirs=False):
+    """`{seed:06d}.png`, in folders of 1,000 seeds with `subdirs` (EDM's layout)."""
+    for image, seed in zip(to_uint8(images), seeds):
+        folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
+        os.makedirs(folder, exist_ok=True)
+        save_image(image, os.path.join(folder, f'{seed:06d}.png'))
+
+def save_image_grid(images, path, cols=None):
+    """float [-1, 1] images [N, C, H, W] -> one PNG grid, `cols` wide (default: about square)."""
+    images = to_uint8(images)
+    n, c, h, w = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = torch.zeros([rows * cols, c, h, w], dtype=torch.uint8, device=images.device)
+    grid[:n] = images
+    grid = grid.reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w)  # -> [C, rows*H, cols*W]
+    save_image(grid, path)
+
+def seed_batches(seeds, batch, rank, world_size):
+    """Split seeds into about-equal batches of at most `batch`, dealt round-robin to the ranks (EDM generate.py)."""
+    num = max((len(seeds) - 1) // (batch * world_size) + 1, 1) * world_size
+    return [list(chunk) for chunk in np.array_split(np.asarray(seeds, dtype=np.int64), num)[rank::world_size]]
+
+#------------------------------------------------------------------------------
+# 10. Inception features and sample-quality metrics.
+
+FID_WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
+NVIDIA_DETECTOR_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
+
+def resize_tf1(x, size=299):
+    """TensorFlow-1 bilinear resize (align_corners=False, half_pixel_centers=False): output pixel j reads the source at
+    j * n_in / n_out, clamped at the last pixel. NVIDIA's detector does this with affine_grid/grid_sample."""
+    for dim in (2, 3):
+        n = x.shape[dim]
+        src = torch.arange(size, dtype=torch.float64, device=x.device) * (n / size)
+        i0 = src.floor().long().clamp(max=n - 1)
+        i1 = (i0 + 1).clamp(max=n - 1)
+        w = (src - i0).to(x.dtype).view([-1 if d == dim else 1 for d in range(4)])
+        x0 = x.index_select(dim, i0)
+        x = x0 + (x.index_select(dim, i1) - x0) * w
+    return x
+
+class _BasicConv2d(nn.Module):
+    """Conv (no bias) + BatchNorm (eps 1e-3, as TF) + ReLU; torchvision's BasicConv2d."""
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels, eps=1e-3)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+def _avg_pool_tf(x):
+    """3x3/1 average pool that ignores the zero padding, as TF's (pytorch-fid's FIDInception* patch)."""
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+class _InceptionA(nn.Module):
+    """Mixed_5b/5c/5d (pytorch-fid FIDInceptionA)."""
+    def __init__(self, in_channels, pool_features):
+        super().__init__()
+        self.branch1x1 = _BasicConv2d(in_channels, 64, 1)
+        self.branch5x5_1 = _BasicConv2d(in_channels, 48, 1)
+        self.branch5x5_2 = _BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = _BasicConv2d(in_channels, 64, 1)
+        self.branch3x3dbl_2 = _BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = _BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = _BasicConv2d(in_channels, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))), self.branch_pool(_avg_pool_tf(x))], dim=1)
+
+class _InceptionB(nn.Module):
+    """Mixed_6a (torchvision InceptionB): grid reduction 35 -> 17."""
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3 = _BasicConv2d(in_channels, 384, 3, stride=2)
+        self.branch3x3dbl_1 = _BasicConv2d(in_channels, 64, 1)
+        self.branch3x3dbl_2 = _BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = _BasicConv2d(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            F.max_pool2d(x, kernel_size=3, stride=2)], dim=1)
+
+class _InceptionC(nn.Module):
+    """Mixed_6b..6e (pytorch-fid FIDInceptionC): factorized 1x7 / 7x1 convolutions."""
+    def __init__(self, in_channels, channels_7x7):
+        super().__init__()
+        c7 = channels_7x7
+        self.branch1x1 = _BasicConv2d(in_channels, 192, 1)
+        self.branch7x7_1 = _BasicConv2d(in_channels, c7, 1)
+        self.branch7x7_2 = _BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = _BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = _BasicConv2d(in_channels, c7, 1)
+        self.branch7x7dbl_2 = _BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = _BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = _BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = _BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = _BasicConv2d(in_channels, 192, 1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d7 = x
+        for i in range(1, 6):
+            d7 = getattr(self, f'branch7x7dbl_{i}')(d7)
+        return torch.cat([self.branch1x1(x), b7, d7, self.branch_pool(_avg_pool_tf(x))], dim=1)
+
+class _InceptionD(nn.Module):
+    """Mixed_7a (torchvision InceptionD): grid reduction 17 -> 8."""
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3_1 = _BasicConv2d(in_channels, 192, 1)
+        self.branch3x3_2 = _BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = _BasicConv2d(in_channels, 192, 1)
+        self.branch7x7x3_2 = _BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = _BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = _BasicConv2d(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, kernel_size=3, stride=2)], dim=1)
+
+class _InceptionE(nn.Module):
+    """Mixed_7b / 7c (pytorch-fid FIDInceptionE_1 / _2). NOTE: the TF graph pools with max, not average, in Mixed_7c."""
+    def __init__(self, in_channels, pool):
+        super().__init__()
+        self.pool = pool                                        # 'avg' (Mixed_7b) or 'max' (Mixed_7c)
+        self.branch1x1 = _BasicConv2d(in_channels, 320, 1)
+        self.branch3x3_1 = _BasicConv2d(in_channels, 384, 1)
+        self.branch3x3_2a = _BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = _BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = _BasicConv2d(in_channels, 448, 1)
+        self.branch3x3dbl_2 = _BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = _BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = _BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = _BasicConv2d(in_channels, 192, 1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        d3 = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pooled = _avg_pool_tf(x) if self.pool == 'avg' else F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+            self.branch3x3dbl_3a(d3), self.branch3x3dbl_3b(d3), self.branch_pool(pooled)], dim=1)
+
+class InceptionV3(nn.Module):
+    """The FID Inception-v3 (TF graph inception-2015-12-05) with pytorch-fid's state-dict names, so that
+    pt_inception-2015-12-05-6726825d.pth loads with strict=True. Input: uint8-valued [N, 1 or 3, H, W], any size.
+      'nvidia'      TF1 bilinear resize to 299, (x-128)/128, as NVIDIA's detector and ADM's TF graph. Comparable with
+                    EDM's fid-refs/*.npz and FIDs published with NVIDIA's tooling (EDM, EDM2, StyleGAN2-ADA/3) and
+                    with ADM's evaluator (FID, sFID, IS, precision/recall; guided-diffusion and papers that use it).
+      'pytorch_fid' half-pixel bilinear resize (F.interpolate) of x/255, then 2x-1, exactly pytorch-fid. Comparable
+                    with `python -m pytorch_fid` numbers, not with EDM's refs (the resizes differ most at 32-64 px)."""
+    def __init__(self, preprocess='nvidia'):
+        super().__init__()
+        if preprocess not in ('nvidia', 'pytorch_fid'):
+            raise ValueError(f"preprocess must be 'nvidia' or 'pytorch_fid', not {preprocess!r}")
+        self.preprocess = preprocess
+        self.Conv2d_1a_3x3 = _BasicConv2d(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = _BasicConv2d(32, 32, 3)
+        self.Conv2d_2b_3x3 = _BasicConv2d(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = _BasicConv2d(64, 80, 1)
+        self.Conv2d_4a_3x3 = _BasicConv2d(80, 192, 3)
+        self.Mixed_5b = _InceptionA(192, pool_features=32)
+        self.Mixed_5c = _InceptionA(256, pool_features=64)
+        self.Mixed_5d = _InceptionA(288, pool_features=64)
+        self.Mixed_6a = _InceptionB(288)
+        self.Mixed_6b = _InceptionC(768, channels_7x7=128)
+        self.Mixed_6c = _InceptionC(768, channels_7x7=160)
+        self.Mixed_6d = _InceptionC(768, channels_7x7=160)
+        self.Mixed_6e = _InceptionC(768, channels_7x7=192)
+        self.Mixed_7a = _InceptionD(768)
+        self.Mixed_7b = _InceptionE(1280, pool='avg')
+        self.Mixed_7c = _InceptionE(2048, pool='max')
+        self.fc = nn.Linear(2048, 1008)
+        self.eval()
+
+    def preprocess_images(self, images):
+        """uint8-valued [N, 1 or 3, H, W] -> float32 [N, 3, 299, 299] in about [-1, 1]."""
+        x = images.to(torch.float32)
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        if self.preprocess == 'nvidia':
+            return (resize_tf1(x, 299) - 128) / 128
+        x = F.interpolate(x / 255, size=(299, 299), mode='bilinear', align_corners=False)
+        return 2 * x - 1
+
+    def forward(self, images, return_dict=False):
+        """Pool3 features [N, 2048]; with return_dict=True a dict of 'pool', 'logits' [N, 1008] (no bias, as the
+        original IS code and NVIDIA's no_output_bias) and 'spatial' [N, 2023] (ADM's sFID: mixed_6/conv, 7 channels)."""
+        x = self.preprocess_images(images)
+        x = F.max_pool2d(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))), kernel_size=3, stride=2)
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), kernel_size=3, stride=2)
+        x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))))
+        spatial = self.Mixed_6d.branch1x1(x)[:, :7] if return_dict else None  # TF 'mixed_6/conv', [N, 7, 17, 17]
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(self.Mixed_6d(x)))))
+        pool = x.mean(dim=(2, 3))                                             # [N, 2048, 8, 8] -> [N, 2048]
+        if not return_dict:
+            return pool
+        spatial = spatial.permute(0, 2, 3, 1).flatten(1)                      # [N, 7, 17, 17] -> [N, 17*17*7], TF order
+        return dict(pool=pool, logits=pool @ self.fc.weight.t(), spatial=spatial)
+
+class _TorchScriptInception(nn.Module):
+    """NVIDIA's TorchScript detector (StyleGAN2-ADA inception-2015-12-05.pt) behind InceptionV3's interface. It resizes
+    and normalizes internally; sFID features re-run its layers up to mixed_6.conv after our identical pre-processing."""
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.preprocess = 'nvidia'
+
+    def forward(self, images, return_dict=False):
+        x = images.to(torch.float32)
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        pool = self.net(x, return_features=True)
+        if not return_dict:
+            return pool
+        h = (resize_tf1(x, 299) - 128) / 128
+        for name, layer in self.net.layers.named_children():
+            if name == 'mixed_6':
+                h = layer.conv(h)[:, :7]
+                break
+            h = layer(h)
+        return dict(pool=pool, logits=pool @ self.net.output.weight.t(), spatial=h.permute(0, 2, 3, 1).flatten(1))
+
+def download_cached(url, flag='--detector'):
+    """Local path for a URL: downloaded once into torch's hub cache ($TORCH_HOME/hub/checkpoints), then reused."""
+    dest = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(urllib.parse.urlparse(url).path))
+    if not os.path.isfile(dest):
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, dest, progress=True)
+        except OSError as e:  # includes urllib.error.URLError: no network, DNS failure, HTTP error
+            raise UserError(f'Could not download {url} ({e}). Download it on a machine with network access and '
+                f'pass the local file with {flag}=PATH, or copy it to {dest}.') from e
+    return dest
+
+def load_detector(path_or_url=FID_WEIGHTS_URL, preprocess='nvidia', device='cpu'):
+    """InceptionV3 or NVIDIA's TorchScript detector from a file or URL: a state dict with pytorch-fid's names (.pth,
+    the default URL) or StyleGAN2-ADA's inception-2015-12-05.pt; eval mode, no gradients."""
+    path = download_cached(path_or_url) if '://' in path_or_url else path_or_url
+    if not os.path.isfile(path):
+        raise UserError(f'Detector weights {path!r} not found. Get {FID_WEIGHTS_URL} (or NVIDIA\'s '
+            f'{NVIDIA_DETECTOR_URL}) and pass it with --detector=PATH.')
+    if zipfile.is_zipfile(path) and any(n.endswith('/constants.pkl') for n in zipfile.ZipFile(path).namelist()):
+        if preprocess != 'nvidia':
+            raise UserError('The TorchScript detector has NVIDIA pre-processing built in; use --preprocess=nvidia.')
+        net = _TorchScriptInception(torch.jit.load(path, map_location='cpu'))
+    else:
+        try:
+            state = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:
+            raise UserError(f'{path} is neither a state dict nor a TorchScript archive. NVIDIA\'s .pkl detector '
+                f'needs NVIDIA\'s code; use {NVIDIA_DETECTOR_URL} or {FID_WEIGHTS_URL} instead.') from e
+        if not isinstance(state, dict):
+            raise UserError(f'{path}: expected a state dict, got {type(state).__name__}')
+        net = InceptionV3(preprocess)
+        for key, value in net.state_dict().items():  # legacy state dicts lack the BN counters
+            if key.endswith('num_batches_tracked'):
+                state.setdefault(key, value)
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise UserError(f'{path}: not FID Inception-v3 weights with pytorch-fid\'s names. {str(e)[:400]}') from None
+    return net.eval().requires_grad_(False).to(device)
+
+class FeatureStats:
+    """Running float64 sums of features and of their outer products (EDM fid.py), so that the statistics of a
+    1.28M-image reference never hold all features at once. Mean and unbiased covariance (N-1), as np.cov."""
+    def __init__(self, dim):
+        self.n, self.sum, self.sum_outer = 0, np.zeros(dim), np.zeros([dim, dim])
+
+    def update(self, features):
+        features = np.asarray(features, dtype=np.float64)
+        self.n += len(features)
+        self.sum += features.sum(axis=0)
+        self.sum_outer += features.T @ features
+
+    def mean_cov(self):
+        mu = self.sum / self.n
+        return mu, (self.sum_outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017), as EDM: scipy sqrtm of the
+    product, real part of the result. NOTE: EDM passes disp=False, deprecated in SciPy 1.17; the plain call is equal."""
+    mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f'statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}')
+    m = np.square(mu1 - mu2).sum()
+    with warnings.catch_warnings():  # a singular product (fewer images than dimensions) warns; EDM silences it too
+        warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
+        s = scipy.linalg.sqrtm(np.dot(sigma1, sigma2))
+    return float(np.real(m + np.trace(sigma1 + sigma2 - s * 2)))
+
+def inception_score(logits, split_size=5000):
+    """Inception score exp(E_x KL(p(y|x) || p(y))), Salimans et al. 2016; as ADM's evaluator: softmax of bias-free
+    logits, the mean score over splits of split_size images."""
+    logp = torch.as_tensor(logits).detach().to(torch.float64).log_softmax(dim=1)
+    scores = []
+    for part in logp.split(split_size):
+        p = part.exp()
+        p_y = p.mean(dim=0, keepdim=True)
+        kl = (torch.xlogy(p, p) - torch.xlogy(p, p_y)).sum(dim=1).mean()   # 0 log 0 = 0
+        scores.append(kl.exp().item())
+    return float(np.mean(scores))
+
+def _pairwise_sq_dist(a, b):
+    """Squared Euclidean distances [len(a), len(b)]; callers pass row blocks to bound memory."""
+    return (a.square().sum(1, keepdim=True) - 2 * a @ b.t() + b.square().sum(1)).clamp(min=0)
+
+def precision_recall(ref_features, gen_features, k=3, row_batch=1000, device='cpu'):
+    """Improved precision and recall, Kynkaanniemi et al. 2019, as ADM's evaluator (ManifoldEstimator): each set's
+    manifold is the union of balls reaching each point's k-th nearest neighbour (itself excluded); precision = share
+    of generated points inside the reference manifold, recall = share of reference points inside the generated one."""
+    ref, gen = (torch.as_tensor(f).detach().to(device, torch.float32) for f in (ref_features, gen_features))
+    if min(len(ref), len(gen)) <= k:
+        raise ValueError(f'Precision/recall with k={k} needs more than {k} images per set, got {len(ref)} and {len(gen)}')
+    def radii(f):  # k+1-th smallest distance of each row, the first being the point itself
+        return torch.cat([_pairwise_sq_dist(r, f).kthvalue(k + 1, dim=1).values for r in f.split(row_batch)])
+    def inside(points, centers, r):
+        return torch.cat([(_pairwise_sq_dist(p, centers) <= r).any(dim=1) for p in points.split(row_batch)])
+    precision = inside(gen, ref, radii(ref)).double().mean().item()
+    recall = inside(ref, gen, radii(gen)).double().mean().item()
+    return precision, recall

@@ -1,0 +1,226 @@
+"""Sample quality of an image folder: FID with EDM's protocol, Inception Score, sFID, improved precision/recall.
+
+FID: Heusel et al., NeurIPS 2017, arXiv:1706.08500. IS: Salimans et al., NeurIPS 2016, arXiv:1606.03498.
+sFID: Nash et al., ICML 2021, arXiv:2103.03841. Precision/recall: Kynkaanniemi et al., NeurIPS 2019, arXiv:1904.06991.
+Protocol, commands and npz layout follow NVlabs/edm fid.py; IS, sFID and precision/recall follow ADM's evaluator
+(openai/guided-diffusion evaluations/evaluator.py). Nothing is copied from either.
+
+The detector is the FID Inception-v3 (common.InceptionV3) with pytorch-fid's weights, downloaded once and cached,
+or `--detector=PATH` (pytorch-fid's .pth, or StyleGAN2-ADA's TorchScript inception-2015-12-05.pt).
+`--preprocess=nvidia` (default) resizes and normalizes like NVIDIA's detector and ADM's TF graph: numbers are
+comparable with EDM's fid-refs/*.npz and with papers using EDM/StyleGAN/ADM tooling. `--preprocess=pytorch_fid`
+reproduces `python -m pytorch_fid`. A reference must be made with the same mode as the images it is compared to.
+Under torchrun put `--` before fid.py when passing --num: torchrun otherwise reads it as its own --numa-binding.
+
+  # reference statistics of a dataset (all of its images), with the raw features precision/recall needs
+  python fid.py ref --data=datasets/cifar10-32x32.zip --dest=fid-refs/cifar10-32x32.npz --features=1
+  # FID of 50,000 generated images against EDM's published reference, 8 GPUs
+  torchrun --standalone --nproc_per_node=8 fid.py calc --images=fid-tmp \\
+      --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz
+  # all metrics of 10,000 images, against a reference made by `ref --features=1`
+  torchrun --standalone --nproc_per_node=8 -- fid.py calc --images=fid-tmp --ref=fid-refs/cifar10-32x32.npz \\
+      --num=10000 --metrics=fid,is,sfid,pr
+"""
+
+import argparse
+import os
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from common import (FID_WEIGHTS_URL, FeatureStats, ImageFolderDataset, UserError, download_cached, frechet_distance,
+                    get_rank, get_world_size, inception_score, init_distributed, load_detector, parse_bool,
+                    precision_recall, print0, run_main)
+
+METRICS = ('fid', 'is', 'sfid', 'pr')
+FEATURE_DIMS = dict(pool=2048, logits=1008, spatial=2023)  # InceptionV3(return_dict=True) outputs
+
+#------------------------------------------------------------------------------
+# 1. Feature extraction, split over ranks. Images are cut into batches of `batch` in dataset order and the batches
+#    are dealt round-robin to the ranks, so every image meets the same batch on any number of processes. Features
+#    are gathered in dataset order, `chunk` batches at a time, and summed into float64 statistics in that order:
+#    every metric is identical for 1 or N processes, and memory stays bounded for a 1.28M-image reference.
+
+def compute_features(dataset, detector, device, batch=64, workers=3, keys=('pool',), keep=(), chunk=256):
+    """FeatureStats for each of `keys`, and the raw float32 features [len(dataset), dim] of those in `keep`, in
+    dataset order; the same on every rank."""
+    rank, world_size = get_rank(), get_world_size()
+    n = len(dataset)
+    batches = [list(range(i, min(i + batch, n))) for i in range(0, n, batch)]
+    mine = batches[rank::world_size]
+    loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=mine, num_workers=workers))
+    stats, kept = {key: FeatureStats(FEATURE_DIMS[key]) for key in keys}, {key: [] for key in keep}
+    progress = tqdm(total=sum(len(b) for b in mine), unit='img', disable=(rank != 0))
+    for first in range(0, len(batches), chunk):
+        group = batches[first:first + chunk]
+        offset, size = group[0][0], group[-1][-1] + 1 - group[0][0]
+        buffers = {key: torch.zeros([size, FEATURE_DIMS[key]], dtype=torch.float32, device=device) for key in keys}
+        for b in range(first, first + len(group)):
+            if b % world_size != rank:  # not in `mine`
+                continue
+            indices = batches[b]
+            images, _labels = next(loader)
+            with torch.no_grad():
+                out = detector(images.to(device), return_dict=(keys != ('pool',)))
+            out = out if isinstance(out, dict) else dict(pool=out)
+            for key in keys:
+                buffers[key][indices[0] - offset:indices[-1] + 1 - offset] = out[key].to(torch.float32)
+            progress.update(len(indices))
+        for key, value in buffers.items():
+            dist.all_reduce(value)  # every row is non-zero on one rank only, so the sum is exact
+            value = value.cpu().numpy()
+            stats[key].update(value)
+            if key in keep:
+                kept[key].append(value)
+    progress.close()
+    return stats, {key: np.concatenate(value) for key, value in kept.items()}
+
+def rank0_first(fn, *args, **kwargs):
+    """Run fn on rank 0 before the other ranks (downloads land in the cache once)."""
+    if get_rank() != 0:
+        dist.barrier()
+    result = fn(*args, **kwargs)
+    if get_rank() == 0:
+        dist.barrier()
+    return result
+
+def open_detector(args, device):
+    print0(f'Loading detector {args.detector} (preprocess={args.preprocess})...')
+    return rank0_first(load_detector, args.detector, preprocess=args.preprocess, device=device)
+
+#------------------------------------------------------------------------------
+# 2. Commands.
+
+def ref(args):
+    """Statistics of every image of a dataset: EDM's `mu`, `sigma`; ADM's `mu_s`, `sigma_s`; optionally `features`."""
+    device = init_distributed()
+    dataset = ImageFolderDataset(args.data)
+    print0(f'Found {len(dataset)} images in {args.data}')
+    if len(dataset) < 2:
+        raise UserError(f'{args.data}: a covariance needs at least 2 images, found {len(dataset)}')
+    detector = open_detector(args, device)
+    stats, features = compute_features(dataset, detector, device, args.batch, args.workers, keys=('pool', 'spatial'),
+                                       keep=(('pool',) if args.features else ()))
+    if get_rank() == 0:
+        mu, sigma = stats['pool'].mean_cov()
+        mu_s, sigma_s = stats['spatial'].mean_cov()
+        extra = dict(features=features['pool']) if args.features else {}
+        if os.path.dirname(args.dest):
+            os.makedirs(os.path.dirname(args.dest), exist_ok=True)
+        np.savez(args.dest, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, preprocess=np.array(args.preprocess), **extra)
+        print0(f'Saved {args.dest}')
+
+class _ImageArray:
+    """ADM reference batches keep their images as arr_0 [N, H, W, C] uint8; serve them like ImageFolderDataset."""
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, idx):
+        return self.images[idx].transpose(2, 0, 1).copy(), np.zeros([0], np.float32)  # [H, W, C] -> [C, H, W]
+
+def load_ref(path, metrics, preprocess):
+    """The arrays of a reference npz that `metrics` need, checked against what calc will compute."""
+    if '://' in path:
+        path = rank0_first(download_cached, path, flag='--ref')
+    if not os.path.isfile(path):
+        raise UserError(f'{path}: no such reference file (make one with `python fid.py ref --data=... --dest=...`)')
+    if not zipfile.is_zipfile(path):
+        raise UserError(f'{path}: not an npz file')
+    need = dict(fid=['mu', 'sigma'], sfid=['mu_s', 'sigma_s'], pr=['features'])
+    shapes = dict(mu=(2048,), sigma=(2048, 2048), mu_s=(2023,), sigma_s=(2023, 2023))
+    with np.load(path) as f:
+        files = set(f.files) | ({'features'} if 'arr_0' in f.files else set())  # ADM batches: features from arr_0
+        missing = [k for m in metrics for k in need.get(m, []) if k not in files]
+        if missing:
+            raise UserError(f'{path} has no {", ".join(missing)}, needed for --metrics={",".join(metrics)}; '
+                'make it with `python fid.py ref` (add --features=1 for precision/recall)')
+        keys = [k for m in metrics for k in need.get(m, [])] + ['preprocess']
+        keys += ['arr_0'] if 'pr' in metrics and 'features' not in f.files else []
+        data = {k: f[k] for k in keys if k in f.files}
+    for key, shape in shapes.items():
+        if key in data and data[key].shape != shape:
+            raise UserError(f'{path}: {key} has shape {data[key].shape}, expected {shape}: not made with this detector')
+    if 'features' in data and data['features'].shape[1:] != (2048,):
+        raise UserError(f'{path}: features have shape {data["features"].shape}, expected [N, 2048]')
+    if 'pr' in metrics and len(data.get('features', data.get('arr_0'))) < 4:
+        raise UserError(f'{path}: precision/recall (k=3) needs at least 4 reference images')
+    if 'preprocess' in data and str(data['preprocess']) != preprocess:
+        raise UserError(f'{path} was made with --preprocess={data["preprocess"]}; calc uses --preprocess={preprocess}. '
+            'Use the same mode for both.')
+    return data
+
+def calc(args):
+    """Metrics of `--num` images against a reference; prints one `name value` line per number."""
+    device = init_distributed()
+    metrics = args.metrics
+    reference = load_ref(args.ref, metrics, args.preprocess)
+    dataset = ImageFolderDataset(args.images, max_size=args.num, random_seed=args.seed)
+    print0(f'Found {len(dataset)} images in {args.images} (using {min(len(dataset), args.num)})')
+    if len(dataset) < args.num:
+        raise UserError(f'{args.images}: found {len(dataset)} images, but --num={args.num}')
+    if len(dataset) < 2 or ('pr' in metrics and len(dataset) < 4):
+        raise UserError(f'--num={args.num} is too small: FID needs 2 images, precision/recall (k=3) needs 4')
+    detector = open_detector(args, device)
+    keys = ('pool',) + (('logits',) if 'is' in metrics else ()) + (('spatial',) if 'sfid' in metrics else ())
+    keep = (('logits',) if 'is' in metrics else ()) + (('pool',) if 'pr' in metrics else ())
+    stats, features = compute_features(dataset, detector, device, args.batch, args.workers, keys=keys, keep=keep)
+    if 'pr' in metrics and 'features' not in reference:
+        print0('Computing features of the reference images (arr_0)...')
+        images = _ImageArray(reference['arr_0'])
+        reference['features'] = compute_features(images, detector, device, args.batch, 0, keep=('pool',))[1]['pool']
+    if get_rank() != 0:
+        return
+    results = {}
+    if 'fid' in metrics:
+        results['fid'] = frechet_distance(*stats['pool'].mean_cov(), reference['mu'], reference['sigma'])
+    if 'is' in metrics:
+        results['is'] = inception_score(features['logits'])
+    if 'sfid' in metrics:
+        results['sfid'] = frechet_distance(*stats['spatial'].mean_cov(), reference['mu_s'], reference['sigma_s'])
+    if 'pr' in metrics:
+        results['precision'], results['recall'] = precision_recall(reference['features'], features['pool'], device=device)
+    for name, value in results.items():
+        print(f'{name:<10s}{value:.8g}', flush=True)
+
+#------------------------------------------------------------------------------
+# 3. Command line.
+
+def parse_metrics(s):
+    metrics = [m.strip() for m in s.split(',') if m.strip()]
+    bad = [m for m in metrics if m not in METRICS]
+    if bad or not metrics:
+        raise argparse.ArgumentTypeError(f'unknown metric {bad[0] if bad else s!r}; choose from {",".join(METRICS)}')
+    return metrics
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True)
+    r = sub.add_parser('ref', help='reference statistics of a dataset', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument('--data', required=True, metavar='ZIP|DIR', help='dataset: zip or folder of images (recursive)')
+    r.add_argument('--dest', required=True, metavar='NPZ', help='output file')
+    r.add_argument('--features', type=parse_bool, default=False, metavar='BOOL', help='also store the raw pool features (for precision/recall)')
+    c = sub.add_parser('calc', help='metrics of generated images', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument('--images', required=True, metavar='ZIP|DIR', help='generated images: zip or folder (recursive)')
+    c.add_argument('--ref', required=True, metavar='NPZ|URL', help='reference statistics from `fid.py ref`, EDM, pytorch-fid or ADM')
+    c.add_argument('--num', type=int, default=50000, metavar='INT', help='number of images to use (a seeded random subset if more exist)')
+    c.add_argument('--seed', type=int, default=0, metavar='INT', help='seed of the random subset')
+    c.add_argument('--metrics', type=parse_metrics, default=['fid'], metavar='LIST', help=f'comma-separated, from {",".join(METRICS)}')
+    for p in (r, c):
+        p.add_argument('--batch', type=int, default=64, metavar='INT', help='images per detector call (per GPU)')
+        p.add_argument('--detector', default=FID_WEIGHTS_URL, metavar='PATH|URL', help='Inception weights: pytorch-fid .pth or NVIDIA TorchScript .pt')
+        p.add_argument('--preprocess', choices=['nvidia', 'pytorch_fid'], default='nvidia', help='resize/normalization: NVIDIA/EDM (TF1) or pytorch-fid')
+        p.add_argument('--workers', type=int, default=3, metavar='INT', help='DataLoader worker processes per GPU')
+    return parser.parse_args(argv)
+
+def main(argv=None):
+    args = parse_args(argv)
+    run_main(ref if args.command == 'ref' else calc, args)
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,96 @@
+"""Small data built on the fly: 16 random 8x8 RGB PNGs with labels, as a folder and as a zip made by dataset_tool."""
+import json
+import pickle
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+
+# A U-Net small enough for CPU tests: 8x8 images, 16 channels, one block per level, attention at 4x4.
+TINY_UNET = dict(model_type='SongUNet', model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0)
+
+def write_images(folder, n=16, res=8, channels=3, seed=0, labels=True):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    images = rng.integers(0, 256, (n, res, res, channels), dtype=np.uint8)
+    names = []
+    for i, image in enumerate(images):
+        names.append(f'img{i:03d}.png')
+        PIL.Image.fromarray(image[:, :, 0] if channels == 1 else image).save(folder / names[-1])
+    if labels:
+        (folder / 'dataset.json').write_text(json.dumps({'labels': [[name, i % 2] for i, name in enumerate(names)]}))
+    return images
+
+@pytest.fixture
+def image_folder(tmp_path):
+    write_images(tmp_path / 'images')
+    return tmp_path / 'images'
+
+@pytest.fixture
+def dataset_zip(image_folder, tmp_path):
+    import dataset_tool
+    dataset_tool.main([f'--source={image_folder}', f'--dest={tmp_path / "data.zip"}'])
+    return tmp_path / 'data.zip'
+
+# Stand-ins for the official preconditioners: only their class names, structure and pickled state matter.
+class EDMPrecond(torch.nn.Module):
+    def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, sigma_data=0.5, model_type='SongUNet', **model_kwargs):
+        super().__init__()
+        self.sigma_data = sigma_data
+        self.model = common.SongUNet(img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels,
+                              label_dim=label_dim, **model_kwargs)
+
+class Patch_EDMPrecond(torch.nn.Module):  # upstream: img_channels = network input (C + 2), out_channels = C
+    def __init__(self, img_resolution, img_channels, out_channels=None, label_dim=0, use_fp16=False, model_type='SongUNet', **model_kwargs):
+        super().__init__()
+        self.model = common.SongUNet(img_resolution=img_resolution, in_channels=img_channels, out_channels=out_channels,
+                              label_dim=label_dim, **model_kwargs)
+
+# Writes `data` in NVIDIA's torch_utils.persistence format: each network module reduces to
+# torch_utils.persistence._reconstruct_persistent_obj(meta) with meta = dict(type, version, module_src,
+# class_name, state), state being the module's __dict__ plus _init_args/_init_kwargs; torch.nn containers,
+# tensors and numpy scalars pickle normally. The fake modules exist only while pickling.
+def write_persistence_pickle(path, data, init_kwargs):
+    persistence = types.ModuleType('torch_utils.persistence')
+    util = types.ModuleType('dnnlib.util')
+
+    def _reconstruct_persistent_obj(meta):
+        raise AssertionError('never called: the loader must not use it')
+
+    class EasyDict(dict):
+        pass
+
+    _reconstruct_persistent_obj.__module__ = persistence.__name__
+    _reconstruct_persistent_obj.__qualname__ = '_reconstruct_persistent_obj'
+    EasyDict.__module__, EasyDict.__qualname__ = util.__name__, 'EasyDict'
+    persistence._reconstruct_persistent_obj, util.EasyDict = _reconstruct_persistent_obj, EasyDict
+    fakes = {'torch_utils': types.ModuleType('torch_utils'), 'torch_utils.persistence': persistence,
+             'dnnlib': types.ModuleType('dnnlib'), 'dnnlib.util': util}
+
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, obj):
+            if not isinstance(obj, torch.nn.Module) or isinstance(obj, torch.nn.ModuleDict):
+                return NotImplemented
+            kwargs = init_kwargs if obj is data['ema'] else {}
+            state = dict(obj.__dict__, _init_args=(), _init_kwargs=kwargs)
+            meta = dict(type='class', version=6, module_src='# (module source)', class_name=type(obj).__name__, state=state)
+            return _reconstruct_persistent_obj, (meta,), None
+
+    assert not set(fakes) & set(sys.modules)
+    sys.modules.update(fakes)
+    try:
+        data = dict(data, dataset_kwargs=EasyDict(path='datasets/x.zip', use_labels=True))
+        with open(path, 'wb') as f:
+            Pickler(f, protocol=4).dump(data)
+    finally:
+        for name in fakes:
+            del sys.modules[name]
+

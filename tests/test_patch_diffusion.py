@@ -1,0 +1,290 @@
+"""patch_diffusion.py: the spec's fidelity checks (coordinates, crops, schedule, multipliers, counter, loss
+reduction, network I/O, sampler) and end-to-end properties (real_p=1 is EDM, resume, DDP, per-seed generation)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import ROOT, TINY_UNET
+
+import patch_diffusion as pd
+from common import EDMLoss, UserError, edm_time_steps, ema_beta, load_checkpoint, reseed
+
+#------------------------------------------------------------------------------
+# Coordinates and crops (paper Sec. 3.2).
+
+def coords(R, s, i, j):
+    return pd.patch_coordinates(R, s, torch.tensor([i]), torch.tensor([j]))[0]
+
+def test_full_image_coordinates():
+    pos = coords(64, 64, 0, 0)
+    x, y = pos[0], pos[1]
+    assert x[5, :3].tolist() == pytest.approx([-1, -0.96825397, -0.93650794]) and x[5, 63].item() == 1
+    assert torch.equal(y, x.T)                                                  # y runs down the rows as x along columns
+    assert (x == x[:1]).all() and (y == y[:, :1]).all()                        # x constant down columns, y along rows
+    assert coords(32, 32, 0, 0)[0, 0, [0, 1, 15, 16, 31]].tolist() == pytest.approx([-1, -0.935484, -0.032258, 0.032258, 1], abs=1e-6)
+
+@pytest.mark.parametrize('i, j, s, x_range, y_range', [
+    (0, 0, 16, (-1, -0.523810), (-1, -0.523810)),
+    (48, 48, 16, (0.523810, 1), (0.523810, 1)),
+    (10, 20, 32, (-0.365079, 0.619048), (-0.682540, 0.301587)),
+    (32, 0, 32, (-1, -0.015873), (0.015873, 1)),
+])
+def test_patch_coordinate_ranges(i, j, s, x_range, y_range):
+    pos = coords(64, s, i, j)
+    assert (pos[0].min().item(), pos[0].max().item()) == pytest.approx(x_range, abs=1e-6)
+    assert (pos[1].min().item(), pos[1].max().item()) == pytest.approx(y_range, abs=1e-6)
+    assert torch.equal(pos, coords(64, 64, 0, 0)[:, i:i + s, j:j + s])  # a crop of the full-image grid
+
+def test_random_patches_are_slices_with_uniform_offsets():
+    torch.manual_seed(0)
+    images = torch.randn(4000, 1, 64, 64)
+    patches, pos = pd.random_patches(images, 16)
+    assert patches.shape == (4000, 1, 16, 16) and pos.shape == (4000, 2, 16, 16)
+    j = torch.round((pos[:, 0, 0, 0] + 1) * 63 / 2).long()
+    i = torch.round((pos[:, 1, 0, 0] + 1) * 63 / 2).long()
+    for n in range(0, 4000, 397):
+        assert torch.equal(patches[n], images[n, :, i[n]:i[n] + 16, j[n]:j[n] + 16])
+    assert set(i.tolist()) == set(range(49)) and set(j.tolist()) == set(range(49))  # every offset 0..R-s, no grid
+    counts = torch.bincount(i, minlength=49).float()
+    assert counts.std() / counts.mean() < 0.25                                      # about uniform (expect ~0.12)
+    assert abs(np.corrcoef(i.numpy(), j.numpy())[0, 1]) < 0.05                       # rows and columns independent
+    state = torch.get_rng_state()
+    full, pos_full = pd.random_patches(images[:3], 64)
+    assert torch.equal(full, images[:3]) and torch.equal(torch.get_rng_state(), state)  # s = R draws nothing
+    assert torch.equal(pos_full[0], coords(64, 64, 0, 0))
+
+def test_sampling_canvas_equals_training_grid_and_extrapolates():
+    assert torch.equal(pd.coordinate_canvas(64, 64)[0], coords(64, 64, 0, 0))
+    wide = pd.coordinate_canvas(64, 96, x_start=-16, y_start=-16)[0]
+    assert (wide[0, 0, 0].item(), wide[0, 0, -1].item()) == pytest.approx((-1.507937, 1.507937), abs=1e-6)
+
+#------------------------------------------------------------------------------
+# Patch-size schedule, batch multipliers and the image counter (paper Eq. 5, official training loop).
+
+def test_schedule_multipliers_and_counter():
+    sizes, pmf, mul = pd.patch_schedule(64, 0.5)
+    assert sizes == [16, 32, 64] and pmf == pytest.approx([0.2, 0.3, 0.5]) and mul == [4, 2, 1]
+    assert np.dot(pmf, mul) == pytest.approx(1.9)
+    assert [int(B * np.dot(pmf, mul)) for B in (256, 512)] == [486, 972]
+    assert pd.patch_schedule(32, 0.5)[0] == [8, 16, 32] and pd.patch_schedule(32, 0.5)[2] == [4, 2, 1]  # CIFAR-sized data works
+    avg = lambda p: np.dot(*pd.patch_schedule(64, p)[1:])
+    assert [avg(p) for p in (0, 0.1, 0.25, 0.75, 1)] == pytest.approx([2.8, 2.62, 2.35, 1.45, 1.0])
+    # Relative pixels per micro-batch: (0.2 * 4 * 16^2 + 0.3 * 2 * 32^2 + 0.5 * 64^2) / 64^2 = 0.70
+    assert sum(p * m * s * s for s, p, m in zip(sizes, pmf, mul)) / 64 ** 2 == pytest.approx(0.70)
+
+def test_stochastic_schedule_frequencies():
+    _, pmf, _ = pd.patch_schedule(64, 0.5)
+    rng = reseed(0, 0, 0)
+    draws = np.array([rng.choice(3, p=pmf) for _ in range(100_000)])
+    assert np.bincount(draws) / len(draws) == pytest.approx([0.2, 0.3, 0.5], abs=0.005)
+
+def test_progressive_schedule_boundaries():
+    _, pmf, _ = pd.patch_schedule(64, 0.5)
+    sizes = [[16, 32, 64][pd.progressive_index(p, pmf)] for p in (0, 0.1, 0.2, 0.21, 0.5, 0.51, 0.99, 1.0)]
+    assert sizes == [16, 16, 16, 32, 32, 64, 64, 64]
+
+def test_ema_beta_with_patch_counter():
+    assert ema_beta(10**9, 256 * 1.9, 500) == pytest.approx(0.99932593, abs=1e-8)
+
+def test_50_step_sigmas():
+    t = edm_time_steps(50).numpy()
+    assert t[:4] == pytest.approx([80, 71.501, 63.788, 56.7995], rel=1e-4)
+    assert t[-4:] == pytest.approx([0.00515, 0.00326, 0.002, 0], rel=1e-2)
+
+#------------------------------------------------------------------------------
+# Preconditioner, loss and reduction.
+
+def tiny_patch_net(**kwargs):
+    torch.manual_seed(0)
+    return pd.PatchPrecond(**(dict(img_resolution=8, img_channels=3) | TINY_UNET | kwargs))
+
+def test_coordinates_reach_the_unet_clean_and_image_channels_scaled():
+    net = tiny_patch_net()
+    seen = {}
+    net.model.register_forward_pre_hook(lambda module, inputs: seen.update(x_in=inputs[0].clone()))
+    torch.manual_seed(1)
+    images = torch.randn(6, 3, 8, 8) * 0.5
+    torch.manual_seed(2)
+    pd.patch_loss(net, EDMLoss(), images, None, 4)
+    torch.manual_seed(2)  # replay the same draws by hand: offsets (rows, columns), sigma, noise
+    i, j = torch.randint(0, 5, (6,)), torch.randint(0, 5, (6,))
+    sigma = (torch.randn([6, 1, 1, 1]) * 1.2 - 1.2).exp()
+    patches = torch.stack([images[n, :, i[n]:i[n] + 4, j[n]:j[n] + 4] for n in range(6)])
+    noisy = patches + torch.randn_like(patches) * sigma
+    assert torch.equal(seen['x_in'][:, 3:], pd.patch_coordinates(8, 4, i, j))        # clean, unscaled, bit-identical
+    assert torch.allclose(seen['x_in'][:, :3], noisy / (sigma ** 2 + 0.25).sqrt(), atol=1e-6)  # c_in (patch + n)
+
+def test_patch_loss_shape_and_unit_level_at_init():
+    net = tiny_patch_net(model_channels=16)
+    torch.manual_seed(0)
+    images = torch.randn(64, 3, 8, 8) * 0.5
+    for s in (2, 4, 8):
+        with torch.no_grad():
+            loss = pd.patch_loss(net, EDMLoss(), images, None, s)
+        assert loss.shape == (64, 3, s, s)
+        assert loss.mean().item() == pytest.approx(1.0, abs=0.15)  # lambda c_out^2 = 1 and F ~ 0 at init
+
+def test_reduction_gives_small_patches_a_sixteenth():
+    """Four 16x16 patches per image with the same per-pixel error give 1/16 of the full-image gradient."""
+    theta = torch.ones([], requires_grad=True)
+    b = 8
+    full = (theta * torch.ones(b, 3, 64, 64)) ** 2
+    patches = (theta * torch.ones(b * 4, 3, 16, 16)) ** 2
+    g_full, = torch.autograd.grad(pd.reduce_loss(full, b, 1), theta)
+    g_patch, = torch.autograd.grad(pd.reduce_loss(patches, b, 4), theta)
+    assert g_patch.item() == pytest.approx(g_full.item() / 16)
+
+def test_real_p_1_is_plain_edm():
+    args = pd.parse_args(['train', '--data=demo', '--real_p=1', '--cbase=16', '--cres=1,2'])
+    precond, kwargs = pd.network_kwargs(args, 8, 3, 0)
+    assert precond == 'EDMPrecond' and pd.patch_schedule(8, 1.0)[1] == [0, 0, 1]
+    torch.manual_seed(0)
+    net = pd.build_network(precond, kwargs)
+    images = torch.randn(4, 3, 8, 8) * 0.5
+    torch.manual_seed(5)
+    ours = pd.patch_loss(net, EDMLoss(), images, None, 8, coords=False)
+    torch.manual_seed(5)
+    assert torch.equal(ours, EDMLoss()(net, images))
+
+def test_overfits_one_batch_of_patches():
+    net = tiny_patch_net()
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 8, 8) - 0.5
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(150):
+        torch.manual_seed(3)  # the same crops, sigma and noise every step: a deterministic objective
+        loss = pd.reduce_loss(pd.patch_loss(net, EDMLoss(), images, None, 4), 4, 1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
+
+def test_cfg_weight_one_equals_conditional_and_zero_unconditional():
+    net = tiny_patch_net(label_dim=3).eval()
+    x, sigma, pos = torch.randn(2, 3, 8, 8), torch.tensor(1.5), pd.coordinate_canvas(8, 8)
+    labels = torch.eye(3)[[0, 2]]
+    with torch.no_grad():
+        cond = net(x, sigma, pos, labels)
+        uncond = net(x, sigma, pos, torch.zeros_like(labels))
+        assert torch.allclose(pd.guided_denoiser(net, pos, 1.0)(x, sigma, labels), cond, atol=1e-6)
+        assert torch.allclose(pd.guided_denoiser(net, pos, 0.0)(x, sigma, labels), uncond, atol=1e-6)
+        guided = pd.guided_denoiser(net, pos, 1.3)(x, sigma, labels)
+        assert torch.allclose(guided, uncond + 1.3 * (cond - uncond), atol=1e-5)
+
+def test_network_io_sizes_and_parameter_count():
+    args = pd.parse_args(['train', '--data=demo', '--preset=celeba64'])
+    precond, kwargs = pd.network_kwargs(args, 64, 3, 0)
+    with torch.device('meta'):
+        net = pd.build_network(precond, kwargs)
+    assert precond == 'PatchPrecond' and sum(p.numel() for p in net.parameters()) == 61_806_723
+    assert net.model.enc['64x64_conv'].weight.shape == (128, 5, 3, 3) and net.model.dec['64x64_aux_conv'].weight.shape == (3, 128, 3, 3)
+    small = tiny_patch_net(model_channels=8, channel_mult=[1, 2, 2, 2], img_resolution=64).eval()
+    assert pd.size_multiple(small) == 8
+    with torch.no_grad():
+        for s in (8, 16, 32, 64, 96):
+            out = small(torch.randn(1, 3, s, s), torch.tensor(1.0), pd.coordinate_canvas(64, s))
+            assert out.shape == (1, 3, s, s)
+        with pytest.raises(ValueError, match='12'):
+            small(torch.randn(1, 3, 12, 12), torch.tensor(1.0), pd.coordinate_canvas(64, 12))
+
+#------------------------------------------------------------------------------
+# Command line: training, resume, DDP, generation.
+
+TRAIN = ['train', '--data=demo-8', '--cbase=16', '--cres=1,2', '--batch=8', '--lr=1e-3', '--ema=0.0001',
+         '--dropout=0', '--workers=0', '--tick=0.001', '--snap=1', '--dump=1', '--grid=0', '--nosubdir']
+
+def run_train(outdir, *extra):
+    pd.train(pd.parse_args(TRAIN + [f'--outdir={outdir}', *extra]))
+    return sorted(Path(outdir).glob('training-state-*.pt'))[-1]
+
+def test_counter_errors_and_dry_run(tmp_path, capsys):
+    run_train(tmp_path / 'a', '--duration=0.00001')
+    stats = [json.loads(line) for line in open(tmp_path / 'a' / 'stats.jsonl')]
+    assert stats[0]['kimg'] == pytest.approx(int(8 * 1.9) / 1000) and stats[0]['steps'] == 1
+    with pytest.raises(UserError, match='Stable Diffusion VAE'):
+        pd.train(pd.parse_args(TRAIN + ['--train_on_latents=1']))
+    with pytest.raises(UserError, match='patch size 2 .* not a multiple of 4'):
+        pd.train(pd.parse_args(TRAIN + ['--cres=1,2,2']))
+    capsys.readouterr()
+    pd.train(pd.parse_args(TRAIN + ['--dry-run']))
+    assert json.loads(capsys.readouterr().out)['batch_mul_avg'] == pytest.approx(1.9)
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = load_checkpoint(run_train(tmp_path / 'full', '--duration=0.00009'))  # 6 steps of 15 patches
+    half = run_train(tmp_path / 'half', '--duration=0.000045')                   # 3 steps, then resume for 3 more
+    resumed = load_checkpoint(run_train(tmp_path / 'resumed', '--duration=0.00009', f'--resume={half}'))
+    assert full['step'] == resumed['step'] == 6 and full['cur_nimg'] == resumed['cur_nimg']
+    for key in ('net', 'ema'):
+        assert all(torch.equal(full[key][k], resumed[key][k]) for k in full[key])
+    assert full['data_pos'] == resumed['data_pos']
+
+def torchrun(nproc, *args):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
+           str(ROOT / 'patch_diffusion.py'), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+def read_pngs(folder):
+    return {p.name: np.array(PIL.Image.open(p)) for p in sorted(Path(folder).rglob('*.png'))}
+
+def test_torchrun_two_processes_train_and_generate(tmp_path):
+    torchrun(2, *TRAIN[:-1], f'--outdir={tmp_path}', '--duration=0.00003', '--desc=ddp')  # numbered run dir
+    run_dir, = tmp_path.glob('00000-demo8-uncond-ddpmpp-edm-gpus2-batch8-fp32-ddp')
+    state = load_checkpoint(str(sorted(run_dir.glob('training-state-*.pt'))[-1]))
+    assert len(state['data_pos']) == 2 and state['step'] == 2
+    snapshot = str(sorted(run_dir.glob('network-snapshot-*.pt'))[-1])
+    gen = ['generate', f'--network={snapshot}', '--seeds=0-5', '--steps=4', '--S_churn=5']
+    torchrun(2, *gen, f'--outdir={tmp_path / "two"}', '--batch=2', '--subdirs')
+    pd.generate(pd.parse_args(gen + [f'--outdir={tmp_path / "one"}', '--batch=6', '--subdirs']))
+    pd.generate(pd.parse_args(gen + [f'--outdir={tmp_path / "four"}', '--batch=4']))
+    one, two, four = (read_pngs(tmp_path / d) for d in ('one', 'two', 'four'))
+    assert sorted(one) == [f'{s:06d}.png' for s in range(6)] and (tmp_path / 'one' / '000000' / '000005.png').exists()
+    assert all(np.array_equal(one[k], two[k]) and np.array_equal(one[k], four[k]) for k in one)
+    assert one['000000.png'].shape == (8, 8, 3) and not np.array_equal(one['000000.png'], one['000001.png'])
+
+def test_generate_rejects_bad_canvas(tmp_path):
+    snapshot = sorted(Path(run_train(tmp_path, '--duration=0.00001')).parent.glob('network-snapshot-*.pt'))[-1]
+    with pytest.raises(UserError, match='multiple of 2'):
+        pd.generate(pd.parse_args(['generate', f'--network={snapshot}', f'--outdir={tmp_path}', '--image_size=9']))
+
+def test_official_pickles_load_and_sample(tmp_path):
+    """EDM-format .pkl snapshots (EDMPrecond, and Patch_EDMPrecond with img_channels = C + 2) load through the
+    restricted unpickler into our classes and give the same denoiser; generate samples from them."""
+    import conftest
+    model = dict(TINY_UNET)
+    del model['model_type']
+    x, sigma, pos = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 2.0]), pd.coordinate_canvas(8, 8)
+    for official, kwargs in ((conftest.EDMPrecond, dict(img_channels=3)), (conftest.Patch_EDMPrecond, dict(img_channels=5, out_channels=None))):
+        init_kwargs = dict(img_resolution=8, label_dim=0, use_fp16=False, model_type='SongUNet', **kwargs, **model)
+        if official is conftest.Patch_EDMPrecond:
+            init_kwargs['out_channels'] = 3
+        torch.manual_seed(0)
+        reference = official(**init_kwargs).eval()
+        path = tmp_path / f'{official.__name__}.pkl'
+        conftest.write_persistence_pickle(path, dict(ema=reference, loss_fn=None, augment_pipe=None), init_kwargs)
+        net = pd.load_network(str(path)).eval()
+        assert type(net) is (pd.PatchPrecond if official is conftest.Patch_EDMPrecond else pd.EDMPrecond)
+        ours = pd.build_network(type(net).__name__, dict(img_resolution=8, img_channels=3, **model))
+        ours.load_state_dict(reference.state_dict())
+        with torch.no_grad():
+            call = (lambda n: n(x, sigma, pos)) if type(net) is pd.PatchPrecond else (lambda n: n(x, sigma))
+            assert torch.equal(call(net), call(ours))
+        pd.generate(pd.parse_args(['generate', f'--network={path}', f'--outdir={tmp_path / official.__name__}', '--seeds=0-1', '--steps=2']))
+        assert len(list((tmp_path / official.__name__).glob('*.png'))) == 2
+
+def test_presets_and_cli_errors(tmp_path):
+    args = pd.parse_args(['--preset=demo', '--batch=8'])  # a bare command is `train`; flags override the preset
+    assert args.command == 'train' and args.batch == 8 and args.lr_rampup == 1 and args.cres == [1, 2, 2]
+    result = subprocess.run([sys.executable, str(ROOT / 'patch_diffusion.py'), 'train', f'--data={tmp_path}/missing.zip'],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert result.stderr.strip() == f'error: {tmp_path}/missing.zip: no such dataset (make one with dataset_tool.py, or use --data=demo)'
