@@ -27,7 +27,6 @@ import os
 import pickle
 import re
 import resource
-import socket
 import sys
 import time
 import urllib.parse
@@ -50,18 +49,18 @@ from einops import rearrange
 # 1. Distributed setup. There is always a process group: torchrun sets RANK/WORLD_SIZE, a plain `python x.py`
 #    becomes a world of one. nccl on GPUs, gloo on CPU (the tests run there).
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
 def init_distributed():
-    if 'RANK' not in os.environ:  # plain `python x.py`: a world of one
-        os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()))
+    """Join the torchrun group, or make a world of one (an in-memory store: no port, no environment variables)."""
     cuda = torch.cuda.is_available()
+    # NOTE: 1x1 convolutions on 1x1 maps (small patches) get weight gradients whose size-1 dims carry other strides
+    # than the parameter's: the same memory layout, but DDP compares strides literally and warns at every step.
+    warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
     if not dist.is_initialized():
-        dist.init_process_group('nccl' if cuda else 'gloo')
-    device = torch.device('cuda', int(os.environ['LOCAL_RANK'])) if cuda else torch.device('cpu')
+        if 'RANK' in os.environ:
+            dist.init_process_group('nccl' if cuda else 'gloo')
+        else:  # plain `python x.py`
+            dist.init_process_group('nccl' if cuda else 'gloo', store=dist.HashStore(), rank=0, world_size=1)
+    device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if cuda else torch.device('cpu')
     if cuda:
         torch.cuda.set_device(device)
     return device
@@ -83,13 +82,8 @@ def run_main(command, args):
     """Run a CLI command; user errors become one line on stderr and exit code 1; the process group is torn down."""
     try:
         command(args)
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(1)
-    except RuntimeError as e:  # a UserError raised inside a DataLoader worker comes back wrapped with its traceback
-        if 'UserError: ' not in str(e):
-            raise
-        print(f'error: {str(e).rsplit("UserError: ", 1)[1].strip()}', file=sys.stderr)
+    except UserError as e:  # from a DataLoader worker it comes back with the worker's traceback in its message
+        print(f'error: {str(e).rsplit("UserError: ", 1)[-1].strip()}', file=sys.stderr)
         sys.exit(1)
     finally:
         if dist.is_initialized():
@@ -390,6 +384,9 @@ class EDMPrecond(torch.nn.Module):
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
 
+def vp_sigma(t, beta_d=19.9, beta_min=0.1):
+    return ((0.5 * beta_d * t ** 2 + beta_min * t).exp() - 1).sqrt()  # EDM Table 1, VP sigma(t)
+
 class VPPrecond(EDMPrecond):
     """Variance-preserving preconditioning (EDM Table 1, "VP"; Song et al. 2021 DDPM++)."""
     def __init__(self, img_resolution, img_channels, label_dim=0, beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5, **kwargs):
@@ -397,9 +394,8 @@ class VPPrecond(EDMPrecond):
         super().__init__(img_resolution, img_channels, label_dim, sigma_min=float(self.sigma(epsilon_t)),
                          sigma_max=float(self.sigma(1)), sigma_data=0.5, **kwargs)
 
-    def sigma(self, t):  # EDM Table 1, VP sigma(t)
-        t = torch.as_tensor(t, dtype=torch.float64)
-        return ((0.5 * self.beta_d * t ** 2 + self.beta_min * t).exp() - 1).sqrt()
+    def sigma(self, t):
+        return vp_sigma(torch.as_tensor(t, dtype=torch.float64), self.beta_d, self.beta_min)
 
     def sigma_inv(self, sigma):  # t_VP(sigma), the inverse of sigma(t)
         return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt() - self.beta_min) / self.beta_d
@@ -438,8 +434,7 @@ class VPLoss(EDMLoss):
         self.beta_d, self.beta_min, self.epsilon_t = beta_d, beta_min, epsilon_t
 
     def sigma_and_weight(self, n, device):
-        t = 1 + torch.rand([n, 1, 1, 1], device=device) * (self.epsilon_t - 1)
-        sigma = ((0.5 * self.beta_d * t ** 2 + self.beta_min * t).exp() - 1).sqrt()
+        sigma = vp_sigma(1 + torch.rand([n, 1, 1, 1], device=device) * (self.epsilon_t - 1), self.beta_d, self.beta_min)
         return sigma, 1 / sigma ** 2
 
 class VELoss(EDMLoss):
@@ -703,13 +698,12 @@ class SongUNet(torch.nn.Module):
         label_dropout       = 0,            # probability of zeroing a sample's label in training; 0 = never
         embedding_type      = 'positional', # 'positional' (DDPM++) or 'fourier' (NCSN++)
         channel_mult_noise  = 1,            # noise embedding width = model_channels * this; 1 DDPM++, 2 NCSN++
-        encoder_type        = 'standard',   # 'standard' (DDPM++), 'residual' (NCSN++) or 'skip'
-        decoder_type        = 'standard',   # 'standard' (both) or 'skip'
+        encoder_type        = 'standard',   # 'standard' (DDPM++) or 'residual' (NCSN++)
+        decoder_type        = 'standard',   # 'standard' (both)
         resample_filter     = (1, 1),       # (1, 1) for DDPM++, (1, 3, 3, 1) for NCSN++
     ):
-        assert embedding_type in ('positional', 'fourier')
-        assert encoder_type in ('standard', 'skip', 'residual')
-        assert decoder_type in ('standard', 'skip')
+        # NOTE: EDM also has 'skip' encoder/decoder variants that none of its configs uses; they are left out.
+        assert embedding_type in ('positional', 'fourier') and encoder_type in ('standard', 'residual') and decoder_type == 'standard'
         super().__init__()
         self.img_resolution = img_resolution
         self.num_levels = len(channel_mult)
@@ -743,9 +737,6 @@ class SongUNet(torch.nn.Module):
                 c = model_channels
             else:
                 self.enc[f'{res}x{res}_down'] = UNetBlock(c, c, down=True, **block_kwargs)
-                if encoder_type == 'skip':
-                    self.enc[f'{res}x{res}_aux_down'] = Conv2d(caux, caux, 0, down=True, resample_filter=resample_filter)
-                    self.enc[f'{res}x{res}_aux_skip'] = Conv2d(caux, c, 1, **init)
                 if encoder_type == 'residual':
                     self.enc[f'{res}x{res}_aux_residual'] = Conv2d(caux, c, 3, down=True, resample_filter=resample_filter,
                                                                    fused_resample=True, **init)
@@ -768,9 +759,7 @@ class SongUNet(torch.nn.Module):
                 attn = idx == num_blocks and res in attn_resolutions
                 self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(c + skips.pop(), model_channels * mult, attention=attn, **block_kwargs)
                 c = model_channels * mult
-            if decoder_type == 'skip' or level == 0:
-                if decoder_type == 'skip' and level < len(channel_mult) - 1:
-                    self.dec[f'{res}x{res}_aux_up'] = Conv2d(out_channels, out_channels, 0, up=True, resample_filter=resample_filter)
+            if level == 0:
                 self.dec[f'{res}x{res}_aux_norm'] = GroupNorm(c, eps=1e-6)
                 self.dec[f'{res}x{res}_aux_conv'] = Conv2d(c, out_channels, 3, **init_zero)
 
@@ -788,30 +777,22 @@ class SongUNet(torch.nn.Module):
 
         skips, aux = [], x
         for name, block in self.enc.items():
-            if name.endswith('aux_down'):
-                aux = block(aux)
-            elif name.endswith('aux_skip'):
-                x = skips[-1] = x + block(aux)
-            elif name.endswith('aux_residual'):
+            if name.endswith('aux_residual'):
                 x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
             else:
                 x = block(x) if name.endswith('_conv') else block(x, emb)
                 skips.append(x)
 
-        out = None
         for name, block in self.dec.items():
-            if name.endswith('aux_up'):
-                out = block(out)
-            elif name.endswith('aux_norm'):
-                head = block(x)
+            if name.endswith('aux_norm'):
+                x = F.silu(block(x))
             elif name.endswith('aux_conv'):
-                head = block(F.silu(head))
-                out = head if out is None else out + head
+                x = block(x)
             else:
                 if x.shape[1] != block.in_channels:
                     x = torch.cat([x, skips.pop()], dim=1)
                 x = block(x, emb)
-        return out
+        return x
 
 # ADM U-Net, Dhariwal & Nichol 2021 (arXiv:2105.05233), as reimplemented by EDM (Karras et al. 2022, Table 7).
 # Official code: NVlabs/edm training/networks.py, DhariwalUNet.
@@ -1045,9 +1026,19 @@ def load_checkpoint(path):
     except Exception as e:
         raise UserError(f'{path}: not a readable checkpoint ({e})') from None
 
-# Official checkpoints: EDM-format .pkl snapshots (EDM, Patch Diffusion, GDD) and .pt files (spec 7.2).
+def download(url, flag):
+    """Local path for a URL: downloaded once into torch's hub cache ($TORCH_HOME/hub/checkpoints), then reused."""
+    dest = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(urllib.parse.urlparse(url).path))
+    if not os.path.isfile(dest):
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, dest, progress=True)
+        except OSError as e:  # includes urllib.error.URLError: no network, DNS failure, HTTP error
+            raise UserError(f'Could not download {url} ({e}). Download it on a machine with network access and '
+                f'pass the local file with {flag}=PATH, or copy it to {dest}.') from e
+    return dest
 
-CACHE_DIR = Path('~/.cache/edm_simple').expanduser()
+# Official checkpoints: EDM-format .pkl snapshots (EDM, Patch Diffusion, GDD) and .pt files (spec 7.2).
 
 # Inert stand-in for a class or object of the official code base; keeps only what was pickled.
 class _Stub:
@@ -1065,37 +1056,30 @@ def _persistent_obj(meta):
     obj.name, obj.state = meta.get('class_name'), meta.get('state')
     return obj
 
+def _expect(obj, kind, what):
+    if not isinstance(obj, kind):
+        raise pickle.UnpicklingError(f'{what} built from a {type(obj).__name__}')
+    return obj
+
 def _tensor(storage, offset, size, stride, *unused):
-    if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
-        raise pickle.UnpicklingError(f'tensor built from a {type(storage).__name__}, not a storage')
+    _expect(storage, (torch.storage.TypedStorage, torch.UntypedStorage), 'tensor')
     return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())
-
-def _parameter(data, *unused):
-    if not isinstance(data, torch.Tensor):
-        raise pickle.UnpicklingError(f'parameter built from a {type(data).__name__}, not a tensor')
-    return data
-
-def _storage(data):
-    return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
-
-def _numpy_scalar(dtype, data):
-    return np.frombuffer(data, dtype=dtype)[0].item()
 
 # The only globals that resolve to callables: tensor/storage rebuilders and plain containers. Other classes of
 # the official code (and torch.nn containers such as ModuleDict) become _Stubs; anything else is refused.
 _SAFE_GLOBALS = {
     ('torch._utils', '_rebuild_tensor_v2'): _tensor,
-    ('torch._utils', '_rebuild_parameter'): _parameter,
-    ('torch._utils', '_rebuild_parameter_with_state'): _parameter,
-    ('torch.storage', '_load_from_bytes'): _storage,
+    ('torch._utils', '_rebuild_parameter'): lambda data, *unused: _expect(data, torch.Tensor, 'parameter'),
+    ('torch._utils', '_rebuild_parameter_with_state'): lambda data, *unused: _expect(data, torch.Tensor, 'parameter'),
+    ('torch.storage', '_load_from_bytes'): lambda data: torch.load(io.BytesIO(data), map_location='cpu', weights_only=True),
     ('torch_utils.persistence', '_reconstruct_persistent_obj'): _persistent_obj,
     ('collections', 'OrderedDict'): OrderedDict,
     ('builtins', 'set'): set,
     ('dnnlib.util', 'EasyDict'): dict,
     ('dnnlib', 'EasyDict'): dict,
     ('numpy', 'dtype'): np.dtype,
-    ('numpy.core.multiarray', 'scalar'): _numpy_scalar,
-    ('numpy._core.multiarray', 'scalar'): _numpy_scalar,
+    ('numpy.core.multiarray', 'scalar'): lambda dtype, data: np.frombuffer(data, dtype=dtype)[0].item(),
+    ('numpy._core.multiarray', 'scalar'): lambda dtype, data: np.frombuffer(data, dtype=dtype)[0].item(),
 }
 _STUB_MODULES = ('dnnlib.', 'torch_utils.', 'training.', 'torch.nn.modules.')
 
@@ -1135,51 +1119,29 @@ def _from_snapshot(data):
         raise ValueError("not an EDM network snapshot (expected a dict whose 'ema' is a pickled network)")
     ema = data['ema']
     kwargs = _plain(ema.state.get('_init_kwargs') or {}, 'init_kwargs')
-    kwargs.pop('use_fp16', None)                                            # our nets run under torch.autocast
+    kwargs.pop('use_fp16', None)
     model = ema.state.get('_modules', {}).get('model')
     if model is None:                                                       # a bare backbone, no preconditioner
         return dict(class_name=ema.name, precond=None, init_kwargs=kwargs, state_dict=_flatten(ema, '', {}))
     kwargs.setdefault('model_type', model.name)
     return dict(class_name=model.name, precond=ema.name, init_kwargs=kwargs, state_dict=_flatten(ema, '', {}))
 
-def _from_torch_file(path):
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    if isinstance(ckpt, dict) and 'net_kwargs' in ckpt and 'ema' in ckpt:  # our network-snapshot-*.pt
-        kwargs = dict(ckpt['net_kwargs'])
-        return dict(class_name=kwargs.get('model_type'), precond=ckpt.get('precond'), init_kwargs=kwargs, state_dict=ckpt['ema'])
-    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return dict(class_name=None, precond=None, init_kwargs=None, state_dict=ckpt)
-    raise ValueError("neither a state dict (name -> tensor) nor a snapshot with 'net_kwargs' and 'ema'")
-
-def download(url, cache_dir=CACHE_DIR):
-    path = Path(cache_dir) / Path(urllib.parse.urlparse(url).path).name
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')
-        urllib.request.urlretrieve(url, tmp)
-        os.replace(tmp, path)
-    return path
-
-# Weights and constructor arguments of a pretrained network, read without the official source tree and without
-# running code from the file. Returns dict(class_name, precond, init_kwargs, state_dict), such that
-# `EDMPrecond(**r['init_kwargs']).load_state_dict(r['state_dict'])` rebuilds an EDM snapshot's EMA network:
-#   .pkl (EDM format): class_name = backbone class ('SongUNet', 'DhariwalUNet'); precond = preconditioner class
-#       ('EDMPrecond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond', ...); init_kwargs = the preconditioner's
-#       constructor kwargs (model kwargs included, model_type set) minus use_fp16; keys as 'model.enc.32x32_conv.weight'.
-#   .pt with 'net_kwargs' and 'ema' (our snapshots): init_kwargs = net_kwargs, precond = ckpt.get('precond').
-#   .pt holding a plain state dict: class_name, precond and init_kwargs are None.
-def load_official(path_or_url, cache_dir=CACHE_DIR):
-    is_url = '://' in str(path_or_url)
-    path = download(str(path_or_url), cache_dir) if is_url else Path(path_or_url)
+# Weights and constructor arguments of an EDM-format .pkl snapshot (EDM, Patch Diffusion, GDD), read without the
+# official source tree and without running code from the file (plain .pt state dicts: use load_checkpoint).
+# Returns dict(class_name, precond, init_kwargs, state_dict) such that
+# `EDMPrecond(**r['init_kwargs']).load_state_dict(r['state_dict'])` rebuilds the snapshot's EMA network:
+# class_name = backbone class ('SongUNet', 'DhariwalUNet'); precond = preconditioner class ('EDMPrecond',
+# 'VPPrecond', 'Patch_EDMPrecond', ...); init_kwargs = its constructor kwargs (model kwargs included, model_type
+# set) minus use_fp16 (our nets run under torch.autocast); keys as 'model.enc.32x32_conv.weight'.
+def load_official(path_or_url):
+    path = Path(download(path_or_url, '--network') if '://' in str(path_or_url) else path_or_url)
     if not path.is_file():
         raise UserError(f'{path}: no such file')
     try:
-        if zipfile.is_zipfile(path):
-            return _from_torch_file(path)
         with open(path, 'rb') as f:
             return _from_snapshot(_SnapshotUnpickler(f).load())
     except Exception as e:
-        raise UserError(f'cannot load {path} as an EDM .pkl snapshot or a torch .pt file: {e}') from e
+        raise UserError(f'cannot load {path} as an EDM .pkl snapshot: {e}') from e
 
 #------------------------------------------------------------------------------
 # 9. Images: float [-1, 1] NCHW -> uint8 (EDM: floor(clip(127.5 x + 128))), PNG files per seed, grids.
@@ -1417,22 +1379,10 @@ class _TorchScriptInception(nn.Module):
             h = layer(h)
         return dict(pool=pool, logits=pool @ self.net.output.weight.t(), spatial=h.permute(0, 2, 3, 1).flatten(1))
 
-def download_cached(url, flag='--detector'):
-    """Local path for a URL: downloaded once into torch's hub cache ($TORCH_HOME/hub/checkpoints), then reused."""
-    dest = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(urllib.parse.urlparse(url).path))
-    if not os.path.isfile(dest):
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(url, dest, progress=True)
-        except OSError as e:  # includes urllib.error.URLError: no network, DNS failure, HTTP error
-            raise UserError(f'Could not download {url} ({e}). Download it on a machine with network access and '
-                f'pass the local file with {flag}=PATH, or copy it to {dest}.') from e
-    return dest
-
 def load_detector(path_or_url=FID_WEIGHTS_URL, preprocess='nvidia', device='cpu'):
     """InceptionV3 or NVIDIA's TorchScript detector from a file or URL: a state dict with pytorch-fid's names (.pth,
     the default URL) or StyleGAN2-ADA's inception-2015-12-05.pt; eval mode, no gradients."""
-    path = download_cached(path_or_url) if '://' in path_or_url else path_or_url
+    path = download(path_or_url, '--detector') if '://' in path_or_url else path_or_url
     if not os.path.isfile(path):
         raise UserError(f'Detector weights {path!r} not found. Get {FID_WEIGHTS_URL} (or NVIDIA\'s '
             f'{NVIDIA_DETECTOR_URL}) and pass it with --detector=PATH.')

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (FID_WEIGHTS_URL, FeatureStats, ImageFolderDataset, UserError, download_cached, frechet_distance,
+from common import (FID_WEIGHTS_URL, FeatureStats, ImageFolderDataset, UserError, download, frechet_distance,
                     get_rank, get_world_size, inception_score, init_distributed, load_detector, parse_bool,
                     precision_recall, print0, run_main)
 
@@ -127,7 +127,7 @@ class _ImageArray:
 def load_ref(path, metrics, preprocess):
     """The arrays of a reference npz that `metrics` need, checked against what calc will compute."""
     if '://' in path:
-        path = rank0_first(download_cached, path, flag='--ref')
+        path = rank0_first(download, path, flag="--ref")
     if not os.path.isfile(path):
         raise UserError(f'{path}: no such reference file (make one with `python fid.py ref --data=... --dest=...`)')
     if not zipfile.is_zipfile(path):

@@ -299,16 +299,10 @@ def test_load_official_pickle_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(rebuilt.model(x, sigma, labels), net.model(x, sigma, labels))
 
-def test_load_official_pt_files(tmp_path):
-    net = SongUNet(**TINY_DDPMPP)
-    torch.save(net.state_dict(), tmp_path / 'raw.pt')
-    r = load_official(tmp_path / 'raw.pt')
-    assert r['class_name'] is None and r['init_kwargs'] is None
-    assert all(torch.equal(r['state_dict'][k], v) for k, v in net.state_dict().items())
-    kwargs = dict(TINY_DDPMPP, model_type='SongUNet')
-    torch.save({'method': 'edm', 'net_kwargs': kwargs, 'ema': net.state_dict(), 'cur_nimg': 0}, tmp_path / 'snap.pt')
-    r = load_official(str(tmp_path / 'snap.pt'))
-    assert r['class_name'] == 'SongUNet' and r['init_kwargs'] == kwargs and list(r['state_dict']) == list(net.state_dict())
+def test_load_official_refuses_a_torch_zip(tmp_path):
+    torch.save(SongUNet(**TINY_DDPMPP).state_dict(), tmp_path / 'raw.pt')  # .pt files go through load_checkpoint
+    with pytest.raises(UserError, match='raw.pt'):
+        load_official(tmp_path / 'raw.pt')
 
 def test_load_official_rejects_bad_files_without_running_code(tmp_path):
     (tmp_path / 'garbage.pkl').write_bytes(b'not a pickle at all')
