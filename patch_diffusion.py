@@ -200,15 +200,18 @@ def train(args):
     sizes, pmf, batch_mul = patch_schedule(R, args.real_p)
     mul_avg = float(np.dot(pmf, batch_mul))  # expected multiplier: 1.9 at p = 0.5
     precond, net_kwargs = network_kwargs(args, R, C, dataset.label_dim)
-    multiple = 2 ** (len(net_kwargs['channel_mult']) - 1)
+    with torch.device('meta'):  # the network's shape only, nothing allocated
+        shape_net = build_network(precond, net_kwargs)
+    num_params, multiple = sum(p.numel() for p in shape_net.parameters()), size_multiple(shape_net)
     bad = [s for s, p in zip(sizes, pmf) if p > 0 and (s % multiple or s < multiple)]
     if bad:
         raise UserError(f'patch size {bad[0]} (of {sizes} for {R}x{R} images) is not a multiple of {multiple}, which '
                         f'this {len(net_kwargs["channel_mult"])}-level U-Net needs; use fewer levels (--cres) or --real_p=1')
     desc = f'{dataset.name}-{"cond" if args.cond else "uncond"}-{args.arch}-{args.precond}-gpus{world_size}-batch{args.batch}-' \
            f'{"fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"}' + (f'-{args.desc}' if args.desc else '')
-    options = dict(vars(args), precond_class=precond, net_kwargs=net_kwargs, patch_sizes=sizes, patch_pmf=pmf,
-                   batch_mul=batch_mul, batch_mul_avg=mul_avg, batch_gpu=batch_gpu, rounds=rounds, world_size=world_size)
+    options = dict(vars(args), precond_class=precond, net_kwargs=net_kwargs, num_params=num_params, patch_sizes=sizes,
+                   patch_pmf=pmf, batch_mul=batch_mul, batch_mul_avg=mul_avg, batch_gpu=batch_gpu, rounds=rounds,
+                   world_size=world_size)
     if args.dry_run:
         print0(json.dumps(options, indent=2))
         return
@@ -242,7 +245,7 @@ def train(args):
             with open(os.path.join(run_dir, 'training_options.json'), 'w') as f:
                 json.dump(options, f, indent=2)
         print0(f'Patch Diffusion: {dataset.name} ({len(dataset)} images, {R}x{R}x{C}), {precond} {args.arch}, '
-               f'{sum(p.numel() for p in net.parameters()):,} parameters, device {device}, {world_size} process(es)')
+               f'{num_params:,} parameters, device {device}, {world_size} process(es)')
         print0(f'patch sizes {sizes} with probabilities {[round(p, 3) for p in pmf]} and batch multipliers {batch_mul} '
                f'(average {mul_avg:g}); {batch_gpu} images x {rounds} rounds x {world_size} GPUs per step')
         print0(f'run directory {run_dir}; training to {args.duration * 1000:g} kimg (patch counter)')
@@ -251,6 +254,7 @@ def train(args):
         while True:
             # One optimizer step: `rounds` micro-batches, each of one patch size (paper Sec. 3.3, official training loop).
             rng = reseed(args.seed, rank, cur_nimg)
+            optimizer.zero_grad(set_to_none=True)
             if args.progressive:
                 k = progressive_index((cur_nimg // 1000) / (args.duration * 1000), pmf)
                 step_mul = batch_mul[k]
@@ -268,8 +272,6 @@ def train(args):
             nimg_step = args.batch * (step_mul if args.progressive else mul_avg)  # patches per step, all ranks
             optimizer_step(optimizer, scaler, learning_rate(args.lr, cur_nimg, args.lr_rampup))
             update_ema(ema, net, ema_beta(cur_nimg, nimg_step, args.ema * 1000))
-            for p in optimizer.param_groups[0]['params']:
-                p.grad = None
             cur_nimg += int(nimg_step)  # the patch counter drives kimg, lr ramp-up, EMA and the end of training
             step += 1
             done = cur_nimg >= total_nimg

@@ -216,6 +216,10 @@ def test_counter_errors_and_dry_run(tmp_path, capsys):
     capsys.readouterr()
     pd.train(pd.parse_args(TRAIN + ['--dry-run']))
     assert json.loads(capsys.readouterr().out)['batch_mul_avg'] == pytest.approx(1.9)
+    # Progressive schedule: the first 20% of training uses the smallest patches, counted with their multiplier (4).
+    run_train(tmp_path / 'p', '--duration=0.0001', '--progressive=1')
+    stats = [json.loads(line) for line in open(tmp_path / 'p' / 'stats.jsonl')]
+    assert [s['kimg'] for s in stats[:2]] == pytest.approx([0.032, 0.064])
 
 def test_resume_equals_uninterrupted(tmp_path):
     full = load_checkpoint(run_train(tmp_path / 'full', '--duration=0.00009'))  # 6 steps of 15 patches
@@ -255,6 +259,10 @@ def test_generate_rejects_bad_canvas(tmp_path):
     snapshot = sorted(Path(run_train(tmp_path, '--duration=0.00001')).parent.glob('network-snapshot-*.pt'))[-1]
     with pytest.raises(UserError, match='multiple of 2'):
         pd.generate(pd.parse_args(['generate', f'--network={snapshot}', f'--outdir={tmp_path}', '--image_size=9']))
+    # A canvas larger than training, coordinates extrapolated past [-1, 1] (paper Sec. 4.5).
+    pd.generate(pd.parse_args(['generate', f'--network={snapshot}', f'--outdir={tmp_path / "big"}', '--image_size=12',
+                               '--x_start=-2', '--y_start=-2', '--seeds=0-1', '--steps=2']))
+    assert [image.shape for image in read_pngs(tmp_path / 'big').values()] == [(12, 12, 3)] * 2
 
 def test_official_pickles_load_and_sample(tmp_path):
     """EDM-format .pkl snapshots (EDMPrecond, and Patch_EDMPrecond with img_channels = C + 2) load through the
