@@ -516,7 +516,7 @@ class Conv2d(torch.nn.Module):
         up              = False,            # 2x upsampling
         down            = False,            # 2x downsampling
         resample_filter = (1, 1),           # 1-D filter taps: (1, 1) = nearest / box, (1, 3, 3, 1) = binomial
-        fused_resample  = False,            # convolve before downsampling (after upsampling) with merged paddings
+        fused_resample  = False,            # convolve before downsampling, with merged paddings (NCSN++)
         init_mode       = 'kaiming_normal', # see weight_init
         init_weight     = 1,                # multiplier on the initial weight
         init_bias       = 0,                # multiplier on the initial bias; 0 = zero
@@ -546,10 +546,7 @@ class Conv2d(torch.nn.Module):
         w = self.weight
         w_pad = w.shape[-1] // 2 if w is not None else 0
         f_pad = (self.resample_filter.shape[-1] - 1) // 2 if self.up or self.down else 0
-        if self.fused_resample and self.up and w is not None:
-            # NOTE: paddings as fixed upstream in NVlabs/edm issue #2 (no config of the paper uses this path).
-            x = F.conv2d(self.resample(x, max(f_pad - w_pad, 0)), w, padding=max(w_pad - f_pad, 0))
-        elif self.fused_resample and self.down and w is not None:
+        if self.fused_resample and self.down and w is not None:  # NOTE: EDM's fused upsampling is unused, left out
             x = self.resample(F.conv2d(x, w, padding=w_pad + f_pad), 0)
         else:
             if self.up or self.down:

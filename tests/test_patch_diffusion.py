@@ -296,3 +296,13 @@ def test_presets_and_cli_errors(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert result.stderr.strip() == f'error: {tmp_path}/missing.zip: no such dataset (make one with dataset_tool.py, or use --data=demo)'
+
+@pytest.mark.parametrize('flag', ['--bf16=1', '--fp16=1'])
+def test_mixed_precision_training_steps(tmp_path, flag):
+    """Autocast around the U-Net only (fp16 with a GradScaler): training runs, weights move and stay finite."""
+    state = load_checkpoint(run_train(tmp_path, '--duration=0.00003', flag))
+    torch.manual_seed(0)  # train() seeds with --seed=0 before building the network
+    init = pd.build_network(state['precond'], state['net_kwargs'])
+    assert state['step'] == 2 and all(torch.isfinite(v).all() for v in state['net'].values())
+    assert any(not torch.equal(v, init.state_dict()[k]) for k, v in state['net'].items())
+    assert (state['scaler'] != {}) == (flag == '--fp16=1')  # the GradScaler's state is saved only when it is on
