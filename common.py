@@ -478,7 +478,7 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
 #------------------------------------------------------------------------------
 # 6. The EDM U-Nets.
 
-# Layers (EDM Appendix B.1; spec edm_common.md 3.1-3.3).
+# Layers (official EDM training/networks.py; spec edm_common.md 3.1-3.3).
 
 # Weight init shared by all EDM layers (spec 3.1); for convolutions fan_in/fan_out count channels * k^2.
 def weight_init(shape, mode, fan_in, fan_out):

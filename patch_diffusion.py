@@ -45,9 +45,9 @@ from common import (EDMLoss, EDMPrecond, PerSeedRNG, Tee, Ticker, UserError, add
 # 1. Config. Presets hold the published hyperparameters; flags given on the command line override them.
 
 PRESETS = {
-    # Official README, "Train DDPM++ model for CelebA-64x64 using 8 GPUs"; paper Sec. 4 trains for 200 Mimg.
+    # Official README, "Train DDPM++ model for CelebA-64x64 using 8 GPUs"; the paper trains for 200 Mimg.
     'celeba64': dict(arch='ddpmpp', batch=256, cres=[1, 2, 2, 2], lr=2e-4, dropout=0.05, augment=0, real_p=0.5, duration=200),
-    # NOTE: the paper gives no FFHQ/AFHQv2 command lines; we use the CelebA recipe, 75 Mimg for AFHQv2 (paper Sec. 4.3).
+    # NOTE: the paper gives no FFHQ/AFHQv2 command lines; we use the CelebA recipe, 75 Mimg for AFHQv2 (the paper's small-data runs).
     'ffhq64':   dict(arch='ddpmpp', batch=256, cres=[1, 2, 2, 2], lr=2e-4, dropout=0.05, augment=0, real_p=0.5, duration=200),
     'afhqv264': dict(arch='ddpmpp', batch=256, cres=[1, 2, 2, 2], lr=2e-4, dropout=0.05, augment=0, real_p=0.5, duration=75),
     # About 4 minutes on a 2-core CPU: the built-in 16x16 shapes, a 2.7M-parameter DDPM++, 667 steps.
@@ -68,7 +68,7 @@ ARCHS = {
 # 2. Backbone: EDM's U-Net with two more input channels, fed by a preconditioner that appends the coordinates.
 
 class PatchPrecond(EDMPrecond):
-    """EDM preconditioning with coordinate channels (paper Sec. 3.2; official `Patch_EDMPrecond`):
+    """EDM preconditioning with coordinate channels (paper: method, coordinate channels; official `Patch_EDMPrecond`):
     D(x; sigma, pos) = c_skip x + c_out F(cat[c_in x, pos]; c_noise). pos is clean and unscaled at every sigma."""
     def __init__(self, img_resolution, img_channels, label_dim=0, **kwargs):
         # NOTE: upstream stores img_channels = C + 2 (the network input); we keep img_channels = C (what the sampler
@@ -122,7 +122,7 @@ def progressive_index(progress, pmf):
 
 def patch_coordinates(resolution, size, i, j):
     """Coordinate channels of size x size patches at row offsets i and column offsets j ([N] int tensors) in an
-    R x R image: channel 0 x = 2 col / (R - 1) - 1, channel 1 y = 2 row / (R - 1) - 1 (paper Sec. 3.2)."""
+    R x R image: channel 0 x = 2 col / (R - 1) - 1, channel 1 y = 2 row / (R - 1) - 1 (official pos_embedding)."""
     steps = torch.arange(size, device=i.device)
     cols = (j[:, None] + steps).float() * 2 / (resolution - 1) - 1  # [N, s]
     rows = (i[:, None] + steps).float() * 2 / (resolution - 1) - 1  # [N, s]
@@ -162,14 +162,14 @@ def patch_loss(net, loss_fn, images, labels, size, coords=True):
 
 def coordinate_canvas(resolution, image_size, x_start=0, y_start=0, device='cpu'):
     """[1, 2, S, S] coordinates of an S x S canvas normalized by the training resolution; a canvas larger than
-    it, or a negative start, extrapolates beyond [-1, 1] (paper Sec. 4.5, official generate.py)."""
+    it, or a negative start, extrapolates beyond [-1, 1] (official generate.py: --image_size, --x_start, --y_start)."""
     i = torch.tensor([y_start], device=device)
     j = torch.tensor([x_start], device=device)
     return patch_coordinates(resolution, image_size, i, j)
 
 def guided_denoiser(net, pos=None, cfg=None):
     """net(x, sigma, labels) for the sampler. With cfg = w: D = D(x | 0) + w (D(x | y) - D(x | 0)), both halves in
-    one batch, the unconditional half with an all-zero label row (paper Sec. 4.4, official generate.py)."""
+    one batch, the unconditional half with an all-zero label row (paper: ImageNet with w = 1.3; official generate.py --cfg)."""
     call = (lambda x, sigma, labels: net(x, sigma, pos, labels)) if isinstance(net, PatchPrecond) else net
     if cfg is None:
         return call
@@ -252,7 +252,7 @@ def train(args):
         total_nimg = args.duration * 1e6
         ticker = Ticker(run_dir, args.tick, cur_nimg, device)
         while True:
-            # One optimizer step: `rounds` micro-batches, each of one patch size (paper Sec. 3.3, official training loop).
+            # One optimizer step: `rounds` micro-batches, each of one patch size (official training loop).
             rng = reseed(args.seed, rank, cur_nimg)
             optimizer.zero_grad(set_to_none=True)
             if args.progressive:

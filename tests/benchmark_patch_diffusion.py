@@ -2,7 +2,7 @@
 real_p = 1.0 (plain EDM) and 0.5, running patch_diffusion.py's own training loop on the CelebA-64 DDPM++ config
 (built-in 64x64 demo data, so nothing to download). Not a test.
 
-The paper (Table 1 / Sec. 4.1, 16 V100) trains both for the same counter budget in 48.5 h vs 24.6 h (1.97x).
+The paper (its real_p ablation on CelebA-64, 16 V100) trains both for the same counter budget in 48.5 h vs 24.6 h (1.97x).
 At the same budget the time ratio is (sec/step at p=1) / (sec/step at p=0.5 / batch_mul_avg).
 
   python tests/benchmark_patch_diffusion.py --batch=8 --steps=6            # CPU

@@ -16,7 +16,7 @@ import patch_diffusion as pd
 from common import EDMLoss, UserError, edm_time_steps, ema_beta, load_checkpoint, reseed
 
 #------------------------------------------------------------------------------
-# Coordinates and crops (paper Sec. 3.2).
+# Coordinates and crops (spec patch_diffusion.md sections 2.3 and 3.1).
 
 def coords(R, s, i, j):
     return pd.patch_coordinates(R, s, torch.tensor([i]), torch.tensor([j]))[0]
@@ -259,7 +259,7 @@ def test_generate_rejects_bad_canvas(tmp_path):
     snapshot = sorted(Path(run_train(tmp_path, '--duration=0.00001')).parent.glob('network-snapshot-*.pt'))[-1]
     with pytest.raises(UserError, match='multiple of 2'):
         pd.generate(pd.parse_args(['generate', f'--network={snapshot}', f'--outdir={tmp_path}', '--image_size=9']))
-    # A canvas larger than training, coordinates extrapolated past [-1, 1] (paper Sec. 4.5).
+    # A canvas larger than training, coordinates extrapolated past [-1, 1] (spec 8.2).
     pd.generate(pd.parse_args(['generate', f'--network={snapshot}', f'--outdir={tmp_path / "big"}', '--image_size=12',
                                '--x_start=-2', '--y_start=-2', '--seeds=0-1', '--steps=2']))
     assert [image.shape for image in read_pngs(tmp_path / 'big').values()] == [(12, 12, 3)] * 2
