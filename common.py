@@ -7,15 +7,17 @@ match it so that official checkpoints load).
 
 Contents, in order:
   1. distributed setup (`init_distributed`, `print0`, `run_main`)
-  2. command-line parsers (`parse_int_list`, `parse_bool`, `add_train_flags`)
+  2. command line: parsers (`parse_int_list`, `parse_bool`), `parse_command_line`, `add_train_flags`
   3. seeding: per-step reseed (`reseed`), per-image generators (`PerSeedRNG`)
   4. data: EDM-format `ImageFolderDataset` (zip or folder), the built-in `DemoDataset`, `InfiniteSampler`
   5. EDM preconditioning (Table 1), loss (Eq. 2 with Table 1 weights), Heun sampler (Algorithm 2)
   6. the EDM U-Nets: DDPM++/NCSN++ `SongUNet`, ADM `DhariwalUNet`
-  7. training plumbing: mixed precision, accumulation, lr ramp-up, EMA, gradient scrub, run directory, status lines
-  8. checkpoints: `save_checkpoint`/`load_checkpoint` and `load_official` for EDM-format pickles
+  7. training plumbing: mixed precision, DDP, accumulation, lr ramp-up, EMA, gradient scrub, and `TrainingRun`
+     (run directory, status lines, divergence stop, periodic checkpoints), `load_training_state` (resume)
+  8. checkpoints: `save_checkpoint`/`load_checkpoint`/`load_weights` and `load_official` for EDM-format pickles
   9. images: uint8 conversion, per-seed PNGs, grids
- 10. Inception-v3 features, Frechet distance and the other sample-quality metrics
+ 10. Inception-v3 features and the Frechet distance (the other metrics live in fid.py)
+ 11. EDM's augmentation pipe (`AugmentPipe`, the geometric and colour transforms of ADA)
 """
 
 import argparse
@@ -44,6 +46,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 #------------------------------------------------------------------------------
 # 1. Distributed setup. There is always a process group: torchrun sets RANK/WORLD_SIZE, a plain `python x.py`
@@ -115,6 +118,22 @@ def parse_bool(s):
         return False
     raise argparse.ArgumentTypeError(f'expected a boolean (1/0/true/false); got {s!r}')
 
+def parse_command_line(build_parser, argv=None):
+    """Parse a method file's command line. `train` is the default subcommand (`x.py --preset=demo` trains).
+    `build_parser(preset)` builds the parser; given a preset name, the subcommand that has --preset sets that
+    preset's values as its defaults, so the second parse takes them and flags on the command line still win."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith('-') and argv[0] not in ('-h', '--help')):
+        argv.insert(0, 'train')
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, 'preset', None) is not None:
+        parser = build_parser(args.preset)
+        args = parser.parse_args(argv)
+    if args.command == 'train' and getattr(args, 'data', '') is None:
+        parser.error('--data is required (an EDM-format zip or folder, or demo)')
+    return args
+
 def add_train_flags(p, **defaults):
     """The training flags every method file shares (EDM's names and units); `defaults` overrides per method."""
     d = dict(outdir='training-runs', duration=200, batch=512, lr=1e-3, ema=0.5, dropout=0.13, tick=50, snap=50, dump=500) | defaults
@@ -133,6 +152,7 @@ def add_train_flags(p, **defaults):
     p.add_argument('--bf16', type=parse_bool, default=False, metavar='BOOL', help='autocast bf16 around the network')
     p.add_argument('--ls', type=float, default=1, metavar='FLOAT', help='loss scaling (a constant multiplier, as EDM)')
     p.add_argument('--tf32', type=parse_bool, default=False, metavar='BOOL', help='allow TF32 matmuls/convolutions')
+    p.add_argument('--compile', type=parse_bool, default=False, metavar='BOOL', help='torch.compile the network (GPU speed; slow first steps)')
     p.add_argument('--tick', type=float, default=d['tick'], metavar='KIMG', help='thousands of images between status lines')
     p.add_argument('--snap', type=int, default=d['snap'], metavar='TICKS', help='ticks between network snapshots')
     p.add_argument('--dump', type=int, default=d['dump'], metavar='TICKS', help='ticks between training-state dumps')
@@ -174,7 +194,8 @@ class PerSeedRNG:
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """An EDM-format dataset: a folder (searched recursively) or a zip of images, optionally with labels."""
+    """An EDM-format dataset: a folder (searched recursively) or a zip of images, optionally with labels. Every
+    image's header is checked when it opens (size, mode, a PNG's end marker), so a bad file stops the run at once."""
     def __init__(self,
         path,                       # folder or .zip
         resolution  = None,         # expected side length; None = whatever the images are
@@ -182,10 +203,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         max_size    = None,         # seeded random subset of this many images; None = all
         xflip       = False,        # append horizontally flipped copies (doubles the length)
         random_seed = 0,            # seed of the max_size subset
-        cache       = False,        # keep decoded images in memory (per process)
+        check       = True,         # read every image's header now (fast); False = find bad files when read
     ):
-        self.path, self.name, self.cache = path, os.path.splitext(os.path.basename(os.path.normpath(path)))[0], cache
-        self._zip, self._zip_pid, self._cached = None, None, {}
+        self.path, self.name = path, os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+        self._zip, self._zip_pid = None, None
         if os.path.isdir(path):
             names = [os.path.relpath(os.path.join(root, f), path).replace('\\', '/') for root, _, files in os.walk(path) for f in files]
         elif os.path.isfile(path) and zipfile.is_zipfile(path):
@@ -211,6 +232,31 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.resolution = height
         if resolution is not None and resolution != self.resolution:
             raise UserError(f'{path}: images are {self.resolution}x{self.resolution}, but resolution {resolution} was requested')
+        if check:
+            self._check_headers()
+
+    def _check_headers(self):
+        """Size and mode of every image from its header, without decoding; a PNG must end with its IEND chunk
+        (a truncated file does not)."""
+        expected = None
+        for index in self.indices:
+            name = self.image_names[index]
+            try:
+                with self._open(name) as f:
+                    with PIL.Image.open(f) as image:
+                        found = (image.size, image.mode)
+                    complete = True
+                    if name.lower().endswith('.png'):
+                        f.seek(-12, os.SEEK_END)
+                        complete = f.read(12)[4:8] == b'IEND'
+            except Exception as e:
+                raise UserError(f'{self.path}/{name}: cannot read image ({e})') from None
+            expected = expected or found
+            if not complete:
+                raise UserError(f'{self.path}/{name}: truncated PNG (no IEND chunk at its end)')
+            if found != expected:
+                raise UserError(f'{self.path}/{name}: image is {found[0][0]}x{found[0][1]} {found[1]}, the first is '
+                                f'{expected[0][0]}x{expected[0][1]} {expected[1]}; all images must match (see dataset_tool.py)')
 
     def _open_zip(self):
         if self._zip is None or self._zip_pid != os.getpid():  # one handle per DataLoader worker
@@ -240,8 +286,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return labels.astype(np.float32)
 
     def _read(self, raw_index):
-        if raw_index in self._cached:
-            return self._cached[raw_index]
         name = self.image_names[raw_index]
         try:
             with self._open(name) as f:
@@ -253,8 +297,6 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if hasattr(self, 'num_channels') and image.shape != (self.num_channels, self.resolution, self.resolution):
             raise UserError(f'{self.path}/{name}: image is {tuple(image.shape)} (CHW), expected '
                             f'{(self.num_channels, self.resolution, self.resolution)} like the others')
-        if self.cache:
-            self._cached[raw_index] = image
         return image
 
     def __len__(self):
@@ -384,33 +426,6 @@ class EDMPrecond(torch.nn.Module):
     def round_sigma(self, sigma):
         return torch.as_tensor(sigma)
 
-def vp_sigma(t, beta_d=19.9, beta_min=0.1):
-    return ((0.5 * beta_d * t ** 2 + beta_min * t).exp() - 1).sqrt()  # EDM Table 1, VP sigma(t)
-
-class VPPrecond(EDMPrecond):
-    """Variance-preserving preconditioning (EDM Table 1, "VP"; Song et al. 2021 DDPM++)."""
-    def __init__(self, img_resolution, img_channels, label_dim=0, beta_d=19.9, beta_min=0.1, M=1000, epsilon_t=1e-5, **kwargs):
-        self.beta_d, self.beta_min, self.M = beta_d, beta_min, M
-        super().__init__(img_resolution, img_channels, label_dim, sigma_min=float(self.sigma(epsilon_t)),
-                         sigma_max=float(self.sigma(1)), sigma_data=0.5, **kwargs)
-
-    def sigma(self, t):
-        return vp_sigma(torch.as_tensor(t, dtype=torch.float64), self.beta_d, self.beta_min)
-
-    def sigma_inv(self, sigma):  # t_VP(sigma), the inverse of sigma(t)
-        return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt() - self.beta_min) / self.beta_d
-
-    def coefficients(self, sigma):
-        return torch.ones_like(sigma), -sigma, 1 / (sigma ** 2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma)
-
-class VEPrecond(EDMPrecond):
-    """Variance-exploding preconditioning (EDM Table 1, "VE"; Song et al. 2021 NCSN++)."""
-    def __init__(self, img_resolution, img_channels, label_dim=0, sigma_min=0.02, sigma_max=100, **kwargs):
-        super().__init__(img_resolution, img_channels, label_dim, sigma_min=sigma_min, sigma_max=sigma_max, **kwargs)
-
-    def coefficients(self, sigma):
-        return torch.ones_like(sigma), sigma, torch.ones_like(sigma), (0.5 * sigma).log()
-
 class EDMLoss:
     """EDM training loss (Eq. 2 with Table 1's p_train and lambda): returns the unreduced per-element loss."""
     def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5):
@@ -427,24 +442,6 @@ class EDMLoss:
         n = torch.randn_like(y) * sigma
         D_yn = net(y + n, sigma, labels, augment_labels=augment_labels)
         return weight * (D_yn - y) ** 2  # EDM Eq. 2
-
-class VPLoss(EDMLoss):
-    """Original VP training (EDM Table 1, "VP"): t ~ U(epsilon_t, 1), lambda = 1/sigma^2."""
-    def __init__(self, beta_d=19.9, beta_min=0.1, epsilon_t=1e-5):
-        self.beta_d, self.beta_min, self.epsilon_t = beta_d, beta_min, epsilon_t
-
-    def sigma_and_weight(self, n, device):
-        sigma = vp_sigma(1 + torch.rand([n, 1, 1, 1], device=device) * (self.epsilon_t - 1), self.beta_d, self.beta_min)
-        return sigma, 1 / sigma ** 2
-
-class VELoss(EDMLoss):
-    """Original VE training (EDM Table 1, "VE"): sigma log-uniform in [sigma_min, sigma_max], lambda = 1/sigma^2."""
-    def __init__(self, sigma_min=0.02, sigma_max=100):
-        self.sigma_min, self.sigma_max = sigma_min, sigma_max
-
-    def sigma_and_weight(self, n, device):
-        sigma = self.sigma_min * (self.sigma_max / self.sigma_min) ** torch.rand([n, 1, 1, 1], device=device)
-        return sigma, 1 / sigma ** 2
 
 def edm_time_steps(num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, round_sigma=torch.as_tensor):
     """Noise levels t_0 > ... > t_{N-1} of EDM Eq. 5 in float64, then t_N = 0."""
@@ -896,6 +893,12 @@ def split_batch(batch, batch_gpu, world_size):
         raise UserError(f'--batch={batch} must equal --batch-gpu ({batch_gpu}) x accumulation rounds x {world_size} GPUs')
     return batch_gpu, rounds
 
+def distributed_model(net, device, compile=False, **ddp_kwargs):
+    """DDP around the network (one process is a world of one), compiled with torch.compile if asked. Checkpoints
+    save `net` itself, so the names stay the plain module's."""
+    ddp = DDP(net, device_ids=[device] if device.type == 'cuda' else None, **ddp_kwargs)
+    return torch.compile(ddp) if compile else ddp
+
 def sync_if(ddp, sync):
     """DDP all-reduces gradients only on the last accumulation round."""
     return contextlib.nullcontext() if sync else ddp.no_sync()
@@ -963,24 +966,94 @@ class Tee:
         sys.stdout = self.stdout
         self.file.close()
 
-class Ticker:
-    """EDM-style progress: one status line per tick (the first after one step, then every `tick_kimg`), the same
-    numbers appended to stats.jsonl. `add` accumulates values (e.g. the loss) on the device, without syncing."""
-    def __init__(self, run_dir, tick_kimg, cur_nimg, device):
-        self.run_dir, self.tick_kimg, self.device = run_dir, tick_kimg, device
-        self.tick, self.tick_start_nimg = 0, cur_nimg
+def _all_finite(obj):
+    """True if every floating-point tensor in a (nested) dict or list is finite."""
+    if isinstance(obj, dict):
+        return all(_all_finite(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return all(_all_finite(v) for v in obj)
+    return not (torch.is_tensor(obj) and obj.is_floating_point()) or bool(torch.isfinite(obj).all())
+
+class TrainingRun:
+    """One training run, the part every method's loop shares (EDM training_loop): the run directory with
+    training_options.json and log.txt, one status line per tick (the first after one step, then every --tick kimg)
+    with the tick's all-reduced means, also in stats.jsonl; a stop on a non-finite mean; network snapshots every
+    --snap ticks and training states every --dump ticks, written by rank 0. Make it after all setup, so that a run
+    whose dataset or flags are bad leaves no directory behind:
+
+        with TrainingRun(args, 'patch_diffusion', desc, options, device, cur_nimg) as run:
+            ...  run.add('loss', loss)  ...
+            if run.due(cur_nimg, done):
+                run.end_tick(cur_nimg, done, step, data_pos, snapshot=lambda: {...}, state=lambda: {...})
+    """
+    def __init__(self, args, method, desc, options, device, cur_nimg=0):
+        self.args, self.method, self.device = args, method, device
+        self.dir = make_run_dir(args.outdir, desc, args.nosubdir)
+        self.tee, self.last_state = None, args.resume
+        if get_rank() == 0:
+            for folder in {self.dir, os.path.dirname(os.path.abspath(args.resume or self.dir))}:
+                remove_stale_temp_files(folder)
+            self.tee = Tee(os.path.join(self.dir, 'log.txt'))
+            with open(os.path.join(self.dir, 'training_options.json'), 'w') as f:
+                json.dump(options, f, indent=2)
+        self.tick, self.tick_start_nimg, self.sums = 0, cur_nimg, {}
         self.start_time = self.tick_start_time = self.tick_end_time = time.time()
-        self.sums = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.tee:
+            if exc is not None:
+                self.tee.file.write(f'error: {exc}\n')  # the terminal gets it from run_main
+            self.tee.close()
 
     def add(self, name, value):
+        """Accumulate a tensor (e.g. per-sample losses) for this tick's mean, on the device: no host sync."""
         total, n = self.sums.get(name, (0, 0))
         self.sums[name] = (total + value.detach().float().sum(), n + value.numel())
 
     def due(self, cur_nimg, done):
-        return done or self.tick == 0 or cur_nimg >= self.tick_start_nimg + self.tick_kimg * 1000
+        return done or self.tick == 0 or cur_nimg >= self.tick_start_nimg + self.args.tick * 1000
+
+    def end_tick(self, cur_nimg, done, step, data_pos, snapshot, state, **extra):
+        """Status line, divergence check, checkpoints and a barrier; all ranks call it. `snapshot()` returns the
+        network snapshot's content (net_kwargs, ema, ...), `state()` what a training state adds (net, optimizers,
+        scaler, ...). Returns the snapshot's path on rank 0 if one was written, else None."""
+        tick, means = self.tick, self.report(cur_nimg, step=step, **extra)
+        bad = [name for name, value in means.items() if not math.isfinite(value)]
+        if bad:
+            raise UserError(f'training diverged: mean {bad[0]} is {means[bad[0]]} in tick {tick} (kimg {cur_nimg / 1000:g}); '
+                            f'stopped without saving. Last good training state: {self.last_state or "none"}')
+        common = dict(method=self.method, args=vars(self.args), cur_nimg=cur_nimg)
+        snap_path = None
+        if done or (tick > 0 and self.args.snap and tick % self.args.snap == 0):
+            snap_path = self.save('network-snapshot', cur_nimg, dict(common, **snapshot()))
+        if done or (tick > 0 and self.args.dump and tick % self.args.dump == 0):
+            positions = [None] * get_world_size()
+            dist.all_gather_object(positions, data_pos)
+            self.last_state = self.save('training-state', cur_nimg, dict(common, **snapshot(), **state(), step=step,
+                                                                         data_pos=positions))
+        dist.barrier()
+        self.tick_start_time = time.time()  # the time spent since the status line is next tick's 'maintenance'
+        return snap_path if get_rank() == 0 else None
+
+    def save(self, kind, cur_nimg, data):
+        """`<kind>-<kimg:06d>.pt` (EDM); a second save within the same kimg (--tick under 1, or the last tick) gets
+        `_<rest of the image count>` appended (sorted names stay in training order), so no checkpoint overwrites
+        another. Non-finite weights stop the run."""
+        if not _all_finite(data):
+            raise UserError(f'training diverged: non-finite weights at kimg {cur_nimg / 1000:g}; {kind} not saved. '
+                            f'Last good training state: {self.last_state or "none"}')
+        path = os.path.join(self.dir, f'{kind}-{cur_nimg // 1000:06d}.pt')
+        if get_rank() == 0 and os.path.exists(path) and cur_nimg % 1000:
+            path = path[:-3] + f'_{cur_nimg % 1000:03d}.pt'
+        if get_rank() == 0:
+            save_checkpoint(data, path)
+        return path
 
     def report(self, cur_nimg, **extra):
-        """Print the status line of the tick that just ended (all ranks must call it: means are all-reduced)."""
+        """Print the status line of the tick that just ended; returns the means (all-reduced over ranks)."""
         now = time.time()
         means = {}
         for name, (total, n) in sorted(self.sums.items()):
@@ -991,37 +1064,95 @@ class Ticker:
         gpumem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == 'cuda' else 0
         fields = dict(tick=self.tick, kimg=cur_nimg / 1000, time=now - self.start_time, **means,
                       **{'sec/tick': now - self.tick_start_time, 'sec/kimg': (now - self.tick_start_time) / kimg_done,
+                         'img/s': kimg_done * 1000 / max(now - self.tick_start_time, 1e-9),
                          'maintenance': self.tick_start_time - self.tick_end_time,
                          'cpumem': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 'gpumem': gpumem}, **extra)
         print0('  '.join(f'{k} {v:<8.4g}' if isinstance(v, float) else f'{k} {v:<5}' for k, v in fields.items()))
-        if get_rank() == 0 and self.run_dir:
-            with open(os.path.join(self.run_dir, 'stats.jsonl'), 'a') as f:
+        if get_rank() == 0:
+            with open(os.path.join(self.dir, 'stats.jsonl'), 'a') as f:
                 f.write(json.dumps(dict(fields, timestamp=now)) + '\n')
         if self.device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.tick, self.tick_start_nimg, self.sums = self.tick + 1, cur_nimg, {}
-        self.tick_end_time = now
+        self.tick, self.tick_start_nimg, self.sums, self.tick_end_time = self.tick + 1, cur_nimg, {}, now
+        return means
 
-    def start_tick(self):
-        """Call after the tick's maintenance (snapshots); that time is shown as 'maintenance' next tick."""
-        self.tick_start_time = time.time()
+def load_training_state(path, method, rank, world_size, **objects):
+    """Resume: load `path` (a training-state-*.pt of `method`) into the named objects (modules, optimizers, scaler:
+    anything with load_state_dict). Returns the state, with `data_pos` this rank's data position."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or 'method' not in state:
+        raise UserError(f'{path}: not a checkpoint of this project (no "method" entry); --resume takes a training-state-*.pt')
+    if state['method'] != method:
+        raise UserError(f'{path}: a {state["method"]} checkpoint; --resume needs a training state of {method}.py')
+    missing = [name for name in objects if name not in state]
+    if missing and 'ema' in state and 'optimizer' not in state:
+        raise UserError(f'{path}: a network snapshot, not a training state; --resume takes a training-state-*.pt')
+    if missing:
+        raise UserError(f'{path}: training state without {", ".join(missing)}')
+    for name, obj in objects.items():
+        if isinstance(obj, torch.nn.Module):
+            load_weights(obj, state[name], f'{path} ({name})')
+            continue
+        try:
+            obj.load_state_dict(state[name])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f'{path}: its {name} state does not fit this run ({str(e).splitlines()[0]})') from None
+    positions = state['data_pos']
+    if len(positions) != world_size:
+        print0(f'warning: {path} was written by {len(positions)} processes, not {world_size}: '
+               'the data order will differ from the uninterrupted run')
+    return dict(state, data_pos=positions[rank % len(positions)])
 
 #------------------------------------------------------------------------------
 # 8. Checkpoints: plain dicts of tensors, numbers and strings; written to a temp file and renamed, so a kill
 #    never leaves a truncated file; always read with weights_only=True (no code runs).
 
 def save_checkpoint(obj, path):
-    tmp = f'{path}.tmp{os.getpid()}'
+    """Written to a hidden `.<name>.tmp<pid>` beside `path`, then renamed: no glob of checkpoints matches it."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f'.{name}.tmp{os.getpid()}')
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+def remove_stale_temp_files(folder):
+    """Delete temp files that killed runs left behind (their process is gone)."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        m = re.fullmatch(r'\..+\.tmp(\d+)', name)
+        if m and not _process_alive(int(m[1])):
+            os.remove(os.path.join(folder, name))
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UserError(f'{path}: no such checkpoint')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise UserError(f'{path}: not a readable checkpoint ({e})') from None
+    except Exception as e:  # torch's message would advise weights_only=False, which runs code from the file
+        first = 'not a torch.save file, or truncated'
+        if 'weights_only' in str(e) or 'Unsupported global' in str(e):
+            first = 'it holds Python objects other than tensors and plain containers'
+        raise UserError(f'{path}: not a checkpoint of this project ({first})') from None
+
+def load_weights(module, state_dict, where):
+    """module.load_state_dict(state_dict) with one line naming the first mismatch (missing or extra names, shapes)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    extra = [k for k in state_dict if k not in own]
+    shapes = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
+    if missing or extra or shapes:
+        first = (f'{shapes[0]} is {tuple(state_dict[shapes[0]].shape)} there, {tuple(own[shapes[0]].shape)} here' if shapes
+                 else f'{missing[0]} is missing' if missing else f'{extra[0]} is not in this network')
+        raise UserError(f'{where}: weights of another architecture: {first} ({len(shapes)} shapes differ, '
+                        f'{len(missing)} missing, {len(extra)} extra); use the flags or preset it was trained with')
+    module.load_state_dict(state_dict)
 
 def download(url, flag):
     """Local path for a URL: downloaded once into torch's hub cache ($TORCH_HOME/hub/checkpoints), then reused."""
@@ -1175,10 +1306,7 @@ def seed_batches(seeds, batch, rank, world_size):
     return [list(chunk) for chunk in np.array_split(np.asarray(seeds, dtype=np.int64), num)[rank::world_size]]
 
 #------------------------------------------------------------------------------
-# 10. Inception features and sample-quality metrics.
-
-FID_WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
-NVIDIA_DETECTOR_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
+# 10. Inception features and the Frechet distance.
 
 def resize_tf1(x, size=299):
     """TensorFlow-1 bilinear resize (align_corners=False, half_pixel_centers=False): output pixel j reads the source at
@@ -1353,74 +1481,6 @@ class InceptionV3(nn.Module):
         spatial = spatial.permute(0, 2, 3, 1).flatten(1)                      # [N, 7, 17, 17] -> [N, 17*17*7], TF order
         return dict(pool=pool, logits=pool @ self.fc.weight.t(), spatial=spatial)
 
-class _TorchScriptInception(nn.Module):
-    """NVIDIA's TorchScript detector (StyleGAN2-ADA inception-2015-12-05.pt) behind InceptionV3's interface. It resizes
-    and normalizes internally; sFID features re-run its layers up to mixed_6.conv after our identical pre-processing."""
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-        self.preprocess = 'nvidia'
-
-    def forward(self, images, return_dict=False):
-        x = images.to(torch.float32)
-        if x.shape[1] == 1:
-            x = x.repeat(1, 3, 1, 1)
-        pool = self.net(x, return_features=True)
-        if not return_dict:
-            return pool
-        h = (resize_tf1(x, 299) - 128) / 128
-        for name, layer in self.net.layers.named_children():
-            if name == 'mixed_6':
-                h = layer.conv(h)[:, :7]
-                break
-            h = layer(h)
-        return dict(pool=pool, logits=pool @ self.net.output.weight.t(), spatial=h.permute(0, 2, 3, 1).flatten(1))
-
-def load_detector(path_or_url=FID_WEIGHTS_URL, preprocess='nvidia', device='cpu'):
-    """InceptionV3 or NVIDIA's TorchScript detector from a file or URL: a state dict with pytorch-fid's names (.pth,
-    the default URL) or StyleGAN2-ADA's inception-2015-12-05.pt; eval mode, no gradients."""
-    path = download(path_or_url, '--detector') if '://' in path_or_url else path_or_url
-    if not os.path.isfile(path):
-        raise UserError(f'Detector weights {path!r} not found. Get {FID_WEIGHTS_URL} (or NVIDIA\'s '
-            f'{NVIDIA_DETECTOR_URL}) and pass it with --detector=PATH.')
-    if zipfile.is_zipfile(path) and any(n.endswith('/constants.pkl') for n in zipfile.ZipFile(path).namelist()):
-        if preprocess != 'nvidia':
-            raise UserError('The TorchScript detector has NVIDIA pre-processing built in; use --preprocess=nvidia.')
-        net = _TorchScriptInception(torch.jit.load(path, map_location='cpu'))
-    else:
-        try:
-            state = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as e:
-            raise UserError(f'{path} is neither a state dict nor a TorchScript archive. NVIDIA\'s .pkl detector '
-                f'needs NVIDIA\'s code; use {NVIDIA_DETECTOR_URL} or {FID_WEIGHTS_URL} instead.') from e
-        if not isinstance(state, dict):
-            raise UserError(f'{path}: expected a state dict, got {type(state).__name__}')
-        net = InceptionV3(preprocess)
-        for key, value in net.state_dict().items():  # legacy state dicts lack the BN counters
-            if key.endswith('num_batches_tracked'):
-                state.setdefault(key, value)
-        try:
-            net.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise UserError(f'{path}: not FID Inception-v3 weights with pytorch-fid\'s names. {str(e)[:400]}') from None
-    return net.eval().requires_grad_(False).to(device)
-
-class FeatureStats:
-    """Running float64 sums of features and of their outer products (EDM fid.py), so that the statistics of a
-    1.28M-image reference never hold all features at once. Mean and unbiased covariance (N-1), as np.cov."""
-    def __init__(self, dim):
-        self.n, self.sum, self.sum_outer = 0, np.zeros(dim), np.zeros([dim, dim])
-
-    def update(self, features):
-        features = np.asarray(features, dtype=np.float64)
-        self.n += len(features)
-        self.sum += features.sum(axis=0)
-        self.sum_outer += features.T @ features
-
-    def mean_cov(self):
-        mu = self.sum / self.n
-        return mu, (self.sum_outer - self.n * np.outer(mu, mu)) / (self.n - 1)
-
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017), as EDM: scipy sqrtm of the
     product, real part of the result. NOTE: EDM passes disp=False, deprecated in SciPy 1.17; the plain call is equal."""
@@ -1433,33 +1493,209 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
         s = scipy.linalg.sqrtm(np.dot(sigma1, sigma2))
     return float(np.real(m + np.trace(sigma1 + sigma2 - s * 2)))
 
-def inception_score(logits, split_size=5000):
-    """Inception score exp(E_x KL(p(y|x) || p(y))), Salimans et al. 2016; as ADM's evaluator: softmax of bias-free
-    logits, the mean score over splits of split_size images."""
-    logp = torch.as_tensor(logits).detach().to(torch.float64).log_softmax(dim=1)
-    scores = []
-    for part in logp.split(split_size):
-        p = part.exp()
-        p_y = p.mean(dim=0, keepdim=True)
-        kl = (torch.xlogy(p, p) - torch.xlogy(p, p_y)).sum(dim=1).mean()   # 0 log 0 = 0
-        scores.append(kl.exp().item())
-    return float(np.mean(scores))
+#------------------------------------------------------------------------------
+# 11. EDM's augmentation pipe (EDM Sec. 5, "Augmentation regularization"), the pipeline of ADA: Karras et al. 2020,
+#     "Training Generative Adversarial Networks with Limited Data", App. B. Official code: NVlabs/edm
+#     training/augment.py, AugmentPipe. The random draws come in the official order and shapes, so one torch seed
+#     gives the official batch and labels (checked to 1e-6 on CPU).
 
-def _pairwise_sq_dist(a, b):
-    """Squared Euclidean distances [len(a), len(b)]; callers pass row blocks to bound memory."""
-    return (a.square().sum(1, keepdim=True) - 2 * a @ b.t() + b.square().sum(1)).clamp(min=0)
+# Low-pass filter of the Daubechies symlet 'sym6' wavelet (12 taps, sum sqrt(2)): the 2x up/down sampling filter.
+_SYM6 = [0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633, 0.4910559419267466,
+         0.787641141030194, 0.3379294217276218, -0.07263752278646252, -0.021060292512300564, 0.04472490177066578,
+         0.0017677118642428036, -0.007800708325034148]
 
-def precision_recall(ref_features, gen_features, k=3, row_batch=1000, device='cpu'):
-    """Improved precision and recall, Kynkaanniemi et al. 2019, as ADM's evaluator (ManifoldEstimator): each set's
-    manifold is the union of balls reaching each point's k-th nearest neighbour (itself excluded); precision = share
-    of generated points inside the reference manifold, recall = share of reference points inside the generated one."""
-    ref, gen = (torch.as_tensor(f).detach().to(device, torch.float32) for f in (ref_features, gen_features))
-    if min(len(ref), len(gen)) <= k:
-        raise ValueError(f'Precision/recall with k={k} needs more than {k} images per set, got {len(ref)} and {len(gen)}')
-    def radii(f):  # k+1-th smallest distance of each row, the first being the point itself
-        return torch.cat([_pairwise_sq_dist(r, f).kthvalue(k + 1, dim=1).values for r in f.split(row_batch)])
-    def inside(points, centers, r):
-        return torch.cat([(_pairwise_sq_dist(p, centers) <= r).any(dim=1) for p in points.split(row_batch)])
-    precision = inside(gen, ref, radii(ref)).double().mean().item()
-    recall = inside(ref, gen, radii(gen)).double().mean().item()
-    return precision, recall
+def _matrix(*rows, device=None):
+    """Rows of numbers and equal-shaped tensors [...] -> float32 matrices [..., R, C] ([R, C] if all are numbers)."""
+    ref = next((x for row in rows for x in row if torch.is_tensor(x)), None)
+    if ref is None:
+        return torch.tensor(rows, dtype=torch.float32, device=device)
+    entries = [x if torch.is_tensor(x) else torch.full_like(ref, x) for row in rows for x in row]
+    return torch.stack(entries, dim=-1).reshape(*ref.shape, len(rows), len(rows[0]))
+
+def _translate2d(tx, ty, device=None):
+    return _matrix([1, 0, tx], [0, 1, ty], [0, 0, 1], device=device)
+
+def _scale2d(sx, sy, device=None):
+    return _matrix([sx, 0, 0], [0, sy, 0], [0, 0, 1], device=device)
+
+def _rotate2d(theta):  # turns +x towards +y: clockwise on screen, where y points down
+    return _matrix([theta.cos(), -theta.sin(), 0], [theta.sin(), theta.cos(), 0], [0, 0, 1])
+
+def _rotate3d(axis, theta):
+    """Rotation of RGB by theta [N] about a unit axis [3] (Rodrigues' formula), as homogeneous matrices [N, 4, 4]."""
+    x, y, z = axis
+    K = _matrix([0, -z, y], [z, 0, -x], [-y, x, 0])   # cross-product matrix: K v = axis x v
+    c, s = theta.cos()[:, None, None], theta.sin()[:, None, None]
+    R = torch.eye(4, device=theta.device).repeat(len(theta), 1, 1)
+    R[:, :3, :3] = torch.outer(axis, axis) * (1 - c) + torch.eye(3, device=theta.device) * c + K * s
+    return R
+
+def _resample2x(x, filt, up):
+    """Separable 2x resampling with a low-pass filter [taps]: up = zero insertion then filtering, [N, C, H, W] ->
+    [N, C, 2H, 2W]; down = filtering then decimation, its adjoint, [N, C, 2H, 2W] -> [N, C, H, W]."""
+    w, pad = filt.to(x.dtype).tile(x.shape[1], 1), len(filt) // 2 - 1    # w: [C, taps]; even number of taps
+    conv = F.conv_transpose2d if up else F.conv2d
+    x = conv(x, w[:, None, None, :], stride=(1, 2), padding=(0, pad), groups=x.shape[1])
+    return conv(x, w[:, None, :, None], stride=(2, 1), padding=(pad, 0), groups=x.shape[1])
+
+class AugmentPipe:
+    """EDM's non-leaking augmentations: `images, augment_labels = pipe(images)`; the network is conditioned on the
+    labels (augment_dim) and sampled with zero labels. Each enabled transform runs with probability p * multiplier
+    and appends its label columns in this order (zeros where it was not applied):
+    xflip 1, yflip 1, rotate_int 2, translate_int 2, scale 1, rotate_frac 2, aniso 2, translate_frac 2, brightness 1,
+    contrast 1, lumaflip 1, hue 2, saturation 1. EDM's train.py set (xflip=1e8, yflip=1, scale=1, rotate_frac=1,
+    aniso=1, translate_frac=1) gives 9 columns: [xflip, yflip, scale, cos-1, sin, aniso x, aniso y, tx, ty]."""
+    def __init__(self,
+        p                  = 1,      # overall probability multiplier (train.py --augment); 0 = nothing applied
+        xflip              = 0,      # multipliers of the per-image probabilities; 0 = transform disabled
+        yflip              = 0,
+        rotate_int         = 0,      # 90-degree rotations (square images)
+        translate_int      = 0,      # integer translation with reflection at the borders
+        translate_int_max  = 0.125,  # its range, fraction of the image size
+        scale              = 0,      # isotropic scaling
+        rotate_frac        = 0,      # arbitrary rotation
+        aniso              = 0,      # anisotropic scaling
+        translate_frac     = 0,      # fractional translation
+        scale_std          = 0.2,    # log2 std of isotropic scaling
+        rotate_frac_max    = 1,      # range of arbitrary rotation, 1 = full circle
+        aniso_std          = 0.2,    # log2 std of anisotropic scaling
+        aniso_rotate_prob  = 0.5,    # probability that the anisotropic scaling axis is rotated (not a multiplier)
+        translate_frac_std = 0.125,  # std of fractional translation, fraction of the image size
+        brightness         = 0,      # color multipliers: brightness offset, contrast, luma flip, hue, saturation
+        contrast           = 0,
+        lumaflip           = 0,
+        hue                = 0,
+        saturation         = 0,
+        brightness_std     = 0.2,    # std of the brightness offset, in image units ([-1, 1] range)
+        contrast_std       = 0.5,    # log2 std of contrast
+        hue_max            = 1,      # range of hue rotation, 1 = full circle
+        saturation_std     = 1,      # log2 std of saturation
+    ):
+        for name, value in list(locals().items()):
+            if name != 'self':
+                setattr(self, name, float(value))
+
+    def __call__(self, images):
+        N, C, H, W = images.shape
+        dev = images.device
+        labels = [torch.zeros([N, 0], device=dev)]
+
+        def gate(w, prob, shape=None):  # keep w where a fresh uniform draw falls below prob, else 0 (= not applied)
+            keep = torch.rand(w.shape if shape is None else shape, device=dev) < prob
+            return torch.where(keep, w, torch.zeros_like(w))
+
+        # Pixel blitting: flips, quarter turns, integer translation; exact pixel moves, no resampling.
+        if self.xflip > 0:
+            w = gate(torch.randint(2, [N, 1, 1, 1], device=dev), self.xflip * self.p)     # 1 = mirrored left-right
+            images = torch.where(w == 1, images.flip(3), images)
+            labels.append(w)
+        if self.yflip > 0:
+            w = gate(torch.randint(2, [N, 1, 1, 1], device=dev), self.yflip * self.p)     # 1 = mirrored top-bottom
+            images = torch.where(w == 1, images.flip(2), images)
+            labels.append(w)
+        if self.rotate_int > 0:
+            w = gate(torch.randint(4, [N, 1, 1, 1], device=dev), self.rotate_int * self.p)  # quarter turns (rot90)
+            images = torch.stack([images.rot90(k, dims=(2, 3)) for k in range(4)])[w.flatten(), torch.arange(N, device=dev)]
+            labels += [(w == 1) | (w == 2), (w == 2) | (w == 3)]     # two bits: the turn's x-flip and y-flip parts
+        if self.translate_int > 0:
+            w = gate(torch.rand([2, N, 1, 1, 1], device=dev) * 2 - 1, self.translate_int * self.p, [1, N, 1, 1, 1])
+            tx = w[0].mul(W * self.translate_int_max).round().to(torch.int64)   # [N, 1, 1, 1] content moves right by tx
+            ty = w[1].mul(H * self.translate_int_max).round().to(torch.int64)   # and up by ty (official convention)
+            reflect = lambda i, n: n - 1 - (n - 1 - i % (2 * n - 2)).abs()      # mirror indices into [0, n)
+            x = reflect(torch.arange(W, device=dev) - tx, W)                    # [N, 1, 1, W] source column
+            y = reflect(torch.arange(H, device=dev)[:, None] + ty, H)           # [N, 1, H, 1] source row
+            n, c = torch.arange(N, device=dev)[:, None, None, None], torch.arange(C, device=dev)[:, None, None]
+            images = images[n, c, y, x]
+            labels += [tx.div(W * self.translate_int_max), ty.div(H * self.translate_int_max)]
+
+        # General geometry: compose the inverse map G_inv [N, 3, 3] from output to input pixel coordinates
+        # (origin at the image center), then resample once.
+        G_inv = torch.eye(3, device=dev)
+        if self.scale > 0:
+            w = gate(torch.randn([N], device=dev), self.scale * self.p)
+            s = w.mul(self.scale_std).exp2()                                    # isotropic scale 2^(scale_std w)
+            G_inv = G_inv @ _scale2d(1 / s, 1 / s)
+            labels.append(w)
+        if self.rotate_frac > 0:
+            w = gate((torch.rand([N], device=dev) * 2 - 1) * (np.pi * self.rotate_frac_max), self.rotate_frac * self.p)
+            G_inv = G_inv @ _rotate2d(w)                                        # output pixel q reads input R(w) q
+            labels += [w.cos() - 1, w.sin()]
+        if self.aniso > 0:
+            w = torch.randn([N], device=dev)
+            r = (torch.rand([N], device=dev) * 2 - 1) * np.pi                   # direction of the stretch axis
+            w = gate(w, self.aniso * self.p)
+            r = gate(r, self.aniso_rotate_prob)
+            s = w.mul(self.aniso_std).exp2()                                    # stretch by s along r, by 1/s across
+            G_inv = G_inv @ _rotate2d(-r) @ _scale2d(1 / s, 1 / (1 / s)) @ _rotate2d(r)  # inverse, rounded as EDM does
+            labels += [w * r.cos(), w * r.sin()]
+        if self.translate_frac > 0:
+            w = gate(torch.randn([2, N], device=dev), self.translate_frac * self.p, [1, N])
+            G_inv = G_inv @ _translate2d(-w[0] * (W * self.translate_frac_std), -w[1] * (H * self.translate_frac_std))
+            labels += [w[0], w[1]]
+
+        if self.scale > 0 or self.rotate_frac > 0 or self.aniso > 0 or self.translate_frac > 0:
+            filt = torch.tensor(_SYM6, device=dev)
+            pad = len(_SYM6) // 4                                               # filter support at low resolution
+            # Reflect-pad enough that every output pixel (and the filter around it) samples real or mirrored data.
+            cx, cy = (W - 1) / 2, (H - 1) / 2
+            corners = G_inv @ _matrix([-cx, cx, cx, -cx], [-cy, -cy, cy, cy], [1, 1, 1, 1], device=dev)  # [N, xyz, 4]
+            corners = corners[:, :2]                                            # [N, xy, 4] in input coordinates
+            reach = torch.cat([(-corners).amax(dim=(0, 2)), corners.amax(dim=(0, 2))])  # [left, top, right, bottom]
+            margin = reach + torch.tensor([2 * pad - cx, 2 * pad - cy] * 2, device=dev)
+            margin = margin.clamp(min=0).minimum(torch.tensor([W - 1.0, H - 1.0] * 2, device=dev))
+            mx0, my0, mx1, my1 = margin.ceil().int().tolist()
+            images = F.pad(images, [mx0, mx1, my0, my1], mode='reflect')
+            # NOTE: the official alignment below is exact for a filter centered on tap 5 of 0..11; the centroid of
+            # sym6 is 5.098, so every transform pivots about a point 0.049 px up-left of the center. We keep that.
+            G_inv = _translate2d((mx0 - mx1) / 2, (my0 - my1) / 2, device=dev) @ G_inv   # origin: padded center
+            # Resample at 2x resolution, so that bilinear interpolation does not alias.
+            images = _resample2x(images, filt, up=True)
+            G_inv = _scale2d(2, 2, device=dev) @ G_inv @ _scale2d(1 / 2, 1 / 2, device=dev)
+            G_inv = _translate2d(-0.5, -0.5, device=dev) @ G_inv @ _translate2d(0.5, 0.5, device=dev)  # pixel centers
+            shape = [N, C, (H + 2 * pad) * 2, (W + 2 * pad) * 2]                # output: the image plus filter support
+            G_inv = (_scale2d(2 / images.shape[3], 2 / images.shape[2], device=dev) @ G_inv @
+                     _scale2d(shape[3] / 2, shape[2] / 2, device=dev))          # pixels -> grid_sample's [-1, 1]
+            grid = F.affine_grid(G_inv[:, :2, :].to(images.dtype), shape, align_corners=False)
+            images = F.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+            images = _resample2x(images, filt, up=False)[:, :, pad:-pad, pad:-pad]   # [N, C, H, W]
+
+        # Color: compose a homogeneous 4x4 map M [N, 4, 4] of (R, G, B, 1), then apply it per pixel.
+        I_4 = torch.eye(4, device=dev)
+        M = I_4
+        v = torch.tensor(np.array([1, 1, 1, 0]) / np.sqrt(3), dtype=torch.float32, device=dev)  # luma axis
+        P = torch.outer(v, v)                                                   # projection onto the luma axis
+        if self.brightness > 0:
+            w = gate(torch.randn([N], device=dev), self.brightness * self.p)
+            b = w * self.brightness_std                                         # offset added to R, G, B
+            M = _matrix([1, 0, 0, b], [0, 1, 0, b], [0, 0, 1, b], [0, 0, 0, 1]) @ M
+            labels.append(w)
+        if self.contrast > 0:
+            w = gate(torch.randn([N], device=dev), self.contrast * self.p)
+            c = w.mul(self.contrast_std).exp2()                                 # RGB scaled by 2^(contrast_std w)
+            M = _matrix([c, 0, 0, 0], [0, c, 0, 0], [0, 0, c, 0], [0, 0, 0, 1]) @ M
+            labels.append(w)
+        if self.lumaflip > 0:
+            w = gate(torch.randint(2, [N, 1, 1], device=dev), self.lumaflip * self.p)
+            M = (I_4 - 2 * P * w) @ M                                           # mirror the luma component
+            labels.append(w)
+        if self.hue > 0:
+            w = gate((torch.rand([N], device=dev) * 2 - 1) * (np.pi * self.hue_max), self.hue * self.p)
+            M = _rotate3d(v[:3], w) @ M                                         # rotate the chroma about the luma axis
+            labels += [w.cos() - 1, w.sin()]
+        if self.saturation > 0:
+            w = gate(torch.randn([N, 1, 1], device=dev), self.saturation * self.p)
+            M = (P + (I_4 - P) * w.mul(self.saturation_std).exp2()) @ M         # scale the chroma component
+            labels.append(w)
+
+        if self.brightness > 0 or self.contrast > 0 or self.lumaflip > 0 or self.hue > 0 or self.saturation > 0:
+            x = images.reshape(N, C, H * W)
+            if C == 3:
+                x = M[:, :3, :3] @ x + M[:, :3, 3:]
+            elif C == 1:  # gray in, gray out: average the R, G, B rows of M, applied to (g, g, g, 1)
+                m = M[:, :3, :].mean(dim=1, keepdim=True)                       # [N, 1, 4]
+                x = x * m[:, :, :3].sum(dim=2, keepdim=True) + m[:, :, 3:]
+            else:
+                raise ValueError(f'color augmentation needs 1 or 3 channels, not {C}')
+            images = x.reshape(N, C, H, W)
+
+        return images, torch.cat([x.to(torch.float32).reshape(N, -1) for x in labels], dim=1)

@@ -31,12 +31,116 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (FID_WEIGHTS_URL, FeatureStats, ImageFolderDataset, UserError, download, frechet_distance,
-                    get_rank, get_world_size, inception_score, init_distributed, load_detector, parse_bool,
-                    precision_recall, print0, run_main)
+from common import (ImageFolderDataset, InceptionV3, UserError, download, frechet_distance, get_rank,
+                    get_world_size, init_distributed, parse_bool, print0, resize_tf1, run_main)
 
 METRICS = ('fid', 'is', 'sfid', 'pr')
 FEATURE_DIMS = dict(pool=2048, logits=1008, spatial=2023)  # InceptionV3(return_dict=True) outputs
+
+#------------------------------------------------------------------------------
+# 0. The detector (FID Inception-v3 weights or NVIDIA's TorchScript file) and the metrics other than FID.
+
+FID_WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
+NVIDIA_DETECTOR_URL = 'https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt'
+
+class _TorchScriptInception(torch.nn.Module):
+    """NVIDIA's TorchScript detector (StyleGAN2-ADA inception-2015-12-05.pt) behind InceptionV3's interface. It resizes
+    and normalizes internally; sFID features re-run its layers up to mixed_6.conv after our identical pre-processing."""
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.preprocess = 'nvidia'
+
+    def forward(self, images, return_dict=False):
+        x = images.to(torch.float32)
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        pool = self.net(x, return_features=True)
+        if not return_dict:
+            return pool
+        h = (resize_tf1(x, 299) - 128) / 128
+        for name, layer in self.net.layers.named_children():
+            if name == 'mixed_6':
+                h = layer.conv(h)[:, :7]
+                break
+            h = layer(h)
+        return dict(pool=pool, logits=pool @ self.net.output.weight.t(), spatial=h.permute(0, 2, 3, 1).flatten(1))
+
+def load_detector(path_or_url=FID_WEIGHTS_URL, preprocess='nvidia', device='cpu'):
+    """InceptionV3 or NVIDIA's TorchScript detector from a file or URL: a state dict with pytorch-fid's names (.pth,
+    the default URL) or StyleGAN2-ADA's inception-2015-12-05.pt; eval mode, no gradients."""
+    path = download(path_or_url, '--detector') if '://' in path_or_url else path_or_url
+    if not os.path.isfile(path):
+        raise UserError(f'Detector weights {path!r} not found. Get {FID_WEIGHTS_URL} (or NVIDIA\'s '
+            f'{NVIDIA_DETECTOR_URL}) and pass it with --detector=PATH.')
+    if zipfile.is_zipfile(path) and any(n.endswith('/constants.pkl') for n in zipfile.ZipFile(path).namelist()):
+        if preprocess != 'nvidia':
+            raise UserError('The TorchScript detector has NVIDIA pre-processing built in; use --preprocess=nvidia.')
+        net = _TorchScriptInception(torch.jit.load(path, map_location='cpu'))
+    else:
+        try:
+            state = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:
+            raise UserError(f'{path} is neither a state dict nor a TorchScript archive. NVIDIA\'s .pkl detector '
+                f'needs NVIDIA\'s code; use {NVIDIA_DETECTOR_URL} or {FID_WEIGHTS_URL} instead.') from e
+        if not isinstance(state, dict):
+            raise UserError(f'{path}: expected a state dict, got {type(state).__name__}')
+        net = InceptionV3(preprocess)
+        for key, value in net.state_dict().items():  # legacy state dicts lack the BN counters
+            if key.endswith('num_batches_tracked'):
+                state.setdefault(key, value)
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise UserError(f'{path}: not FID Inception-v3 weights with pytorch-fid\'s names. {str(e)[:400]}') from None
+    return net.eval().requires_grad_(False).to(device)
+
+class FeatureStats:
+    """Running float64 sums of features and of their outer products (EDM fid.py), so that the statistics of a
+    1.28M-image reference never hold all features at once. Mean and unbiased covariance (N-1), as np.cov."""
+    def __init__(self, dim):
+        self.n, self.sum, self.sum_outer = 0, np.zeros(dim), np.zeros([dim, dim])
+
+    def update(self, features):
+        features = np.asarray(features, dtype=np.float64)
+        self.n += len(features)
+        self.sum += features.sum(axis=0)
+        self.sum_outer += features.T @ features
+
+    def mean_cov(self):
+        mu = self.sum / self.n
+        return mu, (self.sum_outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+
+def inception_score(logits, split_size=5000):
+    """Inception score exp(E_x KL(p(y|x) || p(y))), Salimans et al. 2016; as ADM's evaluator: softmax of bias-free
+    logits, the mean score over splits of split_size images."""
+    logp = torch.as_tensor(logits).detach().to(torch.float64).log_softmax(dim=1)
+    scores = []
+    for part in logp.split(split_size):
+        p = part.exp()
+        p_y = p.mean(dim=0, keepdim=True)
+        kl = (torch.xlogy(p, p) - torch.xlogy(p, p_y)).sum(dim=1).mean()   # 0 log 0 = 0
+        scores.append(kl.exp().item())
+    return float(np.mean(scores))
+
+def _pairwise_sq_dist(a, b):
+    """Squared Euclidean distances [len(a), len(b)]; callers pass row blocks to bound memory."""
+    return (a.square().sum(1, keepdim=True) - 2 * a @ b.t() + b.square().sum(1)).clamp(min=0)
+
+def precision_recall(ref_features, gen_features, k=3, row_batch=1000, device='cpu'):
+    """Improved precision and recall, Kynkaanniemi et al. 2019, as ADM's evaluator (ManifoldEstimator): each set's
+    manifold is the union of balls reaching each point's k-th nearest neighbour (itself excluded); precision = share
+    of generated points inside the reference manifold, recall = share of reference points inside the generated one."""
+    ref, gen = (torch.as_tensor(f).detach().to(device, torch.float32) for f in (ref_features, gen_features))
+    if min(len(ref), len(gen)) <= k:
+        raise ValueError(f'Precision/recall with k={k} needs more than {k} images per set, got {len(ref)} and {len(gen)}')
+    def radii(f):  # k+1-th smallest distance of each row, the first being the point itself
+        return torch.cat([_pairwise_sq_dist(r, f).kthvalue(k + 1, dim=1).values for r in f.split(row_batch)])
+    def inside(points, centers, r):
+        return torch.cat([(_pairwise_sq_dist(p, centers) <= r).any(dim=1) for p in points.split(row_batch)])
+    precision = inside(gen, ref, radii(ref)).double().mean().item()
+    recall = inside(ref, gen, radii(gen)).double().mean().item()
+    return precision, recall
 
 #------------------------------------------------------------------------------
 # 1. Feature extraction, split over ranks. Images are cut into batches of `batch` in dataset order and the batches

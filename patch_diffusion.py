@@ -27,19 +27,16 @@ VAE, outside this project's dependencies), the augmentation pipe (`--augment` mu
 import argparse
 import copy
 import json
-import os
-import sys
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (EDMLoss, EDMPrecond, PerSeedRNG, Tee, Ticker, UserError, add_train_flags, data_stream,
-                    edm_sampler, ema_beta, get_rank, get_world_size, init_distributed, learning_rate, load_checkpoint,
-                    load_official, make_run_dir, open_dataset, optimizer_step, parse_bool, parse_int_list, print0,
-                    reseed, run_main, save_checkpoint, save_image_grid, save_seed_images, seed_batches,
-                    setup_precision, split_batch, sync_if, update_ema)
+from common import (AugmentPipe, EDMLoss, EDMPrecond, PerSeedRNG, TrainingRun, UserError, add_train_flags, data_stream,
+                    distributed_model, edm_sampler, ema_beta, get_rank, get_world_size, init_distributed, learning_rate,
+                    load_checkpoint, load_official, load_training_state, open_dataset, optimizer_step, parse_bool,
+                    parse_command_line, parse_int_list, print0, reseed, run_main, save_image_grid,
+                    save_seed_images, seed_batches, setup_precision, split_batch, sync_if, update_ema)
 
 #------------------------------------------------------------------------------
 # 1. Config. Presets hold the published hyperparameters; flags given on the command line override them.
@@ -87,7 +84,7 @@ def network_kwargs(args, resolution, channels, label_dim):
     model = dict(ARCHS[args.arch])
     model['model_channels'] = args.cbase or model['model_channels']
     model['channel_mult'] = args.cres or model['channel_mult']
-    model.update(dropout=args.dropout, label_dropout=args.label_dropout)
+    model.update(dropout=args.dropout, label_dropout=args.label_dropout, augment_dim=9 if args.augment else 0)
     # NOTE: with real_p = 1 every crop is the full image; upstream still feeds the (constant) full-image coordinates,
     # we drop them so that the baseline is exactly EDM (3-channel network, EDMPrecond).
     precond = 'EDMPrecond' if args.real_p == 1 else 'PatchPrecond'
@@ -149,13 +146,15 @@ def reduce_loss(loss, per_gpu_batch, batch_mul):
     patches. A 16x16 patch thus weighs 1/16 of a 64x64 image; the official code does this, not a per-pixel mean."""
     return loss.sum() / (per_gpu_batch * batch_mul)
 
-def patch_loss(net, loss_fn, images, labels, size, coords=True):
+def patch_loss(net, loss_fn, images, labels, size, coords=True, augment_pipe=None):
     """EDM loss on random crops (official `Patch_EDMLoss`): unreduced, shape [N, C, s, s]. The noise is added to the
-    image channels only; the coordinates go to the network clean. coords=False is plain EDM (real_p = 1)."""
+    image channels only; the coordinates go to the network clean. coords=False is plain EDM (real_p = 1). The
+    augmentation, if any, transforms the crop, not its coordinates (official code)."""
     patches, pos = random_patches(images, size)
     if not coords:
-        return loss_fn(net, patches, labels)
-    return loss_fn(lambda x, sigma, labels, augment_labels=None: net(x, sigma, pos, labels, augment_labels), patches, labels)
+        return loss_fn(net, patches, labels, augment_pipe)
+    return loss_fn(lambda x, sigma, labels, augment_labels=None: net(x, sigma, pos, labels, augment_labels), patches,
+                   labels, augment_pipe)
 
 #------------------------------------------------------------------------------
 # 4. Sampler: EDM's Heun sampler over a full canvas, the coordinate grid attached at every call, optional CFG.
@@ -188,11 +187,8 @@ def train(args):
     if args.train_on_latents:
         raise UserError('--train_on_latents=1 needs the Stable Diffusion VAE (sd-vae-ft-ema), which patch_diffusion.py '
                         'does not include yet; train in pixel space (--train_on_latents=0)')
-    if args.augment:
-        raise UserError('--augment > 0 needs EDM\'s augmentation pipe, which is not implemented; every Patch Diffusion '
-                        'config uses --augment=0')
-    if not 0 <= args.real_p <= 1:
-        raise UserError(f'--real_p={args.real_p} must be in [0, 1]')
+    if not 0 <= args.real_p <= 1 or not 0 <= args.augment <= 1:
+        raise UserError(f'--real_p={args.real_p} and --augment={args.augment} must be in [0, 1]')
     amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
     dataset = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
     R, C = dataset.resolution, dataset.num_channels
@@ -216,48 +212,33 @@ def train(args):
         print0(json.dumps(options, indent=2))
         return
 
-    # Network, EMA, optimizer; a training state to resume from.
+    # Network, EMA, optimizer, augmentation; a training state to resume from.
     torch.manual_seed(args.seed)
     net = build_network(precond, net_kwargs).to(device).train().requires_grad_(True)
     net.amp_dtype = amp_dtype
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)  # EDM's optimizer
-    cur_nimg, step, data_pos = 0, 0, 0
-    if args.resume:
-        state = load_checkpoint(args.resume)
-        net.load_state_dict(state['net'])
-        ema.load_state_dict(state['ema'])
-        optimizer.load_state_dict(state['optimizer'])
-        scaler.load_state_dict(state['scaler'])
-        cur_nimg, step = state['cur_nimg'], state['step']
-        if len(state['data_pos']) != world_size:
-            print0(f'warning: {args.resume} was written by {len(state["data_pos"])} processes, not {world_size}: '
-                   'the data order will differ from the uninterrupted run')
-        data_pos = state['data_pos'][rank % len(state['data_pos'])]
-    ddp = DDP(net, device_ids=[device] if device.type == 'cuda' else None)
-    loss_fn = EDMLoss()
-    stream = data_stream(dataset, batch_gpu, rank, world_size, args.seed, data_pos, args.workers)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == 'cuda')
+    # EDM train.py's geometric set; the network gets the 9 augmentation parameters as a condition (augment_dim 9).
+    augment_pipe = AugmentPipe(p=args.augment, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1) if args.augment else None
+    state = load_training_state(args.resume, 'patch_diffusion', rank, world_size, net=net, ema=ema, optimizer=optimizer,
+                                scaler=scaler) if args.resume else dict(cur_nimg=0, step=0, data_pos=0)
+    cur_nimg, step, data_pos = state['cur_nimg'], state['step'], state['data_pos']
+    ddp = distributed_model(net, device, args.compile)
+    loss_fn, coords, total_nimg = EDMLoss(), precond == 'PatchPrecond', args.duration * 1e6
 
-    run_dir = make_run_dir(args.outdir, desc, args.nosubdir)
-    tee = Tee(os.path.join(run_dir, 'log.txt')) if rank == 0 else None
-    try:
-        if rank == 0:
-            with open(os.path.join(run_dir, 'training_options.json'), 'w') as f:
-                json.dump(options, f, indent=2)
+    with TrainingRun(args, 'patch_diffusion', desc, options, device, cur_nimg) as run:
         print0(f'Patch Diffusion: {dataset.name} ({len(dataset)} images, {R}x{R}x{C}), {precond} {args.arch}, '
                f'{num_params:,} parameters, device {device}, {world_size} process(es)')
         print0(f'patch sizes {sizes} with probabilities {[round(p, 3) for p in pmf]} and batch multipliers {batch_mul} '
                f'(average {mul_avg:g}); {batch_gpu} images x {rounds} rounds x {world_size} GPUs per step')
-        print0(f'run directory {run_dir}; training to {args.duration * 1000:g} kimg (patch counter)')
-        total_nimg = args.duration * 1e6
-        ticker = Ticker(run_dir, args.tick, cur_nimg, device)
+        print0(f'run directory {run.dir}; training to {args.duration * 1000:g} kimg (patch counter)')
+        stream = data_stream(dataset, batch_gpu, rank, world_size, args.seed, data_pos, args.workers)
         while True:
             # One optimizer step: `rounds` micro-batches, each of one patch size (official training loop).
             rng = reseed(args.seed, rank, cur_nimg)
             optimizer.zero_grad(set_to_none=True)
             if args.progressive:
                 k = progressive_index((cur_nimg // 1000) / (args.duration * 1000), pmf)
-                step_mul = batch_mul[k]
             for r in range(rounds):
                 if not args.progressive:
                     k = int(rng.choice(len(sizes), p=pmf))  # stochastic schedule, drawn per micro-batch and rank
@@ -266,43 +247,24 @@ def train(args):
                 images = torch.cat([f[0] for f in fetched]).to(device).to(torch.float32) / 127.5 - 1
                 labels = torch.cat([f[1] for f in fetched]).to(device)
                 with sync_if(ddp, r == rounds - 1):
-                    loss = patch_loss(ddp, loss_fn, images, labels, sizes[k], coords=precond == 'PatchPrecond')
-                    ticker.add('loss', loss)
+                    loss = patch_loss(ddp, loss_fn, images, labels, sizes[k], coords, augment_pipe)
+                    run.add('loss', loss)
                     scaler.scale(reduce_loss(loss, batch_gpu * rounds, batch_mul[k]) * args.ls).backward()
-            nimg_step = args.batch * (step_mul if args.progressive else mul_avg)  # patches per step, all ranks
+            nimg_step = args.batch * (batch_mul[k] if args.progressive else mul_avg)  # patches per step, all ranks
             optimizer_step(optimizer, scaler, learning_rate(args.lr, cur_nimg, args.lr_rampup))
             update_ema(ema, net, ema_beta(cur_nimg, nimg_step, args.ema * 1000))
             cur_nimg += int(nimg_step)  # the patch counter drives kimg, lr ramp-up, EMA and the end of training
             step += 1
             done = cur_nimg >= total_nimg
-            if not ticker.due(cur_nimg, done):
-                continue
-
-            ticker.report(cur_nimg, steps=step)
-            kimg = cur_nimg // 1000
-            if args.snap and (ticker.tick - 1) % args.snap == 0 or done:
-                snapshot = dict(method='patch_diffusion', precond=precond, net_kwargs=net_kwargs, ema=ema.state_dict(),
-                                args=vars(args), cur_nimg=cur_nimg)
-                if rank == 0:
-                    save_checkpoint(snapshot, os.path.join(run_dir, f'network-snapshot-{kimg:06d}.pt'))
-                    if args.grid:
-                        save_sample_grid(ema, os.path.join(run_dir, f'samples-{kimg:06d}.png'), args.grid, device)
-            if args.dump and ticker.tick > 1 and (ticker.tick - 1) % args.dump == 0 or done:
-                positions = [None] * world_size
-                torch.distributed.all_gather_object(positions, data_pos)
-                if rank == 0:
-                    save_checkpoint(dict(method='patch_diffusion', precond=precond, net_kwargs=net_kwargs,
-                                         ema=ema.state_dict(), net=net.state_dict(), optimizer=optimizer.state_dict(),
-                                         scaler=scaler.state_dict(), args=vars(args), cur_nimg=cur_nimg, step=step,
-                                         data_pos=positions), os.path.join(run_dir, f'training-state-{kimg:06d}.pt'))
-            torch.distributed.barrier()
-            ticker.start_tick()
-            if done:
-                break
-        print0(f'done: {run_dir}')
-    finally:
-        if tee:
-            tee.close()
+            if run.due(cur_nimg, done):
+                snapshot = run.end_tick(cur_nimg, done, step, data_pos,
+                    snapshot=lambda: dict(precond=precond, net_kwargs=net_kwargs, ema=ema.state_dict()),
+                    state=lambda: dict(net=net.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict()))
+                if snapshot and args.grid:
+                    save_sample_grid(ema, snapshot.replace('network-snapshot', 'samples')[:-3] + '.png', args.grid, device)
+                if done:
+                    break
+        print0(f'done: {run.dir}')
 
 @torch.no_grad()
 def save_sample_grid(net, path, num, device, num_steps=18):
@@ -379,7 +341,8 @@ def generate(args):
 #------------------------------------------------------------------------------
 # 7. Command line.
 
-def build_parser():
+def build_parser(preset=None):
+    """The parser; `preset` (a PRESETS name) becomes the defaults of `train` (see common.parse_command_line)."""
     parser = argparse.ArgumentParser(description='Patch Diffusion (Wang et al. 2023) on EDM',
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest='command', required=True)
@@ -390,19 +353,20 @@ def build_parser():
     t.add_argument('--precond', choices=['edm', 'pedm'], default='edm', help='EDM preconditioning (pedm: the official name)')
     t.add_argument('--cbase', type=int, default=None, metavar='INT', help='base channel count; None = the arch\'s (128 DDPM++/NCSN++, 192 ADM)')
     t.add_argument('--cres', type=parse_int_list, default=None, metavar='LIST', help='channel multipliers per resolution, e.g. 1,2,2,2; None = the arch\'s')
-    t.add_argument('--augment', type=float, default=0, metavar='P', help='augmentation probability (only 0 is supported)')
+    t.add_argument('--augment', type=float, default=0, metavar='P', help='EDM augmentation probability (EDM: 0.12; every paper config: 0)')
     t.add_argument('--label-dropout', type=float, default=0, metavar='P', help='drop labels with this probability (for --cfg)')
     t.add_argument('--real_p', type=float, default=0.5, metavar='P', help='probability of full-size images (paper Eq. 5); 1 = EDM')
     t.add_argument('--progressive', type=parse_bool, default=False, metavar='BOOL', help='progressive patch-size schedule (ablation)')
     t.add_argument('--train_on_latents', type=parse_bool, default=False, metavar='BOOL', help='latent training (not implemented)')
     t.add_argument('--grid', type=int, default=64, metavar='INT', help='images in the sample grid written with each snapshot; 0 = none')
+    t.set_defaults(**PRESETS.get(preset, {}))
 
     g = sub.add_parser('generate', help='generate images', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g.add_argument('--network', required=True, metavar='PT|PKL|URL', help='network snapshot (ours .pt, or official .pkl)')
     g.add_argument('--outdir', required=True, metavar='DIR', help='where to write {seed:06d}.png')
     g.add_argument('--seeds', type=parse_int_list, default='0-63', metavar='LIST', help='random seeds, e.g. 0-49999')
     g.add_argument('--subdirs', action='store_true', help='put seeds in folders of 1,000')
-    g.add_argument('--class', dest='class_idx', type=int, default=None, metavar='INT', help='class label (default: random)')
+    g.add_argument('--class', dest='class_idx', type=int, default=None, metavar='INT', help='class label; None = random')
     g.add_argument('--batch', type=int, default=64, metavar='INT', help='images per batch per GPU')
     g.add_argument('--steps', type=int, default=18, metavar='INT', help='Heun steps (the paper uses 50 for 64x64)')
     g.add_argument('--sigma_min', type=float, default=0.002, metavar='FLOAT', help='lowest noise level')
@@ -412,8 +376,8 @@ def build_parser():
     g.add_argument('--S_min', type=float, default=0, metavar='FLOAT', help='lowest sigma with churn')
     g.add_argument('--S_max', type=float, default=float('inf'), metavar='FLOAT', help='highest sigma with churn')
     g.add_argument('--S_noise', type=float, default=1, metavar='FLOAT', help='churn noise inflation')
-    g.add_argument('--resolution', type=int, default=None, metavar='INT', help='coordinate normalization size (default: training size)')
-    g.add_argument('--image_size', type=int, default=None, metavar='INT', help='canvas size (default: --resolution); larger extrapolates')
+    g.add_argument('--resolution', type=int, default=None, metavar='INT', help='coordinate normalization size; None = training size')
+    g.add_argument('--image_size', type=int, default=None, metavar='INT', help='canvas size; None = --resolution; larger extrapolates')
     g.add_argument('--x_start', type=int, default=0, metavar='INT', help='column of the canvas\'s left edge in the coordinate grid')
     g.add_argument('--y_start', type=int, default=0, metavar='INT', help='row of the canvas\'s top edge in the coordinate grid')
     g.add_argument('--cfg', type=float, default=None, metavar='W', help='classifier-free guidance weight (paper: 1.3)')
@@ -421,22 +385,10 @@ def build_parser():
     return parser
 
 def parse_args(argv=None):
-    """`train` is the default command; --preset fills defaults that flags on the command line override."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ('train', 'generate', '-h', '--help'):
-        argv.insert(0, 'train')
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == 'train' and args.preset:
-        train_parser = parser._subparsers._group_actions[0].choices['train']
-        train_parser.set_defaults(**PRESETS[args.preset])
-        args = parser.parse_args(argv)
-    if args.command == 'train' and args.data is None:
-        parser.error('--data is required (an EDM-format zip or folder, or demo)')
-    return args
+    return parse_command_line(build_parser, argv)
 
 def main():
-    args = parse_args()
+    args = parse_command_line(build_parser)
     run_main(train if args.command == 'train' else generate, args)
 
 if __name__ == '__main__':

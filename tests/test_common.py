@@ -12,8 +12,7 @@ import torch.multiprocessing as mp
 from conftest import TINY_UNET, write_images
 
 import common
-from common import (EDMLoss, EDMPrecond, ImageFolderDataset, InfiniteSampler, PerSeedRNG, UserError, VEPrecond,
-                    VPPrecond, edm_sampler, edm_time_steps, ema_beta, learning_rate, load_checkpoint, open_dataset,
+from common import (EDMLoss, EDMPrecond, ImageFolderDataset, InfiniteSampler, PerSeedRNG, UserError, edm_sampler, edm_time_steps, ema_beta, learning_rate, load_checkpoint, open_dataset,
                     parse_bool, parse_int_list, save_checkpoint, seed_batches, split_batch, to_uint8)
 
 SIGMAS = [0.002, 0.5, 1.0, 80.0]
@@ -47,20 +46,6 @@ def test_edm_loss_weight_times_c_out_squared_is_one():
     assert weight[sigma.flatten().argmax()].item() > 4  # lambda(80) = 4.00016, lambda grows as sigma falls
     # ln(sigma) ~ N(-1.2, 1.2^2)
     assert sigma.log().mean().item() == pytest.approx(-1.2, abs=0.1) and sigma.log().std().item() == pytest.approx(1.2, abs=0.1)
-
-def test_vp_ve_table1():
-    vp = VPPrecond(img_resolution=8, img_channels=3, **TINY_UNET)
-    ve = VEPrecond(img_resolution=8, img_channels=3, **TINY_UNET)
-    expected_t = [3.984e-5, 0.14481392, 0.25896026, 0.93351114]  # spec: t_VP(sigma) at the four sigmas
-    for s, t in zip(SIGMAS, expected_t):
-        sigma = torch.tensor(s, dtype=torch.float64)
-        c_skip, c_out, c_in, c_noise = vp.coefficients(sigma)
-        assert vp.sigma_inv(sigma).item() == pytest.approx(t, rel=1e-3)
-        assert vp.sigma(vp.sigma_inv(sigma)).item() == pytest.approx(s, rel=1e-9)  # t_VP inverts sigma_VP
-        assert c_noise.item() == pytest.approx(999 * t, rel=1e-3) and c_out.item() == -s and c_skip.item() == 1
-        assert c_in.item() == pytest.approx(1 / math.sqrt(s * s + 1))
-        assert ve.coefficients(sigma)[3].item() == pytest.approx(math.log(s / 2))
-    assert vp.sigma_max == pytest.approx(152.16698, rel=1e-6) and vp.sigma_min == pytest.approx(0.001, rel=1e-3)
 
 def test_edm_precond_denoiser_is_identity_as_sigma_goes_to_zero():
     net = tiny_precond().eval()
@@ -240,9 +225,10 @@ def test_dataset_errors_name_the_problem(tmp_path, image_folder):
     with pytest.raises(UserError, match='images are 8x8, but resolution 64'):
         ImageFolderDataset(str(image_folder), resolution=64)
     (image_folder / 'img005.png').write_bytes(b'not a png')
-    ds = ImageFolderDataset(str(image_folder))
     with pytest.raises(UserError, match='img005.png: cannot read image'):
-        ds[5]
+        ImageFolderDataset(str(image_folder))                      # found when the dataset opens
+    with pytest.raises(UserError, match='img005.png: cannot read image'):
+        ImageFolderDataset(str(image_folder), check=False)[5]     # or, unchecked, when read
     write_images(tmp_path / 'nolabels', labels=False)
     with pytest.raises(UserError, match='no labels'):
         ImageFolderDataset(str(tmp_path / 'nolabels'), use_labels=True)
@@ -252,8 +238,10 @@ def test_dataset_errors_name_the_problem(tmp_path, image_folder):
     big = write_images(tmp_path / 'mixed', n=2)
     write_images(tmp_path / 'mixed2', n=1, res=16)
     os.replace(tmp_path / 'mixed2' / 'img000.png', tmp_path / 'mixed' / 'img999.png')
+    with pytest.raises(UserError, match=r'img999.png: image is 16x16 RGB, the first is 8x8 RGB'):
+        ImageFolderDataset(str(tmp_path / 'mixed'))
     with pytest.raises(UserError, match=r'img999.png: image is \(3, 16, 16\)'):
-        ImageFolderDataset(str(tmp_path / 'mixed'))[2]
+        ImageFolderDataset(str(tmp_path / 'mixed'), check=False)[2]
     assert big.shape[0] == 2
 
 def test_demo_dataset_is_deterministic_at_any_resolution():

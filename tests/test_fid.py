@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common import (FeatureStats, InceptionV3, UserError, frechet_distance, inception_score,  # noqa: E402
-                    load_detector, precision_recall, resize_tf1)
+from common import InceptionV3, UserError, frechet_distance, resize_tf1  # noqa: E402
+from fid import FeatureStats, inception_score, load_detector, precision_recall  # noqa: E402
 
 #------------------------------------------------------------------------------
 # Helpers

@@ -208,7 +208,7 @@ def run_train(outdir, *extra):
 def test_counter_errors_and_dry_run(tmp_path, capsys):
     run_train(tmp_path / 'a', '--duration=0.00001')
     stats = [json.loads(line) for line in open(tmp_path / 'a' / 'stats.jsonl')]
-    assert stats[0]['kimg'] == pytest.approx(int(8 * 1.9) / 1000) and stats[0]['steps'] == 1
+    assert stats[0]['kimg'] == pytest.approx(int(8 * 1.9) / 1000) and stats[0]['step'] == 1
     with pytest.raises(UserError, match='Stable Diffusion VAE'):
         pd.train(pd.parse_args(TRAIN + ['--train_on_latents=1']))
     with pytest.raises(UserError, match='patch size 2 .* not a multiple of 4'):
