@@ -20,30 +20,14 @@ Contents, in order:
  11. EDM's augmentation pipe (`AugmentPipe`, the geometric and colour transforms of ADA)
 """
 
-import argparse
-import contextlib
-import io
-import json
-import math
-import os
-import pickle
-import re
-import resource
-import sys
-import time
-import urllib.parse
-import urllib.request
-import warnings
-import zipfile
+import argparse, contextlib, io, json, math, os, pickle, re, resource, sys, time, urllib.parse, warnings, zipfile
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import scipy.linalg
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -58,11 +42,9 @@ def init_distributed():
     # NOTE: 1x1 convolutions on 1x1 maps (small patches) get weight gradients whose size-1 dims carry other strides
     # than the parameter's: the same memory layout, but DDP compares strides literally and warns at every step.
     warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
-    if not dist.is_initialized():
-        if 'RANK' in os.environ:
-            dist.init_process_group('nccl' if cuda else 'gloo')
-        else:  # plain `python x.py`
-            dist.init_process_group('nccl' if cuda else 'gloo', store=dist.HashStore(), rank=0, world_size=1)
+    if not dist.is_initialized():  # without RANK (a plain `python x.py`) a world of one
+        world_of_one = {} if 'RANK' in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group('nccl' if cuda else 'gloo', **world_of_one)
     device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if cuda else torch.device('cpu')
     if cuda:
         torch.cuda.set_device(device)
@@ -110,18 +92,14 @@ def parse_int_list(s):
 
 def parse_bool(s):
     """Booleans that published commands pass as values: --cond=1, --fp16=True."""
-    if isinstance(s, bool):
-        return s
-    if s.lower() in ('1', 'true', 'yes', 'on'):
-        return True
-    if s.lower() in ('0', 'false', 'no', 'off'):
-        return False
-    raise argparse.ArgumentTypeError(f'expected a boolean (1/0/true/false); got {s!r}')
+    words = {'1': True, 'true': True, 'yes': True, 'on': True, '0': False, 'false': False, 'no': False, 'off': False}
+    if not isinstance(s, bool) and s.lower() not in words:
+        raise argparse.ArgumentTypeError(f'expected a boolean (1/0/true/false); got {s!r}')
+    return s if isinstance(s, bool) else words[s.lower()]
 
 def parse_command_line(build_parser, argv=None):
-    """Parse a method file's command line. `train` is the default subcommand (`x.py --preset=demo` trains).
-    `build_parser(preset)` builds the parser; given a preset name, the subcommand that has --preset sets that
-    preset's values as its defaults, so the second parse takes them and flags on the command line still win."""
+    """`train` is the default subcommand (`x.py --preset=demo` trains). `build_parser(preset)` builds the parser; with
+    a preset name, the subcommand that has --preset takes its values as defaults: flags given still win."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith('-') and argv[0] not in ('-h', '--help')):
         argv.insert(0, 'train')
@@ -218,15 +196,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.image_names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
         if not self.image_names:
             raise UserError(f'{path}: no images found')
-
         self.labels = self._load_labels() if use_labels else None
         self.label_dim = 0 if self.labels is None else self.labels.shape[1]
         self.indices = np.arange(len(self.image_names))
         if max_size is not None and max_size < len(self.indices):
             self.indices = np.sort(np.random.RandomState(random_seed % (1 << 31)).permutation(self.indices)[:max_size])
         self.xflip = xflip
-        first = self._read(self.indices[0])
-        self.num_channels, height, width = first.shape
+        self.num_channels, height, width = self._read(self.indices[0]).shape
         if height != width:
             raise UserError(f'{path}/{self.image_names[self.indices[0]]}: images must be square, got {width}x{height}')
         self.resolution = height
@@ -236,16 +212,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             self._check_headers()
 
     def _check_headers(self):
-        """Size and mode of every image from its header, without decoding; a PNG must end with its IEND chunk
-        (a truncated file does not)."""
+        """Every image's size and mode from its header, without decoding; a PNG must end with its IEND chunk."""
         expected = None
         for index in self.indices:
             name = self.image_names[index]
             try:
-                with self._open(name) as f:
-                    with PIL.Image.open(f) as image:
-                        found = (image.size, image.mode)
-                    complete = True
+                with self._open(name) as f, PIL.Image.open(f) as image:
+                    found, complete = (image.size, image.mode), True
                     if name.lower().endswith('.png'):
                         f.seek(-12, os.SEEK_END)
                         complete = f.read(12)[4:8] == b'IEND'
@@ -292,8 +265,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 image = np.array(PIL.Image.open(io.BytesIO(f.read())))
         except Exception as e:
             raise UserError(f'{self.path}/{name}: cannot read image ({e})') from None
-        image = image[:, :, np.newaxis] if image.ndim == 2 else image
-        image = image.transpose(2, 0, 1)  # [H, W, C] -> [C, H, W]
+        image = (image[:, :, np.newaxis] if image.ndim == 2 else image).transpose(2, 0, 1)  # [H, W, C] -> [C, H, W]
         if hasattr(self, 'num_channels') and image.shape != (self.num_channels, self.resolution, self.resolution):
             raise UserError(f'{self.path}/{name}: image is {tuple(image.shape)} (CHW), expected '
                             f'{(self.num_channels, self.resolution, self.resolution)} like the others')
@@ -326,12 +298,9 @@ class DemoDataset(torch.utils.data.Dataset):
         y, x = (np.mgrid[0:R, 0:R] + 0.5) / R  # pixel centres in [0, 1]
         cx, cy = rng.uniform(0.3, 0.7, 2)
         r = rng.uniform(0.15, 0.3)
-        if shape == 0:
-            inside = (x - cx) ** 2 + (y - cy) ** 2 < r ** 2
-        elif shape == 1:
-            inside = (abs(x - cx) < r * 0.85) & (abs(y - cy) < r * 0.85)
-        else:
-            inside = (y - cy < r * 0.8) & (y - cy > 2 * abs(x - cx) - r)
+        inside = [(x - cx) ** 2 + (y - cy) ** 2 < r ** 2,                      # disc
+                  (abs(x - cx) < r * 0.85) & (abs(y - cy) < r * 0.85),         # square
+                  (y - cy < r * 0.8) & (y - cy > 2 * abs(x - cx) - r)][shape]  # triangle
         top, bottom, color = rng.uniform(0, 255, (3, self.num_channels))
         image = np.where(y[None] < 0.5, top[:, None, None], bottom[:, None, None])
         image = np.where(inside[None], color[:, None, None], image).astype(np.uint8)
@@ -343,14 +312,11 @@ class DemoDataset(torch.utils.data.Dataset):
 def open_dataset(data, **kwargs):
     """`--data`: 'demo' (32x32), 'demo-64', ... for the built-in toy set; otherwise an EDM-format zip or folder."""
     m = re.fullmatch(r'demo(?:-(\d+))?', data)
-    if m:
-        return DemoDataset(resolution=int(m[1] or 32), **kwargs)
-    return ImageFolderDataset(data, **kwargs)
+    return DemoDataset(resolution=int(m[1] or 32), **kwargs) if m else ImageFolderDataset(data, **kwargs)
 
 class InfiniteSampler(torch.utils.data.Sampler):
-    """Endless, seeded index stream for one rank. Epoch e visits a permutation seeded by (seed, e); ranks take
-    interleaved positions of it. `start` skips that many items of this rank's stream, so a run resumed with the
-    number of items it had consumed sees exactly the data it would have seen."""
+    """Endless, seeded index stream for one rank: epoch e is a permutation seeded by (seed, e), of which ranks take
+    interleaved positions. `start` skips that many items of this rank's stream, so a resumed run sees the same data."""
     def __init__(self, size, rank=0, world_size=1, seed=0, start=0):
         self.size, self.rank, self.world_size, self.seed, self.start = size, rank, world_size, seed, start
 
@@ -405,10 +371,9 @@ class EDMPrecond(torch.nn.Module):
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
         if self.label_dim == 0:
             class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros([1, self.label_dim], device=x.device)
         else:
-            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+            class_labels = (torch.zeros([1, self.label_dim], device=x.device) if class_labels is None
+                            else class_labels.to(torch.float32).reshape(-1, self.label_dim))
         return x, sigma, class_labels
 
     def backbone(self, x_in, c_noise, class_labels, augment_labels=None):
@@ -473,9 +438,8 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
     return x_next
 
 #------------------------------------------------------------------------------
-# 6. The EDM U-Nets.
-
-# Layers (official EDM training/networks.py; spec edm_common.md 3.1-3.3).
+# 6. The EDM U-Nets (official EDM training/networks.py): layers (spec edm_common.md 3.1-3.3), then the two
+#    backbones (spec 3.4-3.6).
 
 # Weight init shared by all EDM layers (spec 3.1); for convolutions fan_in/fan_out count channels * k^2.
 def weight_init(shape, mode, fan_in, fan_out):
@@ -493,8 +457,7 @@ def weight_init(shape, mode, fan_in, fan_out):
 class Linear(torch.nn.Module):
     def __init__(self, in_features, out_features, bias=True, init_mode='kaiming_normal', init_weight=1, init_bias=0):
         super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
+        self.in_features, self.out_features = in_features, out_features
         fans = dict(mode=init_mode, fan_in=in_features, fan_out=out_features)
         self.weight = torch.nn.Parameter(weight_init([out_features, in_features], **fans) * init_weight)
         self.bias = torch.nn.Parameter(weight_init([out_features], **fans) * init_bias) if bias else None
@@ -520,11 +483,8 @@ class Conv2d(torch.nn.Module):
     ):
         super().__init__()
         assert not (up and down)
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.up = up
-        self.down = down
-        self.fused_resample = fused_resample
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.up, self.down, self.fused_resample = up, down, fused_resample
         fans = dict(mode=init_mode, fan_in=in_channels * kernel**2, fan_out=out_channels * kernel**2)
         self.weight = torch.nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **fans) * init_weight) if kernel else None
         self.bias = torch.nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
@@ -558,8 +518,7 @@ class Conv2d(torch.nn.Module):
 class GroupNorm(torch.nn.Module):
     def __init__(self, num_channels, num_groups=32, min_channels_per_group=4, eps=1e-5):
         super().__init__()
-        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
-        self.eps = eps
+        self.num_groups, self.eps = min(num_groups, num_channels // min_channels_per_group), eps
         self.weight = torch.nn.Parameter(torch.ones(num_channels))
         self.bias = torch.nn.Parameter(torch.zeros(num_channels))
 
@@ -589,12 +548,9 @@ class UNetBlock(torch.nn.Module):
         init_attn           = None,         # init kwargs of qkv; None = init
     ):
         super().__init__()
-        self.in_channels = in_channels
-        self.out_channels = out_channels
+        self.in_channels, self.out_channels = in_channels, out_channels
         self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
-        self.dropout = dropout
-        self.skip_scale = skip_scale
-        self.adaptive_scale = adaptive_scale
+        self.dropout, self.skip_scale, self.adaptive_scale = dropout, skip_scale, adaptive_scale
 
         self.norm0 = GroupNorm(in_channels, eps=eps)
         self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter, **init)
@@ -637,9 +593,7 @@ class UNetBlock(torch.nn.Module):
 class PositionalEmbedding(torch.nn.Module):
     def __init__(self, num_channels, max_positions=10000, endpoint=False):
         super().__init__()
-        self.num_channels = num_channels
-        self.max_positions = max_positions
-        self.endpoint = endpoint
+        self.num_channels, self.max_positions, self.endpoint = num_channels, max_positions, endpoint
 
     def forward(self, x):
         half = self.num_channels // 2
@@ -672,7 +626,26 @@ def check_input_size(x, num_levels):
         raise ValueError(f'input size {x.shape[-2]}x{x.shape[-1]} is not divisible by {divisor}, '
                          f'as a U-Net with {num_levels} resolution levels requires')
 
-# Backbones (spec edm_common.md 3.4-3.6).
+# The U-Nets' encoder and decoder passes: every encoder output is kept (an NCSN++ aux residual replaces the last);
+# a decoder block whose input is wider than x takes the newest one; the decoder's 'aux' layers are Song's output head.
+def encode_decode(enc, dec, x, emb):
+    skips, aux = [], x
+    for name, block in enc.items():
+        if name.endswith('aux_residual'):
+            x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
+        else:
+            x = block(x) if name.endswith('_conv') else block(x, emb)
+            skips.append(x)
+    for name, block in dec.items():
+        if name.endswith('aux_norm'):
+            x = F.silu(block(x))
+        elif name.endswith('aux_conv'):
+            x = block(x)
+        else:
+            if x.shape[1] != block.in_channels:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = block(x, emb)
+    return x
 
 # DDPM++ / NCSN++ U-Net, Song et al. 2021 (arXiv:2011.13456), as reimplemented and configured by EDM
 # (Karras et al. 2022, arXiv:2206.00364, Table 7). Official code: NVlabs/edm training/networks.py, SongUNet.
@@ -699,28 +672,21 @@ class SongUNet(torch.nn.Module):
         # NOTE: EDM also has 'skip' encoder/decoder variants that none of its configs uses; they are left out.
         assert embedding_type in ('positional', 'fourier') and encoder_type in ('standard', 'residual') and decoder_type == 'standard'
         super().__init__()
-        self.img_resolution = img_resolution
-        self.num_levels = len(channel_mult)
-        self.label_dropout = label_dropout
-        emb_channels = model_channels * channel_mult_emb
-        noise_channels = model_channels * channel_mult_noise
+        self.img_resolution, self.num_levels, self.label_dropout = img_resolution, len(channel_mult), label_dropout
+        emb_channels, noise_channels = model_channels * channel_mult_emb, model_channels * channel_mult_noise
         init = dict(init_mode='xavier_uniform')
         init_zero = dict(init_mode='xavier_uniform', init_weight=1e-5)      # NOTE: small, not exactly zero (EDM)
         init_attn = dict(init_mode='xavier_uniform', init_weight=math.sqrt(0.2))
         block_kwargs = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5),
                             eps=1e-6, resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
                             init=init, init_zero=init_zero, init_attn=init_attn)
-
         # Mapping network: noise level (+ label, + augmentation) -> embedding vector.
-        if embedding_type == 'positional':
-            self.map_noise = PositionalEmbedding(noise_channels, endpoint=True)
-        else:
-            self.map_noise = FourierEmbedding(noise_channels)
+        self.map_noise = (PositionalEmbedding(noise_channels, endpoint=True) if embedding_type == 'positional'
+                          else FourierEmbedding(noise_channels))
         self.map_label = Linear(label_dim, noise_channels, **init) if label_dim else None
         self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
-
         # Encoder; every output except the aux layers' is kept for the decoder's skip connections.
         self.enc = torch.nn.ModuleDict()
         c = caux = in_channels
@@ -739,7 +705,6 @@ class SongUNet(torch.nn.Module):
                 self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(c, model_channels * mult, attention=(res in attn_resolutions), **block_kwargs)
                 c = model_channels * mult
         skips = [block.out_channels for name, block in self.enc.items() if 'aux' not in name]
-
         # Decoder; attention only in the last block of a level; 'standard' has one output head at full resolution.
         self.dec = torch.nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -768,25 +733,7 @@ class SongUNet(torch.nn.Module):
             emb = emb + self.map_augment(augment_labels)
         emb = F.silu(self.map_layer0(emb))
         emb = F.silu(self.map_layer1(emb))
-
-        skips, aux = [], x
-        for name, block in self.enc.items():
-            if name.endswith('aux_residual'):
-                x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
-            else:
-                x = block(x) if name.endswith('_conv') else block(x, emb)
-                skips.append(x)
-
-        for name, block in self.dec.items():
-            if name.endswith('aux_norm'):
-                x = F.silu(block(x))
-            elif name.endswith('aux_conv'):
-                x = block(x)
-            else:
-                if x.shape[1] != block.in_channels:
-                    x = torch.cat([x, skips.pop()], dim=1)
-                x = block(x, emb)
-        return x
+        return encode_decode(self.enc, self.dec, x, emb)
 
 # ADM U-Net, Dhariwal & Nichol 2021 (arXiv:2105.05233), as reimplemented by EDM (Karras et al. 2022, Table 7).
 # Official code: NVlabs/edm training/networks.py, DhariwalUNet.
@@ -806,14 +753,11 @@ class DhariwalUNet(torch.nn.Module):
         label_dropout       = 0,            # probability of zeroing a sample's label in training; 0 = never
     ):
         super().__init__()
-        self.img_resolution = img_resolution
-        self.num_levels = len(channel_mult)
-        self.label_dropout = label_dropout
+        self.img_resolution, self.num_levels, self.label_dropout = img_resolution, len(channel_mult), label_dropout
         emb_channels = model_channels * channel_mult_emb
         init = dict(init_mode='kaiming_uniform', init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
         init_zero = dict(init_mode='kaiming_uniform', init_weight=0, init_bias=0)
         block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero)
-
         # Mapping network; the label enters after the MLP, with N(0, 1) weights and no bias.
         self.map_noise = PositionalEmbedding(model_channels)
         self.map_augment = Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None
@@ -821,7 +765,6 @@ class DhariwalUNet(torch.nn.Module):
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
         self.map_label = Linear(label_dim, emb_channels, bias=False, init_mode='kaiming_normal',
                                 init_weight=math.sqrt(label_dim)) if label_dim else None
-
         # Encoder; every output is kept for the decoder's skip connections.
         self.enc = torch.nn.ModuleDict()
         c = in_channels
@@ -836,7 +779,6 @@ class DhariwalUNet(torch.nn.Module):
                 self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(c, model_channels * mult, attention=(res in attn_resolutions), **block_kwargs)
                 c = model_channels * mult
         skips = [block.out_channels for block in self.enc.values()]
-
         # Decoder; attention in every block of an attention resolution.
         self.dec = torch.nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -862,16 +804,7 @@ class DhariwalUNet(torch.nn.Module):
         if self.map_label is not None:
             emb = emb + self.map_label(drop_labels(class_labels, self.label_dropout, x.shape[0], self.training))
         emb = F.silu(emb)
-
-        skips = []
-        for name, block in self.enc.items():
-            x = block(x) if name.endswith('_conv') else block(x, emb)
-            skips.append(x)
-        for block in self.dec.values():
-            if x.shape[1] != block.in_channels:
-                x = torch.cat([x, skips.pop()], dim=1)
-            x = block(x, emb)
-        return self.out_conv(F.silu(self.out_norm(x)))
+        return self.out_conv(F.silu(self.out_norm(encode_decode(self.enc, self.dec, x, emb))))
 
 #------------------------------------------------------------------------------
 # 7. Training plumbing shared by the method files.
@@ -894,8 +827,7 @@ def split_batch(batch, batch_gpu, world_size):
     return batch_gpu, rounds
 
 def distributed_model(net, device, compile=False, **ddp_kwargs):
-    """DDP around the network (one process is a world of one), compiled with torch.compile if asked. Checkpoints
-    save `net` itself, so the names stay the plain module's."""
+    """DDP around the network (one process too), torch.compile'd if asked; checkpoints save `net`: plain names."""
     ddp = DDP(net, device_ids=[device] if device.type == 'cuda' else None, **ddp_kwargs)
     return torch.compile(ddp) if compile else ddp
 
@@ -935,43 +867,10 @@ def optimizer_step(optimizer, scaler, lr):
                     torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
         optimizer.step()
 
-def make_run_dir(outdir, desc, nosubdir=False):
-    """`<outdir>/<5-digit id>-<desc>` (EDM), made by rank 0; every rank gets the path."""
-    path = [None]
-    if get_rank() == 0:
-        if nosubdir:
-            path[0] = outdir
-        else:
-            ids = [int(m[1]) for m in (re.match(r'(\d+)-', d) for d in (os.listdir(outdir) if os.path.isdir(outdir) else [])) if m]
-            path[0] = os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
-        os.makedirs(path[0], exist_ok=True)
-    dist.broadcast_object_list(path)
-    return path[0]
-
-class Tee:
-    """Copy of everything printed into <run_dir>/log.txt (rank 0)."""
-    def __init__(self, path):
-        self.file, self.stdout = open(path, 'a'), sys.stdout
-        sys.stdout = self
-
-    def write(self, text):
-        self.file.write(text)
-        self.stdout.write(text)
-
-    def flush(self):
-        self.file.flush()
-        self.stdout.flush()
-
-    def close(self):
-        sys.stdout = self.stdout
-        self.file.close()
-
 def _all_finite(obj):
     """True if every floating-point tensor in a (nested) dict or list is finite."""
-    if isinstance(obj, dict):
-        return all(_all_finite(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return all(_all_finite(v) for v in obj)
+    if isinstance(obj, (dict, list, tuple)):
+        return all(_all_finite(v) for v in (obj.values() if isinstance(obj, dict) else obj))
     return not (torch.is_tensor(obj) and obj.is_floating_point()) or bool(torch.isfinite(obj).all())
 
 class TrainingRun:
@@ -979,21 +878,25 @@ class TrainingRun:
     training_options.json and log.txt, one status line per tick (the first after one step, then every --tick kimg)
     with the tick's all-reduced means, also in stats.jsonl; a stop on a non-finite mean; network snapshots every
     --snap ticks and training states every --dump ticks, written by rank 0. Make it after all setup, so that a run
-    whose dataset or flags are bad leaves no directory behind:
-
-        with TrainingRun(args, 'patch_diffusion', desc, options, device, cur_nimg) as run:
-            ...  run.add('loss', loss)  ...
-            if run.due(cur_nimg, done):
-                run.end_tick(cur_nimg, done, step, data_pos, snapshot=lambda: {...}, state=lambda: {...})
-    """
+    whose dataset or flags are bad leaves no directory behind. In the loop: `run.add('loss', loss)` every step, and
+    `if run.due(cur_nimg, done): run.end_tick(cur_nimg, done, step, data_pos, snapshot=..., state=...)`."""
     def __init__(self, args, method, desc, options, device, cur_nimg=0):
         self.args, self.method, self.device = args, method, device
-        self.dir = make_run_dir(args.outdir, desc, args.nosubdir)
-        self.tee, self.last_state = None, args.resume
+        self.log, self.last_state = None, args.resume
+        path = [args.outdir]  # `<outdir>/<5-digit id>-<desc>` (EDM), made by rank 0; every rank gets the path
+        if get_rank() == 0:
+            if not args.nosubdir:
+                names = os.listdir(args.outdir) if os.path.isdir(args.outdir) else []
+                ids = [int(m[1]) for m in (re.match(r'(\d+)-', name) for name in names) if m]
+                path[0] = os.path.join(args.outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+            os.makedirs(path[0], exist_ok=True)
+        dist.broadcast_object_list(path)
+        self.dir = path[0]
         if get_rank() == 0:
             for folder in {self.dir, os.path.dirname(os.path.abspath(args.resume or self.dir))}:
                 remove_stale_temp_files(folder)
-            self.tee = Tee(os.path.join(self.dir, 'log.txt'))
+            self.log, self.stdout = open(os.path.join(self.dir, 'log.txt'), 'a'), sys.stdout
+            sys.stdout = self  # tee: what rank 0 prints goes to the terminal and to log.txt (write, flush below)
             with open(os.path.join(self.dir, 'training_options.json'), 'w') as f:
                 json.dump(options, f, indent=2)
         self.tick, self.tick_start_nimg, self.sums = 0, cur_nimg, {}
@@ -1003,10 +906,19 @@ class TrainingRun:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if self.tee:
+        if self.log:
             if exc is not None:
-                self.tee.file.write(f'error: {exc}\n')  # the terminal gets it from run_main
-            self.tee.close()
+                self.log.write(f'error: {exc}\n')  # the terminal gets it from run_main
+            sys.stdout = self.stdout
+            self.log.close()
+
+    def write(self, text):
+        self.log.write(text)
+        self.stdout.write(text)
+
+    def flush(self):
+        self.log.flush()
+        self.stdout.flush()
 
     def add(self, name, value):
         """Accumulate a tensor (e.g. per-sample losses) for this tick's mean, on the device: no host sync."""
@@ -1017,9 +929,9 @@ class TrainingRun:
         return done or self.tick == 0 or cur_nimg >= self.tick_start_nimg + self.args.tick * 1000
 
     def end_tick(self, cur_nimg, done, step, data_pos, snapshot, state, **extra):
-        """Status line, divergence check, checkpoints and a barrier; all ranks call it. `snapshot()` returns the
-        network snapshot's content (net_kwargs, ema, ...), `state()` what a training state adds (net, optimizers,
-        scaler, ...). Returns the snapshot's path on rank 0 if one was written, else None."""
+        """Status line, divergence check, checkpoints, barrier; all ranks call it. `snapshot()` returns the snapshot's
+        content (net_kwargs, ema, ...), `state()` what a training state adds (net, optimizer, scaler, ...). Returns
+        the snapshot's path on rank 0 if one was written, else None."""
         tick, means = self.tick, self.report(cur_nimg, step=step, **extra)
         bad = [name for name, value in means.items() if not math.isfinite(value)]
         if bad:
@@ -1039,9 +951,8 @@ class TrainingRun:
         return snap_path if get_rank() == 0 else None
 
     def save(self, kind, cur_nimg, data):
-        """`<kind>-<kimg:06d>.pt` (EDM); a second save within the same kimg (--tick under 1, or the last tick) gets
-        `_<rest of the image count>` appended (sorted names stay in training order), so no checkpoint overwrites
-        another. Non-finite weights stop the run."""
+        """`<kind>-<kimg:06d>.pt` (EDM); a second save in the same kimg (--tick under 1, the last tick) appends
+        `_<rest of the image count>` (no overwrites; names sort in training order). Non-finite weights stop the run."""
         if not _all_finite(data):
             raise UserError(f'training diverged: non-finite weights at kimg {cur_nimg / 1000:g}; {kind} not saved. '
                             f'Last good training state: {self.last_state or "none"}')
@@ -1054,8 +965,7 @@ class TrainingRun:
 
     def report(self, cur_nimg, **extra):
         """Print the status line of the tick that just ended; returns the means (all-reduced over ranks)."""
-        now = time.time()
-        means = {}
+        now, means = time.time(), {}
         for name, (total, n) in sorted(self.sums.items()):
             t = torch.stack([torch.as_tensor(total, device=self.device).float(), torch.tensor(float(n), device=self.device)])
             dist.all_reduce(t)
@@ -1118,17 +1028,13 @@ def remove_stale_temp_files(folder):
     """Delete temp files that killed runs left behind (their process is gone)."""
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         m = re.fullmatch(r'\..+\.tmp(\d+)', name)
-        if m and not _process_alive(int(m[1])):
-            os.remove(os.path.join(folder, name))
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        if m:
+            try:
+                os.kill(int(m[1]), 0)  # signal 0 only asks whether the process exists
+            except ProcessLookupError:
+                os.remove(os.path.join(folder, name))
+            except PermissionError:  # it does, under another user
+                pass
 
 def load_checkpoint(path):
     if not os.path.isfile(path):
@@ -1167,8 +1073,7 @@ def download(url, flag):
     return dest
 
 # Official checkpoints: EDM-format .pkl snapshots (EDM, Patch Diffusion, GDD) and .pt files (spec 7.2).
-
-# Inert stand-in for a class or object of the official code base; keeps only what was pickled.
+# _Stub: an inert stand-in for a class or object of the official code base; keeps only what was pickled.
 class _Stub:
     name, args, state = None, (), None
 
@@ -1201,21 +1106,17 @@ _SAFE_GLOBALS = {
     ('torch._utils', '_rebuild_parameter_with_state'): lambda data, *unused: _expect(data, torch.Tensor, 'parameter'),
     ('torch.storage', '_load_from_bytes'): lambda data: torch.load(io.BytesIO(data), map_location='cpu', weights_only=True),
     ('torch_utils.persistence', '_reconstruct_persistent_obj'): _persistent_obj,
-    ('collections', 'OrderedDict'): OrderedDict,
-    ('builtins', 'set'): set,
-    ('dnnlib.util', 'EasyDict'): dict,
-    ('dnnlib', 'EasyDict'): dict,
-    ('numpy', 'dtype'): np.dtype,
+    ('collections', 'OrderedDict'): OrderedDict, ('builtins', 'set'): set, ('numpy', 'dtype'): np.dtype,
+    ('dnnlib.util', 'EasyDict'): dict, ('dnnlib', 'EasyDict'): dict,
     ('numpy.core.multiarray', 'scalar'): lambda dtype, data: np.frombuffer(data, dtype=dtype)[0].item(),
     ('numpy._core.multiarray', 'scalar'): lambda dtype, data: np.frombuffer(data, dtype=dtype)[0].item(),
 }
-_STUB_MODULES = ('dnnlib.', 'torch_utils.', 'training.', 'torch.nn.modules.')
 
 class _SnapshotUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[module, name]
-        if (module + '.').startswith(_STUB_MODULES):
+        if (module + '.').startswith(('dnnlib.', 'torch_utils.', 'training.', 'torch.nn.modules.')):
             return type(name, (_Stub,), dict(name=f'{module}.{name}'))
         raise pickle.UnpicklingError(f'refusing global {module}.{name} (only tensors and containers are loaded)')
 
@@ -1256,14 +1157,13 @@ def _from_snapshot(data):
 
 # Weights and constructor arguments of an EDM-format .pkl snapshot (EDM, Patch Diffusion, GDD), read without the
 # official source tree and without running code from the file (plain .pt state dicts: use load_checkpoint).
-# Returns dict(class_name, precond, init_kwargs, state_dict) such that
-# `EDMPrecond(**r['init_kwargs']).load_state_dict(r['state_dict'])` rebuilds the snapshot's EMA network:
-# class_name = backbone class ('SongUNet', 'DhariwalUNet'); precond = preconditioner class ('EDMPrecond',
-# 'VPPrecond', 'Patch_EDMPrecond', ...); init_kwargs = its constructor kwargs (model kwargs included, model_type
-# set) minus use_fp16 (our nets run under torch.autocast); keys as 'model.enc.32x32_conv.weight'.
+# Returns r = dict(class_name, precond, init_kwargs, state_dict); `EDMPrecond(**r['init_kwargs'])` loads
+# r['state_dict'] (keys as 'model.enc.32x32_conv.weight'), the snapshot's EMA network. class_name: the backbone
+# ('SongUNet', 'DhariwalUNet'); precond: its preconditioner ('EDMPrecond', 'VPPrecond', 'Patch_EDMPrecond', ...);
+# init_kwargs: the constructor kwargs (model kwargs included, model_type set) minus use_fp16 (we use autocast).
 def load_official(path_or_url):
-    path = Path(download(path_or_url, '--network') if '://' in str(path_or_url) else path_or_url)
-    if not path.is_file():
+    path = download(path_or_url, '--network') if '://' in str(path_or_url) else path_or_url
+    if not os.path.isfile(path):
         raise UserError(f'{path}: no such file')
     try:
         with open(path, 'rb') as f:
@@ -1295,8 +1195,7 @@ def save_image_grid(images, path, cols=None):
     n, c, h, w = images.shape
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    grid = torch.zeros([rows * cols, c, h, w], dtype=torch.uint8, device=images.device)
-    grid[:n] = images
+    grid = torch.cat([images, images.new_zeros([rows * cols - n, c, h, w])])   # padded with black cells
     grid = grid.reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w)  # -> [C, rows*H, cols*W]
     save_image(grid, path)
 
@@ -1321,12 +1220,12 @@ def resize_tf1(x, size=299):
         x = x0 + (x.index_select(dim, i1) - x0) * w
     return x
 
-class _BasicConv2d(nn.Module):
+class _BasicConv2d(torch.nn.Module):
     """Conv (no bias) + BatchNorm (eps 1e-3, as TF) + ReLU; torchvision's BasicConv2d."""
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels, eps=1e-3)
+        self.conv = torch.nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+        self.bn = torch.nn.BatchNorm2d(out_channels, eps=1e-3)
 
     def forward(self, x):
         return F.relu(self.bn(self.conv(x)))
@@ -1335,7 +1234,7 @@ def _avg_pool_tf(x):
     """3x3/1 average pool that ignores the zero padding, as TF's (pytorch-fid's FIDInception* patch)."""
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
 
-class _InceptionA(nn.Module):
+class _InceptionA(torch.nn.Module):
     """Mixed_5b/5c/5d (pytorch-fid FIDInceptionA)."""
     def __init__(self, in_channels, pool_features):
         super().__init__()
@@ -1351,7 +1250,7 @@ class _InceptionA(nn.Module):
         return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
             self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))), self.branch_pool(_avg_pool_tf(x))], dim=1)
 
-class _InceptionB(nn.Module):
+class _InceptionB(torch.nn.Module):
     """Mixed_6a (torchvision InceptionB): grid reduction 35 -> 17."""
     def __init__(self, in_channels):
         super().__init__()
@@ -1364,7 +1263,7 @@ class _InceptionB(nn.Module):
         return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
             F.max_pool2d(x, kernel_size=3, stride=2)], dim=1)
 
-class _InceptionC(nn.Module):
+class _InceptionC(torch.nn.Module):
     """Mixed_6b..6e (pytorch-fid FIDInceptionC): factorized 1x7 / 7x1 convolutions."""
     def __init__(self, in_channels, channels_7x7):
         super().__init__()
@@ -1387,7 +1286,7 @@ class _InceptionC(nn.Module):
             d7 = getattr(self, f'branch7x7dbl_{i}')(d7)
         return torch.cat([self.branch1x1(x), b7, d7, self.branch_pool(_avg_pool_tf(x))], dim=1)
 
-class _InceptionD(nn.Module):
+class _InceptionD(torch.nn.Module):
     """Mixed_7a (torchvision InceptionD): grid reduction 17 -> 8."""
     def __init__(self, in_channels):
         super().__init__()
@@ -1402,7 +1301,7 @@ class _InceptionD(nn.Module):
         b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
         return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, kernel_size=3, stride=2)], dim=1)
 
-class _InceptionE(nn.Module):
+class _InceptionE(torch.nn.Module):
     """Mixed_7b / 7c (pytorch-fid FIDInceptionE_1 / _2). NOTE: the TF graph pools with max, not average, in Mixed_7c."""
     def __init__(self, in_channels, pool):
         super().__init__()
@@ -1418,13 +1317,12 @@ class _InceptionE(nn.Module):
         self.branch_pool = _BasicConv2d(in_channels, 192, 1)
 
     def forward(self, x):
-        b3 = self.branch3x3_1(x)
-        d3 = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        b3, d3 = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pooled = _avg_pool_tf(x) if self.pool == 'avg' else F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
         return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
             self.branch3x3dbl_3a(d3), self.branch3x3dbl_3b(d3), self.branch_pool(pooled)], dim=1)
 
-class InceptionV3(nn.Module):
+class InceptionV3(torch.nn.Module):
     """The FID Inception-v3 (TF graph inception-2015-12-05) with pytorch-fid's state-dict names, so that
     pt_inception-2015-12-05-6726825d.pth loads with strict=True. Input: uint8-valued [N, 1 or 3, H, W], any size.
       'nvidia'      TF1 bilinear resize to 299, (x-128)/128, as NVIDIA's detector and ADM's TF graph. Comparable with
@@ -1453,18 +1351,15 @@ class InceptionV3(nn.Module):
         self.Mixed_7a = _InceptionD(768)
         self.Mixed_7b = _InceptionE(1280, pool='avg')
         self.Mixed_7c = _InceptionE(2048, pool='max')
-        self.fc = nn.Linear(2048, 1008)
+        self.fc = torch.nn.Linear(2048, 1008)
         self.eval()
 
     def preprocess_images(self, images):
         """uint8-valued [N, 1 or 3, H, W] -> float32 [N, 3, 299, 299] in about [-1, 1]."""
-        x = images.to(torch.float32)
-        if x.shape[1] == 1:
-            x = x.repeat(1, 3, 1, 1)
+        x = images.to(torch.float32).expand(-1, 3, -1, -1)                  # grey -> RGB
         if self.preprocess == 'nvidia':
             return (resize_tf1(x, 299) - 128) / 128
-        x = F.interpolate(x / 255, size=(299, 299), mode='bilinear', align_corners=False)
-        return 2 * x - 1
+        return 2 * F.interpolate(x / 255, size=(299, 299), mode='bilinear', align_corners=False) - 1
 
     def forward(self, images, return_dict=False):
         """Pool3 features [N, 2048]; with return_dict=True a dict of 'pool', 'logits' [N, 1008] (no bias, as the
@@ -1487,11 +1382,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
         raise ValueError(f'statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}')
-    m = np.square(mu1 - mu2).sum()
     with warnings.catch_warnings():  # a singular product (fewer images than dimensions) warns; EDM silences it too
         warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
         s = scipy.linalg.sqrtm(np.dot(sigma1, sigma2))
-    return float(np.real(m + np.trace(sigma1 + sigma2 - s * 2)))
+    return float(np.real(np.square(mu1 - mu2).sum() + np.trace(sigma1 + sigma2 - s * 2)))
 
 #------------------------------------------------------------------------------
 # 11. EDM's augmentation pipe (EDM Sec. 5, "Augmentation regularization"), the pipeline of ADA: Karras et al. 2020,
@@ -1576,8 +1470,7 @@ class AugmentPipe:
                 setattr(self, name, float(value))
 
     def __call__(self, images):
-        N, C, H, W = images.shape
-        dev = images.device
+        (N, C, H, W), dev = images.shape, images.device
         labels = [torch.zeros([N, 0], device=dev)]
 
         def gate(w, prob, shape=None):  # keep w where a fresh uniform draw falls below prob, else 0 (= not applied)
@@ -1585,14 +1478,11 @@ class AugmentPipe:
             return torch.where(keep, w, torch.zeros_like(w))
 
         # Pixel blitting: flips, quarter turns, integer translation; exact pixel moves, no resampling.
-        if self.xflip > 0:
-            w = gate(torch.randint(2, [N, 1, 1, 1], device=dev), self.xflip * self.p)     # 1 = mirrored left-right
-            images = torch.where(w == 1, images.flip(3), images)
-            labels.append(w)
-        if self.yflip > 0:
-            w = gate(torch.randint(2, [N, 1, 1, 1], device=dev), self.yflip * self.p)     # 1 = mirrored top-bottom
-            images = torch.where(w == 1, images.flip(2), images)
-            labels.append(w)
+        for multiplier, dim in ((self.xflip, 3), (self.yflip, 2)):      # x-flip (left-right), then y-flip
+            if multiplier > 0:
+                w = gate(torch.randint(2, [N, 1, 1, 1], device=dev), multiplier * self.p)  # 1 = mirrored
+                images = torch.where(w == 1, images.flip(dim), images)
+                labels.append(w)
         if self.rotate_int > 0:
             w = gate(torch.randint(4, [N, 1, 1, 1], device=dev), self.rotate_int * self.p)  # quarter turns (rot90)
             images = torch.stack([images.rot90(k, dims=(2, 3)) for k in range(4)])[w.flatten(), torch.arange(N, device=dev)]
@@ -1660,8 +1550,7 @@ class AugmentPipe:
             images = _resample2x(images, filt, up=False)[:, :, pad:-pad, pad:-pad]   # [N, C, H, W]
 
         # Color: compose a homogeneous 4x4 map M [N, 4, 4] of (R, G, B, 1), then apply it per pixel.
-        I_4 = torch.eye(4, device=dev)
-        M = I_4
+        M = I_4 = torch.eye(4, device=dev)
         v = torch.tensor(np.array([1, 1, 1, 0]) / np.sqrt(3), dtype=torch.float32, device=dev)  # luma axis
         P = torch.outer(v, v)                                                   # projection onto the luma axis
         if self.brightness > 0:

@@ -1,0 +1,105 @@
+"""GPU readiness check: run on one CUDA device, not collected by pytest. About 5 minutes on an H100/H200.
+
+For every method file that exists it runs the real training CLI for a few steps of a tiny config in fp32, bf16 and
+fp16 (losses must be finite), compares the fp32 GPU weights after those steps with the same run on the CPU, samples
+2 steps with `generate`, and measures img/s and peak memory of a paper config (a batch that fits one GPU) from the
+run's own status lines. Prints one markdown table for the README.
+
+  python tests/gpu_check.py                 # everything
+  python tests/gpu_check.py --only=patch_diffusion --paper-steps=20
+"""
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = ['--workers=2', '--nosubdir', '--snap=1', '--dump=1', '--seed=0']
+
+# Per method: tiny flags (8-16 px, a few steps), the paper config for throughput (batch per GPU that fits), and
+# generate flags. `{kimg}` in a paper config is replaced by the length of the timed run.
+CHECKS = {
+    'patch_diffusion': dict(
+        tiny=['--data=demo-16', '--cbase=32', '--cres=1,2,2', '--batch=32', '--duration=0.0002', '--tick=0.05',
+              '--lr=1e-3', '--lr-rampup=0', '--dropout=0', '--grid=0', '--real_p=0.5'],
+        paper=[('CelebA-64 DDPM++, p=0.5 (paper)', ['--data=demo-64', '--preset=celeba64', '--batch=128', '--grid=0', '--tick={kimg}', '--duration={mimg}']),
+               ('CelebA-64 DDPM++, p=1 (EDM)', ['--data=demo-64', '--preset=celeba64', '--real_p=1', '--batch=128', '--grid=0', '--tick={kimg}', '--duration={mimg}'])],
+        generate=['--steps=2', '--seeds=0-7', '--batch=8']),
+}
+
+def run(cmd, env=None, timeout=600):
+    t0 = time.time()
+    result = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                            env=dict(os.environ, **(env or {})))
+    if result.returncode != 0:
+        raise RuntimeError(f'{" ".join(cmd)} failed:\n{result.stderr[-3000:]}')
+    return result, time.time() - t0
+
+def stats(folder):
+    return [json.loads(line) for line in open(os.path.join(folder, 'stats.jsonl'))]
+
+def last_state(folder):
+    return torch.load(sorted(glob.glob(os.path.join(folder, 'training-state-*.pt')))[-1], map_location='cpu', weights_only=True)
+
+def check_method(name, spec, work, args, rows):
+    script = f'{name}.py'
+    # 1. A few steps in each precision: finite losses.
+    for dtype, flags in [('fp32', []), ('bf16', ['--bf16=1']), ('fp16', ['--fp16=1'])]:
+        out = os.path.join(work, f'{name}-{dtype}')
+        _, sec = run([script, 'train', *spec['tiny'], *COMMON, *flags, f'--outdir={out}'])
+        losses = [s['loss'] for s in stats(out) if 'loss' in s]
+        finite = all(map(lambda v: v == v and abs(v) != float('inf'), losses))
+        rows.append((name, f'train tiny {dtype}', 'ok' if finite else 'NON-FINITE LOSS', f'{len(losses)} ticks, {sec:.0f} s'))
+    # 2. fp32 on the GPU equals fp32 on the CPU (same seed, same data order) within float tolerance.
+    cpu = os.path.join(work, f'{name}-cpu')
+    run([script, 'train', *spec['tiny'], *COMMON, '--workers=0', f'--outdir={cpu}'], env=dict(CUDA_VISIBLE_DEVICES=''))
+    gpu_net, cpu_net = last_state(os.path.join(work, f'{name}-fp32'))['net'], last_state(cpu)['net']
+    diff = max((gpu_net[k].float() - cpu_net[k].float()).abs().max().item() for k in gpu_net)
+    scale = max(cpu_net[k].float().abs().max().item() for k in cpu_net)
+    rows.append((name, 'fp32 GPU vs CPU weights', 'ok' if diff < 1e-3 * scale else 'MISMATCH', f'max |diff| {diff:.2e} (max |w| {scale:.2f})'))
+    # 3. Sampling from the snapshot.
+    snap = sorted(glob.glob(os.path.join(work, f'{name}-bf16', 'network-snapshot-*.pt')))[-1]
+    _, sec = run([script, 'generate', f'--network={snap}', f'--outdir={os.path.join(work, name + "-gen")}', *spec['generate']])
+    rows.append((name, 'generate (2 steps)', 'ok', f'{sec:.0f} s'))
+    # 4. Throughput of the paper configs, fp32 / bf16 (plus --compile if asked): the last tick's img/s and gpumem.
+    for label, flags in spec['paper']:
+        for extra in [[], ['--bf16=1']] + ([['--bf16=1', '--compile=1']] if args.compile else []):
+            out = os.path.join(work, f'{name}-paper-{len(rows)}')
+            batch = int(next(f.split('=')[1] for f in flags if f.startswith('--batch=')))
+            kimg = batch * args.paper_steps / 1000 / 3  # three ticks; the last one is timed
+            flags_ = [f.replace('{kimg}', f'{kimg:g}').replace('{mimg}', f'{3 * kimg / 1000:g}') for f in flags]
+            run([script, 'train', *flags_, *COMMON, '--snap=0', '--dump=0', *extra, f'--outdir={out}'])
+            last = stats(out)[-1]
+            rows.append((name, f'{label} {" ".join(extra) or "fp32"}', f'{last["img/s"]:.0f} img/s', f'peak {last["gpumem"]:.1f} GiB, batch {batch}'))
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--only', default=None, help='comma-separated method names')
+    parser.add_argument('--paper-steps', type=int, default=30, help='steps per tick of the timed paper-config runs')
+    parser.add_argument('--compile', action='store_true', help='also time --compile=1 (slow first steps)')
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit('gpu_check.py needs a CUDA device')
+    print(f'device: {torch.cuda.get_device_name()}, torch {torch.__version__}', flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        for name, spec in CHECKS.items():
+            if (args.only and name not in args.only.split(',')) or not os.path.exists(os.path.join(ROOT, f'{name}.py')):
+                continue
+            try:
+                check_method(name, spec, work, args, rows)
+            except Exception as e:  # report and go on with the next method
+                rows.append((name, 'FAILED', type(e).__name__, str(e).strip().splitlines()[-1][:200]))
+            print('\n'.join(' | '.join(r) for r in rows[-8:]), flush=True)
+    print('\n| method | check | result | detail |\n|---|---|---|---|')
+    for r in rows:
+        print('| ' + ' | '.join(r) + ' |')
+
+if __name__ == '__main__':
+    main()
