@@ -7,12 +7,13 @@ The denoiser is trained on random square crops ("patches") of the training image
 input channels with the (x, y) position of its pixels in the full image, in [-1, 1]. The crop size is drawn from
 {R/4, R/2, R}; with probability `real_p` it is the full image, and smaller crops come with a proportionally larger
 batch. The loss is EDM's loss on the crop. Sampling is plain EDM sampling of a full-size canvas with the full
-coordinate grid attached at every network call. `--real_p=1` is plain EDM training (our baseline).
+coordinate grid attached at every network call. `--real_p=1` is plain EDM training (our baseline). The 256x256
+models (LSUN, ImageNet) run on Stable Diffusion VAE latents (4x32x32, patch sizes {R/2, R}).
 
 Implemented: pixel-space training (DDPM++, NCSN++, ADM backbones), the stochastic and progressive patch-size
 schedules, classifier-free guidance (label dropout in training, `--cfg` in sampling), larger sampling canvases
-(coordinate extrapolation). Not implemented: latent-space training (`--train_on_latents=1` needs the Stable Diffusion
-VAE, outside this project's dependencies), the augmentation pipe (`--augment` must be 0, as in every paper config).
+(coordinate extrapolation), EDM's augmentation pipe, latent-space training and sampling with the SD VAE written in
+plain torch (sd-vae-ft-ema weights from a local file or URL; `encode` pre-encodes a dataset once).
 
   # train DDPM++ on CelebA-64 with 8 GPUs (the official README's command)
   torchrun --standalone --nproc_per_node=8 patch_diffusion.py train --outdir=training-runs \\
@@ -22,18 +23,29 @@ VAE, outside this project's dependencies), the augmentation pipe (`--augment` mu
   torchrun --standalone --nproc_per_node=8 patch_diffusion.py generate --steps=50 --resolution=64 --batch=64 \\
       --outdir=fid-tmp --seeds=0-49999 --subdirs --network=training-runs/00000-*/network-snapshot-200000.pt
   torchrun --standalone --nproc_per_node=8 fid.py calc --images=fid-tmp --ref=fid-refs/celeba-64x64.npz
+  # latent ADM on LSUN-Bedroom-256 (official README), then 256 stochastic steps decoded by the VAE
+  torchrun --standalone --nproc_per_node=8 patch_diffusion.py train --outdir=training-runs \\
+      --data=datasets/lsun-bedroom-256x256.zip --cond=0 --arch=adm --train_on_latents=1 --duration=200 \\
+      --batch-gpu=32 --batch=1024 --lr=1e-4 --ema=50 --dropout=0.10 --fp16=1 --ls=100 --augment=0 --real_p=0.5
+  torchrun --standalone --nproc_per_node=8 patch_diffusion.py generate --steps=256 --S_churn=40 --S_min=0.05 \\
+      --S_max=50 --S_noise=1.003 --on_latents=1 --batch=64 --outdir=fid-tmp --seeds=0-49999 --subdirs --network=...
 """
 
 import argparse
 import copy
 import json
+import os
+import struct
+import types
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from common import (AugmentPipe, EDMLoss, EDMPrecond, PerSeedRNG, TrainingRun, UserError, add_train_flags, data_stream,
-                    distributed_model, edm_sampler, ema_beta, get_rank, get_world_size, init_distributed, learning_rate,
+                    distributed_model, download, edm_sampler, ema_beta, get_rank, get_world_size, init_distributed, learning_rate,
                     load_checkpoint, load_official, load_training_state, open_dataset, optimizer_step, parse_bool,
                     parse_command_line, parse_int_list, print0, reseed, run_main, save_image_grid,
                     save_seed_images, seed_batches, setup_precision, split_batch, sync_if, update_ema)
@@ -100,11 +112,12 @@ def size_multiple(net):
 #------------------------------------------------------------------------------
 # 3. Method math: patch-size schedule, random crops with coordinates, the patch loss.
 
-def patch_schedule(resolution, real_p):
+def patch_schedule(resolution, real_p, latent=False):
     """Patch sizes {R/4, R/2, R} with probabilities (0.4 (1-p), 0.6 (1-p), p) (paper Eq. 5) and their batch
-    multipliers R/s (official batch_mul table: 16->4, 32->2, 64->1 at R=64)."""
-    sizes = [resolution // 4, resolution // 2, resolution]
-    pmf = [0.4 * (1 - real_p), 0.6 * (1 - real_p), real_p]
+    multipliers R/s (official batch_mul table: 16->4, 32->2, 64->1 at R=64). Latent space (official
+    train_on_latents): sizes {R/2, R} with probabilities (1-p, p), multipliers 2 and 1 (16->2, 32->1 at R=32)."""
+    sizes = [resolution // 2, resolution] if latent else [resolution // 4, resolution // 2, resolution]
+    pmf = [1 - real_p, real_p] if latent else [0.4 * (1 - real_p), 0.6 * (1 - real_p), real_p]
     # NOTE: upstream looks the multiplier up in a fixed table that has no entry for 8 (so CIFAR-sized data crashes,
     # official issue #3) and gives 1.9 as the average only for R=64; R // s reproduces that table for R=64 and
     # extends it to any resolution.
@@ -157,7 +170,304 @@ def patch_loss(net, loss_fn, images, labels, size, coords=True, augment_pipe=Non
                    labels, augment_pipe)
 
 #------------------------------------------------------------------------------
-# 4. Sampler: EDM's Heun sampler over a full canvas, the coordinate grid attached at every call, optional CFG.
+# 4. Latent space (paper: LSUN and ImageNet at 256x256; official --train_on_latents): the Stable Diffusion VAE (kl-f8)
+#    in plain torch, with the module and parameter names of diffusers' `AutoencoderKL` (autoencoders/vae.py), so the
+#    released `stabilityai/sd-vae-ft-ema` weights load by name; posterior sampling; datasets encoded once.
+
+LATENT_SCALE = 0.18215  # SD latent scale factor: latents = 0.18215 * posterior sample (official training_loop.py)
+SD_VAE_URL = 'https://huggingface.co/stabilityai/sd-vae-ft-ema/resolve/main/diffusion_pytorch_model.safetensors'
+
+class VAEResnet(nn.Module):
+    """GroupNorm-SiLU-conv3x3 twice plus the input, through a 1x1 conv where the width changes (diffusers ResnetBlock2D)."""
+    def __init__(self, in_channels, out_channels, groups):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=1e-6)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=1e-6)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x):
+        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+class VAEAttention(nn.Module):
+    """One-head self-attention over all positions, with a residual (diffusers Attention in the mid block)."""
+    def __init__(self, channels, groups):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.to_q, self.to_k, self.to_v = (nn.Linear(channels, channels) for _ in range(3))
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # key 'to_out.0' as in diffusers
+
+    def forward(self, x):
+        N, C, H, W = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)                            # [N, C, H, W] -> [N, HW, C]
+        q, k, v = (proj(h)[:, None] for proj in (self.to_q, self.to_k, self.to_v))   # [N, 1, HW, C]: one head
+        h = F.scaled_dot_product_attention(q, k, v)[:, 0]                            # softmax(q k^T / sqrt(C)) v
+        return x + self.to_out[0](h).transpose(1, 2).reshape(N, C, H, W)             # [N, HW, C] -> [N, C, H, W]
+
+class VAEResample(nn.Module):
+    """2x down: zero-pad right and bottom by one, 3x3 conv with stride 2 (Downsample2D with padding 0); 2x up:
+    nearest-neighbour upsampling, 3x3 conv (Upsample2D)."""
+    def __init__(self, channels, up):
+        super().__init__()
+        self.up = up
+        self.conv = nn.Conv2d(channels, channels, 3, stride=1 if up else 2, padding=1 if up else 0)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest') if self.up else F.pad(x, (0, 1, 0, 1)))
+
+class VAEStage(nn.Module):
+    """`num_layers` resnets, then an optional 2x resample (DownEncoderBlock2D / UpDecoderBlock2D)."""
+    def __init__(self, in_channels, out_channels, num_layers, groups, resample=None):  # resample: None, 'down', 'up'
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResnet(in_channels if i == 0 else out_channels, out_channels, groups)
+                                      for i in range(num_layers)])
+        self.resample = resample
+        if resample:  # keys 'downsamplers.0.conv.*' / 'upsamplers.0.conv.*'
+            self.add_module(f'{resample}samplers', nn.ModuleList([VAEResample(out_channels, up=resample == 'up')]))
+
+    def forward(self, x):
+        for resnet in self.resnets:
+            x = resnet(x)
+        return getattr(self, f'{self.resample}samplers')[0](x) if self.resample else x
+
+class VAEMid(nn.Module):
+    """Resnet, attention, resnet at the lowest resolution (UNetMidBlock2D)."""
+    def __init__(self, channels, groups):
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResnet(channels, channels, groups) for _ in range(2)])
+        self.attentions = nn.ModuleList([VAEAttention(channels, groups)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+class VAEEncoder(nn.Module):
+    """Image -> 2 * latent_channels moments (mean, log-variance) at 1 / 2 ** (levels - 1) the resolution."""
+    def __init__(self, in_channels, latent_channels, channels, layers_per_block, groups):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([VAEStage(channels[max(i - 1, 0)], c, layers_per_block, groups,
+                                                   'down' if i < len(channels) - 1 else None) for i, c in enumerate(channels)])
+        self.mid_block = VAEMid(channels[-1], groups)
+        self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(channels[-1], 2 * latent_channels, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
+
+class VAEDecoder(nn.Module):
+    """Latent -> image; the levels in reverse, one more resnet per level than the encoder."""
+    def __init__(self, latent_channels, out_channels, channels, layers_per_block, groups):
+        super().__init__()
+        rev = list(reversed(channels))
+        self.conv_in = nn.Conv2d(latent_channels, rev[0], 3, padding=1)
+        self.mid_block = VAEMid(rev[0], groups)
+        self.up_blocks = nn.ModuleList([VAEStage(rev[max(i - 1, 0)], c, layers_per_block + 1, groups,
+                                                 'up' if i < len(rev) - 1 else None) for i, c in enumerate(rev)])
+        self.conv_norm_out = nn.GroupNorm(groups, channels[0], eps=1e-6)
+        self.conv_out = nn.Conv2d(channels[0], out_channels, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+class AutoencoderKL(nn.Module):
+    """The KL-regularized autoencoder of Stable Diffusion (Rombach et al. 2022); defaults = the SD kl-f8 VAE
+    (83,653,863 parameters), whose 256x256 images become 4x32x32 latents. Frozen here: no loss, no training."""
+    def __init__(self,
+        in_channels         = 3,                     # image channels
+        out_channels        = 3,                     # decoded image channels
+        block_out_channels  = (128, 256, 512, 512),  # width per level; downsampling factor 2 ** (levels - 1)
+        layers_per_block    = 2,                     # resnets per encoder level; the decoder has one more
+        latent_channels     = 4,                     # latent channels
+        norm_num_groups     = 32,                    # GroupNorm groups everywhere
+    ):
+        super().__init__()
+        self.factor = 2 ** (len(block_out_channels) - 1)
+        self.encoder = VAEEncoder(in_channels, latent_channels, block_out_channels, layers_per_block, norm_num_groups)
+        self.decoder = VAEDecoder(latent_channels, out_channels, block_out_channels, layers_per_block, norm_num_groups)
+        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+
+    def encode(self, x):
+        """Posterior N(mean, exp(logvar)) for images in [-1, 1]; logvar clamped to [-30, 20] (diffusers
+        DiagonalGaussianDistribution)."""
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)  # [N, 2C, h, w] -> 2 x [N, C, h, w]
+        return mean, logvar.clamp(-30, 20)
+
+    def decode(self, z):
+        return self.decoder(self.post_quant_conv(z))
+
+SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+                      'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8, 'U8': torch.uint8,
+                      'BOOL': torch.bool}
+
+def read_safetensors(path):
+    """Tensors of a .safetensors file, without the safetensors package: an 8-byte little-endian header length n,
+    n bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}, '__metadata__': ...}, then the raw
+    little-endian tensor bytes (offsets relative to the end of the header)."""
+    with open(path, 'rb') as f:
+        (n,) = struct.unpack('<Q', f.read(8))
+        header = json.loads(f.read(n))
+        data = bytearray(f.read())
+    tensors = {}
+    for name, info in header.items():
+        if name == '__metadata__':
+            continue
+        dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info['dtype']], info['shape'], info['data_offsets']
+        count = int(torch.Size(shape).numel())
+        if end - begin != count * dtype.itemsize or end > len(data):
+            raise ValueError(f'tensor {name}: {end - begin} bytes for shape {shape} {info["dtype"]}')
+        flat = torch.frombuffer(data, dtype=dtype, offset=begin, count=count) if count else torch.empty(0, dtype=dtype)
+        tensors[name] = flat.reshape(shape)
+    return tensors
+
+# Old diffusers attention names (before v0.14; still in some hub files) -> current ones.
+OLD_ATTENTION_NAMES = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out.0'}
+
+def convert_vae_keys(state_dict):
+    """Current diffusers names: query/key/value/proj_attn -> to_q/to_k/to_v/to_out.0, and attention weights stored
+    as 1x1 convolutions [C, C, 1, 1] -> linear [C, C]."""
+    out = {}
+    for key, t in state_dict.items():
+        parts = key.rsplit('.', 2)
+        if len(parts) == 3 and parts[1] in OLD_ATTENTION_NAMES:
+            key = f'{parts[0]}.{OLD_ATTENTION_NAMES[parts[1]]}.{parts[2]}'
+        out[key] = t[:, :, 0, 0] if '.attentions.' in key and t.ndim == 4 else t
+    return out
+
+def vae_config(state_dict):
+    """AutoencoderKL constructor arguments read off the weight shapes (GroupNorm groups cannot be: 32, as every SD VAE)."""
+    enc = lambda name: state_dict[f'encoder.{name}.weight']
+    levels = sum(f'encoder.down_blocks.{i}.resnets.0.conv1.weight' in state_dict for i in range(len(state_dict)))
+    layers = sum(f'encoder.down_blocks.0.resnets.{j}.conv1.weight' in state_dict for j in range(len(state_dict)))
+    return dict(in_channels=enc('conv_in').shape[1], out_channels=state_dict['decoder.conv_out.weight'].shape[0],
+                block_out_channels=[enc(f'down_blocks.{i}.resnets.0.conv1').shape[0] for i in range(levels)],
+                layers_per_block=layers, latent_channels=state_dict['post_quant_conv.weight'].shape[0])
+
+def load_vae(path_or_url):
+    """The VAE from diffusers-format weights (`diffusion_pytorch_model.safetensors` or `.bin`; old or current
+    attention names), a local path or a URL (downloaded once into torch's hub cache)."""
+    path = download(path_or_url, '--vae') if '://' in str(path_or_url) else str(path_or_url)
+    if not os.path.isfile(path):
+        raise UserError(f'{path}: no such VAE weights file (diffusers format, e.g. sd-vae-ft-ema/'
+                        'diffusion_pytorch_model.safetensors)')
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(9)
+        if len(head) == 9 and head[8:9] == b'{':  # safetensors: a JSON header follows the 8-byte length
+            state_dict = read_safetensors(path)
+        else:
+            state_dict = torch.load(path, map_location='cpu', weights_only=True)
+        state_dict = convert_vae_keys(state_dict)
+        vae = AutoencoderKL(**vae_config(state_dict))
+    except Exception as e:
+        raise UserError(f'{path}: not a readable diffusers AutoencoderKL weights file ({type(e).__name__}: {e})') from None
+    expected = vae.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        what = (f'no {missing[0]}' if missing else f'unexpected {unexpected[0]}' if unexpected else
+                f'{wrong[0]} has shape {list(state_dict[wrong[0]].shape)}, expected {list(expected[wrong[0]].shape)}')
+        raise UserError(f'{path}: not an AutoencoderKL state dict ({what}; {len(missing)} missing, {len(unexpected)} '
+                        f'unexpected, {len(wrong)} wrong shapes)')
+    vae.load_state_dict({k: v.float() for k, v in state_dict.items()})
+    return vae.eval().requires_grad_(False)
+
+@torch.no_grad()
+def latents_from(batch, vae=None):
+    """0.18215 * a posterior sample mean + std * eps (official training loop: `latent_dist.sample()`), from uint8
+    images encoded now by `vae`, or from pre-encoded moments [N, 2C, h, w] = (mean, std) when vae is None."""
+    if vae is not None:
+        mean, logvar = vae.encode(batch.to(torch.float32) / 127.5 - 1)
+        std = (0.5 * logvar).exp()
+    else:
+        mean, std = batch.to(torch.float32).chunk(2, dim=1)  # [N, 2C, h, w] -> 2 x [N, C, h, w]
+    return LATENT_SCALE * (mean + std * torch.randn_like(mean))
+
+@torch.no_grad()
+def decode_latents(vae, x):
+    """Images in [-1, 1] from latents x (official generate.py: decode(x / 0.18215)).
+    NOTE: upstream decodes the whole batch; we decode one image at a time, so no image depends on its batch."""
+    return torch.cat([vae.decode(z[None].float() / LATENT_SCALE) for z in x])
+
+class LatentDataset(torch.utils.data.Dataset):
+    """A folder written by `patch_diffusion.py encode`: item i = (posterior moments [2C, h, w] float32 = mean then
+    std, one-hot label). The moments stay on disk (memory-mapped .npy)."""
+    def __init__(self, path, use_labels=False, xflip=False, **_):
+        if xflip:
+            raise UserError(f'{path}: pre-encoded latents cannot be x-flipped; train on the images (per-step encoding) '
+                            'or without --xflip')
+        if use_labels and not os.path.isfile(os.path.join(path, 'labels.npy')) and os.path.isdir(path):
+            raise UserError(f'{path}: no labels.npy (encoded from a dataset without labels); train with --cond=0')
+        try:
+            self.moments = np.load(os.path.join(path, 'moments.npy'), mmap_mode='r')
+            with open(os.path.join(path, 'dataset.json')) as f:
+                self.info = json.load(f)
+            self.labels = np.load(os.path.join(path, 'labels.npy'), mmap_mode='r') if use_labels else None
+        except (OSError, ValueError) as e:
+            raise UserError(f'{path}: not a readable folder of pre-encoded latents ({e})') from None
+        self.name = os.path.basename(os.path.normpath(path))
+        self.num_channels, self.resolution = self.moments.shape[1] // 2, self.moments.shape[2]
+        self.label_dim = 0 if self.labels is None else self.labels.shape[1]
+
+    def __len__(self):
+        return len(self.moments)
+
+    def __getitem__(self, i):
+        return np.array(self.moments[i]), np.array(self.labels[i]) if self.labels is not None else np.zeros([0], np.float32)
+
+@torch.no_grad()
+def encode(args):
+    """`encode`: a dataset -> folder of posterior moments. NOTE: not in the official code, which encodes every batch
+    (EDM2 pre-encodes this way); training from the folder samples the same posterior without running the encoder:
+    moments.npy [N, 2C, h, w] float32 (mean, std), labels.npy [N, label_dim] if the dataset has labels, dataset.json.
+    Each rank encodes every world_size-th image into the shared memory-mapped file."""
+    device = init_distributed()
+    rank, world_size = get_rank(), get_world_size()
+    try:
+        dataset = open_dataset(args.data, use_labels=True)
+    except UserError:  # no labels: encode the images alone (a missing dataset fails again below)
+        dataset = open_dataset(args.data)
+    vae = load_vae(args.vae or SD_VAE_URL).to(device)
+    R, C = dataset.resolution, vae.post_quant_conv.in_channels
+    if R % vae.factor or dataset.num_channels != vae.encoder.conv_in.in_channels:
+        raise UserError(f'{args.data}: {R}x{R}x{dataset.num_channels} images; this VAE takes '
+                        f'{vae.encoder.conv_in.in_channels} channels and sides divisible by {vae.factor}')
+    files = {'moments': [len(dataset), 2 * C, R // vae.factor, R // vae.factor], 'labels': [len(dataset), dataset.label_dim]}
+    if rank == 0:
+        os.makedirs(args.dest, exist_ok=True)
+        for name, shape in files.items():
+            if shape[1]:
+                np.lib.format.open_memmap(os.path.join(args.dest, f'{name}.npy'), 'w+', np.float32, tuple(shape)).flush()
+        with open(os.path.join(args.dest, 'dataset.json'), 'w') as f:
+            json.dump(dict(source=args.data, vae=args.vae or SD_VAE_URL, image_resolution=R, num_images=len(dataset)), f)
+    torch.distributed.barrier()
+    out = {name: np.load(os.path.join(args.dest, f'{name}.npy'), mmap_mode='r+') for name, s in files.items() if s[1]}
+    indices = list(range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=args.batch,
+                                         num_workers=args.workers)
+    print0(f'encoding {len(dataset)} images of {R}x{R} into {args.dest} ({files["moments"][1:]} moments each)')
+    for start, (images, labels) in zip(range(0, len(indices), args.batch), tqdm(loader, unit='batch', disable=rank != 0)):
+        mean, logvar = vae.encode(images.to(device).to(torch.float32) / 127.5 - 1)
+        rows = indices[start:start + len(images)]
+        out['moments'][rows] = torch.cat([mean, (0.5 * logvar).exp()], dim=1).cpu().numpy()  # (mean, std)
+        if 'labels' in out:
+            out['labels'][rows] = labels.numpy()
+    for array in out.values():
+        array.flush()
+    torch.distributed.barrier()
+    print0('done')
+
+#------------------------------------------------------------------------------
+# 5. Sampler: EDM's Heun sampler over a full canvas, the coordinate grid attached at every call, optional CFG.
 
 def coordinate_canvas(resolution, image_size, x_start=0, y_start=0, device='cpu'):
     """[1, 2, S, S] coordinates of an S x S canvas normalized by the training resolution; a canvas larger than
@@ -179,22 +489,45 @@ def guided_denoiser(net, pos=None, cfg=None):
     return denoise
 
 #------------------------------------------------------------------------------
-# 5. Training loop.
+# 6. Training loop.
+
+def open_training_data(args):
+    """(dataset, vae, R, C): what each step fetches, the VAE that encodes it every step (None for pixels and for
+    pre-encoded moments), and the resolution and channels of what the network sees (latents of 256x256 images
+    through the SD VAE: 32 and 4). A dry run reads no weights (the SD kl-f8 VAE is assumed) and, for latents, no
+    images: a dataset that is not there is taken as 256x256 RGB, with ImageNet's 1000 classes if --cond."""
+    if os.path.isfile(os.path.join(args.data, 'moments.npy')):
+        if not args.train_on_latents:
+            raise UserError(f'{args.data}: pre-encoded latents (patch_diffusion.py encode); train with --train_on_latents=1')
+        dataset = LatentDataset(args.data, use_labels=args.cond, xflip=args.xflip)
+        return dataset, None, dataset.resolution, dataset.num_channels
+    if args.dry_run and args.train_on_latents and not os.path.exists(args.data):
+        name = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
+        dataset = types.SimpleNamespace(name=name, resolution=256, num_channels=3, label_dim=1000 if args.cond else 0)
+    else:
+        dataset = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
+    if not args.train_on_latents:
+        return dataset, None, dataset.resolution, dataset.num_channels
+    if args.dry_run:
+        with torch.device('meta'):
+            vae = AutoencoderKL()
+    else:
+        vae = load_vae(args.vae or SD_VAE_URL)
+    if dataset.resolution % vae.factor or dataset.num_channels != vae.encoder.conv_in.in_channels:
+        raise UserError(f'{args.data}: {dataset.resolution}x{dataset.resolution}x{dataset.num_channels} images; the VAE '
+                        f'takes {vae.encoder.conv_in.in_channels} channels and sides divisible by {vae.factor}')
+    return dataset, vae, dataset.resolution // vae.factor, vae.post_quant_conv.in_channels
 
 def train(args):
     device = init_distributed()
     rank, world_size = get_rank(), get_world_size()
-    if args.train_on_latents:
-        raise UserError('--train_on_latents=1 needs the Stable Diffusion VAE (sd-vae-ft-ema), which patch_diffusion.py '
-                        'does not include yet; train in pixel space (--train_on_latents=0)')
     if not 0 <= args.real_p <= 1 or not 0 <= args.augment <= 1:
         raise UserError(f'--real_p={args.real_p} and --augment={args.augment} must be in [0, 1]')
     amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
-    dataset = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
-    R, C = dataset.resolution, dataset.num_channels
+    dataset, vae, R, C = open_training_data(args)
     batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
-    sizes, pmf, batch_mul = patch_schedule(R, args.real_p)
-    mul_avg = float(np.dot(pmf, batch_mul))  # expected multiplier: 1.9 at p = 0.5
+    sizes, pmf, batch_mul = patch_schedule(R, args.real_p, args.train_on_latents)
+    mul_avg = float(np.dot(pmf, batch_mul))  # expected multiplier: 1.9 at p = 0.5 (latent: 1.5)
     precond, net_kwargs = network_kwargs(args, R, C, dataset.label_dim)
     with torch.device('meta'):  # the network's shape only, nothing allocated
         shape_net = build_network(precond, net_kwargs)
@@ -208,9 +541,18 @@ def train(args):
     options = dict(vars(args), precond_class=precond, net_kwargs=net_kwargs, num_params=num_params, patch_sizes=sizes,
                    patch_pmf=pmf, batch_mul=batch_mul, batch_mul_avg=mul_avg, batch_gpu=batch_gpu, rounds=rounds,
                    world_size=world_size)
+    if args.train_on_latents:
+        args.vae = args.vae or getattr(dataset, 'info', {}).get('vae') or SD_VAE_URL  # kept in the snapshot's args
+        count = lambda m: sum(p.numel() for p in m.parameters())
+        options.update(vae=args.vae, latent_shape=[C, R, R], encoding='per step' if vae else 'pre-encoded',
+                       image_resolution=dataset.resolution if vae else dataset.info.get('image_resolution'),
+                       vae_params=dict(total=count(vae), encoder=count(vae.encoder), decoder=count(vae.decoder)) if vae else None)
     if args.dry_run:
         print0(json.dumps(options, indent=2))
         return
+    if vae is not None:
+        vae = vae.to(device)  # frozen, float32 (official); None for pixels and pre-encoded moments
+    grid_vae = vae or (load_vae(args.vae).to(device) if args.train_on_latents and args.grid else None)  # decodes the grids
 
     # Network, EMA, optimizer, augmentation; a training state to resume from.
     torch.manual_seed(args.seed)
@@ -231,6 +573,9 @@ def train(args):
                f'{num_params:,} parameters, device {device}, {world_size} process(es)')
         print0(f'patch sizes {sizes} with probabilities {[round(p, 3) for p in pmf]} and batch multipliers {batch_mul} '
                f'(average {mul_avg:g}); {batch_gpu} images x {rounds} rounds x {world_size} GPUs per step')
+        if args.train_on_latents:
+            print0(f'latents {C}x{R}x{R} (x {LATENT_SCALE}) of {options["image_resolution"]}-pixel images, '
+                   f'{options["encoding"]}, VAE {args.vae}' + (f' ({options["vae_params"]["total"]:,} parameters)' if vae else ''))
         print0(f'run directory {run.dir}; training to {args.duration * 1000:g} kimg (patch counter)')
         stream = data_stream(dataset, batch_gpu, rank, world_size, args.seed, data_pos, args.workers)
         while True:
@@ -244,7 +589,8 @@ def train(args):
                     k = int(rng.choice(len(sizes), p=pmf))  # stochastic schedule, drawn per micro-batch and rank
                 fetched = [next(stream) for _ in range(batch_mul[k])]  # batch_mul[k] micro-batches -> one of patches
                 data_pos += batch_mul[k] * batch_gpu
-                images = torch.cat([f[0] for f in fetched]).to(device).to(torch.float32) / 127.5 - 1
+                x = torch.cat([f[0] for f in fetched]).to(device)
+                images = latents_from(x, vae) if args.train_on_latents else x.to(torch.float32) / 127.5 - 1
                 labels = torch.cat([f[1] for f in fetched]).to(device)
                 with sync_if(ddp, r == rounds - 1):
                     loss = patch_loss(ddp, loss_fn, images, labels, sizes[k], coords, augment_pipe)
@@ -261,23 +607,23 @@ def train(args):
                     snapshot=lambda: dict(precond=precond, net_kwargs=net_kwargs, ema=ema.state_dict()),
                     state=lambda: dict(net=net.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict()))
                 if snapshot and args.grid:
-                    save_sample_grid(ema, snapshot.replace('network-snapshot', 'samples')[:-3] + '.png', args.grid, device)
+                    save_sample_grid(ema, snapshot.replace('network-snapshot', 'samples')[:-3] + '.png', args.grid, device, grid_vae)
                 if done:
                     break
         print0(f'done: {run.dir}')
 
 @torch.no_grad()
-def save_sample_grid(net, path, num, device, num_steps=18):
-    """A quick look at training progress: seeds 0..num-1, 18 Heun steps, one PNG grid."""
+def save_sample_grid(net, path, num, device, vae=None, num_steps=18):
+    """A quick look at training progress: seeds 0..num-1, 18 Heun steps, one PNG grid (latents decoded by `vae`)."""
     rng = PerSeedRNG(range(num), device)
     latents = rng.randn([net.img_channels, net.img_resolution, net.img_resolution], device=device)
     labels = torch.eye(net.label_dim, device=device)[rng.randint(net.label_dim, device=device)] if net.label_dim else None
     pos = coordinate_canvas(net.img_resolution, net.img_resolution, device=device)
     images = edm_sampler(guided_denoiser(net, pos), latents, labels, rng.randn_like, num_steps=num_steps)
-    save_image_grid(images, path)
+    save_image_grid(decode_latents(vae, images) if vae else images, path)
 
 #------------------------------------------------------------------------------
-# 6. Generation: one PNG per seed, identical for any --batch and any number of GPUs.
+# 7. Generation: one PNG per seed, identical for any --batch and any number of GPUs.
 
 def load_network(path):
     """Our snapshots / training states (.pt), or official EDM and Patch Diffusion pickles (.pkl, path or URL)."""
@@ -301,15 +647,23 @@ def load_network(path):
         raise UserError(f'{path}: not a patch_diffusion.py snapshot (method {ckpt.get("method")!r})')
     net = build_network(ckpt['precond'], ckpt['net_kwargs'])
     net.load_state_dict(ckpt['ema'])
+    net.train_args = ckpt.get('args', {})  # generate reads train_on_latents and vae from it
     return net
 
 @torch.no_grad()
 def generate(args):
     device = init_distributed()
     rank, world_size = get_rank(), get_world_size()
-    if args.on_latents:
-        raise UserError('--on_latents=1 needs the Stable Diffusion VAE decoder, which patch_diffusion.py does not include yet')
     net = load_network(args.network).to(device).eval()
+    # NOTE: upstream's --on_latents=1 forces resolution = image_size = 32 and x_start = 0; we default both sizes to
+    # the network's resolution (32 for latent models) and keep --image_size, --x_start and --y_start as given.
+    trained = getattr(net, 'train_args', {})
+    on_latents = trained.get('train_on_latents', False) if args.on_latents is None else args.on_latents
+    vae = load_vae(args.vae or trained.get('vae') or SD_VAE_URL).to(device) if on_latents else None
+    if vae is None and net.img_channels not in (1, 3):
+        raise UserError(f'{args.network}: a {net.img_channels}-channel (latent) network; sample it with --on_latents=1')
+    if vae is not None and vae.post_quant_conv.in_channels != net.img_channels:
+        raise UserError(f'{args.network}: {net.img_channels}-channel latents, but the VAE has {vae.post_quant_conv.in_channels}')
     resolution = args.resolution or net.img_resolution
     image_size = args.image_size or resolution
     if image_size % size_multiple(net):
@@ -323,7 +677,8 @@ def generate(args):
     sampler_kwargs = dict(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
                           S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
     batches = seed_batches(args.seeds, args.batch, rank, world_size)
-    print0(f'generating {len(args.seeds)} images of {image_size}x{image_size} with {args.steps} steps into {args.outdir}')
+    print0(f'generating {len(args.seeds)} images of {image_size}x{image_size}' + (f' latents (decoded x{vae.factor})' if vae else '')
+           + f' with {args.steps} steps into {args.outdir}')
     for seeds in tqdm(batches, unit='batch', disable=rank != 0):
         rng = PerSeedRNG(seeds, device)
         latents = rng.randn([net.img_channels, image_size, image_size], device=device)
@@ -334,12 +689,12 @@ def generate(args):
                 labels[:] = 0
                 labels[:, args.class_idx] = 1
         images = edm_sampler(denoise, latents, labels, rng.randn_like, **sampler_kwargs)
-        save_seed_images(images, seeds, args.outdir, args.subdirs)
+        save_seed_images(decode_latents(vae, images) if vae else images, seeds, args.outdir, args.subdirs)
     torch.distributed.barrier()
     print0('done')
 
 #------------------------------------------------------------------------------
-# 7. Command line.
+# 8. Command line.
 
 def build_parser(preset=None):
     """The parser; `preset` (a PRESETS name) becomes the defaults of `train` (see common.parse_command_line)."""
@@ -357,7 +712,8 @@ def build_parser(preset=None):
     t.add_argument('--label-dropout', type=float, default=0, metavar='P', help='drop labels with this probability (for --cfg)')
     t.add_argument('--real_p', type=float, default=0.5, metavar='P', help='probability of full-size images (paper Eq. 5); 1 = EDM')
     t.add_argument('--progressive', type=parse_bool, default=False, metavar='BOOL', help='progressive patch-size schedule (ablation)')
-    t.add_argument('--train_on_latents', type=parse_bool, default=False, metavar='BOOL', help='latent training (not implemented)')
+    t.add_argument('--train_on_latents', type=parse_bool, default=False, metavar='BOOL', help='train on SD-VAE latents of the images (or on a folder from `encode`)')
+    t.add_argument('--vae', default=None, metavar='PATH|URL', help='diffusers AutoencoderKL weights (.safetensors/.bin); None = the encoded folder\'s, else sd-vae-ft-ema')
     t.add_argument('--grid', type=int, default=64, metavar='INT', help='images in the sample grid written with each snapshot; 0 = none')
     t.set_defaults(**PRESETS.get(preset, {}))
 
@@ -381,7 +737,16 @@ def build_parser(preset=None):
     g.add_argument('--x_start', type=int, default=0, metavar='INT', help='column of the canvas\'s left edge in the coordinate grid')
     g.add_argument('--y_start', type=int, default=0, metavar='INT', help='row of the canvas\'s top edge in the coordinate grid')
     g.add_argument('--cfg', type=float, default=None, metavar='W', help='classifier-free guidance weight (paper: 1.3)')
-    g.add_argument('--on_latents', type=parse_bool, default=False, metavar='BOOL', help='decode latents (not implemented)')
+    g.add_argument('--on_latents', type=parse_bool, default=None, metavar='BOOL', help='decode with the VAE; None = as trained (official .pkl: 0)')
+    g.add_argument('--vae', default=None, metavar='PATH|URL', help='VAE weights; None = the training run\'s, else sd-vae-ft-ema')
+
+    e = sub.add_parser('encode', help='encode a dataset once into VAE posterior moments (train --data=DEST --train_on_latents=1)',
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument('--data', required=True, metavar='ZIP|DIR|demo', help='EDM-format image dataset')
+    e.add_argument('--dest', required=True, metavar='DIR', help='output folder: moments.npy, labels.npy, dataset.json')
+    e.add_argument('--vae', default=None, metavar='PATH|URL', help='VAE weights; None = sd-vae-ft-ema')
+    e.add_argument('--batch', type=int, default=64, metavar='INT', help='images per batch per GPU')
+    e.add_argument('--workers', type=int, default=2, metavar='INT', help='DataLoader worker processes per GPU')
     return parser
 
 def parse_args(argv=None):
@@ -389,7 +754,7 @@ def parse_args(argv=None):
 
 def main():
     args = parse_command_line(build_parser)
-    run_main(train if args.command == 'train' else generate, args)
+    run_main({'train': train, 'generate': generate, 'encode': encode}[args.command], args)
 
 if __name__ == '__main__':
     main()

@@ -14,6 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 
+@pytest.fixture(autouse=True, scope='session')
+def one_thread():
+    """The tests' tensors are tiny: one thread is faster than two, and a loaded machine does not stall the suite."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 # A U-Net small enough for CPU tests: 8x8 images, 16 channels, one block per level, attention at 4x4.
 TINY_UNET = dict(model_type='SongUNet', model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0)
 

@@ -209,8 +209,8 @@ def test_counter_errors_and_dry_run(tmp_path, capsys):
     run_train(tmp_path / 'a', '--duration=0.00001')
     stats = [json.loads(line) for line in open(tmp_path / 'a' / 'stats.jsonl')]
     assert stats[0]['kimg'] == pytest.approx(int(8 * 1.9) / 1000) and stats[0]['step'] == 1
-    with pytest.raises(UserError, match='Stable Diffusion VAE'):
-        pd.train(pd.parse_args(TRAIN + ['--train_on_latents=1']))
+    with pytest.raises(UserError, match='no such VAE weights file'):  # latent training: tests/test_patch_latent.py
+        pd.train(pd.parse_args(TRAIN + ['--train_on_latents=1', f'--vae={tmp_path}/missing.safetensors']))
     with pytest.raises(UserError, match='patch size 2 .* not a multiple of 4'):
         pd.train(pd.parse_args(TRAIN + ['--cres=1,2,2']))
     capsys.readouterr()
