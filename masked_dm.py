@@ -1,0 +1,668 @@
+"""Masked Diffusion Models are Fast Distribution Learners (MaskDM).
+
+Jiachen Lei et al., arXiv:2306.11363 (v2 for the method; v1 for the DWT model).
+Official code: https://github.com/jiachenlei/maskdm (HEAD 0e79a60; the DWT model from tree 40907a6; nothing here is
+copied from it; parameter names match it, so official .pt checkpoints load).
+
+A U-ViT denoiser (discrete DDPM, T = 1000, epsilon prediction) is pre-trained with most of every image masked: a fixed
+number of patch tokens per image (random patches, aligned b x b blocks of patches, or all but one crop) is dropped
+before the network, which sees and denoises only the visible tokens; the loss is the epsilon-MSE on visible patches
+(masked denoising score matching). The same network is then fine-tuned on full images with the standard DDPM loss,
+starting from the pre-trained online weights. Sampling is DDIM (eta = 1, 250 steps in the official FID runs).
+
+Implemented: the U-ViT of the official code (time token, learned positions, long skips, q/v bias option), patch /
+block / crop masks, masked pre-training, fine-tuning from our or official checkpoints, linear and cosine schedules,
+DDIM and ancestral DDPM, the v1 DWT variant for 256 px (Haar wavelets in torch, two token families, per-band clamping),
+the ema-pytorch EMA, presets of every official config. Not implemented: class conditioning, the v1 ViT decoder and
+final conv (off in every config), the Langevin corrector (v1, off by default), EDM's --ema half-life and --lr-rampup
+(MaskDM uses --ema_decay and --warmup_steps instead).
+
+  # pre-train MaskDM-S on CelebA-64 with a 90% block-4 mask, then fine-tune from it (8 GPUs)
+  torchrun --standalone --nproc_per_node=8 masked_dm.py train --preset=celeba64_pre_block4_90 \\
+      --data=datasets/celeba-64x64.zip --outdir=runs --train_steps=200000
+  torchrun --standalone --nproc_per_node=8 masked_dm.py train --preset=celeba64_ft --data=datasets/celeba-64x64.zip \\
+      --outdir=runs --train_steps=200000 --pretrained_model_ckpt=runs/00000-*/training-state-051200.pt
+  # 10k samples with DDIM eta=1, 250 steps (the official FID setting), then FID against the training set
+  torchrun --standalone --nproc_per_node=8 masked_dm.py generate --network=runs/00001-*/network-snapshot-025600.pt \\
+      --outdir=samples --seeds=0-9999 --subdirs --batch=64 --steps=250 --eta=1
+  python fid.py ref --data=datasets/celeba-64x64.zip --dest=fid-refs/celeba-64x64-pt.npz --preprocess=pytorch_fid
+  python fid.py calc --images=samples --ref=fid-refs/celeba-64x64-pt.npz --num=10000 --preprocess=pytorch_fid
+"""
+
+import argparse
+import copy
+import json
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common import (PerSeedRNG, TrainingRun, UserError, add_train_flags, data_stream, get_rank, get_world_size,
+                    init_distributed, load_checkpoint, load_training_state, load_weights, open_dataset, optimizer_step, parse_bool,
+                    parse_command_line, parse_int_list, print0, reseed, run_main, save_image_grid, save_seed_images,
+                    seed_batches, setup_precision, split_batch, sync_if, update_ema)
+
+#------------------------------------------------------------------------------
+# 1. Config. Every official config (spec masked_dm.md section 7); flags given on the command line override them.
+
+# Backbones (spec section 2.8): width, depth (in + mid + out blocks = 2 (depth // 2) + 1), heads, q/v bias.
+ARCHS = {
+    'S': dict(embed_dim=512, depth=13, heads=8, qkv_bias=False, patch_size=4),    # MaskDM-S, configs `*small*`
+    'B': dict(embed_dim=768, depth=12, heads=12, qkv_bias=False, patch_size=4),   # MaskDM-B, HEAD `celebahq_base*`
+    'L': dict(embed_dim=1024, depth=16, heads=16, qkv_bias=True, patch_size=4),   # MaskDM-L, v1 DWT config
+    'T': dict(embed_dim=128, depth=5, heads=2, qkv_bias=False, patch_size=4),     # ours: a tiny model for CPU demos
+}
+
+def _ablation(mask_type, ratio, **kw):  # configs/ablation/pretrain/*: CelebA 64, MaskDM-S, linear, bs 256, lr 2e-4
+    return dict(arch='S', resolution=64, mask_type=mask_type, mask_ratio=ratio, batch=256, lr=2e-4, warmup_steps=0,
+                clip_grad=0, beta_schedule='linear', ema_decay=0.999, ema_every=1, xflip=False, train_steps=200000, **kw)
+
+_HQ = dict(resolution=256, beta_schedule='cosine', ema_decay=0.999, ema_every=1, train_steps=200000)  # README: 200k steps
+PRESETS = {
+    **{f'celeba64_pre_patch_{p}': _ablation('patch', p / 100) for p in (10, 50, 90)},
+    **{f'celeba64_pre_block{b}_{p}': _ablation('block', p / 100, block_size=b) for b in (2, 4) for p in (10, 50, 90)},
+    'celeba64_pre_block8_50': _ablation('block', 0.5, block_size=8),
+    **{f'celeba64_pre_crop_{p}': _ablation('crop', 0, crop_size=c) for p, c in ((10, 15), (50, 11), (90, 5))},
+    'celeba64_ft':      dict(_ablation('none', 0), batch=128),                          # configs/ablation/celeba_small.yml
+    'vgg256s_pre90':    dict(_HQ, arch='S', mask_type='block', mask_ratio=0.9, block_size=4, batch=256, lr=2e-4,
+                             warmup_steps=0, clip_grad=1.0, xflip=False),              # v1 transfer/vggface2_small_90p
+    'hq256s_pre90':     dict(_HQ, arch='S', mask_type='block', mask_ratio=0.9, block_size=4, batch=256, lr=2e-4,
+                             warmup_steps=0, clip_grad=1.0, xflip=False),              # v1 transfer/celebahq_small_90p
+    'hq256s_ft10pct':   dict(_HQ, arch='S', mask_type='none', mask_ratio=0, batch=64, lr=5e-5, warmup_steps=0,
+                             clip_grad=0, xflip=True),                                 # v1 transfer/celebahq_small_0.1
+    'hq256b_pre90':     dict(_HQ, arch='B', mask_type='block', mask_ratio=0.9, block_size=4, batch=256, lr=2e-4,
+                             warmup_steps=0, clip_grad=1.0, xflip=False),              # HEAD celebahq_base_90p
+    'hq256b_pre50':     dict(_HQ, arch='B', mask_type='block', mask_ratio=0.5, block_size=4, batch=64, lr=2e-4,
+                             warmup_steps=5000, clip_grad=1.0, xflip=False),           # HEAD celebahq_base_50p
+    'hq256b_ft':        dict(_HQ, arch='B', mask_type='none', mask_ratio=0, batch=32, lr=1e-5, warmup_steps=5000,
+                             clip_grad=1.0, xflip=False),                              # HEAD celebahq_base
+    'church256b_ft':    dict(_HQ, arch='B', mask_type='none', mask_ratio=0, batch=64, lr=1e-4, warmup_steps=5000,
+                             clip_grad=1.0, xflip=True, beta_schedule='linear', ema_decay=0.9999),  # HEAD church256_base
+    # NOTE: the v1 DWT script hard-codes patch masks and ignores the config's block-4; we follow the code (--mask_type=block works too).
+    'hq256l_dwt_pre70': dict(_HQ, arch='L', dwt=True, mask_type='patch', mask_ratio=0.7, block_size=4, batch=128,
+                             lr=1e-4, warmup_steps=0, clip_grad=1.0, xflip=True, ema_every=10),  # v1 celebahq_maskdml_dwt
+    'hq256l_dwt_ft':    dict(_HQ, arch='L', dwt=True, mask_type='none', mask_ratio=0, batch=16, lr=5e-5,
+                             warmup_steps=0, clip_grad=1.0, xflip=True, ema_every=10, train_steps=550000),  # v1 celebahq_baseline_dwt; README: 550k
+    # Ours, minutes on a 2-core CPU: 32x32 shapes, a 1M-parameter U-ViT, 64 tokens, block-2 90% masks (87.5%, 8 visible).
+    'demo_pre':         dict(data='demo', arch='T', resolution=32, mask_type='block', mask_ratio=0.9, block_size=2,
+                             batch=32, lr=1e-3, warmup_steps=20, clip_grad=1.0, beta_schedule='linear',
+                             ema_decay=0.999, ema_every=1, xflip=False, train_steps=1200, tick=8, snap=10, dump=10),
+    'demo_ft':          dict(data='demo', arch='T', resolution=32, mask_type='none', mask_ratio=0, batch=32, lr=5e-4,
+                             warmup_steps=20, clip_grad=1.0, beta_schedule='linear', ema_decay=0.999, ema_every=1,
+                             xflip=False, train_steps=300, tick=2, snap=5, dump=5),
+}
+
+#------------------------------------------------------------------------------
+# 2. Backbone: the U-ViT of the official code (models/mask_uvit.py, MaskedUViT / MaskedDWTUViT). Tokens are
+#    [time, patches of family 0, patches of family 1, ...]; one family (RGB) normally, two for DWT (LL, details).
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of the integer step t, cosines first (spec 2.1): [cos(t w_i), sin(t w_i)], w_i = 10^4^(-i/k)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # [B, D/2]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, D]
+
+def patchify(x, p):
+    """[B, C, h p, w p] -> [B, h w, p p C]: row-major tokens, features (row a, column b, channel c), channel fastest."""
+    return rearrange(x, 'B C (h a) (w b) -> B (h w) (a b C)', a=p, b=p)
+
+def unpatchify(x, p, channels):
+    h = int(math.isqrt(x.shape[1]))
+    return rearrange(x, 'B (h w) (a b C) -> B C (h a) (w b)', h=h, a=p, b=p, C=channels)  # the inverse of patchify
+
+class PatchEmbed(torch.nn.Module):
+    """p x p stride-p convolution (timm PatchEmbed, key `proj`), applied as a linear map to patch vectors so that
+    masked tokens can be dropped before embedding; the result equals the convolution on the visible patches."""
+    def __init__(self, in_chans, embed_dim, patch_size):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = torch.nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)  # PyTorch default init (spec 2.6)
+
+    def forward(self, x, keep=None):
+        tokens = rearrange(x, 'B C (h a) (w b) -> B (h w) (C a b)', a=self.patch_size, b=self.patch_size)  # conv weight order
+        if keep is not None:  # [B, n] indices of visible tokens, ascending
+            tokens = tokens.gather(1, keep[:, :, None].expand(-1, -1, tokens.shape[2]))  # [B, N, F] -> [B, n, F]
+        return F.linear(tokens, self.proj.weight.flatten(1), self.proj.bias)  # [B, n, D]
+
+class Attention(torch.nn.Module):
+    """Multi-head self-attention, qkv without bias; with qkv_bias, learned q and v biases and no k bias (BEiT)."""
+    def __init__(self, dim, heads, qkv_bias=False):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = torch.nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+        self.v_bias = torch.nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias]) if self.q_bias is not None else None
+        q, k, v = rearrange(F.linear(x, self.qkv.weight, bias), 'B L (K H d) -> K B H L d', K=3, H=self.heads)
+        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(64)) v
+        return self.proj(rearrange(x, 'B H L d -> B L (H d)'))
+
+class Mlp(torch.nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(dim, hidden), torch.nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
+
+class Block(torch.nn.Module):
+    """Pre-norm transformer block; an out-block first mixes in its long skip: x <- Linear([x, skip]) (U-ViT)."""
+    def __init__(self, dim, heads, mlp_ratio=4, qkv_bias=False, skip=False):
+        super().__init__()
+        self.norm1 = torch.nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, qkv_bias)
+        self.norm2 = torch.nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.skip_linear = torch.nn.Linear(2 * dim, dim) if skip else None
+
+    def forward(self, x, skip=None):
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))  # current stream first
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+class UViTEncoder(torch.nn.Module):
+    """Patch embeddings, time token, learned positions, depth // 2 in-blocks, a mid-block, depth // 2 out-blocks
+    paired with the in-blocks in mirror order, final LayerNorm (official UViTEncoder / MaskedDWTEncoder)."""
+    def __init__(self, families, img_size, patch_size, embed_dim, depth, heads, mlp_ratio, qkv_bias):
+        super().__init__()
+        self.embed_names = [name for name, _ in families]
+        for name, chans in families:
+            self.add_module(name, PatchEmbed(chans, embed_dim, patch_size))
+        self.num_patches = (img_size // patch_size) ** 2  # per family
+        self.embed_dim = embed_dim
+        self.in_blocks = torch.nn.ModuleList([Block(embed_dim, heads, mlp_ratio, qkv_bias) for _ in range(depth // 2)])
+        self.mid_block = Block(embed_dim, heads, mlp_ratio, qkv_bias)
+        self.out_blocks = torch.nn.ModuleList([Block(embed_dim, heads, mlp_ratio, qkv_bias, skip=True) for _ in range(depth // 2)])
+        self.norm = torch.nn.LayerNorm(embed_dim)
+        self.encoder_pos_embed = torch.nn.Parameter(torch.zeros(1, 1 + len(families) * self.num_patches, embed_dim))
+
+    def forward(self, inputs, t, keep):
+        pos = self.encoder_pos_embed[0]  # [1 + F N, D]; row 0 belongs to the time token
+        x = [timestep_embedding(t, self.embed_dim)[:, None] + pos[:1]]  # no MLP on the time embedding (mlp_time_embed: False)
+        for f, (name, x_f, keep_f) in enumerate(zip(self.embed_names, inputs, keep)):
+            rows = pos[1 + f * self.num_patches:1 + (f + 1) * self.num_patches]  # this family's positions
+            x.append(getattr(self, name)(x_f, keep_f) + (rows if keep_f is None else rows[keep_f]))  # [B, n_f, D]
+        x = torch.cat(x, dim=1)  # [B, 1 + sum n_f, D]; positions were gathered with their tokens
+        skips = []
+        for block in self.in_blocks:
+            x = block(x)
+            skips.append(x)
+        x = self.mid_block(x)
+        for block in self.out_blocks:
+            x = block(x, skips.pop())  # out-block 0 pairs with the last in-block
+        return self.norm(x)
+
+class MaskedUViT(torch.nn.Module):
+    """The MaskDM network: epsilon(x_t, t) of the visible tokens. With dwt=True the input is the 12-channel Haar
+    domain [LL, H, V, D] x RGB at half resolution, with LL and detail tokens embedded and predicted separately."""
+    def __init__(self,
+        img_size,                   # network input side (pixels; the wavelet grid side with dwt)
+        in_chans    = 3,            # network input channels (12 with dwt)
+        patch_size  = 4,            # token side in pixels
+        embed_dim   = 512,          # width D; heads have D / heads features (64 in every config)
+        depth       = 13,           # config depth: 2 (depth // 2) + 1 blocks are built
+        heads       = 8,            # attention heads
+        mlp_ratio   = 4,            # MLP hidden width / D
+        qkv_bias    = False,        # learned q and v biases (MaskDM-L)
+        dwt         = False,        # two token families (LL: 3 channels, details: 9 channels), official MaskedDWTUViT
+    ):
+        super().__init__()
+        self.img_size, self.in_chans, self.patch_size, self.dwt = img_size, in_chans, patch_size, dwt
+        # NOTE: v1 also allows a larger patch for the detail family (`scale`); its only config uses scale 1, as here.
+        names = [('approx_patch_embed', 'approx_to_output', 3), ('detail_patch_embed', 'detail_to_output', in_chans - 3)] \
+            if dwt else [('patch_embed', 'encoder_to_output', in_chans)]
+        self.family_chans = [chans for _, _, chans in names]
+        self.head_names = [head for _, head, _ in names]
+        self.encoder = UViTEncoder([(e, c) for e, _, c in names], img_size, patch_size, embed_dim, depth, heads, mlp_ratio, qkv_bias)
+        for head, chans in zip(self.head_names, self.family_chans):
+            self.add_module(head, torch.nn.Linear(embed_dim, patch_size ** 2 * chans))
+        self.num_patches = self.encoder.num_patches
+        self.apply(self._init_weights)
+        torch.nn.init.trunc_normal_(self.encoder.encoder_pos_embed, std=0.02, a=-2, b=2)
+
+    @staticmethod
+    def _init_weights(m):  # spec 2.6: timm's trunc_normal_(std=0.02) cuts at +-2 absolute, i.e. practically a plain normal
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.trunc_normal_(m.weight, std=0.02, a=-2, b=2)
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
+        elif isinstance(m, torch.nn.LayerNorm):
+            torch.nn.init.ones_(m.weight)
+            torch.nn.init.zeros_(m.bias)
+
+    def split(self, x):
+        """[B, in_chans, H, W] -> the input of each token family."""
+        return list(x.split(self.family_chans, dim=1))
+
+    def forward(self, x, t, keep=None):
+        """keep: None (all tokens; returns epsilon [B, in_chans, H, W]) or one [B, n_f] index tensor of visible
+        tokens per family (returns a list of [B, n_f, p p C_f] patch predictions, in the order of `keep`)."""
+        x = self.encoder(self.split(x), t, keep if keep is not None else [None] * len(self.family_chans))
+        counts = [self.num_patches if k is None else k.shape[1] for k in (keep or [None] * len(self.family_chans))]
+        outs = [getattr(self, head)(h) for head, h in zip(self.head_names, x[:, 1:].split(counts, dim=1))]  # drop time token
+        if keep is not None:
+            return outs
+        return torch.cat([unpatchify(o, self.patch_size, c) for o, c in zip(outs, self.family_chans)], dim=1)
+
+def network_kwargs(args, resolution):
+    """MaskedUViT constructor kwargs from --arch and the size overrides; with --dwt the network sees R/2 x R/2 x 12."""
+    arch = dict(ARCHS[args.arch])
+    for key in ('embed_dim', 'depth', 'heads', 'patch_size'):
+        arch[key] = getattr(args, key) or arch[key]
+    if args.qkv_bias is not None:
+        arch['qkv_bias'] = args.qkv_bias
+    return dict(img_size=resolution // 2 if args.dwt else resolution, in_chans=12 if args.dwt else 3, dwt=args.dwt, **arch)
+
+#------------------------------------------------------------------------------
+# 3. Method math: Haar wavelets, masks, the DDPM process, masked denoising score matching.
+
+def haar_dwt(x):
+    """One-level orthonormal Haar per channel (spec 5.1, = PyWavelets dwt2 'haar'): [B, C, H, W] -> [B, 4C, H/2, W/2]
+    in the order [LL, H, V, D] x C. For each 2x2 block [[a, b], [c, d]]: LL = (a+b+c+d)/2, H = (a+b-c-d)/2, ..."""
+    a, b, c, d = x[..., 0::2, 0::2], x[..., 0::2, 1::2], x[..., 1::2, 0::2], x[..., 1::2, 1::2]
+    return torch.cat([a + b + c + d, a + b - c - d, a - b + c - d, a - b - c + d], dim=1) / 2
+
+def haar_idwt(y):
+    """The inverse: [B, 4C, H, W] -> [B, C, 2H, 2W]."""
+    LL, H, V, D = y.chunk(4, dim=1)
+    out = torch.empty(*LL.shape[:2], LL.shape[2] * 2, LL.shape[3] * 2, dtype=y.dtype, device=y.device)
+    out[..., 0::2, 0::2], out[..., 0::2, 1::2] = (LL + H + V + D) / 2, (LL + H - V - D) / 2
+    out[..., 1::2, 0::2], out[..., 1::2, 1::2] = (LL - H + V - D) / 2, (LL - H - V + D) / 2
+    return out
+
+def to_model_space(images, dwt):
+    """uint8 images -> what the diffusion runs on: [-1, 1] pixels, or with dwt the Haar transform of the [0, 1] image with
+    only LL mapped by 2u - 1 (LL in [-1, 3], details in [-1, 1]; spec 5.2, official v1 datasets/celebahq.py)."""
+    if not dwt:
+        return images.to(torch.float32) / 127.5 - 1
+    coeffs = haar_dwt(images.to(torch.float32) / 255)
+    return torch.cat([coeffs[:, :3] * 2 - 1, coeffs[:, 3:]], dim=1)
+
+def to_image_space(x, dwt):
+    """The inverse, to [-1, 1] pixels for saving: LL back by (u + 1) / 2, inverse Haar (official v1 sample())."""
+    if not dwt:
+        return x
+    return haar_idwt(torch.cat([(x[:, :3] + 1) / 2, x[:, 3:]], dim=1)) * 2 - 1
+
+def x0_range(net):
+    """Clamp bounds of the predicted x0 per channel: [-1, 1]; with dwt LL in [-1, 3], details in [-1, 1] (v1 code)."""
+    hi = torch.ones(net.in_chans, 1, 1, dtype=torch.float64)
+    if net.dwt:
+        hi[:3] = 3
+    return -torch.ones_like(hi), hi
+
+def draw_mask(kind, h, w, rng, ratio=0.0, block_size=1, crop_size=None):
+    """Per-image token mask on the h x w grid (True = masked) with a fixed count (spec 3, official masking_generator.py):
+    patch: int(r N) random tokens; block: int(int(r N) / b^2) aligned b x b squares; crop: all but one c x c window."""
+    N = h * w
+    mask = np.zeros(N, dtype=bool)
+    if kind == 'patch':
+        mask[rng.permutation(N)[:int(ratio * N)]] = True
+    elif kind == 'block':
+        hb, wb = h // block_size, w // block_size
+        chosen = np.zeros(hb * wb, dtype=bool)
+        chosen[rng.permutation(hb * wb)[:int(ratio * N) // block_size ** 2]] = True
+        mask = np.repeat(np.repeat(chosen.reshape(hb, wb), block_size, 0), block_size, 1).reshape(N)  # [hb, wb] -> [h, w]
+    elif kind == 'crop':
+        i, j = rng.integers(0, h - crop_size + 1), rng.integers(0, w - crop_size + 1)  # top-left corner, row first
+        grid = np.ones((h, w), dtype=bool)
+        grid[i:i + crop_size, j:j + crop_size] = False
+        mask = grid.reshape(N)
+    elif kind != 'none':
+        raise UserError(f'--mask_type={kind}: expected patch, block, crop or none')
+    return mask
+
+def draw_keep(net, batch, rng, kind, ratio=0.0, block_size=1, crop_size=None, device='cpu'):
+    """Visible-token indices per family, [B, n_f] ascending, one independent mask per image and family (spec 3, 5.4);
+    None when nothing is masked (fine-tuning)."""
+    side = net.img_size // net.patch_size
+    masks = [np.stack([draw_mask(kind, side, side, rng, ratio, block_size, crop_size) for _ in range(batch)])
+             for _ in net.family_chans]
+    if not any(m.any() for m in masks):
+        return None
+    return [torch.from_numpy(np.nonzero(~m)[1].reshape(batch, -1)).to(device) for m in masks]  # row-major order kept
+
+def make_alphas_cumprod(name, T=1000):
+    """alpha_bar_t, t = 0..T-1, in float64 (spec 4.1): linear betas 1e-4..0.02 (scaled by 1000/T), or the cosine
+    schedule of Nichol & Dhariwal with s = 0.008 and betas clipped to [0, 0.999]."""
+    if name == 'linear':
+        betas = torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
+    elif name == 'cosine':
+        u = torch.linspace(0, T, T + 1, dtype=torch.float64)
+        f = torch.cos((u / T + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = (1 - (f[1:] / f[0]) / (f[:-1] / f[0])).clip(0, 0.999)
+    else:
+        raise UserError(f'--beta_schedule={name}: expected linear or cosine')
+    return torch.cumprod(1 - betas, dim=0)
+
+class GaussianDiffusion(torch.nn.Module):
+    """The U-ViT plus its noise schedule (official gaussian_ddpm.GaussianDiffusion): state-dict keys are `model.` +
+    the network's, as in the official checkpoints. Calls run the network under autocast and return float32."""
+    def __init__(self, beta_schedule='linear', timesteps=1000, **model_kwargs):
+        super().__init__()
+        self.model = MaskedUViT(**model_kwargs)
+        self.beta_schedule, self.num_timesteps = beta_schedule, timesteps
+        self.register_buffer('alphas_cumprod', make_alphas_cumprod(beta_schedule, timesteps), persistent=False)
+        self.amp_dtype = None
+        for name in ('img_size', 'in_chans', 'dwt', 'num_patches', 'family_chans', 'patch_size'):
+            setattr(self, name, getattr(self.model, name))
+
+    def forward(self, x, t, keep=None):
+        with torch.autocast(x.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
+            out = self.model(x.to(torch.float32), t, keep)
+        return [o.float() for o in out] if keep is not None else out.float()
+
+def mdsm_loss(net, x0, t, noise, keep, call=None):
+    """Per-image epsilon-MSE on the visible patches (spec 4.2, "MDSM"): x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps over
+    the whole image, then only visible tokens enter the net. keep=None is standard DSM on all tokens (fine-tuning). With
+    dwt the LL and detail families are separate element-means, summed (official v1 loss_fn). `call` runs the
+    network (e.g. its DDP wrapper; default net). Returns [B]."""
+    ab = net.alphas_cumprod[t][:, None, None, None]
+    x_t = ab.sqrt().float() * x0 + (1 - ab).sqrt().float() * noise  # forward process (spec 4.1)
+    if keep is None:  # all tokens, through the same token path
+        keep = [torch.arange(net.num_patches, device=x0.device).expand(len(x0), -1)] * len(net.family_chans)
+    preds = (call or net)(x_t, t, keep)
+    loss = 0
+    for pred, eps, keep_f in zip(preds, net.model.split(noise), keep):
+        target = patchify(eps, net.patch_size).gather(1, keep_f[:, :, None].expand(-1, -1, pred.shape[2]))  # [B, n, p p C]
+        loss = loss + (pred - target).square().mean(dim=(1, 2))
+    return loss
+
+#------------------------------------------------------------------------------
+# 4. Samplers: DDIM (the official FID sampler) and 1000-step ancestral DDPM. State in float64, the network in float32.
+
+def ddim_time_pairs(steps, T=1000):
+    """(t, s) pairs: trunc(linspace(-1, T-1, S+1)) reversed; S=250 -> (999, 995), ..., (7, 3), (3, -1) (spec 8)."""
+    times = list(reversed(torch.linspace(-1, T - 1, steps + 1).int().tolist()))  # float32 linspace, as the official code
+    return list(zip(times[:-1], times[1:]))
+
+@torch.no_grad()
+def ddim_sampler(net, latents, randn_like=torch.randn_like, steps=250, eta=1.0, clamp=True, alphas_cumprod=None):
+    """DDIM (official ddim_sample). Per pair (t -> s): eps = net(x_t, t); x0 = (x_t - sqrt(1-a_t) eps) / sqrt(a_t),
+    clamped; x_s = sqrt(a_s) x0 + sqrt(1 - a_s - sigma^2) eps + sigma z, sigma = eta sqrt((1-a_t/a_s)(1-a_s)/(1-a_t)).
+    eps is the raw network output, not re-derived from the clamped x0. The last pair returns x0."""
+    ab = (net.alphas_cumprod if alphas_cumprod is None else alphas_cumprod).double().to(latents.device)
+    lo, hi = (b.to(latents.device) for b in x0_range(net)) if clamp else (None, None)
+    x = latents.to(torch.float64)
+    for t, s in ddim_time_pairs(steps, len(ab)):
+        eps = net(x.to(torch.float32), torch.full([len(x)], t, device=x.device, dtype=torch.long)).double()
+        x0 = (x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()
+        x0 = x0.clamp(lo, hi) if clamp else x0
+        if s < 0:
+            return x0
+        sigma = eta * ((1 - ab[t] / ab[s]) * (1 - ab[s]) / (1 - ab[t])).sqrt()
+        x = ab[s].sqrt() * x0 + (1 - ab[s] - sigma ** 2).sqrt() * eps
+        if eta > 0:
+            x = x + sigma * randn_like(x)
+    return x
+
+@torch.no_grad()
+def ddpm_sampler(net, latents, randn_like=torch.randn_like, clamp=True, alphas_cumprod=None):
+    """Ancestral DDPM over all T steps (official p_sample_loop): mean of q(x_{t-1} | x_t, x0) with the clamped x0,
+    variance beta~_t = beta_t (1 - ab_{t-1}) / (1 - ab_t) (log clamped at 1e-20), no noise at t = 0."""
+    ab = (net.alphas_cumprod if alphas_cumprod is None else alphas_cumprod).double().to(latents.device)
+    ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
+    beta = 1 - ab / ab_prev
+    lo, hi = (b.to(latents.device) for b in x0_range(net)) if clamp else (None, None)
+    x = latents.to(torch.float64)
+    for t in reversed(range(len(ab))):
+        eps = net(x.to(torch.float32), torch.full([len(x)], t, device=x.device, dtype=torch.long)).double()
+        x0 = (x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()
+        # NOTE: v1 clamps the DWT x0 to [-1, 1] here (p_mean_variance), cutting LL in half; we use the per-band bounds.
+        x0 = x0.clamp(lo, hi) if clamp else x0
+        mean = (beta[t] * ab_prev[t].sqrt() * x0 + (1 - ab_prev[t]) * (1 - beta[t]).sqrt() * x) / (1 - ab[t])
+        var = (beta[t] * (1 - ab_prev[t]) / (1 - ab[t])).clamp(min=1e-20)
+        x = mean + var.sqrt() * randn_like(x) if t > 0 else mean
+    return x
+
+def sample(net, seeds, device, sampler='ddim', steps=250, eta=1.0):
+    """Images for `seeds` in [-1, 1] pixels; every random draw comes from the image's own generator."""
+    rng = PerSeedRNG(seeds, device)
+    latents = rng.randn([net.in_chans, net.img_size, net.img_size], device=device, dtype=torch.float64)
+    if sampler == 'ddim':
+        x = ddim_sampler(net, latents, rng.randn_like, steps=steps, eta=eta)
+    else:
+        x = ddpm_sampler(net, latents, rng.randn_like)
+    return to_image_space(x, net.dwt).to(torch.float32)
+
+#------------------------------------------------------------------------------
+# 5. Training loop: AdamW (0.99, 0.99), weight decay 0.03, warmup, grad-norm clipping, ema-pytorch EMA (spec 6).
+
+def ema_decay(n, beta, every=1, after=100):
+    """EMA decay at optimizer step n (1-indexed) as ema-pytorch 2023 (beta, update_after_step=100, power 2/3): None on
+    steps that skip the update ((n - 1) % every != 0), 0 (a copy) while n - 1 <= after (+ one more update, see the
+    NOTE), then delta(n) = min(beta, 1 - (n - after)^(-2/3))."""
+    if (n - 1) % every:
+        return None
+    # NOTE: spec 6 gives delta(102) = 1 - 2^(-2/3); ema-pytorch of 2023 (initted flag) copies once more on the first
+    # update after the warm-up, so that update is a copy too. We follow the code.
+    if n - 1 <= after + every:
+        return 0.0
+    return min(beta, 1 - (n - after) ** (-2 / 3))
+
+def load_pretrained(net, path):
+    """Fine-tuning init (spec 4.3): the ONLINE weights of a pre-training checkpoint: our training state ('net'), our
+    snapshot ('ema', the only weights it holds), or an official .pt ('model': GaussianDiffusion keys 'model.' + network)."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get('method') is not None:
+        if ckpt['method'] != 'masked_dm':
+            raise UserError(f'{path}: a {ckpt["method"]} checkpoint; --pretrained_model_ckpt needs a masked_dm.py one')
+        if 'net' not in ckpt:
+            print0(f'note: {path} is a network snapshot, which holds only EMA weights; the paper fine-tunes from the online '
+                   'weights of a training state')
+        weights = ckpt.get('net', ckpt['ema'])
+    elif isinstance(ckpt.get('model'), dict):
+        weights = {k: v for k, v in ckpt['model'].items() if k.startswith('model.')}  # drops the schedule buffers
+    else:
+        raise UserError(f'{path}: neither a masked_dm.py checkpoint nor an official MaskDM .pt (no "model" entry)')
+    # NOTE: upstream loads with strict=False and prints what did not match; the stages share one architecture, so we
+    # load strictly and stop with the first mismatching name (a wrong --preset would otherwise train from scratch).
+    load_weights(net, weights, path)
+
+def train(args):
+    device = init_distributed()
+    rank, world_size = get_rank(), get_world_size()
+    if args.cond:
+        raise UserError('--cond=1: class-conditional MaskDM is not implemented (no reported experiment uses it)')
+    if args.dropout:
+        raise UserError(f'--dropout={args.dropout}: the MaskDM U-ViT has no dropout (every official config uses 0)')
+    amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
+    dataset = open_dataset(args.data, use_labels=False, xflip=args.xflip)
+    R = dataset.resolution
+    if dataset.num_channels != 3:
+        raise UserError(f'{args.data}: {dataset.num_channels}-channel images; MaskDM trains on RGB')
+    if args.resolution and R != args.resolution:
+        raise UserError(f'{args.data}: {R}x{R} images, but this configuration (--preset/--resolution) is for {args.resolution}x{args.resolution}')
+    net_kwargs = dict(beta_schedule=args.beta_schedule, **network_kwargs(args, R))
+    side = net_kwargs['img_size'] // net_kwargs['patch_size']
+    if net_kwargs['img_size'] % net_kwargs['patch_size'] or (args.dwt and R % 2):
+        raise UserError(f'{R}x{R} images do not split into {net_kwargs["patch_size"]}-pixel patches' + (' after the wavelet transform' if args.dwt else ''))
+    if args.mask_type == 'block' and side % args.block_size:
+        raise UserError(f'--block_size={args.block_size} does not tile the {side}x{side} token grid')
+    if args.mask_type == 'crop' and not 0 < (args.crop_size or 0) <= side:
+        raise UserError(f'--crop_size={args.crop_size} must be in 1..{side} (tokens) for --mask_type=crop')
+    with torch.device('meta'):  # shapes only, nothing allocated
+        shape_net = GaussianDiffusion(**net_kwargs)
+    num_params = sum(p.numel() for p in shape_net.parameters())
+    keep = draw_keep(shape_net, 1, np.random.default_rng(0), args.mask_type, args.mask_ratio, args.block_size, args.crop_size)
+    tokens = 1 + (sum(k.shape[1] for k in keep) if keep else shape_net.num_patches * len(shape_net.family_chans))
+    if keep is None and args.mask_type != 'none':
+        print0(f'note: --mask_type={args.mask_type} masks no token of the {side}x{side} grid at these settings: full-image training')
+    batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
+    total_nimg = args.train_steps * args.batch if args.train_steps else int(args.duration * 1e6)
+    mask = 'full' if keep is None else f'{args.mask_type}{args.block_size if args.mask_type == "block" else ""}-' \
+        f'{args.crop_size if args.mask_type == "crop" else round(args.mask_ratio * 100)}'
+    desc = f'{dataset.name}-{args.arch}{"-dwt" if args.dwt else ""}-{mask}-gpus{world_size}-batch{args.batch}-' \
+           f'{"fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"}' + (f'-{args.desc}' if args.desc else '')
+    options = dict(vars(args), net_kwargs=net_kwargs, num_params=num_params, tokens=tokens, batch_gpu=batch_gpu,
+                   rounds=rounds, world_size=world_size, total_kimg=total_nimg / 1000)
+    if args.dry_run:
+        print0(json.dumps(options, indent=2))
+        print0(f'{num_params:,} parameters, {tokens} tokens per image')
+        return
+
+    # Network (fine-tuning: the pre-trained online weights), EMA (a copy, made after loading), optimizer, resume.
+    torch.manual_seed(args.seed)
+    net = GaussianDiffusion(**net_kwargs).to(device).train().requires_grad_(True)
+    net.amp_dtype = amp_dtype
+    if args.pretrained_model_ckpt:
+        load_pretrained(net, args.pretrained_model_ckpt)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.99, 0.99), eps=1e-8,  # one group: everything decays
+                                  weight_decay=args.weight_decay)
+    cur_nimg, step, data_pos = 0, 0, 0
+    if args.resume:
+        state = load_training_state(args.resume, 'masked_dm', rank, world_size, net=net, ema=ema, optimizer=optimizer, scaler=scaler)
+        cur_nimg, step, data_pos = state['cur_nimg'], state['step'], state['data_pos']
+    ddp = DDP(net, device_ids=[device] if device.type == 'cuda' else None)
+    call = torch.compile(ddp) if args.compile else ddp
+    stream = data_stream(dataset, batch_gpu, rank, world_size, args.seed, data_pos, args.workers)
+
+    with TrainingRun(args, 'masked_dm', desc, options, device, cur_nimg) as run:
+        print0(f'MaskDM: {dataset.name} ({len(dataset)} images, {R}x{R}), U-ViT-{args.arch}{" DWT" if args.dwt else ""} '
+               f'{num_params:,} parameters, {tokens} tokens per image ({mask}), {args.beta_schedule} schedule, device {device}, '
+               f'{batch_gpu} images x {rounds} rounds x {world_size} processes per step, to {total_nimg / 1000:g} kimg')
+        while True:
+            rng = reseed(args.seed, rank, cur_nimg)  # t, noise (torch) and masks (numpy) of this step
+            optimizer.zero_grad(set_to_none=True)
+            for r in range(rounds):
+                images, _ = next(stream)
+                data_pos += batch_gpu
+                x0 = to_model_space(images.to(device), args.dwt)
+                t = torch.randint(0, net.num_timesteps, [batch_gpu], device=device)  # uniform over {0..999} (spec 4.1)
+                noise = torch.randn_like(x0)
+                keep = draw_keep(net, batch_gpu, rng, args.mask_type, args.mask_ratio, args.block_size, args.crop_size, device)
+                with sync_if(ddp, r == rounds - 1):
+                    loss = mdsm_loss(net, x0, t, noise, keep, call)
+                    run.add('loss', loss)
+                    scaler.scale(loss.sum() * (args.ls / (batch_gpu * rounds))).backward()  # DDP averages over ranks
+            lr = args.lr * min(step / args.warmup_steps, 1) if args.warmup_steps else args.lr  # HEAD LambdaLR: lr 0 at step 0
+            if args.clip_grad:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip_grad)
+            optimizer_step(optimizer, scaler, lr)
+            step += 1
+            beta = ema_decay(step, args.ema_decay, args.ema_every)
+            if beta is not None:
+                update_ema(ema, net, beta)
+            cur_nimg += args.batch
+            done = cur_nimg >= total_nimg
+            if run.due(cur_nimg, done):
+                snap = run.end_tick(cur_nimg, done, step, data_pos,
+                                    snapshot=lambda: dict(net_kwargs=net_kwargs, ema=ema.state_dict()),
+                                    state=lambda: dict(net=net.state_dict(), optimizer=optimizer.state_dict(),
+                                                       scaler=scaler.state_dict()))
+                if snap and args.grid:
+                    save_image_grid(sample(ema, range(args.grid), device, steps=args.grid_steps), snap.replace('network-snapshot', 'samples').replace('.pt', '.png'))
+                if done:
+                    break
+        print0(f'done: {run.dir}')
+
+#------------------------------------------------------------------------------
+# 6. Generation: one PNG per seed, identical for any --batch and any number of GPUs.
+
+def preset_network_kwargs(name):
+    """Network kwargs of a preset (official checkpoints carry no configuration)."""
+    p = build_parser(name)._subparsers._group_actions[0].choices['train']
+    return dict(beta_schedule=p.get_default('beta_schedule'),
+                **network_kwargs(argparse.Namespace(**{k: p.get_default(k) for k in ('arch', 'dwt', 'embed_dim', 'depth',
+                                 'heads', 'patch_size', 'qkv_bias')}), p.get_default('resolution')))
+
+def load_network(path, preset=None):
+    """EMA network from our snapshot / training state, or from an official .pt (`ema`: ema-pytorch state with
+    'ema_model.' + GaussianDiffusion keys; the architecture from --preset, the schedule from its alphas_cumprod)."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get('method') is not None:
+        if ckpt['method'] != 'masked_dm':
+            raise UserError(f'{path}: a {ckpt["method"]} checkpoint, not a masked_dm.py snapshot')
+        net = GaussianDiffusion(**ckpt['net_kwargs'])
+        load_weights(net, ckpt['ema'], path)
+        return net
+    if not isinstance(ckpt.get('ema'), dict):
+        raise UserError(f'{path}: neither a masked_dm.py snapshot nor an official MaskDM .pt (no "ema" entry)')
+    if preset is None:
+        raise UserError(f'{path}: official MaskDM checkpoints carry no configuration; name the architecture with '
+                        '--preset=NAME (e.g. --preset=hq256b_ft)')
+    kwargs = preset_network_kwargs(preset)
+    ab = ckpt['ema'].get('ema_model.alphas_cumprod')
+    if ab is not None:  # the schedule the checkpoint was trained with
+        kwargs['beta_schedule'] = min(('linear', 'cosine'), key=lambda s: (make_alphas_cumprod(s) - ab.double()).abs().max())
+    net = GaussianDiffusion(**kwargs)
+    load_weights(net, {k[len('ema_model.'):]: v for k, v in ckpt['ema'].items() if k.startswith('ema_model.model.')}, path)
+    return net
+
+@torch.no_grad()
+def generate(args):
+    device = init_distributed()
+    rank, world_size = get_rank(), get_world_size()
+    net = load_network(args.network, args.preset).to(device).eval()
+    batches = seed_batches(args.seeds, args.batch, rank, world_size)
+    what = f'DDIM {args.steps} steps, eta {args.eta:g}' if args.sampler == 'ddim' else 'ancestral DDPM, 1000 steps'
+    print0(f'generating {len(args.seeds)} images of {net.img_size * (2 if net.dwt else 1)}px ({what}) into {args.outdir}')
+    for seeds in tqdm(batches, unit='batch', disable=rank != 0):
+        save_seed_images(sample(net, seeds, device, args.sampler, args.steps, args.eta), seeds, args.outdir, args.subdirs)
+    torch.distributed.barrier()
+    print0('done')
+
+#------------------------------------------------------------------------------
+# 7. Command line.
+
+def build_parser(preset=None):
+    parser = argparse.ArgumentParser(description='Masked Diffusion Models (Lei et al. 2023)',
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True)
+    t = sub.add_parser('train', help='train a model', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_train_flags(t, duration=51.2, batch=256, lr=2e-4, dropout=0, tick=50, snap=50, dump=100)
+    t.add_argument('--preset', choices=sorted(PRESETS), default=None, help='an official config (spec section 7); flags override')
+    t.add_argument('--arch', choices=sorted(ARCHS), default='S', help='U-ViT size: S 512/13/8, B 768/12/12, L 1024/16/16, T tiny')
+    t.add_argument('--embed_dim', type=int, default=None, metavar='INT', help='width override (None = the arch\'s)')
+    t.add_argument('--depth', type=int, default=None, metavar='INT', help='depth override; 2 (depth // 2) + 1 blocks')
+    t.add_argument('--heads', type=int, default=None, metavar='INT', help='attention heads override')
+    t.add_argument('--patch_size', type=int, default=None, metavar='INT', help='patch size override in pixels')
+    t.add_argument('--qkv_bias', type=parse_bool, default=None, metavar='BOOL', help='q/v biases (None = the arch\'s)')
+    t.add_argument('--dwt', type=parse_bool, default=False, metavar='BOOL', help='train in the Haar wavelet domain (v1 DWT model)')
+    t.add_argument('--resolution', type=int, default=None, metavar='INT', help='expected image size; None = any')
+    t.add_argument('--mask_type', choices=['patch', 'block', 'crop', 'none'], default='block', help='pre-training mask; none = fine-tuning')
+    t.add_argument('--mask_ratio', type=float, default=0.9, metavar='FLOAT', help='fraction of tokens to mask (patch, block)')
+    t.add_argument('--block_size', type=int, default=4, metavar='INT', help='block side in patches (block masks)')
+    t.add_argument('--crop_size', type=int, default=None, metavar='INT', help='visible window side in patches (crop masks)')
+    t.add_argument('--beta_schedule', choices=['linear', 'cosine'], default='linear', help='DDPM noise schedule')
+    t.add_argument('--train_steps', '--training_steps', type=int, default=None, metavar='INT', help='training length in optimizer steps; overrides --duration')
+    t.add_argument('--warmup_steps', type=int, default=0, metavar='INT', help='linear lr warmup in optimizer steps')
+    t.add_argument('--clip_grad', type=float, default=1.0, metavar='FLOAT', help='gradient-norm clipping; 0 = off')
+    t.add_argument('--weight_decay', type=float, default=0.03, metavar='FLOAT', help='AdamW weight decay')
+    t.add_argument('--ema_decay', type=float, default=0.999, metavar='FLOAT', help='EMA beta (ema-pytorch warm-up below it)')
+    t.add_argument('--ema_every', type=int, default=1, metavar='STEPS', help='optimizer steps between EMA updates')
+    t.add_argument('--pretrained_model_ckpt', default=None, metavar='PT', help='fine-tune from this pre-training checkpoint (ours or official)')
+    t.add_argument('--grid', type=int, default=36, metavar='INT', help='images in the sample grid written with each snapshot; 0 = none')
+    t.add_argument('--grid_steps', type=int, default=50, metavar='INT', help='DDIM steps for the sample grid')
+    if preset is not None:
+        t.set_defaults(**PRESETS[preset])
+
+    g = sub.add_parser('generate', help='generate images', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument('--network', required=True, metavar='PT', help='network snapshot (ours), or an official MaskDM .pt')
+    g.add_argument('--preset', choices=sorted(PRESETS), default=None, help='architecture of an official checkpoint')
+    g.add_argument('--outdir', required=True, metavar='DIR', help='where to write {seed:06d}.png')
+    g.add_argument('--seeds', type=parse_int_list, default='0-63', metavar='LIST', help='random seeds, e.g. 0-9999')
+    g.add_argument('--subdirs', action='store_true', help='put seeds in folders of 1,000')
+    g.add_argument('--batch', type=int, default=64, metavar='INT', help='images per batch per GPU')
+    g.add_argument('--sampler', choices=['ddim', 'ddpm'], default='ddim', help='DDIM, or 1000-step ancestral DDPM')
+    g.add_argument('--steps', type=int, default=250, metavar='INT', help='DDIM steps (official FIDs: 250)')
+    g.add_argument('--eta', type=float, default=1.0, metavar='FLOAT', help='DDIM eta; 1 = the official FID setting, 0 = deterministic')
+    return parser
+
+def main():
+    args = parse_command_line(build_parser)
+    run_main(train if args.command == 'train' else generate, args)
+
+if __name__ == '__main__':
+    main()
