@@ -23,13 +23,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ['--workers=2', '--nosubdir', '--snap=1', '--dump=1', '--seed=0']
 
 # Per method: tiny flags (8-16 px, a few steps), the paper config for throughput (batch per GPU that fits), and
-# generate flags. `{kimg}` in a paper config is replaced by the length of the timed run.
+# generate flags. In a paper config `{kimg}` becomes a third of the timed run (the tick), `{mimg}` and `{steps}` its
+# whole length.
 CHECKS = {
     'patch_diffusion': dict(
         tiny=['--data=demo-16', '--cbase=32', '--cres=1,2,2', '--batch=32', '--duration=0.0002', '--tick=0.05',
               '--lr=1e-3', '--lr-rampup=0', '--dropout=0', '--grid=0', '--real_p=0.5'],
         paper=[('CelebA-64 DDPM++, p=0.5 (paper)', ['--data=demo-64', '--preset=celeba64', '--batch=128', '--grid=0', '--tick={kimg}', '--duration={mimg}']),
                ('CelebA-64 DDPM++, p=1 (EDM)', ['--data=demo-64', '--preset=celeba64', '--real_p=1', '--batch=128', '--grid=0', '--tick={kimg}', '--duration={mimg}'])],
+        generate=['--steps=2', '--seeds=0-7', '--batch=8']),
+    'masked_dm': dict(
+        tiny=['--data=demo-16', '--arch=T', '--patch_size=2', '--embed_dim=64', '--depth=3', '--heads=2',
+              '--mask_type=block', '--mask_ratio=0.5', '--block_size=2', '--batch=32', '--lr=1e-3', '--grid=0',
+              '--train_steps=8', '--tick=0.1'],
+        paper=[('CelebA-64 MaskDM-S, block-4 90% (pre-training)', ['--data=demo-64', '--preset=celeba64_pre_block4_90', '--batch=128', '--grid=0', '--tick={kimg}', '--train_steps={steps}']),
+               ('CelebA-64 MaskDM-S, full (fine-tuning)', ['--data=demo-64', '--preset=celeba64_ft', '--batch=128', '--grid=0', '--tick={kimg}', '--train_steps={steps}'])],
         generate=['--steps=2', '--seeds=0-7', '--batch=8']),
 }
 
@@ -73,7 +81,8 @@ def check_method(name, spec, work, args, rows):
             out = os.path.join(work, f'{name}-paper-{len(rows)}')
             batch = int(next(f.split('=')[1] for f in flags if f.startswith('--batch=')))
             kimg = batch * args.paper_steps / 1000 / 3  # three ticks; the last one is timed
-            flags_ = [f.replace('{kimg}', f'{kimg:g}').replace('{mimg}', f'{3 * kimg / 1000:g}') for f in flags]
+            flags_ = [f.replace('{kimg}', f'{kimg:g}').replace('{mimg}', f'{3 * kimg / 1000:g}')
+                      .replace('{steps}', str(3 * args.paper_steps)) for f in flags]
             run([script, 'train', *flags_, *COMMON, '--snap=0', '--dump=0', *extra, f'--outdir={out}'])
             last = stats(out)[-1]
             rows.append((name, f'{label} {" ".join(extra) or "fp32"}', f'{last["img/s"]:.0f} img/s', f'peak {last["gpumem"]:.1f} GiB, batch {batch}'))
