@@ -1,0 +1,664 @@
+"""Relay Diffusion: Unifying diffusion process across resolutions for image synthesis.
+
+Teng, Zheng, Ding, Hong, Wangni, Yang, Tang, ICLR 2024, arXiv:2309.03350 (v1; the PDF's equation numbers were not
+available to us, so comments cite paper sections and the official code instead).
+Official code: https://github.com/THUDM/RelayDiffusion (an EDM fork; nothing here is copied from it).
+
+Stage one is plain EDM at low resolution (64 px). Stage two continues the same diffusion at high resolution: the
+low-resolution sample is upsampled by nearest neighbour (s = 4), which makes it constant on s x s patches, the fixed
+point of a patch-wise DCT heat-dissipation blur. Noise (i.i.d. plus correlated "block noise") at a moderate level
+(sigma ~ 0.9) is added and a blurring-diffusion sampler runs to sigma = 0.008. The stage-two network is EDM's
+(same preconditioning, same U-Net), trained on blur(y) + noise with the sharp y as the target, on the lower part of
+EDM's sigma distribution only, with the blur strength a function of the same time u as sigma.
+
+Implemented: both training stages (`--precond=edm` / `--precond=blur`), EDM's augmentation (`--augment`), label
+dropout for classifier-free guidance, the blur sampler and the two-stage pipeline with the official sampler
+settings as presets, loading of our snapshots, patch_diffusion.py EDM snapshots, official EDM `.pkl` files and the
+released RDM `.pt` checkpoints (read without running code from them). Not implemented: xformers attention
+(`--eff-attn` is accepted and ignored: F.scaled_dot_product_attention computes the same attention).
+
+  # stage two on ImageNet-256 (official README command)
+  torchrun --standalone --nproc_per_node=8 relay_diffusion.py train --outdir=training-runs \\
+      --data=datasets/imagenet-256x256.zip --eff-attn=True --cond=1 --batch=4096 --batch-gpu=8 --lr=1e-4 \\
+      --dropout=0.1 --fp16=1 --ls=1 --arch=adm --precond=blur --up-scale=4 --block-scale=0.15 \\
+      --prob-length=0.93 --blur-sigma-max=3.0
+  # 50k two-stage samples with the official ImageNet sampler settings
+  torchrun --standalone --nproc_per_node=8 relay_diffusion.py generate --preset=imagenet --outdir=samples \\
+      --network_first=ckpts/imagenet_first_stage.pkl --network_second=ckpts/imagenet_second_stage.pt --subdirs
+  torchrun --standalone --nproc_per_node=8 fid.py calc --images=samples --ref=fid-refs/imagenet-256x256.npz
+"""
+
+import argparse
+import copy
+import io
+import json
+import math
+import os
+import re
+import warnings
+import zipfile
+
+import numpy as np
+import PIL.Image
+import PIL.ImageEnhance
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import (AugmentPipe, EDMLoss, EDMPrecond, PerSeedRNG, _SnapshotUnpickler, TrainingRun, UserError,
+                    add_train_flags, data_stream, distributed_model, edm_sampler, edm_time_steps, ema_beta,
+                    _from_snapshot, get_rank, get_world_size, init_distributed, learning_rate, load_checkpoint,
+                    load_official, load_training_state, load_weights, open_dataset, optimizer_step, parse_bool,
+                    parse_command_line, parse_int_list, print0, reseed, run_main, save_image_grid, save_seed_images,
+                    seed_batches, setup_precision, split_batch, sync_if, to_uint8, update_ema)
+
+#------------------------------------------------------------------------------
+# 1. Config. Training presets are the official README commands; sampler presets the official generate_*.py.
+
+PRESETS = {
+    # Stage one, CelebA-HQ 64 (README). fp32; the training length is not published (train.py default: 200 Mimg).
+    'celebahq64':  dict(cond=False, arch='adm', precond='edm', batch=1024, batch_gpu=32, lr=1e-4, dropout=0.15,
+                        augment=0.2, ls=1),
+    # Stage two, CelebA-HQ 256 (README); "47M" training images in the README table for the whole model.
+    'celebahq256': dict(cond=False, arch='adm', precond='blur', batch=1024, batch_gpu=8, lr=1e-4, dropout=0.2,
+                        augment=0.2, fp16=True, ls=1, up_scale=4, block_scale=0.15, prob_length=0.89,
+                        blur_sigma_max=2.0, duration=47),
+    # Stage two, ImageNet 256 (README). NOTE: the README command sets no --augment, so train.py's default 0.12
+    # applies (553,833,475 parameters); --label-dropout 0.1 is our assumption: the released train.py has no such
+    # option, yet the ImageNet sampler uses CFG 3.5 against an all-zero label.
+    'imagenet256': dict(cond=True, arch='adm', precond='blur', batch=4096, batch_gpu=8, lr=1e-4, dropout=0.1,
+                        augment=0.12, fp16=True, ls=1, up_scale=4, block_scale=0.15, prob_length=0.93,
+                        blur_sigma_max=3.0, label_dropout=0.1, duration=1250),
+    # CPU demo, a few minutes each: 8 px EDM stage one, then a 32 px blur stage two on the same built-in shapes.
+    'demo8':       dict(data='demo-8', arch='ddpmpp', precond='edm', cbase=32, cres=[1, 2], blocks=2, batch=32,
+                        lr=1e-3, lr_rampup=1, ema=0.002, dropout=0, augment=0, duration=0.02, tick=4, snap=100,
+                        dump=100, workers=0),
+    'demo32':      dict(data='demo-32', arch='ddpmpp', precond='blur', cbase=32, cres=[1, 2, 2], blocks=1, batch=16,
+                        lr=1e-3, lr_rampup=1, ema=0.002, dropout=0, augment=0, duration=0.003, tick=1, snap=100,
+                        dump=100, workers=0, up_scale=4, block_scale=0.15, prob_length=0.93, blur_sigma_max=3.0),
+}
+
+SAMPLER_PRESETS = {
+    # Official generate_celebahq.py: 30k seeds, SDE-Heun stage one (sde_scale 0.05), 150-step grid truncated at 0.95.
+    # NOTE: its sampler maps sigma -> u with L = 1.05 although the network was trained with prob_length 0.89 (less
+    # blur than trained at every sigma); the reason is unknown, we keep the official values.
+    'celebahq': dict(seeds=parse_int_list('80000-109999'), num_steps_first=120, sde_scale_first=0.05,
+                     num_steps_second=150, rho_second=7, truncation_sigma_second=0.95, truncation_t_second=1.05,
+                     blur_sigma_max_second=2.0, cfg_scale_second=1),
+    # Official generate_imagenet.py: 50k seeds (labels seed mod 1000), EDM's stochastic ImageNet-64 sampler,
+    # a 200-step rho=100 grid truncated at 0.9, CFG 3.5 in stage two.
+    'imagenet': dict(seeds=parse_int_list('10000-59999'), num_steps_first=256, S_churn=40, S_min=0.05, S_max=50,
+                     S_noise=1.003, num_steps_second=200, rho_second=100, truncation_sigma_second=0.9,
+                     truncation_t_second=0.93, blur_sigma_max_second=3.0, cfg_scale_second=3.5),
+}
+
+# Backbones as configured by EDM's train.py; adm at 256 px is ADM's 256 config (official train.py).
+ARCHS = {
+    'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
+                   channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2]),
+    'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
+                   channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2]),
+    'adm':    dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
+    'adm256': dict(model_type='DhariwalUNet', model_channels=256, channel_mult=[1, 1, 2, 2, 4, 4], num_blocks=2),
+}
+
+MIN_SCALE = 0.001            # blur multiplier floor m (hard-coded in the official blurring.py and loss.py)
+TRUNCATE_SIGMA = 7.5e-3      # lower sigma bound of stage-two training (official BlurLoss truncate_sigma)
+
+#------------------------------------------------------------------------------
+# 2. Backbone: EDM's U-Nets and preconditioning, unchanged (official train.py: --precond=blur selects EDMPrecond).
+#    NOTE: there is no blur-aware preconditioning in the official code: c_skip, c_out, c_in, c_noise are EDM's,
+#    computed from sigma alone (the extra 1.0225 noise variance and the blurred signal are ignored); we follow it.
+
+def network_kwargs(args, resolution, channels, label_dim):
+    """EDMPrecond constructor kwargs from the CLI flags (official train.py's mapping)."""
+    model = dict(ARCHS['adm256' if args.arch == 'adm' and resolution == 256 else args.arch])
+    model['model_channels'] = args.cbase or model['model_channels']
+    model['channel_mult'] = args.cres or model['channel_mult']
+    if args.blocks:
+        model['num_blocks'] = args.blocks
+    model.update(dropout=args.dropout, label_dropout=args.label_dropout if label_dim else 0)
+    if args.augment:
+        model['augment_dim'] = 9  # EDM AugmentPipe labels
+    return dict(img_resolution=resolution, img_channels=channels, label_dim=label_dim, **model)
+
+def count_parameters(net_kwargs):
+    with torch.device('meta'):  # shapes only, nothing allocated
+        return sum(p.numel() for p in EDMPrecond(**net_kwargs).parameters())
+
+#------------------------------------------------------------------------------
+# 3. Method math: block DCT, patch-wise blur, block noise, the truncated sigma/blur schedule, BlurLoss.
+#    Images are [N, C, H, W] with H and W multiples of the block size s (any resolution, not only 256).
+
+def dct_matrix(s, dtype=torch.float64, device='cpu'):
+    """Orthonormal DCT-II matrix: C[k, n] = sqrt((2 - delta_k0) / s) cos(pi (2n + 1) k / (2s))."""
+    k = torch.arange(s, dtype=dtype, device=device)[:, None]
+    n = torch.arange(s, dtype=dtype, device=device)[None, :]
+    return torch.cos(math.pi * (2 * n + 1) * k / (2 * s)) * ((2 - (k == 0).to(dtype)) / s).sqrt()
+
+def block_dct(x, s, inverse=False):
+    """2-D DCT-II of every s x s patch, coefficients in place: coefficient (k, l) of the patch at block (i, j) sits
+    at pixel (s i + k, s j + l) (official blurring.dct_2d with norm='ortho'). inverse=True applies C^T X C."""
+    N, C, H, W = x.shape
+    if H % s or W % s:
+        raise ValueError(f'image size {H}x{W} is not divisible by the block size {s}')
+    D = dct_matrix(s, x.dtype, x.device)
+    D = D.T if inverse else D
+    p = x.reshape(N, C, H // s, s, W // s, s).transpose(3, 4)   # [N, C, H, W] -> [N, C, H/s, W/s, s, s]
+    p = D @ p @ D.T                                              # P -> D P D^T per patch
+    return p.transpose(3, 4).reshape(N, C, H, W)                 # -> [N, C, H, W], coefficients in place
+
+def block_idct(X, s):
+    return block_dct(X, s, inverse=True)
+
+def blur_multipliers(B, s, H, W, min_scale=MIN_SCALE):
+    """Per-coefficient multipliers d_kl(B) = (1 - m) exp(-(w_k^2 + w_l^2) B^2 / 2) + m, w_k = pi k / s, tiled over
+    the H/s x W/s patches: [N, 1, H, W] for B of shape [N] (or a scalar -> [1, 1, H, W]). Paper Sec. 3 (blurring
+    diffusion of Hoogeboom & Salimans restricted to patches); official blurring.get_alpha_t / loss.DCTBlur."""
+    B = torch.as_tensor(B).reshape(-1, 1, 1, 1)
+    w = math.pi * torch.arange(s, dtype=B.dtype, device=B.device) / s
+    w2 = (w[:, None] ** 2 + w[None, :] ** 2).repeat(H // s, W // s)  # [s, s] -> [H, W]
+    return (1 - min_scale) * torch.exp(-w2 * (B ** 2 / 2)) + min_scale
+
+def blur(x, B, s, min_scale=MIN_SCALE):
+    """A(B) x = V diag(d(B)) V^T x with V the block DCT: patch means are kept, higher frequencies damped."""
+    return block_idct(block_dct(x, s) * blur_multipliers(B, s, *x.shape[-2:], min_scale).to(x.dtype), s)
+
+def block_noise(x, s, randn_like=torch.randn_like):
+    """Block noise (paper Sec. 3, official blurring.block_noise): a circular s x s box sum of i.i.d. N(0, 1) noise,
+    divided by s, so every pixel has unit variance and neighbours correlate as (s-|dx|)(s-|dy|)/s^2."""
+    eps = randn_like(x)
+    rows = sum(torch.roll(eps, dx, dims=-2) for dx in range(s))     # rows[x, y] = sum_i eps[x - i, y] (wraps)
+    return sum(torch.roll(rows, dy, dims=-1) for dy in range(s)) / s  # + sum_j over columns: the s x s window
+
+def mixed_noise(x, s, alpha, randn_like=torch.randn_like, paper_noise_norm=False):
+    """eps + alpha Block_s(eps'), eps first, then eps' (skipped when alpha = 0), as the official code draws them.
+    NOTE: the paper scales this by 1/sqrt(1 + alpha^2); the official code does not (variance 1.0225 at alpha = 0.15,
+    its issue #8, "little impact"), and the released checkpoints were trained without it: off by default."""
+    xi = randn_like(x)
+    if alpha > 0:
+        xi = xi + alpha * block_noise(x, s, randn_like)
+    return xi / math.sqrt(1 + alpha ** 2) if paper_noise_norm else xi
+
+# The stage-two time u in [0, 1] drives both sigma and the blur (paper Sec. 3; official BlurLoss, get_alpha_t).
+# Phi and its inverse in float64 (P_mean, P_std as EDM).
+P_MEAN, P_STD = -1.2, 1.2
+
+def sigma_of_u(u, prob_length):
+    """sigma(u) = exp(P_mean + P_std Phi^-1(L u)): EDM's log-normal restricted to its lower L fraction."""
+    u = torch.as_tensor(u, dtype=torch.float64)
+    return (P_MEAN + P_STD * torch.special.ndtri(prob_length * u)).exp()
+
+def u_of_sigma(sigma, prob_length):
+    """Inverse of sigma_of_u, u(sigma) = Phi((ln sigma - P_mean) / P_std) / L (the sampler's map, L = truncation_t)."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    return torch.special.ndtr((sigma.log() - P_MEAN) / P_STD) / prob_length
+
+def blur_of_u(u, blur_sigma_max):
+    """B(u) = B_max sin^2(pi u / 2) (Hoogeboom & Salimans 2022's schedule)."""
+    return blur_sigma_max * torch.sin(torch.as_tensor(u) * math.pi / 2) ** 2
+
+def u_min(prob_length, truncate_sigma=TRUNCATE_SIGMA):
+    """Lower clamp of u: L Phi((ln 0.0075 - P_mean) / P_std). NOTE: L enters here and again in sigma_of_u, so the
+    smallest trained sigma is 0.0071 at L = 0.93, not the nominal 0.0075 (official BlurLoss)."""
+    return prob_length * torch.special.ndtr(torch.tensor((math.log(truncate_sigma) - P_MEAN) / P_STD, dtype=torch.float64)).item()
+
+class BlurLoss:
+    """Stage-two loss (paper Sec. 3, official training/loss.py BlurLoss): u ~ U(u_min, 1) per image (clamped),
+    x = A(B(u)) y + sigma(u) (eps + alpha Block(eps')), loss = min(lambda(sigma), 1e5) |D(x; sigma) - y|^2 with the
+    sharp (augmented) y as target and EDM's lambda. Returns the unreduced per-element loss."""
+    def __init__(self,
+        up_scale            = 4,        # block size s of the DCT and the block noise (= upsampling factor)
+        prob_length         = 0.93,     # L: the lower fraction of EDM's sigma distribution that is trained
+        blur_sigma_max      = 3.0,      # B_max: blur strength at u = 1
+        block_scale         = 0.15,     # alpha: weight of block noise; 0 = i.i.d. noise only
+        paper_noise_norm    = False,    # divide the noise mix by sqrt(1 + alpha^2) (paper), not (code)
+        sigma_data          = 0.5,      # EDM's sigma_data in lambda(sigma)
+    ):
+        self.up_scale, self.prob_length, self.blur_sigma_max = up_scale, prob_length, blur_sigma_max
+        self.block_scale, self.paper_noise_norm, self.sigma_data = block_scale, paper_noise_norm, sigma_data
+
+    def schedule(self, n, device):
+        """u, sigma(u) (float32) and B(u) for n images, one shared u per image."""
+        u = torch.rand([n], device=device, dtype=torch.float64).clamp(min=u_min(self.prob_length))
+        return u, sigma_of_u(u, self.prob_length).float().reshape(-1, 1, 1, 1), blur_of_u(u, self.blur_sigma_max).float()
+
+    def __call__(self, net, images, labels=None, augment_pipe=None):
+        u, sigma, B = self.schedule(images.shape[0], images.device)
+        weight = ((sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2).clamp(max=1e5)  # EDM lambda, clamped
+        y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
+        n = sigma * mixed_noise(y, self.up_scale, self.block_scale, torch.randn_like, self.paper_noise_norm)
+        D_yn = net(blur(y, B, self.up_scale) + n, sigma, labels, augment_labels=augment_labels)
+        return weight * (D_yn - y) ** 2
+
+#------------------------------------------------------------------------------
+# 4. Samplers: stage one is EDM's (or the official CelebA-HQ SDE-Heun variant), stage two the blur sampler.
+
+def guided(net, cfg_scale):
+    """Classifier-free guidance as the official scripts: w D(x | y) - (w - 1) D(x | 0) when w > 1."""
+    if cfg_scale <= 1:
+        return net
+    return lambda x, sigma, labels: cfg_scale * net(x, sigma, labels) - (cfg_scale - 1) * net(x, sigma, None)
+
+@torch.no_grad()
+def sde_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=120, sigma_min=0.002,
+                sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, sde_scale=0.05):
+    """Official generate_celebahq.py stage one: EDM's Heun steps with a DDIM-eta-like noise g = sde_scale sigma_next
+    injected at the Euler and again (fresh) at the corrected step, x' = x + (a - 1) sigma d + g eps with
+    a = sqrt(sigma_next^2 - g^2) / sigma. The (zero-strength by default) churn draw is kept so seeds match upstream."""
+    t_steps = edm_time_steps(num_steps, sigma_min, sigma_max, rho).to(latents.device)
+    x_next = latents.to(torch.float64) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0   # EDM Alg. 2 line 4
+        t_hat = t_cur + gamma * t_cur
+        x_hat = x_next + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_next)
+        d_cur = (x_hat - net(x_hat, t_hat, class_labels).to(torch.float64)) / t_hat
+        g = sde_scale * t_next
+        a = (t_next ** 2 - g ** 2).sqrt() / t_hat
+        x_next = x_hat + (a - 1) * t_hat * d_cur + g * randn_like(x_hat)
+        if i < num_steps - 1:
+            d_prime = (x_next - net(x_next, t_next, class_labels).to(torch.float64)) / t_next
+            x_next = x_hat + (a - 1) * t_hat * (d_cur + d_prime) / 2 + g * randn_like(x_hat)
+    return x_next
+
+def relay_time_steps(num_steps=18, sigma_min=0.008, sigma_max=80, rho=7, truncation_sigma=0.9):
+    """EDM's grid (Eq. 5) with every leading level >= truncation_sigma dropped, then 0 (official blur_sampler).
+    NOTE: truncation_sigma is the stage-two start (upper bound), not training's lower bound 0.0075 (issue #3)."""
+    t = edm_time_steps(num_steps, sigma_min, sigma_max, rho)
+    kept = t[:-1][t[:-1] < truncation_sigma]
+    if len(kept) == 0:
+        raise UserError(f'no noise level of the {num_steps}-step grid lies below --truncation_sigma_second={truncation_sigma}')
+    return torch.cat([kept, t[-1:]])
+
+@torch.no_grad()
+def blur_sampler(net, images, class_labels=None, randn_like=torch.randn_like, num_steps=18, sigma_min=0.008,
+                 sigma_max=80, rho=7, truncation_sigma=0.9, truncation_t=0.93, up_scale=4, cfg_scale=1, s_block=0.15,
+                 s_noise=0.2, blur_sigma_max=3, paper_noise_norm=False):
+    """Stage-two sampler (paper App. A.4 Algorithm 1; official generate.py blur_sampler), state in float64.
+    `images`: the nearest-upsampled stage-one output, constant on s x s patches, so it is its own blurred version.
+    Step n, in block-DCT space (U = T x, U0 = T D(x), a = d(B(u(sigma))), gamma = sqrt(1 - eta^2) sigma'/sigma):
+      T x' = a' U0 + gamma (U - a U0) + eta sigma' xi, then Heun: the same with the mean of both slopes.
+    NOTE: the paper's Algorithm 1 shows i.i.d. step noise; the code draws xi = eps + s_block Block(eps') for the start
+    and both step noises, as here. generate_celebahq.py also draws one unused N(0, 1) field per step for a churn of
+    strength 0; we leave that draw out, so its seeds give other (equally distributed) images than upstream's."""
+    s = up_scale
+    sigma_min = max(sigma_min, getattr(net, 'sigma_min', 0))
+    sigma_max = min(sigma_max, getattr(net, 'sigma_max', float('inf')))
+    t_steps = relay_time_steps(num_steps, sigma_min, sigma_max, rho, truncation_sigma).to(images.device)
+    denoise = guided(net, cfg_scale)
+    x_up = images.to(torch.float64)
+    H, W = x_up.shape[-2:]
+    alpha = lambda sigma: blur_multipliers(blur_of_u(u_of_sigma(sigma, truncation_t), blur_sigma_max), s, H, W)
+    xi = lambda: mixed_noise(x_up, s, s_block, randn_like, paper_noise_norm)  # every xi drawn fresh
+    x = x_up + t_steps[0] * xi()                                               # relay start state, no further blur
+    K = len(t_steps) - 1
+    for n, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        D_0 = denoise(x, t_cur, class_labels).to(torch.float64)
+        if n == K - 1:
+            return D_0  # sigma_min is the last level evaluated; nothing steps to 0
+        a_cur, a_next = alpha(t_cur), alpha(t_next)
+        gamma = math.sqrt(1 - s_noise ** 2) * t_next / t_cur
+        U = block_dct(x, s)
+        g = (U - block_dct(D_0, s)) / t_cur
+        c_U, c_g = a_next + gamma * (1 - a_cur), t_cur * (gamma * a_cur - a_next)
+        x_prop = block_idct(c_U * U + c_g * g, s) + s_noise * t_next * xi()          # Euler proposal
+        D_1 = denoise(x_prop, t_next, class_labels).to(torch.float64)
+        g_prime = (block_dct(x_prop, s) - block_dct(D_1, s)) / t_next
+        x = block_idct(c_U * U + c_g * (g + g_prime) / 2, s) + s_noise * t_next * xi()  # 2nd order, fresh noise
+    return x
+
+#------------------------------------------------------------------------------
+# 5. Training loop: one loop for both stages; --precond picks EDMLoss (stage one) or BlurLoss (stage two).
+
+def dataset_shape(args):
+    """(dataset or None, resolution, channels, label_dim). A dry run of a dataset that is not on this machine takes
+    the resolution from its name ('imagenet-256x256.zip', 'demo-256') and 1000 classes for --cond=1 (ImageNet)."""
+    m = re.search(r'(\d+)x\1', os.path.basename(str(args.data)))
+    if args.dry_run and not os.path.exists(args.data) and m and not args.data.startswith('demo'):
+        print0(f'note: {args.data} not found; assuming {m[1]}x{m[1]} RGB images' + (', 1000 classes' if args.cond else ''))
+        return None, int(m[1]), 3, 1000 if args.cond else 0
+    dataset = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
+    return dataset, dataset.resolution, dataset.num_channels, dataset.label_dim
+
+def make_loss(args):
+    if args.precond == 'edm':
+        return EDMLoss()
+    return BlurLoss(up_scale=args.up_scale, prob_length=args.prob_length, blur_sigma_max=args.blur_sigma_max,
+                    block_scale=args.block_scale, paper_noise_norm=args.paper_noise_norm)
+
+def train(args):
+    device = init_distributed()
+    rank, world_size = get_rank(), get_world_size()
+    amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
+    dataset, R, C, label_dim = dataset_shape(args)
+    if args.precond == 'blur' and R % args.up_scale:
+        raise UserError(f'{args.data}: {R}x{R} images are not divisible by --up-scale={args.up_scale}')
+    if args.label_dropout and not label_dim:
+        raise UserError('--label-dropout needs class labels (--cond=1)')
+    batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
+    net_kwargs = network_kwargs(args, R, C, label_dim)
+    num_params = count_parameters(net_kwargs)
+    stage = dict(precond=args.precond) | (dict(up_scale=args.up_scale, prob_length=args.prob_length,
+        blur_sigma_max=args.blur_sigma_max, block_scale=args.block_scale, paper_noise_norm=args.paper_noise_norm)
+        if args.precond == 'blur' else {})
+    desc = f'{os.path.splitext(os.path.basename(args.data))[0]}-{"cond" if args.cond else "uncond"}-{args.arch}-' \
+           f'{args.precond}-gpus{world_size}-batch{args.batch}-{"fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"}' \
+           + (f'-{args.desc}' if args.desc else '')
+    options = dict(vars(args), net_kwargs=net_kwargs, num_params=num_params, stage=stage, batch_gpu=batch_gpu,
+                   rounds=rounds, world_size=world_size)
+    if args.dry_run:
+        print0(json.dumps(options, indent=2))
+        print0(f'{num_params:,} parameters')
+        return
+
+    # Network, EMA, optimizer, augmentation; a training state to resume from.
+    torch.manual_seed(args.seed)
+    net = EDMPrecond(**net_kwargs).to(device).train().requires_grad_(True)
+    net.amp_dtype = amp_dtype
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)  # EDM's optimizer
+    augment_pipe = AugmentPipe(args.augment, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
+                               translate_frac=1) if args.augment else None  # EDM's CelebA/CIFAR setting, as upstream
+    cur_nimg, step, data_pos = 0, 0, 0
+    if args.resume:
+        state = load_training_state(args.resume, 'relay_diffusion', rank, world_size, net=net, ema=ema,
+                                    optimizer=optimizer, scaler=scaler)
+        cur_nimg, step, data_pos = state['cur_nimg'], state['step'], state['data_pos']
+    ddp = distributed_model(net, device, args.compile)
+    loss_fn = make_loss(args)
+    fixed = next(data_stream(dataset, args.grid, 0, 1, args.seed, 0, 0))[0] if args.grid and args.precond == 'blur' else None
+
+    with TrainingRun(args, 'relay_diffusion', desc, options, device, cur_nimg) as run:
+        print0(f'Relay Diffusion stage {"one (EDM)" if args.precond == "edm" else "two (blur)"}: {dataset.name} '
+               f'({len(dataset)} images, {R}x{R}x{C}), {args.arch}, {num_params:,} parameters, device {device}, '
+               f'{world_size} process(es); {batch_gpu} images x {rounds} rounds x {world_size} per step')
+        stream = data_stream(dataset, batch_gpu, rank, world_size, args.seed, data_pos, args.workers)
+        while True:
+            reseed(args.seed, rank, cur_nimg)  # per-step randomness: resume == uninterrupted
+            optimizer.zero_grad(set_to_none=True)
+            for r in range(rounds):
+                images, labels = next(stream)
+                data_pos += batch_gpu
+                images = images.to(device).to(torch.float32) / 127.5 - 1
+                with sync_if(ddp, r == rounds - 1):
+                    loss = loss_fn(ddp, images, labels.to(device), augment_pipe)
+                    run.add('loss', loss)
+                    # NOTE: upstream back-propagates sum(loss) ls / T with T = 32 at 64 px and 256 otherwise; we use
+                    # EDM's sum over pixels, mean over this GPU's images (Adam makes the constant nearly irrelevant).
+                    scaler.scale(loss.sum() * (args.ls / (batch_gpu * rounds))).backward()
+            optimizer_step(optimizer, scaler, learning_rate(args.lr, cur_nimg, args.lr_rampup))
+            update_ema(ema, net, ema_beta(cur_nimg, args.batch, args.ema * 1000))
+            cur_nimg += args.batch
+            step += 1
+            done = cur_nimg >= args.duration * 1e6
+            if run.due(cur_nimg, done):
+                snap = run.end_tick(cur_nimg, done, step=step, data_pos=data_pos,
+                    snapshot=lambda: dict(precond='EDMPrecond', net_kwargs=net_kwargs, stage=stage, ema=ema.state_dict()),
+                    state=lambda: dict(net=net.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict()))
+                if snap and args.grid:
+                    save_progress_grid(ema, snap.replace('network-snapshot', 'samples').replace('.pt', '.png'),
+                                       args, fixed, device)
+                if done:
+                    break
+
+@torch.no_grad()
+def save_progress_grid(net, path, args, fixed, device):
+    """Seeds 0..grid-1: stage one samples 18 Heun steps from noise; stage two relays the block means of fixed
+    training images (average-pooled by s, nearest-upsampled: a stand-in for stage-one samples), shown above the
+    relayed results."""
+    rng = PerSeedRNG(range(args.grid), device)
+    labels = torch.eye(net.label_dim, device=device)[torch.arange(args.grid) % net.label_dim] if net.label_dim else None
+    if args.precond == 'edm':
+        latents = rng.randn([net.img_channels, net.img_resolution, net.img_resolution], device=device)
+        return save_image_grid(edm_sampler(net, latents, labels, rng.randn_like), path)
+    real = fixed.to(device).to(torch.float64) / 127.5 - 1
+    x_up = F.interpolate(F.avg_pool2d(real, args.up_scale), scale_factor=args.up_scale, mode='nearest')
+    out = blur_sampler(net, x_up, labels, rng.randn_like, up_scale=args.up_scale, truncation_t=args.prob_length,
+                       blur_sigma_max=args.blur_sigma_max, s_block=args.block_scale, paper_noise_norm=args.paper_noise_norm)
+    save_image_grid(torch.cat([x_up, out]), path, cols=args.grid)
+
+#------------------------------------------------------------------------------
+# 6. Generation: stage one (EDM sampler) -> nearest upsampling -> stage two (blur sampler); one PNG per seed,
+#    identical for any --batch, any GPU count, and (for stage two) whether stage one ran now or came from --indir.
+
+class _TorchZipUnpickler(_SnapshotUnpickler):
+    """common's restricted unpickler for torch.save zip archives (official RDM .pt training states): tensors come
+    from the archive's storage records; network modules become inert stubs (no code from the file runs)."""
+    def __init__(self, file, archive, prefix):
+        super().__init__(file)
+        self.archive, self.prefix = archive, prefix
+
+    def find_class(self, module, name):
+        module = 'builtins' if module == '__builtin__' else module  # torch.save's protocol 2 uses Python 2 names
+        if module == 'torch' and name.endswith('Storage') and isinstance(getattr(torch, name, None), type):
+            return getattr(torch, name)  # torch.FloatStorage etc.: only its dtype is used
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        _, storage_type, key, _, _ = pid  # ('storage', torch.FloatStorage, '0', 'cuda:0', numel)
+        data = torch.UntypedStorage.from_buffer(self.archive.read(f'{self.prefix}/data/{key}'), dtype=torch.uint8)
+        return torch.storage.TypedStorage(wrap_storage=data, dtype=storage_type.dtype, _internal=True)
+
+def load_rdm_checkpoint(path):
+    """Official RDM `training-state-*.pt` / released `*_stage.pt`: torch.save(dict(ema=<EDMPrecond>, net=..., ...))
+    -> dict(precond, init_kwargs, state_dict) as common.load_official returns."""
+    with zipfile.ZipFile(path) as archive:
+        pkl = [n for n in archive.namelist() if n.endswith('/data.pkl')]
+        if not pkl:
+            raise ValueError('no data.pkl in the archive')
+        prefix = pkl[0].rsplit('/', 1)[0]
+        with warnings.catch_warnings():  # TypedStorage is deprecated, but it is what carries the dtype here
+            warnings.simplefilter('ignore', UserWarning)
+            return _from_snapshot(_TorchZipUnpickler(io.BytesIO(archive.read(pkl[0])), archive, prefix).load())
+
+def load_network(path, flag, stage):
+    """EDMPrecond from our snapshots/training states (relay_diffusion.py of the right stage, patch_diffusion.py
+    --real_p=1 for stage one), official EDM .pkl (path or URL) or official RDM .pt. Returns (net, stage dict)."""
+    if path.endswith('.pkl') or '://' in path:
+        official = load_official(path)
+    else:
+        try:
+            ckpt, official = load_checkpoint(path), None
+        except UserError as ours:  # not loadable with weights_only: maybe an official RDM torch.save archive
+            if not os.path.isfile(path):
+                raise UserError(f'{flag}={path}: no such file') from None
+            try:
+                official = load_rdm_checkpoint(path)
+            except Exception as theirs:
+                raise UserError(f'{flag}={path}: neither one of our snapshots ({str(ours).splitlines()[0]}) nor an '
+                                f'official RDM checkpoint ({theirs})') from None
+    if official is not None:
+        if official['precond'] != 'EDMPrecond':
+            raise UserError(f'{flag}={path}: a {official["precond"]} network; Relay Diffusion uses EDMPrecond networks')
+        kwargs = {k: v for k, v in official['init_kwargs'].items() if k != 'eff_attn'}  # xformers switch (upstream)
+        net = EDMPrecond(**kwargs)
+        load_weights(net, official['state_dict'], path)
+        return net, {}
+    method = ckpt.get('method') if isinstance(ckpt, dict) else None
+    info = ckpt.get('stage', dict(precond='edm')) if method == 'relay_diffusion' else dict(precond='edm')
+    if method == 'patch_diffusion' and ckpt.get('precond') != 'EDMPrecond':
+        raise UserError(f'{flag}={path}: a Patch Diffusion network with coordinate channels; only --real_p=1 '
+                        'snapshots (plain EDM) can serve as a first stage')
+    if method not in ('relay_diffusion', 'patch_diffusion'):
+        raise UserError(f'{flag}={path}: not a relay_diffusion.py or patch_diffusion.py snapshot (method {method!r})')
+    if info['precond'] != stage:
+        want = 'a stage-one (--precond=edm)' if stage == 'edm' else 'a stage-two (--precond=blur)'
+        raise UserError(f'{flag}={path}: a --precond={info["precond"]} network, but {flag} needs {want} network')
+    net = EDMPrecond(**ckpt['net_kwargs'])
+    load_weights(net, ckpt['ema'], path)
+    return net, info
+
+def read_indir(indir, seeds, device):
+    """Stage-one PNGs `{seed:06d}.png`, flat or in EDM's folders of 1,000, as float64 in [-1, 1]."""
+    images = []
+    for seed in seeds:
+        paths = [os.path.join(indir, f'{seed - seed % 1000:06d}', f'{seed:06d}.png'), os.path.join(indir, f'{seed:06d}.png')]
+        path = next((p for p in paths if os.path.isfile(p)), None)
+        if path is None:
+            raise UserError(f'--indir={indir}: no image for seed {seed} ({paths[0]} or {paths[1]})')
+        image = np.array(PIL.Image.open(path))
+        images.append(image[:, :, None] if image.ndim == 2 else image)
+    if len({im.shape for im in images}) > 1:
+        raise UserError(f'--indir={indir}: images of different sizes {sorted({im.shape for im in images})}')
+    images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # [N, H, W, C] -> [N, C, H, W]
+    return images.to(device).to(torch.float64) / 127.5 - 1
+
+# PIL post-processing of the official generate_celebahq.py / generate_imagenet.py, applied to every saved PNG
+# before their FID. NOTE: not in the paper; off by default, --enhance=celebahq|imagenet reproduces it.
+ENHANCE = {'none': [], 'celebahq': [(PIL.ImageEnhance.Contrast, 0.9), (PIL.ImageEnhance.Brightness, 1.05),
+                                    (PIL.ImageEnhance.Color, 0.99)], 'imagenet': [(PIL.ImageEnhance.Brightness, 1.06)]}
+
+def save_images(images, seeds, outdir, subdirs, enhance):
+    if enhance == 'none':
+        return save_seed_images(images, seeds, outdir, subdirs)
+    for image, seed in zip(to_uint8(images).permute(0, 2, 3, 1).cpu().numpy(), seeds):  # -> [N, H, W, C]
+        pil = PIL.Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+        for op, factor in ENHANCE[enhance]:
+            pil = op(pil).enhance(factor)
+        folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
+        os.makedirs(folder, exist_ok=True)
+        pil.save(os.path.join(folder, f'{seed:06d}.png'))
+
+@torch.no_grad()
+def generate(args):
+    device = init_distributed()
+    rank, world_size = get_rank(), get_world_size()
+    stages, s = args.sampler_stages, args.up_scale_second
+    first = second = None
+    info = {}
+    if stages in ('first', 'both'):
+        if not args.network_first:
+            raise UserError(f'--sampler_stages={stages} needs --network_first')
+        first = load_network(args.network_first, '--network_first', 'edm')[0].to(device).eval()
+    if stages in ('second', 'both'):
+        if not args.network_second:
+            raise UserError(f'--sampler_stages={stages} needs --network_second')
+        if stages == 'second' and not args.indir:
+            raise UserError('--sampler_stages=second needs --indir (a folder of stage-one PNGs)')
+        second, info = load_network(args.network_second, '--network_second', 'blur')
+        second = second.to(device).eval()
+    if first is not None and second is not None:
+        if first.label_dim != second.label_dim:
+            raise UserError(f'the first stage has {first.label_dim} classes, the second {second.label_dim}')
+        if first.img_resolution * s != second.img_resolution:
+            raise UserError(f'stage one makes {first.img_resolution}x{first.img_resolution} images, x{s} = '
+                            f'{first.img_resolution * s}, but the second stage was trained at {second.img_resolution}')
+    label_dim = (first or second).label_dim
+    if args.class_idx is not None and not 0 <= args.class_idx < max(label_dim, 1):
+        raise UserError(f'--class={args.class_idx}: the network has {label_dim} classes')
+    first_kwargs = dict(num_steps=args.num_steps_first, sigma_min=args.sigma_min_first or 0.002,
+                        sigma_max=args.sigma_max_first or 80, rho=args.rho_first, S_churn=args.S_churn,
+                        S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
+    if args.sde_scale_first:
+        first_kwargs['sde_scale'] = args.sde_scale_first
+    paper_noise_norm = info.get('paper_noise_norm', False) if args.paper_noise_norm is None else args.paper_noise_norm
+    second_kwargs = dict(num_steps=args.num_steps_second, sigma_min=args.sigma_min_second or 0.008,
+                         sigma_max=args.sigma_max_second or 80, rho=args.rho_second, up_scale=s,
+                         truncation_sigma=args.truncation_sigma_second, truncation_t=args.truncation_t_second,
+                         cfg_scale=args.cfg_scale_second, s_block=args.s_block_second, s_noise=args.s_noise_second,
+                         blur_sigma_max=args.blur_sigma_max_second, paper_noise_norm=paper_noise_norm)
+    print0(f'sampler stages {stages}: first {first_kwargs if first else "-"}; second {second_kwargs if second else "-"}')
+    grid = []
+    for seeds in tqdm(seed_batches(args.seeds, args.batch, rank, world_size), unit='batch', disable=rank != 0):
+        rng = PerSeedRNG(seeds, device)  # one generator per seed for both stages (upstream: --indir crashes here)
+        labels = None
+        if label_dim:  # seed mod label_dim, as upstream: exactly balanced classes over consecutive seeds
+            labels = torch.eye(label_dim, device=device)[torch.as_tensor(seeds) % label_dim]
+            if args.class_idx is not None:
+                labels[:] = 0
+                labels[:, args.class_idx] = 1
+        if first is not None:
+            latents = rng.randn([first.img_channels, first.img_resolution, first.img_resolution], device=device)
+            sampler = sde_sampler if 'sde_scale' in first_kwargs else edm_sampler
+            low = sampler(guided(first, args.cfg_scale_first), latents, labels, rng.randn_like, **first_kwargs)
+        else:
+            low = read_indir(args.indir, seeds, device)
+        if second is None:
+            save_images(low, seeds, args.outdir, args.subdirs, args.enhance)
+            continue
+        x_up = F.interpolate(low, scale_factor=s, mode='nearest')  # NOTE: upstream resizes to 256 whatever s is
+        if x_up.shape[-1] != second.img_resolution or x_up.shape[1] != second.img_channels:
+            raise UserError(f'stage-one images {tuple(low.shape[1:])} x{s} do not fit the second stage '
+                            f'({second.img_channels}x{second.img_resolution}x{second.img_resolution})')
+        images = blur_sampler(second, x_up, labels, rng.randn_like, **second_kwargs)
+        save_images(images, seeds, args.outdir, args.subdirs, args.enhance)
+        if args.grid and rank == 0:
+            grid.append((x_up, images))
+    if args.grid and rank == 0 and grid:
+        ups, outs = torch.cat([g[0] for g in grid])[:8], torch.cat([g[1] for g in grid])[:8]
+        save_image_grid(torch.cat([ups, outs]), args.grid, cols=len(ups))  # stage one (upsampled) above, relayed below
+    torch.distributed.barrier()
+    print0('done')
+
+#------------------------------------------------------------------------------
+# 7. Command line. Flag spellings follow the official train.py / generate.py so published commands run unchanged.
+
+def build_parser(preset=None):
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(description='Relay Diffusion (Teng et al. 2024) on EDM', formatter_class=fmt)
+    sub = parser.add_subparsers(dest='command', required=True)
+    t = sub.add_parser('train', help='train stage one (--precond=edm) or stage two (--precond=blur)', formatter_class=fmt)
+    add_train_flags(t, lr=1e-4)  # NOTE: upstream's default lr is 1e-4 (EDM: 1e-3); every README command sets it
+    t.add_argument('--preset', choices=sorted(PRESETS), default=None, help='published hyperparameters; flags override')
+    t.add_argument('--arch', choices=['ddpmpp', 'ncsnpp', 'adm'], default='adm', help='backbone (adm: ADM-64 config, ADM-256 at 256 px)')
+    t.add_argument('--precond', choices=['edm', 'blur'], default='edm', help='edm: stage one (EDMLoss); blur: stage two (BlurLoss), same EDM preconditioning')
+    t.add_argument('--cbase', type=int, default=None, metavar='INT', help="base channel count; None = the arch's")
+    t.add_argument('--cres', type=parse_int_list, default=None, metavar='LIST', help="channel multipliers per resolution; None = the arch's")
+    t.add_argument('--blocks', type=int, default=None, metavar='INT', help="residual blocks per resolution; None = the arch's")
+    t.add_argument('--augment', type=float, default=0, metavar='P', help='EDM augmentation probability (augment_dim 9 when > 0)')
+    t.add_argument('--label-dropout', type=float, default=0, metavar='P', help='drop class labels with this probability (for CFG)')
+    t.add_argument('--eff-attn', type=parse_bool, default=True, metavar='BOOL', help='accepted for upstream commands; attention is always F.scaled_dot_product_attention')
+    t.add_argument('--up-scale', type=int, default=4, metavar='INT', help='block size s of DCT blur and block noise (= upsampling factor)')
+    t.add_argument('--block-scale', type=float, default=0.15, metavar='FLOAT', help='alpha, weight of block noise')
+    t.add_argument('--prob-length', type=float, default=0.93, metavar='FLOAT', help='L, trained fraction of EDM\'s sigma distribution')
+    t.add_argument('--blur-sigma-max', type=float, default=3.0, metavar='FLOAT', help='B_max, blur strength at u = 1')
+    t.add_argument('--paper-noise-norm', type=parse_bool, default=False, metavar='BOOL', help="scale noise by 1/sqrt(1+alpha^2) (paper; the code doesn't)")
+    t.add_argument('--grid', type=int, default=16, metavar='INT', help='images in the sample grid written with each snapshot; 0 = none')
+
+    g = sub.add_parser('generate', help='two-stage generation', formatter_class=fmt)
+    g.add_argument('--preset', choices=sorted(SAMPLER_PRESETS), default=None, help='official sampler settings (generate_<preset>.py); flags override')
+    g.add_argument('--outdir', required=True, metavar='DIR', help='where to write {seed:06d}.png')
+    g.add_argument('--seeds', type=parse_int_list, default='0-63', metavar='LIST', help='random seeds, e.g. 0-49999')
+    g.add_argument('--subdirs', action='store_true', help='put seeds in folders of 1,000')
+    g.add_argument('--class', dest='class_idx', type=int, default=None, metavar='INT', help='class label (default: seed mod classes)')
+    g.add_argument('--batch', type=int, default=64, metavar='INT', help='images per batch per GPU')
+    g.add_argument('--sampler_stages', choices=['first', 'second', 'both'], default='both', help='which stages to run')
+    g.add_argument('--indir', default=None, metavar='DIR', help='stage-one PNGs for --sampler_stages=second')
+    g.add_argument('--enhance', choices=sorted(ENHANCE), default='none', help='official PIL post-processing of the PNGs (not in the paper)')
+    g.add_argument('--grid', default=None, metavar='PNG', help='also write a grid: stage one (upsampled) above, relayed below')
+    g.add_argument('--network_first', default=None, metavar='PT|PKL|URL', help='stage-one network (ours, patch_diffusion --real_p=1, EDM .pkl, RDM .pt)')
+    g.add_argument('--num_steps_first', type=int, default=18, metavar='INT', help='stage-one sampling steps')
+    g.add_argument('--sigma_min_first', type=float, default=None, metavar='FLOAT', help='lowest noise level (None: 0.002)')
+    g.add_argument('--sigma_max_first', type=float, default=None, metavar='FLOAT', help='highest noise level (None: 80)')
+    g.add_argument('--rho_first', type=float, default=7, metavar='FLOAT', help='time step exponent (EDM Eq. 5)')
+    g.add_argument('--cfg_scale_first', type=float, default=1, metavar='FLOAT', help='classifier-free guidance scale; <= 1 = none')
+    g.add_argument('--S_churn', type=float, default=0, metavar='FLOAT', help='stage-one stochasticity strength (EDM Alg. 2)')
+    g.add_argument('--S_min', type=float, default=0, metavar='FLOAT', help='lowest sigma with churn')
+    g.add_argument('--S_max', type=float, default=float('inf'), metavar='FLOAT', help='highest sigma with churn')
+    g.add_argument('--S_noise', type=float, default=1, metavar='FLOAT', help='churn noise inflation')
+    g.add_argument('--sde_scale_first', type=float, default=0, metavar='FLOAT', help='SDE-Heun noise of generate_celebahq.py (0.05); 0 = EDM Heun')
+    g.add_argument('--network_second', default=None, metavar='PT|PKL|URL', help='stage-two network (ours or RDM .pt)')
+    g.add_argument('--num_steps_second', type=int, default=18, metavar='INT', help='stage-two grid size before truncation')
+    g.add_argument('--sigma_min_second', type=float, default=None, metavar='FLOAT', help='lowest noise level (None: 0.008)')
+    g.add_argument('--sigma_max_second', type=float, default=None, metavar='FLOAT', help='highest noise level of the grid (None: 80)')
+    g.add_argument('--rho_second', type=float, default=7, metavar='FLOAT', help='time step exponent')
+    g.add_argument('--blur_sigma_max_second', type=float, default=3, metavar='FLOAT', help='B_max of the blur schedule')
+    g.add_argument('--cfg_scale_second', type=float, default=1, metavar='FLOAT', help='classifier-free guidance scale; <= 1 = none')
+    g.add_argument('--up_scale_second', type=int, default=4, metavar='INT', help='upsampling factor = DCT block size')
+    g.add_argument('--truncation_sigma_second', type=float, default=0.9, metavar='FLOAT', help='start: grid levels >= this are dropped')
+    g.add_argument('--truncation_t_second', type=float, default=0.93, metavar='FLOAT', help='L of the sampler\'s sigma -> u map')
+    g.add_argument('--s_block_second', type=float, default=0.15, metavar='FLOAT', help='weight of block noise')
+    g.add_argument('--s_noise_second', type=float, default=0.2, metavar='FLOAT', help='eta, stochasticity of the blur sampler')
+    g.add_argument('--paper_noise_norm', type=parse_bool, default=None, metavar='BOOL', help='1/sqrt(1+s_block^2) noise scale; None = as the network was trained')
+    if preset in PRESETS:
+        t.set_defaults(**PRESETS[preset])
+    if preset in SAMPLER_PRESETS:
+        g.set_defaults(**SAMPLER_PRESETS[preset])
+    return parser
+
+def main():
+    args = parse_command_line(build_parser)
+    run_main(train if args.command == 'train' else generate, args)
+
+if __name__ == '__main__':
+    main()
