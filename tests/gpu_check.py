@@ -31,14 +31,19 @@ CHECKS = {
               '--lr=1e-3', '--lr-rampup=0', '--dropout=0', '--grid=0', '--real_p=0.5'],
         paper=[('CelebA-64 DDPM++, p=0.5 (paper)', ['--data=demo-64', '--preset=celeba64', '--batch=128', '--grid=0', '--tick={kimg}', '--duration={mimg}']),
                ('CelebA-64 DDPM++, p=1 (EDM)', ['--data=demo-64', '--preset=celeba64', '--real_p=1', '--batch=128', '--grid=0', '--tick={kimg}', '--duration={mimg}'])],
-        generate=['--steps=2', '--seeds=0-7', '--batch=8']),
+        generate=['--network={snap}', '--steps=2', '--seeds=0-7', '--batch=8']),
     'masked_dm': dict(
         tiny=['--data=demo-16', '--arch=T', '--patch_size=2', '--embed_dim=64', '--depth=3', '--heads=2',
               '--mask_type=block', '--mask_ratio=0.5', '--block_size=2', '--batch=32', '--lr=1e-3', '--grid=0',
               '--train_steps=8', '--tick=0.1'],
         paper=[('CelebA-64 MaskDM-S, block-4 90% (pre-training)', ['--data=demo-64', '--preset=celeba64_pre_block4_90', '--batch=128', '--grid=0', '--tick={kimg}', '--train_steps={steps}']),
                ('CelebA-64 MaskDM-S, full (fine-tuning)', ['--data=demo-64', '--preset=celeba64_ft', '--batch=128', '--grid=0', '--tick={kimg}', '--train_steps={steps}'])],
-        generate=['--steps=2', '--seeds=0-7', '--batch=8']),
+        generate=['--network={snap}', '--steps=2', '--seeds=0-7', '--batch=8']),
+    'relay_diffusion': dict(  # tiny: stage one (EDM); the paper configs time stage two against plain EDM
+        tiny=['--preset=demo8', '--duration=0.0002', '--tick=0.05', '--lr-rampup=0', '--grid=0'],
+        paper=[('CelebA-HQ-256 stage two (blur)', ['--data=demo-256', '--preset=celebahq256', '--batch=8', '--batch-gpu=8', '--grid=0', '--tick={kimg}', '--duration={mimg}']),
+               ('CelebA-HQ-256, same network, plain EDM', ['--data=demo-256', '--preset=celebahq256', '--precond=edm', '--batch=8', '--batch-gpu=8', '--grid=0', '--tick={kimg}', '--duration={mimg}'])],
+        generate=['--sampler_stages=first', '--network_first={snap}', '--num_steps_first=2', '--seeds=0-7', '--batch=8']),
 }
 
 def run(cmd, env=None, timeout=600):
@@ -73,7 +78,8 @@ def check_method(name, spec, work, args, rows):
     rows.append((name, 'fp32 GPU vs CPU weights', 'ok' if diff < 1e-3 * scale else 'MISMATCH', f'max |diff| {diff:.2e} (max |w| {scale:.2f})'))
     # 3. Sampling from the snapshot.
     snap = sorted(glob.glob(os.path.join(work, f'{name}-bf16', 'network-snapshot-*.pt')))[-1]
-    _, sec = run([script, 'generate', f'--network={snap}', f'--outdir={os.path.join(work, name + "-gen")}', *spec['generate']])
+    flags = [f.replace('{snap}', snap) for f in spec['generate']]
+    _, sec = run([script, 'generate', f'--outdir={os.path.join(work, name + "-gen")}', *flags])
     rows.append((name, 'generate (2 steps)', 'ok', f'{sec:.0f} s'))
     # 4. Throughput of the paper configs, fp32 / bf16 (plus --compile if asked): the last tick's img/s and gpumem.
     for label, flags in spec['paper']:
