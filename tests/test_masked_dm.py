@@ -308,7 +308,7 @@ def test_ddp_two_processes_equal_one(tmp_path):
     keep = md.draw_keep(net, 4, np.random.default_rng(0), 'patch', 0.5)
     md.mdsm_loss(net, x0, t, noise, keep).mean().backward()
     torch.multiprocessing.start_processes(_ddp_worker, args=(str(tmp_path / 'store'), x0, t, noise, keep, str(tmp_path / 'g.pt')),
-                                          nprocs=2, start_method='fork')  # fork: no second import of torch
+                                          nprocs=2, start_method='spawn')  # spawn: forking a process with gloo threads can hang
     grads = torch.load(tmp_path / 'g.pt')
     for k, p in net.named_parameters():
         assert torch.allclose(grads[k], p.grad, atol=1e-6, rtol=1e-4), k

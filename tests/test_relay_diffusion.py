@@ -340,8 +340,6 @@ def _blur_loss_grad(net, model, images, seed, per_gpu):
     return [p.grad.clone() for p in net.parameters()]
 
 def _ddp_worker(rank, world_size, port, images, out):
-    if dist.is_initialized():  # forked from a test process that ran a command as a world of one
-        dist.destroy_process_group()
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world_size)
     net = tiny_net(0).train()
@@ -352,7 +350,7 @@ def _ddp_worker(rank, world_size, port, images, out):
 
 def test_ddp_two_processes_equal_one(tmp_path):
     images = torch.rand(4, 3, 8, 8) * 2 - 1
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), images, str(tmp_path)), nprocs=2, start_method='fork')
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), images, str(tmp_path)), nprocs=2, start_method='spawn')
     net = tiny_net(0).train()
     halves = [_blur_loss_grad(net, net, images[2 * r:2 * r + 2], 10 + r, 2) for r in range(2)]
     whole = [g / 2 for g in halves[1]]  # .grad accumulated g0 + g1 over both halves; DDP averages them

@@ -1,0 +1,731 @@
+"""GDD / GDD-I: Diffusion Models Are Innate One-Step Generators.
+
+Zheng, Yang, arXiv:2405.20750v2 (2024); the revised version (arXiv:2506.09376, "D2O / D2O-F") changes names only.
+Official code: https://github.com/Zyriix/GDD (an EDM + StyleGAN-XL fork; nothing here is copied from it).
+
+A pretrained EDM denoiser D (the teacher) becomes a one-step generator G: same architecture, initialized from the
+teacher's EMA weights, evaluated once at sigma = 80 on pure noise, x = G(80 z; 80, c). G is trained with a GAN loss
+only (the "exclusive distributional loss"): no regression to the teacher, no teacher at train time. The discriminator
+is a projected one (StyleGAN-XL / Projected GAN): frozen ImageNet feature networks, fixed random projections, and
+small trained heads with spectral norm. GDD fine-tunes every generator parameter; GDD-I freezes the 3x3 convolutions
+of every residual block and the attention output projections (84% of the parameters) and trains the rest.
+
+Implemented: GDD and GDD-I for NCSN++ and ADM teachers (ours or official EDM .pkl), the projected discriminator with
+VGG16-BN, EfficientNet-lite0 and DeiT-B/16-distilled feature networks written out in plain torch (their state-dict
+keys are those of the public torchvision / timm weight files), the non-saturating loss with lazy R1, one-step
+generation, official GDD .pkl generators. Not implemented: the instance-distillation baselines left in the official
+loss file (PD/CD/CTM targets, not runnable upstream), multi-step generators, DiffAugment/ADA (off in every run).
+The feature networks' ImageNet weights are data files (no download at run time): see --feature-weights.
+
+  # GDD-I on CIFAR-10 with 4 GPUs (train.sh's settings), from the official EDM teacher
+  torchrun --standalone --nproc_per_node=4 gdd.py train --preset=cifar10-gddi --data=datasets/cifar10-32x32.zip \\
+      --transfer=pretrained/edm-cifar10-32x32-uncond-ve.pkl --feature-weights=weights/vgg16_bn-6c64b313.pth,weights/tf_efficientnet_lite0-0aa007d2.pth
+  # 50k one-step images for FID
+  torchrun --standalone --nproc_per_node=8 gdd.py generate --network=training-runs/00000-*/network-snapshot-005000.pt \\
+      --outdir=fid-tmp --seeds=0-49999 --subdirs --batch=256
+  torchrun --standalone --nproc_per_node=8 fid.py calc --images=fid-tmp --ref=fid-refs/cifar10-32x32.npz
+"""
+
+import argparse
+import copy
+import json
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from tqdm import tqdm
+
+from common import (EDMPrecond, PerSeedRNG, TrainingRun, UNetBlock, UserError, add_train_flags, data_stream,
+                    distributed_model, ema_beta, get_rank, get_world_size, init_distributed, learning_rate,
+                    load_checkpoint, load_official, load_training_state, open_dataset, optimizer_step,
+                    parse_command_line, parse_int_list, print0, reseed, run_main, save_image_grid, save_seed_images,
+                    seed_batches, setup_precision, split_batch, sync_if, update_ema)
+
+#------------------------------------------------------------------------------
+# 1. Config. Presets are `Zyriix/GDD:train.sh` (4 GPUs there); GDD and GDD-I differ only in --freeze.
+
+_CIFAR = dict(arch='ncsnpp', backbone='1', batch=256, lr=1e-4, dlr=1e-4, duration=5, ema=0.5)
+_FACES = dict(arch='ncsnpp', cres=[1, 2, 2, 2], backbone='0', batch=256, lr=2e-5, dlr=4e-5, duration=10, ema=0.5)
+_IMAGENET = dict(arch='adm', cond=True, backbone='0', batch=512, lr=8e-6, dlr=4e-5, duration=10, ema=50)
+_COMMON = dict(dropout=0, bf16=True, r1_gamma=1e-4, seed=42, lr_rampup=0, tick=25, snap=10, dump=500)
+PRESETS = {f'{name}-gdd{"i" if freeze else ""}': dict(_COMMON, **base, freeze=freeze)
+           for name, base in [('cifar10', _CIFAR), ('cifar10-cond', dict(_CIFAR, cond=True)), ('afhqv2-64', _FACES),
+                              ('ffhq-64', _FACES), ('imagenet-64', _IMAGENET)] for freeze in (0, 1)}
+
+# Backbones as EDM's train.py configures them (for `train -n`; a real run takes the teacher's own kwargs).
+ARCHS = {
+    'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
+                   channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2]),
+    'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
+                   channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2]),
+    'adm':    dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
+}
+
+# Feature networks of the discriminator (official --backbone: 0 DeiT + EfficientNet, 1 VGG + EfficientNet,
+# 3 EfficientNet only), with the public ImageNet weight files their state dicts match.
+BACKBONES = {'0': ['deit_base_distilled_patch16_224', 'tf_efficientnet_lite0'],
+             '1': ['vgg16_bn', 'tf_efficientnet_lite0'], '3': ['tf_efficientnet_lite0']}
+WEIGHT_FILES = {
+    'vgg16_bn': 'torchvision\'s https://download.pytorch.org/models/vgg16_bn-6c64b313.pth',
+    'tf_efficientnet_lite0': 'timm\'s https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/tf_efficientnet_lite0-0aa007d2.pth',
+    'deit_base_distilled_patch16_224': 'timm\'s (DeiT) https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_224-df68dfff.pth',
+}
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+INCEPTION_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+#------------------------------------------------------------------------------
+# 2. Generator: the teacher's U-Net with GDD's preconditioning; GDD-I's frozen set.
+
+class GDDPrecond(EDMPrecond):
+    """EDM preconditioning with the output coefficients shifted by eps (official training/networks.py, GDDPrecond):
+    c_skip = s_d^2 / ((sigma - eps)^2 + s_d^2), c_out = s_d (sigma - eps) / sqrt(sigma^2 + s_d^2); c_in and c_noise
+    are EDM's. At sigma = 80 this differs from the teacher's D by 2.5e-5 relative (spec 2.1)."""
+    def __init__(self, img_resolution, img_channels, label_dim=0, eps=0.002, **kwargs):
+        super().__init__(img_resolution, img_channels, label_dim, **kwargs)
+        self.eps = eps                                   # shift of c_skip/c_out (the sampler's sigma_min)
+
+    def coefficients(self, sigma):
+        _, _, c_in, c_noise = super().coefficients(sigma)
+        c_skip = self.sigma_data ** 2 / ((sigma - self.eps) ** 2 + self.sigma_data ** 2)
+        c_out = (sigma - self.eps) * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()  # NOTE: unshifted root, as upstream
+        return c_skip, c_out, c_in, c_noise
+
+def generator_kwargs(teacher_kwargs, dropout=0):
+    """GDDPrecond kwargs from a teacher's: no augmentation conditioning (the teacher's map_augment is dropped; it
+    is unused at sampling), dropout as given (train.sh: 0), no label dropout."""
+    kwargs = {k: v for k, v in teacher_kwargs.items() if k not in ('augment_dim', 'eps')}
+    return dict(kwargs, augment_dim=0, dropout=dropout, label_dropout=0)
+
+def frozen_names(net):
+    """GDD-I's frozen set (paper Sec. on GDD-I; official train.py --freeze=1): conv0 and conv1 (the 3x3 convs) of
+    every U-Net residual block and the attention output projection `proj`. Selected by module type: upstream's
+    substring rule ("block"/"up"/"down"/"in" and "conv"/"proj" in the name) picks exactly these."""
+    names = []
+    for prefix, module in net.named_modules():
+        if isinstance(module, UNetBlock):
+            for part in ('conv0', 'conv1', 'proj'):
+                if getattr(module, part, None) is not None:
+                    names += [f'{prefix}.{part}.{n}' for n, _ in getattr(module, part).named_parameters()]
+    return names
+
+def parameter_counts(net, frozen):
+    total = sum(p.numel() for p in net.parameters())
+    num_frozen = sum(p.numel() for n, p in net.named_parameters() if n in set(frozen))
+    return dict(total=total, frozen=num_frozen, trainable=total - num_frozen)
+
+def load_teacher(path):
+    """(precond class name, constructor kwargs, EMA state dict) of an EDM-preconditioned teacher: our snapshots
+    (patch_diffusion.py --real_p=1, relay_diffusion.py stage one) or an official EDM .pkl."""
+    if path.endswith('.pkl') or '://' in path:
+        official = load_official(path)
+        precond, kwargs, state = official['precond'], official['init_kwargs'], official['state_dict']
+    else:
+        ckpt = load_checkpoint(path)
+        if not isinstance(ckpt, dict) or 'ema' not in ckpt or 'net_kwargs' not in ckpt:
+            raise UserError(f'{path}: not a network snapshot (needs "net_kwargs" and "ema")')
+        precond, kwargs, state = ckpt.get('precond', 'EDMPrecond'), ckpt['net_kwargs'], ckpt['ema']
+    if precond not in ('EDMPrecond', 'GDDPrecond'):
+        raise UserError(f'{path}: a {precond} network; GDD starts from an EDM-preconditioned teacher (EDMPrecond, '
+                        'e.g. patch_diffusion.py --real_p=1 or the official edm-*.pkl)')
+    return precond, dict(kwargs), state
+
+def init_from_teacher(net, state, where):
+    """Copy the teacher's EMA parameters and buffers by name (official misc.copy_params_and_buffers). Buffers matter:
+    NCSN++'s Fourier frequencies are random per checkpoint. Only the teacher's map_augment may be left over."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own and not k.startswith('model.map_augment.')]
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or extra or shapes:
+        first = missing[:1] or extra[:1] or shapes[:1]
+        raise UserError(f'{where}: the teacher does not fit its own architecture ({first[0]}: {len(missing)} missing, '
+                        f'{len(extra)} extra, {len(shapes)} shapes differ)')
+    net.load_state_dict({k: state[k] for k in own})
+
+#------------------------------------------------------------------------------
+# 3. Discriminator. Frozen feature networks (plain torch, torchvision/timm key names), fixed random projections
+#    (Projected GAN's CCM and CSM), trained multi-scale heads (StyleGAN-XL). Official: pg_modules/, feature_networks/.
+
+class VGG16BN(nn.Module):
+    """torchvision vgg16_bn `features[:43]` (the last max-pool dropped), split at 13/23/33/43:
+    128@112^2, 256@56^2, 512@28^2, 512@14^2 at 224 px (official _feature_splitter)."""
+    CHANNELS, SPLITS = (128, 256, 512, 512), (13, 23, 33, 43)
+    UNUSED = ('classifier.',)                                  # weight-file keys the discriminator does not use
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [], 3
+        for v in [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512]:
+            layers += [nn.MaxPool2d(2, 2)] if v == 'M' else [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+            c = c if v == 'M' else v
+        self.features = nn.Sequential(*layers)
+
+    def forward(self, x):
+        out, start = [], 0
+        for end in self.SPLITS:
+            x = self.features[start:end](x)
+            out.append(x)
+            start = end
+        return out
+
+class Conv2dSame(nn.Conv2d):
+    """TensorFlow "SAME" padding (timm's tf_* models): strided convs pad (k - s) asymmetrically, more at the end."""
+    def __init__(self, cin, cout, k, stride=1, groups=1):
+        super().__init__(cin, cout, k, stride, padding=k // 2 if stride == 1 else 0, groups=groups, bias=False)
+
+    def forward(self, x):
+        if self.stride[0] > 1:
+            k, s = self.kernel_size[0], self.stride[0]
+            pad_h, pad_w = (max((math.ceil(n / s) - 1) * s + k - n, 0) for n in x.shape[-2:])
+            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return super().forward(x)
+
+class MBConv(nn.Module):
+    """EfficientNet block, timm key names: inverted residual (conv_pw, bn1, conv_dw, bn2, conv_pwl, bn3) or, with
+    expand = 1, depthwise-separable (conv_dw, bn1, conv_pw, bn2); ReLU6, no squeeze-excite (the lite variant)."""
+    def __init__(self, cin, cout, k, stride, expand):
+        super().__init__()
+        self.separable, mid = expand == 1, cin * expand
+        bn = lambda c: nn.BatchNorm2d(c, eps=1e-3)             # TF's BatchNorm epsilon
+        if self.separable:
+            self.conv_dw, self.bn1 = Conv2dSame(cin, cin, k, stride, groups=cin), bn(cin)
+            self.conv_pw, self.bn2 = nn.Conv2d(cin, cout, 1, bias=False), bn(cout)
+        else:
+            self.conv_pw, self.bn1 = nn.Conv2d(cin, mid, 1, bias=False), bn(mid)
+            self.conv_dw, self.bn2 = Conv2dSame(mid, mid, k, stride, groups=mid), bn(mid)
+            self.conv_pwl, self.bn3 = nn.Conv2d(mid, cout, 1, bias=False), bn(cout)
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x):
+        if self.separable:
+            h = self.bn2(self.conv_pw(F.relu6(self.bn1(self.conv_dw(x)))))
+        else:
+            h = F.relu6(self.bn2(self.conv_dw(F.relu6(self.bn1(self.conv_pw(x))))))
+            h = self.bn3(self.conv_pwl(h))
+        return h + x if self.skip else h
+
+class EfficientNetLite0(nn.Module):
+    """timm tf_efficientnet_lite0 up to its last block, split as official _make_efficientnet: stem + blocks[0:2] |
+    blocks[2] | blocks[3:5] | blocks[5:7] -> 24@56^2, 40@28^2, 112@14^2, 320@7^2 at 224 px."""
+    CHANNELS, SPLITS = (24, 40, 112, 320), (2, 3, 5, 7)
+    UNUSED = ('conv_head.', 'bn2.', 'classifier.')
+    STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
+              (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]              # (repeats, kernel, stride, expand, channels)
+
+    def __init__(self):
+        super().__init__()
+        self.conv_stem, self.bn1 = Conv2dSame(3, 32, 3, 2), nn.BatchNorm2d(32, eps=1e-3)
+        stages, c = [], 32
+        for repeats, k, s, e, cout in self.STAGES:
+            stages.append(nn.Sequential(*[MBConv(c if i == 0 else cout, cout, k, s if i == 0 else 1, e) for i in range(repeats)]))
+            c = cout
+        self.blocks = nn.Sequential(*stages)
+
+    def forward(self, x):
+        x, out, start = F.relu6(self.bn1(self.conv_stem(x))), [], 0
+        for end in self.SPLITS:
+            x = self.blocks[start:end](x)
+            out.append(x)
+            start = end
+        return out
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block with timm's names (norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2)."""
+    def __init__(self, dim=768, heads=12):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = nn.Module()
+        self.attn.qkv, self.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        q, k, v = rearrange(self.attn.qkv(self.norm1(x)), 'b n (s h d) -> s b h n d', s=3, h=self.heads)
+        x = x + self.attn.proj(rearrange(F.scaled_dot_product_attention(q, k, v), 'b h n d -> b n (h d)'))
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
+
+class DeiTBaseDistilled(nn.Module):
+    """timm deit_base_distilled_patch16_224 (its classifier heads kept, unused, as upstream holds them) and
+    DPT's random "readout" convs (official feature_networks/vit.py): tokens of blocks 2, 5, 8, 11 without the cls
+    and distillation tokens, 768@14^2, mapped to 96@56^2, 192@28^2, 384@14^2, 768@7^2."""
+    CHANNELS, HOOKS = (96, 192, 384, 768), (2, 5, 8, 11)
+    UNUSED = ()
+
+    def __init__(self, dim=768, depth=12):
+        super().__init__()
+        self.cls_token, self.dist_token = nn.Parameter(torch.zeros(1, 1, dim)), nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 14 * 14 + 2, dim))
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, 16, 16)
+        self.blocks = nn.Sequential(*[ViTBlock(dim) for _ in range(depth)])
+        self.norm, self.head, self.head_dist = nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, 1000), nn.Linear(dim, 1000)
+        c = self.CHANNELS
+        self.readout = nn.ModuleList([                               # random, frozen; not in the weight file
+            nn.Sequential(nn.Conv2d(dim, c[0], 1), nn.ConvTranspose2d(c[0], c[0], 4, 4)),
+            nn.Sequential(nn.Conv2d(dim, c[1], 1), nn.ConvTranspose2d(c[1], c[1], 2, 2)),
+            nn.Sequential(nn.Conv2d(dim, c[2], 1)),
+            nn.Sequential(nn.Conv2d(dim, c[3], 1), nn.Conv2d(c[3], c[3], 3, 2, 1))])
+
+    def forward(self, x):
+        h, w = x.shape[2] // 16, x.shape[3] // 16
+        if (h, w) != (14, 14):
+            raise ValueError(f'DeiT-B/16 takes 224x224 inputs, got {x.shape[2]}x{x.shape[3]}')
+        x = rearrange(self.patch_embed.proj(x), 'b c h w -> b (h w) c')
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.dist_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x, out = x + self.pos_embed, []
+        for i, block in enumerate(self.blocks[:self.HOOKS[-1] + 1]):
+            x = block(x)
+            if i in self.HOOKS:
+                tokens = rearrange(x[:, 2:], 'b (h w) c -> b c h w', h=h, w=w)  # [N, 196, 768] -> [N, 768, 14, 14]
+                out.append(self.readout[len(out)](tokens))
+        return out
+
+TRUNKS = {'vgg16_bn': VGG16BN, 'tf_efficientnet_lite0': EfficientNetLite0, 'deit_base_distilled_patch16_224': DeiTBaseDistilled}
+
+def load_trunk(trunk, name, path):
+    """Strict load of a torchvision/timm weight file (a state dict, or {'model': ...} / {'state_dict': ...}); only
+    the classifier-side keys in UNUSED may be extra, only the random readout convs may be missing."""
+    state = load_checkpoint(path)
+    state = state.get('model', state.get('state_dict', state)) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise UserError(f'{path}: not a state dict of {name}')
+    own = trunk.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith('readout.')]
+    extra = [k for k in state if k not in own and not k.startswith(trunk.UNUSED)]
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or extra or shapes:
+        first = (missing or extra or shapes)[0]
+        raise UserError(f'{path}: not the {name} weights ({WEIGHT_FILES[name]}): {first} '
+                        f'({len(missing)} missing, {len(extra)} extra, {len(shapes)} shapes differ)')
+    trunk.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
+
+class FeatureNetwork(nn.Module):
+    """One frozen feature network (official F_RandomProj, proj_type 2, cout 64, expand): [-1, 1] -> [0, 1] ->
+    per-network mean/std -> bilinear resize -> trunk -> CCM (1x1 convs to 64, 128, 256, 512 channels) -> CSM
+    (top-down: x2 bilinear upsampling, align_corners, then a 1x1 conv halving the channels, last one keeps 64):
+    maps of 64, 64, 128, 256 channels at twice the trunk's resolutions."""
+    def __init__(self, name, seed, resolution=224, cout=64):
+        super().__init__()
+        self.name, self.resolution = name, resolution
+        self.mean, self.std = INCEPTION_MEAN_STD if 'efficientnet' in name else IMAGENET_MEAN_STD
+        # NOTE: upstream builds the random CCM/CSM (and DeiT readout) from each rank's own torch seed, so every GPU
+        # projects differently; we seed them from the global --seed, identical on all ranks (spec 9.3).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.trunk = TRUNKS[name]()
+            width = [cout, cout * 2, cout * 4, cout * 8]
+            self.ccm = nn.ModuleList(nn.Conv2d(c, w, 1) for c, w in zip(self.trunk.CHANNELS, width))
+            self.csm = nn.ModuleList(nn.Conv2d(w, w // 2 if i else w, 1) for i, w in enumerate(width))
+        self.channels = [cout, cout, cout * 2, cout * 4]
+
+    def forward(self, x):
+        mean, std = (torch.tensor(v, device=x.device).reshape(1, -1, 1, 1) for v in (self.mean, self.std))
+        x = ((x + 1) / 2 - mean) / std
+        x = F.interpolate(x, self.resolution, mode='bilinear', align_corners=False)  # official: always for < 224 px
+        mixed = [ccm(f) for ccm, f in zip(self.ccm, self.trunk(x))]                  # cross-channel mixing
+        out, y = [None] * 4, None
+        for i in reversed(range(4)):                                                 # cross-scale mixing, bottom up
+            y = mixed[i] if y is None else y + mixed[i]
+            y = out[i] = self.csm[i](F.interpolate(y, scale_factor=2, mode='bilinear', align_corners=True))
+        return out
+
+class FeatureNetworks(nn.Module):
+    """All frozen feature networks of the discriminator; always in eval mode (BatchNorm running statistics)."""
+    def __init__(self, names, seed, resolution=224):
+        super().__init__()
+        self.nets = nn.ModuleDict({name: FeatureNetwork(name, seed + i, resolution) for i, name in enumerate(names)})
+        self.requires_grad_(False).eval()
+
+    def train(self, mode=True):
+        return super().train(False)
+
+    def forward(self, x):
+        return {name: net(x) for name, net in self.nets.items()}
+
+class DownBlock(nn.Sequential):
+    """Spectral-norm conv 4x4 stride 2 -> BatchNorm -> LeakyReLU(0.2) (official pg_modules/blocks.py, DownBlock)."""
+    def __init__(self, cin, cout):
+        super().__init__(nn.utils.spectral_norm(nn.Conv2d(cin, cout, 4, 2, 1)), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2))
+
+class Head(nn.Module):
+    """One trained head on one feature map (official SingleDisc / SingleDiscCond): DownBlocks from the nominal size
+    `start` down to `end`, then a spectral-norm conv to 1 logit channel; conditional: to 64 channels, projected onto
+    a class embedding e = lrelu-FC(Emb[argmax c]) (StyleGAN2 equalized FC 320 -> 64), logit = <o, e> / sqrt(64)."""
+    WIDTH = {1: 2048, 2: 1024, 4: 512, 8: 512, 16: 256, 32: 128, 64: 64, 128: 64, 256: 32, 512: 16, 1024: 8}
+
+    def __init__(self, in_channels, start, end, conditional, cmap_dim=64, num_classes=1000, embed_dim=320):
+        super().__init__()
+        width = {**self.WIDTH, start: in_channels}
+        blocks, s = [], start
+        while s > end:
+            blocks.append(DownBlock(width[s], width[s // 2]))
+            s //= 2
+        self.main = nn.Sequential(*blocks)
+        kernel = 4 if end >= 8 else max(1, end // 2)
+        self.cls = nn.utils.spectral_norm(nn.Conv2d(width[end], cmap_dim if conditional else 1, kernel, 1, 0, bias=False))
+        self.cmap_dim, self.embed = cmap_dim, nn.Embedding(num_classes, embed_dim) if conditional else None
+        if conditional:  # NOTE: the table has ImageNet's 1,000 rows for any dataset; class k uses row k (upstream).
+            self.embed_proj = nn.Linear(embed_dim, cmap_dim)
+            nn.init.normal_(self.embed_proj.weight)
+            nn.init.zeros_(self.embed_proj.bias)
+
+    def forward(self, x, labels):
+        out = self.cls(self.main(x))
+        if self.embed is None:
+            return out.flatten(1)
+        e = self.embed(labels.argmax(1))
+        w = self.embed_proj.weight / math.sqrt(self.embed_proj.in_features)          # equalized learning rate
+        cmap = F.leaky_relu(F.linear(e, w, self.embed_proj.bias), 0.2) * math.sqrt(2)  # bias_act 'lrelu' gain
+        return ((out * cmap[:, :, None, None]).sum(dim=1) / math.sqrt(self.cmap_dim)).flatten(1)
+
+def head_sizes(resolution):
+    """Nominal input sizes of the 4 heads and their end size (official MultiScaleD). NOTE: upstream sizes heads for a
+    256-px image, [128, 64, 32, 16] -> 8, whatever the true map sizes (112..14 for EfficientNet/DeiT, 224..28 for
+    VGG). Other --feature-res values (tests, CPU demos) use upstream's native-resolution rule, R/2 .. R/16."""
+    R = 256 if resolution == 224 else resolution
+    keys = sorted(Head.WIDTH)
+    sizes = [min(keys, key=lambda k: abs(k - R // 2 ** (i + 1))) for i in range(4)]
+    return sizes, (8 if sizes[-1] >= 8 else sizes[-1])
+
+class Discriminator(nn.Module):
+    """The trained part: 4 heads per feature network. Returns one [N, L_k] logit tensor per network."""
+    def __init__(self, names, channels, resolution=224, label_dim=0):
+        super().__init__()
+        sizes, end = head_sizes(resolution)
+        self.heads = nn.ModuleDict({name: nn.ModuleList(Head(c, s, end, label_dim > 0) for c, s in zip(channels, sizes))
+                                    for name in names})
+
+    def forward(self, features, labels=None):
+        return [torch.cat([head(f, labels) for head, f in zip(heads, features[name])], dim=1)
+                for name, heads in self.heads.items()]
+
+#------------------------------------------------------------------------------
+# 4. Method math: the losses and one training iteration (official training/loss.py, GDDLoss, and training_loop.py).
+
+def gan_loss(logits, target_real):
+    """Non-saturating logistic loss per sample: sum over networks of the mean over that network's logits of
+    softplus(-l) (target real) or softplus(l) (target fake); shape [N]."""
+    sign = -1 if target_real else 1
+    return sum(F.softplus(sign * l).mean(dim=1) for l in logits)
+
+def r1_penalty(features, D, images, labels):
+    """||grad_x sum of all real logits||^2 per sample (lazy R1, StyleGAN2), through resize, frozen trunks, random
+    projections and heads (double backward); shape [N]."""
+    x = images.detach().requires_grad_(True)
+    logits = D(features(x), labels)
+    grad, = torch.autograd.grad(sum(l.sum() for l in logits), x, create_graph=True)
+    return grad.square().sum(dim=[1, 2, 3])
+
+SIGMA_MAX = 80.0  # the generator's one noise level (spec 2.2)
+
+def g_step(ddp_G, features, D, micro_batches, gan_weight=1, run=None):
+    """G's gradient: D's heads frozen, backprop through D and the feature networks into G's trainable parameters.
+    Fresh noise from the global RNG (reseeded per step); the fakes are not clamped. The plain D, not its DDP wrapper:
+    no D gradient is needed (upstream calls the wrapper with D's requires_grad off; same result)."""
+    D.requires_grad_(False)
+    for r, (images, labels) in enumerate(micro_batches):
+        with sync_if(ddp_G, r == len(micro_batches) - 1):
+            fake = ddp_G(torch.randn_like(images) * SIGMA_MAX, SIGMA_MAX, labels)  # x = G(80 z; 80, c)
+            loss = gan_loss(D(features(fake), labels), target_real=True)
+            (loss.sum() * gan_weight).backward()
+        if run:
+            run.add('loss_G', loss)
+    D.requires_grad_(True)
+
+def d_step(G, features, ddp_D, micro_batches, run=None):
+    """D's gradient: fakes without grad, then reals, forwarded separately (BatchNorm batch statistics per pass)."""
+    for r, (images, labels) in enumerate(micro_batches):
+        with torch.no_grad():
+            fake = G(torch.randn_like(images) * SIGMA_MAX, SIGMA_MAX, labels)
+        with ddp_D.no_sync():
+            loss_fake = gan_loss(ddp_D(features(fake), labels), target_real=False)
+            loss_fake.sum().backward()
+        with sync_if(ddp_D, r == len(micro_batches) - 1):
+            loss_real = gan_loss(ddp_D(features(images), labels), target_real=True)
+            loss_real.sum().backward()
+        if run:
+            run.add('loss_D', loss_fake + loss_real)
+
+def r1_step(features, ddp_D, micro_batches, gamma, interval, run=None):
+    """Lazy R1's gradient: gamma / 2 x the mean penalty over the rank's batch, times the interval (StyleGAN2)."""
+    n = sum(images.shape[0] for images, _ in micro_batches)
+    for r, (images, labels) in enumerate(micro_batches):
+        with sync_if(ddp_D, r == len(micro_batches) - 1):
+            penalty = r1_penalty(features, ddp_D, images, labels)
+            (penalty.sum() / n * (gamma / 2) * interval).backward()
+        if run:
+            run.add('r1_penalty', penalty)
+
+def gdd_iteration(G, ddp_G, features, D, ddp_D, opt_G, opt_D, micro_batches, step, args, scaler, lr_G, lr_D, run=None):
+    """One iteration on the rank's real micro-batches [(images, labels)]: G step, D step and, every --r1-interval
+    iterations (not at 0), an R1 step, each a separate Adam step (official training_loop.py: stage order G, D, R1).
+    NOTE: upstream's logits are a Python list with one row per (network, sample), each reduced by .mean(); the loss
+    is therefore a SUM over the rank's samples of per-sample means (B x the batch mean), over networks summed, and
+    DDP averages it over ranks. We reproduce that: it sets the balance between the D and the R1 steps."""
+    opt_G.zero_grad(set_to_none=True)
+    g_step(ddp_G, features, D, micro_batches, args.gan_weight, run)
+    optimizer_step(opt_G, scaler, lr_G)
+    opt_D.zero_grad(set_to_none=True)
+    d_step(G, features, ddp_D, micro_batches, run)
+    optimizer_step(opt_D, scaler, lr_D)
+    if step > 0 and step % args.r1_interval == 0 and args.r1_gamma > 0:
+        opt_D.zero_grad(set_to_none=True)
+        r1_step(features, ddp_D, micro_batches, args.r1_gamma, args.r1_interval, run)
+        optimizer_step(opt_D, scaler, lr_D)
+
+def build_optimizers(G, D, frozen, lr, dlr, r1_interval=16):
+    """Adam (0, 0.99) for G's trainable parameters; D's with StyleGAN2's lazy-regularization corrections:
+    lr x c and beta2 = 0.99^c, c = interval / (interval + 1) (official training_loop.py)."""
+    c = r1_interval / (r1_interval + 1)
+    params = [p for name, p in G.named_parameters() if name not in set(frozen)]
+    opt_G = torch.optim.Adam(params, lr=lr, betas=(0.0, 0.99), eps=1e-8)
+    opt_D = torch.optim.Adam(D.parameters(), lr=dlr * c, betas=(0.0, 0.99 ** c), eps=1e-8)
+    return opt_G, opt_D
+
+#------------------------------------------------------------------------------
+# 5. Sampler: one network evaluation (official generate.py, one_step_sampler).
+
+@torch.no_grad()
+def one_step_sampler(net, latents, class_labels=None, sigma_max=80):
+    """x = G(sigma_max z; sigma_max, c): float64 input, network in float32."""
+    sigma = torch.full([latents.shape[0], 1, 1, 1], float(sigma_max), dtype=torch.float64, device=latents.device)
+    return net(latents.to(torch.float64) * sigma, sigma, class_labels).to(torch.float64)
+
+def draw_latents(net, seeds, device, class_idx=None):
+    """Per-seed latents, then (conditional) a per-seed uniform class, --class overriding it (EDM generate.py)."""
+    rng = PerSeedRNG(seeds, device)
+    latents = rng.randn([net.img_channels, net.img_resolution, net.img_resolution], device=device)
+    labels = None
+    if net.label_dim:
+        labels = torch.eye(net.label_dim, device=device)[rng.randint(net.label_dim, device=device)]
+        if class_idx is not None:
+            labels = torch.eye(net.label_dim, device=device)[[class_idx] * len(seeds)]
+    return latents, labels
+
+#------------------------------------------------------------------------------
+# 6. Training loop (official training/training_loop.py).
+
+def parse_backbone(value):
+    names = BACKBONES.get(str(value), str(value).split(','))
+    bad = [n for n in names if n not in TRUNKS]
+    if bad:
+        raise UserError(f'--backbone={value}: unknown feature network {bad[0]!r}; use 0, 1, 3 (official numbers) or '
+                        f'a comma list of {", ".join(TRUNKS)}')
+    return names
+
+def build_discriminator(names, seed, resolution, label_dim, weights, class_embedding=None):
+    """Frozen feature networks (with their weight files, or random) and the trained heads."""
+    features = FeatureNetworks(names, seed, resolution)
+    if weights != 'random':
+        paths = weights.split(',') if weights else []
+        if len(paths) != len(names):
+            n = names[len(paths)] if len(paths) < len(names) else names[-1]
+            raise UserError(f'--feature-weights: need {len(names)} file(s), one per feature network ({", ".join(names)}); '
+                            f'missing the {n} ImageNet weights, {WEIGHT_FILES[n]} (download it elsewhere), or give '
+                            '--feature-weights=random for a demo whose discriminator sees random features')
+        for name, path in zip(names, paths):
+            load_trunk(features.nets[name].trunk, name, path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        D = Discriminator(names, features.nets[names[0]].channels, resolution, label_dim)
+    if label_dim and class_embedding not in (None, 'random'):
+        table = load_checkpoint(class_embedding)
+        table = table.get('weight', table) if isinstance(table, dict) else table
+        if not torch.is_tensor(table) or tuple(table.shape) != (1000, 320):
+            raise UserError(f'{class_embedding}: expected the [1000, 320] class embedding (official '
+                            'in_embeddings/tf_efficientnet_lite0.pkl, converted to a tensor file)')
+        for heads in D.heads.values():
+            for head in heads:
+                head.embed.weight.data.copy_(table)
+    return features, D
+
+def network_desc(args, resolution, channels, label_dim):
+    """GDDPrecond kwargs for the preset's architecture, without a teacher (train -n)."""
+    model = dict(ARCHS[args.arch], dropout=args.dropout, label_dropout=0, augment_dim=0)
+    model['channel_mult'] = args.cres or model['channel_mult']
+    return dict(img_resolution=resolution, img_channels=channels, label_dim=label_dim, **model)
+
+def train(args):
+    device = init_distributed()
+    rank, world_size = get_rank(), get_world_size()
+    if args.fp16:
+        raise UserError('--fp16 is not supported: GDD trains in bfloat16 (upstream\'s --fp16=True means bf16), use --bf16')
+    amp_dtype, scaler = setup_precision(False, args.bf16 and device.type == 'cuda', args.tf32, device)  # NOTE: upstream uses bf16 on CUDA only
+    names = parse_backbone(args.backbone)
+    dataset = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
+    R, C, label_dim = dataset.resolution, dataset.num_channels, dataset.label_dim
+    batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
+    if 'deit_base_distilled_patch16_224' in names and args.feature_res != 224:
+        raise UserError(f'--feature-res={args.feature_res}: DeiT-B/16 (--backbone={args.backbone}) takes 224x224 inputs only')
+    if args.dry_run:  # the preset's architecture; the teacher is not read
+        teacher_kwargs = network_desc(args, R, C, label_dim)
+    elif not args.transfer:
+        raise UserError('--transfer is required: the teacher (an EDM snapshot .pt or an official edm-*.pkl)')
+    else:
+        _, teacher_kwargs, teacher_state = load_teacher(args.transfer)
+    net_kwargs = generator_kwargs(teacher_kwargs, args.dropout)
+    if (net_kwargs['img_resolution'], net_kwargs['img_channels'], net_kwargs.get('label_dim', 0)) != (R, C, label_dim):
+        raise UserError(f'{args.transfer}: a teacher of {net_kwargs["img_resolution"]}x{net_kwargs["img_resolution"]}x'
+                        f'{net_kwargs["img_channels"]} with {net_kwargs.get("label_dim", 0)} classes; {args.data} has '
+                        f'{R}x{R}x{C} with {label_dim} (check --cond)')
+    with torch.device('meta'):  # shapes only: counts without the teacher or the weight files
+        shape_G, shape_F = GDDPrecond(**net_kwargs), FeatureNetworks(names, 0, args.feature_res)
+        shape_D = Discriminator(names, shape_F.nets[names[0]].channels, args.feature_res, label_dim)
+    frozen = frozen_names(shape_G) if args.freeze else []
+    counts = dict(parameter_counts(shape_G, frozen), discriminator_heads=sum(p.numel() for p in shape_D.parameters()),
+                  feature_networks=sum(p.numel() for p in shape_F.parameters()))
+    desc = f'{dataset.name}-{"cond" if args.cond else "uncond"}-gdd{"i" if args.freeze else ""}-gpus{world_size}-' \
+           f'batch{args.batch}-{"bf16" if amp_dtype else "fp32"}' + (f'-{args.desc}' if args.desc else '')
+    options = dict(vars(args), net_kwargs=net_kwargs, feature_networks=names, parameters=counts, batch_gpu=batch_gpu,
+                   rounds=rounds, world_size=world_size)
+    if args.dry_run:
+        print0(json.dumps(options, indent=2))
+        return
+
+    # Generator from the teacher's EMA, frozen set, EMA copy; discriminator; optimizers; a state to resume from.
+    net = GDDPrecond(**net_kwargs)
+    init_from_teacher(net, teacher_state, args.transfer)
+    net = net.to(device).train().requires_grad_(True)
+    for name, p in net.named_parameters():
+        p.requires_grad_(name not in set(frozen))  # before DDP: frozen tensors are not its parameters
+    net.amp_dtype = amp_dtype                      # bf16 autocast around the U-Net only (spec 2.6)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    features, D = build_discriminator(names, args.seed, args.feature_res, label_dim, args.feature_weights, args.class_embedding)
+    features, D = features.to(device), D.to(device).train()
+    opt_G, opt_D = build_optimizers(net, D, frozen, args.lr, args.dlr, args.r1_interval)
+    state = load_training_state(args.resume, 'gdd', rank, world_size, net=net, ema=ema, D=D, optimizer_G=opt_G,
+                                optimizer_D=opt_D) if args.resume else dict(cur_nimg=0, step=0, data_pos=0)
+    cur_nimg, step, data_pos = state['cur_nimg'], state['step'], state['data_pos']
+    with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; its meaning (no sync in forward) is upstream's
+        warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated')
+        ddp_G = distributed_model(net, device, args.compile, broadcast_buffers=False)
+        ddp_D = distributed_model(D, device, False, broadcast_buffers=False)  # BatchNorm/spectral-norm buffers per rank
+    lr_D = args.dlr * args.r1_interval / (args.r1_interval + 1)
+    random_features = args.feature_weights == 'random'
+
+    with TrainingRun(args, 'gdd', desc, options, device, cur_nimg) as run:
+        print0(f'GDD{"-I" if args.freeze else ""}: {dataset.name} ({len(dataset)} images, {R}x{R}x{C}), teacher '
+               f'{args.transfer}; generator {counts["total"]:,} parameters, {counts["frozen"]:,} frozen, '
+               f'{counts["trainable"]:,} trainable; discriminator {", ".join(names)}, heads {counts["discriminator_heads"]:,}')
+        if random_features:
+            print0('WARNING: --feature-weights=random: the discriminator\'s feature networks are RANDOM, not ImageNet-'
+                   'pretrained. This only shows that the machinery runs; results are not comparable to the paper.')
+        if args.bf16 and amp_dtype is None:
+            print0('note: --bf16 applies on CUDA only (upstream runs the generator in fp32 elsewhere); this run is fp32')
+        if label_dim and args.class_embedding in (None, 'random'):
+            print0('note: conditional heads start from a random N(0, 1) class embedding (upstream rand_embedding=True), '
+                   'not the official ImageNet table (--class-embedding)')
+        print0(f'{batch_gpu} images x {rounds} rounds x {world_size} GPUs per step; run directory {run.dir}')
+        stream = data_stream(dataset, batch_gpu, rank, world_size, args.seed, data_pos, args.workers)
+        while True:
+            reseed(args.seed, rank, cur_nimg)
+            micro_batches = []  # NOTE: upstream takes one batch_gpu batch per iteration whatever --batch-gpu says, yet
+            for _ in range(rounds):  # counts --batch images; we accumulate `rounds` micro-batches (their losses summed)
+                images, labels = next(stream)
+                micro_batches.append((images.to(device).to(torch.float32) / 127.5 - 1, labels.to(device) if label_dim else None))
+                data_pos += batch_gpu
+            lr_G = learning_rate(args.lr, cur_nimg, args.lr_rampup) if args.lr_rampup > 0 else args.lr
+            gdd_iteration(net, ddp_G, features, D, ddp_D, opt_G, opt_D, micro_batches, step, args, scaler, lr_G, lr_D, run)
+            update_ema(ema, net, ema_beta(cur_nimg, args.batch, args.ema * 1000))  # spec 6.5: n before this step
+            cur_nimg += args.batch
+            step += 1
+            done = cur_nimg >= args.duration * 1e6
+            if run.due(cur_nimg, done):
+                snapshot = run.end_tick(cur_nimg, done, step, data_pos,
+                    snapshot=lambda: dict(precond='GDDPrecond', net_kwargs=net_kwargs, ema=ema.state_dict(),
+                                          freeze=args.freeze, feature_networks=names,
+                                          feature_weights='RANDOM (demo only)' if random_features else args.feature_weights),
+                    state=lambda: dict(net=net.state_dict(), D=D.state_dict(), optimizer_G=opt_G.state_dict(),
+                                       optimizer_D=opt_D.state_dict()))
+                if snapshot and args.grid:
+                    latents, labels = draw_latents(ema, range(args.grid), device)
+                    save_image_grid(one_step_sampler(ema, latents, labels), snapshot.replace('network-snapshot', 'samples')[:-3] + '.png')
+                if done:
+                    break
+        print0(f'done: {run.dir}')
+
+#------------------------------------------------------------------------------
+# 7. Generation: one network evaluation per image, one PNG per seed, identical for any --batch and GPU count.
+
+def load_generator(path):
+    """Our gdd.py snapshots / training states (.pt), or an official GDD .pkl (path or URL)."""
+    if path.endswith('.pkl') or '://' in path:
+        official = load_official(path)
+        if official['precond'] != 'GDDPrecond':
+            raise UserError(f'{path}: a {official["precond"]} network, not a one-step GDD generator (GDDPrecond); '
+                            'sample EDM teachers with patch_diffusion.py generate')
+        net = GDDPrecond(**official['init_kwargs'])
+        net.load_state_dict(official['state_dict'])
+        return net
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get('method') != 'gdd':
+        raise UserError(f'{path}: not a gdd.py snapshot (method {ckpt.get("method") if isinstance(ckpt, dict) else None!r})')
+    net = GDDPrecond(**ckpt['net_kwargs'])
+    net.load_state_dict(ckpt['ema'])
+    return net
+
+@torch.no_grad()
+def generate(args):
+    device = init_distributed()
+    rank, world_size = get_rank(), get_world_size()
+    net = load_generator(args.network).to(device).eval()
+    if args.class_idx is not None and not 0 <= args.class_idx < max(net.label_dim, 1):
+        raise UserError(f'--class={args.class_idx}: the network has {net.label_dim} classes')
+    batches = seed_batches(args.seeds, args.batch, rank, world_size)
+    print0(f'generating {len(args.seeds)} images of {net.img_resolution}x{net.img_resolution}, one step each, into {args.outdir}')
+    for seeds in tqdm(batches, unit='batch', disable=rank != 0):
+        latents, labels = draw_latents(net, seeds, device, args.class_idx)
+        save_seed_images(one_step_sampler(net, latents, labels, args.sigma_max), seeds, args.outdir, args.subdirs)
+    torch.distributed.barrier()
+    print0('done')
+
+#------------------------------------------------------------------------------
+# 8. Command line.
+
+def build_parser(preset=None):
+    """The parser; `preset` (a PRESETS name) becomes the defaults of `train` (see common.parse_command_line)."""
+    parser = argparse.ArgumentParser(description='GDD / GDD-I (Zheng & Yang 2024): one-step generators from EDM',
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True)
+    t = sub.add_parser('train', help='distill a teacher into a one-step generator', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_train_flags(t, duration=5, batch=256, lr=1e-4, dropout=0, tick=25, snap=10)
+    t.add_argument('--preset', choices=sorted(PRESETS), default=None, help='train.sh\'s settings; flags override')
+    t.add_argument('--transfer', default=None, metavar='PT|PKL|URL', help='teacher: EDM snapshot .pt (ours) or official edm-*.pkl (required)')
+    t.add_argument('--freeze', type=int, choices=[0, 1], default=0, help='1 = GDD-I: freeze the blocks\' 3x3 convs and attention proj')
+    t.add_argument('--arch', choices=sorted(ARCHS), default='ncsnpp', help='teacher architecture for `train -n` (a run uses the teacher\'s)')
+    t.add_argument('--cres', type=parse_int_list, default=None, metavar='LIST', help='channel multipliers for `train -n`; None = the arch\'s')
+    t.add_argument('--dlr', type=float, default=1e-4, metavar='FLOAT', help='discriminator lr before the lazy-R1 correction x16/17')
+    t.add_argument('--r1-gamma', type=float, default=1e-4, metavar='FLOAT', help='R1 weight gamma; 0 = no R1')
+    t.add_argument('--r1-interval', type=int, default=16, metavar='INT', help='iterations between lazy R1 steps')
+    t.add_argument('--gan-weight', type=float, default=1, metavar='FLOAT', help='weight of G\'s adversarial loss (1; 0 only for tests)')
+    t.add_argument('--backbone', default='1', metavar='0|1|3|LIST', help='feature networks: official numbers (0 DeiT+EffNet, '
+                   '1 VGG+EffNet, 3 EffNet) or a comma list of vgg16_bn, tf_efficientnet_lite0, deit_base_distilled_patch16_224')
+    t.add_argument('--feature-weights', default=None, metavar='PTH,...|random', help='ImageNet weight files of the feature '
+                   'networks in --backbone order (torchvision/timm .pth); random = untrained features, demos only')
+    t.add_argument('--feature-res', type=int, default=224, metavar='INT', help='side the images are resized to for the feature '
+                   'networks (official 224; smaller only for CPU tests/demos, heads then follow upstream\'s native-size rule)')
+    t.add_argument('--class-embedding', default=None, metavar='PT|random', help='[1000, 320] class table of the conditional heads '
+                   '(official in_embeddings/tf_efficientnet_lite0.pkl as a tensor file); None/random = N(0, 1) (upstream rand_embedding)')
+    t.add_argument('--grid', type=int, default=64, metavar='INT', help='one-step samples in the grid written with each snapshot; 0 = none')
+    t.set_defaults(**PRESETS.get(preset, {}))
+
+    g = sub.add_parser('generate', help='generate images', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument('--network', required=True, metavar='PT|PKL|URL', help='gdd.py snapshot .pt, or official GDD .pkl')
+    g.add_argument('--outdir', required=True, metavar='DIR', help='where to write {seed:06d}.png')
+    g.add_argument('--seeds', type=parse_int_list, default='0-63', metavar='LIST', help='random seeds, e.g. 0-49999')
+    g.add_argument('--subdirs', action='store_true', help='put seeds in folders of 1,000')
+    g.add_argument('--class', dest='class_idx', type=int, default=None, metavar='INT', help='class label; None = random')
+    g.add_argument('--batch', type=int, default=64, metavar='INT', help='images per batch per GPU')
+    g.add_argument('--sigma_max', type=float, default=80, metavar='FLOAT', help='the noise level of the one step')
+    return parser
+
+def main():
+    args = parse_command_line(build_parser)
+    run_main(train if args.command == 'train' else generate, args)
+
+if __name__ == '__main__':
+    main()

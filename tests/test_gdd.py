@@ -1,0 +1,439 @@
+"""gdd.py: the spec's fidelity checks (parameter counts and the GDD-I frozen set, the generator at init, feature
+shapes, loss reduction, R1, optimizer settings, frozen/zero-weight invariants) and end-to-end properties (2-process
+DDP gradients, resume, per-seed one-step generation, torchrun CLI). The real feature networks are checked on the
+meta device; training tests use a tiny stand-in trunk and narrow heads (TinyTrunk, standin) and random weights.
+
+This file is also the worker of the DDP test: `torchrun --nproc_per_node=2 tests/test_gdd.py ddp OUT` or
+`... tests/test_gdd.py cli ARGS` (gdd.py's CLI with the stand-in registered)."""
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import write_persistence_pickle  # noqa: E402
+
+import common  # noqa: E402
+import gdd  # noqa: E402
+from common import EDMPrecond, UserError, load_checkpoint, reseed  # noqa: E402
+
+# A tiny NCSN++ teacher (8x8, 16 channels), with augment_dim 9 like EDM's CIFAR-10 teachers.
+TINY = dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
+            channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=16, channel_mult=[1, 2], num_blocks=1,
+            attn_resolutions=[4], dropout=0)
+ARGS = argparse.Namespace(gan_weight=1, r1_interval=2, r1_gamma=1e-4)
+NO_SCALER = torch.amp.GradScaler('cpu', enabled=False)
+
+class TinyTrunk(torch.nn.Module):
+    """Stand-in feature network: maps at 1/4 .. 1/32 of the input, like the real trunks."""
+    CHANNELS, UNUSED = (8, 8, 16, 16), ()
+
+    def __init__(self):
+        super().__init__()
+        self.convs = torch.nn.ModuleList([torch.nn.Conv2d(3, 8, 4, 4), torch.nn.Conv2d(8, 8, 2, 2),
+                                          torch.nn.Conv2d(8, 16, 2, 2), torch.nn.Conv2d(16, 16, 2, 2)])
+
+    def forward(self, x):
+        out = []
+        for conv in self.convs:
+            x = torch.tanh(conv(x))
+            out.append(x)
+        return out
+
+def register_standin():
+    gdd.TRUNKS['tiny'] = TinyTrunk
+    gdd.Head.WIDTH = {k: 16 for k in gdd.Head.WIDTH}
+
+@pytest.fixture
+def standin(monkeypatch):
+    monkeypatch.setitem(gdd.TRUNKS, 'tiny', TinyTrunk)
+    monkeypatch.setattr(gdd.Head, 'WIDTH', {k: 16 for k in gdd.Head.WIDTH})
+
+def tiny_teacher(label_dim=0, seed=0):
+    torch.manual_seed(seed)
+    kwargs = dict(img_resolution=8, img_channels=3, label_dim=label_dim, augment_dim=9, **TINY)
+    net = EDMPrecond(**kwargs)
+    with torch.no_grad():
+        for p in net.parameters():  # EDM zero-initializes its output layers; make F(x) non-trivial
+            p.normal_(0, 0.2)
+    return net, kwargs
+
+def write_teacher(path, label_dim=0):
+    net, kwargs = tiny_teacher(label_dim)
+    common.save_checkpoint(dict(method='patch_diffusion', precond='EDMPrecond', net_kwargs=kwargs, ema=net.state_dict()), path)
+    return str(path)
+
+def tiny_gan(freeze=1, label_dim=0, seed=0):
+    """Generator from the tiny teacher, stand-in discriminator, optimizers (requires the stand-in)."""
+    teacher, kwargs = tiny_teacher(label_dim)
+    G = gdd.GDDPrecond(**gdd.generator_kwargs(kwargs))
+    gdd.init_from_teacher(G, teacher.state_dict(), 'teacher')
+    frozen = gdd.frozen_names(G) if freeze else []
+    for name, p in G.named_parameters():
+        p.requires_grad_(name not in frozen)
+    features, D = gdd.build_discriminator(['tiny'], seed, 32, label_dim, 'random')
+    opt_G, opt_D = gdd.build_optimizers(G, D, frozen, 1e-3, 1e-3)
+    return teacher, G, features, D.train(), opt_G, opt_D, frozen
+
+class Local(torch.nn.Module):
+    """A module used where the code expects DDP, without any communication."""
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args):
+        return self.module(*args)
+
+    def no_sync(self):
+        return contextlib.nullcontext()
+
+def iterate(G, features, D, opt_G, opt_D, batches, args=ARGS, start=0):
+    for step, micro_batches in enumerate(batches, start):
+        reseed(0, 0, step)
+        gdd.gdd_iteration(G, Local(G), features, D, Local(D), opt_G, opt_D, micro_batches, step, args, NO_SCALER, 1e-3, 1e-3)
+
+def real_batches(n, batch=2, label_dim=0, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    labels = lambda: torch.eye(label_dim)[torch.randint(label_dim, (batch,), generator=g)] if label_dim else None
+    return [[(torch.rand(batch, 3, 8, 8, generator=g) * 2 - 1, labels())] for _ in range(n)]
+
+#------------------------------------------------------------------------------
+# Parameter counts and the frozen set (spec 3.2, 4.2-4.3), on the meta device.
+
+@pytest.mark.parametrize('arch, res, cres, label_dim, total, trainable', [
+    ('ncsnpp', 32, None, 0, 56_395_523, 8_797_955),           # CIFAR-10 uncond
+    ('ncsnpp', 32, None, 10, 56_398_339, 8_800_771),          # CIFAR-10 cond
+    ('ddpmpp', 32, None, 0, 55_732_739, 8_135_171),           # DDPM++ reference
+    ('ncsnpp', 64, [1, 2, 2, 2], 0, 62_758_787, 10_144_643),  # AFHQv2 / FFHQ 64
+    ('adm', 64, None, 1000, 295_899_267, 62_833_347),         # ImageNet 64
+])
+def test_gddi_trainable_counts(arch, res, cres, label_dim, total, trainable):
+    args = argparse.Namespace(arch=arch, cres=cres, dropout=0)
+    with torch.device('meta'):
+        net = gdd.GDDPrecond(**gdd.network_desc(args, res, 3, label_dim))
+    frozen = gdd.frozen_names(net)
+    assert gdd.parameter_counts(net, frozen) == dict(total=total, frozen=total - trainable, trainable=trainable)
+    # Upstream's substring rule selects the same tensors; they are exactly conv0/conv1 of blocks and attention proj.
+    rule = [k for k, _ in net.named_parameters() if any(s in k for s in ('block', 'up', 'down', 'in'))
+            and any(s in k for s in ('conv', 'proj'))]
+    assert sorted(rule) == sorted(frozen)
+    assert {k.rsplit('.', 2)[-2] for k in frozen} == {'conv0', 'conv1', 'proj'}
+    if arch == 'ncsnpp' and res == 32 and not label_dim:
+        assert len(frozen) == 144 and len(list(net.parameters())) - 144 == 276
+
+def test_discriminator_counts_and_feature_shapes_at_224():
+    trunks = {'vgg16_bn': 14_723_136, 'tf_efficientnet_lite0': 2_958_848, 'deit_base_distilled_patch16_224': 94_049_936}
+    projections = {'vgg16_bn': 611_776, 'tf_efficientnet_lite0': 376_768, 'deit_base_distilled_patch16_224': 699_840}
+    trunk_maps = {'vgg16_bn': [(128, 112), (256, 56), (512, 28), (512, 14)], 'tf_efficientnet_lite0': [(24, 56), (40, 28), (112, 14), (320, 7)],
+                  'deit_base_distilled_patch16_224': [(96, 56), (192, 28), (384, 14), (768, 7)]}
+    with torch.device('meta'):
+        for name in trunks:
+            f = gdd.FeatureNetwork(name, 0)
+            assert sum(p.numel() for p in f.trunk.parameters()) == trunks[name]
+            assert sum(p.numel() for m in (f.ccm, f.csm) for p in m.parameters()) == projections[name]
+            assert [(t.shape[1], t.shape[2]) for t in f.trunk(torch.zeros(2, 3, 224, 224))] == trunk_maps[name]
+            maps = f(torch.zeros(2, 3, 32, 32))  # resized to 224 inside
+            size = 224 if name == 'vgg16_bn' else 112
+            assert [tuple(t.shape[1:]) for t in maps] == [(64, size, size), (64, size // 2, size // 2), (128, size // 4, size // 4), (256, size // 8, size // 8)]
+            for label_dim, head_params in ((0, 10_331_328), (10, 13_757_888)):
+                D = gdd.Discriminator([name], f.channels, 224, label_dim)
+                assert sum(p.numel() for p in D.parameters()) == head_params
+                logits, = D({name: maps}, torch.zeros(2, 10))
+                assert tuple(logits.shape) == (2, 484 if name == 'vgg16_bn' else 64)
+        f = gdd.FeatureNetwork('deit_base_distilled_patch16_224', 0)
+        assert sum(p.numel() for p in f.trunk.readout.parameters()) == 6_711_744  # random readout convs
+    assert gdd.head_sizes(224) == ([128, 64, 32, 16], 8)  # nominal 256-px sizes, as upstream
+
+def test_trunk_weight_files_load_strict(tmp_path):
+    trunk = gdd.EfficientNetLite0()
+    state = dict(trunk.state_dict(), **{'classifier.weight': torch.zeros(1000, 1280), 'conv_head.weight': torch.zeros(1280, 320, 1, 1)})
+    torch.save(state, tmp_path / 'w.pth')
+    other = gdd.EfficientNetLite0()
+    gdd.load_trunk(other, 'tf_efficientnet_lite0', str(tmp_path / 'w.pth'))
+    assert all(torch.equal(a, b) for a, b in zip(trunk.state_dict().values(), other.state_dict().values()))
+    del state['blocks.3.1.conv_dw.weight']
+    torch.save(state, tmp_path / 'bad.pth')
+    with pytest.raises(UserError, match='not the tf_efficientnet_lite0 weights.*blocks.3.1.conv_dw.weight'):
+        gdd.load_trunk(other, 'tf_efficientnet_lite0', str(tmp_path / 'bad.pth'))
+    torch.save(gdd.VGG16BN().state_dict(), tmp_path / 'vgg.pth')
+    with pytest.raises(UserError, match='tf_efficientnet_lite0-0aa007d2.pth'):
+        gdd.load_trunk(other, 'tf_efficientnet_lite0', str(tmp_path / 'vgg.pth'))
+
+def test_tf_same_padding():
+    conv = gdd.Conv2dSame(1, 1, 3, 2)
+    with torch.no_grad():
+        conv.weight.fill_(1)
+    x = torch.arange(16.).reshape(1, 1, 4, 4)
+    # TF "SAME" for k=3, s=2 on 4 px pads 0 before and 1 after: windows start at rows/cols 0 and 2.
+    expect = F.conv2d(F.pad(x, [0, 1, 0, 1]), torch.ones(1, 1, 3, 3), stride=2)
+    assert torch.equal(conv(x), expect) and conv(torch.zeros(1, 1, 7, 7)).shape[-1] == 4
+
+#------------------------------------------------------------------------------
+# Generator (spec 2.1-2.3, 11.1).
+
+@pytest.mark.parametrize('label_dim', [0, 3])
+def test_generator_at_init_is_teachers_one_step_denoise(label_dim, tmp_path):
+    teacher, kwargs = tiny_teacher(label_dim)
+    G = gdd.GDDPrecond(**gdd.generator_kwargs(kwargs))
+    gdd.init_from_teacher(G, teacher.state_dict(), 'teacher')
+    assert G.model.map_augment is None and teacher.model.map_augment is not None
+    torch.manual_seed(1)
+    z = torch.randn(4, 3, 8, 8)
+    labels = torch.eye(label_dim)[torch.tensor([0, 1, 2, 1])] if label_dim else None
+    with torch.no_grad():
+        D_x, G_x = teacher(80 * z, 80, labels), G(80 * z, 80, labels)
+        F_x = teacher.model(80 * z / math.sqrt(80 ** 2 + 0.25), torch.full([4], math.log(80) / 4), labels)
+    d_skip = 0.25 / (79.998 ** 2 + 0.25) - 0.25 / (80 ** 2 + 0.25)                 # GDD minus EDM coefficients
+    d_out = 0.5 * 79.998 / math.sqrt(80 ** 2 + 0.25) - 0.5 * 80 / math.sqrt(80 ** 2 + 0.25)
+    assert d_skip == pytest.approx(1.95e-9, rel=0.01) and d_out == pytest.approx(-1.25e-5, rel=0.01)  # spec 2.1
+    assert torch.allclose(G_x - D_x, d_skip * 80 * z + d_out * F_x, atol=2e-6)
+    assert (G_x - D_x).abs().max() <= 1e-4 and F_x.abs().max() > 1  # the difference is small but F is not trivial
+    # one network evaluation: the sampler gives G(80 z; 80); a snapshot round trip keeps it
+    calls = []
+    G.register_forward_hook(lambda *_: calls.append(1))
+    assert torch.allclose(gdd.one_step_sampler(G, z, labels).float(), G_x, atol=1e-6) and len(calls) == 1
+    common.save_checkpoint(dict(method='gdd', net_kwargs=gdd.generator_kwargs(kwargs), ema=G.state_dict()), tmp_path / 's.pt')
+    H = gdd.load_generator(str(tmp_path / 's.pt'))
+    assert torch.equal(H(80 * z, 80, labels), G(80 * z, 80, labels))
+
+def test_official_gdd_pickle_loads(tmp_path):
+    class GDDPrecond(torch.nn.Module):  # stand-in for upstream's class: its name, structure and state matter
+        def __init__(self):
+            super().__init__()
+            self.model = common.SongUNet(img_resolution=8, in_channels=3, out_channels=3, **{k: v for k, v in TINY.items() if k != 'model_type'})
+    net = GDDPrecond()
+    init_kwargs = dict(img_resolution=8, img_channels=3, label_dim=0, use_fp16=True, **TINY)
+    write_persistence_pickle(tmp_path / 'gdd.pkl', dict(ema=net, net=net), init_kwargs)
+    G = gdd.load_generator(str(tmp_path / 'gdd.pkl'))
+    assert all(torch.equal(a, b) for a, b in zip(G.model.state_dict().values(), net.model.state_dict().values()))
+    teacher, _ = tiny_teacher()
+    write_persistence_pickle(tmp_path / 'edm.pkl', dict(ema=teacher), dict(img_resolution=8, img_channels=3, **TINY))
+    with pytest.raises(UserError, match='not a one-step GDD generator'):
+        gdd.load_generator(str(tmp_path / 'edm.pkl'))
+
+#------------------------------------------------------------------------------
+# Losses (spec 5, 11.6, 11.8) and optimizers (spec 6, 11.9).
+
+def test_loss_is_sum_over_samples_of_per_sample_means():
+    torch.manual_seed(0)
+    logits = [torch.randn(5, 64) * 3, torch.randn(5, 484) * 3]
+    B = 5
+    expect_G = B * sum(torch.log1p(torch.exp(-l)).mean() for l in logits)  # B x sum_k mean_{b,l} softplus(-l)
+    expect_D = B * sum(torch.log1p(torch.exp(l)).mean() for l in logits)
+    assert gdd.gan_loss(logits, True).sum().item() == pytest.approx(expect_G.item(), rel=1e-6)
+    assert gdd.gan_loss(logits, False).sum().item() == pytest.approx(expect_D.item(), rel=1e-6)
+    assert gdd.gan_loss(logits, True).shape == (5,)
+
+def test_r1_penalty_matches_finite_differences(standin):
+    torch.manual_seed(0)
+    features, D = gdd.build_discriminator(['tiny'], 0, 32, 0, 'random')
+    features, D = features.double(), D.double().eval()  # eval: no power iteration, so S(x) is a fixed function
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64) * 2 - 1
+    S = lambda x: sum(l.sum() for l in D(features(x)))
+    penalty = gdd.r1_penalty(features, D, x, None)
+    grad, = torch.autograd.grad(S(x.requires_grad_(True)), x)
+    assert torch.allclose(penalty, grad.square().sum(dim=[1, 2, 3])) and penalty.min() > 0
+    with torch.no_grad():
+        for _ in range(3):  # central differences along random directions give <grad S, d>
+            d, h = torch.randn_like(x), 1e-5
+            assert ((S(x + h * d) - S(x - h * d)) / (2 * h)).item() == pytest.approx((grad * d).sum().item(), rel=1e-6)
+
+def test_optimizer_settings_and_presets(standin):
+    _, G, _, D, opt_G, opt_D, frozen = tiny_gan(freeze=1)
+    (g,), (d,) = opt_G.param_groups, opt_D.param_groups
+    assert g['betas'] == (0, 0.99) and g['eps'] == 1e-8 and g['lr'] == 1e-3
+    assert d['lr'] == pytest.approx(1e-3 * 16 / 17) and d['betas'][1] == pytest.approx(0.990585, abs=1e-6) and d['betas'][0] == 0
+    assert {id(p) for p in g['params']} == {id(p) for n, p in G.named_parameters() if n not in frozen}
+    assert {id(p) for p in d['params']} == {id(p) for p in D.parameters()}  # heads (and embeddings) only
+    # train.sh: batch / G lr / D lr / Mimg / EMA / feature networks
+    p = gdd.PRESETS
+    assert [p['cifar10-gddi'][k] for k in ('batch', 'lr', 'dlr', 'duration', 'ema', 'freeze', 'arch')] == [256, 1e-4, 1e-4, 5, 0.5, 1, 'ncsnpp']
+    assert [p['ffhq-64-gdd'][k] for k in ('batch', 'lr', 'dlr', 'duration', 'cres', 'freeze')] == [256, 2e-5, 4e-5, 10, [1, 2, 2, 2], 0]
+    assert [p['imagenet-64-gddi'][k] for k in ('batch', 'lr', 'dlr', 'ema', 'arch', 'cond')] == [512, 8e-6, 4e-5, 50, 'adm', True]
+    assert gdd.parse_backbone(p['afhqv2-64-gddi']['backbone']) == ['deit_base_distilled_patch16_224', 'tf_efficientnet_lite0']
+    assert gdd.parse_backbone(p['cifar10-cond-gdd']['backbone']) == ['vgg16_bn', 'tf_efficientnet_lite0'] and p['cifar10-cond-gdd']['cond']
+
+#------------------------------------------------------------------------------
+# Training invariants (spec 11.3-11.5, 11.8).
+
+def test_gddi_frozen_bitwise_trainable_changed_r1_schedule(standin):
+    teacher, G, features, D, opt_G, opt_D, frozen = tiny_gan(freeze=1)
+    before_features = copy.deepcopy(features.state_dict())
+    iterate(G, features, D, opt_G, opt_D, real_batches(5))  # r1_interval 2: R1 steps at iterations 2 and 4
+    params, ref = dict(G.named_parameters()), teacher.state_dict()
+    assert all(torch.equal(params[n], ref[n]) and params[n].grad is None for n in frozen)
+    changed = [not torch.equal(p, ref[n]) for n, p in params.items() if n not in frozen]
+    assert sum(changed) >= 0.95 * len(changed)
+    assert all(torch.equal(v, before_features[k]) for k, v in features.state_dict().items())  # trunks, CCM, CSM
+    assert opt_G.state[opt_G.param_groups[0]['params'][0]]['step'] == 5
+    assert opt_D.state[next(D.parameters())]['step'] == 5 + 2
+
+def test_zero_gan_weight_leaves_generator_unchanged(standin):
+    teacher, G, features, D, opt_G, opt_D, _ = tiny_gan(freeze=0)
+    D0 = copy.deepcopy(D.state_dict())
+    iterate(G, features, D, opt_G, opt_D, real_batches(3), argparse.Namespace(**dict(vars(ARGS), gan_weight=0)))
+    assert all(torch.equal(p, teacher.state_dict()[n]) for n, p in G.named_parameters())
+    assert not all(torch.equal(v, D0[k]) for k, v in D.state_dict().items())  # D did train
+
+def test_generator_step_ignores_real_images(standin):
+    results = []
+    for noise in (False, True):
+        _, G, features, D, opt_G, opt_D, _ = tiny_gan(freeze=0, label_dim=3)
+        (images, labels), = real_batches(1, label_dim=3)[0]
+        images = torch.rand_like(images) * 2 - 1 if noise else images  # same labels, other "real" images
+        reseed(0, 0, 0)
+        opt_G.zero_grad()
+        gdd.g_step(Local(G), features, D, [(images, labels)])
+        results.append([p.grad.clone() for p in G.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+#------------------------------------------------------------------------------
+# CLI: train, resume, generate, errors.
+
+TRAIN = ['train', '--data=demo-8', '--batch=4', '--feature-weights=random', '--backbone=tiny', '--feature-res=32',
+         '--freeze=1', '--r1-interval=2', '--lr=1e-3', '--dlr=1e-3', '--workers=0', '--tick=0.001', '--snap=1',
+         '--dump=1', '--grid=4', '--nosubdir']
+
+def same(a, b):
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+def run_train(outdir, teacher, *extra):
+    gdd.train(common.parse_command_line(gdd.build_parser, TRAIN + [f'--outdir={outdir}', f'--transfer={teacher}', *extra]))
+    return sorted(Path(outdir).glob('training-state-*.pt'))[-1]
+
+def test_resume_equals_uninterrupted_and_frozen_teacher_weights(tmp_path, standin):
+    teacher = write_teacher(tmp_path / 'teacher.pt')
+    full = load_checkpoint(str(run_train(tmp_path / 'full', teacher, '--duration=0.000016')))  # 4 steps of 4
+    half = run_train(tmp_path / 'half', teacher, '--duration=0.000008')
+    resumed = load_checkpoint(str(run_train(tmp_path / 'resumed', teacher, '--duration=0.000016', f'--resume={half}')))
+    assert full['step'] == resumed['step'] == 4 and full['data_pos'] == resumed['data_pos']
+    for key in ('net', 'ema', 'D', 'optimizer_G', 'optimizer_D'):
+        assert same(full[key], resumed[key]), key
+    ref = load_checkpoint(teacher)['ema']
+    frozen = gdd.frozen_names(gdd.GDDPrecond(**full['net_kwargs']))
+    assert all(torch.equal(full['net'][k], ref[k]) and torch.equal(full['ema'][k], ref[k]) for k in frozen)
+    assert full['feature_weights'].startswith('RANDOM') and (tmp_path / 'full' / 'samples-000000_016.png').exists()
+    assert 'feature networks are RANDOM' in (tmp_path / 'full' / 'log.txt').read_text()
+
+def test_cli_errors(tmp_path, standin):
+    teacher = write_teacher(tmp_path / 'teacher.pt')
+    argv = [a for a in TRAIN if not a.startswith(('--feature-weights', '--backbone', '--feature-res'))]
+    with pytest.raises(UserError, match='vgg16_bn ImageNet weights.*vgg16_bn-6c64b313.pth'):
+        gdd.train(common.parse_command_line(gdd.build_parser, argv + [f'--outdir={tmp_path}/x', f'--transfer={teacher}']))
+    assert not (tmp_path / 'x').exists()
+    with pytest.raises(UserError, match='--transfer is required'):
+        gdd.train(common.parse_command_line(gdd.build_parser, TRAIN + [f'--outdir={tmp_path}/x']))
+    with pytest.raises(UserError, match='a PatchPrecond network'):
+        common.save_checkpoint(dict(method='patch_diffusion', precond='PatchPrecond', net_kwargs={}, ema={}), tmp_path / 'p.pt')
+        gdd.train(common.parse_command_line(gdd.build_parser, TRAIN + [f'--outdir={tmp_path}/x', f'--transfer={tmp_path}/p.pt']))
+
+def test_dry_run_counts_without_teacher(capsys):
+    gdd.train(common.parse_command_line(gdd.build_parser, ['train', '--preset=cifar10-gddi', '--data=demo-32', '-n']))
+    options = json.loads(capsys.readouterr().out)
+    assert options['parameters'] == dict(total=56_395_523, frozen=47_597_568, trainable=8_797_955,
+                                         discriminator_heads=2 * 10_331_328, feature_networks=14_723_136 + 611_776 + 2_958_848 + 376_768)
+    assert options['lr'] == 1e-4 and options['seed'] == 42 and options['bf16'] and options['dropout'] == 0
+
+def read_pngs(folder):
+    return {p.name: np.array(PIL.Image.open(p)) for p in sorted(Path(folder).rglob('*.png'))}
+
+def torchrun(nproc, *args):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', __file__, *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+def test_torchrun_train_and_generate_per_seed(tmp_path, standin):
+    teacher = write_teacher(tmp_path / 'teacher.pt', label_dim=3)
+    torchrun(2, 'cli', *[a for a in TRAIN if a != '--nosubdir'], f'--outdir={tmp_path}', f'--transfer={teacher}',
+             '--duration=0.000008', '--cond=1', '--desc=ddp')
+    run_dir, = tmp_path.glob('00000-demo8-cond-gddi-gpus2-batch4-fp32-ddp')
+    state = load_checkpoint(str(sorted(run_dir.glob('training-state-*.pt'))[-1]))
+    assert len(state['data_pos']) == 2 and state['step'] == 2
+    snapshot = str(sorted(run_dir.glob('network-snapshot-*.pt'))[-1])
+    gen = ['generate', f'--network={snapshot}', '--seeds=0-5']
+    torchrun(2, 'cli', *gen, f'--outdir={tmp_path / "two"}', '--batch=2', '--subdirs')
+    gdd.generate(common.parse_command_line(gdd.build_parser, gen + [f'--outdir={tmp_path / "one"}', '--batch=6', '--subdirs']))
+    gdd.generate(common.parse_command_line(gdd.build_parser, gen + [f'--outdir={tmp_path / "four"}', '--batch=4']))
+    gdd.generate(common.parse_command_line(gdd.build_parser, gen + [f'--outdir={tmp_path / "cls"}', '--class=2']))
+    one, two, four, cls = (read_pngs(tmp_path / d) for d in ('one', 'two', 'four', 'cls'))
+    assert sorted(one) == [f'{s:06d}.png' for s in range(6)] and (tmp_path / 'one' / '000000' / '000005.png').exists()
+    assert all(np.array_equal(one[k], two[k]) and np.array_equal(one[k], four[k]) for k in one)
+    assert not np.array_equal(one['000000.png'], one['000001.png'])
+    # the image is G(80 z_seed; 80, c_seed), quantized as floor(clip(127.5 x + 128)); --class fixes c
+    net = gdd.load_generator(snapshot)
+    latents, labels = gdd.draw_latents(net, [3], 'cpu', class_idx=2)
+    x = gdd.one_step_sampler(net, latents, labels)
+    assert np.array_equal(cls['000003.png'], (x[0] * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+
+#------------------------------------------------------------------------------
+# 2-process DDP: the synced gradient of each stage equals the mean of the ranks' own gradients, and after full
+# iterations the replicas (G, EMA-free nets, D heads' parameters) are identical on both ranks.
+
+def ddp_worker(out):
+    register_standin()
+    device = common.init_distributed()
+    rank, world = common.get_rank(), common.get_world_size()
+    _, G, features, D, opt_G, opt_D, frozen = tiny_gan(freeze=1, label_dim=3)
+    micro_batches = real_batches(1, batch=4, label_dim=3)[0]
+    micro_batches = [(x[2 * rank:2 * rank + 2], c[2 * rank:2 * rank + 2]) for x, c in micro_batches]  # this rank's half
+    G_local, D_local = copy.deepcopy(G), copy.deepcopy(D)
+    ddp_G = common.distributed_model(G, device, broadcast_buffers=False)
+    ddp_D = common.distributed_model(D, device, broadcast_buffers=False)
+    errors = {}
+    stages = [('G', lambda g, d, dd: gdd.g_step(g, features, d, micro_batches), lambda: [p for p in G.parameters() if p.requires_grad],
+               lambda: [p for p in G_local.parameters() if p.requires_grad]),
+              ('D', lambda g, d, dd: gdd.d_step(g.module, features, dd, micro_batches), lambda: list(D.parameters()), lambda: list(D_local.parameters())),
+              ('R1', lambda g, d, dd: gdd.r1_step(features, dd, micro_batches, 1e-4, 16), lambda: list(D.parameters()), lambda: list(D_local.parameters()))]
+    for name, run_stage, synced, local in stages:
+        for p in synced() + local():
+            p.grad = None
+        reseed(0, rank, 0)
+        run_stage(Local(G_local), D_local, Local(D_local))
+        reseed(0, rank, 0)
+        run_stage(ddp_G, D, ddp_D)
+        worst = 0
+        for a, b in zip(synced(), local()):
+            mean = b.grad.clone()
+            torch.distributed.all_reduce(mean)
+            worst = max(worst, ((a.grad - mean / world).abs().max() / (mean / world).abs().max().clamp(min=1e-12)).item())
+        errors[name] = worst
+    for step in range(3):
+        reseed(0, rank, step)
+        gdd.gdd_iteration(G, ddp_G, features, D, ddp_D, opt_G, opt_D, micro_batches, step + 1, ARGS, NO_SCALER, 1e-3, 1e-3)
+    flat = torch.cat([p.detach().flatten() for p in list(G.parameters()) + list(D.parameters())])
+    gathered = [torch.zeros_like(flat) for _ in range(world)]
+    torch.distributed.all_gather(gathered, flat)
+    if rank == 0:
+        Path(out).write_text(json.dumps(dict(errors=errors, replicas_equal=all(torch.equal(gathered[0], g) for g in gathered),
+                                             changed=sum(not torch.equal(p, q) for p, q in zip(G.parameters(), G_local.parameters())))))
+
+def test_ddp_two_processes_equal_mean_of_local_gradients(tmp_path):
+    torchrun(2, 'ddp', str(tmp_path / 'ddp.json'))
+    result = json.loads((tmp_path / 'ddp.json').read_text())
+    assert all(err < 1e-5 for err in result['errors'].values()), result
+    assert result['replicas_equal'] and result['changed'] > 0
+
+if __name__ == '__main__':
+    if sys.argv[1] == 'ddp':
+        ddp_worker(sys.argv[2])
+        torch.distributed.destroy_process_group()
+    else:
+        register_standin()
+        sys.argv = [sys.argv[0]] + sys.argv[2:]
+        gdd.main()
