@@ -836,8 +836,8 @@ def sync_if(ddp, sync):
     return contextlib.nullcontext() if sync else ddp.no_sync()
 
 def learning_rate(lr, cur_nimg, rampup_kimg=10000):
-    """Linear lr ramp-up over `rampup_kimg` thousand images (EDM training_loop's lr_rampup_kimg)."""
-    return lr * min(cur_nimg / max(rampup_kimg * 1000, 1e-8), 1)
+    """Linear lr ramp-up over `rampup_kimg` thousand images (EDM training_loop's lr_rampup_kimg); 0 = none."""
+    return lr * min(cur_nimg / (rampup_kimg * 1000), 1) if rampup_kimg > 0 else lr
 
 def ema_beta(cur_nimg, batch_size, ema_halflife_kimg=500, ema_rampup_ratio=0.05):
     """Per-step EMA decay for a half-life in images, with EDM's ramp-up: the half-life is at most

@@ -518,7 +518,7 @@ def train(args):
         load_pretrained(net, args.pretrained_model_ckpt)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.99, 0.99), eps=1e-8,  # one group: everything decays
-                                  weight_decay=args.weight_decay)
+                                  weight_decay=args.weight_decay, fused=device.type == 'cuda')
     cur_nimg, step, data_pos = 0, 0, 0
     if args.resume:
         state = load_training_state(args.resume, 'masked_dm', rank, world_size, net=net, ema=ema, optimizer=optimizer, scaler=scaler)

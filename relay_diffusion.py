@@ -356,7 +356,8 @@ def train(args):
     net = EDMPrecond(**net_kwargs).to(device).train().requires_grad_(True)
     net.amp_dtype = amp_dtype
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)  # EDM's optimizer
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,  # EDM's optimizer
+                                 fused=device.type == 'cuda')
     augment_pipe = AugmentPipe(args.augment, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
                                translate_frac=1) if args.augment else None  # EDM's CelebA/CIFAR setting, as upstream
     cur_nimg, step, data_pos = 0, 0, 0

@@ -44,6 +44,15 @@ CHECKS = {
         paper=[('CelebA-HQ-256 stage two (blur)', ['--data=demo-256', '--preset=celebahq256', '--batch=8', '--batch-gpu=8', '--grid=0', '--tick={kimg}', '--duration={mimg}']),
                ('CelebA-HQ-256, same network, plain EDM', ['--data=demo-256', '--preset=celebahq256', '--precond=edm', '--batch=8', '--batch-gpu=8', '--grid=0', '--tick={kimg}', '--duration={mimg}'])],
         generate=['--sampler_stages=first', '--network_first={snap}', '--num_steps_first=2', '--seeds=0-7', '--batch=8']),
+    'gdd': dict(  # teachers are trained first with patch_diffusion.py --real_p=1 (plain EDM); GDD trains in bf16 only
+        teachers={'tiny': ['--data=demo-16', '--cbase=32', '--cres=1,2,2', '--batch=32', '--duration=0.0001', '--tick=0.05', '--real_p=1', '--grid=0'],
+                  'cifar': ['--data=demo-32', '--arch=ncsnpp', '--cbase=128', '--cres=2,2,2', '--batch=8', '--duration=0.000008', '--tick=0.008', '--real_p=1', '--grid=0']},
+        precisions=[('fp32', []), ('bf16', ['--bf16=1'])],
+        tiny=['--data=demo-16', '--transfer={tiny}', '--feature-weights=random', '--backbone=3', '--feature-res=64',
+              '--batch=16', '--duration=0.000064', '--tick=0.016', '--grid=0'],
+        paper=[('CIFAR-10 NCSN++ GDD', ['--data=demo-32', '--preset=cifar10-gdd', '--transfer={cifar}', '--feature-weights=random', '--batch=64', '--grid=0', '--tick={kimg}', '--duration={mimg}']),
+               ('CIFAR-10 NCSN++ GDD-I', ['--data=demo-32', '--preset=cifar10-gddi', '--transfer={cifar}', '--feature-weights=random', '--batch=64', '--grid=0', '--tick={kimg}', '--duration={mimg}'])],
+        generate=['--network={snap}', '--seeds=0-7', '--batch=8']),
 }
 
 def run(cmd, env=None, timeout=600):
@@ -62,8 +71,18 @@ def last_state(folder):
 
 def check_method(name, spec, work, args, rows):
     script = f'{name}.py'
+    teachers = {}
+    for key, flags in spec.get('teachers', {}).items():  # GDD distills a teacher: train one for a step or two
+        out = os.path.join(work, f'{name}-teacher-{key}')
+        run(['patch_diffusion.py', 'train', *flags, *COMMON, f'--outdir={out}'])
+        teachers[key] = sorted(glob.glob(os.path.join(out, 'network-snapshot-*.pt')))[-1]
+    def fill(flags):
+        for key, path in teachers.items():
+            flags = [f.replace('{' + key + '}', path) for f in flags]
+        return flags
+    spec = dict(spec, tiny=fill(spec['tiny']), paper=[(label, fill(flags)) for label, flags in spec['paper']])
     # 1. A few steps in each precision: finite losses.
-    for dtype, flags in [('fp32', []), ('bf16', ['--bf16=1']), ('fp16', ['--fp16=1'])]:
+    for dtype, flags in spec.get('precisions', [('fp32', []), ('bf16', ['--bf16=1']), ('fp16', ['--fp16=1'])]):
         out = os.path.join(work, f'{name}-{dtype}')
         _, sec = run([script, 'train', *spec['tiny'], *COMMON, *flags, f'--outdir={out}'])
         losses = [s['loss'] for s in stats(out) if 'loss' in s]

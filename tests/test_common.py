@@ -12,8 +12,9 @@ import torch.multiprocessing as mp
 from conftest import TINY_UNET, write_images
 
 import common
-from common import (EDMLoss, EDMPrecond, ImageFolderDataset, InfiniteSampler, PerSeedRNG, UserError, edm_sampler, edm_time_steps, ema_beta, learning_rate, load_checkpoint, open_dataset,
-                    parse_bool, parse_int_list, save_checkpoint, seed_batches, split_batch, to_uint8)
+from common import (EDMLoss, EDMPrecond, ImageFolderDataset, InfiniteSampler, PerSeedRNG, UserError, edm_sampler,
+                    edm_time_steps, ema_beta, learning_rate, load_checkpoint, open_dataset, parse_bool,
+                    parse_int_list, save_checkpoint, seed_batches, split_batch, to_uint8)
 
 SIGMAS = [0.002, 0.5, 1.0, 80.0]
 
@@ -167,6 +168,7 @@ def test_ema_and_lr_ramp_values():
     assert ema_beta(10**9, 512, 500, 0.05) == pytest.approx(0.5 ** (512 / 500_000))  # independent: half-life formula
     assert learning_rate(1.0, 0) == 0 and learning_rate(1.0, 1_000_000) == pytest.approx(0.1)
     assert learning_rate(1.0, 10_000_000) == 1 and learning_rate(1.0, 30_000_000) == 1
+    assert learning_rate(1.0, 0, rampup_kimg=0) == 1  # no ramp-up: the full lr from the first step
 
 def test_update_ema_is_lerp():
     a, b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)

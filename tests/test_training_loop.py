@@ -126,7 +126,7 @@ def test_resume_error_through_cli_is_one_line(tmp_path):
 
 def test_divergence_stops_with_error_and_keeps_good_checkpoints(tmp_path):
     cmd = [sys.executable, str(ROOT / 'patch_diffusion.py'), *TRAIN, f'--outdir={tmp_path}', '--nosubdir',
-           '--lr=1e6', '--lr-rampup=0', '--duration=0.001', '--real_p=1']
+           '--lr=1e6', '--lr-rampup=0.024', '--duration=0.001', '--real_p=1']  # lr 0, then 1e6/3: nan at step 3
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert result.returncode == 1, result.stdout[-2000:]
     message = result.stderr.strip()
