@@ -85,9 +85,9 @@ def check_method(name, spec, work, args, rows):
     for dtype, flags in spec.get('precisions', [('fp32', []), ('bf16', ['--bf16=1']), ('fp16', ['--fp16=1'])]):
         out = os.path.join(work, f'{name}-{dtype}')
         _, sec = run([script, 'train', *spec['tiny'], *COMMON, *flags, f'--outdir={out}'])
-        losses = [s['loss'] for s in stats(out) if 'loss' in s]
-        finite = all(map(lambda v: v == v and abs(v) != float('inf'), losses))
-        rows.append((name, f'train tiny {dtype}', 'ok' if finite else 'NON-FINITE LOSS', f'{len(losses)} ticks, {sec:.0f} s'))
+        losses = [v for s in stats(out) for k, v in s.items() if k.startswith('loss')]  # loss, loss_G, loss_D, ...
+        finite = bool(losses) and all(v == v and abs(v) != float('inf') for v in losses)
+        rows.append((name, f'train tiny {dtype}', 'ok' if finite else 'NO OR NON-FINITE LOSS', f'{len(losses)} loss values, {sec:.0f} s'))
     # 2. fp32 on the GPU equals fp32 on the CPU (same seed, same data order) within float tolerance.
     cpu = os.path.join(work, f'{name}-cpu')
     run([script, 'train', *spec['tiny'], *COMMON, '--workers=0', f'--outdir={cpu}'], env=dict(CUDA_VISIBLE_DEVICES=''))
