@@ -438,10 +438,10 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
     return x_next
 
 #------------------------------------------------------------------------------
-# 6. The EDM U-Nets (official EDM training/networks.py): layers (spec edm_common.md 3.1-3.3), then the two
-#    backbones (spec 3.4-3.6).
+# 6. The EDM U-Nets (NVlabs/edm training/networks.py): the layers, then the two backbones (DDPM++/NCSN++ of
+#    Song et al. 2021 as `SongUNet`, ADM of Dhariwal & Nichol 2021 as `DhariwalUNet`).
 
-# Weight init shared by all EDM layers (spec 3.1); for convolutions fan_in/fan_out count channels * k^2.
+# Weight init shared by all EDM layers (EDM training/networks.py, weight_init); for convolutions fan_in/fan_out count channels * k^2.
 def weight_init(shape, mode, fan_in, fan_out):
     if mode == 'xavier_uniform':
         return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(shape) * 2 - 1)
@@ -465,7 +465,7 @@ class Linear(torch.nn.Module):
     def forward(self, x):
         return F.linear(x, self.weight, self.bias)
 
-# Convolution with optional 2x up/downsampling by the separable FIR filter f f^T / (sum f)^2 (spec 3.1).
+# Convolution with optional 2x up/downsampling by the separable FIR filter f f^T / (sum f)^2 (EDM training/networks.py, Conv2d).
 # Unfused: resample, then convolve. Fused (NCSN++ residual encoder): convolve at a wider padding, then resample.
 class Conv2d(torch.nn.Module):
     def __init__(self,
@@ -526,7 +526,7 @@ class GroupNorm(torch.nn.Module):
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 # Residual block with optional 2x up/downsampling and multi-head self-attention: the union of the DDPM++,
-# NCSN++ and ADM blocks (spec 3.3; EDM training/networks.py, UNetBlock).
+# NCSN++ and ADM blocks (EDM training/networks.py, UNetBlock).
 class UNetBlock(torch.nn.Module):
     def __init__(self,
         in_channels,                        # input channels
@@ -589,7 +589,7 @@ class UNetBlock(torch.nn.Module):
         return x
 
 # Sinusoidal noise-level embedding [cos(c f_j), sin(c f_j)], f_j = (1/max_positions)^(j / (C/2 - endpoint))
-# (spec 3.2). DDPM++ uses endpoint=True, ADM endpoint=False.
+# (EDM training/networks.py, PositionalEmbedding). DDPM++ uses endpoint=True, ADM endpoint=False.
 class PositionalEmbedding(torch.nn.Module):
     def __init__(self, num_channels, max_positions=10000, endpoint=False):
         super().__init__()
@@ -1072,7 +1072,7 @@ def download(url, flag):
                 f'pass the local file with {flag}=PATH, or copy it to {dest}.') from e
     return dest
 
-# Official checkpoints: EDM-format .pkl snapshots (EDM, Patch Diffusion, GDD) and .pt files (spec 7.2).
+# Official checkpoints: EDM-format .pkl snapshots (EDM, Patch Diffusion, GDD) and .pt files.
 # _Stub: an inert stand-in for a class or object of the official code base; keeps only what was pickled.
 class _Stub:
     name, args, state = None, (), None
