@@ -89,8 +89,8 @@ class GDDPrecond(EDMPrecond):
 
     def coefficients(self, sigma):
         _, _, c_in, c_noise = super().coefficients(sigma)
-        c_skip = self.sigma_data ** 2 / ((sigma - self.eps) ** 2 + self.sigma_data ** 2)
-        c_out = (sigma - self.eps) * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()  # NOTE: unshifted root, as upstream
+        c_skip = self.sigma_data ** 2 / ((sigma - self.eps) ** 2 + self.sigma_data ** 2)           # spec 2.1, c_skip
+        c_out = (sigma - self.eps) * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()  # spec 2.1; NOTE: unshifted root, as upstream
         return c_skip, c_out, c_in, c_noise
 
 def generator_kwargs(teacher_kwargs, dropout=0):
@@ -112,8 +112,8 @@ def frozen_names(net):
     return names
 
 def parameter_counts(net, frozen):
-    total = sum(p.numel() for p in net.parameters())
-    num_frozen = sum(p.numel() for n, p in net.named_parameters() if n in set(frozen))
+    total, frozen = sum(p.numel() for p in net.parameters()), set(frozen)
+    num_frozen = sum(p.numel() for n, p in net.named_parameters() if n in frozen)
     return dict(total=total, frozen=num_frozen, trainable=total - num_frozen)
 
 def load_teacher(path):
@@ -311,7 +311,9 @@ class FeatureNetwork(nn.Module):
     def __init__(self, name, seed, resolution=224, cout=64):
         super().__init__()
         self.name, self.resolution = name, resolution
-        self.mean, self.std = INCEPTION_MEAN_STD if 'efficientnet' in name else IMAGENET_MEAN_STD
+        mean, std = INCEPTION_MEAN_STD if 'efficientnet' in name else IMAGENET_MEAN_STD  # spec 4.2, normalization
+        self.register_buffer('mean', torch.tensor(mean).reshape(1, -1, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(std).reshape(1, -1, 1, 1), persistent=False)
         # NOTE: upstream builds the random CCM/CSM (and DeiT readout) from each rank's own torch seed, so every GPU
         # projects differently; we seed them from the global --seed, identical on all ranks (spec 9.3).
         with torch.random.fork_rng(devices=[]):
@@ -323,12 +325,11 @@ class FeatureNetwork(nn.Module):
         self.channels = [cout, cout, cout * 2, cout * 4]
 
     def forward(self, x):
-        mean, std = (torch.tensor(v, device=x.device).reshape(1, -1, 1, 1) for v in (self.mean, self.std))
-        x = ((x + 1) / 2 - mean) / std
+        x = ((x + 1) / 2 - self.mean) / self.std                                      # spec 4.1: [-1, 1] -> [0, 1] -> normalized
         x = F.interpolate(x, self.resolution, mode='bilinear', align_corners=False)  # official: always for < 224 px
         mixed = [ccm(f) for ccm, f in zip(self.ccm, self.trunk(x))]                  # cross-channel mixing
         out, y = [None] * 4, None
-        for i in reversed(range(4)):                                                 # cross-scale mixing, bottom up
+        for i in reversed(range(4)):                                                 # cross-scale mixing, top-down (deepest first)
             y = mixed[i] if y is None else y + mixed[i]
             y = out[i] = self.csm[i](F.interpolate(y, scale_factor=2, mode='bilinear', align_corners=True))
         return out
@@ -389,7 +390,7 @@ def head_sizes(resolution):
     R = 256 if resolution == 224 else resolution
     keys = sorted(Head.WIDTH)
     sizes = [min(keys, key=lambda k: abs(k - R // 2 ** (i + 1))) for i in range(4)]
-    return sizes, (8 if sizes[-1] >= 8 else sizes[-1])
+    return sizes, min(sizes[-1], 8)
 
 class Discriminator(nn.Module):
     """The trained part: 4 heads per feature network. Returns one [N, L_k] logit tensor per network."""
@@ -410,7 +411,7 @@ def gan_loss(logits, target_real):
     """Non-saturating logistic loss per sample: sum over networks of the mean over that network's logits of
     softplus(-l) (target real) or softplus(l) (target fake); shape [N]."""
     sign = -1 if target_real else 1
-    return sum(F.softplus(sign * l).mean(dim=1) for l in logits)
+    return sum(F.softplus(sign * l).mean(dim=1) for l in logits)  # spec 5, L_G and L_D terms per sample
 
 def r1_penalty(features, D, images, labels):
     """||grad_x sum of all real logits||^2 per sample (lazy R1, StyleGAN2), through resize, frozen trunks, random
@@ -418,7 +419,7 @@ def r1_penalty(features, D, images, labels):
     x = images.detach().requires_grad_(True)
     logits = D(features(x), labels)
     grad, = torch.autograd.grad(sum(l.sum() for l in logits), x, create_graph=True)
-    return grad.square().sum(dim=[1, 2, 3])
+    return grad.square().sum(dim=[1, 2, 3])  # spec 5, ||grad_x S||^2 of L_R1
 
 SIGMA_MAX = 80.0  # the generator's one noise level (spec 2.2)
 
@@ -456,7 +457,7 @@ def r1_step(features, ddp_D, micro_batches, gamma, interval, run=None):
     for r, (images, labels) in enumerate(micro_batches):
         with sync_if(ddp_D, r == len(micro_batches) - 1):
             penalty = r1_penalty(features, ddp_D, images, labels)
-            (penalty.sum() / n * (gamma / 2) * interval).backward()
+            (penalty.sum() / n * (gamma / 2) * interval).backward()  # spec 5, L_R1 x interval (lazy R1)
         if run:
             run.add('r1_penalty', penalty)
 
@@ -472,7 +473,7 @@ def gdd_iteration(G, ddp_G, features, D, ddp_D, opt_G, opt_D, micro_batches, ste
     opt_D.zero_grad(set_to_none=True)
     d_step(G, features, ddp_D, micro_batches, run)
     optimizer_step(opt_D, scaler, lr_D)
-    if step > 0 and step % args.r1_interval == 0 and args.r1_gamma > 0:
+    if step > 0 and step % args.r1_interval == 0 and args.r1_gamma > 0:  # spec 5: iterations 16, 32, ... never 0
         opt_D.zero_grad(set_to_none=True)
         r1_step(features, ddp_D, micro_batches, args.r1_gamma, args.r1_interval, run)
         optimizer_step(opt_D, scaler, lr_D)
@@ -480,18 +481,18 @@ def gdd_iteration(G, ddp_G, features, D, ddp_D, opt_G, opt_D, micro_batches, ste
 def build_optimizers(G, D, frozen, lr, dlr, r1_interval=16):
     """Adam (0, 0.99) for G's trainable parameters; D's with StyleGAN2's lazy-regularization corrections:
     lr x c and beta2 = 0.99^c, c = interval / (interval + 1) (official training_loop.py)."""
-    c = r1_interval / (r1_interval + 1)
-    params = [p for name, p in G.named_parameters() if name not in set(frozen)]
+    c, frozen = r1_interval / (r1_interval + 1), set(frozen)
+    params = [p for name, p in G.named_parameters() if name not in frozen]
     fused = params[0].is_cuda  # one fused kernel per step on GPUs
-    opt_G = torch.optim.Adam(params, lr=lr, betas=(0.0, 0.99), eps=1e-8, fused=fused)
-    opt_D = torch.optim.Adam(D.parameters(), lr=dlr * c, betas=(0.0, 0.99 ** c), eps=1e-8, fused=fused)
+    opt_G = torch.optim.Adam(params, lr=lr, betas=(0.0, 0.99), eps=1e-8, fused=fused)                    # spec 6, Adam_G
+    opt_D = torch.optim.Adam(D.parameters(), lr=dlr * c, betas=(0.0, 0.99 ** c), eps=1e-8, fused=fused)  # spec 6, Adam_D
     return opt_G, opt_D
 
 #------------------------------------------------------------------------------
 # 5. Sampler: one network evaluation (official generate.py, one_step_sampler).
 
 @torch.no_grad()
-def one_step_sampler(net, latents, class_labels=None, sigma_max=80):
+def one_step_sampler(net, latents, class_labels=None, sigma_max=SIGMA_MAX):
     """x = G(sigma_max z; sigma_max, c): float64 input, network in float32."""
     sigma = torch.full([latents.shape[0], 1, 1, 1], float(sigma_max), dtype=torch.float64, device=latents.device)
     return net(latents.to(torch.float64) * sigma, sigma, class_labels).to(torch.float64)
@@ -591,8 +592,9 @@ def train(args):
     net = GDDPrecond(**net_kwargs)
     init_from_teacher(net, teacher_state, args.transfer)
     net = net.to(device).train().requires_grad_(True)
+    frozen_set = set(frozen)
     for name, p in net.named_parameters():
-        p.requires_grad_(name not in set(frozen))  # before DDP: frozen tensors are not its parameters
+        p.requires_grad_(name not in frozen_set)  # before DDP: frozen tensors are not its parameters
     net.amp_dtype = amp_dtype                      # bf16 autocast around the U-Net only (spec 2.6)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     features, D = build_discriminator(names, args.seed, args.feature_res, label_dim, args.feature_weights, args.class_embedding)
@@ -605,7 +607,7 @@ def train(args):
         warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated')
         ddp_G = distributed_model(net, device, args.compile, broadcast_buffers=False)
         ddp_D = distributed_model(D, device, False, broadcast_buffers=False)  # BatchNorm/spectral-norm buffers per rank
-    lr_D = args.dlr * args.r1_interval / (args.r1_interval + 1)
+    lr_D = args.dlr * args.r1_interval / (args.r1_interval + 1)  # spec 6, lazy-R1 correction (as build_optimizers)
     random_features = args.feature_weights == 'random'
 
     with TrainingRun(args, 'gdd', desc, options, device, cur_nimg) as run:
@@ -629,7 +631,7 @@ def train(args):
                 images, labels = next(stream)
                 micro_batches.append((images.to(device).to(torch.float32) / 127.5 - 1, labels.to(device) if label_dim else None))
                 data_pos += batch_gpu
-            lr_G = learning_rate(args.lr, cur_nimg, args.lr_rampup) if args.lr_rampup > 0 else args.lr
+            lr_G = learning_rate(args.lr, cur_nimg, args.lr_rampup)  # spec 6: no warm-up unless --lr-rampup > 0
             gdd_iteration(net, ddp_G, features, D, ddp_D, opt_G, opt_D, micro_batches, step, args, scaler, lr_G, lr_D, run)
             update_ema(ema, net, ema_beta(cur_nimg, args.batch, args.ema * 1000))  # spec 6.5: n before this step
             cur_nimg += args.batch
@@ -712,6 +714,7 @@ def build_parser(preset=None):
     t.add_argument('--class-embedding', default=None, metavar='PT|random', help='[1000, 320] class table of the conditional heads '
                    '(official in_embeddings/tf_efficientnet_lite0.pkl as a tensor file); None/random = N(0, 1) (upstream rand_embedding)')
     t.add_argument('--grid', type=int, default=64, metavar='INT', help='one-step samples in the grid written with each snapshot; 0 = none')
+    t.set_defaults(lr_rampup=0)  # spec 6: no warm-up (common's default is EDM's 10,000 kimg)
     t.set_defaults(**PRESETS.get(preset, {}))
 
     g = sub.add_parser('generate', help='generate images', formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -133,6 +133,7 @@ def test_gddi_trainable_counts(arch, res, cres, label_dim, total, trainable):
         assert len(frozen) == 144 and len(list(net.parameters())) - 144 == 276
 
 def test_discriminator_counts_and_feature_shapes_at_224():
+    # spec 4.2 / 11.7; DeiT: 85,798,656 pretrained + 6,711,744 random readout + 1,539,536 final norm and unused heads
     trunks = {'vgg16_bn': 14_723_136, 'tf_efficientnet_lite0': 2_958_848, 'deit_base_distilled_patch16_224': 94_049_936}
     projections = {'vgg16_bn': 611_776, 'tf_efficientnet_lite0': 376_768, 'deit_base_distilled_patch16_224': 699_840}
     trunk_maps = {'vgg16_bn': [(128, 112), (256, 56), (512, 28), (512, 14)], 'tf_efficientnet_lite0': [(24, 56), (40, 28), (112, 14), (320, 7)],
@@ -348,6 +349,9 @@ def test_dry_run_counts_without_teacher(capsys):
     assert options['parameters'] == dict(total=56_395_523, frozen=47_597_568, trainable=8_797_955,
                                          discriminator_heads=2 * 10_331_328, feature_networks=14_723_136 + 611_776 + 2_958_848 + 376_768)
     assert options['lr'] == 1e-4 and options['seed'] == 42 and options['bf16'] and options['dropout'] == 0
+    assert options['lr_rampup'] == 0
+    gdd.train(common.parse_command_line(gdd.build_parser, ['train', '--data=demo-32', '-n']))  # no preset: still no warm-up
+    assert json.loads(capsys.readouterr().out)['lr_rampup'] == 0
 
 def read_pngs(folder):
     return {p.name: np.array(PIL.Image.open(p)) for p in sorted(Path(folder).rglob('*.png'))}
