@@ -38,13 +38,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (PerSeedRNG, TrainingRun, UserError, add_train_flags, data_stream, get_rank, get_world_size,
-                    init_distributed, load_checkpoint, load_training_state, load_weights, open_dataset, optimizer_step, parse_bool,
-                    parse_command_line, parse_int_list, print0, reseed, run_main, save_image_grid, save_seed_images,
-                    seed_batches, setup_precision, split_batch, sync_if, update_ema)
+from common import (PerSeedRNG, TrainingRun, UserError, add_train_flags, data_stream, distributed_model, get_rank,
+                    get_world_size, init_distributed, load_checkpoint, load_training_state, load_weights, open_dataset,
+                    optimizer_step, parse_bool, parse_command_line, parse_int_list, print0, reseed, run_main,
+                    save_image_grid, save_seed_images, seed_batches, setup_precision, split_batch, sync_if, update_ema)
 
 #------------------------------------------------------------------------------
 # 1. Config. Every official config (spec masked_dm.md section 7); flags given on the command line override them.
@@ -112,8 +111,8 @@ def patchify(x, p):
     return rearrange(x, 'B C (h a) (w b) -> B (h w) (a b C)', a=p, b=p)
 
 def unpatchify(x, p, channels):
-    h = int(math.isqrt(x.shape[1]))
-    return rearrange(x, 'B (h w) (a b C) -> B C (h a) (w b)', h=h, a=p, b=p, C=channels)  # the inverse of patchify
+    """The inverse of patchify (square grids): [B, h w, p p C] -> [B, C, h p, w p]."""
+    return rearrange(x, 'B (h w) (a b C) -> B C (h a) (w b)', h=math.isqrt(x.shape[1]), a=p, b=p, C=channels)
 
 class PatchEmbed(torch.nn.Module):
     """p x p stride-p convolution (timm PatchEmbed, key `proj`), applied as a linear map to patch vectors so that
@@ -142,7 +141,7 @@ class Attention(torch.nn.Module):
     def forward(self, x):
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias]) if self.q_bias is not None else None
         q, k, v = rearrange(F.linear(x, self.qkv.weight, bias), 'B L (K H d) -> K B H L d', K=3, H=self.heads)
-        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(64)) v
+        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head dim)) v; 64 in every config (spec 2.2)
         return self.proj(rearrange(x, 'B H L d -> B L (H d)'))
 
 class Mlp(torch.nn.Module):
@@ -246,8 +245,9 @@ class MaskedUViT(torch.nn.Module):
     def forward(self, x, t, keep=None):
         """keep: None (all tokens; returns epsilon [B, in_chans, H, W]) or one [B, n_f] index tensor of visible
         tokens per family (returns a list of [B, n_f, p p C_f] patch predictions, in the order of `keep`)."""
-        x = self.encoder(self.split(x), t, keep if keep is not None else [None] * len(self.family_chans))
-        counts = [self.num_patches if k is None else k.shape[1] for k in (keep or [None] * len(self.family_chans))]
+        keep_f = keep if keep is not None else [None] * len(self.family_chans)
+        x = self.encoder(self.split(x), t, keep_f)
+        counts = [self.num_patches if k is None else k.shape[1] for k in keep_f]
         outs = [getattr(self, head)(h) for head, h in zip(self.head_names, x[:, 1:].split(counts, dim=1))]  # drop time token
         if keep is not None:
             return outs
@@ -324,6 +324,8 @@ def draw_mask(kind, h, w, rng, ratio=0.0, block_size=1, crop_size=None):
 def draw_keep(net, batch, rng, kind, ratio=0.0, block_size=1, crop_size=None, device='cpu'):
     """Visible-token indices per family, [B, n_f] ascending, one independent mask per image and family (spec 3, 5.4);
     None when nothing is masked (fine-tuning)."""
+    if kind == 'none':
+        return None
     side = net.img_size // net.patch_size
     masks = [np.stack([draw_mask(kind, side, side, rng, ratio, block_size, crop_size) for _ in range(batch)])
              for _ in net.family_chans]
@@ -338,8 +340,8 @@ def make_alphas_cumprod(name, T=1000):
         betas = torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
     elif name == 'cosine':
         u = torch.linspace(0, T, T + 1, dtype=torch.float64)
-        f = torch.cos((u / T + 0.008) / 1.008 * math.pi / 2) ** 2
-        betas = (1 - (f[1:] / f[0]) / (f[:-1] / f[0])).clip(0, 0.999)
+        f = torch.cos((u / T + 0.008) / 1.008 * math.pi / 2) ** 2  # f(u) (spec 4.1)
+        betas = (1 - f[1:] / f[:-1]).clip(0, 0.999)  # 1 - alpha_bar_{t+1} / alpha_bar_t, alpha_bar = f / f(0): f(0) cancels
     else:
         raise UserError(f'--beta_schedule={name}: expected linear or cosine')
     return torch.cumprod(1 - betas, dim=0)
@@ -374,7 +376,7 @@ def mdsm_loss(net, x0, t, noise, keep, call=None):
     loss = 0
     for pred, eps, keep_f in zip(preds, net.model.split(noise), keep):
         target = patchify(eps, net.patch_size).gather(1, keep_f[:, :, None].expand(-1, -1, pred.shape[2]))  # [B, n, p p C]
-        loss = loss + (pred - target).square().mean(dim=(1, 2))
+        loss = loss + (pred - target).square().mean(dim=(1, 2))  # spec 4.2 L_MDSM, element-mean per image (and family)
     return loss
 
 #------------------------------------------------------------------------------
@@ -395,12 +397,12 @@ def ddim_sampler(net, latents, randn_like=torch.randn_like, steps=250, eta=1.0, 
     x = latents.to(torch.float64)
     for t, s in ddim_time_pairs(steps, len(ab)):
         eps = net(x.to(torch.float32), torch.full([len(x)], t, device=x.device, dtype=torch.long)).double()
-        x0 = (x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()
+        x0 = (x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()  # spec 8, DDIM step 2
         x0 = x0.clamp(lo, hi) if clamp else x0
         if s < 0:
             return x0
-        sigma = eta * ((1 - ab[t] / ab[s]) * (1 - ab[s]) / (1 - ab[t])).sqrt()
-        x = ab[s].sqrt() * x0 + (1 - ab[s] - sigma ** 2).sqrt() * eps
+        sigma = eta * ((1 - ab[t] / ab[s]) * (1 - ab[s]) / (1 - ab[t])).sqrt()  # spec 8, DDIM step 3
+        x = ab[s].sqrt() * x0 + (1 - ab[s] - sigma ** 2).sqrt() * eps  # raw eps, not re-derived from the clamped x0
         if eta > 0:
             x = x + sigma * randn_like(x)
     return x
@@ -419,8 +421,8 @@ def ddpm_sampler(net, latents, randn_like=torch.randn_like, clamp=True, alphas_c
         x0 = (x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()
         # NOTE: v1 clamps the DWT x0 to [-1, 1] here (p_mean_variance), cutting LL in half; we use the per-band bounds.
         x0 = x0.clamp(lo, hi) if clamp else x0
-        mean = (beta[t] * ab_prev[t].sqrt() * x0 + (1 - ab_prev[t]) * (1 - beta[t]).sqrt() * x) / (1 - ab[t])
-        var = (beta[t] * (1 - ab_prev[t]) / (1 - ab[t])).clamp(min=1e-20)
+        mean = (beta[t] * ab_prev[t].sqrt() * x0 + (1 - ab_prev[t]) * (1 - beta[t]).sqrt() * x) / (1 - ab[t])  # posterior mean
+        var = (beta[t] * (1 - ab_prev[t]) / (1 - ab[t])).clamp(min=1e-20)  # beta~_t (spec 8)
         x = mean + var.sqrt() * randn_like(x) if t > 0 else mean
     return x
 
@@ -523,8 +525,7 @@ def train(args):
     if args.resume:
         state = load_training_state(args.resume, 'masked_dm', rank, world_size, net=net, ema=ema, optimizer=optimizer, scaler=scaler)
         cur_nimg, step, data_pos = state['cur_nimg'], state['step'], state['data_pos']
-    ddp = DDP(net, device_ids=[device] if device.type == 'cuda' else None)
-    call = torch.compile(ddp) if args.compile else ddp
+    ddp = distributed_model(net, device, args.compile)
     stream = data_stream(dataset, batch_gpu, rank, world_size, args.seed, data_pos, args.workers)
 
     with TrainingRun(args, 'masked_dm', desc, options, device, cur_nimg) as run:
@@ -542,7 +543,7 @@ def train(args):
                 noise = torch.randn_like(x0)
                 keep = draw_keep(net, batch_gpu, rng, args.mask_type, args.mask_ratio, args.block_size, args.crop_size, device)
                 with sync_if(ddp, r == rounds - 1):
-                    loss = mdsm_loss(net, x0, t, noise, keep, call)
+                    loss = mdsm_loss(net, x0, t, noise, keep, ddp)
                     run.add('loss', loss)
                     scaler.scale(loss.sum() * (args.ls / (batch_gpu * rounds))).backward()  # DDP averages over ranks
             lr = args.lr * min(step / args.warmup_steps, 1) if args.warmup_steps else args.lr  # HEAD LambdaLR: lr 0 at step 0
@@ -572,10 +573,10 @@ def train(args):
 
 def preset_network_kwargs(name):
     """Network kwargs of a preset (official checkpoints carry no configuration)."""
-    p = build_parser(name)._subparsers._group_actions[0].choices['train']
-    return dict(beta_schedule=p.get_default('beta_schedule'),
-                **network_kwargs(argparse.Namespace(**{k: p.get_default(k) for k in ('arch', 'dwt', 'embed_dim', 'depth',
-                                 'heads', 'patch_size', 'qkv_bias')}), p.get_default('resolution')))
+    preset = PRESETS[name]
+    arch = argparse.Namespace(arch=preset['arch'], dwt=preset.get('dwt', False), embed_dim=None, depth=None, heads=None,
+                              patch_size=None, qkv_bias=None)  # None: the arch's own sizes
+    return dict(beta_schedule=preset['beta_schedule'], **network_kwargs(arch, preset['resolution']))
 
 def load_network(path, preset=None):
     """EMA network from our snapshot / training state, or from an official .pt (`ema`: ema-pytorch state with
