@@ -65,7 +65,8 @@ PRESETS = {
                         blur_sigma_max=2.0, duration=47),
     # Stage two, ImageNet 256 (README). NOTE: the README command sets no --augment, so train.py's default 0.12
     # applies (553,833,475 parameters); --label-dropout 0.1 is our assumption: the released train.py has no such
-    # option, yet the ImageNet sampler uses CFG 3.5 against an all-zero label.
+    # option, yet the ImageNet sampler uses CFG 3.5 against an all-zero label. duration: the README's 1250M total,
+    # taken as stage two's (our assumption; per-stage lengths are not published).
     'imagenet256': dict(cond=True, arch='adm', precond='blur', batch=4096, batch_gpu=8, lr=1e-4, dropout=0.1,
                         augment=0.12, fp16=True, ls=1, up_scale=4, block_scale=0.15, prob_length=0.93,
                         blur_sigma_max=3.0, label_dropout=0.1, duration=1250),
@@ -173,8 +174,9 @@ def block_noise(x, s, randn_like=torch.randn_like):
 
 def mixed_noise(x, s, alpha, randn_like=torch.randn_like, paper_noise_norm=False):
     """eps + alpha Block_s(eps'), eps first, then eps' (skipped when alpha = 0), as the official code draws them.
-    NOTE: the paper scales this by 1/sqrt(1 + alpha^2); the official code does not (variance 1.0225 at alpha = 0.15,
-    its issue #8, "little impact"), and the released checkpoints were trained without it: off by default."""
+    NOTE: the paper scales this by 1/sqrt(1 + alpha^2) (its Eq. 8 as issue #8 numbers it); the official code does not
+    (variance 1.0225 at alpha = 0.15; issue #8: "little impact"), and the released checkpoints were trained without
+    it: off by default."""
     xi = randn_like(x)
     if alpha > 0:
         xi = xi + alpha * block_noise(x, s, randn_like)
@@ -225,11 +227,12 @@ class BlurLoss:
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
         u, sigma, B = self.schedule(images.shape[0], images.device)
-        weight = ((sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2).clamp(max=1e5)  # EDM lambda, clamped
+        lam = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2  # EDM Table 1, lambda(sigma)
+        weight = lam.clamp(max=1e5)                                                # official BlurLoss clamp (never fires)
         y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
         n = sigma * mixed_noise(y, self.up_scale, self.block_scale, torch.randn_like, self.paper_noise_norm)
-        D_yn = net(blur(y, B, self.up_scale) + n, sigma, labels, augment_labels=augment_labels)
-        return weight * (D_yn - y) ** 2
+        D_yn = net(blur(y, B, self.up_scale) + n, sigma, labels, augment_labels=augment_labels)  # x_t = A(B(u)) y + n
+        return weight * (D_yn - y) ** 2  # target: the sharp y (official BlurLoss)
 
 #------------------------------------------------------------------------------
 # 4. Samplers: stage one is EDM's (or the official CelebA-HQ SDE-Heun variant), stage two the blur sampler.
@@ -253,9 +256,9 @@ def sde_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
         t_hat = t_cur + gamma * t_cur
         x_hat = x_next + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_next)
         d_cur = (x_hat - net(x_hat, t_hat, class_labels).to(torch.float64)) / t_hat
-        g = sde_scale * t_next
+        g = sde_scale * t_next                                              # official generate_celebahq.py
         a = (t_next ** 2 - g ** 2).sqrt() / t_hat
-        x_next = x_hat + (a - 1) * t_hat * d_cur + g * randn_like(x_hat)
+        x_next = x_hat + (a - 1) * t_hat * d_cur + g * randn_like(x_hat)     # Euler with noise g
         if i < num_steps - 1:
             d_prime = (x_next - net(x_next, t_next, class_labels).to(torch.float64)) / t_next
             x_next = x_hat + (a - 1) * t_hat * (d_cur + d_prime) / 2 + g * randn_like(x_hat)
@@ -276,8 +279,9 @@ def blur_sampler(net, images, class_labels=None, randn_like=torch.randn_like, nu
                  s_noise=0.2, blur_sigma_max=3, paper_noise_norm=False):
     """Stage-two sampler (paper App. A.4 Algorithm 1; official generate.py blur_sampler), state in float64.
     `images`: the nearest-upsampled stage-one output, constant on s x s patches, so it is its own blurred version.
-    Step n, in block-DCT space (U = T x, U0 = T D(x), a = d(B(u(sigma))), gamma = sqrt(1 - eta^2) sigma'/sigma):
-      T x' = a' U0 + gamma (U - a U0) + eta sigma' xi, then Heun: the same with the mean of both slopes.
+    Step n, T the block DCT (U = T x, U0 = T D(x), a = d(B(u(sigma))), gamma = sqrt(1 - eta^2) sigma'/sigma):
+      x' = T^-1[a' U0 + gamma (U - a U0)] + eta sigma' xi (xi added in pixel space), then Heun: the same with the
+      mean of both slopes.
     NOTE: the paper's Algorithm 1 shows i.i.d. step noise; the code draws xi = eps + s_block Block(eps') for the start
     and both step noises, as here. generate_celebahq.py also draws one unused N(0, 1) field per step for a churn of
     strength 0; we leave that draw out, so its seeds give other (equally distributed) images than upstream's."""
@@ -292,19 +296,20 @@ def blur_sampler(net, images, class_labels=None, randn_like=torch.randn_like, nu
     xi = lambda: mixed_noise(x_up, s, s_block, randn_like, paper_noise_norm)  # every xi drawn fresh
     x = x_up + t_steps[0] * xi()                                               # relay start state, no further blur
     K = len(t_steps) - 1
+    a_next = alpha(t_steps[0])
     for n, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
-        D_0 = denoise(x, t_cur, class_labels).to(torch.float64)
+        D_0 = denoise(x, t_cur, class_labels).to(torch.float64)                       # Alg. 1: D_0 = D(x; sigma_n)
         if n == K - 1:
             return D_0  # sigma_min is the last level evaluated; nothing steps to 0
-        a_cur, a_next = alpha(t_cur), alpha(t_next)
-        gamma = math.sqrt(1 - s_noise ** 2) * t_next / t_cur
+        a_cur, a_next = a_next, alpha(t_next)  # a_n = d(B(u(sigma_n))), each level's table built once
+        gamma = math.sqrt(1 - s_noise ** 2) * t_next / t_cur                           # Alg. 1: gamma
         U = block_dct(x, s)
         g = (U - block_dct(D_0, s)) / t_cur
         c_U, c_g = a_next + gamma * (1 - a_cur), t_cur * (gamma * a_cur - a_next)
-        x_prop = block_idct(c_U * U + c_g * g, s) + s_noise * t_next * xi()          # Euler proposal
+        x_prop = block_idct(c_U * U + c_g * g, s) + s_noise * t_next * xi()            # Alg. 1: Euler proposal
         D_1 = denoise(x_prop, t_next, class_labels).to(torch.float64)
         g_prime = (block_dct(x_prop, s) - block_dct(D_1, s)) / t_next
-        x = block_idct(c_U * U + c_g * (g + g_prime) / 2, s) + s_noise * t_next * xi()  # 2nd order, fresh noise
+        x = block_idct(c_U * U + c_g * (g + g_prime) / 2, s) + s_noise * t_next * xi()  # Alg. 1: 2nd order, fresh noise
     return x
 
 #------------------------------------------------------------------------------

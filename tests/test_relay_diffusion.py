@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from conftest import ROOT, TINY_UNET, EDMPrecond as OfficialEDMPrecond, write_persistence_pickle
 
 import relay_diffusion as rd
-from common import EDMPrecond, UserError, load_checkpoint, parse_command_line, save_checkpoint
+from common import EDMPrecond, UserError, edm_sampler, load_checkpoint, parse_command_line, save_checkpoint
 
 TINY = ['--arch=ddpmpp', '--cbase=16', '--cres=1,2', '--blocks=1', '--dropout=0', '--lr-rampup=0', '--grid=0', '--workers=0']
 
@@ -36,7 +36,7 @@ def run(argv):
 def test_dct_matrix_is_orthonormal_and_block_dct_inverts(s):
     C = rd.dct_matrix(s)
     assert torch.allclose(C @ C.T, torch.eye(s, dtype=torch.float64), atol=1e-14)
-    x = torch.randn(2, 3, 3 * s, 5 * s, dtype=torch.float64)  # not square: any size divisible by s
+    x = torch.randn(2, 3, 3 * s, 5 * s, dtype=torch.float64, generator=torch.Generator().manual_seed(s))  # not square: any size divisible by s
     assert (rd.block_idct(rd.block_dct(x, s), s) - x).abs().max() < 1e-12
 
 def test_block_dct_equals_direct_per_patch_sum():
@@ -57,7 +57,7 @@ def test_blur_identity_fixed_points_and_symmetry():
     patch_mean = lambda z: torch.nn.functional.avg_pool2d(z, s)
     assert (rd.blur(x, 0.0, s) - x).abs().max() < 1e-12                                 # A(0) = I
     const = torch.full_like(x, 0.3)
-    patchwise = torch.nn.functional.interpolate(torch.randn(2, 3, 3, 5, dtype=torch.float64), scale_factor=s)
+    patchwise = torch.nn.functional.interpolate(torch.randn(2, 3, 3, 5, dtype=torch.float64, generator=g), scale_factor=s)
     for B in (0.5, 3.0, 10.0):
         assert (rd.blur(const, B, s) - const).abs().max() < 1e-12
         assert (rd.blur(patchwise, B, s) - patchwise).abs().max() < 1e-12               # the relay start is a fixed point
@@ -163,9 +163,19 @@ def test_sampler_evaluations(cfg):
     def net(x, sigma, labels):
         calls.append(labels)
         return x * 0.25 / (sigma ** 2 + 0.25)
-    rd.blur_sampler(net, torch.zeros(1, 3, 8, 8), torch.eye(2)[[1]], num_steps=18, cfg_scale=cfg)
+    rd.blur_sampler(net, torch.zeros(1, 3, 8, 8), torch.eye(2)[[1]], torch.zeros_like, num_steps=18, cfg_scale=cfg)
     assert len(calls) == (2 * 7 - 1) * (2 if cfg > 1 else 1)                   # 2K - 1 evaluations, twice with CFG
     assert (sum(c is None for c in calls) == len(calls) // 2) if cfg > 1 else all(c is not None for c in calls)
+
+def test_sde_sampler_without_noise_is_edm_heun_and_its_noise_keeps_the_marginal():
+    denoise = lambda x, sigma, labels=None: x * 0.25 / (sigma ** 2 + 0.25)  # exact D for data N(0, 0.5^2)
+    z = torch.randn(4096, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    heun = edm_sampler(denoise, z, None, torch.zeros_like, num_steps=12)
+    assert (rd.sde_sampler(denoise, z, None, torch.zeros_like, num_steps=12, sde_scale=0) - heun).abs().max() < 1e-12
+    g = torch.Generator().manual_seed(1)
+    out = rd.sde_sampler(denoise, z, None, lambda x: torch.randn(x.shape, dtype=x.dtype, generator=g), num_steps=64,
+                         sde_scale=0.5)  # large, so that a wrong noise term shows (dropping the fresh draw: std 0.05)
+    assert not torch.allclose(out, heun) and out.std().item() == pytest.approx(0.5, rel=0.05)  # still N(0, 0.5^2)
 
 class Stop(Exception):
     pass
@@ -194,7 +204,8 @@ def test_sampler_euler_proposal_is_exact_for_an_oracle_and_keeps_the_variance():
             assert (residual / t[1]).var().item() == pytest.approx(1, abs=0.05)
 
 def test_sampler_patch_constant_input_scales_with_a_linear_denoiser():
-    x_up = torch.nn.functional.interpolate(torch.randn(2, 3, 4, 4, dtype=torch.float64), scale_factor=4)
+    x_up = torch.nn.functional.interpolate(torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)),
+                                           scale_factor=4)
     out = rd.blur_sampler(lambda x, sigma, labels: x * 0.25 / (sigma ** 2 + 0.25), x_up, None, torch.zeros_like, num_steps=18)
     ratio = out / x_up
     assert (ratio - ratio.mean()).abs().max() < 1e-10 and 0 < ratio.mean() < 1
@@ -349,7 +360,7 @@ def _ddp_worker(rank, world_size, port, images, out):
     dist.destroy_process_group()
 
 def test_ddp_two_processes_equal_one(tmp_path):
-    images = torch.rand(4, 3, 8, 8) * 2 - 1
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     mp.start_processes(_ddp_worker, args=(2, _free_port(), images, str(tmp_path)), nprocs=2, start_method='spawn')
     net = tiny_net(0).train()
     halves = [_blur_loss_grad(net, net, images[2 * r:2 * r + 2], 10 + r, 2) for r in range(2)]
