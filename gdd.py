@@ -8,7 +8,8 @@ teacher's EMA weights, evaluated once at sigma = 80 on pure noise, x = G(80 z; 8
 only (the "exclusive distributional loss"): no regression to the teacher, no teacher at train time. The discriminator
 is a projected one (StyleGAN-XL / Projected GAN): frozen ImageNet feature networks, fixed random projections, and
 small trained heads with spectral norm. GDD fine-tunes every generator parameter; GDD-I freezes the 3x3 convolutions
-of every residual block and the attention output projections (84% of the parameters) and trains the rest.
+of every residual block and the attention output projections (84% of the parameters) and trains the rest. The
+official code's further levels (--freeze=2, 3) also freeze the attention qkv, then the blocks' 1x1 skip convs.
 
 Implemented: GDD and GDD-I for NCSN++ and ADM teachers (ours or official EDM .pkl), the projected discriminator with
 VGG16-BN, EfficientNet-lite0 and DeiT-B/16-distilled feature networks written out in plain torch (their state-dict
@@ -99,14 +100,21 @@ def generator_kwargs(teacher_kwargs, dropout=0):
     kwargs = {k: v for k, v in teacher_kwargs.items() if k not in ('augment_dim', 'eps')}
     return dict(kwargs, augment_dim=0, dropout=dropout, label_dropout=0)
 
-def frozen_names(net):
-    """GDD-I's frozen set (paper Sec. on GDD-I; official train.py --freeze=1): conv0 and conv1 (the 3x3 convs) of
-    every U-Net residual block and the attention output projection `proj`. Selected by module type: upstream's
-    substring rule ("block"/"up"/"down"/"in" and "conv"/"proj" in the name) picks exactly these."""
+# The residual-block (UNetBlock) parts each --freeze level keeps fixed. Official train.py's freeze_layer per level:
+# 1 ['conv', 'proj'], 2 ['conv', 'proj', 'qkv'], 3 ['conv', 'proj', 'qkv', 'skip'].
+FREEZE_PARTS = {0: (), 1: ('conv0', 'conv1', 'proj'), 2: ('conv0', 'conv1', 'proj', 'qkv'),
+                3: ('conv0', 'conv1', 'proj', 'qkv', 'skip')}
+
+def frozen_names(net, level=1):
+    """Names of the generator parameters that --freeze=level keeps fixed; level 1 is GDD-I (paper Sec. on GDD-I):
+    conv0 and conv1 (the 3x3 convs) of every U-Net residual block and the attention output projection `proj`;
+    level 2 adds the attention `qkv`, level 3 also the blocks' 1x1 `skip` convs. Selected by module type: upstream's
+    substring rule (official training/training_loop.py: "block"/"up"/"down"/"in" and one of train.py's freeze_layer
+    strings in the name) picks exactly these on EDM's SongUNet and DhariwalUNet."""
     names = []
     for prefix, module in net.named_modules():
         if isinstance(module, UNetBlock):
-            for part in ('conv0', 'conv1', 'proj'):
+            for part in FREEZE_PARTS[level]:
                 if getattr(module, part, None) is not None:
                     names += [f'{prefix}.{part}.{n}' for n, _ in getattr(module, part).named_parameters()]
     return names
@@ -325,6 +333,10 @@ class FeatureNetwork(nn.Module):
         self.channels = [cout, cout, cout * 2, cout * 4]
 
     def forward(self, x):
+        if x.shape[1] == 1:  # grey images (none upstream): the RGB ImageNet networks see the grey value as R = G = B
+            x = x.repeat(1, 3, 1, 1)                                                  # [N, 1, H, W] -> [N, 3, H, W]
+        elif x.shape[1] != 3:
+            raise ValueError(f'the {self.name} feature network takes RGB or grey images, not {x.shape[1]} channels')
         x = ((x + 1) / 2 - self.mean) / self.std                                      # spec 4.1: [-1, 1] -> [0, 1] -> normalized
         x = F.interpolate(x, self.resolution, mode='bilinear', align_corners=False)  # official: always for < 224 px
         mixed = [ccm(f) for ccm, f in zip(self.ccm, self.trunk(x))]                  # cross-channel mixing
@@ -560,6 +572,8 @@ def train(args):
     names = parse_backbone(args.backbone)
     dataset = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
     R, C, label_dim = dataset.resolution, dataset.num_channels, dataset.label_dim
+    if C not in (1, 3):
+        raise UserError(f'{args.data}: {C}-channel images; the discriminator\'s feature networks take RGB or grey')
     batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
     if 'deit_base_distilled_patch16_224' in names and args.feature_res != 224:
         raise UserError(f'--feature-res={args.feature_res}: DeiT-B/16 (--backbone={args.backbone}) takes 224x224 inputs only')
@@ -577,10 +591,11 @@ def train(args):
     with torch.device('meta'):  # shapes only: counts without the teacher or the weight files
         shape_G, shape_F = GDDPrecond(**net_kwargs), FeatureNetworks(names, 0, args.feature_res)
         shape_D = Discriminator(names, shape_F.nets[names[0]].channels, args.feature_res, label_dim)
-    frozen = frozen_names(shape_G) if args.freeze else []
+    frozen = frozen_names(shape_G, args.freeze)
     counts = dict(parameter_counts(shape_G, frozen), discriminator_heads=sum(p.numel() for p in shape_D.parameters()),
                   feature_networks=sum(p.numel() for p in shape_F.parameters()))
-    desc = f'{dataset.name}-{"cond" if args.cond else "uncond"}-gdd{"i" if args.freeze else ""}-gpus{world_size}-' \
+    variant = 'gdd' + ('', 'i', 'i-qkv', 'i-qkv-skip')[args.freeze]  # the run directory's tag of the --freeze level
+    desc = f'{dataset.name}-{"cond" if args.cond else "uncond"}-{variant}-gpus{world_size}-' \
            f'batch{args.batch}-{"bf16" if amp_dtype else "fp32"}' + (f'-{args.desc}' if args.desc else '')
     options = dict(vars(args), net_kwargs=net_kwargs, feature_networks=names, parameters=counts, batch_gpu=batch_gpu,
                    rounds=rounds, world_size=world_size)
@@ -611,7 +626,8 @@ def train(args):
     random_features = args.feature_weights == 'random'
 
     with TrainingRun(args, 'gdd', desc, options, device, cur_nimg) as run:
-        print0(f'GDD{"-I" if args.freeze else ""}: {dataset.name} ({len(dataset)} images, {R}x{R}x{C}), teacher '
+        level = f' (--freeze={args.freeze})' if args.freeze > 1 else ''
+        print0(f'GDD{"-I" if args.freeze else ""}{level}: {dataset.name} ({len(dataset)} images, {R}x{R}x{C}), teacher '
                f'{args.transfer}; generator {counts["total"]:,} parameters, {counts["frozen"]:,} frozen, '
                f'{counts["trainable"]:,} trainable; discriminator {", ".join(names)}, heads {counts["discriminator_heads"]:,}')
         if random_features:
@@ -698,7 +714,8 @@ def build_parser(preset=None):
     add_train_flags(t, duration=5, batch=256, lr=1e-4, dropout=0, tick=25, snap=10)
     t.add_argument('--preset', choices=sorted(PRESETS), default=None, help='train.sh\'s settings; flags override')
     t.add_argument('--transfer', default=None, metavar='PT|PKL|URL', help='teacher: EDM snapshot .pt (ours) or official edm-*.pkl (required)')
-    t.add_argument('--freeze', type=int, choices=[0, 1], default=0, help='1 = GDD-I: freeze the blocks\' 3x3 convs and attention proj')
+    t.add_argument('--freeze', type=int, choices=sorted(FREEZE_PARTS), default=0, help='0 = GDD; 1 = GDD-I: freeze '
+                   'the blocks\' 3x3 convs and attention proj; 2 = also attention qkv; 3 = also the blocks\' skips')
     t.add_argument('--arch', choices=sorted(ARCHS), default='ncsnpp', help='teacher architecture for `train -n` (a run uses the teacher\'s)')
     t.add_argument('--cres', type=parse_int_list, default=None, metavar='LIST', help='channel multipliers for `train -n`; None = the arch\'s')
     t.add_argument('--dlr', type=float, default=1e-4, metavar='FLOAT', help='discriminator lr before the lazy-R1 correction x16/17')

@@ -1,7 +1,8 @@
-"""gdd.py: the spec's fidelity checks (parameter counts and the GDD-I frozen set, the generator at init, feature
-shapes, loss reduction, R1, optimizer settings, frozen/zero-weight invariants) and end-to-end properties (2-process
-DDP gradients, resume, per-seed one-step generation, torchrun CLI). The real feature networks are checked on the
-meta device; training tests use a tiny stand-in trunk and narrow heads (TinyTrunk, standin) and random weights.
+"""gdd.py: fidelity checks against the official code (parameter counts and the frozen sets of --freeze=1/2/3
+against upstream's name rule, the generator at init, feature shapes, grey images, loss reduction, R1, optimizer
+settings, frozen/zero-weight invariants) and end-to-end properties (2-process DDP gradients, resume, per-seed
+one-step generation, torchrun CLI). The real feature networks are checked on the meta device; training tests use a
+tiny stand-in trunk and narrow heads (TinyTrunk, standin) and random weights.
 
 This file is also the worker of the DDP test: `torchrun --nproc_per_node=2 tests/test_gdd.py ddp OUT` or
 `... tests/test_gdd.py cli ARGS` (gdd.py's CLI with the stand-in registered)."""
@@ -32,6 +33,9 @@ from common import EDMPrecond, UserError, load_checkpoint, reseed  # noqa: E402
 TINY = dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
             channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=16, channel_mult=[1, 2], num_blocks=1,
             attn_resolutions=[4], dropout=0)
+# A tiny ADM teacher with attention: ADM has one head per 64 channels, so 64 channels at least.
+TINY_ADM = dict(model_type='DhariwalUNet', model_channels=64, channel_mult=[1, 2], channel_mult_emb=1, num_blocks=1,
+                attn_resolutions=[4], dropout=0)
 ARGS = argparse.Namespace(gan_weight=1, r1_interval=2, r1_gamma=1e-4)
 NO_SCALER = torch.amp.GradScaler('cpu', enabled=False)
 
@@ -60,26 +64,26 @@ def standin(monkeypatch):
     monkeypatch.setitem(gdd.TRUNKS, 'tiny', TinyTrunk)
     monkeypatch.setattr(gdd.Head, 'WIDTH', {k: 16 for k in gdd.Head.WIDTH})
 
-def tiny_teacher(label_dim=0, seed=0):
+def tiny_teacher(label_dim=0, seed=0, arch=TINY, channels=3):
     torch.manual_seed(seed)
-    kwargs = dict(img_resolution=8, img_channels=3, label_dim=label_dim, augment_dim=9, **TINY)
+    kwargs = dict(img_resolution=8, img_channels=channels, label_dim=label_dim, augment_dim=9, **arch)
     net = EDMPrecond(**kwargs)
     with torch.no_grad():
         for p in net.parameters():  # EDM zero-initializes its output layers; make F(x) non-trivial
             p.normal_(0, 0.2)
     return net, kwargs
 
-def write_teacher(path, label_dim=0):
-    net, kwargs = tiny_teacher(label_dim)
+def write_teacher(path, label_dim=0, channels=3):
+    net, kwargs = tiny_teacher(label_dim, channels=channels)
     common.save_checkpoint(dict(method='patch_diffusion', precond='EDMPrecond', net_kwargs=kwargs, ema=net.state_dict()), path)
     return str(path)
 
-def tiny_gan(freeze=1, label_dim=0, seed=0):
+def tiny_gan(freeze=1, label_dim=0, seed=0, arch=TINY):
     """Generator from the tiny teacher, stand-in discriminator, optimizers (requires the stand-in)."""
-    teacher, kwargs = tiny_teacher(label_dim)
+    teacher, kwargs = tiny_teacher(label_dim, arch=arch)
     G = gdd.GDDPrecond(**gdd.generator_kwargs(kwargs))
     gdd.init_from_teacher(G, teacher.state_dict(), 'teacher')
-    frozen = gdd.frozen_names(G) if freeze else []
+    frozen = gdd.frozen_names(G, freeze)
     for name, p in G.named_parameters():
         p.requires_grad_(name not in frozen)
     features, D = gdd.build_discriminator(['tiny'], seed, 32, label_dim, 'random')
@@ -132,6 +136,39 @@ def test_gddi_trainable_counts(arch, res, cres, label_dim, total, trainable):
     if arch == 'ncsnpp' and res == 32 and not label_dim:
         assert len(frozen) == 144 and len(list(net.parameters())) - 144 == 276
 
+def official_frozen(net, level):
+    """Upstream's rule, transcribed: training/training_loop.py leaves a parameter out of the optimizer if its name
+    has "block", "up", "down" or "in" and one of the strings train.py lists for --freeze=level."""
+    freeze_layer = {0: [], 1: ['conv', 'proj'], 2: ['conv', 'proj', 'qkv'], 3: ['conv', 'proj', 'qkv', 'skip']}[level]
+    return sorted(k for k, _ in net.named_parameters()
+                  if ('block' in k or 'up' in k or 'down' in k or 'in' in k) and any(s in k for s in freeze_layer))
+
+@pytest.mark.parametrize('arch', [TINY, TINY_ADM], ids=['songunet', 'dhariwalunet'])
+def test_freeze_levels_match_official_rule(arch):
+    net = gdd.GDDPrecond(img_resolution=8, img_channels=3, label_dim=3, **arch)
+    frozen = [set(gdd.frozen_names(net, level)) for level in range(4)]
+    assert all(sorted(frozen[level]) == official_frozen(net, level) for level in range(4))
+    qkv = {k for k, _ in net.named_parameters() if '.qkv.' in k}
+    skip = {k for k, _ in net.named_parameters() if '.skip.' in k}
+    assert qkv and skip and not frozen[0]  # the tiny nets have attention and 1x1 skip convs
+    assert frozen[2] == frozen[1] | qkv and frozen[3] == frozen[2] | skip and not frozen[1] & (qkv | skip)
+
+@pytest.mark.parametrize('arch, res, cres, label_dim, trainable2, trainable3', [
+    ('ncsnpp', 32, None, 0, 7_613_699, 5_380_355),           # CIFAR-10 uncond
+    ('ncsnpp', 32, None, 10, 7_616_515, 5_383_171),          # CIFAR-10 cond
+    ('ncsnpp', 64, [1, 2, 2, 2], 0, 8_960_387, 6_463_875),   # AFHQv2 / FFHQ 64
+    ('adm', 64, None, 1000, 38_575_107, 29_091_651),         # ImageNet 64
+])
+def test_freeze_2_3_counts(arch, res, cres, label_dim, trainable2, trainable3):
+    with torch.device('meta'):
+        net = gdd.GDDPrecond(**gdd.network_desc(argparse.Namespace(arch=arch, cres=cres, dropout=0), res, 3, label_dim))
+    counts = {level: gdd.parameter_counts(net, gdd.frozen_names(net, level)) for level in (1, 2, 3)}
+    assert (counts[2]['trainable'], counts[3]['trainable']) == (trainable2, trainable3)
+    assert all(sorted(gdd.frozen_names(net, level)) == official_frozen(net, level) for level in (2, 3))
+    if arch == 'ncsnpp' and res == 32 and not label_dim:  # CIFAR-10 NCSN++: qkv 1,184,256 and skip 2,233,344 parameters
+        assert counts[2]['frozen'] - counts[1]['frozen'] == 1_184_256
+        assert counts[3]['frozen'] - counts[2]['frozen'] == 2_233_344
+
 def test_discriminator_counts_and_feature_shapes_at_224():
     # spec 4.2 / 11.7; DeiT: 85,798,656 pretrained + 6,711,744 random readout + 1,539,536 final norm and unused heads
     trunks = {'vgg16_bn': 14_723_136, 'tf_efficientnet_lite0': 2_958_848, 'deit_base_distilled_patch16_224': 94_049_936}
@@ -170,6 +207,30 @@ def test_trunk_weight_files_load_strict(tmp_path):
     torch.save(gdd.VGG16BN().state_dict(), tmp_path / 'vgg.pth')
     with pytest.raises(UserError, match='tf_efficientnet_lite0-0aa007d2.pth'):
         gdd.load_trunk(other, 'tf_efficientnet_lite0', str(tmp_path / 'vgg.pth'))
+
+def test_grey_images_are_repeated_to_rgb(standin):
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    for name in ('tiny', 'tf_efficientnet_lite0'):  # ImageNet and EfficientNet (0.5, 0.5) normalization
+        f = gdd.FeatureNetwork(name, 0, 32).eval()
+        grey, rgb = f(x), f(x.repeat(1, 3, 1, 1))  # [N, 1, H, W] and the same images as R = G = B
+        assert all(torch.equal(a, b) for a, b in zip(grey, rgb))
+        for channels in (2, 4):
+            with pytest.raises(ValueError, match=f'RGB or grey images, not {channels} channels'):
+                f(torch.zeros(2, channels, 8, 8))
+
+def test_grey_training_and_other_channel_counts(tmp_path, standin, monkeypatch):
+    def demo_data(channels):  # --data=demo-8 with `channels` channels
+        monkeypatch.setattr(gdd, 'open_dataset', lambda data, **kw: common.DemoDataset(8, num_channels=channels, **kw))
+    demo_data(1)
+    teacher = write_teacher(tmp_path / 'grey.pt', channels=1)
+    state = load_checkpoint(str(run_train(tmp_path / 'grey', teacher, '--duration=0.000008')))  # 2 steps of 4
+    assert state['step'] == 2 and state['net_kwargs']['img_channels'] == 1
+    assert any(not torch.equal(v, load_checkpoint(teacher)['ema'][k]) for k, v in state['net'].items())
+    for channels in (2, 4):
+        demo_data(channels)
+        with pytest.raises(UserError, match=f'{channels}-channel images.*RGB or grey'):
+            gdd.train(common.parse_command_line(gdd.build_parser, TRAIN + [f'--outdir={tmp_path}/x', '-n']))
 
 def test_tf_same_padding():
     conv = gdd.Conv2dSame(1, 1, 3, 2)
@@ -280,6 +341,19 @@ def test_gddi_frozen_bitwise_trainable_changed_r1_schedule(standin):
     assert opt_G.state[opt_G.param_groups[0]['params'][0]]['step'] == 5
     assert opt_D.state[next(D.parameters())]['step'] == 5 + 2
 
+@pytest.mark.parametrize('arch, freeze', [(TINY, 2), (TINY, 3), (TINY_ADM, 2), (TINY_ADM, 3)],
+                         ids=['songunet-2', 'songunet-3', 'dhariwalunet-2', 'dhariwalunet-3'])
+def test_freeze_2_3_frozen_bitwise_trainable_changed(standin, arch, freeze):
+    teacher, G, features, D, opt_G, opt_D, frozen = tiny_gan(freeze=freeze, arch=arch)
+    trainable = [p for n, p in G.named_parameters() if n not in frozen]
+    assert {id(p) for p in opt_G.param_groups[0]['params']} == {id(p) for p in trainable}
+    iterate(G, features, D, opt_G, opt_D, real_batches(2))
+    params, ref = dict(G.named_parameters()), teacher.state_dict()
+    assert any('.qkv.' in n for n in frozen) and any('.skip.' in n for n in frozen) == (freeze == 3)
+    assert all(torch.equal(params[n], ref[n]) and params[n].grad is None for n in frozen)
+    changed = [not torch.equal(p, ref[n]) for n, p in params.items() if n not in frozen]
+    assert sum(changed) >= 0.95 * len(changed)
+
 def test_zero_gan_weight_leaves_generator_unchanged(standin):
     teacher, G, features, D, opt_G, opt_D, _ = tiny_gan(freeze=0)
     D0 = copy.deepcopy(D.state_dict())
@@ -330,6 +404,24 @@ def test_resume_equals_uninterrupted_and_frozen_teacher_weights(tmp_path, standi
     assert all(torch.equal(full['net'][k], ref[k]) and torch.equal(full['ema'][k], ref[k]) for k in frozen)
     assert full['feature_weights'].startswith('RANDOM') and (tmp_path / 'full' / 'samples-000000_016.png').exists()
     assert 'feature networks are RANDOM' in (tmp_path / 'full' / 'log.txt').read_text()
+
+@pytest.mark.parametrize('freeze, tag', [(2, 'gddi-qkv'), (3, 'gddi-qkv-skip')])
+def test_cli_freeze_2_3(tmp_path, standin, freeze, tag):
+    teacher = write_teacher(tmp_path / 'teacher.pt')
+    argv = [a for a in TRAIN if a != '--nosubdir'] + [f'--outdir={tmp_path}', f'--transfer={teacher}',
+                                                      '--duration=0.000008', f'--freeze={freeze}']
+    gdd.train(common.parse_command_line(gdd.build_parser, argv))  # 2 steps of 4 images
+    run_dir, = tmp_path.glob(f'00000-demo8-uncond-{tag}-gpus1-batch4-fp32')
+    state = load_checkpoint(str(sorted(run_dir.glob('training-state-*.pt'))[-1]))
+    ref = load_checkpoint(teacher)['ema']
+    frozen = gdd.frozen_names(gdd.GDDPrecond(**state['net_kwargs']), freeze)
+    assert state['step'] == 2 and official_frozen(gdd.GDDPrecond(**state['net_kwargs']), freeze) == sorted(frozen)
+    assert all(torch.equal(state['net'][k], ref[k]) and torch.equal(state['ema'][k], ref[k]) for k in frozen)
+    assert any(not torch.equal(v, ref[k]) for k, v in state['net'].items() if k not in frozen)  # the rest trains
+    options = json.loads((run_dir / 'training_options.json').read_text())
+    assert options['freeze'] == freeze and options['parameters']['frozen'] == sum(ref[k].numel() for k in frozen)
+    with pytest.raises(SystemExit):
+        common.parse_command_line(gdd.build_parser, TRAIN + ['--freeze=4'])
 
 def test_cli_errors(tmp_path, standin):
     teacher = write_teacher(tmp_path / 'teacher.pt')
