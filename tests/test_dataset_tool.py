@@ -6,10 +6,13 @@ import io
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -273,80 +276,373 @@ def test_max_images_truncates(tmp_path):
     assert np.array_equal(pixels(files[expected_names([3])[0]])[..., 1], data[3, 1024:2048].reshape(32, 32))
 
 #------------------------------------------------------------------------------
-# Errors: the real CLI exits non-zero with one clear line and no traceback, and leaves no partial output.
+# The command line, in-process: dataset_tool.main(argv) with SystemExit caught and stderr captured.
 
-def case_missing_source(t):
-    return ['--source', t / 'nowhere', '--dest', t / 'o.zip'], ['nowhere', 'does not exist']
+def cli(capsys, *args):
+    """(exit code, stdout, stderr) of the real CLI run in this process."""
+    try:
+        dataset_tool.main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
-def case_mixed_sizes(t):
-    (t / 's').mkdir()
-    PIL.Image.new('RGB', (8, 8)).save(t / 's' / 'a.png')
-    PIL.Image.new('RGB', (16, 8)).save(t / 's' / 'b.png')
-    return ['--source', t / 's', '--dest', t / 'o.zip'], ['b.png', '16x8', 'a.png', '8x8', '--resolution']
+def snapshot(root):
+    """Every path under root, with the bytes of files: equal snapshots mean nothing was written or left behind."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None for p in Path(root).rglob('*')}
 
-def case_corrupt_image(t):
-    (t / 's').mkdir()
-    PIL.Image.new('RGB', (8, 8)).save(t / 's' / 'a.png')
-    (t / 's' / 'broken.jpg').write_bytes(b'\xff\xd8 definitely not a jpeg')
-    return ['--source', t / 's', '--dest', t / 'o'], ['broken.jpg', 'cannot read']
+def last_line(err):
+    return err.replace('\r', '\n').strip().splitlines()[-1]  # after tqdm's bar, if one was drawn
 
-def case_unknown_format(t):
-    (t / 'data.csv').write_text('1,2,3')
-    return ['--source', t / 'data.csv', '--dest', t / 'o.zip'], ['data.csv', 'unknown source format']
+def src(t, n=2, size=8, name='s'):
+    """A folder of n plain size x size RGB PNGs a.png, b.png, ...; returns its path."""
+    (t / name).mkdir(exist_ok=True)
+    for i in range(n):
+        PIL.Image.new('RGB', (size, size), (40 * i, 0, 0)).save(t / name / f'{chr(97 + i)}.png')
+    return t / name
 
-def case_dest_folder_not_empty(t):
-    (t / 's').mkdir()
-    PIL.Image.new('RGB', (8, 8)).save(t / 's' / 'a.png')
-    (t / 'o').mkdir()
-    (t / 'o' / 'keep.txt').write_text('x')
-    return ['--source', t / 's', '--dest', t / 'o'], ['not an empty folder']
+def png_bytes(img, **kwargs):
+    buf = io.BytesIO()
+    img.save(buf, format='png', **kwargs)
+    return buf.getvalue()
 
-def case_dest_zip_exists(t):
-    (t / 's').mkdir()
-    PIL.Image.new('RGB', (8, 8)).save(t / 's' / 'a.png')
-    (t / 'o.zip').write_bytes(b'old')
-    return ['--source', t / 's', '--dest', t / 'o.zip'], ['o.zip', 'already exists']
+def garble_idat(png):
+    """Invert 4 bytes in the middle of the IDAT chunk's compressed stream and rewrite that chunk's CRC to match: the
+    signature, every chunk CRC and IEND stay valid, so PIL's verify() passes and only decoding the pixels fails."""
+    i = png.index(b'IDAT')
+    n = int.from_bytes(png[i - 4:i], 'big')
+    data = bytearray(png)
+    mid = i + 4 + n // 2
+    data[mid:mid + 4] = bytes(b ^ 0xff for b in data[mid:mid + 4])
+    data[i + 4 + n:i + 8 + n] = zlib.crc32(bytes(data[i:i + 4 + n])).to_bytes(4, 'big')
+    return bytes(data)
 
-def case_not_square(t):
-    (t / 's').mkdir()
-    PIL.Image.new('RGB', (8, 8)).save(t / 's' / 'a.png')
-    return ['--source', t / 's', '--dest', t / 'o.zip', '--resolution', '16x8'], ['square', '16x8']
+def bad_source(t, kind):
+    """A source folder with good images a.png, b.png and a corrupt one sorted after them, so some output is
+    written before the error."""
+    damaged = {'garbled': ('z.png', garble_idat(png_bytes(rand_image(np.random.default_rng(8), 8, 8)))),
+               'cut': ('z.png', png_bytes(PIL.Image.new('RGB', (8, 8)))[:60]),
+               'notjpeg': ('z.jpg', b'\xff\xd8 not a jpeg'),
+               'wider': ('z.png', png_bytes(PIL.Image.new('RGB', (16, 8))))}
+    name, data = damaged[kind]
+    (src(t, name=kind) / name).write_bytes(data)
+    return t / kind
 
-def case_not_power_of_two(t):
-    (t / 's').mkdir()
-    PIL.Image.new('RGB', (12, 12)).save(t / 's' / 'a.png')
-    return ['--source', t / 's', '--dest', t / 'o'], ['power-of-two', '12x12']
+def zip_with_bad_crc(t):
+    """A zip of two PNGs whose second member has one byte inverted: its zip CRC-32 no longer matches."""
+    with zipfile.ZipFile(t / 'in.zip', 'w', compression=zipfile.ZIP_STORED) as z:
+        for name in ('a.png', 'b.png'):
+            z.writestr(name, png_bytes(PIL.Image.new('RGB', (8, 8))))
+    data = bytearray((t / 'in.zip').read_bytes())
+    offset = data.rindex(b'b.png', 0, data.index(b'PK\x01\x02')) + 5 + 40  # 40 bytes into b.png's data
+    data[offset] ^= 0xff
+    (t / 'in.zip').write_bytes(bytes(data))
+    return t / 'in.zip'
 
-def case_bad_resolution(t):
-    return ['--source', t, '--dest', t / 'o.zip', '--resolution', '64by64'], ['--resolution', '64by64']
+def make_mnist_without_labels(t):
+    make_mnist(t, np.random.default_rng(9))
+    (t / 'train-labels-idx1-ubyte.gz').unlink()
+    return t / 'train-images-idx3-ubyte.gz'
 
-def case_labels_miss_an_image(t):
-    (t / 's').mkdir()
-    for n in ('a.png', 'b.png'):
-        PIL.Image.new('RGB', (8, 8)).save(t / 's' / n)
-    (t / 's' / 'dataset.json').write_text(json.dumps({'labels': [['a.png', 0]]}))
-    return ['--source', t / 's', '--dest', t / 'o.zip'], ['dataset.json', 'b.png']
+def make_file(t, name, text='x'):
+    (t / name).write_text(text)
+    return t / name
 
-ERROR_CASES = [v for k, v in list(globals().items()) if k.startswith('case_')]
+def labels_missing_one(t):
+    s = src(t)
+    (s / 'dataset.json').write_text(json.dumps({'labels': [['a.png', 0]]}))
+    return s
 
-@pytest.mark.parametrize('case', ERROR_CASES, ids=[c.__name__[5:] for c in ERROR_CASES])
-def test_cli_errors(tmp_path, case):
-    args, fragments = case(tmp_path)
-    dest = Path(args[args.index('--dest') + 1])
-    before = dest.read_bytes() if dest.is_file() else read_dataset(dest) if dest.is_dir() else None
-    r = run_cli(*args)
-    assert r.returncode != 0
-    assert 'Traceback' not in r.stderr
-    assert len(r.stderr.strip().splitlines()[-1]) > 0
-    for fragment in fragments:
-        assert fragment in r.stderr, (fragment, r.stderr)
-    if before is None:  # partial output removed
-        assert not dest.exists() or not os.listdir(dest)
-    else:               # a pre-existing destination is left alone
-        assert (dest.read_bytes() if dest.is_file() else read_dataset(dest)) == before
+# One row per case: id, argv builder (given tmp_path), exit code, words the error line must contain.
+# Exit code 2: a bad command line, found before anything is read or written; 1: found while running.
+CLI_ERRORS = [
+    ('missing_source',     lambda t: ['--source', t / 'nowhere', '--dest', t / 'o.zip'], 2,
+                           ['--source=', 'nowhere', 'no such']),
+    ('unknown_source',     lambda t: ['--source', make_file(t, 'a.csv'), '--dest', t / 'o.zip'], 2,
+                           ['--source=', 'a.csv', 'unknown format', '.zip']),
+    ('mnist_no_labels',    lambda t: ['--source', make_mnist_without_labels(t), '--dest', t / 'o.zip'], 2,
+                           ['--source=', 'train-labels-idx1-ubyte.gz', 'does not exist']),
+    ('missing_dest',       lambda t: ['--source', src(t)], 2, ['--dest', 'required']),
+    ('empty_dest',         lambda t: ['--source', src(t), '--dest', ''], 2, ['--dest', 'empty']),
+    ('dest_zip_exists',    lambda t: ['--source', src(t), '--dest', make_file(t, 'o.zip')], 2,
+                           ['--dest=', 'o.zip', 'already exists']),
+    ('dest_zip_is_folder', lambda t: ['--source', src(t), '--dest', src(t, name='d.zip')], 2,
+                           ['--dest=', 'is a folder']),
+    ('dest_is_a_file',     lambda t: ['--source', src(t), '--dest', make_file(t, 'o')], 2,
+                           ['--dest=', 'is a file']),
+    ('dest_not_empty',     lambda t: ['--source', src(t), '--dest', src(t, name='o')], 2, ['--dest=', 'not empty']),
+    ('dest_under_a_file',  lambda t: ['--source', src(t), '--dest', make_file(t, 'f') / 'sub' / 'o.zip'], 2,
+                           ['--dest=', 'is a file, not a folder']),
+    ('resolution_format',  lambda t: ['--source', src(t), '--dest', t / 'o.zip', '--resolution', '64by64'], 2,
+                           ['--resolution', '64by64', 'WxH']),
+    ('resolution_zero',    lambda t: ['--source', src(t), '--dest', t / 'o.zip', '--resolution=0x0'], 2,
+                           ['--resolution', '0x0', 'positive']),
+    ('resolution_not_square', lambda t: ['--source', src(t), '--dest', t / 'o.zip', '--resolution=16x8'], 2,
+                           ['--resolution=16x8', 'square']),
+    ('resolution_not_pow2', lambda t: ['--source', src(t), '--dest', t / 'o', '--resolution=12x12'], 2,
+                           ['--resolution=12x12', 'power-of-two']),
+    ('wide_taller_than_wide', lambda t: ['--source', src(t), '--dest', t / 'o.zip', '--transform=center-crop-wide',
+                                          '--resolution=8x16'], 2, ['--resolution=8x16', 'H <= W']),
+    ('transform_needs_res', lambda t: ['--source', src(t), '--dest', t / 'o.zip', '--transform=center-crop'], 2,
+                           ['--transform=center-crop', '--resolution']),
+    ('transform_unknown',  lambda t: ['--source', src(t), '--dest', t / 'o.zip', '--transform=stretch'], 2,
+                           ['--transform', 'stretch', 'center-crop-wide']),
+    ('max_images_zero',    lambda t: ['--source', src(t), '--dest', t / 'o.zip', '--max-images=0'], 2,
+                           ['--max-images=0', 'at least 1']),
+    ('max_images_not_int', lambda t: ['--source', src(t), '--dest', t / 'o.zip', '--max-images=ten'], 2,
+                           ['--max-images', 'ten', 'int']),
+    ('misspelt_flag',      lambda t: ['--source', src(t), '--dest', t / 'o.zip', '--resolutoin=8x8'], 2,
+                           ['unrecognized', '--resolutoin']),
+    ('unknown_command',    lambda t: ['chek', '--data', t], 2, ['chek', 'convert', 'check']),
+    ('check_missing_data', lambda t: ['check', '--data', t / 'nowhere.zip'], 2, ['--data=', 'no such']),
+    ('check_not_a_dataset', lambda t: ['check', '--data', make_file(t, 'a.txt')], 2,
+                           ['--data=', 'not a folder or a zip']),
+    ('check_no_data_flag', lambda t: ['check'], 2, ['--data', 'required']),
+    # found while running: exit code 1
+    ('garbled_png',        lambda t: ['--source', bad_source(t, 'garbled'), '--dest', t / 'o.zip'], 1,
+                           ['garbled/z.png', 'cannot decode']),
+    ('truncated_png',      lambda t: ['--source', bad_source(t, 'cut'), '--dest', t / 'o'], 1,
+                           ['cut/z.png', 'truncated']),
+    ('not_a_jpeg',         lambda t: ['--source', bad_source(t, 'notjpeg'), '--dest', t / 'o'], 1,
+                           ['notjpeg/z.jpg', 'cannot decode']),
+    ('mixed_sizes',        lambda t: ['--source', bad_source(t, 'wider'), '--dest', t / 'o.zip'], 1,
+                           ['z.png', '16x8', 'a.png', '8x8', '--resolution']),
+    ('zip_member_bad_crc', lambda t: ['--source', zip_with_bad_crc(t), '--dest', t / 'o'], 1,
+                           ['in.zip/b.png', 'cannot read', 'CRC']),
+    ('source_not_pow2',    lambda t: ['--source', src(t, size=12), '--dest', t / 'o'], 1, ['12x12', 'power-of-two']),
+    ('labels_miss_one',    lambda t: ['--source', labels_missing_one(t), '--dest', t / 'o.zip'], 1,
+                           ['dataset.json', 'b.png']),
+    ('corrupt_source_zip', lambda t: ['--source', make_file(t, 'in.zip', 'PK junk'), '--dest', t / 'o'], 1,
+                           ['in.zip', 'cannot read the zip']),
+    ('no_images',          lambda t: ['--source', src(t, 0), '--dest', t / 'o.zip'], 1, ['no images']),
+    ('check_corrupt_zip',  lambda t: ['check', '--data', make_file(t, 'd.zip', 'PK junk')], 1,
+                           ['d.zip', 'cannot read the zip']),
+    ('check_no_images',    lambda t: ['check', '--data', src(t, 0)], 1, ['no images']),
+]
+
+@pytest.mark.parametrize('argv, code, words', [pytest.param(*row[1:], id=row[0]) for row in CLI_ERRORS])
+def test_cli_errors(tmp_path, capsys, argv, code, words):
+    args = argv(tmp_path)
+    before = snapshot(tmp_path)
+    got, out, err = cli(capsys, *args)
+    assert got == code, err
+    assert 'Traceback' not in err
+    line = last_line(err)
+    assert line.startswith('dataset_tool.py: error: ')
+    if code == 2:  # a usage error is found before any work: the line is all there is
+        assert err == line + '\n' and out == ''
+    for word in words:
+        assert word in line, (word, line)
+    assert snapshot(tmp_path) == before  # no output, no temporary, no created folder left behind
+
+def test_cli_error_dest_folder_not_writable(tmp_path, capsys):
+    s = src(tmp_path)
+    locked = tmp_path / 'locked'
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip('running as root: a read-only folder is writable anyway (see dest_under_a_file)')
+        code, _, err = cli(capsys, '--source', s, '--dest', locked / 'o.zip')
+        assert code == 2 and err.count('\n') == 1
+        assert '--dest=' in err and 'not writable' in err
+        assert not list(locked.iterdir())
+    finally:
+        locked.chmod(0o755)
+
+@pytest.mark.parametrize('dest_name', ['new/sub/o.zip', 'new/sub/o', 'empty'])
+def test_ctrl_c_leaves_nothing_behind(tmp_path, capsys, monkeypatch, dest_name):
+    """KeyboardInterrupt on the third image: the temporary output, which exists by then, is removed, and so are the
+    parent folders the run created; an empty --dest folder that existed stays."""
+    s = src(tmp_path, n=4)
+    (tmp_path / 'empty').mkdir()
+    dest = tmp_path / dest_name
+    before, seen, real = snapshot(tmp_path), [], dataset_tool.transform_image
+    def transform_then_interrupt(*args):
+        if len(seen) == 2:
+            seen.append(sorted(p.name for p in dest.parent.iterdir()))
+            raise KeyboardInterrupt
+        seen.append(None)
+        return real(*args)
+    monkeypatch.setattr(dataset_tool, 'transform_image', transform_then_interrupt)
+    code, out, err = cli(capsys, '--source', s, '--dest', dest)
+    assert code == 130 and 'Traceback' not in err
+    assert last_line(err) == 'dataset_tool.py: interrupted; nothing written'
+    assert any(name.startswith(f'.{dest.name}.tmp') for name in seen[-1])  # there was something to clean up
+    assert snapshot(tmp_path) == before
+
+def test_write_failure_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
+    s = src(tmp_path, n=3)
+    before = snapshot(tmp_path)
+    real = dataset_tool.DatasetWriter.write
+    def full_disk(self, name, data):
+        if name == 'dataset.json':
+            raise OSError(28, 'No space left on device')
+        return real(self, name, data)
+    monkeypatch.setattr(dataset_tool.DatasetWriter, 'write', full_disk)
+    code, _, err = cli(capsys, '--source', s, '--dest', tmp_path / 'o')
+    assert code == 1 and 'Traceback' not in err and 'No space left on device' in last_line(err)
+    assert snapshot(tmp_path) == before
+
+@pytest.mark.parametrize('dest_name', ['o.zip', 'o', 'empty', 'new/sub/o.zip'])
+def test_success_leaves_only_dest(tmp_path, capsys, dest_name):
+    s = src(tmp_path)
+    (tmp_path / 'empty').mkdir()
+    before = set(snapshot(tmp_path))
+    code, out, _ = cli(capsys, '--source', s, '--dest', tmp_path / dest_name)
+    assert code == 0 and out.startswith('Wrote 2 images (8x8 RGB, no labels)')
+    added = {p for p in set(snapshot(tmp_path)) - before if not p.startswith(f'{dest_name}/')}  # beside the output
+    created_parents = {'new', 'new/sub'} if dest_name.startswith('new/') else set()
+    assert added == ({dest_name} | created_parents) - before
+    assert not [p for p in snapshot(tmp_path) if '.tmp' in p]
+
+def test_bare_form_is_convert(tmp_path, capsys):
+    s = src(tmp_path, n=3)
+    assert cli(capsys, '--source', s, '--dest', tmp_path / 'a.zip')[0] == 0
+    assert cli(capsys, 'convert', f'--source={s}', f'--dest={tmp_path / "b.zip"}')[0] == 0
+    assert read_dataset(tmp_path / 'a.zip') == read_dataset(tmp_path / 'b.zip')
+
+def test_garbled_idat_passes_verify_but_not_load():
+    """The premise of decode_image: PIL's verify() checks chunk CRCs only; load() inflates the stream."""
+    png = garble_idat(png_bytes(rand_image(np.random.default_rng(10), 8, 8), compress_level=0))
+    PIL.Image.open(io.BytesIO(png)).verify()
+    with pytest.raises(OSError):
+        PIL.Image.open(io.BytesIO(png)).load()
+    with pytest.raises(dataset_tool.DataError, match='cannot decode'):
+        dataset_tool.decode_image(png)
+
+#------------------------------------------------------------------------------
+# check: every image of an EDM-format dataset decoded, one line per bad file
+
+def test_check_lists_images_as_common_does():
+    import common
+    assert dataset_tool.IMAGE_EXTENSIONS == common.IMAGE_EXTENSIONS
+
+@pytest.mark.parametrize('dest_name', ['ds.zip', 'ds'])
+def test_check_good_dataset(tmp_path, capsys, dest_name):
+    s = tmp_path / 'src'
+    make_class_folder(s, np.random.default_rng(11))
+    assert cli(capsys, '--source', s, '--dest', tmp_path / dest_name)[0] == 0
+    code, out, err = cli(capsys, 'check', f'--data={tmp_path / dest_name}')
+    assert code == 0 and out == '5 images OK, 0 bad (8x8 RGB, 2 classes)\n'
+    assert '5/5' in err  # the progress bar
+
+# What is wrong with each file of the bad dataset, and the words its report line must contain.
+BAD_FILES = {
+    0: (lambda png: garble_idat(png), ['cannot decode']),
+    1: (lambda png: png[:len(png) // 2], ['truncated']),
+    2: (lambda png: png[:-12], ['truncated', 'IEND']),  # every pixel there, the IEND chunk gone
+    3: (lambda png: b'not a png at all', ['cannot decode']),
+    4: (lambda png: png_bytes(PIL.Image.new('RGB', (16, 16))), ['16x16 RGB', 'most images are 8x8 RGB']),
+    5: (lambda png: png_bytes(PIL.Image.new('L', (8, 8))), ['8x8 L', 'most images are 8x8 RGB']),
+    6: (lambda png: png_bytes(PIL.Image.new('RGB', (8, 8)).convert('P')), ['mode P', '8x8 P']),
+}
+BAD_LABELS = {7: (None, ['no label']), 8: (-1, ['label -1', 'out of range']),
+              9: ('cat', ['label "cat"', 'neither a class index']), 10: ([0, 1], ['label [0, 1]', 'class indices'])}
+
+@pytest.mark.parametrize('form', ['zip', 'folder'])
+def test_check_reports_each_bad_file(tmp_path, capsys, form):
+    rng = np.random.default_rng(12)
+    s = tmp_path / 'src'
+    s.mkdir()
+    for i in range(13):
+        rand_image(rng, 8, 8).save(s / f'{i:02d}.png')
+    (s / 'dataset.json').write_text(json.dumps({'labels': [[f'{i:02d}.png', i % 3] for i in range(13)]}))
+    assert cli(capsys, '--source', s, '--dest', tmp_path / 'ds')[0] == 0
+    files = read_dataset(tmp_path / 'ds')
+    names = expected_names(range(13))
+    for i, (damage, _) in BAD_FILES.items():
+        files[names[i]] = damage(files[names[i]])
+    labels = dict(json.loads(files['dataset.json'])['labels'])
+    for i, (label, _) in BAD_LABELS.items():
+        labels.pop(names[i]) if label is None else labels.update({names[i]: label})
+    labels['99999/img99999999.png'] = 0  # names no image: a problem with dataset.json itself
+    files['dataset.json'] = json.dumps({'labels': [[n, l] for n, l in labels.items()]}).encode()
+    data = tmp_path / ('bad.zip' if form == 'zip' else 'bad')
+    for name, content in files.items():
+        if form == 'zip':
+            with zipfile.ZipFile(data, 'a', compression=zipfile.ZIP_STORED) as z:
+                z.writestr(name, content)  # a fresh, correct zip CRC: only decoding can find the damage
+        else:
+            (data / name).parent.mkdir(parents=True, exist_ok=True)
+            (data / name).write_bytes(content)
+    code, out, err = cli(capsys, 'check', '--data', data)
+    assert code == 1 and 'Traceback' not in err
+    lines = out.splitlines()
+    assert lines[-1] == '2 images OK, 11 bad, 1 dataset.json problems (8x8 RGB, 3 classes)'
+    assert len(lines) == 11 + 1 + 1
+    for i, (_, words) in {**BAD_FILES, **BAD_LABELS}.items():
+        [line] = [line for line in lines if line.startswith(os.path.join(str(data), names[i]) + ':')]
+        for word in words:
+            assert word in line, (word, line)
+    assert any('99999/img99999999.png' in line and 'dataset.json' in line for line in lines)
+    assert not any(names[i] in out for i in (11, 12))
+
+#------------------------------------------------------------------------------
+# As real processes: exit codes and output seen by a shell
 
 def test_cli_success_prints_summary(tmp_path):
     images_path, digits, _ = make_mnist(tmp_path, np.random.default_rng(7))
     r = run_cli('--source', images_path, '--dest', tmp_path / 'm.zip')
     assert r.returncode == 0, r.stderr
     assert f'Wrote {len(digits)} images (32x32 L' in r.stdout
+    r = run_cli('check', f'--data={tmp_path / "m.zip"}')
+    assert r.returncode == 0 and r.stdout == f'{len(digits)} images OK, 0 bad (32x32 L, {len(set(_))} classes)\n'
+
+def test_cli_exit_codes_as_a_process(tmp_path):
+    r = run_cli('--source', tmp_path / 'nowhere', '--dest', tmp_path / 'o.zip')
+    assert r.returncode == 2 and r.stderr.count('\n') == 1 and '--source=' in r.stderr
+    (tmp_path / 'ds').mkdir()
+    (tmp_path / 'ds' / 'a.png').write_bytes(b'junk')
+    r = run_cli('check', '--data', tmp_path / 'ds')
+    assert r.returncode == 1 and 'Traceback' not in r.stderr
+    assert r.stdout.splitlines() == [f'{tmp_path / "ds" / "a.png"}: cannot decode (not an image, or a format PIL '
+                                     'does not read)', '0 images OK, 1 bad']
+
+def test_check_zip_member_with_bad_crc(tmp_path, capsys):
+    data = zip_with_bad_crc(tmp_path)
+    code, out, _ = cli(capsys, 'check', '--data', data)
+    assert code == 1
+    [line, summary] = out.splitlines()
+    assert line.startswith(f'{data}/b.png: cannot read (') and 'CRC' in line
+    assert summary == '1 images OK, 1 bad (8x8 RGB, no labels)'
+
+def test_real_sigint_leaves_nothing_behind(tmp_path):
+    """Ctrl-C as a shell sends it: SIGINT to the process once its temporary output exists."""
+    images_path, _, _ = make_mnist(tmp_path, np.random.default_rng(13), n=5000)
+    before = snapshot(tmp_path)
+    p = subprocess.Popen([sys.executable, str(ROOT / 'dataset_tool.py'), f'--source={images_path}',
+                          f'--dest={tmp_path / "m.zip"}'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not (tmp_path / f'.m.zip.tmp{p.pid}').exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, (out, err)
+    assert 'Traceback' not in err and last_line(err) == 'dataset_tool.py: interrupted; nothing written'
+    assert snapshot(tmp_path) == before
+
+@pytest.mark.parametrize('labels, bad, words', [
+    ([[0.5, 1, 0], [0, 0, 1], [1, 0]], ['c.png'], ['label [1, 0]', 'vectors of 3 numbers']),
+    (['x', 'y', 'z'], ['a.png', 'b.png', 'c.png'], ['neither a class index']),  # no valid label to compare with
+    ([True, 1, 2], ['a.png'], ['label true', 'neither a class index']),
+])
+def test_check_label_kinds(tmp_path, capsys, labels, bad, words):
+    s = src(tmp_path, n=3)
+    names = ['a.png', 'b.png', 'c.png']
+    (s / 'dataset.json').write_text(json.dumps({'labels': [[name, label] for name, label in zip(names, labels)]}))
+    code, out, _ = cli(capsys, 'check', '--data', s)
+    assert code == 1
+    lines = out.splitlines()
+    assert [line.split(':')[0] for line in lines[:-1]] == [str(s / n) for n in bad]
+    assert all(word in line for line in lines[:-1] for word in words)
+    assert lines[-1].startswith(f'{3 - len(bad)} images OK, {len(bad)} bad (8x8 RGB')
+
+def test_check_unparseable_dataset_json(tmp_path, capsys):
+    s = src(tmp_path, n=2)
+    (s / 'dataset.json').write_text('{"labels": [["a.png", 0], ')
+    code, out, _ = cli(capsys, 'check', '--data', s)
+    assert code == 1
+    assert out.splitlines()[0].startswith(f'{s / "dataset.json"}: cannot parse (')
+    assert out.splitlines()[-1] == '2 images OK, 0 bad, 1 dataset.json problems (8x8 RGB, no labels)'
