@@ -312,9 +312,9 @@ def check_convert_flags(source, dest, max_images, transform, resolution):
         raise UsageError(f'--dest={dest}: is a file; allowed: a name ending in .zip, or a new or empty folder')
     if os.path.isdir(dest) and os.listdir(dest):
         raise UsageError(f'--dest={dest}: folder is not empty; allowed: a new or empty folder, or a new .zip')
-    parent = os.path.dirname(os.path.abspath(dest))
+    parent = os.path.dirname(os.path.normpath(dest)) or '.'
     while not os.path.lexists(parent):  # the nearest folder that exists, where the first new entry would go
-        parent = os.path.dirname(parent)
+        parent = os.path.dirname(parent) or '.'
     if not os.path.isdir(parent):
         raise UsageError(f'--dest={dest}: {parent} is a file, not a folder')
     if not os.access(parent, os.W_OK | os.X_OK):
