@@ -627,7 +627,7 @@ def test_real_sigint_leaves_nothing_behind(tmp_path):
     ([[0.5, 1, 0], [0, 0, 1], [1, 0]], ['c.png'], ['label [1, 0]', 'vectors of 3 numbers']),
     (['x', 'y', 'z'], ['a.png', 'b.png', 'c.png'], ['neither a class index']),  # no valid label to compare with
     ([True, 1, 2], ['a.png'], ['label true', 'neither a class index']),
-])
+], ids=['vector_of_other_length', 'none_valid', 'bool_is_not_a_class'])
 def test_check_label_kinds(tmp_path, capsys, labels, bad, words):
     s = src(tmp_path, n=3)
     names = ['a.png', 'b.png', 'c.png']
