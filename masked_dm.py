@@ -13,7 +13,9 @@ starting from the pre-trained online weights. Sampling is DDIM (eta = 1, 250 ste
 Implemented: the U-ViT of the official code (time token, learned positions, long skips, q/v bias option), patch /
 block / crop masks, masked pre-training, fine-tuning from our or official checkpoints, linear and cosine schedules,
 DDIM and ancestral DDPM, the v1 DWT variant for 256 px (Haar wavelets in torch, two token families, per-band clamping),
-the ema-pytorch EMA, presets of every official config. Not implemented: class conditioning, the v1 ViT decoder and
+the ema-pytorch EMA, presets of every official config, any number of image channels (official `in_chans`), the
+official class token (`num_classes`: --cond=1, generate --class) and time MLP (`mlp_time_embed`), plus our own
+--label-dropout and classifier-free guidance (generate --cfg). Not implemented: the v1 ViT decoder and
 final conv (off in every config), the Langevin corrector (v1, off by default), EDM's --ema half-life and --lr-rampup
 (MaskDM uses --ema_decay and --warmup_steps instead).
 
@@ -40,10 +42,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
-from common import (PerSeedRNG, TrainingRun, UserError, add_train_flags, data_stream, distributed_model, get_rank,
-                    get_world_size, init_distributed, load_checkpoint, load_training_state, load_weights, open_dataset,
-                    optimizer_step, parse_bool, parse_command_line, parse_int_list, print0, reseed, run_main,
-                    save_image_grid, save_seed_images, seed_batches, setup_precision, split_batch, sync_if, update_ema)
+from common import (PerSeedRNG, TrainingRun, UserError, add_train_flags, data_stream, distributed_model, drop_labels,
+                    get_rank, get_world_size, init_distributed, load_checkpoint, load_training_state, load_weights,
+                    open_dataset, optimizer_step, parse_bool, parse_command_line, parse_int_list, print0, reseed,
+                    run_main, save_image_grid, save_seed_images, seed_batches, setup_precision, split_batch, sync_if,
+                    update_ema)
 
 #------------------------------------------------------------------------------
 # 1. Config. Every official config (spec masked_dm.md section 7); flags given on the command line override them.
@@ -169,28 +172,51 @@ class Block(torch.nn.Module):
         return x + self.mlp(self.norm2(x))
 
 class UViTEncoder(torch.nn.Module):
-    """Patch embeddings, time token, learned positions, depth // 2 in-blocks, a mid-block, depth // 2 out-blocks
-    paired with the in-blocks in mirror order, final LayerNorm (official UViTEncoder / MaskedDWTEncoder)."""
-    def __init__(self, families, img_size, patch_size, embed_dim, depth, heads, mlp_ratio, qkv_bias):
+    """Patch embeddings, [label,] time token, learned positions, depth // 2 in-blocks, a mid-block, depth // 2
+    out-blocks paired with the in-blocks in mirror order, final LayerNorm (official UViTEncoder / MaskedDWTEncoder)."""
+    def __init__(self, families, img_size, patch_size, embed_dim, depth, heads, mlp_ratio, qkv_bias, num_classes=0,
+                 mlp_time_embed=False):
         super().__init__()
         self.embed_names = [name for name, _ in families]
         for name, chans in families:
             self.add_module(name, PatchEmbed(chans, embed_dim, patch_size))
         self.num_patches = (img_size // patch_size) ** 2  # per family
-        self.embed_dim = embed_dim
+        self.embed_dim, self.num_classes = embed_dim, num_classes
+        self.extras = 2 if num_classes else 1  # tokens before the patches: [label,] time
+        if num_classes:  # official UViTEncoder: a class token; `uncond_embed` stands in when there is no label
+            self.label_emb = torch.nn.Embedding(num_classes, embed_dim)  # PyTorch default init N(0, 1), as official
+            self.uncond_embed = torch.nn.Parameter(torch.zeros(1, embed_dim))
+            torch.nn.init.trunc_normal_(self.uncond_embed, std=0.02, a=-2, b=2)
+        self.time_embed = torch.nn.Sequential(torch.nn.Linear(embed_dim, 4 * embed_dim), torch.nn.SiLU(),
+                                              torch.nn.Linear(4 * embed_dim, embed_dim)) if mlp_time_embed else None
         self.in_blocks = torch.nn.ModuleList([Block(embed_dim, heads, mlp_ratio, qkv_bias) for _ in range(depth // 2)])
         self.mid_block = Block(embed_dim, heads, mlp_ratio, qkv_bias)
         self.out_blocks = torch.nn.ModuleList([Block(embed_dim, heads, mlp_ratio, qkv_bias, skip=True) for _ in range(depth // 2)])
         self.norm = torch.nn.LayerNorm(embed_dim)
-        self.encoder_pos_embed = torch.nn.Parameter(torch.zeros(1, 1 + len(families) * self.num_patches, embed_dim))
+        rows = self.extras + len(families) * self.num_patches  # official: extras + num_patches
+        self.encoder_pos_embed = torch.nn.Parameter(torch.zeros(1, rows, embed_dim))
 
-    def forward(self, inputs, t, keep):
-        pos = self.encoder_pos_embed[0]  # [1 + F N, D]; row 0 belongs to the time token
-        x = [timestep_embedding(t, self.embed_dim)[:, None] + pos[:1]]  # no MLP on the time embedding (mlp_time_embed: False)
+    def label_token(self, labels, batch):
+        """[B, 1, D]: label_emb of each one-hot row; `uncond_embed` for labels=None (official y=None) and for all-zero
+        rows (our unconditional rows: --label-dropout, --cfg)."""
+        uncond = self.uncond_embed.expand(batch, -1)  # [1, D] -> [B, D]
+        if labels is None:
+            return uncond[:, None]
+        emb = self.label_emb(labels.argmax(dim=1))  # one-hot float -> class index (the official code passes indices)
+        return torch.where(labels.any(dim=1, keepdim=True), emb, uncond)[:, None]
+
+    def forward(self, inputs, t, keep, labels=None):
+        pos = self.encoder_pos_embed[0]  # [extras + F N, D]: rows of [label,] time, then every family's patches
+        e = self.extras
+        time = timestep_embedding(t, self.embed_dim)  # [B, D]; official default mlp_time_embed: False (no MLP)
+        x = [(time if self.time_embed is None else self.time_embed(time))[:, None] + pos[e - 1:e]]
+        if self.num_classes:  # official order [label, time, patches]: the label token goes first
+            x.insert(0, self.label_token(labels, len(time)) + pos[:1])
         for f, (name, x_f, keep_f) in enumerate(zip(self.embed_names, inputs, keep)):
-            rows = pos[1 + f * self.num_patches:1 + (f + 1) * self.num_patches]  # this family's positions
+            rows = pos[e + f * self.num_patches:e + (f + 1) * self.num_patches]  # this family's positions
             x.append(getattr(self, name)(x_f, keep_f) + (rows if keep_f is None else rows[keep_f]))  # [B, n_f, D]
-        x = torch.cat(x, dim=1)  # [B, 1 + sum n_f, D]; positions were gathered with their tokens
+        # Masks drop patch tokens only: the label and time tokens are always kept (official datasets prepend 0s).
+        x = torch.cat(x, dim=1)  # [B, extras + sum n_f, D]; positions were gathered with their tokens
         skips = []
         for block in self.in_blocks:
             x = block(x)
@@ -201,27 +227,33 @@ class UViTEncoder(torch.nn.Module):
         return self.norm(x)
 
 class MaskedUViT(torch.nn.Module):
-    """The MaskDM network: epsilon(x_t, t) of the visible tokens. With dwt=True the input is the 12-channel Haar
-    domain [LL, H, V, D] x RGB at half resolution, with LL and detail tokens embedded and predicted separately."""
+    """The MaskDM network: epsilon(x_t, t[, labels]) of the visible tokens. With dwt=True the input is the Haar domain
+    [LL, H, V, D] x C (12 channels for RGB) at half resolution, with LL and detail tokens embedded and predicted
+    separately."""
     def __init__(self,
         img_size,                   # network input side (pixels; the wavelet grid side with dwt)
-        in_chans    = 3,            # network input channels (12 with dwt)
+        in_chans    = 3,            # network input channels: image channels (official `in_chans`); 4x that with dwt
         patch_size  = 4,            # token side in pixels
         embed_dim   = 512,          # width D; heads have D / heads features (64 in every config)
         depth       = 13,           # config depth: 2 (depth // 2) + 1 blocks are built
         heads       = 8,            # attention heads
         mlp_ratio   = 4,            # MLP hidden width / D
         qkv_bias    = False,        # learned q and v biases (MaskDM-L)
-        dwt         = False,        # two token families (LL: 3 channels, details: 9 channels), official MaskedDWTUViT
+        dwt         = False,        # two token families (LL: C channels, details: 3C), official MaskedDWTUViT
+        num_classes = 0,            # class-label token (official `num_classes`; 0 = unconditional, official -1)
+        mlp_time_embed = False,     # Linear-SiLU-Linear on the time embedding (official `mlp_time_embed`)
     ):
         super().__init__()
         self.img_size, self.in_chans, self.patch_size, self.dwt = img_size, in_chans, patch_size, dwt
+        self.num_classes = num_classes
         # NOTE: v1 also allows a larger patch for the detail family (`scale`); its only config uses scale 1, as here.
-        names = [('approx_patch_embed', 'approx_to_output', 3), ('detail_patch_embed', 'detail_to_output', in_chans - 3)] \
-            if dwt else [('patch_embed', 'encoder_to_output', in_chans)]
+        C = in_chans // 4 if dwt else in_chans  # image channels (v1 `data_chans`)
+        names = [('approx_patch_embed', 'approx_to_output', C), ('detail_patch_embed', 'detail_to_output', 3 * C)] \
+            if dwt else [('patch_embed', 'encoder_to_output', C)]
         self.family_chans = [chans for _, _, chans in names]
         self.head_names = [head for _, head, _ in names]
-        self.encoder = UViTEncoder([(e, c) for e, _, c in names], img_size, patch_size, embed_dim, depth, heads, mlp_ratio, qkv_bias)
+        self.encoder = UViTEncoder([(e, c) for e, _, c in names], img_size, patch_size, embed_dim, depth, heads,
+                                   mlp_ratio, qkv_bias, num_classes, mlp_time_embed)
         for head, chans in zip(self.head_names, self.family_chans):
             self.add_module(head, torch.nn.Linear(embed_dim, patch_size ** 2 * chans))
         self.num_patches = self.encoder.num_patches
@@ -242,25 +274,32 @@ class MaskedUViT(torch.nn.Module):
         """[B, in_chans, H, W] -> the input of each token family."""
         return list(x.split(self.family_chans, dim=1))
 
-    def forward(self, x, t, keep=None):
+    def forward(self, x, t, keep=None, labels=None):
         """keep: None (all tokens; returns epsilon [B, in_chans, H, W]) or one [B, n_f] index tensor of visible
-        tokens per family (returns a list of [B, n_f, p p C_f] patch predictions, in the order of `keep`)."""
+        tokens per family (returns a list of [B, n_f, p p C_f] patch predictions, in the order of `keep`).
+        labels: one-hot [B, num_classes]; None or an all-zero row = the unconditional token."""
         keep_f = keep if keep is not None else [None] * len(self.family_chans)
-        x = self.encoder(self.split(x), t, keep_f)
+        x = self.encoder(self.split(x), t, keep_f, labels)
         counts = [self.num_patches if k is None else k.shape[1] for k in keep_f]
-        outs = [getattr(self, head)(h) for head, h in zip(self.head_names, x[:, 1:].split(counts, dim=1))]  # drop time token
+        x = x[:, self.encoder.extras:]  # drop the [label,] time tokens (official `noise[:, self.extras:]`)
+        outs = [getattr(self, head)(h) for head, h in zip(self.head_names, x.split(counts, dim=1))]
         if keep is not None:
             return outs
         return torch.cat([unpatchify(o, self.patch_size, c) for o, c in zip(outs, self.family_chans)], dim=1)
 
-def network_kwargs(args, resolution):
-    """MaskedUViT constructor kwargs from --arch and the size overrides; with --dwt the network sees R/2 x R/2 x 12."""
+def network_kwargs(args, resolution, channels=3, num_classes=0):
+    """MaskedUViT constructor kwargs from --arch and the size overrides; with --dwt the network sees R/2 x R/2 x 4C.
+    The class token and the time MLP enter only when on, so unconditional kwargs stay as they were."""
     arch = dict(ARCHS[args.arch])
     for key in ('embed_dim', 'depth', 'heads', 'patch_size'):
         arch[key] = getattr(args, key) or arch[key]
     if args.qkv_bias is not None:
         arch['qkv_bias'] = args.qkv_bias
-    return dict(img_size=resolution // 2 if args.dwt else resolution, in_chans=12 if args.dwt else 3, dwt=args.dwt, **arch)
+    extra = dict(num_classes=num_classes) if num_classes else {}
+    if getattr(args, 'mlp_time_embed', False):
+        extra['mlp_time_embed'] = True
+    return dict(img_size=resolution // 2 if args.dwt else resolution, in_chans=4 * channels if args.dwt else channels,
+                dwt=args.dwt, **arch, **extra)
 
 #------------------------------------------------------------------------------
 # 3. Method math: Haar wavelets, masks, the DDPM process, masked denoising score matching.
@@ -285,19 +324,21 @@ def to_model_space(images, dwt):
     if not dwt:
         return images.to(torch.float32) / 127.5 - 1
     coeffs = haar_dwt(images.to(torch.float32) / 255)
-    return torch.cat([coeffs[:, :3] * 2 - 1, coeffs[:, 3:]], dim=1)
+    C = images.shape[1]  # LL is the first C bands
+    return torch.cat([coeffs[:, :C] * 2 - 1, coeffs[:, C:]], dim=1)
 
 def to_image_space(x, dwt):
     """The inverse, to [-1, 1] pixels for saving: LL back by (u + 1) / 2, inverse Haar (official v1 sample())."""
     if not dwt:
         return x
-    return haar_idwt(torch.cat([(x[:, :3] + 1) / 2, x[:, 3:]], dim=1)) * 2 - 1
+    C = x.shape[1] // 4
+    return haar_idwt(torch.cat([(x[:, :C] + 1) / 2, x[:, C:]], dim=1)) * 2 - 1
 
 def x0_range(net):
     """Clamp bounds of the predicted x0 per channel: [-1, 1]; with dwt LL in [-1, 3], details in [-1, 1] (v1 code)."""
     hi = torch.ones(net.in_chans, 1, 1, dtype=torch.float64)
     if net.dwt:
-        hi[:3] = 3
+        hi[:net.in_chans // 4] = 3  # the LL bands
     return -torch.ones_like(hi), hi
 
 def draw_mask(kind, h, w, rng, ratio=0.0, block_size=1, crop_size=None):
@@ -355,24 +396,25 @@ class GaussianDiffusion(torch.nn.Module):
         self.beta_schedule, self.num_timesteps = beta_schedule, timesteps
         self.register_buffer('alphas_cumprod', make_alphas_cumprod(beta_schedule, timesteps), persistent=False)
         self.amp_dtype = None
-        for name in ('img_size', 'in_chans', 'dwt', 'num_patches', 'family_chans', 'patch_size'):
+        for name in ('img_size', 'in_chans', 'dwt', 'num_patches', 'family_chans', 'patch_size', 'num_classes'):
             setattr(self, name, getattr(self.model, name))
 
-    def forward(self, x, t, keep=None):
+    def forward(self, x, t, keep=None, labels=None):
         with torch.autocast(x.device.type, self.amp_dtype, enabled=self.amp_dtype is not None):
-            out = self.model(x.to(torch.float32), t, keep)
+            out = self.model(x.to(torch.float32), t, keep, labels)
         return [o.float() for o in out] if keep is not None else out.float()
 
-def mdsm_loss(net, x0, t, noise, keep, call=None):
+def mdsm_loss(net, x0, t, noise, keep, call=None, labels=None):
     """Per-image epsilon-MSE on the visible patches (spec 4.2, "MDSM"): x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps over
     the whole image, then only visible tokens enter the net. keep=None is standard DSM on all tokens (fine-tuning). With
     dwt the LL and detail families are separate element-means, summed (official v1 loss_fn). `call` runs the
-    network (e.g. its DDP wrapper; default net). Returns [B]."""
+    network (e.g. its DDP wrapper; default net); `labels` (one-hot or None) go to it as the official p_losses passes
+    the batch's labels. Returns [B]."""
     ab = net.alphas_cumprod[t][:, None, None, None]
     x_t = ab.sqrt().float() * x0 + (1 - ab).sqrt().float() * noise  # forward process (spec 4.1)
     if keep is None:  # all tokens, through the same token path
         keep = [torch.arange(net.num_patches, device=x0.device).expand(len(x0), -1)] * len(net.family_chans)
-    preds = (call or net)(x_t, t, keep)
+    preds = (call or net)(x_t, t, keep, labels)
     loss = 0
     for pred, eps, keep_f in zip(preds, net.model.split(noise), keep):
         target = patchify(eps, net.patch_size).gather(1, keep_f[:, :, None].expand(-1, -1, pred.shape[2]))  # [B, n, p p C]
@@ -387,16 +429,33 @@ def ddim_time_pairs(steps, T=1000):
     times = list(reversed(torch.linspace(-1, T - 1, steps + 1).int().tolist()))  # float32 linspace, as the official code
     return list(zip(times[:-1], times[1:]))
 
+def guided_eps(net, x, t, labels=None, cfg=None):
+    """epsilon for the samplers: net(x, t), or net(x, t | labels) for one-hot labels. With cfg = w:
+    eps(x | 0) + w (eps(x | y) - eps(x | 0)), both halves in one batch, the unconditional half with all-zero label rows
+    (the unconditional token); w = 0 is the official unconditional sampling, w = 1 plain conditional sampling.
+    NOTE: classifier-free guidance (Ho & Salimans 2022) is our addition, not the official code's: its sampler
+    (gaussian_ddpm.py, model_predictions) passes no labels, so it always samples with `uncond_embed`."""
+    if labels is None:
+        return net(x, t)
+    if cfg is None:
+        return net(x, t, labels=labels)
+    eps_uncond, eps_cond = net(torch.cat([x, x]), torch.cat([t, t]),
+                               labels=torch.cat([torch.zeros_like(labels), labels])).chunk(2)
+    return eps_uncond + cfg * (eps_cond - eps_uncond)
+
 @torch.no_grad()
-def ddim_sampler(net, latents, randn_like=torch.randn_like, steps=250, eta=1.0, clamp=True, alphas_cumprod=None):
+def ddim_sampler(net, latents, randn_like=torch.randn_like, steps=250, eta=1.0, clamp=True, alphas_cumprod=None,
+                 labels=None, cfg=None):
     """DDIM (official ddim_sample). Per pair (t -> s): eps = net(x_t, t); x0 = (x_t - sqrt(1-a_t) eps) / sqrt(a_t),
     clamped; x_s = sqrt(a_s) x0 + sqrt(1 - a_s - sigma^2) eps + sigma z, sigma = eta sqrt((1-a_t/a_s)(1-a_s)/(1-a_t)).
-    eps is the raw network output, not re-derived from the clamped x0. The last pair returns x0."""
+    eps is the raw network output, not re-derived from the clamped x0. The last pair returns x0. labels, cfg: see
+    guided_eps."""
     ab = (net.alphas_cumprod if alphas_cumprod is None else alphas_cumprod).double().to(latents.device)
     lo, hi = (b.to(latents.device) for b in x0_range(net)) if clamp else (None, None)
     x = latents.to(torch.float64)
     for t, s in ddim_time_pairs(steps, len(ab)):
-        eps = net(x.to(torch.float32), torch.full([len(x)], t, device=x.device, dtype=torch.long)).double()
+        t_batch = torch.full([len(x)], t, device=x.device, dtype=torch.long)
+        eps = guided_eps(net, x.to(torch.float32), t_batch, labels, cfg).double()
         x0 = (x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()  # spec 8, DDIM step 2
         x0 = x0.clamp(lo, hi) if clamp else x0
         if s < 0:
@@ -408,7 +467,7 @@ def ddim_sampler(net, latents, randn_like=torch.randn_like, steps=250, eta=1.0, 
     return x
 
 @torch.no_grad()
-def ddpm_sampler(net, latents, randn_like=torch.randn_like, clamp=True, alphas_cumprod=None):
+def ddpm_sampler(net, latents, randn_like=torch.randn_like, clamp=True, alphas_cumprod=None, labels=None, cfg=None):
     """Ancestral DDPM over all T steps (official p_sample_loop): mean of q(x_{t-1} | x_t, x0) with the clamped x0,
     variance beta~_t = beta_t (1 - ab_{t-1}) / (1 - ab_t) (log clamped at 1e-20), no noise at t = 0."""
     ab = (net.alphas_cumprod if alphas_cumprod is None else alphas_cumprod).double().to(latents.device)
@@ -417,7 +476,8 @@ def ddpm_sampler(net, latents, randn_like=torch.randn_like, clamp=True, alphas_c
     lo, hi = (b.to(latents.device) for b in x0_range(net)) if clamp else (None, None)
     x = latents.to(torch.float64)
     for t in reversed(range(len(ab))):
-        eps = net(x.to(torch.float32), torch.full([len(x)], t, device=x.device, dtype=torch.long)).double()
+        t_batch = torch.full([len(x)], t, device=x.device, dtype=torch.long)
+        eps = guided_eps(net, x.to(torch.float32), t_batch, labels, cfg).double()
         x0 = (x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()
         # NOTE: v1 clamps the DWT x0 to [-1, 1] here (p_mean_variance), cutting LL in half; we use the per-band bounds.
         x0 = x0.clamp(lo, hi) if clamp else x0
@@ -426,14 +486,19 @@ def ddpm_sampler(net, latents, randn_like=torch.randn_like, clamp=True, alphas_c
         x = mean + var.sqrt() * randn_like(x) if t > 0 else mean
     return x
 
-def sample(net, seeds, device, sampler='ddim', steps=250, eta=1.0):
-    """Images for `seeds` in [-1, 1] pixels; every random draw comes from the image's own generator."""
+def sample(net, seeds, device, sampler='ddim', steps=250, eta=1.0, class_idx=None, cfg=None):
+    """Images for `seeds` in [-1, 1] pixels; every random draw comes from the image's own generator. A conditional
+    net draws each seed's class after its latents; `class_idx` replaces it (the draw still happens, as EDM)."""
     rng = PerSeedRNG(seeds, device)
     latents = rng.randn([net.in_chans, net.img_size, net.img_size], device=device, dtype=torch.float64)
+    labels = None
+    if net.num_classes:
+        classes = rng.randint(net.num_classes, device=device)
+        labels = torch.eye(net.num_classes, device=device)[classes if class_idx is None else [class_idx] * len(seeds)]
     if sampler == 'ddim':
-        x = ddim_sampler(net, latents, rng.randn_like, steps=steps, eta=eta)
+        x = ddim_sampler(net, latents, rng.randn_like, steps=steps, eta=eta, labels=labels, cfg=cfg)
     else:
-        x = ddpm_sampler(net, latents, rng.randn_like)
+        x = ddpm_sampler(net, latents, rng.randn_like, labels=labels, cfg=cfg)
     return to_image_space(x, net.dwt).to(torch.float32)
 
 #------------------------------------------------------------------------------
@@ -473,18 +538,18 @@ def load_pretrained(net, path):
 def train(args):
     device = init_distributed()
     rank, world_size = get_rank(), get_world_size()
-    if args.cond:
-        raise UserError('--cond=1: class-conditional MaskDM is not implemented (no reported experiment uses it)')
+    if args.cond and args.dwt:
+        raise UserError('--cond=1 --dwt=1: only the pixel U-ViT (official MaskedUViT) has the class token')
+    if args.label_dropout and not args.cond:
+        raise UserError('--label-dropout needs class labels (--cond=1)')
     if args.dropout:
         raise UserError(f'--dropout={args.dropout}: the MaskDM U-ViT has no dropout (every official config uses 0)')
     amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
-    dataset = open_dataset(args.data, use_labels=False, xflip=args.xflip)
-    R = dataset.resolution
-    if dataset.num_channels != 3:
-        raise UserError(f'{args.data}: {dataset.num_channels}-channel images; MaskDM trains on RGB')
+    dataset = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
+    R, C = dataset.resolution, dataset.num_channels  # any channel count (official config key `in_chans`)
     if args.resolution and R != args.resolution:
         raise UserError(f'{args.data}: {R}x{R} images, but this configuration (--preset/--resolution) is for {args.resolution}x{args.resolution}')
-    net_kwargs = dict(beta_schedule=args.beta_schedule, **network_kwargs(args, R))
+    net_kwargs = dict(beta_schedule=args.beta_schedule, **network_kwargs(args, R, C, dataset.label_dim))
     side = net_kwargs['img_size'] // net_kwargs['patch_size']
     if net_kwargs['img_size'] % net_kwargs['patch_size'] or (args.dwt and R % 2):
         raise UserError(f'{R}x{R} images do not split into {net_kwargs["patch_size"]}-pixel patches' + (' after the wavelet transform' if args.dwt else ''))
@@ -496,14 +561,16 @@ def train(args):
         shape_net = GaussianDiffusion(**net_kwargs)
     num_params = sum(p.numel() for p in shape_net.parameters())
     keep = draw_keep(shape_net, 1, np.random.default_rng(0), args.mask_type, args.mask_ratio, args.block_size, args.crop_size)
-    tokens = 1 + (sum(k.shape[1] for k in keep) if keep else shape_net.num_patches * len(shape_net.family_chans))
+    patch_tokens = sum(k.shape[1] for k in keep) if keep else shape_net.num_patches * len(shape_net.family_chans)
+    tokens = shape_net.model.encoder.extras + patch_tokens  # [label,] time, visible patches
     if keep is None and args.mask_type != 'none':
         print0(f'note: --mask_type={args.mask_type} masks no token of the {side}x{side} grid at these settings: full-image training')
     batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
     total_nimg = args.train_steps * args.batch if args.train_steps else int(args.duration * 1e6)
     mask = 'full' if keep is None else f'{args.mask_type}{args.block_size if args.mask_type == "block" else ""}-' \
         f'{args.crop_size if args.mask_type == "crop" else round(args.mask_ratio * 100)}'
-    desc = f'{dataset.name}-{args.arch}{"-dwt" if args.dwt else ""}-{mask}-gpus{world_size}-batch{args.batch}-' \
+    desc = f'{dataset.name}-{args.arch}{"-dwt" if args.dwt else ""}{"-cond" if args.cond else ""}-{mask}-' \
+           f'gpus{world_size}-batch{args.batch}-' \
            f'{"fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"}' + (f'-{args.desc}' if args.desc else '')
     options = dict(vars(args), net_kwargs=net_kwargs, num_params=num_params, tokens=tokens, batch_gpu=batch_gpu,
                    rounds=rounds, world_size=world_size, total_kimg=total_nimg / 1000)
@@ -529,21 +596,26 @@ def train(args):
     stream = data_stream(dataset, batch_gpu, rank, world_size, args.seed, data_pos, args.workers)
 
     with TrainingRun(args, 'masked_dm', desc, options, device, cur_nimg) as run:
-        print0(f'MaskDM: {dataset.name} ({len(dataset)} images, {R}x{R}), U-ViT-{args.arch}{" DWT" if args.dwt else ""} '
+        print0(f'MaskDM: {dataset.name} ({len(dataset)} images, {R}x{R}x{C}'
+               f'{f", {dataset.label_dim} classes" if args.cond else ""}), '
+               f'U-ViT-{args.arch}{" DWT" if args.dwt else ""} '
                f'{num_params:,} parameters, {tokens} tokens per image ({mask}), {args.beta_schedule} schedule, device {device}, '
                f'{batch_gpu} images x {rounds} rounds x {world_size} processes per step, to {total_nimg / 1000:g} kimg')
         while True:
             rng = reseed(args.seed, rank, cur_nimg)  # t, noise (torch) and masks (numpy) of this step
             optimizer.zero_grad(set_to_none=True)
             for r in range(rounds):
-                images, _ = next(stream)
+                images, labels = next(stream)
                 data_pos += batch_gpu
                 x0 = to_model_space(images.to(device), args.dwt)
                 t = torch.randint(0, net.num_timesteps, [batch_gpu], device=device)  # uniform over {0..999} (spec 4.1)
                 noise = torch.randn_like(x0)
                 keep = draw_keep(net, batch_gpu, rng, args.mask_type, args.mask_ratio, args.block_size, args.crop_size, device)
+                # One-hot labels, as the official p_losses passes the batch's labels. NOTE: --label-dropout (for --cfg)
+                # is our addition, the official loss has none: a dropped label is an all-zero row, i.e. `uncond_embed`.
+                labels = drop_labels(labels.to(device), args.label_dropout, batch_gpu, True) if args.cond else None
                 with sync_if(ddp, r == rounds - 1):
-                    loss = mdsm_loss(net, x0, t, noise, keep, ddp)
+                    loss = mdsm_loss(net, x0, t, noise, keep, ddp, labels)
                     run.add('loss', loss)
                     scaler.scale(loss.sum() * (args.ls / (batch_gpu * rounds))).backward()  # DDP averages over ranks
             lr = args.lr * min(step / args.warmup_steps, 1) if args.warmup_steps else args.lr  # HEAD LambdaLR: lr 0 at step 0
@@ -597,20 +669,41 @@ def load_network(path, preset=None):
     ab = ckpt['ema'].get('ema_model.alphas_cumprod')
     if ab is not None:  # the schedule the checkpoint was trained with
         kwargs['beta_schedule'] = min(('linear', 'cosine'), key=lambda s: (make_alphas_cumprod(s) - ab.double()).abs().max())
+    weights = {k[len('ema_model.'):]: v for k, v in ckpt['ema'].items() if k.startswith('ema_model.model.')}
+    kwargs.update(official_options(weights))
     net = GaussianDiffusion(**kwargs)
-    load_weights(net, {k[len('ema_model.'):]: v for k, v in ckpt['ema'].items() if k.startswith('ema_model.model.')}, path)
+    load_weights(net, weights, path)
     return net
+
+def official_options(weights):
+    """What an official config sets beyond the preset, read off the weights: `num_classes` (rows of label_emb),
+    `mlp_time_embed` (time_embed.* present) and, for the pixel U-ViT, `in_chans` (the patch embedding's input)."""
+    options = {}
+    label_emb = weights.get('model.encoder.label_emb.weight')
+    if label_emb is not None:
+        options['num_classes'] = label_emb.shape[0]
+    if 'model.encoder.time_embed.0.weight' in weights:
+        options['mlp_time_embed'] = True
+    proj = weights.get('model.encoder.patch_embed.proj.weight')
+    if proj is not None:
+        options['in_chans'] = proj.shape[1]
+    return options
 
 @torch.no_grad()
 def generate(args):
     device = init_distributed()
     rank, world_size = get_rank(), get_world_size()
     net = load_network(args.network, args.preset).to(device).eval()
+    if args.class_idx is not None and not 0 <= args.class_idx < max(net.num_classes, 1):
+        raise UserError(f'--class={args.class_idx}: the network has {net.num_classes} classes')
+    if args.cfg is not None and not net.num_classes:
+        raise UserError('--cfg needs a class-conditional network')
     batches = seed_batches(args.seeds, args.batch, rank, world_size)
     what = f'DDIM {args.steps} steps, eta {args.eta:g}' if args.sampler == 'ddim' else 'ancestral DDPM, 1000 steps'
     print0(f'generating {len(args.seeds)} images of {net.img_size * (2 if net.dwt else 1)}px ({what}) into {args.outdir}')
     for seeds in tqdm(batches, unit='batch', disable=rank != 0):
-        save_seed_images(sample(net, seeds, device, args.sampler, args.steps, args.eta), seeds, args.outdir, args.subdirs)
+        images = sample(net, seeds, device, args.sampler, args.steps, args.eta, args.class_idx, args.cfg)
+        save_seed_images(images, seeds, args.outdir, args.subdirs)
     torch.distributed.barrier()
     print0('done')
 
@@ -644,6 +737,10 @@ def build_parser(preset=None):
     t.add_argument('--ema_decay', type=float, default=0.999, metavar='FLOAT', help='EMA beta (ema-pytorch warm-up below it)')
     t.add_argument('--ema_every', type=int, default=1, metavar='STEPS', help='optimizer steps between EMA updates')
     t.add_argument('--pretrained_model_ckpt', default=None, metavar='PT', help='fine-tune from this pre-training checkpoint (ours or official)')
+    t.add_argument('--mlp_time_embed', type=parse_bool, default=False, metavar='BOOL',
+                   help='MLP on the time embedding (official config key)')
+    t.add_argument('--label-dropout', type=float, default=0, metavar='P',
+                   help='probability of replacing a label by the unconditional token (ours, for --cfg; official: 0)')
     t.add_argument('--grid', type=int, default=36, metavar='INT', help='images in the sample grid written with each snapshot; 0 = none')
     t.add_argument('--grid_steps', type=int, default=50, metavar='INT', help='DDIM steps for the sample grid')
     if preset is not None:
@@ -659,6 +756,10 @@ def build_parser(preset=None):
     g.add_argument('--sampler', choices=['ddim', 'ddpm'], default='ddim', help='DDIM, or 1000-step ancestral DDPM')
     g.add_argument('--steps', type=int, default=250, metavar='INT', help='DDIM steps (official FIDs: 250)')
     g.add_argument('--eta', type=float, default=1.0, metavar='FLOAT', help='DDIM eta; 1 = the official FID setting, 0 = deterministic')
+    g.add_argument('--class', dest='class_idx', type=int, default=None, metavar='INT',
+                   help='class label; None = random per seed')
+    g.add_argument('--cfg', type=float, default=None, metavar='W',
+                   help='classifier-free guidance weight (ours); 0 = the unconditional token')
     return parser
 
 def main():

@@ -10,6 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import ROOT
 
 import masked_dm as md
@@ -451,3 +452,167 @@ def test_dwt_variant_trains_and_samples_rgb(dataset_zip, tmp_path):
     assert 'approx_to_output.weight' in dict(net.model.named_parameters())
     images = md.sample(net, [0, 1], torch.device('cpu'), steps=4)
     assert images.shape == (2, 3, 8, 8) and images.isfinite().all()  # back in pixel space after the inverse Haar
+
+#------------------------------------------------------------------------------
+# Class conditioning (official MaskedUViT num_classes / mlp_time_embed), classifier-free guidance, grey images.
+
+COND = dict(TINY, num_classes=3, mlp_time_embed=True)
+
+def seeded_weights(net, seed):
+    """The weights of the recorded official runs: key i (sorted) ~ N(0, 1) * (1 for embeddings, else 0.2), seed + i."""
+    keys = sorted(net.state_dict())
+    return {k: torch.randn(net.state_dict()[k].shape, generator=torch.Generator().manual_seed(seed + i)) *
+            (1 if 'emb' in k else 0.2) for i, k in enumerate(keys)}
+
+def test_class_token_matches_official_maskeduvit():
+    # Outputs of the official MaskedUViT (jiachenlei/maskdm models/mask_uvit.py, real timm layers) for the same
+    # seeded weights and inputs: 3 classes + time MLP + q/v bias, and a 1-channel unconditional net; full and
+    # masked forward (official mask = [0 for the label and time tokens, the patch mask]), with and without labels.
+    ref = torch.load(ROOT / 'tests' / 'data' / 'masked_dm_cond_ref.pt', map_location='cpu', weights_only=True)
+    for case in ref['cases']:
+        net = md.MaskedUViT(img_size=8, in_chans=case['C'], patch_size=2, embed_dim=32, depth=3, heads=2,
+                            qkv_bias=case['qkv_bias'], num_classes=case['num_classes'],
+                            mlp_time_embed=case['mlp_time_embed']).eval()
+        assert sorted(net.state_dict()) == case['keys']  # the official parameter names, no more, no fewer
+        net.load_state_dict(seeded_weights(net, case['seed']))
+        x, t, keep = case['x'], case['t'], [case['keep']]
+        labels = torch.eye(case['num_classes'])[case['y']] if case['num_classes'] else None
+        with torch.no_grad():
+            for name in [k for k in ('full_cond', 'masked_cond', 'full_uncond', 'masked_uncond') if k in case]:
+                y = labels if name.endswith('_cond') else None
+                out = net(x, t, keep, y)[0] if name.startswith('masked') else net(x, t, None, y)
+                torch.testing.assert_close(out, case[name], atol=1e-5, rtol=0, msg=f'{case["name"]} {name}')
+        if labels is not None:
+            assert (case['full_cond'] - case['full_uncond']).abs().max() > 1e-3  # the label token matters
+
+def affine(x, layer):
+    return x @ layer.weight.T + layer.bias
+
+def test_conditional_forward_is_label_time_patch_composition():
+    net = md.MaskedUViT(**COND).eval()
+    net.load_state_dict(seeded_weights(net, 7))
+    enc = net.encoder
+    x, t = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 400, 999])
+    classes = torch.tensor([2, 0, 1])
+    labels = torch.eye(3)[classes]
+    # By hand: tokens [label, time, 16 patches] + positions, the blocks with mirror skips, norm, head, drop 2 tokens.
+    freqs = 10000 ** (-torch.arange(16) / 16)
+    emb = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], 1)  # [B, D], cosines first
+    time = affine(F.silu(affine(emb, enc.time_embed[0])), enc.time_embed[2])  # Linear-SiLU-Linear
+    patches = F.conv2d(x, enc.patch_embed.proj.weight, enc.patch_embed.proj.bias, stride=2).flatten(2).transpose(1, 2)
+    pos = enc.encoder_pos_embed[0]
+    tokens = torch.cat([enc.label_emb.weight[classes][:, None], time[:, None], patches], 1) + pos  # [B, 18, D]
+
+    def trunk(h):
+        skips = [h := enc.in_blocks[0](h)]
+        return net.encoder_to_output(enc.norm(enc.out_blocks[0](enc.mid_block(h), skips.pop())))[:, 2:]
+
+    with torch.no_grad():
+        full = trunk(tokens)  # [B, 16, p p C]
+        assert torch.allclose(net(x, t, None, labels), md.unpatchify(full, 2, 3), atol=1e-5)
+        keep = md.draw_keep(net, 3, np.random.default_rng(1), 'patch', 0.5)[0]
+        kept = torch.stack([tokens[i, torch.cat([torch.tensor([0, 1]), 2 + k])] for i, k in enumerate(keep)])
+        assert torch.allclose(net(x, t, [keep], labels)[0], trunk(kept), atol=1e-5)  # label and time tokens stay
+        uncond = tokens.clone()
+        uncond[:, 0] = enc.uncond_embed + pos[0]
+        assert torch.allclose(net(x, t), md.unpatchify(trunk(uncond), 2, 3), atol=1e-5)  # no labels: uncond_embed
+        assert torch.equal(net(x, t, None, torch.zeros(3, 3)), net(x, t))  # an all-zero row is the same token
+    uncond_keys = set(md.MaskedUViT(**TINY).state_dict())
+    extra = {'encoder.label_emb.weight', 'encoder.uncond_embed'} | {f'encoder.time_embed.{i}.{p}' for i in (0, 2)
+                                                                    for p in ('weight', 'bias')}
+    assert set(net.state_dict()) == uncond_keys | extra and enc.encoder_pos_embed.shape[1] == 2 + 16
+
+def test_cfg_combines_conditional_and_unconditional():
+    torch.manual_seed(0)
+    net = md.GaussianDiffusion(**COND).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        x, t, labels = torch.randn(2, 3, 8, 8), torch.tensor([100, 800]), torch.eye(3)[[1, 2]]
+        cond, uncond = net(x, t, labels=labels), net(x, t)
+        assert (cond - uncond).abs().max() > 1e-3
+        assert torch.allclose(md.guided_eps(net, x, t, labels, cfg=0), uncond, atol=1e-5)
+        assert torch.allclose(md.guided_eps(net, x, t, labels, cfg=1), cond, atol=1e-5)
+        assert torch.allclose(md.guided_eps(net, x, t, labels, cfg=2.5), uncond + 2.5 * (cond - uncond), atol=1e-5)
+
+def snapshot_in(folder):
+    return folder / sorted(n for n in os.listdir(folder) if n.startswith('network-snapshot-'))[-1]
+
+def test_cond_cli_train_and_per_class_generation(dataset_zip, tmp_path):
+    run_train(TINY_FLAGS + [f'--data={dataset_zip}', f'--outdir={tmp_path}', '--nosubdir', '--cond=1',
+                            '--train_steps=2', '--tick=0.1', '--mlp_time_embed=1'])
+    snapshot = snapshot_in(tmp_path)
+    kwargs = load_checkpoint(snapshot)['net_kwargs']
+    assert kwargs['num_classes'] == 2 and kwargs['mlp_time_embed']  # dataset.json: classes i % 2
+    gen = lambda out, *flags: md.generate(parse(['generate', f'--network={snapshot}', f'--outdir={tmp_path / out}',
+                                                 '--seeds=0-3', '--steps=5', *flags]))
+    gen('random')
+    gen('c0', '--class=0')
+    gen('c1', '--class=1')
+    rand, by_class = read_pngs(tmp_path / 'random'), [read_pngs(tmp_path / 'c0'), read_pngs(tmp_path / 'c1')]
+    for seed in range(4):  # each seed's class is drawn from its own generator, after its latents
+        g = torch.Generator().manual_seed(seed)
+        torch.randn([3, 8, 8], generator=g, dtype=torch.float64)
+        c = torch.randint(2, (), generator=g).item()
+        name = f'{seed:06d}.png'
+        assert np.array_equal(rand[name], by_class[c][name]) and not np.array_equal(rand[name], by_class[1 - c][name])
+    gen('cfg', '--class=1', '--cfg=2')
+    assert not np.array_equal(read_pngs(tmp_path / 'cfg')['000000.png'], by_class[1]['000000.png'])
+    with pytest.raises(UserError, match='2 classes'):
+        gen('bad', '--class=2')
+
+@pytest.mark.parametrize('p', [1, 0])
+def test_label_dropout_replaces_labels_by_unconditional_token(dataset_zip, tmp_path, p):
+    # One AdamW step without weight decay leaves a parameter bitwise unchanged iff its gradient is zero. With
+    # --label-dropout=1 every label is replaced by the unconditional token: label_emb is untouched, uncond_embed
+    # learns; with 0 (official) the reverse.
+    run_train(TINY_FLAGS + [f'--data={dataset_zip}', f'--outdir={tmp_path}', '--nosubdir', '--cond=1',
+                            '--train_steps=1', '--tick=0.1', '--dump=1', '--weight_decay=0', f'--label-dropout={p}'])
+    trained = state_at(tmp_path, 4)['net']
+    torch.manual_seed(0)  # the run's init (--seed=0)
+    init = md.GaussianDiffusion(**load_checkpoint(snapshot_in(tmp_path))['net_kwargs']).state_dict()
+    label, uncond = 'model.encoder.label_emb.weight', 'model.encoder.uncond_embed'
+    assert torch.equal(trained[label], init[label]) == (p == 1)
+    assert torch.equal(trained[uncond], init[uncond]) == (p == 0)
+    assert not torch.equal(trained['model.encoder_to_output.weight'], init['model.encoder_to_output.weight'])
+
+def test_official_conditional_checkpoint_loads_and_samples(tmp_path):
+    kw = dict(md.preset_network_kwargs('demo_ft'), num_classes=4, mlp_time_embed=True)
+    torch.manual_seed(6)
+    net = md.GaussianDiffusion(**kw)
+    official_checkpoint(tmp_path / 'model-20.pt', net, 'linear')  # keys ...label_emb, uncond_embed, time_embed
+    loaded = md.load_network(str(tmp_path / 'model-20.pt'), 'demo_ft')  # classes and time MLP read off the keys
+    assert (loaded.num_classes, loaded.model.encoder.time_embed is not None) == (4, True)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
+    md.generate(parse(['generate', f'--network={tmp_path / "model-20.pt"}', '--preset=demo_ft',
+                       f'--outdir={tmp_path / "o"}', '--seeds=3', '--steps=4', '--class=2']))
+    expected = md.sample(net.eval(), [3], torch.device('cpu'), steps=4, class_idx=2)
+    assert np.array_equal(read_pngs(tmp_path / 'o')['000003.png'], to_uint8(expected)[0].permute(1, 2, 0).numpy())
+    with pytest.raises(UserError, match='label-dropout'):
+        md.train(parse(TINY_FLAGS + ['--data=demo-8', '--label-dropout=0.1', '-n']))
+    with pytest.raises(UserError, match='pixel U-ViT'):
+        md.train(parse(TINY_FLAGS + ['--data=demo-8', '--cond=1', '--dwt=1', '-n']))
+
+@pytest.mark.parametrize('dwt', [False, True])
+def test_grey_images_train_and_generate(tmp_path, dwt):
+    import dataset_tool
+    from conftest import write_images
+    write_images(tmp_path / 'grey', channels=1)
+    dataset_tool.main([f'--source={tmp_path / "grey"}', f'--dest={tmp_path / "grey.zip"}'])
+    masks = ['--mask_type=patch'] if dwt else []
+    run_train(TINY_FLAGS + masks + [f'--data={tmp_path / "grey.zip"}', f'--outdir={tmp_path / "run"}', '--nosubdir',
+                                    '--train_steps=2', '--tick=0.1', f'--dwt={int(dwt)}'])
+    snapshot = snapshot_in(tmp_path / 'run')
+    kwargs = load_checkpoint(snapshot)['net_kwargs']
+    assert kwargs['in_chans'] == (4 if dwt else 1)  # official `in_chans`; Haar: [LL, H, V, D] x 1
+    md.generate(parse(['generate', f'--network={snapshot}', f'--outdir={tmp_path / "gen"}', '--seeds=0-1',
+                       '--steps=4']))
+    for name in ('000000.png', '000001.png'):
+        with PIL.Image.open(tmp_path / 'gen' / name) as image:
+            assert image.mode == 'L' and image.size == (8, 8)
+    if not dwt:  # an official 1-channel checkpoint (config in_chans: 1): in_chans read off the patch embedding
+        torch.manual_seed(2)
+        net = md.GaussianDiffusion(**dict(md.preset_network_kwargs('demo_ft'), in_chans=1))
+        official_checkpoint(tmp_path / 'grey.pt', net, 'linear')
+        loaded = md.load_network(str(tmp_path / 'grey.pt'), 'demo_ft')
+        assert loaded.in_chans == 1 and all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
