@@ -20,7 +20,7 @@ Contents, in order:
  11. EDM's augmentation pipe (`AugmentPipe`, the geometric and colour transforms of ADA)
 """
 
-import argparse, contextlib, io, json, math, os, pickle, re, resource, sys, time, urllib.parse, warnings, zipfile
+import argparse, contextlib, copy, io, json, math, os, pickle, re, resource, shutil, signal, sys, threading, time, urllib.parse, warnings, zipfile
 from collections import OrderedDict
 
 import numpy as np
@@ -61,14 +61,27 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 class UserError(Exception):
-    """A problem with the user's input (file, flag, data): `run_main` prints it as one line, without a traceback."""
+    """A problem with the user's input (file, flag, data) or a run-time fault (disk full): one line, exit code 1."""
+
+class UsageError(UserError):
+    """A bad flag value or combination, found before anything is written: one line, exit code 2."""
+
+class DataError(UserError):
+    """An image or label that cannot be read; raised by the datasets, so a run can save its state before it stops."""
 
 def run_main(command, args):
-    """Run a CLI command; user errors become one line on stderr and exit code 1; the process group is torn down."""
+    """Run a CLI command: errors become one line on stderr (exit 2 usage, 1 run time, 130 interrupt), never a
+    traceback; the process group is torn down."""
     try:
         command(args)
     except UserError as e:  # from a DataLoader worker it comes back with the worker's traceback in its message
-        print(f'error: {str(e).rsplit("UserError: ", 1)[-1].strip()}', file=sys.stderr)
+        print(f'error: {re.split("(?:User|Usage|Data)Error: ", str(e))[-1].strip()}', file=sys.stderr)
+        sys.exit(2 if isinstance(e, UsageError) else 1)
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:  # a file that cannot be written or read: name it, no traceback
+        print(f'error: {e.filename or ""}: {e.strerror or e}', file=sys.stderr)
         sys.exit(1)
     finally:
         if dist.is_initialized():
@@ -78,7 +91,7 @@ def run_main(command, args):
 # 2. Command-line parsers.
 
 def parse_int_list(s):
-    """'0-3,7' -> [0, 1, 2, 3, 7] (EDM's seed syntax); a list passes through."""
+    """'0-3,7' -> [0, 1, 2, 3, 7] (EDM's seed syntax); a list passes through. An empty result is an error."""
     if isinstance(s, (list, tuple)):
         return list(s)
     out = []
@@ -88,6 +101,8 @@ def parse_int_list(s):
             out.extend(range(int(m[1]), int(m[2]) + 1) if m else [int(part)])
         except ValueError:
             raise argparse.ArgumentTypeError(f'expected integers or ranges like 0-49999,7; got {s!r}') from None
+        if m and int(m[2]) < int(m[1]):
+            raise argparse.ArgumentTypeError(f'{part.strip()!r} is an empty range (write low-high)')
     return out
 
 def parse_bool(s):
@@ -97,9 +112,40 @@ def parse_bool(s):
         raise argparse.ArgumentTypeError(f'expected a boolean (1/0/true/false); got {s!r}')
     return s if isinstance(s, bool) else words[s.lower()]
 
+def number(kind, low=None, high=None, low_open=False):
+    """argparse type: an int or float within [low, high] (or (low, high] with low_open), e.g. number(int, 1)."""
+    def parse(s):
+        try:
+            value = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected {"an integer" if kind is int else "a number"}, got {s!r}') from None
+        below = low is not None and (value <= low if low_open else value < low)
+        if below or (high is not None and value > high) or value != value:
+            lo = '' if low is None else f'{"> " if low_open else ">= "}{low}'
+            hi = '' if high is None else f'<= {high}'
+            raise argparse.ArgumentTypeError(f'{s} is out of range: must be {" and ".join(x for x in (lo, hi) if x)}')
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) and defaults shown in --help; its subcommands are Parsers too."""
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message}\n')
+
+# Training options that may change when a run is resumed; every other option defines the run, and `--resume`
+# refuses a different value (flags left out take the training state's values).
+RESUME_MAY_CHANGE = {'command', 'outdir', 'resume', 'duration', 'train_steps', 'tick', 'snap', 'dump', 'workers',
+                     'grid', 'grid_steps', 'desc', 'nosubdir', 'dry_run', 'compile', 'batch_gpu', 'preset'}
+
 def parse_command_line(build_parser, argv=None):
     """`train` is the default subcommand (`x.py --preset=demo` trains). `build_parser(preset)` builds the parser; with
-    a preset name, the subcommand that has --preset takes its values as defaults: flags given still win."""
+    a preset name, the subcommand that has --preset takes its values as defaults: flags given still win. With
+    `train --resume=STATE`, the options stored in the state are the defaults, and a flag that gives a run-defining
+    option another value is an error."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith('-') and argv[0] not in ('-h', '--help')):
         argv.insert(0, 'train')
@@ -108,38 +154,71 @@ def parse_command_line(build_parser, argv=None):
     if getattr(args, 'preset', None) is not None:
         parser = build_parser(args.preset)
         args = parser.parse_args(argv)
+    if args.command == 'train' and getattr(args, 'resume', None):
+        try:
+            stored = {k: v for k, v in read_training_options(args.resume).items() if k not in RESUME_MAY_CHANGE}
+        except UserError as e:
+            parser.error(f'argument --resume: {e}')
+        train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices['train']
+        train.set_defaults(**{k: v for k, v in stored.items() if hasattr(args, k)})
+        args = parser.parse_args(argv)
+        changed = [k for k, v in stored.items() if hasattr(args, k) and getattr(args, k) != v]
+        if changed:
+            parser.error(f'--resume={args.resume} continues a run with other options: ' + '; '.join(
+                f'--{k}={getattr(args, k)} given, {stored[k]} in the training state' for k in changed) +
+                ' (leave them out to continue that run, or start a new run)')
     if args.command == 'train' and getattr(args, 'data', '') is None:
         parser.error('--data is required (an EDM-format zip or folder, or demo)')
     return args
 
 def add_train_flags(p, **defaults):
     """The training flags every method file shares (EDM's names and units); `defaults` overrides per method."""
-    d = dict(outdir='training-runs', duration=200, batch=512, lr=1e-3, ema=0.5, dropout=0.13, tick=50, snap=50, dump=500) | defaults
+    d = dict(outdir='training-runs', duration=200, batch=512, lr=1e-3, dropout=0.13, tick=50, snap=50, dump=500) | defaults
+    pos_int, pos_float, nonneg_int = number(int, 1), number(float, 0, low_open=True), number(int, 0)
     p.add_argument('--outdir', default=d['outdir'], metavar='DIR', help='where to make the run directory')
     p.add_argument('--data', default=None, metavar='ZIP|DIR|demo', help='required: an EDM-format zip or folder (dataset_tool.py), or demo[-RES] for built-in shapes')
     p.add_argument('--cond', type=parse_bool, default=False, metavar='BOOL', help='class-conditional training (labels from dataset.json)')
-    p.add_argument('--duration', type=float, default=d['duration'], metavar='MIMG', help='training length in millions of images')
-    p.add_argument('--batch', type=int, default=d['batch'], metavar='INT', help='global batch size (images per optimizer step)')
-    p.add_argument('--batch-gpu', type=int, default=None, metavar='INT', help='max images per GPU per pass; the rest is gradient accumulation')
-    p.add_argument('--lr', type=float, default=d['lr'], metavar='FLOAT', help='Adam learning rate')
-    p.add_argument('--lr-rampup', type=float, default=10000, metavar='KIMG', help='linear lr ramp-up length (EDM: 10,000 kimg)')
-    p.add_argument('--ema', type=float, default=d['ema'], metavar='MIMG', help='EMA half-life in millions of images')
-    p.add_argument('--dropout', type=float, default=d['dropout'], metavar='FLOAT', help='dropout probability in the network')
+    p.add_argument('--duration', type=pos_float, default=d['duration'], metavar='MIMG', help='training length in millions of images')
+    p.add_argument('--batch', type=pos_int, default=d['batch'], metavar='INT', help='global batch size (images per optimizer step)')
+    p.add_argument('--batch-gpu', type=pos_int, default=None, metavar='INT', help='max images per GPU per pass; the rest is gradient accumulation')
+    p.add_argument('--lr', type=pos_float, default=d['lr'], metavar='FLOAT', help='learning rate')
+    p.add_argument('--dropout', type=number(float, 0, 1), default=d['dropout'], metavar='FLOAT', help='dropout probability in the network')
     p.add_argument('--xflip', type=parse_bool, default=False, metavar='BOOL', help='add x-flipped copies of the dataset')
     p.add_argument('--fp16', type=parse_bool, default=False, metavar='BOOL', help='autocast fp16 around the network + GradScaler')
     p.add_argument('--bf16', type=parse_bool, default=False, metavar='BOOL', help='autocast bf16 around the network')
-    p.add_argument('--ls', type=float, default=1, metavar='FLOAT', help='loss scaling (a constant multiplier, as EDM)')
+    p.add_argument('--ls', type=pos_float, default=1, metavar='FLOAT', help='loss scaling (a constant multiplier, as EDM)')
     p.add_argument('--tf32', type=parse_bool, default=False, metavar='BOOL', help='allow TF32 matmuls/convolutions')
     p.add_argument('--compile', type=parse_bool, default=False, metavar='BOOL', help='torch.compile the network (GPU speed; slow first steps)')
-    p.add_argument('--tick', type=float, default=d['tick'], metavar='KIMG', help='thousands of images between status lines')
-    p.add_argument('--snap', type=int, default=d['snap'], metavar='TICKS', help='ticks between network snapshots')
-    p.add_argument('--dump', type=int, default=d['dump'], metavar='TICKS', help='ticks between training-state dumps')
+    p.add_argument('--tick', type=pos_float, default=d['tick'], metavar='KIMG', help='thousands of images between status lines')
+    p.add_argument('--snap', type=nonneg_int, default=d['snap'], metavar='TICKS', help='ticks between network snapshots; 0 = only at the end')
+    p.add_argument('--dump', type=nonneg_int, default=d['dump'], metavar='TICKS', help='ticks between training-state dumps; 0 = only at the end')
     p.add_argument('--seed', type=int, default=0, metavar='INT', help='random seed')
-    p.add_argument('--resume', default=None, metavar='PT', help='resume from a training-state-*.pt')
+    p.add_argument('--resume', default=None, metavar='PT', help='continue from a training-state-*.pt; flags left out take its values')
     p.add_argument('--desc', default=None, metavar='STR', help='string appended to the run directory name')
     p.add_argument('--nosubdir', action='store_true', help='write into --outdir itself, no numbered run directory')
-    p.add_argument('--workers', type=int, default=1, metavar='INT', help='DataLoader worker processes per GPU')
+    p.add_argument('--workers', type=nonneg_int, default=1, metavar='INT', help='DataLoader worker processes per GPU')
     p.add_argument('-n', '--dry-run', action='store_true', help='print the resolved options as JSON and exit')
+
+def add_edm_train_flags(p, ema=0.5, lr_rampup=10000):
+    """EDM's lr ramp-up and EMA half-life (the methods that train with EDM's schedule: all but MaskDM)."""
+    p.add_argument('--lr-rampup', type=number(float, 0), default=lr_rampup, metavar='KIMG', help='linear lr ramp-up length (EDM: 10,000 kimg)')
+    p.add_argument('--ema', type=number(float, 0), default=ema, metavar='MIMG', help='EMA half-life in millions of images')
+
+def add_generate_flags(g, edm_sampler=True, steps=18):
+    """The generation flags every method file shares (EDM generate.py's names); EDM's sampler flags if it uses it."""
+    g.add_argument('--outdir', required=True, metavar='DIR', help='where to write {seed:06d}.png')
+    g.add_argument('--seeds', type=parse_int_list, default='0-63', metavar='LIST', help='random seeds, e.g. 0-49999')
+    g.add_argument('--subdirs', action='store_true', help='put seeds in folders of 1,000')
+    g.add_argument('--batch', type=number(int, 1), default=64, metavar='INT', help='images per batch per GPU')
+    if edm_sampler:
+        g.add_argument('--steps', type=number(int, 1), default=steps, metavar='INT', help='Heun steps (EDM Alg. 2)')
+        g.add_argument('--sigma_min', type=number(float, 0, low_open=True), default=0.002, metavar='FLOAT', help='lowest noise level')
+        g.add_argument('--sigma_max', type=number(float, 0, low_open=True), default=80, metavar='FLOAT', help='highest noise level')
+        g.add_argument('--rho', type=number(float, 0, low_open=True), default=7, metavar='FLOAT', help='time step exponent (EDM Eq. 5)')
+        g.add_argument('--S_churn', type=number(float, 0), default=0, metavar='FLOAT', help='stochasticity strength (EDM Alg. 2)')
+        g.add_argument('--S_min', type=number(float, 0), default=0, metavar='FLOAT', help='lowest sigma with churn')
+        g.add_argument('--S_max', type=number(float, 0), default=float('inf'), metavar='FLOAT', help='highest sigma with churn')
+        g.add_argument('--S_noise', type=number(float, 0), default=1, metavar='FLOAT', help='churn noise inflation')
 
 #------------------------------------------------------------------------------
 # 3. Seeding. Training reseeds at every step from (seed, rank, cur_nimg), so a resumed run replays the same
@@ -806,6 +885,26 @@ class DhariwalUNet(torch.nn.Module):
         emb = F.silu(emb)
         return self.out_conv(F.silu(self.out_norm(encode_decode(self.enc, self.dec, x, emb))))
 
+# The backbones as EDM's train.py configures them (EDM Table 7): --arch=ddpmpp (VP), ncsnpp (VE), adm; adm256 is
+# ADM's 256x256 configuration (official RDM train.py).
+EDM_ARCHS = {
+    'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
+                   channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2]),
+    'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
+                   channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2]),
+    'adm':    dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
+    'adm256': dict(model_type='DhariwalUNet', model_channels=256, channel_mult=[1, 1, 2, 2, 4, 4], num_blocks=2),
+}
+
+def edm_backbone_kwargs(arch, cbase=None, cres=None, blocks=None):
+    """Backbone kwargs of an --arch with EDM train.py's --cbase/--cres overrides (and a block count)."""
+    model = dict(EDM_ARCHS[arch])
+    model['model_channels'] = cbase or model['model_channels']
+    model['channel_mult'] = cres or model['channel_mult']
+    if blocks:
+        model['num_blocks'] = blocks
+    return model
+
 #------------------------------------------------------------------------------
 # 7. Training plumbing shared by the method files.
 
@@ -867,6 +966,27 @@ def optimizer_step(optimizer, scaler, lr):
                     torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
         optimizer.step()
 
+def network_and_ema(net, device, amp_dtype):
+    """The network to train, on `device` with its autocast dtype, and its EMA copy (EDM training_loop)."""
+    net = net.to(device).train().requires_grad_(True)
+    net.amp_dtype = amp_dtype
+    return net, copy.deepcopy(net).eval().requires_grad_(False)
+
+def run_desc(*parts, world_size, batch, fp16=False, bf16=False, desc=None):
+    """The run directory's name after its number (EDM): `<parts>-gpus<N>-batch<B>-<dtype>[-<desc>]`."""
+    dtype = 'fp16' if fp16 else 'bf16' if bf16 else 'fp32'
+    return '-'.join([*map(str, parts), f'gpus{world_size}', f'batch{batch}', dtype] + ([desc] if desc else []))
+
+def check_outdir(path, flag='--outdir'):
+    """A folder we may create or write into: the flag's one-line error otherwise, before anything is written."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f'{flag}={path}: exists and is not a folder')
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f'{flag}={path}: cannot write there ({parent} is not a writable folder)')
+
 def _all_finite(obj):
     """True if every floating-point tensor in a (nested) dict or list is finite."""
     if isinstance(obj, (dict, list, tuple)):
@@ -874,38 +994,67 @@ def _all_finite(obj):
     return not (torch.is_tensor(obj) and obj.is_floating_point()) or bool(torch.isfinite(obj).all())
 
 class TrainingRun:
-    """One training run, the part every method's loop shares (EDM training_loop): the run directory with
-    training_options.json and log.txt, one status line per tick (the first after one step, then every --tick kimg)
-    with the tick's all-reduced means, also in stats.jsonl; a stop on a non-finite mean; network snapshots every
-    --snap ticks and training states every --dump ticks, written by rank 0. Make it after all setup, so that a run
-    whose dataset or flags are bad leaves no directory behind. In the loop: `run.add('loss', loss)` every step, and
-    `if run.due(cur_nimg, done): run.end_tick(cur_nimg, done, step, data_pos, snapshot=..., state=...)`."""
-    def __init__(self, args, method, desc, options, device, cur_nimg=0):
-        self.args, self.method, self.device = args, method, device
-        self.log, self.last_state = None, args.resume
-        path = [args.outdir]  # `<outdir>/<5-digit id>-<desc>` (EDM), made by rank 0; every rank gets the path
+    """One training run, the part every method's loop shares (EDM training_loop). Made after all setup, it resumes
+    the objects of `state` (modules, optimizers, scaler) from `resume`, then makes the run directory with
+    training_options.json (`flags`, the command line's options, and `info`, what setup resolved) and log.txt. In the loop: `run.data(...)` gives the micro-batches, `run.add('loss', loss)`
+    accumulates tick means, `run.end_step(nimg)` counts the step's images and, at the end of each tick (the first
+    after one step, then every `tick` kimg), prints the status line (also in stats.jsonl), stops on a non-finite mean,
+    writes network snapshots every `snap` ticks (`snapshot()`: the method's snapshot content; `grid(path)` a sample
+    grid beside it) and training states every `dump` ticks. Ctrl-C ends the step, writes a training state and stops;
+    so does an unreadable image (before its step changes any weight); a full disk names the last good state."""
+    def __init__(self, method, flags, info, device, *, outdir, desc, nosubdir, resume, total_nimg, tick, snap, dump,
+                 state, snapshot, grid=None):
+        self.method, self.flags, self.device, self.total_nimg = method, flags, device, total_nimg
+        self.tick_kimg, self.snap, self.dump, self.objects, self.snapshot, self.grid = tick, snap, dump, state, snapshot, grid
+        self.cur_nimg = self.step = self.data_pos = self.pending_pos = self.tick = 0
+        self.last_state, self.log, self.interrupted, self.data_failed = resume, None, False, False
+        if resume:
+            loaded = load_training_state(resume, method, get_rank(), get_world_size(), **state)
+            self.cur_nimg, self.step, self.data_pos = loaded['cur_nimg'], loaded['step'], loaded['data_pos']
+            self.tick = loaded.get('tick', 1)  # snapshots stay on the uninterrupted run's tick grid
+        check_outdir(outdir)
+        path = [outdir]  # `<outdir>/<5-digit id>-<desc>` (EDM), made by rank 0; every rank gets the path
         if get_rank() == 0:
-            if not args.nosubdir:
-                names = os.listdir(args.outdir) if os.path.isdir(args.outdir) else []
+            if not nosubdir:
+                names = os.listdir(outdir) if os.path.isdir(outdir) else []
                 ids = [int(m[1]) for m in (re.match(r'(\d+)-', name) for name in names) if m]
-                path[0] = os.path.join(args.outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+                path[0] = os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
             os.makedirs(path[0], exist_ok=True)
         dist.broadcast_object_list(path)
         self.dir = path[0]
         if get_rank() == 0:
-            for folder in {self.dir, os.path.dirname(os.path.abspath(args.resume or self.dir))}:
+            for folder in {self.dir, os.path.dirname(os.path.abspath(resume or self.dir))}:
                 remove_stale_temp_files(folder)
             self.log, self.stdout = open(os.path.join(self.dir, 'log.txt'), 'a'), sys.stdout
             sys.stdout = self  # tee: what rank 0 prints goes to the terminal and to log.txt (write, flush below)
             with open(os.path.join(self.dir, 'training_options.json'), 'w') as f:
-                json.dump(options, f, indent=2)
-        self.tick, self.tick_start_nimg, self.sums = 0, cur_nimg, {}
-        self.start_time = self.tick_start_time = self.tick_end_time = time.time()
+                json.dump(dict(flags, **info), f, indent=2)
+        if resume:  # marked in log.txt and stats.jsonl, which a resume in the same folder continues
+            print0(f'resumed from {resume} at kimg {self.cur_nimg / 1000:g}, step {self.step}; options not given on '
+                   'the command line are the training state\'s')
+            self._write_stats(dict(resumed_from=resume, kimg=self.cur_nimg / 1000, step=self.step))
+        self.tick_start_nimg, self.sums = self.cur_nimg, {}
+        self.start_time = self.tick_start_time = self.tick_end_time = self.last_print = time.time()
 
     def __enter__(self):
+        self.previous_handler = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._on_interrupt)
         return self
 
+    def _on_interrupt(self, *_):
+        """First Ctrl-C: finish the step, save, stop. A second one stops at once (as Python's default)."""
+        self.interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print0('\ninterrupt: finishing this step, then writing a training state (Ctrl-C again to stop at once)')
+
     def __exit__(self, exc_type, exc, tb):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self.previous_handler)
+        if self.data_failed and get_world_size() == 1:  # nothing lost: the weights are those of the last whole step
+            path = self.save('training-state', self.full_state())
+            exc.args = (f'{exc.args[0] if exc.args else exc}; training state at kimg {self.cur_nimg / 1000:g} '
+                        f'written: resume with --resume={path}',)
         if self.log:
             if exc is not None:
                 self.log.write(f'error: {exc}\n')  # the terminal gets it from run_main
@@ -920,52 +1069,104 @@ class TrainingRun:
         self.log.flush()
         self.stdout.flush()
 
+    def data(self, dataset, batch_gpu, seed, workers):
+        """Endless (uint8 images, labels) micro-batches of this rank, from the run's data position on."""
+        stream = data_stream(dataset, batch_gpu, get_rank(), get_world_size(), seed, self.data_pos, workers)  # now:
+        def batches():                                              # the DataLoader draws its base seed when made
+            while True:
+                try:
+                    batch = next(stream)
+                except UserError:
+                    self.data_failed = True
+                    raise
+                self.pending_pos += len(batch[0])
+                yield batch
+        return batches()
+
     def add(self, name, value):
         """Accumulate a tensor (e.g. per-sample losses) for this tick's mean, on the device: no host sync."""
         total, n = self.sums.get(name, (0, 0))
         self.sums[name] = (total + value.detach().float().sum(), n + value.numel())
 
-    def due(self, cur_nimg, done):
-        return done or self.tick == 0 or cur_nimg >= self.tick_start_nimg + self.args.tick * 1000
+    @property
+    def done(self):
+        return self.cur_nimg >= self.total_nimg
 
-    def end_tick(self, cur_nimg, done, step, data_pos, snapshot, state, **extra):
-        """Status line, divergence check, checkpoints, barrier; all ranks call it. `snapshot()` returns the snapshot's
-        content (net_kwargs, ema, ...), `state()` what a training state adds (net, optimizer, scaler, ...). Returns
-        the snapshot's path on rank 0 if one was written, else None."""
-        tick, means = self.tick, self.report(cur_nimg, step=step, **extra)
+    def end_step(self, nimg):
+        """Count a finished optimizer step of `nimg` images (all ranks); ends the tick when it is due."""
+        self.cur_nimg, self.step = self.cur_nimg + int(nimg), self.step + 1
+        self.data_pos, self.pending_pos = self.data_pos + self.pending_pos, 0
+        if self.done or self.tick == 0 or self.cur_nimg >= self.tick_start_nimg + self.tick_kimg * 1000:
+            self.end_tick()
+        elif time.time() - self.last_print > 60:  # a long tick on a CPU: show that it is moving
+            self.last_print = time.time()
+            print0(f'  ... kimg {self.cur_nimg / 1000:<8g} step {self.step}')
+        if self.interrupted and get_world_size() == 1 and not self.done:
+            path = self.save('training-state', self.full_state())
+            print0(f'stopped at kimg {self.cur_nimg / 1000:g}; resume with --resume={path}')
+            raise KeyboardInterrupt
+
+    def full_state(self):
+        positions = [None] * get_world_size()
+        dist.all_gather_object(positions, self.data_pos)
+        return dict(self.snapshot_content(), step=self.step, tick=self.tick, data_pos=positions,
+                    **{name: obj.state_dict() for name, obj in self.objects.items()})
+
+    def snapshot_content(self):
+        return dict(method=self.method, args=self.flags, cur_nimg=self.cur_nimg, **self.snapshot())
+
+    def end_tick(self):
+        """Status line, divergence check, checkpoints, barrier; all ranks call it."""
+        tick, means = self.tick, self.report(step=self.step)
         bad = [name for name, value in means.items() if not math.isfinite(value)]
         if bad:
-            raise UserError(f'training diverged: mean {bad[0]} is {means[bad[0]]} in tick {tick} (kimg {cur_nimg / 1000:g}); '
-                            f'stopped without saving. Last good training state: {self.last_state or "none"}')
-        common = dict(method=self.method, args=vars(self.args), cur_nimg=cur_nimg)
-        snap_path = None
-        if done or (tick > 0 and self.args.snap and tick % self.args.snap == 0):
-            snap_path = self.save('network-snapshot', cur_nimg, dict(common, **snapshot()))
-        if done or (tick > 0 and self.args.dump and tick % self.args.dump == 0):
-            positions = [None] * get_world_size()
-            dist.all_gather_object(positions, data_pos)
-            self.last_state = self.save('training-state', cur_nimg, dict(common, **snapshot(), **state(), step=step,
-                                                                         data_pos=positions))
+            raise UserError(f'training diverged: mean {bad[0]} is {means[bad[0]]} in tick {tick} (kimg '
+                            f'{self.cur_nimg / 1000:g}); stopped without saving. Last good training state: '
+                            f'{self.last_state or "none"}')
+        if self.done or (tick > 0 and self.snap and tick % self.snap == 0):
+            path = self.save('network-snapshot', self.snapshot_content())
+            if self.grid and get_rank() == 0:
+                self.grid(path.replace('network-snapshot', 'samples')[:-3] + '.png')
+        if self.done or (tick > 0 and self.dump and tick % self.dump == 0):
+            self.last_state = self.save('training-state', self.full_state())
+        if get_world_size() > 1:  # Ctrl-C under torchrun: every rank agrees at the tick's end
+            flag = torch.tensor([float(self.interrupted)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and not self.done:
+                path = self.save('training-state', self.full_state())
+                print0(f'stopped at kimg {self.cur_nimg / 1000:g}; resume with --resume={path}')
+                raise KeyboardInterrupt
         dist.barrier()
-        self.tick_start_time = time.time()  # the time spent since the status line is next tick's 'maintenance'
-        return snap_path if get_rank() == 0 else None
+        self.tick_start_time = self.last_print = time.time()  # time from the status line on is next tick's 'maintenance'
 
-    def save(self, kind, cur_nimg, data):
+    def save(self, kind, data):
         """`<kind>-<kimg:06d>.pt` (EDM); a second save in the same kimg (--tick under 1, the last tick) appends
-        `_<rest of the image count>` (no overwrites; names sort in training order). Non-finite weights stop the run."""
+        `_<rest of the image count>` (no overwrites; names sort in training order). Non-finite weights stop the run;
+        so does a failed write, with one line naming the file, the free space and the last good training state."""
         if not _all_finite(data):
-            raise UserError(f'training diverged: non-finite weights at kimg {cur_nimg / 1000:g}; {kind} not saved. '
-                            f'Last good training state: {self.last_state or "none"}')
-        path = os.path.join(self.dir, f'{kind}-{cur_nimg // 1000:06d}.pt')
-        if get_rank() == 0 and os.path.exists(path) and cur_nimg % 1000:
-            path = path[:-3] + f'_{cur_nimg % 1000:03d}.pt'
+            raise UserError(f'training diverged: non-finite weights at kimg {self.cur_nimg / 1000:g}; {kind} not '
+                            f'saved. Last good training state: {self.last_state or "none"}')
+        path = os.path.join(self.dir, f'{kind}-{self.cur_nimg // 1000:06d}.pt')
+        if get_rank() == 0 and os.path.exists(path) and self.cur_nimg % 1000:
+            path = path[:-3] + f'_{self.cur_nimg % 1000:03d}.pt'
         if get_rank() == 0:
-            save_checkpoint(data, path)
+            try:
+                save_checkpoint(data, path)
+            except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError ('unexpected pos ...')
+                free = shutil.disk_usage(self.dir).free / 2**20
+                raise UserError(f'cannot write {path} ({getattr(e, "strerror", None) or "write failed"}; '
+                                f'{free:.1f} MiB free on that disk). Last good training state: '
+                                f'{self.last_state or "none"}') from None
         return path
 
-    def report(self, cur_nimg, **extra):
+    def _write_stats(self, fields):
+        if get_rank() == 0:
+            with open(os.path.join(self.dir, 'stats.jsonl'), 'a') as f:
+                f.write(json.dumps(dict(fields, timestamp=time.time())) + '\n')
+
+    def report(self, **extra):
         """Print the status line of the tick that just ended; returns the means (all-reduced over ranks)."""
-        now, means = time.time(), {}
+        now, means, cur_nimg = time.time(), {}, self.cur_nimg
         for name, (total, n) in sorted(self.sums.items()):
             t = torch.stack([torch.as_tensor(total, device=self.device).float(), torch.tensor(float(n), device=self.device)])
             dist.all_reduce(t)
@@ -978,13 +1179,23 @@ class TrainingRun:
                          'maintenance': self.tick_start_time - self.tick_end_time,
                          'cpumem': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 'gpumem': gpumem}, **extra)
         print0('  '.join(f'{k} {v:<8.4g}' if isinstance(v, float) else f'{k} {v:<5}' for k, v in fields.items()))
-        if get_rank() == 0:
-            with open(os.path.join(self.dir, 'stats.jsonl'), 'a') as f:
-                f.write(json.dumps(dict(fields, timestamp=now)) + '\n')
+        self._write_stats(fields)
         if self.device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(self.device)
         self.tick, self.tick_start_nimg, self.sums, self.tick_end_time = self.tick + 1, cur_nimg, {}, now
         return means
+
+def read_training_options(path):
+    """The options a training state was written with (its 'args'), read without loading its tensors."""
+    if not os.path.isfile(path):
+        raise UserError(f'{path}: no such training state')
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:
+        state = load_checkpoint(path)  # its one-line error
+    if not isinstance(state, dict) or 'method' not in state or not isinstance(state.get('args'), dict):
+        raise UserError(f'{path}: not a training state of this project; --resume takes a training-state-*.pt')
+    return state['args']
 
 def load_training_state(path, method, rank, world_size, **objects):
     """Resume: load `path` (a training-state-*.pt of `method`) into the named objects (modules, optimizers, scaler:
@@ -995,7 +1206,7 @@ def load_training_state(path, method, rank, world_size, **objects):
     if state['method'] != method:
         raise UserError(f'{path}: a {state["method"]} checkpoint; --resume needs a training state of {method}.py')
     missing = [name for name in objects if name not in state]
-    if missing and 'ema' in state and 'optimizer' not in state:
+    if missing and 'ema' in state and not any(k.startswith('optimizer') for k in state):
         raise UserError(f'{path}: a network snapshot, not a training state; --resume takes a training-state-*.pt')
     if missing:
         raise UserError(f'{path}: training state without {", ".join(missing)}')
@@ -1043,7 +1254,7 @@ def load_checkpoint(path):
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch's message would advise weights_only=False, which runs code from the file
         first = 'not a torch.save file, or truncated'
-        if 'weights_only' in str(e) or 'Unsupported global' in str(e):
+        if zipfile.is_zipfile(path) and ('weights_only' in str(e) or 'Unsupported global' in str(e)):
             first = 'it holds Python objects other than tensors and plain containers'
         raise UserError(f'{path}: not a checkpoint of this project ({first})') from None
 
@@ -1155,21 +1366,71 @@ def _from_snapshot(data):
     kwargs.setdefault('model_type', model.name)
     return dict(class_name=model.name, precond=ema.name, init_kwargs=kwargs, state_dict=_flatten(ema, '', {}))
 
-# Weights and constructor arguments of an EDM-format .pkl snapshot (EDM, Patch Diffusion, GDD), read without the
+class _TorchZipUnpickler(_SnapshotUnpickler):
+    """The same restricted unpickler for torch.save zip archives (official RDM .pt files that pickle whole
+    modules): tensors come from the archive's storage records, modules become inert stubs."""
+    def __init__(self, file, archive, prefix):
+        super().__init__(file)
+        self.archive, self.prefix = archive, prefix
+
+    def find_class(self, module, name):
+        module = 'builtins' if module == '__builtin__' else module  # torch.save's protocol 2 uses Python 2 names
+        if module == 'torch' and name.endswith('Storage') and isinstance(getattr(torch, name, None), type):
+            return getattr(torch, name)  # torch.FloatStorage etc.: only its dtype is used
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        _, storage_type, key, _, _ = pid  # ('storage', torch.FloatStorage, '0', 'cuda:0', numel)
+        data = torch.UntypedStorage.from_buffer(self.archive.read(f'{self.prefix}/data/{key}'), dtype=torch.uint8)
+        return torch.storage.TypedStorage(wrap_storage=data, dtype=storage_type.dtype, _internal=True)
+
+def _load_torch_zip(path):
+    with zipfile.ZipFile(path) as archive:
+        pkl = [n for n in archive.namelist() if n.endswith('/data.pkl')]
+        if not pkl:
+            raise ValueError('no data.pkl in the archive')
+        prefix = pkl[0].rsplit('/', 1)[0]
+        with warnings.catch_warnings():  # TypedStorage is deprecated, but it is what carries the dtype here
+            warnings.simplefilter('ignore', UserWarning)
+            return _TorchZipUnpickler(io.BytesIO(archive.read(pkl[0])), archive, prefix).load()
+
+# Weights and constructor arguments of an official network: an EDM-format .pkl snapshot (EDM, Patch Diffusion,
+# GDD; path or URL) or a torch.save archive that pickles the network module (RDM's .pt files), read without the
 # official source tree and without running code from the file (plain .pt state dicts: use load_checkpoint).
 # Returns r = dict(class_name, precond, init_kwargs, state_dict); `EDMPrecond(**r['init_kwargs'])` loads
 # r['state_dict'] (keys as 'model.enc.32x32_conv.weight'), the snapshot's EMA network. class_name: the backbone
 # ('SongUNet', 'DhariwalUNet'); precond: its preconditioner ('EDMPrecond', 'VPPrecond', 'Patch_EDMPrecond', ...);
 # init_kwargs: the constructor kwargs (model kwargs included, model_type set) minus use_fp16 (we use autocast).
-def load_official(path_or_url):
-    path = download(path_or_url, '--network') if '://' in str(path_or_url) else path_or_url
+def load_official(path_or_url, flag='--network'):
+    path = download(path_or_url, flag) if '://' in str(path_or_url) else path_or_url
     if not os.path.isfile(path):
-        raise UserError(f'{path}: no such file')
+        raise UsageError(f'{flag}={path}: no such file')
     try:
+        if zipfile.is_zipfile(path):
+            return _from_snapshot(_load_torch_zip(path))
         with open(path, 'rb') as f:
             return _from_snapshot(_SnapshotUnpickler(f).load())
     except Exception as e:
-        raise UserError(f'cannot load {path} as an EDM .pkl snapshot: {e}') from e
+        raise UserError(f'{flag}={path}: cannot load it as an official network ({e})') from e
+
+def is_official(path):
+    """An official pickle (.pkl, or a URL) rather than one of our snapshots."""
+    return str(path).endswith('.pkl') or '://' in str(path)
+
+# The one snapshot layout of this project: {method, precond (the network's class), net_kwargs (its constructor
+# arguments), ema (its weights), args (the training flags), cur_nimg} plus what the method's generation needs; a
+# training state adds the training objects (net, optimizer, ...), step, tick and data_pos. Every method reads it here.
+def load_snapshot(path, flag, methods):
+    """One of our network snapshots or training states, written by one of `methods` (python file names)."""
+    ckpt = load_checkpoint(path)
+    method = ckpt.get('method') if isinstance(ckpt, dict) else None
+    if method not in methods:
+        what = f'a {method}.py checkpoint' if method else 'not a checkpoint of this project'
+        raise UsageError(f'{flag}={path}: {what}; expected a network snapshot of {" or ".join(m + ".py" for m in methods)}')
+    if 'ema' not in ckpt or 'net_kwargs' not in ckpt:
+        raise UsageError(f'{flag}={path}: a {method}.py checkpoint without a network (no "ema"/"net_kwargs")')
+    ckpt.setdefault('precond', 'GaussianDiffusion' if method == 'masked_dm' else 'EDMPrecond')  # older masked_dm files
+    return ckpt
 
 #------------------------------------------------------------------------------
 # 9. Images: float [-1, 1] NCHW -> uint8 (EDM: floor(clip(127.5 x + 128))), PNG files per seed, grids.
@@ -1203,6 +1464,24 @@ def seed_batches(seeds, batch, rank, world_size):
     """Split seeds into about-equal batches of at most `batch`, dealt round-robin to the ranks (EDM generate.py)."""
     num = max((len(seeds) - 1) // (batch * world_size) + 1, 1) * world_size
     return [list(chunk) for chunk in np.array_split(np.asarray(seeds, dtype=np.int64), num)[rank::world_size]]
+
+def seed_labels(rng, label_dim, class_idx=None, device=None, seeds=None):
+    """One-hot class labels of a batch of seeds (None without classes): `class_idx` for all, else drawn from each
+    seed's generator (EDM generate.py; drawn under `class_idx` too, so the seed's later draws do not change), or
+    with `seeds` given, the seed modulo the class count (official RDM generate_imagenet.py)."""
+    if not label_dim:
+        return None
+    if seeds is not None:
+        index = torch.as_tensor(seeds, device=device) % label_dim
+    else:
+        index = rng.randint(label_dim, device=device)
+    if class_idx is not None:
+        index = torch.full_like(index, class_idx)
+    return torch.eye(label_dim, device=device)[index]
+
+def check_class(class_idx, label_dim):
+    if class_idx is not None and not 0 <= class_idx < max(label_dim, 1):
+        raise UsageError(f'--class={class_idx}: the network has {label_dim} classes' + (' (unconditional)' if not label_dim else ''))
 
 #------------------------------------------------------------------------------
 # 10. Inception features and the Frechet distance.

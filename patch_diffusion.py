@@ -31,8 +31,6 @@ plain torch (sd-vae-ft-ema weights from a local file or URL; `encode` pre-encode
       --S_max=50 --S_noise=1.003 --on_latents=1 --batch=64 --outdir=fid-tmp --seeds=0-49999 --subdirs --network=...
 """
 
-import argparse
-import copy
 import json
 import os
 import struct
@@ -44,33 +42,31 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from common import (AugmentPipe, EDMLoss, EDMPrecond, PerSeedRNG, TrainingRun, UserError, add_train_flags, data_stream,
-                    distributed_model, download, edm_sampler, ema_beta, get_rank, get_world_size, init_distributed, learning_rate,
-                    load_checkpoint, load_official, load_training_state, open_dataset, optimizer_step, parse_bool,
-                    parse_command_line, parse_int_list, print0, reseed, run_main, save_image_grid,
-                    save_seed_images, seed_batches, setup_precision, split_batch, sync_if, update_ema)
+from common import (AugmentPipe, EDMLoss, EDMPrecond, Parser, PerSeedRNG, TrainingRun, UsageError, UserError,
+                    add_edm_train_flags, add_generate_flags, add_train_flags, check_class, check_outdir,
+                    distributed_model, download, edm_backbone_kwargs, edm_sampler, ema_beta, get_rank, get_world_size,
+                    init_distributed, is_official, learning_rate, load_official, load_snapshot, load_weights,
+                    network_and_ema, number, open_dataset, optimizer_step, parse_bool, parse_command_line,
+                    parse_int_list, print0, reseed, run_desc, run_main, save_image_grid, save_seed_images,
+                    seed_batches, seed_labels, setup_precision, split_batch, sync_if, update_ema)
 
 #------------------------------------------------------------------------------
-# 1. Config. Presets hold the published hyperparameters; flags given on the command line override them.
+# 1. Config. Presets hold the published hyperparameters; flags given on the command line override them. The
+#    backbones are EDM's (common.EDM_ARCHS: --arch=ddpmpp, ncsnpp, adm, as EDM's train.py).
 
 PRESETS = {
     # Official README, "Train DDPM++ model for CelebA-64x64 using 8 GPUs"; the paper trains for 200 Mimg.
-    'celeba64': dict(arch='ddpmpp', batch=256, cres=[1, 2, 2, 2], lr=2e-4, dropout=0.05, augment=0, real_p=0.5, duration=200),
-    # NOTE: the paper gives no FFHQ/AFHQv2 command lines; we use the CelebA recipe, 75 Mimg for AFHQv2 (the paper's small-data runs).
-    'ffhq64':   dict(arch='ddpmpp', batch=256, cres=[1, 2, 2, 2], lr=2e-4, dropout=0.05, augment=0, real_p=0.5, duration=200),
-    'afhqv264': dict(arch='ddpmpp', batch=256, cres=[1, 2, 2, 2], lr=2e-4, dropout=0.05, augment=0, real_p=0.5, duration=75),
+    'celeba64': dict(arch='ddpmpp', batch=256, cres=[1, 2, 2, 2], lr=2e-4, dropout=0.05, augment=0, real_p=0.5,
+                     duration=200),
+    # NOTE: the paper gives no FFHQ/AFHQv2 command lines; we use the CelebA recipe, 75 Mimg for AFHQv2 (the
+    # paper's small-data runs).
+    'ffhq64':   dict(arch='ddpmpp', batch=256, cres=[1, 2, 2, 2], lr=2e-4, dropout=0.05, augment=0, real_p=0.5,
+                     duration=200),
+    'afhqv264': dict(arch='ddpmpp', batch=256, cres=[1, 2, 2, 2], lr=2e-4, dropout=0.05, augment=0, real_p=0.5,
+                     duration=75),
     # About 4 minutes on a 2-core CPU: the built-in 16x16 shapes, a 2.7M-parameter DDPM++, 667 steps.
     'demo':     dict(data='demo-16', arch='ddpmpp', cbase=32, cres=[1, 2, 2], batch=32, lr=1e-3, lr_rampup=1, ema=0.002,
                      dropout=0, duration=0.04, tick=5, snap=4, dump=8, real_p=0.5),
-}
-
-# Backbones as configured by EDM's train.py (EDM Table 7): DDPM++ (VP), NCSN++ (VE), ADM.
-ARCHS = {
-    'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
-                   channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2]),
-    'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
-                   channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2]),
-    'adm':    dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
 }
 
 #------------------------------------------------------------------------------
@@ -91,16 +87,16 @@ class PatchPrecond(EDMPrecond):
         F_x = self.backbone(torch.cat([c_in * x, pos], dim=1), c_noise, class_labels, augment_labels)  # image first, then (x, y)
         return c_skip * x + c_out * F_x  # EDM Eq. 7 on the patch
 
+def precond_class(real_p):
+    """PatchPrecond; with real_p = 1 (every crop the full image) EDMPrecond. NOTE: upstream still feeds the
+    (constant) full-image coordinates there; we drop them so that the baseline is exactly EDM (a 3-channel net)."""
+    return 'EDMPrecond' if real_p == 1 else 'PatchPrecond'
+
 def network_kwargs(args, resolution, channels, label_dim):
-    """Preconditioner class name and constructor kwargs from the CLI flags (EDM train.py's mapping)."""
-    model = dict(ARCHS[args.arch])
-    model['model_channels'] = args.cbase or model['model_channels']
-    model['channel_mult'] = args.cres or model['channel_mult']
+    """Preconditioner kwargs from the CLI flags (EDM train.py's mapping)."""
+    model = edm_backbone_kwargs(args.arch, args.cbase, args.cres)
     model.update(dropout=args.dropout, label_dropout=args.label_dropout, augment_dim=9 if args.augment else 0)
-    # NOTE: with real_p = 1 every crop is the full image; upstream still feeds the (constant) full-image coordinates,
-    # we drop them so that the baseline is exactly EDM (3-channel network, EDMPrecond).
-    precond = 'EDMPrecond' if args.real_p == 1 else 'PatchPrecond'
-    return precond, dict(img_resolution=resolution, img_channels=channels, label_dim=label_dim, **model)
+    return dict(img_resolution=resolution, img_channels=channels, label_dim=label_dim, **model)
 
 def build_network(precond, kwargs):
     return {'EDMPrecond': EDMPrecond, 'PatchPrecond': PatchPrecond}[precond](**kwargs)
@@ -170,7 +166,277 @@ def patch_loss(net, loss_fn, images, labels, size, coords=True, augment_pipe=Non
                    labels, augment_pipe)
 
 #------------------------------------------------------------------------------
-# 4. Latent space (paper: LSUN and ImageNet at 256x256; official --train_on_latents): the Stable Diffusion VAE (kl-f8)
+# 4. Sampler: EDM's Heun sampler over a full canvas, the coordinate grid attached at every call, optional CFG.
+
+def coordinate_canvas(resolution, image_size, x_start=0, y_start=0, device='cpu'):
+    """[1, 2, S, S] coordinates of an S x S canvas normalized by the training resolution; a canvas larger than
+    it, or a negative start, extrapolates beyond [-1, 1] (official generate.py: --image_size, --x_start, --y_start)."""
+    i = torch.tensor([y_start], device=device)
+    j = torch.tensor([x_start], device=device)
+    return patch_coordinates(resolution, image_size, i, j)
+
+def guided_denoiser(net, pos=None, cfg=None):
+    """net(x, sigma, labels) for the sampler. With cfg = w: D = D(x | 0) + w (D(x | y) - D(x | 0)), both halves in
+    one batch, the unconditional half with an all-zero label row (paper: ImageNet with w = 1.3; official generate.py --cfg)."""
+    call = (lambda x, sigma, labels: net(x, sigma, pos, labels)) if isinstance(net, PatchPrecond) else net
+    if cfg is None:
+        return call
+
+    def denoise(x, sigma, labels):
+        D_uncond, D_cond = call(torch.cat([x, x]), sigma, torch.cat([torch.zeros_like(labels), labels])).chunk(2)
+        return D_uncond + cfg * (D_cond - D_uncond)
+    return denoise
+
+def patch_sampler(net, latents, labels=None, randn_like=torch.randn_like, pos=None, cfg=None, **settings):
+    """EDM's Heun sampler (EDM Alg. 2; `settings` are its num_steps, sigma_min, ...) with the coordinates `pos` of
+    the canvas attached at every call (official generate.py) and classifier-free guidance weight `cfg`."""
+    return edm_sampler(guided_denoiser(net, pos, cfg), latents, labels, randn_like, **settings)
+
+#------------------------------------------------------------------------------
+# 5. Training loop (official training/training_loop.py): each optimizer step is `rounds` micro-batches, each of
+#    one patch size drawn per micro-batch and rank, with batch_mul[k] times the images of a full-size one.
+
+def open_training_data(args):
+    """(dataset, vae, R, C): what each step fetches, the VAE that encodes it every step (None for pixels and for
+    pre-encoded moments), and the resolution and channels of what the network sees (latents of 256x256 images
+    through the SD VAE: 32 and 4). A dry run reads no weights (the SD kl-f8 VAE is assumed) and, for latents, no
+    images: a dataset that is not there is taken as 256x256 RGB, with ImageNet's 1000 classes if --cond."""
+    if os.path.isfile(os.path.join(args.data, 'moments.npy')):
+        if not args.train_on_latents:
+            raise UsageError(f'--data={args.data}: pre-encoded latents (patch_diffusion.py encode); '
+                             'train with --train_on_latents=1')
+        dataset = LatentDataset(args.data, use_labels=args.cond, xflip=args.xflip)
+        return dataset, None, dataset.resolution, dataset.num_channels
+    if args.dry_run and args.train_on_latents and not os.path.exists(args.data):
+        name = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
+        dataset = types.SimpleNamespace(name=name, resolution=256, num_channels=3, label_dim=1000 if args.cond else 0)
+    else:
+        dataset = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
+    if not args.train_on_latents:
+        return dataset, None, dataset.resolution, dataset.num_channels
+    if args.dry_run:
+        with torch.device('meta'):
+            vae = AutoencoderKL()
+    else:
+        vae = load_vae(args.vae or SD_VAE_URL)
+    if dataset.resolution % vae.factor or dataset.num_channels != vae.encoder.conv_in.in_channels:
+        raise UsageError(f'{args.data}: {dataset.resolution}x{dataset.resolution}x{dataset.num_channels} images; the '
+                         f'VAE takes {vae.encoder.conv_in.in_channels} channels and sides divisible by {vae.factor}')
+    return dataset, vae, dataset.resolution // vae.factor, vae.post_quant_conv.in_channels
+
+def check_patch_sizes(precond, net_kwargs, sizes, pmf):
+    """Every drawn patch size must pass the U-Net's downsampling; returns the parameter count."""
+    with torch.device('meta'):  # the network's shape only, nothing allocated
+        net = build_network(precond, net_kwargs)
+    multiple = size_multiple(net)
+    bad = [s for s, p in zip(sizes, pmf) if p > 0 and (s % multiple or s < multiple)]
+    if bad:
+        raise UsageError(f'patch size {bad[0]} (of {sizes} for {sizes[-1]}x{sizes[-1]} images) is not a multiple of '
+                         f'{multiple}, which this {len(net_kwargs["channel_mult"])}-level U-Net needs; use fewer levels '
+                         '(--cres) or --real_p=1')
+    return sum(p.numel() for p in net.parameters())
+
+@torch.no_grad()
+def save_sample_grid(net, path, num, device, vae=None, num_steps=18):
+    """A quick look at training progress: seeds 0..num-1, 18 Heun steps, one PNG grid (latents decoded by `vae`)."""
+    rng = PerSeedRNG(range(num), device)
+    latents = rng.randn([net.img_channels, net.img_resolution, net.img_resolution], device=device)
+    pos = coordinate_canvas(net.img_resolution, net.img_resolution, device=device)
+    images = patch_sampler(net, latents, seed_labels(rng, net.label_dim, device=device), rng.randn_like, pos,
+                           num_steps=num_steps)
+    save_image_grid(decode_latents(vae, images) if vae else images, path)
+
+def train(args):
+    device, rank, world_size = init_distributed(), get_rank(), get_world_size()
+    amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
+    dataset, vae, R, C = open_training_data(args)
+    batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
+    sizes, pmf, batch_mul = patch_schedule(R, args.real_p, args.train_on_latents)
+    mul_avg = float(np.dot(pmf, batch_mul))  # expected multiplier: 1.9 at p = 0.5 (latent: 1.5)
+    precond, net_kwargs = precond_class(args.real_p), network_kwargs(args, R, C, dataset.label_dim)
+    vae_weights = (args.vae or getattr(dataset, 'info', {}).get('vae') or SD_VAE_URL) if args.train_on_latents else None
+    info = dict(precond_class=precond, net_kwargs=net_kwargs, num_params=check_patch_sizes(precond, net_kwargs, sizes, pmf),
+                patch_sizes=sizes, patch_pmf=pmf, batch_mul=batch_mul, batch_mul_avg=mul_avg, batch_gpu=batch_gpu,
+                rounds=rounds, world_size=world_size, **latent_info(args, dataset, vae, vae_weights, C, R))
+    if args.dry_run:
+        return print0(json.dumps(dict(vars(args), **info), indent=2))
+    vae = vae and vae.to(device)  # frozen, float32 (official); None for pixels and pre-encoded moments
+    grid_vae = vae or (load_vae(vae_weights).to(device) if vae_weights and args.grid else None)
+    torch.manual_seed(args.seed)
+    net, ema = network_and_ema(build_network(precond, net_kwargs), device, amp_dtype)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == 'cuda')
+    augment_pipe = AugmentPipe(p=args.augment, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
+                               translate_frac=1) if args.augment else None  # EDM train.py's geometric set
+    run = TrainingRun('patch_diffusion', vars(args), info, device, outdir=args.outdir, nosubdir=args.nosubdir,
+        desc=run_desc(dataset.name, 'cond' if args.cond else 'uncond', args.arch, 'edm' if precond == 'EDMPrecond' else
+                      'pedm', world_size=world_size, batch=args.batch, fp16=args.fp16, bf16=args.bf16, desc=args.desc),
+        resume=args.resume, total_nimg=args.duration * 1e6, tick=args.tick, snap=args.snap, dump=args.dump,
+        state=dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler),
+        snapshot=lambda: dict(precond=precond, net_kwargs=net_kwargs, ema=ema.state_dict(), vae=vae_weights),
+        grid=args.grid and (lambda path: save_sample_grid(ema, path, args.grid, device, grid_vae)))
+    ddp, loss_fn, coords = distributed_model(net, device, args.compile), EDMLoss(), precond == 'PatchPrecond'
+    stream = run.data(dataset, batch_gpu, args.seed, args.workers)
+    with run:
+        print0(f'Patch Diffusion: {dataset.name} ({len(dataset)} images, {R}x{R}x{C}), {precond} {args.arch}, '
+               f'{info["num_params"]:,} parameters, device {device}, {world_size} process(es); patch sizes {sizes} '
+               f'with probabilities {[round(p, 3) for p in pmf]} and batch multipliers {batch_mul} (average '
+               f'{mul_avg:g}); {batch_gpu} images x {rounds} rounds x {world_size} GPUs per step; run directory '
+               f'{run.dir}; training to {args.duration * 1000:g} kimg (patch counter)')
+        if args.train_on_latents:
+            print0(f'latents {C}x{R}x{R} (x {LATENT_SCALE}) of {info["image_resolution"]}-pixel images, '
+                   f'{info["encoding"]}, VAE {vae_weights}')
+        while not run.done:
+            rng = reseed(args.seed, rank, run.cur_nimg)  # this step's randomness: a resumed run replays it
+            optimizer.zero_grad(set_to_none=True)
+            if args.progressive:
+                k = progressive_index((run.cur_nimg // 1000) / (args.duration * 1000), pmf)
+            for r in range(rounds):
+                # Fetch data: one patch size per micro-batch (stochastic schedule, paper Eq. 5), batch_mul[k] images.
+                if not args.progressive:
+                    k = int(rng.choice(len(sizes), p=pmf))
+                fetched = [next(stream) for _ in range(batch_mul[k])]
+                x = torch.cat([f[0] for f in fetched]).to(device)
+                images = latents_from(x, vae) if args.train_on_latents else x.to(torch.float32) / 127.5 - 1
+                labels = torch.cat([f[1] for f in fetched]).to(device)
+                # The paper's loss (EDM's loss on random crops with coordinates), then backward.
+                with sync_if(ddp, r == rounds - 1):
+                    loss = patch_loss(ddp, loss_fn, images, labels, sizes[k], coords, augment_pipe)
+                    run.add('loss', loss)
+                    scaler.scale(reduce_loss(loss, batch_gpu * rounds, batch_mul[k]) * args.ls).backward()
+            # Optimizer and EMA; the patch counter (patches per step, all ranks) drives kimg, lr, EMA and the end.
+            nimg = args.batch * (batch_mul[k] if args.progressive else mul_avg)
+            optimizer_step(optimizer, scaler, learning_rate(args.lr, run.cur_nimg, args.lr_rampup))
+            update_ema(ema, net, ema_beta(run.cur_nimg, nimg, args.ema * 1000))
+            run.end_step(nimg)  # tick: status line, snapshots, training states
+        print0(f'done: {run.dir}')
+
+def latent_info(args, dataset, vae, vae_weights, C, R):
+    """What a latent run records in its options: the latent shape, the encoding and the VAE's size."""
+    if not args.train_on_latents:
+        return {}
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return dict(vae=vae_weights, latent_shape=[C, R, R], encoding='per step' if vae else 'pre-encoded',
+                image_resolution=dataset.resolution if vae else dataset.info.get('image_resolution'),
+                vae_params=dict(total=count(vae), encoder=count(vae.encoder), decoder=count(vae.decoder)) if vae else None)
+
+#------------------------------------------------------------------------------
+# 6. Generation: one PNG per seed, identical for any --batch and any number of GPUs.
+
+def load_network(path):
+    """Our snapshots / training states (.pt), or official EDM and Patch Diffusion pickles (.pkl, path or URL).
+    Official pickles count upstream's img_channels = C + 2 (the network input); ours count C (what is sampled)."""
+    if is_official(path):
+        official = load_official(path)
+        kwargs, precond = dict(official['init_kwargs']), official['precond']
+        if precond == 'Patch_EDMPrecond':
+            out_channels = kwargs.pop('out_channels', None)
+            kwargs['img_channels'] = out_channels if out_channels is not None else kwargs['img_channels'] - 2
+            precond = 'PatchPrecond'
+        elif precond != 'EDMPrecond':
+            raise UsageError(f'--network={path}: a {precond} network; patch_diffusion.py samples EDMPrecond and '
+                             'Patch_EDMPrecond networks')
+        net = build_network(precond, kwargs)
+        net.load_state_dict(official['state_dict'])
+        return net
+    ckpt = load_snapshot(path, '--network', ['patch_diffusion'])
+    net = build_network(ckpt['precond'], ckpt['net_kwargs'])
+    load_weights(net, ckpt['ema'], path)
+    args = ckpt.get('args', {})
+    net.latent_vae = ckpt.get('vae', args.get('vae')) if args.get('train_on_latents') else None  # what generate decodes with
+    return net
+
+@torch.no_grad()
+def generate(args):
+    device, rank, world_size = init_distributed(), get_rank(), get_world_size()
+    check_outdir(args.outdir)
+    net = load_network(args.network).to(device).eval()
+    # NOTE: upstream's --on_latents=1 forces resolution = image_size = 32 and x_start = 0; we default both sizes to
+    # the network's resolution (32 for latent models) and keep --image_size, --x_start and --y_start as given.
+    on_latents = getattr(net, 'latent_vae', None) is not None if args.on_latents is None else args.on_latents
+    vae = load_vae(args.vae or getattr(net, 'latent_vae', None) or SD_VAE_URL).to(device) if on_latents else None
+    if vae is None and net.img_channels not in (1, 3):
+        raise UsageError(f'--network={args.network}: a {net.img_channels}-channel (latent) network; sample it with '
+                         '--on_latents=1')
+    if vae is not None and vae.post_quant_conv.in_channels != net.img_channels:
+        raise UsageError(f'--network={args.network}: {net.img_channels}-channel latents, but the VAE has '
+                         f'{vae.post_quant_conv.in_channels}')
+    resolution = args.resolution or net.img_resolution
+    image_size = args.image_size or resolution
+    if image_size % size_multiple(net):
+        raise UsageError(f'--image_size={image_size} must be a multiple of {size_multiple(net)} for this U-Net')
+    check_class(args.class_idx, net.label_dim)
+    if args.cfg is not None and not net.label_dim:
+        raise UsageError('--cfg needs a class-conditional network')
+    pos = coordinate_canvas(resolution, image_size, args.x_start, args.y_start, device)
+    settings = dict(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
+                    S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
+    print0(f'generating {len(args.seeds)} images of {image_size}x{image_size}' + (f' latents (decoded x{vae.factor})'
+           if vae else '') + f' with {args.steps} steps into {args.outdir}')
+    with tqdm(total=len(args.seeds), unit='img', disable=rank != 0) as bar:
+        for seeds in seed_batches(args.seeds, args.batch, rank, world_size):
+            rng = PerSeedRNG(seeds, device)
+            latents = rng.randn([net.img_channels, image_size, image_size], device=device)
+            labels = seed_labels(rng, net.label_dim, args.class_idx, device)
+            images = patch_sampler(net, latents, labels, rng.randn_like, pos, args.cfg, **settings)
+            save_seed_images(decode_latents(vae, images) if vae else images, seeds, args.outdir, args.subdirs)
+            bar.update(len(seeds) * world_size)
+    torch.distributed.barrier()
+    print0('done')
+
+#------------------------------------------------------------------------------
+# 7. Command line.
+
+def build_parser(preset=None):
+    """The parser; `preset` (a PRESETS name) becomes the defaults of `train` (see common.parse_command_line)."""
+    parser = Parser(description='Patch Diffusion (Wang et al. 2023) on EDM')
+    sub = parser.add_subparsers(dest='command', required=True)
+    t = sub.add_parser('train', help='train a model')
+    add_train_flags(t)
+    add_edm_train_flags(t)
+    p01 = number(float, 0, 1)
+    t.add_argument('--preset', choices=sorted(PRESETS), default=None, help='published hyperparameters; flags override')
+    t.add_argument('--arch', choices=['ddpmpp', 'ncsnpp', 'adm'], default='ddpmpp', help='backbone: DDPM++, NCSN++ or ADM')
+    t.add_argument('--cbase', type=number(int, 1), default=None, metavar='INT', help='base channel count; None = the arch\'s (128 DDPM++/NCSN++, 192 ADM)')
+    t.add_argument('--cres', type=parse_int_list, default=None, metavar='LIST', help='channel multipliers per resolution, e.g. 1,2,2,2; None = the arch\'s')
+    t.add_argument('--augment', type=p01, default=0, metavar='P', help='EDM augmentation probability (EDM: 0.12; every paper config: 0)')
+    t.add_argument('--label-dropout', type=p01, default=0, metavar='P', help='drop labels with this probability (for --cfg)')
+    t.add_argument('--real_p', type=p01, default=0.5, metavar='P', help='probability of full-size images (paper Eq. 5); 1 = EDM')
+    t.add_argument('--progressive', type=parse_bool, default=False, metavar='BOOL', help='progressive patch-size schedule (ablation)')
+    t.add_argument('--train_on_latents', type=parse_bool, default=False, metavar='BOOL', help='train on SD-VAE latents of the images (or on a folder from `encode`)')
+    t.add_argument('--vae', default=None, metavar='PATH|URL', help='diffusers AutoencoderKL weights (.safetensors/.bin); None = the encoded folder\'s, else sd-vae-ft-ema')
+    t.add_argument('--grid', type=number(int, 0), default=64, metavar='INT', help='images in the sample grid written with each snapshot; 0 = none')
+    t.set_defaults(**PRESETS.get(preset, {}))
+
+    g = sub.add_parser('generate', help='generate images')
+    g.add_argument('--network', required=True, metavar='PT|PKL|URL', help='network snapshot (ours .pt, or official .pkl)')
+    add_generate_flags(g)
+    g.add_argument('--class', dest='class_idx', type=int, default=None, metavar='INT', help='class label; None = random')
+    g.add_argument('--resolution', type=number(int, 1), default=None, metavar='INT', help='coordinate normalization size; None = training size')
+    g.add_argument('--image_size', type=number(int, 1), default=None, metavar='INT', help='canvas size; None = --resolution; larger extrapolates')
+    g.add_argument('--x_start', type=int, default=0, metavar='INT', help='column of the canvas\'s left edge in the coordinate grid')
+    g.add_argument('--y_start', type=int, default=0, metavar='INT', help='row of the canvas\'s top edge in the coordinate grid')
+    g.add_argument('--cfg', type=float, default=None, metavar='W', help='classifier-free guidance weight (paper: 1.3)')
+    g.add_argument('--on_latents', type=parse_bool, default=None, metavar='BOOL', help='decode with the VAE; None = as trained (official .pkl: 0)')
+    g.add_argument('--vae', default=None, metavar='PATH|URL', help='VAE weights; None = the training run\'s, else sd-vae-ft-ema')
+
+    e = sub.add_parser('encode', help='encode a dataset once into VAE posterior moments (train --data=DEST --train_on_latents=1)')
+    e.add_argument('--data', required=True, metavar='ZIP|DIR|demo', help='EDM-format image dataset')
+    e.add_argument('--dest', required=True, metavar='DIR', help='output folder: moments.npy, labels.npy, dataset.json')
+    e.add_argument('--vae', default=None, metavar='PATH|URL', help='VAE weights; None = sd-vae-ft-ema')
+    e.add_argument('--batch', type=number(int, 1), default=64, metavar='INT', help='images per batch per GPU')
+    e.add_argument('--workers', type=number(int, 0), default=2, metavar='INT', help='DataLoader worker processes per GPU')
+    return parser
+
+def parse_args(argv=None):
+    return parse_command_line(build_parser, argv)
+
+def main():
+    args = parse_command_line(build_parser)
+    run_main({'train': train, 'generate': generate, 'encode': encode}[args.command], args)
+
+
+#------------------------------------------------------------------------------
+# 8. Appendix: latent space (paper: LSUN and ImageNet at 256x256; official --train_on_latents): the Stable Diffusion VAE (kl-f8)
 #    in plain torch, with the module and parameter names of diffusers' `AutoencoderKL` (autoencoders/vae.py), so the
 #    released `stabilityai/sd-vae-ft-ema` weights load by name; posterior sampling; datasets encoded once.
 
@@ -465,296 +731,6 @@ def encode(args):
         array.flush()
     torch.distributed.barrier()
     print0('done')
-
-#------------------------------------------------------------------------------
-# 5. Sampler: EDM's Heun sampler over a full canvas, the coordinate grid attached at every call, optional CFG.
-
-def coordinate_canvas(resolution, image_size, x_start=0, y_start=0, device='cpu'):
-    """[1, 2, S, S] coordinates of an S x S canvas normalized by the training resolution; a canvas larger than
-    it, or a negative start, extrapolates beyond [-1, 1] (official generate.py: --image_size, --x_start, --y_start)."""
-    i = torch.tensor([y_start], device=device)
-    j = torch.tensor([x_start], device=device)
-    return patch_coordinates(resolution, image_size, i, j)
-
-def guided_denoiser(net, pos=None, cfg=None):
-    """net(x, sigma, labels) for the sampler. With cfg = w: D = D(x | 0) + w (D(x | y) - D(x | 0)), both halves in
-    one batch, the unconditional half with an all-zero label row (paper: ImageNet with w = 1.3; official generate.py --cfg)."""
-    call = (lambda x, sigma, labels: net(x, sigma, pos, labels)) if isinstance(net, PatchPrecond) else net
-    if cfg is None:
-        return call
-
-    def denoise(x, sigma, labels):
-        D_uncond, D_cond = call(torch.cat([x, x]), sigma, torch.cat([torch.zeros_like(labels), labels])).chunk(2)
-        return D_uncond + cfg * (D_cond - D_uncond)
-    return denoise
-
-#------------------------------------------------------------------------------
-# 6. Training loop.
-
-def open_training_data(args):
-    """(dataset, vae, R, C): what each step fetches, the VAE that encodes it every step (None for pixels and for
-    pre-encoded moments), and the resolution and channels of what the network sees (latents of 256x256 images
-    through the SD VAE: 32 and 4). A dry run reads no weights (the SD kl-f8 VAE is assumed) and, for latents, no
-    images: a dataset that is not there is taken as 256x256 RGB, with ImageNet's 1000 classes if --cond."""
-    if os.path.isfile(os.path.join(args.data, 'moments.npy')):
-        if not args.train_on_latents:
-            raise UserError(f'{args.data}: pre-encoded latents (patch_diffusion.py encode); train with --train_on_latents=1')
-        dataset = LatentDataset(args.data, use_labels=args.cond, xflip=args.xflip)
-        return dataset, None, dataset.resolution, dataset.num_channels
-    if args.dry_run and args.train_on_latents and not os.path.exists(args.data):
-        name = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
-        dataset = types.SimpleNamespace(name=name, resolution=256, num_channels=3, label_dim=1000 if args.cond else 0)
-    else:
-        dataset = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
-    if not args.train_on_latents:
-        return dataset, None, dataset.resolution, dataset.num_channels
-    if args.dry_run:
-        with torch.device('meta'):
-            vae = AutoencoderKL()
-    else:
-        vae = load_vae(args.vae or SD_VAE_URL)
-    if dataset.resolution % vae.factor or dataset.num_channels != vae.encoder.conv_in.in_channels:
-        raise UserError(f'{args.data}: {dataset.resolution}x{dataset.resolution}x{dataset.num_channels} images; the VAE '
-                        f'takes {vae.encoder.conv_in.in_channels} channels and sides divisible by {vae.factor}')
-    return dataset, vae, dataset.resolution // vae.factor, vae.post_quant_conv.in_channels
-
-def train(args):
-    device = init_distributed()
-    rank, world_size = get_rank(), get_world_size()
-    if not 0 <= args.real_p <= 1 or not 0 <= args.augment <= 1:
-        raise UserError(f'--real_p={args.real_p} and --augment={args.augment} must be in [0, 1]')
-    amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
-    dataset, vae, R, C = open_training_data(args)
-    batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
-    sizes, pmf, batch_mul = patch_schedule(R, args.real_p, args.train_on_latents)
-    mul_avg = float(np.dot(pmf, batch_mul))  # expected multiplier: 1.9 at p = 0.5 (latent: 1.5)
-    precond, net_kwargs = network_kwargs(args, R, C, dataset.label_dim)
-    with torch.device('meta'):  # the network's shape only, nothing allocated
-        shape_net = build_network(precond, net_kwargs)
-    num_params, multiple = sum(p.numel() for p in shape_net.parameters()), size_multiple(shape_net)
-    bad = [s for s, p in zip(sizes, pmf) if p > 0 and (s % multiple or s < multiple)]
-    if bad:
-        raise UserError(f'patch size {bad[0]} (of {sizes} for {R}x{R} images) is not a multiple of {multiple}, which '
-                        f'this {len(net_kwargs["channel_mult"])}-level U-Net needs; use fewer levels (--cres) or --real_p=1')
-    desc = f'{dataset.name}-{"cond" if args.cond else "uncond"}-{args.arch}-{args.precond}-gpus{world_size}-batch{args.batch}-' \
-           f'{"fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"}' + (f'-{args.desc}' if args.desc else '')
-    options = dict(vars(args), precond_class=precond, net_kwargs=net_kwargs, num_params=num_params, patch_sizes=sizes,
-                   patch_pmf=pmf, batch_mul=batch_mul, batch_mul_avg=mul_avg, batch_gpu=batch_gpu, rounds=rounds,
-                   world_size=world_size)
-    if args.train_on_latents:
-        args.vae = args.vae or getattr(dataset, 'info', {}).get('vae') or SD_VAE_URL  # kept in the snapshot's args
-        count = lambda m: sum(p.numel() for p in m.parameters())
-        options.update(vae=args.vae, latent_shape=[C, R, R], encoding='per step' if vae else 'pre-encoded',
-                       image_resolution=dataset.resolution if vae else dataset.info.get('image_resolution'),
-                       vae_params=dict(total=count(vae), encoder=count(vae.encoder), decoder=count(vae.decoder)) if vae else None)
-    if args.dry_run:
-        print0(json.dumps(options, indent=2))
-        return
-    if vae is not None:
-        vae = vae.to(device)  # frozen, float32 (official); None for pixels and pre-encoded moments
-    grid_vae = vae or (load_vae(args.vae).to(device) if args.train_on_latents and args.grid else None)  # decodes the grids
-
-    # Network, EMA, optimizer, augmentation; a training state to resume from.
-    torch.manual_seed(args.seed)
-    net = build_network(precond, net_kwargs).to(device).train().requires_grad_(True)
-    net.amp_dtype = amp_dtype
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == 'cuda')
-    # EDM train.py's geometric set; the network gets the 9 augmentation parameters as a condition (augment_dim 9).
-    augment_pipe = AugmentPipe(p=args.augment, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1) if args.augment else None
-    state = load_training_state(args.resume, 'patch_diffusion', rank, world_size, net=net, ema=ema, optimizer=optimizer,
-                                scaler=scaler) if args.resume else dict(cur_nimg=0, step=0, data_pos=0)
-    cur_nimg, step, data_pos = state['cur_nimg'], state['step'], state['data_pos']
-    ddp = distributed_model(net, device, args.compile)
-    loss_fn, coords, total_nimg = EDMLoss(), precond == 'PatchPrecond', args.duration * 1e6
-
-    with TrainingRun(args, 'patch_diffusion', desc, options, device, cur_nimg) as run:
-        print0(f'Patch Diffusion: {dataset.name} ({len(dataset)} images, {R}x{R}x{C}), {precond} {args.arch}, '
-               f'{num_params:,} parameters, device {device}, {world_size} process(es)')
-        print0(f'patch sizes {sizes} with probabilities {[round(p, 3) for p in pmf]} and batch multipliers {batch_mul} '
-               f'(average {mul_avg:g}); {batch_gpu} images x {rounds} rounds x {world_size} GPUs per step')
-        if args.train_on_latents:
-            print0(f'latents {C}x{R}x{R} (x {LATENT_SCALE}) of {options["image_resolution"]}-pixel images, '
-                   f'{options["encoding"]}, VAE {args.vae}' + (f' ({options["vae_params"]["total"]:,} parameters)' if vae else ''))
-        print0(f'run directory {run.dir}; training to {args.duration * 1000:g} kimg (patch counter)')
-        stream = data_stream(dataset, batch_gpu, rank, world_size, args.seed, data_pos, args.workers)
-        while True:
-            # One optimizer step: `rounds` micro-batches, each of one patch size (official training loop).
-            rng = reseed(args.seed, rank, cur_nimg)
-            optimizer.zero_grad(set_to_none=True)
-            if args.progressive:
-                k = progressive_index((cur_nimg // 1000) / (args.duration * 1000), pmf)
-            for r in range(rounds):
-                if not args.progressive:
-                    k = int(rng.choice(len(sizes), p=pmf))  # stochastic schedule, drawn per micro-batch and rank
-                fetched = [next(stream) for _ in range(batch_mul[k])]  # batch_mul[k] micro-batches -> one of patches
-                data_pos += batch_mul[k] * batch_gpu
-                x = torch.cat([f[0] for f in fetched]).to(device)
-                images = latents_from(x, vae) if args.train_on_latents else x.to(torch.float32) / 127.5 - 1
-                labels = torch.cat([f[1] for f in fetched]).to(device)
-                with sync_if(ddp, r == rounds - 1):
-                    loss = patch_loss(ddp, loss_fn, images, labels, sizes[k], coords, augment_pipe)
-                    run.add('loss', loss)
-                    scaler.scale(reduce_loss(loss, batch_gpu * rounds, batch_mul[k]) * args.ls).backward()
-            nimg_step = args.batch * (batch_mul[k] if args.progressive else mul_avg)  # patches per step, all ranks
-            optimizer_step(optimizer, scaler, learning_rate(args.lr, cur_nimg, args.lr_rampup))
-            update_ema(ema, net, ema_beta(cur_nimg, nimg_step, args.ema * 1000))
-            cur_nimg += int(nimg_step)  # the patch counter drives kimg, lr ramp-up, EMA and the end of training
-            step += 1
-            done = cur_nimg >= total_nimg
-            if run.due(cur_nimg, done):
-                snapshot = run.end_tick(cur_nimg, done, step, data_pos,
-                    snapshot=lambda: dict(precond=precond, net_kwargs=net_kwargs, ema=ema.state_dict()),
-                    state=lambda: dict(net=net.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict()))
-                if snapshot and args.grid:
-                    save_sample_grid(ema, snapshot.replace('network-snapshot', 'samples')[:-3] + '.png', args.grid, device, grid_vae)
-                if done:
-                    break
-        print0(f'done: {run.dir}')
-
-@torch.no_grad()
-def save_sample_grid(net, path, num, device, vae=None, num_steps=18):
-    """A quick look at training progress: seeds 0..num-1, 18 Heun steps, one PNG grid (latents decoded by `vae`)."""
-    rng = PerSeedRNG(range(num), device)
-    latents = rng.randn([net.img_channels, net.img_resolution, net.img_resolution], device=device)
-    labels = torch.eye(net.label_dim, device=device)[rng.randint(net.label_dim, device=device)] if net.label_dim else None
-    pos = coordinate_canvas(net.img_resolution, net.img_resolution, device=device)
-    images = edm_sampler(guided_denoiser(net, pos), latents, labels, rng.randn_like, num_steps=num_steps)
-    save_image_grid(decode_latents(vae, images) if vae else images, path)
-
-#------------------------------------------------------------------------------
-# 7. Generation: one PNG per seed, identical for any --batch and any number of GPUs.
-
-def load_network(path):
-    """Our snapshots / training states (.pt), or official EDM and Patch Diffusion pickles (.pkl, path or URL)."""
-    if path.endswith('.pkl') or '://' in path:
-        official = load_official(path)
-        kwargs = dict(official['init_kwargs'])
-        if official['precond'] == 'Patch_EDMPrecond':  # upstream: img_channels = network input = C + 2
-            out_channels = kwargs.pop('out_channels', None)
-            kwargs['img_channels'] = out_channels if out_channels is not None else kwargs['img_channels'] - 2
-            precond = 'PatchPrecond'
-        elif official['precond'] == 'EDMPrecond':
-            precond = 'EDMPrecond'
-        else:
-            raise UserError(f'{path}: a {official["precond"]} network; patch_diffusion.py samples EDMPrecond and '
-                            'Patch_EDMPrecond networks')
-        net = build_network(precond, kwargs)
-        net.load_state_dict(official['state_dict'])
-        return net
-    ckpt = load_checkpoint(path)
-    if ckpt.get('method') != 'patch_diffusion':
-        raise UserError(f'{path}: not a patch_diffusion.py snapshot (method {ckpt.get("method")!r})')
-    net = build_network(ckpt['precond'], ckpt['net_kwargs'])
-    net.load_state_dict(ckpt['ema'])
-    net.train_args = ckpt.get('args', {})  # generate reads train_on_latents and vae from it
-    return net
-
-@torch.no_grad()
-def generate(args):
-    device = init_distributed()
-    rank, world_size = get_rank(), get_world_size()
-    net = load_network(args.network).to(device).eval()
-    # NOTE: upstream's --on_latents=1 forces resolution = image_size = 32 and x_start = 0; we default both sizes to
-    # the network's resolution (32 for latent models) and keep --image_size, --x_start and --y_start as given.
-    trained = getattr(net, 'train_args', {})
-    on_latents = trained.get('train_on_latents', False) if args.on_latents is None else args.on_latents
-    vae = load_vae(args.vae or trained.get('vae') or SD_VAE_URL).to(device) if on_latents else None
-    if vae is None and net.img_channels not in (1, 3):
-        raise UserError(f'{args.network}: a {net.img_channels}-channel (latent) network; sample it with --on_latents=1')
-    if vae is not None and vae.post_quant_conv.in_channels != net.img_channels:
-        raise UserError(f'{args.network}: {net.img_channels}-channel latents, but the VAE has {vae.post_quant_conv.in_channels}')
-    resolution = args.resolution or net.img_resolution
-    image_size = args.image_size or resolution
-    if image_size % size_multiple(net):
-        raise UserError(f'--image_size={image_size} must be a multiple of {size_multiple(net)} for this U-Net')
-    if args.class_idx is not None and not 0 <= args.class_idx < max(net.label_dim, 1):
-        raise UserError(f'--class={args.class_idx}: the network has {net.label_dim} classes')
-    if args.cfg is not None and not net.label_dim:
-        raise UserError('--cfg needs a class-conditional network')
-    pos = coordinate_canvas(resolution, image_size, args.x_start, args.y_start, device)
-    denoise = guided_denoiser(net, pos, args.cfg)
-    sampler_kwargs = dict(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
-                          S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
-    batches = seed_batches(args.seeds, args.batch, rank, world_size)
-    print0(f'generating {len(args.seeds)} images of {image_size}x{image_size}' + (f' latents (decoded x{vae.factor})' if vae else '')
-           + f' with {args.steps} steps into {args.outdir}')
-    for seeds in tqdm(batches, unit='batch', disable=rank != 0):
-        rng = PerSeedRNG(seeds, device)
-        latents = rng.randn([net.img_channels, image_size, image_size], device=device)
-        labels = None
-        if net.label_dim:
-            labels = torch.eye(net.label_dim, device=device)[rng.randint(net.label_dim, device=device)]
-            if args.class_idx is not None:
-                labels[:] = 0
-                labels[:, args.class_idx] = 1
-        images = edm_sampler(denoise, latents, labels, rng.randn_like, **sampler_kwargs)
-        save_seed_images(decode_latents(vae, images) if vae else images, seeds, args.outdir, args.subdirs)
-    torch.distributed.barrier()
-    print0('done')
-
-#------------------------------------------------------------------------------
-# 8. Command line.
-
-def build_parser(preset=None):
-    """The parser; `preset` (a PRESETS name) becomes the defaults of `train` (see common.parse_command_line)."""
-    parser = argparse.ArgumentParser(description='Patch Diffusion (Wang et al. 2023) on EDM',
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest='command', required=True)
-    t = sub.add_parser('train', help='train a model', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_train_flags(t)
-    t.add_argument('--preset', choices=sorted(PRESETS), default=None, help='published hyperparameters; flags override')
-    t.add_argument('--arch', choices=sorted(ARCHS), default='ddpmpp', help='backbone: DDPM++, NCSN++ or ADM')
-    t.add_argument('--precond', choices=['edm', 'pedm'], default='edm', help='EDM preconditioning (pedm: the official name)')
-    t.add_argument('--cbase', type=int, default=None, metavar='INT', help='base channel count; None = the arch\'s (128 DDPM++/NCSN++, 192 ADM)')
-    t.add_argument('--cres', type=parse_int_list, default=None, metavar='LIST', help='channel multipliers per resolution, e.g. 1,2,2,2; None = the arch\'s')
-    t.add_argument('--augment', type=float, default=0, metavar='P', help='EDM augmentation probability (EDM: 0.12; every paper config: 0)')
-    t.add_argument('--label-dropout', type=float, default=0, metavar='P', help='drop labels with this probability (for --cfg)')
-    t.add_argument('--real_p', type=float, default=0.5, metavar='P', help='probability of full-size images (paper Eq. 5); 1 = EDM')
-    t.add_argument('--progressive', type=parse_bool, default=False, metavar='BOOL', help='progressive patch-size schedule (ablation)')
-    t.add_argument('--train_on_latents', type=parse_bool, default=False, metavar='BOOL', help='train on SD-VAE latents of the images (or on a folder from `encode`)')
-    t.add_argument('--vae', default=None, metavar='PATH|URL', help='diffusers AutoencoderKL weights (.safetensors/.bin); None = the encoded folder\'s, else sd-vae-ft-ema')
-    t.add_argument('--grid', type=int, default=64, metavar='INT', help='images in the sample grid written with each snapshot; 0 = none')
-    t.set_defaults(**PRESETS.get(preset, {}))
-
-    g = sub.add_parser('generate', help='generate images', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g.add_argument('--network', required=True, metavar='PT|PKL|URL', help='network snapshot (ours .pt, or official .pkl)')
-    g.add_argument('--outdir', required=True, metavar='DIR', help='where to write {seed:06d}.png')
-    g.add_argument('--seeds', type=parse_int_list, default='0-63', metavar='LIST', help='random seeds, e.g. 0-49999')
-    g.add_argument('--subdirs', action='store_true', help='put seeds in folders of 1,000')
-    g.add_argument('--class', dest='class_idx', type=int, default=None, metavar='INT', help='class label; None = random')
-    g.add_argument('--batch', type=int, default=64, metavar='INT', help='images per batch per GPU')
-    g.add_argument('--steps', type=int, default=18, metavar='INT', help='Heun steps (the paper uses 50 for 64x64)')
-    g.add_argument('--sigma_min', type=float, default=0.002, metavar='FLOAT', help='lowest noise level')
-    g.add_argument('--sigma_max', type=float, default=80, metavar='FLOAT', help='highest noise level')
-    g.add_argument('--rho', type=float, default=7, metavar='FLOAT', help='time step exponent (EDM Eq. 5)')
-    g.add_argument('--S_churn', type=float, default=0, metavar='FLOAT', help='stochasticity strength (EDM Alg. 2)')
-    g.add_argument('--S_min', type=float, default=0, metavar='FLOAT', help='lowest sigma with churn')
-    g.add_argument('--S_max', type=float, default=float('inf'), metavar='FLOAT', help='highest sigma with churn')
-    g.add_argument('--S_noise', type=float, default=1, metavar='FLOAT', help='churn noise inflation')
-    g.add_argument('--resolution', type=int, default=None, metavar='INT', help='coordinate normalization size; None = training size')
-    g.add_argument('--image_size', type=int, default=None, metavar='INT', help='canvas size; None = --resolution; larger extrapolates')
-    g.add_argument('--x_start', type=int, default=0, metavar='INT', help='column of the canvas\'s left edge in the coordinate grid')
-    g.add_argument('--y_start', type=int, default=0, metavar='INT', help='row of the canvas\'s top edge in the coordinate grid')
-    g.add_argument('--cfg', type=float, default=None, metavar='W', help='classifier-free guidance weight (paper: 1.3)')
-    g.add_argument('--on_latents', type=parse_bool, default=None, metavar='BOOL', help='decode with the VAE; None = as trained (official .pkl: 0)')
-    g.add_argument('--vae', default=None, metavar='PATH|URL', help='VAE weights; None = the training run\'s, else sd-vae-ft-ema')
-
-    e = sub.add_parser('encode', help='encode a dataset once into VAE posterior moments (train --data=DEST --train_on_latents=1)',
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    e.add_argument('--data', required=True, metavar='ZIP|DIR|demo', help='EDM-format image dataset')
-    e.add_argument('--dest', required=True, metavar='DIR', help='output folder: moments.npy, labels.npy, dataset.json')
-    e.add_argument('--vae', default=None, metavar='PATH|URL', help='VAE weights; None = sd-vae-ft-ema')
-    e.add_argument('--batch', type=int, default=64, metavar='INT', help='images per batch per GPU')
-    e.add_argument('--workers', type=int, default=2, metavar='INT', help='DataLoader worker processes per GPU')
-    return parser
-
-def parse_args(argv=None):
-    return parse_command_line(build_parser, argv)
-
-def main():
-    args = parse_command_line(build_parser)
-    run_main({'train': train, 'generate': generate, 'encode': encode}[args.command], args)
 
 if __name__ == '__main__':
     main()

@@ -74,7 +74,7 @@ class Run:
         self.batch_gpu, self.rounds = split_batch(args.batch, args.batch_gpu, 1)
         self.sizes, self.pmf, self.batch_mul = pd.patch_schedule(dataset.resolution, args.real_p)
         self.mul_avg = float(np.dot(self.pmf, self.batch_mul))
-        self.precond, net_kwargs = pd.network_kwargs(args, dataset.resolution, dataset.num_channels, 0)
+        self.precond, net_kwargs = pd.precond_class(args.real_p), pd.network_kwargs(args, dataset.resolution, dataset.num_channels, 0)
         torch.manual_seed(args.seed)
         self.net = pd.build_network(self.precond, net_kwargs).train().requires_grad_(True)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)

@@ -142,7 +142,7 @@ def test_reduction_gives_small_patches_a_sixteenth():
 
 def test_real_p_1_is_plain_edm():
     args = pd.parse_args(['train', '--data=demo', '--real_p=1', '--cbase=16', '--cres=1,2'])
-    precond, kwargs = pd.network_kwargs(args, 8, 3, 0)
+    precond, kwargs = pd.precond_class(args.real_p), pd.network_kwargs(args, 8, 3, 0)
     assert precond == 'EDMPrecond' and pd.patch_schedule(8, 1.0)[1] == [0, 0, 1]
     torch.manual_seed(0)
     net = pd.build_network(precond, kwargs)
@@ -181,7 +181,7 @@ def test_cfg_weight_one_equals_conditional_and_zero_unconditional():
 
 def test_network_io_sizes_and_parameter_count():
     args = pd.parse_args(['train', '--data=demo', '--preset=celeba64'])
-    precond, kwargs = pd.network_kwargs(args, 64, 3, 0)
+    precond, kwargs = pd.precond_class(args.real_p), pd.network_kwargs(args, 64, 3, 0)
     with torch.device('meta'):
         net = pd.build_network(precond, kwargs)
     assert precond == 'PatchPrecond' and sum(p.numel() for p in net.parameters()) == 61_806_723
@@ -242,7 +242,7 @@ def read_pngs(folder):
 
 def test_torchrun_two_processes_train_and_generate(tmp_path):
     torchrun(2, *TRAIN[:-1], f'--outdir={tmp_path}', '--duration=0.00003', '--desc=ddp')  # numbered run dir
-    run_dir, = tmp_path.glob('00000-demo8-uncond-ddpmpp-edm-gpus2-batch8-fp32-ddp')
+    run_dir, = tmp_path.glob('00000-demo8-uncond-ddpmpp-pedm-gpus2-batch8-fp32-ddp')
     state = load_checkpoint(str(sorted(run_dir.glob('training-state-*.pt'))[-1]))
     assert len(state['data_pos']) == 2 and state['step'] == 2
     snapshot = str(sorted(run_dir.glob('network-snapshot-*.pt'))[-1])
