@@ -1,4 +1,5 @@
-"""Sample quality of an image folder: FID with EDM's protocol, Inception Score, sFID, improved precision/recall.
+"""Sample quality of an image folder: FID with EDM's protocol, Inception Score, sFID, improved precision/recall;
+and `score`, a toy score for small images that needs no download (section 3).
 
 FID: Heusel et al., NeurIPS 2017, arXiv:1706.08500. IS: Salimans et al., NeurIPS 2016, arXiv:1606.03498.
 sFID: Nash et al., ICML 2021, arXiv:2103.03841. Precision/recall: Kynkaanniemi et al., NeurIPS 2019, arXiv:1904.06991.
@@ -20,10 +21,15 @@ Under torchrun put `--` before fid.py when passing --num: torchrun otherwise rea
   # all metrics of 10,000 images, against a reference made by `ref --features=1`
   torchrun --standalone --nproc_per_node=8 -- fid.py calc --images=fid-tmp --ref=fid-refs/cifar10-32x32.npz \\
       --num=10000 --metrics=fid,is,sfid,pr
+  # toy score of 16x16 samples of a model trained on --data=demo-16 (CPU, seconds; first call trains a classifier)
+  python fid.py score --images=out --data=demo-16
 """
 
 import argparse
+import hashlib
 import os
+import re
+import sys
 import zipfile
 
 import numpy as np
@@ -31,8 +37,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (ImageFolderDataset, InceptionV3, UserError, download, frechet_distance, get_rank,
-                    get_world_size, init_distributed, parse_bool, print0, resize_tf1, run_main)
+from common import (DemoDataset, ImageFolderDataset, InceptionV3, UserError, download, frechet_distance, get_rank,
+                    get_world_size, init_distributed, open_dataset, parse_bool, print0, resize_tf1, run_main)
 
 METRICS = ('fid', 'is', 'sfid', 'pr')
 FEATURE_DIMS = dict(pool=2048, logits=1008, spatial=2023)  # InceptionV3(return_dict=True) outputs
@@ -293,7 +299,157 @@ def calc(args):
         print(f'{name:<10s}{value:.8g}', flush=True)
 
 #------------------------------------------------------------------------------
-# 3. Command line.
+# 3. Toy score: sample quality at 8-64 px, offline, on CPU. Inception needs downloaded weights and sees little in a
+#    16 px image, so a tiny classifier is trained on the dataset itself (the demo's shape classes, a dataset's
+#    labels, or without labels which of 4 rotations an image shows, as in Gidaris et al. 2018, arXiv:1803.07728),
+#    in under a minute on one CPU core, and cached. The score is FID's recipe with this network in place of Inception:
+#    the Frechet distance of penultimate features, generated images against held-out real ones, next to the same
+#    distance for as many other held-out real images (the floor: finite-sample bias) and for uniform noise (a
+#    yardstick; heavy blur can score worse); plus the share of images the classifier names with softmax > 0.9.
+
+TOY_STEPS, TOY_BATCH, TOY_LR = 900, 64, 3e-3    # Adam steps, images per step, learning rate
+TOY_VERSION = 1                                 # part of the cache name: bump when the classifier or training changes
+
+class ToyClassifier(torch.nn.Module):
+    """3x3 convolutions with batch norm, down to 2x2-4x4 maps (stride 2 in the first one from 32 px on, so that
+    32 px trains as fast as 16 px), the mean and the max of each channel -> features [N, 4*width] -> logits."""
+    def __init__(self, channels, num_classes, resolution, width=32):
+        super().__init__()
+        strides = [2 if resolution >= 32 else 1, 2, 2] + [2] * max(int(np.log2(resolution)) - 5, 0)
+        widths = [channels, width] + [2 * width] * (len(strides) - 1)
+        layers = []
+        for stride, c_in, c_out in zip(strides, widths[:-1], widths[1:]):
+            layers += [torch.nn.Conv2d(c_in, c_out, 3, stride, padding=1), torch.nn.BatchNorm2d(c_out), torch.nn.SiLU()]
+        self.body = torch.nn.Sequential(*layers)
+        self.head = torch.nn.Linear(4 * width, num_classes)
+
+    def forward(self, images):  # uint8 [N, C, H, W] -> features [N, 4w], logits [N, num_classes]
+        h = self.body(images.float() / 127.5 - 1)                           # [N, 2w, h, w]
+        features = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], 1)   # -> [N, 4w]
+        return features, self.head(features)
+
+def rotate(images, k):
+    """Image i turned by k[i] quarter turns."""
+    out = images.clone()
+    for r in range(1, 4):
+        out[k == r] = images[k == r].rot90(r, dims=(2, 3))
+    return out
+
+def load_images(dataset, indices):
+    """uint8 images [N, C, H, W] and class indices [N] (argmax of the one-hot label; -1 without labels)."""
+    items = [dataset[int(i)] for i in indices]
+    labels = [int(np.argmax(label)) if len(label) else -1 for _, label in items]
+    return torch.from_numpy(np.stack([image for image, _ in items])), torch.tensor(labels)
+
+def open_toy_data(data, channels):
+    """`--data` for the toy score: the demo shapes with their labels, or a dataset with its labels if it has them."""
+    if re.fullmatch(r'demo(-\d+)?', data):
+        return open_dataset(data, size=1 << 30, use_labels=True, num_channels=channels)
+    try:
+        return ImageFolderDataset(data, use_labels=True)
+    except UserError:  # no labels: the classifier learns rotations
+        return ImageFolderDataset(data)
+
+def toy_splits(dataset, n):
+    """Indices of the training images, of n held-out reference images and of n other held-out (floor) images.
+    Demo: 0-16383 (a model trains on 0-4095) and two distant ranges. A dataset: a seeded split, at most a quarter
+    of it for each held-out set and 16384 of the rest for training."""
+    if isinstance(dataset, DemoDataset):
+        return range(16384), range(1 << 20, (1 << 20) + n), range(1 << 21, (1 << 21) + n)
+    order = np.random.RandomState(0).permutation(len(dataset))
+    n = min(n, len(dataset) // 4)
+    if n < 2:
+        raise UserError(f'{dataset.path}: {len(dataset)} images are too few for the toy score (need at least 8)')
+    return order[2 * n:2 * n + 16384], order[:n], order[n:2 * n]
+
+def toy_classifier(dataset, indices, cache_path=None, seed=0):
+    """The classifier of section 3 for `dataset`: loaded from `cache_path`, or trained on dataset[indices] (fixed
+    seed, one thread) and saved there. Its target: the labels, or without labels (label_dim 0) the rotation."""
+    rotation = dataset.label_dim == 0
+    net = ToyClassifier(dataset.num_channels, 4 if rotation else dataset.label_dim, dataset.resolution)
+    if cache_path and os.path.isfile(cache_path):
+        try:
+            net.load_state_dict(torch.load(cache_path, map_location='cpu', weights_only=True))
+        except Exception as e:
+            raise UserError(f'{cache_path}: not a toy classifier for this data ({str(e)[:200]}); delete it') from None
+        return net.eval().requires_grad_(False)
+    train_images, train_labels = load_images(dataset, indices)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU kernels are bitwise reproducible only at a fixed thread count
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = ToyClassifier(dataset.num_channels, 4 if rotation else dataset.label_dim, dataset.resolution)
+        gen = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.Adam(net.parameters(), lr=TOY_LR)
+        for _ in tqdm(range(TOY_STEPS), desc='Training the toy classifier', unit='step', leave=False):
+            idx = torch.randint(len(train_images), [TOY_BATCH], generator=gen)
+            images, labels = train_images[idx], train_labels[idx]
+            if rotation:
+                labels = torch.randint(4, [TOY_BATCH], generator=gen)
+                images = rotate(images, labels)
+            loss = torch.nn.functional.cross_entropy(net(images)[1], labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    if cache_path:
+        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+        torch.save(net.state_dict(), cache_path + '.tmp')
+        os.replace(cache_path + '.tmp', cache_path)
+    return net.eval().requires_grad_(False)
+
+def toy_features(net, images, batch=500):
+    """Penultimate features [N, dim] (float64) and class probabilities [N, num_classes] of uint8 images."""
+    with torch.no_grad():
+        outs = [net(x) for x in images.split(batch)]
+    return torch.cat([f for f, _ in outs]).double().numpy(), torch.cat([l.softmax(1) for _, l in outs]).numpy()
+
+def toy_fd(features, ref_features):
+    return frechet_distance(features.mean(0), np.cov(features, rowvar=False),
+                            ref_features.mean(0), np.cov(ref_features, rowvar=False))
+
+def toy_cache_path(cache_dir, data, dataset):
+    """One cached classifier per demo resolution and channel count, or per dataset file (path, size, time)."""
+    if isinstance(dataset, DemoDataset):
+        key = f'demo-{dataset.resolution}px-{dataset.num_channels}ch'
+    else:
+        stat = os.stat(data)
+        digest = hashlib.sha1(f'{os.path.abspath(data)} {stat.st_size} {stat.st_mtime_ns}'.encode()).hexdigest()[:12]
+        key = f'{dataset.name}-{digest}'
+    return os.path.join(cache_dir, f'toy-classifier-v{TOY_VERSION}-{key}.pt')
+
+def score(args):
+    """Toy score of up to `--num` generated images against as many held-out images of `--data`; prints one
+    `name value` line per number."""
+    images = ImageFolderDataset(args.images, max_size=args.num, random_seed=args.seed)
+    if len(images) < 2:
+        raise UserError(f'{args.images}: a covariance needs at least 2 images, found {len(images)}')
+    dataset = open_toy_data(args.data, images.num_channels)
+    if (dataset.resolution, dataset.num_channels) != (images.resolution, images.num_channels):
+        raise UserError(f'{args.images} holds {images.resolution}x{images.resolution}x{images.num_channels} images, '
+                        f'{args.data} {dataset.resolution}x{dataset.resolution}x{dataset.num_channels}')
+    print(f'Scoring {len(images)} images of {args.images} against {args.data}', flush=True)
+    samples = load_images(images, range(len(images)))[0]
+    train_idx, ref_idx, floor_idx = toy_splits(dataset, len(samples))
+    path = toy_cache_path(args.cache, args.data, dataset)
+    print(f'Toy classifier: {path}' + ('' if os.path.isfile(path) else ' (training it, once)'), flush=True)
+    net = toy_classifier(dataset, train_idx, path)
+    (ref_images, ref_labels), floor_images = load_images(dataset, ref_idx), load_images(dataset, floor_idx)[0]
+    noise = torch.from_numpy(np.random.default_rng(args.seed).integers(0, 256, samples.shape, dtype=np.uint8))
+    (ref_f, ref_p), (floor_f, floor_p), (gen_f, gen_p), (noise_f, _) = (toy_features(net, x) for x in
+                                                                        (ref_images, floor_images, samples, noise))
+    if dataset.label_dim:
+        accuracy = (ref_p.argmax(1) == ref_labels.numpy()).mean()
+        print(f'Classifier accuracy on {len(ref_images)} held-out real images: {accuracy:.3f}', flush=True)
+    results = dict(toy_fd=toy_fd(gen_f, ref_f), toy_fd_real=toy_fd(floor_f, ref_f), toy_fd_noise=toy_fd(noise_f, ref_f),
+                   confident=(gen_p.max(1) > 0.9).mean(), confident_real=(floor_p.max(1) > 0.9).mean())
+    for name, value in results.items():
+        print(f'{name:<16s}{value:.6g}', flush=True)
+
+#------------------------------------------------------------------------------
+# 4. Command line.
 
 def parse_metrics(s):
     metrics = [m.strip() for m in s.split(',') if m.strip()]
@@ -320,11 +476,25 @@ def parse_args(argv=None):
         p.add_argument('--detector', default=FID_WEIGHTS_URL, metavar='PATH|URL', help='Inception weights: pytorch-fid .pth or NVIDIA TorchScript .pt')
         p.add_argument('--preprocess', choices=['nvidia', 'pytorch_fid'], default='nvidia', help='resize/normalization: NVIDIA/EDM (TF1) or pytorch-fid')
         p.add_argument('--workers', type=int, default=3, metavar='INT', help='DataLoader worker processes per GPU')
+    s = sub.add_parser('score', help='toy score of generated images (section 3): offline, CPU, seconds',
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument('--images', required=True, metavar='ZIP|DIR', help='generated images: zip or folder (recursive)')
+    s.add_argument('--data', required=True, metavar='demo[-RES]|ZIP|DIR', help='what they should look like')
+    s.add_argument('--num', type=int, default=10000, metavar='INT', help='images to use (seeded subset if more exist)')
+    s.add_argument('--seed', type=int, default=0, metavar='INT', help='seed of the subset and of the noise images')
+    s.add_argument('--cache', default=os.path.join(torch.hub.get_dir(), 'toy-classifiers'), metavar='DIR',
+                   help='where trained toy classifiers are kept')
     return parser.parse_args(argv)
 
 def main(argv=None):
     args = parse_args(argv)
-    run_main(ref if args.command == 'ref' else calc, args)
+    if args.command != 'score':
+        return run_main(ref if args.command == 'ref' else calc, args)
+    try:  # one process, no process group; bad input is a usage error: one line, exit 2 (as argparse)
+        score(args)
+    except UserError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
 
 if __name__ == '__main__':
     main()
