@@ -20,7 +20,7 @@ Contents, in order:
  11. EDM's augmentation pipe (`AugmentPipe`, the geometric and colour transforms of ADA)
 """
 
-import argparse, contextlib, copy, io, json, math, os, pickle, re, resource, shutil, signal, sys, threading, time, urllib.parse, warnings, zipfile
+import argparse, contextlib, copy, errno, io, json, math, os, pickle, re, resource, shutil, signal, sys, threading, time, urllib.parse, warnings, zipfile
 from collections import OrderedDict
 
 import numpy as np
@@ -137,7 +137,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message}\n')
 
 # Training options that may change when a run is resumed; every other option defines the run, and `--resume`
-# refuses a different value (flags left out take the training state's values).
+# refuses a different value. Flags left out take the training state's values, these too.
 RESUME_MAY_CHANGE = {'command', 'outdir', 'resume', 'duration', 'train_steps', 'tick', 'snap', 'dump', 'workers',
                      'grid', 'grid_steps', 'desc', 'nosubdir', 'dry_run', 'compile', 'batch_gpu', 'preset'}
 
@@ -156,13 +156,13 @@ def parse_command_line(build_parser, argv=None):
         args = parser.parse_args(argv)
     if args.command == 'train' and getattr(args, 'resume', None):
         try:
-            stored = {k: v for k, v in read_training_options(args.resume).items() if k not in RESUME_MAY_CHANGE}
+            stored = {k: v for k, v in read_training_options(args.resume).items() if hasattr(args, k)}
         except UserError as e:
             parser.error(f'argument --resume: {e}')
         train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices['train']
-        train.set_defaults(**{k: v for k, v in stored.items() if hasattr(args, k)})
+        train.set_defaults(**{k: v for k, v in stored.items() if k not in ('command', 'resume', 'dry_run')})
         args = parser.parse_args(argv)
-        changed = [k for k, v in stored.items() if hasattr(args, k) and getattr(args, k) != v]
+        changed = [k for k, v in stored.items() if k not in RESUME_MAY_CHANGE and getattr(args, k) != v]
         if changed:
             parser.error(f'--resume={args.resume} continues a run with other options: ' + '; '.join(
                 f'--{k}={getattr(args, k)} given, {stored[k]} in the training state' for k in changed) +
@@ -269,9 +269,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         elif os.path.isfile(path) and zipfile.is_zipfile(path):
             names = self._open_zip().namelist()
         elif os.path.exists(path):
-            raise UserError(f'{path}: not a folder or a zip file')
+            raise UsageError(f'{path}: not a folder or a zip file')
         else:
-            raise UserError(f'{path}: no such dataset (make one with dataset_tool.py, or use --data=demo)')
+            raise UsageError(f'{path}: no such dataset (make one with dataset_tool.py, or use --data=demo)')
         self.image_names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
         if not self.image_names:
             raise UserError(f'{path}: no images found')
@@ -922,7 +922,7 @@ def split_batch(batch, batch_gpu, world_size):
     batch_gpu = min(batch_gpu or per_gpu, per_gpu)
     rounds = per_gpu // max(batch_gpu, 1)
     if batch_gpu < 1 or batch != batch_gpu * rounds * world_size:
-        raise UserError(f'--batch={batch} must equal --batch-gpu ({batch_gpu}) x accumulation rounds x {world_size} GPUs')
+        raise UsageError(f'--batch={batch} must be a multiple of {world_size} GPUs x --batch-gpu ({batch_gpu})')
     return batch_gpu, rounds
 
 def distributed_model(net, device, compile=False, **ddp_kwargs):
@@ -1152,11 +1152,9 @@ class TrainingRun:
         if get_rank() == 0:
             try:
                 save_checkpoint(data, path)
-            except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError ('unexpected pos ...')
-                free = shutil.disk_usage(self.dir).free / 2**20
-                raise UserError(f'cannot write {path} ({getattr(e, "strerror", None) or "write failed"}; '
-                                f'{free:.1f} MiB free on that disk). Last good training state: '
-                                f'{self.last_state or "none"}') from None
+            except OSError as e:
+                raise UserError(f'cannot write {path} ({e.strerror}; {shutil.disk_usage(self.dir).free / 2**20:.1f} '
+                                f'MiB free there). Last good training state: {self.last_state or "none"}') from None
         return path
 
     def _write_stats(self, fields):
@@ -1229,11 +1227,19 @@ def load_training_state(path, method, rank, world_size, **objects):
 #    never leaves a truncated file; always read with weights_only=True (no code runs).
 
 def save_checkpoint(obj, path):
-    """Written to a hidden `.<name>.tmp<pid>` beside `path`, then renamed: no glob of checkpoints matches it."""
+    """Written to a hidden `.<name>.tmp<pid>` beside `path`, then renamed: no glob of checkpoints matches it. A
+    failed write (full disk: torch reports it as RuntimeError) removes the temp file and raises OSError."""
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f'.{name}.tmp{os.getpid()}')
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        full = shutil.disk_usage(folder or '.').free < 2**20
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        reason = 'no space left on device' if full else getattr(e, 'strerror', None) or str(e).splitlines()[0]
+        raise OSError(errno.ENOSPC if full else getattr(e, 'errno', None), reason, path) from None
 
 def remove_stale_temp_files(folder):
     """Delete temp files that killed runs left behind (their process is gone)."""
@@ -1249,7 +1255,7 @@ def remove_stale_temp_files(folder):
 
 def load_checkpoint(path):
     if not os.path.isfile(path):
-        raise UserError(f'{path}: no such checkpoint')
+        raise UsageError(f'{path}: no such checkpoint')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch's message would advise weights_only=False, which runs code from the file
@@ -1422,6 +1428,8 @@ def is_official(path):
 # training state adds the training objects (net, optimizer, ...), step, tick and data_pos. Every method reads it here.
 def load_snapshot(path, flag, methods):
     """One of our network snapshots or training states, written by one of `methods` (python file names)."""
+    if not os.path.isfile(path):
+        raise UsageError(f'{flag}={path}: no such file')
     ckpt = load_checkpoint(path)
     method = ckpt.get('method') if isinstance(ckpt, dict) else None
     if method not in methods:

@@ -34,7 +34,7 @@ def test_edm_table1_preconditioning():
         assert c_out[k] == pytest.approx(s * 0.5 / math.sqrt(s * s + 0.25), rel=1e-6)
         assert c_in[k] == pytest.approx(1 / math.sqrt(s * s + 0.25), rel=1e-6)
         assert c_noise[k] == pytest.approx(math.log(s) / 4, rel=1e-6, abs=1e-7)
-    # Values of the spec's table (EDM Table 1 evaluated by hand).
+    # EDM Table 1 evaluated by hand.
     assert c_skip[3] == pytest.approx(3.9061e-5, rel=1e-4) and c_out[0] == pytest.approx(0.001999984, rel=1e-6)
     assert c_noise[3] == pytest.approx(1.0955067, rel=1e-6) and c_in[1] == pytest.approx(1.4142136, rel=1e-6)
 
@@ -119,7 +119,7 @@ def test_edm_sampler_matches_gaussian_ode():
     exact = z * sigma_max * sigma_data / (sigma_max ** 2 + sigma_data ** 2) ** 0.5
     err = [(edm_sampler(denoise, z, num_steps=n) - exact).abs().max().item() for n in (16, 32, 64)]
     assert err[1] < err[0] / 3 and err[2] < err[1] / 3 and err[2] < 2e-2
-    # The spec's ratios x_N / z for the deterministic sampler (computed with EDM's own sampler).
+    # Ratios x_N / z for the deterministic sampler (computed once with EDM's own sampler).
     ones = torch.ones(1, 1, 1, 1, dtype=torch.float64)
     assert edm_sampler(denoise, ones, num_steps=18).item() == pytest.approx(0.5276246370, rel=1e-8)
     assert edm_sampler(denoise, ones, num_steps=40).item() == pytest.approx(0.5048768647, rel=1e-8)

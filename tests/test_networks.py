@@ -1,5 +1,5 @@
 """EDM U-Nets (DDPM++/NCSN++ SongUNet, ADM DhariwalUNet) and the official-checkpoint loader.
-Spec: shared/specs/edm_common.md sections 3, 7.2 and 11. Big networks are only counted (on the meta device);
+Checked against EDM's training/networks.py. Big networks are only counted (on the meta device);
 forward passes use tiny configs."""
 
 import math
@@ -18,7 +18,7 @@ from conftest import EDMPrecond, write_persistence_pickle  # noqa: E402
 from common import (Conv2d, DhariwalUNet, GroupNorm, PositionalEmbedding, SongUNet, UNetBlock, UserError,
                     load_official)
 
-# Paper configs as EDM's train.py builds them (spec 3.4-3.6).
+# Paper configs as EDM's train.py builds them.
 DDPMPP_CIFAR = dict(img_resolution=32, in_channels=3, out_channels=3, model_channels=128, channel_mult=[2, 2, 2],
                     embedding_type='positional', channel_mult_noise=1, encoder_type='standard',
                     decoder_type='standard', resample_filter=[1, 1])
@@ -37,7 +37,7 @@ TINY_ADM = dict(img_resolution=16, in_channels=3, out_channels=3, model_channels
                 num_blocks=1, attn_resolutions=[8], dropout=0.0)
 TINY = {'ddpmpp': (SongUNet, TINY_DDPMPP), 'ncsnpp': (SongUNet, TINY_NCSNPP), 'adm': (DhariwalUNet, TINY_ADM)}
 
-# SongUNet block settings (spec 3.4), for block-level counts.
+# SongUNet block settings (EDM networks.py, SongUNet), for block-level counts.
 SONG_BLOCK = dict(emb_channels=512, num_heads=1, skip_scale=math.sqrt(0.5), eps=1e-6, resample_proj=True,
                   adaptive_scale=False)
 
@@ -66,7 +66,7 @@ def randomize(net, seed=0):  # perturb every weight so that zero-initialized out
     return net
 
 #------------------------------------------------------------------------------
-# Parameter counts and names (spec 3.6 and 11)
+# Parameter counts and names (EDM's released models)
 
 @pytest.mark.parametrize('cls, kwargs, params, buffer_elements', [
     (SongUNet, DDPMPP_CIFAR, 55_732_739, 32),
@@ -137,7 +137,7 @@ def test_ncsnpp_and_adm_layout_match_official():
     assert heads == {64: 0, 32: 6, 16: 9, 8: 12}
 
 #------------------------------------------------------------------------------
-# Layers (spec 3.1-3.2)
+# Layers (EDM networks.py: Linear, Conv2d, GroupNorm)
 
 def test_resample_filter_values_and_meaning():
     f = Conv2d(2, 2, 0, down=True, resample_filter=[1, 3, 3, 1]).resample_filter
@@ -273,7 +273,7 @@ def test_autocast_cpu_close_to_fp32_and_backward(name, dtype):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
 
 #------------------------------------------------------------------------------
-# Official checkpoints (spec 7.2)
+# Official checkpoints (EDM-format pickles)
 
 def test_load_official_pickle_round_trip(tmp_path):
     model_kwargs = {k: v for k, v in TINY_NCSNPP.items() if k not in ('img_resolution', 'in_channels', 'out_channels')}

@@ -1,4 +1,4 @@
-"""patch_diffusion.py: the spec's fidelity checks (coordinates, crops, schedule, multipliers, counter, loss
+"""patch_diffusion.py: the fidelity checks against the paper and the official code (coordinates, crops, schedule, multipliers, counter, loss
 reduction, network I/O, sampler) and end-to-end properties (real_p=1 is EDM, resume, DDP, per-seed generation)."""
 import json
 import os
@@ -13,10 +13,10 @@ import torch
 from conftest import ROOT, TINY_UNET
 
 import patch_diffusion as pd
-from common import EDMLoss, UserError, edm_time_steps, ema_beta, load_checkpoint, reseed
+from common import EDMLoss, UserError, edm_time_steps, ema_beta, load_checkpoint, reseed, save_checkpoint
 
 #------------------------------------------------------------------------------
-# Coordinates and crops (spec patch_diffusion.md sections 2.3 and 3.1).
+# Coordinates and crops (official pos_embedding and random crops).
 
 def coords(R, s, i, j):
     return pd.patch_coordinates(R, s, torch.tensor([i]), torch.tensor([j]))[0]
@@ -259,7 +259,7 @@ def test_generate_rejects_bad_canvas(tmp_path):
     snapshot = sorted(Path(run_train(tmp_path, '--duration=0.00001')).parent.glob('network-snapshot-*.pt'))[-1]
     with pytest.raises(UserError, match='multiple of 2'):
         pd.generate(pd.parse_args(['generate', f'--network={snapshot}', f'--outdir={tmp_path}', '--image_size=9']))
-    # A canvas larger than training, coordinates extrapolated past [-1, 1] (spec 8.2).
+    # A canvas larger than training, coordinates extrapolated past [-1, 1] (official generate.py --image_size).
     pd.generate(pd.parse_args(['generate', f'--network={snapshot}', f'--outdir={tmp_path / "big"}', '--image_size=12',
                                '--x_start=-2', '--y_start=-2', '--seeds=0-1', '--steps=2']))
     assert [image.shape for image in read_pngs(tmp_path / 'big').values()] == [(12, 12, 3)] * 2
@@ -306,3 +306,14 @@ def test_mixed_precision_training_steps(tmp_path, flag):
     assert state['step'] == 6 and all(torch.isfinite(v).all() for v in state['net'].values())
     assert any(not torch.equal(v, init.state_dict()[k]) for k, v in state['net'].items())
     assert (state['scaler'] != {}) == (flag == '--fp16=1')  # the GradScaler's state is saved only when it is on
+
+def test_snapshots_of_the_earlier_layout_load(tmp_path):
+    """Snapshots written before the shared layout kept a latent run's VAE in args['vae'] only: they still load."""
+    net = tiny_patch_net()
+    kwargs = dict(img_resolution=8, img_channels=3, label_dim=0, **TINY_UNET)
+    old = dict(method='patch_diffusion', precond='PatchPrecond', net_kwargs=kwargs, ema=net.state_dict(), cur_nimg=15,
+               args=dict(train_on_latents=True, vae='vae.safetensors', arch='ddpmpp'))
+    save_checkpoint(old, str(tmp_path / 'old.pt'))
+    loaded = pd.load_network(str(tmp_path / 'old.pt'))
+    assert loaded.latent_vae == 'vae.safetensors' and all(torch.equal(a, b) for a, b in
+                                                          zip(loaded.state_dict().values(), net.state_dict().values()))

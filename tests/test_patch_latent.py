@@ -190,7 +190,7 @@ def test_latent_patch_schedule_and_counter():
     sizes, pmf, mul = pd.patch_schedule(32, 0.5, latent=True)   # 256 px -> 32x32 latents: {R/2, R}
     assert sizes == [16, 32] and pmf == pytest.approx([0.5, 0.5]) and mul == [2, 1]
     assert np.dot(pmf, mul) == pytest.approx(1.5)
-    assert [int(B * np.dot(pmf, mul)) for B in (1024, 4096)] == [1536, 6144]   # counter per step, spec section 5
+    assert [int(B * np.dot(pmf, mul)) for B in (1024, 4096)] == [1536, 6144]   # counter per step (official training loop)
     assert [np.dot(*pd.patch_schedule(32, p, latent=True)[1:]) for p in (0, 0.25, 1)] == pytest.approx([2, 1.75, 1])
     assert sum(p * m * s * s for s, p, m in zip(sizes, pmf, mul)) / 32 ** 2 == pytest.approx(0.75)  # pixels per micro-batch
 
