@@ -1,8 +1,8 @@
 """Relay Diffusion: Unifying diffusion process across resolutions for image synthesis.
 
-Teng, Zheng, Ding, Hong, Wangni, Yang, Tang, ICLR 2024, arXiv:2309.03350 (v1; the PDF's equation numbers were not
-available to us, so comments cite paper sections and the official code instead).
-Official code: https://github.com/THUDM/RelayDiffusion (an EDM fork; nothing here is copied from it).
+Teng, Zheng, Ding, Hong, Wangni, Yang, Tang, ICLR 2024, arXiv:2309.03350v1 (the PDF's equation numbers were not
+available to us, so comments cite paper sections, App. A.4 Algorithm 1 and the official code instead).
+Official code: https://github.com/THUDM/RelayDiffusion at a97877f (an EDM fork; nothing here is copied from it).
 
 Stage one is plain EDM at low resolution (64 px). Stage two continues the same diffusion at high resolution: the
 low-resolution sample is upsampled by nearest neighbour (s = 4), which makes it constant on s x s patches, the fixed
@@ -12,31 +12,27 @@ point of a patch-wise DCT heat-dissipation blur. Noise (i.i.d. plus correlated "
 EDM's sigma distribution only, with the blur strength a function of the same time u as sigma.
 
 Implemented: both training stages (`--precond=edm` / `--precond=blur`), EDM's augmentation (`--augment`), label
-dropout for classifier-free guidance, the blur sampler and the two-stage pipeline with the official sampler
-settings as presets, loading of our snapshots, patch_diffusion.py EDM snapshots, official EDM `.pkl` files and the
-released RDM `.pt` checkpoints (read without running code from them). Not implemented: xformers attention
-(`--eff-attn` is accepted and ignored: F.scaled_dot_product_attention computes the same attention).
+dropout for classifier-free guidance, the blur sampler and the two-stage pipeline, presets named after the official
+runs (training flags of the README commands, sampler settings of the official generate_*.py), loading of our
+snapshots, patch_diffusion.py EDM snapshots, official EDM `.pkl` files and the released RDM `.pt` checkpoints (read
+without running code from them). Not implemented: xformers attention (`--eff-attn` is accepted and has no effect:
+F.scaled_dot_product_attention computes the same attention).
 
   # stage two on ImageNet-256 (official README command)
   torchrun --standalone --nproc_per_node=8 relay_diffusion.py train --outdir=training-runs \\
       --data=datasets/imagenet-256x256.zip --eff-attn=True --cond=1 --batch=4096 --batch-gpu=8 --lr=1e-4 \\
       --dropout=0.1 --fp16=1 --ls=1 --arch=adm --precond=blur --up-scale=4 --block-scale=0.15 \\
       --prob-length=0.93 --blur-sigma-max=3.0
-  # 50k two-stage samples with the official ImageNet sampler settings
-  torchrun --standalone --nproc_per_node=8 relay_diffusion.py generate --preset=imagenet --outdir=samples \\
+  # 50k two-stage samples with the official ImageNet sampler settings (generate_imagenet.py)
+  torchrun --standalone --nproc_per_node=8 relay_diffusion.py generate --preset=imagenet256 --outdir=samples \\
       --network_first=ckpts/imagenet_first_stage.pkl --network_second=ckpts/imagenet_second_stage.pt --subdirs
   torchrun --standalone --nproc_per_node=8 fid.py calc --images=samples --ref=fid-refs/imagenet-256x256.npz
 """
 
-import argparse
-import copy
-import io
 import json
 import math
 import os
 import re
-import warnings
-import zipfile
 
 import numpy as np
 import PIL.Image
@@ -45,79 +41,68 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (AugmentPipe, EDMLoss, EDMPrecond, PerSeedRNG, _SnapshotUnpickler, TrainingRun, UserError,
-                    add_train_flags, data_stream, distributed_model, edm_sampler, edm_time_steps, ema_beta,
-                    _from_snapshot, get_rank, get_world_size, init_distributed, learning_rate, load_checkpoint,
-                    load_official, load_training_state, load_weights, open_dataset, optimizer_step, parse_bool,
-                    parse_command_line, parse_int_list, print0, reseed, run_main, save_image_grid, save_seed_images,
-                    seed_batches, setup_precision, split_batch, sync_if, to_uint8, update_ema)
+from common import (AugmentPipe, EDMLoss, EDMPrecond, Parser, PerSeedRNG, TrainingRun, UsageError, UserError,
+                    add_edm_train_flags, add_generate_flags, add_train_flags, check_class, check_outdir, data_stream,
+                    distributed_model, edm_backbone_kwargs, edm_sampler, edm_time_steps, ema_beta, get_rank,
+                    get_world_size, init_distributed, is_official, learning_rate, load_official, load_snapshot,
+                    load_weights, network_and_ema, number, open_dataset, optimizer_step, parse_bool, parse_command_line,
+                    parse_int_list, print0, reseed, run_desc, run_main, save_image_grid, save_seed_images, seed_batches,
+                    seed_labels, setup_precision, split_batch, sync_if, to_uint8, update_ema)
 
 #------------------------------------------------------------------------------
-# 1. Config. Training presets are the official README commands; sampler presets the official generate_*.py.
+# 1. Config. A preset is an official run: `train --preset=NAME` takes its README training command, `generate
+#    --preset=NAME` the settings of the official generate_*.py that samples it (both stages). Flags override.
 
 PRESETS = {
     # Stage one, CelebA-HQ 64 (README). fp32; the training length is not published (train.py default: 200 Mimg).
-    'celebahq64':  dict(cond=False, arch='adm', precond='edm', batch=1024, batch_gpu=32, lr=1e-4, dropout=0.15,
-                        augment=0.2, ls=1),
+    'celebahq64':  dict(train=dict(cond=False, arch='adm', precond='edm', batch=1024, batch_gpu=32, lr=1e-4,
+                                   dropout=0.15, augment=0.2, ls=1)),
     # Stage two, CelebA-HQ 256 (README); "47M" training images in the README table for the whole model.
-    'celebahq256': dict(cond=False, arch='adm', precond='blur', batch=1024, batch_gpu=8, lr=1e-4, dropout=0.2,
-                        augment=0.2, fp16=True, ls=1, up_scale=4, block_scale=0.15, prob_length=0.89,
-                        blur_sigma_max=2.0, duration=47),
+    # Sampling: generate_celebahq.py: 30k seeds, SDE-Heun stage one (sde_scale 0.05), 150-step grid truncated at 0.95.
+    # NOTE: its sampler maps sigma -> u with L = 1.05 although the network was trained with prob_length 0.89 (less
+    # blur than trained at every sigma); the reason is unknown, we keep the official values.
+    'celebahq256': dict(train=dict(cond=False, arch='adm', precond='blur', batch=1024, batch_gpu=8, lr=1e-4,
+                                   dropout=0.2, augment=0.2, fp16=True, ls=1, up_scale=4, block_scale=0.15,
+                                   prob_length=0.89, blur_sigma_max=2.0, duration=47),
+                        generate=dict(seeds='80000-109999', num_steps_first=120, sde_scale_first=0.05,
+                                      num_steps_second=150, rho_second=7, truncation_sigma_second=0.95,
+                                      truncation_t_second=1.05, blur_sigma_max_second=2.0, cfg_scale_second=1)),
     # Stage two, ImageNet 256 (README). NOTE: the README command sets no --augment, so train.py's default 0.12
     # applies (553,833,475 parameters); --label-dropout 0.1 is our assumption: the released train.py has no such
     # option, yet the ImageNet sampler uses CFG 3.5 against an all-zero label. duration: the README's 1250M total,
     # taken as stage two's (our assumption; per-stage lengths are not published).
-    'imagenet256': dict(cond=True, arch='adm', precond='blur', batch=4096, batch_gpu=8, lr=1e-4, dropout=0.1,
-                        augment=0.12, fp16=True, ls=1, up_scale=4, block_scale=0.15, prob_length=0.93,
-                        blur_sigma_max=3.0, label_dropout=0.1, duration=1250),
+    # Sampling: generate_imagenet.py: 50k seeds (labels seed mod 1000), EDM's stochastic ImageNet-64 sampler for
+    # stage one, a 200-step rho=100 grid truncated at 0.9, CFG 3.5 in stage two.
+    'imagenet256': dict(train=dict(cond=True, arch='adm', precond='blur', batch=4096, batch_gpu=8, lr=1e-4,
+                                   dropout=0.1, augment=0.12, fp16=True, ls=1, up_scale=4, block_scale=0.15,
+                                   prob_length=0.93, blur_sigma_max=3.0, label_dropout=0.1, duration=1250),
+                        generate=dict(seeds='10000-59999', num_steps_first=256, S_churn=40, S_min=0.05, S_max=50,
+                                      S_noise=1.003, num_steps_second=200, rho_second=100, truncation_sigma_second=0.9,
+                                      truncation_t_second=0.93, blur_sigma_max_second=3.0, cfg_scale_second=3.5)),
     # CPU demo, a few minutes each: 8 px EDM stage one, then a 32 px blur stage two on the same built-in shapes.
-    'demo8':       dict(data='demo-8', arch='ddpmpp', precond='edm', cbase=32, cres=[1, 2], blocks=2, batch=32,
-                        lr=1e-3, lr_rampup=1, ema=0.002, dropout=0, augment=0, duration=0.02, tick=4, snap=100,
-                        dump=100, workers=0),
-    'demo32':      dict(data='demo-32', arch='ddpmpp', precond='blur', cbase=32, cres=[1, 2, 2], blocks=1, batch=16,
-                        lr=1e-3, lr_rampup=1, ema=0.002, dropout=0, augment=0, duration=0.003, tick=1, snap=100,
-                        dump=100, workers=0, up_scale=4, block_scale=0.15, prob_length=0.93, blur_sigma_max=3.0),
-}
-
-SAMPLER_PRESETS = {
-    # Official generate_celebahq.py: 30k seeds, SDE-Heun stage one (sde_scale 0.05), 150-step grid truncated at 0.95.
-    # NOTE: its sampler maps sigma -> u with L = 1.05 although the network was trained with prob_length 0.89 (less
-    # blur than trained at every sigma); the reason is unknown, we keep the official values.
-    'celebahq': dict(seeds=parse_int_list('80000-109999'), num_steps_first=120, sde_scale_first=0.05,
-                     num_steps_second=150, rho_second=7, truncation_sigma_second=0.95, truncation_t_second=1.05,
-                     blur_sigma_max_second=2.0, cfg_scale_second=1),
-    # Official generate_imagenet.py: 50k seeds (labels seed mod 1000), EDM's stochastic ImageNet-64 sampler,
-    # a 200-step rho=100 grid truncated at 0.9, CFG 3.5 in stage two.
-    'imagenet': dict(seeds=parse_int_list('10000-59999'), num_steps_first=256, S_churn=40, S_min=0.05, S_max=50,
-                     S_noise=1.003, num_steps_second=200, rho_second=100, truncation_sigma_second=0.9,
-                     truncation_t_second=0.93, blur_sigma_max_second=3.0, cfg_scale_second=3.5),
-}
-
-# Backbones as configured by EDM's train.py; adm at 256 px is ADM's 256 config (official train.py).
-ARCHS = {
-    'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
-                   channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2]),
-    'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
-                   channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2]),
-    'adm':    dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
-    'adm256': dict(model_type='DhariwalUNet', model_channels=256, channel_mult=[1, 1, 2, 2, 4, 4], num_blocks=2),
+    'demo8':       dict(train=dict(data='demo-8', arch='ddpmpp', precond='edm', cbase=32, cres=[1, 2], blocks=2,
+                                   batch=32, lr=1e-3, lr_rampup=1, ema=0.002, dropout=0, augment=0, duration=0.02,
+                                   tick=4, snap=100, dump=100, workers=0)),
+    'demo32':      dict(train=dict(data='demo-32', arch='ddpmpp', precond='blur', cbase=32, cres=[1, 2, 2], blocks=1,
+                                   batch=16, lr=1e-3, lr_rampup=1, ema=0.002, dropout=0, augment=0, duration=0.003,
+                                   tick=1, snap=100, dump=100, workers=0, up_scale=4, block_scale=0.15,
+                                   prob_length=0.93, blur_sigma_max=3.0)),
 }
 
 MIN_SCALE = 0.001            # blur multiplier floor m (hard-coded in the official blurring.py and loss.py)
 TRUNCATE_SIGMA = 7.5e-3      # lower sigma bound of stage-two training (official BlurLoss truncate_sigma)
 
 #------------------------------------------------------------------------------
-# 2. Backbone: EDM's U-Nets and preconditioning, unchanged (official train.py: --precond=blur selects EDMPrecond).
-#    NOTE: there is no blur-aware preconditioning in the official code: c_skip, c_out, c_in, c_noise are EDM's,
-#    computed from sigma alone (the extra 1.0225 noise variance and the blurred signal are ignored); we follow it.
+# 2. Backbone: EDM's U-Nets (common.EDM_ARCHS) and preconditioning, unchanged (official train.py: --precond=blur
+#    selects EDMPrecond). NOTE: there is no blur-aware preconditioning in the official code: c_skip, c_out, c_in,
+#    c_noise are EDM's, computed from sigma alone (the extra 1.0225 noise variance and the blurred signal are
+#    ignored); we follow it.
 
 def network_kwargs(args, resolution, channels, label_dim):
-    """EDMPrecond constructor kwargs from the CLI flags (official train.py's mapping)."""
-    model = dict(ARCHS['adm256' if args.arch == 'adm' and resolution == 256 else args.arch])
-    model['model_channels'] = args.cbase or model['model_channels']
-    model['channel_mult'] = args.cres or model['channel_mult']
-    if args.blocks:
-        model['num_blocks'] = args.blocks
+    """EDMPrecond constructor kwargs from the CLI flags (official train.py's mapping; adm at 256 px is ADM's 256
+    config)."""
+    model = edm_backbone_kwargs('adm256' if args.arch == 'adm' and resolution == 256 else args.arch, args.cbase,
+                                args.cres, args.blocks)
     model.update(dropout=args.dropout, label_dropout=args.label_dropout if label_dim else 0)
     if args.augment:
         model['augment_dim'] = 9  # EDM AugmentPipe labels
@@ -270,7 +255,7 @@ def relay_time_steps(num_steps=18, sigma_min=0.008, sigma_max=80, rho=7, truncat
     t = edm_time_steps(num_steps, sigma_min, sigma_max, rho)
     kept = t[:-1][t[:-1] < truncation_sigma]
     if len(kept) == 0:
-        raise UserError(f'no noise level of the {num_steps}-step grid lies below --truncation_sigma_second={truncation_sigma}')
+        raise UsageError(f'no noise level of the {num_steps}-step grid lies below --truncation_sigma_second={truncation_sigma}')
     return torch.cat([kept, t[-1:]])
 
 @torch.no_grad()
@@ -325,185 +310,311 @@ def dataset_shape(args):
     dataset = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
     return dataset, dataset.resolution, dataset.num_channels, dataset.label_dim
 
+def check_train_flags(args, R, label_dim, net_kwargs):
+    """Flag combinations that depend on the data, checked before anything is written."""
+    if args.precond == 'blur' and R % args.up_scale:
+        raise UsageError(f'--up-scale={args.up_scale} must divide the image size: {args.data} has {R}x{R} images')
+    if args.label_dropout and not label_dim:
+        raise UsageError(f'--label-dropout={args.label_dropout} needs class labels (--cond=1)')
+    levels = len(net_kwargs['channel_mult'])
+    if R % 2 ** (levels - 1):
+        raise UsageError(f'--cres={",".join(map(str, net_kwargs["channel_mult"]))}: a {levels}-level U-Net needs '
+                         f'image sides divisible by {2 ** (levels - 1)}; {args.data} has {R}x{R} images')
+
+def stage_of(args):
+    """What generation needs to know about the stage a network was trained for (stored in its snapshots)."""
+    if args.precond == 'edm':
+        return dict(precond='edm')
+    return dict(precond='blur', up_scale=args.up_scale, prob_length=args.prob_length,
+                blur_sigma_max=args.blur_sigma_max, block_scale=args.block_scale, paper_noise_norm=args.paper_noise_norm)
+
 def make_loss(args):
     if args.precond == 'edm':
         return EDMLoss()
     return BlurLoss(up_scale=args.up_scale, prob_length=args.prob_length, blur_sigma_max=args.blur_sigma_max,
                     block_scale=args.block_scale, paper_noise_norm=args.paper_noise_norm)
 
+@torch.no_grad()
+def save_progress_grid(net, path, num, device, loss_fn, fixed=None):
+    """Seeds 0..num-1: stage one samples 18 Heun steps from noise; stage two relays the block means of `fixed`
+    training images (average-pooled by s, nearest-upsampled: a stand-in for stage-one samples), shown above the
+    relayed results."""
+    rng = PerSeedRNG(range(num), device)
+    labels = torch.eye(net.label_dim, device=device)[torch.arange(num) % net.label_dim] if net.label_dim else None
+    if not isinstance(loss_fn, BlurLoss):
+        latents = rng.randn([net.img_channels, net.img_resolution, net.img_resolution], device=device)
+        return save_image_grid(edm_sampler(net, latents, labels, rng.randn_like), path)
+    s = loss_fn.up_scale
+    real = fixed.to(device).to(torch.float64) / 127.5 - 1
+    x_up = F.interpolate(F.avg_pool2d(real, s), scale_factor=s, mode='nearest')
+    out = blur_sampler(net, x_up, labels, rng.randn_like, up_scale=s, truncation_t=loss_fn.prob_length,
+                       blur_sigma_max=loss_fn.blur_sigma_max, s_block=loss_fn.block_scale,
+                       paper_noise_norm=loss_fn.paper_noise_norm)
+    save_image_grid(torch.cat([x_up, out]), path, cols=num)
+
 def train(args):
-    device = init_distributed()
-    rank, world_size = get_rank(), get_world_size()
+    device, rank, world_size = init_distributed(), get_rank(), get_world_size()
     amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
     dataset, R, C, label_dim = dataset_shape(args)
-    if args.precond == 'blur' and R % args.up_scale:
-        raise UserError(f'{args.data}: {R}x{R} images are not divisible by --up-scale={args.up_scale}')
-    if args.label_dropout and not label_dim:
-        raise UserError('--label-dropout needs class labels (--cond=1)')
+    net_kwargs, stage = network_kwargs(args, R, C, label_dim), stage_of(args)
+    check_train_flags(args, R, label_dim, net_kwargs)
     batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
-    net_kwargs = network_kwargs(args, R, C, label_dim)
-    num_params = count_parameters(net_kwargs)
-    stage = dict(precond=args.precond) | (dict(up_scale=args.up_scale, prob_length=args.prob_length,
-        blur_sigma_max=args.blur_sigma_max, block_scale=args.block_scale, paper_noise_norm=args.paper_noise_norm)
-        if args.precond == 'blur' else {})
-    desc = f'{os.path.splitext(os.path.basename(args.data))[0]}-{"cond" if args.cond else "uncond"}-{args.arch}-' \
-           f'{args.precond}-gpus{world_size}-batch{args.batch}-{"fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"}' \
-           + (f'-{args.desc}' if args.desc else '')
-    options = dict(vars(args), net_kwargs=net_kwargs, num_params=num_params, stage=stage, batch_gpu=batch_gpu,
-                   rounds=rounds, world_size=world_size)
+    info = dict(net_kwargs=net_kwargs, num_params=count_parameters(net_kwargs), stage=stage, batch_gpu=batch_gpu,
+                rounds=rounds, world_size=world_size)
     if args.dry_run:
-        print0(json.dumps(options, indent=2))
-        print0(f'{num_params:,} parameters')
-        return
-
-    # Network, EMA, optimizer, augmentation; a training state to resume from.
+        print0(json.dumps(dict(vars(args), **info), indent=2))
+        return print0(f'{info["num_params"]:,} parameters')
     torch.manual_seed(args.seed)
-    net = EDMPrecond(**net_kwargs).to(device).train().requires_grad_(True)
-    net.amp_dtype = amp_dtype
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,  # EDM's optimizer
-                                 fused=device.type == 'cuda')
+    net, ema = network_and_ema(EDMPrecond(**net_kwargs), device, amp_dtype)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == 'cuda')
     augment_pipe = AugmentPipe(args.augment, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
                                translate_frac=1) if args.augment else None  # EDM's CelebA/CIFAR setting, as upstream
-    cur_nimg, step, data_pos = 0, 0, 0
-    if args.resume:
-        state = load_training_state(args.resume, 'relay_diffusion', rank, world_size, net=net, ema=ema,
-                                    optimizer=optimizer, scaler=scaler)
-        cur_nimg, step, data_pos = state['cur_nimg'], state['step'], state['data_pos']
-    ddp = distributed_model(net, device, args.compile)
     loss_fn = make_loss(args)
     fixed = next(data_stream(dataset, args.grid, 0, 1, args.seed, 0, 0))[0] if args.grid and args.precond == 'blur' else None
-
-    with TrainingRun(args, 'relay_diffusion', desc, options, device, cur_nimg) as run:
+    run = TrainingRun('relay_diffusion', vars(args), info, device, outdir=args.outdir, nosubdir=args.nosubdir,
+        desc=run_desc(os.path.splitext(os.path.basename(args.data))[0], 'cond' if args.cond else 'uncond', args.arch,
+                      args.precond, world_size=world_size, batch=args.batch, fp16=args.fp16, bf16=args.bf16,
+                      desc=args.desc),
+        resume=args.resume, total_nimg=args.duration * 1e6, tick=args.tick, snap=args.snap, dump=args.dump,
+        state=dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler),
+        snapshot=lambda: dict(precond='EDMPrecond', net_kwargs=net_kwargs, stage=stage, ema=ema.state_dict()),
+        grid=args.grid and (lambda path: save_progress_grid(ema, path, args.grid, device, loss_fn, fixed)))
+    ddp = distributed_model(net, device, args.compile)
+    stream = run.data(dataset, batch_gpu, args.seed, args.workers)
+    with run:
         print0(f'Relay Diffusion stage {"one (EDM)" if args.precond == "edm" else "two (blur)"}: {dataset.name} '
-               f'({len(dataset)} images, {R}x{R}x{C}), {args.arch}, {num_params:,} parameters, device {device}, '
+               f'({len(dataset)} images, {R}x{R}x{C}), {args.arch}, {info["num_params"]:,} parameters, device {device}, '
                f'{world_size} process(es); {batch_gpu} images x {rounds} rounds x {world_size} per step')
-        stream = data_stream(dataset, batch_gpu, rank, world_size, args.seed, data_pos, args.workers)
-        while True:
-            reseed(args.seed, rank, cur_nimg)  # per-step randomness: resume == uninterrupted
+        while not run.done:
+            reseed(args.seed, rank, run.cur_nimg)  # per-step randomness: resume == uninterrupted
             optimizer.zero_grad(set_to_none=True)
             for r in range(rounds):
+                # Fetch data.
                 images, labels = next(stream)
-                data_pos += batch_gpu
                 images = images.to(device).to(torch.float32) / 127.5 - 1
+                # The paper's loss (stage one: EDM's; stage two: BlurLoss, paper Sec. 3), then backward.
                 with sync_if(ddp, r == rounds - 1):
                     loss = loss_fn(ddp, images, labels.to(device), augment_pipe)
                     run.add('loss', loss)
                     # NOTE: upstream back-propagates sum(loss) ls / T with T = 32 at 64 px and 256 otherwise; we use
                     # EDM's sum over pixels, mean over this GPU's images (Adam makes the constant nearly irrelevant).
                     scaler.scale(loss.sum() * (args.ls / (batch_gpu * rounds))).backward()
-            optimizer_step(optimizer, scaler, learning_rate(args.lr, cur_nimg, args.lr_rampup))
-            update_ema(ema, net, ema_beta(cur_nimg, args.batch, args.ema * 1000))
-            cur_nimg += args.batch
-            step += 1
-            done = cur_nimg >= args.duration * 1e6
-            if run.due(cur_nimg, done):
-                snap = run.end_tick(cur_nimg, done, step=step, data_pos=data_pos,
-                    snapshot=lambda: dict(precond='EDMPrecond', net_kwargs=net_kwargs, stage=stage, ema=ema.state_dict()),
-                    state=lambda: dict(net=net.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict()))
-                if snap and args.grid:
-                    save_progress_grid(ema, snap.replace('network-snapshot', 'samples').replace('.pt', '.png'),
-                                       args, fixed, device)
-                if done:
-                    break
-
-@torch.no_grad()
-def save_progress_grid(net, path, args, fixed, device):
-    """Seeds 0..grid-1: stage one samples 18 Heun steps from noise; stage two relays the block means of fixed
-    training images (average-pooled by s, nearest-upsampled: a stand-in for stage-one samples), shown above the
-    relayed results."""
-    rng = PerSeedRNG(range(args.grid), device)
-    labels = torch.eye(net.label_dim, device=device)[torch.arange(args.grid) % net.label_dim] if net.label_dim else None
-    if args.precond == 'edm':
-        latents = rng.randn([net.img_channels, net.img_resolution, net.img_resolution], device=device)
-        return save_image_grid(edm_sampler(net, latents, labels, rng.randn_like), path)
-    real = fixed.to(device).to(torch.float64) / 127.5 - 1
-    x_up = F.interpolate(F.avg_pool2d(real, args.up_scale), scale_factor=args.up_scale, mode='nearest')
-    out = blur_sampler(net, x_up, labels, rng.randn_like, up_scale=args.up_scale, truncation_t=args.prob_length,
-                       blur_sigma_max=args.blur_sigma_max, s_block=args.block_scale, paper_noise_norm=args.paper_noise_norm)
-    save_image_grid(torch.cat([x_up, out]), path, cols=args.grid)
+            # Optimizer and EMA (EDM's lr ramp-up and EMA half-life).
+            optimizer_step(optimizer, scaler, learning_rate(args.lr, run.cur_nimg, args.lr_rampup))
+            update_ema(ema, net, ema_beta(run.cur_nimg, args.batch, args.ema * 1000))
+            run.end_step(args.batch)  # tick: status line, snapshots, training states
+        print0(f'done: {run.dir}')
 
 #------------------------------------------------------------------------------
 # 6. Generation: stage one (EDM sampler) -> nearest upsampling -> stage two (blur sampler); one PNG per seed,
 #    identical for any --batch, any GPU count, and (for stage two) whether stage one ran now or came from --indir.
 
-class _TorchZipUnpickler(_SnapshotUnpickler):
-    """common's restricted unpickler for torch.save zip archives (official RDM .pt training states): tensors come
-    from the archive's storage records; network modules become inert stubs (no code from the file runs)."""
-    def __init__(self, file, archive, prefix):
-        super().__init__(file)
-        self.archive, self.prefix = archive, prefix
-
-    def find_class(self, module, name):
-        module = 'builtins' if module == '__builtin__' else module  # torch.save's protocol 2 uses Python 2 names
-        if module == 'torch' and name.endswith('Storage') and isinstance(getattr(torch, name, None), type):
-            return getattr(torch, name)  # torch.FloatStorage etc.: only its dtype is used
-        return super().find_class(module, name)
-
-    def persistent_load(self, pid):
-        _, storage_type, key, _, _ = pid  # ('storage', torch.FloatStorage, '0', 'cuda:0', numel)
-        data = torch.UntypedStorage.from_buffer(self.archive.read(f'{self.prefix}/data/{key}'), dtype=torch.uint8)
-        return torch.storage.TypedStorage(wrap_storage=data, dtype=storage_type.dtype, _internal=True)
-
-def load_rdm_checkpoint(path):
-    """Official RDM `training-state-*.pt` / released `*_stage.pt`: torch.save(dict(ema=<EDMPrecond>, net=..., ...))
-    -> dict(precond, init_kwargs, state_dict) as common.load_official returns."""
-    with zipfile.ZipFile(path) as archive:
-        pkl = [n for n in archive.namelist() if n.endswith('/data.pkl')]
-        if not pkl:
-            raise ValueError('no data.pkl in the archive')
-        prefix = pkl[0].rsplit('/', 1)[0]
-        with warnings.catch_warnings():  # TypedStorage is deprecated, but it is what carries the dtype here
-            warnings.simplefilter('ignore', UserWarning)
-            return _from_snapshot(_TorchZipUnpickler(io.BytesIO(archive.read(pkl[0])), archive, prefix).load())
-
-def load_network(path, flag, stage):
-    """EDMPrecond from our snapshots/training states (relay_diffusion.py of the right stage, patch_diffusion.py
-    --real_p=1 for stage one), official EDM .pkl (path or URL) or official RDM .pt. Returns (net, stage dict)."""
-    if path.endswith('.pkl') or '://' in path:
-        official = load_official(path)
-    else:
+def load_network(path, flag='--network', stage=None):
+    """EDMPrecond (EMA weights) from our snapshots or training states (relay_diffusion.py; patch_diffusion.py
+    --real_p=1 as a stage one), official EDM .pkl (path or URL) or official RDM .pt. `stage` ('edm' or 'blur'), if
+    given, is the stage the network must have been trained for. net.stage: the stage settings of our snapshots
+    (dict(precond, up_scale, ...)); None for official files, which do not record them."""
+    if is_official(path):
+        return official_network(path, flag)
+    try:
+        ckpt = load_snapshot(path, flag, ['relay_diffusion', 'patch_diffusion'])
+    except UsageError:
+        raise
+    except UserError as ours:  # not loadable with weights_only: maybe an official RDM torch.save archive
+        if not os.path.isfile(path):
+            raise UsageError(f'{flag}={path}: no such file') from None
         try:
-            ckpt, official = load_checkpoint(path), None
-        except UserError as ours:  # not loadable with weights_only: maybe an official RDM torch.save archive
-            if not os.path.isfile(path):
-                raise UserError(f'{flag}={path}: no such file') from None
-            try:
-                official = load_rdm_checkpoint(path)
-            except Exception as theirs:
-                raise UserError(f'{flag}={path}: neither one of our snapshots ({str(ours).splitlines()[0]}) nor an '
-                                f'official RDM checkpoint ({theirs})') from None
-    if official is not None:
-        if official['precond'] != 'EDMPrecond':
-            raise UserError(f'{flag}={path}: a {official["precond"]} network; Relay Diffusion uses EDMPrecond networks')
-        kwargs = {k: v for k, v in official['init_kwargs'].items() if k != 'eff_attn'}  # xformers switch (upstream)
-        net = EDMPrecond(**kwargs)
-        load_weights(net, official['state_dict'], path)
-        return net, {}
-    method = ckpt.get('method') if isinstance(ckpt, dict) else None
-    info = ckpt.get('stage', dict(precond='edm')) if method == 'relay_diffusion' else dict(precond='edm')
-    if method == 'patch_diffusion' and ckpt.get('precond') != 'EDMPrecond':
-        raise UserError(f'{flag}={path}: a Patch Diffusion network with coordinate channels; only --real_p=1 '
-                        'snapshots (plain EDM) can serve as a first stage')
-    if method not in ('relay_diffusion', 'patch_diffusion'):
-        raise UserError(f'{flag}={path}: not a relay_diffusion.py or patch_diffusion.py snapshot (method {method!r})')
-    if info['precond'] != stage:
+            return official_network(path, flag)
+        except UserError as theirs:
+            raise UsageError(f'{flag}={path}: neither one of our snapshots ({str(ours).split(": ", 1)[-1]}) '
+                             f'nor an official network ({str(theirs).split(": ", 1)[-1]})') from None
+    if ckpt['method'] == 'patch_diffusion' and ckpt['precond'] != 'EDMPrecond':
+        raise UsageError(f'{flag}={path}: a Patch Diffusion network with coordinate channels; only --real_p=1 '
+                         'snapshots (plain EDM) can serve as a first stage')
+    info = ckpt.get('stage', dict(precond='edm')) if ckpt['method'] == 'relay_diffusion' else dict(precond='edm')
+    if stage is not None and info['precond'] != stage:
         want = 'a stage-one (--precond=edm)' if stage == 'edm' else 'a stage-two (--precond=blur)'
-        raise UserError(f'{flag}={path}: a --precond={info["precond"]} network, but {flag} needs {want} network')
+        raise UsageError(f'{flag}={path}: a --precond={info["precond"]} network, but {flag} needs {want} network')
     net = EDMPrecond(**ckpt['net_kwargs'])
     load_weights(net, ckpt['ema'], path)
-    return net, info
+    net.stage = info
+    return net
 
-def read_indir(indir, seeds, device):
-    """Stage-one PNGs `{seed:06d}.png`, flat or in EDM's folders of 1,000, as float64 in [-1, 1]."""
-    images = []
+@torch.no_grad()
+def generate(args):
+    device, rank, world_size = init_distributed(), get_rank(), get_world_size()
+    check_outdir(args.outdir)
+    stages, s = args.sampler_stages, args.up_scale_second
+    check_generate_flags(args)
+    first = second = None
+    if stages in ('first', 'both'):
+        first = load_network(args.network_first, '--network_first', 'edm').to(device).eval()
+    if stages in ('second', 'both'):
+        second = load_network(args.network_second, '--network_second', 'blur').to(device).eval()
+    if first is not None and second is not None:
+        if first.label_dim != second.label_dim:
+            raise UsageError(f'--network_first has {first.label_dim} classes, --network_second {second.label_dim}')
+        if first.img_resolution * s != second.img_resolution:
+            raise UsageError(f'--up_scale_second={s}: stage one makes {first.img_resolution}x{first.img_resolution} '
+                             f'images, x{s} = {first.img_resolution * s}, but the second stage was trained at '
+                             f'{second.img_resolution}')
+    label_dim = (first or second).label_dim
+    check_class(args.class_idx, label_dim)
+    indir = indir_paths(args.indir, args.seeds) if first is None else None
+    first_kwargs = dict(num_steps=args.num_steps_first, sigma_min=args.sigma_min_first, sigma_max=args.sigma_max_first,
+                        rho=args.rho_first, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
+    if args.sde_scale_first:
+        first_kwargs['sde_scale'] = args.sde_scale_first
+    trained = (getattr(second, 'stage', None) or {}).get('paper_noise_norm', False)
+    second_kwargs = dict(num_steps=args.num_steps_second, sigma_min=args.sigma_min_second,
+                         sigma_max=args.sigma_max_second, rho=args.rho_second, up_scale=s,
+                         truncation_sigma=args.truncation_sigma_second, truncation_t=args.truncation_t_second,
+                         cfg_scale=args.cfg_scale_second, s_block=args.s_block_second, s_noise=args.s_noise_second,
+                         blur_sigma_max=args.blur_sigma_max_second,
+                         paper_noise_norm=trained if args.paper_noise_norm is None else args.paper_noise_norm)
+    print0(f'sampler stages {stages}: first {first_kwargs if first else "-"}; second {second_kwargs if second else "-"}')
+    grid = []
+    with tqdm(total=len(args.seeds), unit='img', disable=rank != 0) as bar:
+        for seeds in seed_batches(args.seeds, args.batch, rank, world_size):
+            rng = PerSeedRNG(seeds, device)  # one generator per seed for both stages (upstream: --indir crashes here)
+            labels = seed_labels(rng, label_dim, args.class_idx, device, seeds=seeds)  # seed mod classes (upstream)
+            if first is not None:
+                latents = rng.randn([first.img_channels, first.img_resolution, first.img_resolution], device=device)
+                sampler = sde_sampler if 'sde_scale' in first_kwargs else edm_sampler
+                low = sampler(guided(first, args.cfg_scale_first), latents, labels, rng.randn_like, **first_kwargs)
+            else:
+                low = read_images([indir[seed] for seed in seeds], args.indir, device)
+            if second is not None:
+                x_up = F.interpolate(low, scale_factor=s, mode='nearest')  # NOTE: upstream resizes to 256 whatever s is
+                if x_up.shape[-1] != second.img_resolution or x_up.shape[1] != second.img_channels:
+                    raise UsageError(f'--indir={args.indir}: stage-one images {tuple(low.shape[1:])} x{s} do not fit '
+                                     f'the second stage ({second.img_channels}x{second.img_resolution}x'
+                                     f'{second.img_resolution})')
+                images = blur_sampler(second, x_up, labels, rng.randn_like, **second_kwargs)
+                if args.grid and rank == 0:
+                    grid.append((x_up, images))
+            save_images(low if second is None else images, seeds, args.outdir, args.subdirs, args.enhance)
+            bar.update(len(seeds) * world_size)
+    if args.grid and rank == 0 and grid:
+        ups, outs = torch.cat([g[0] for g in grid])[:8], torch.cat([g[1] for g in grid])[:8]
+        save_image_grid(torch.cat([ups, outs]), args.grid, cols=len(ups))  # stage one (upsampled) above, relayed below
+    torch.distributed.barrier()
+    print0('done')
+
+def check_generate_flags(args):
+    """Flag combinations, checked before any network is loaded or any file written."""
+    stages = args.sampler_stages
+    for flag, needed in (('network_first', stages != 'second'), ('network_second', stages != 'first'),
+                         ('indir', stages == 'second')):
+        if needed and not getattr(args, flag):
+            raise UsageError(f'--sampler_stages={stages} needs --{flag}')
+    if args.indir and not os.path.isdir(args.indir):
+        raise UsageError(f'--indir={args.indir}: not a folder')
+    if args.grid is not None:
+        if not args.grid.lower().endswith('.png') or stages == 'first':
+            raise UsageError(f'--grid={args.grid}: expected a .png path, and a run with a second stage')
+        check_outdir(os.path.dirname(args.grid) or '.', '--grid')
+    if stages != 'first':  # the truncated grid must keep at least one level
+        relay_time_steps(args.num_steps_second, args.sigma_min_second, args.sigma_max_second, args.rho_second,
+                         args.truncation_sigma_second)
+
+#------------------------------------------------------------------------------
+# 7. Command line. Flag spellings follow the official train.py / generate.py so published commands run unchanged.
+
+def build_parser(preset=None):
+    """The parser; `preset` (a PRESETS name) gives `train` its training flags and `generate` its sampler settings
+    as defaults (see common.parse_command_line)."""
+    parser = Parser(description='Relay Diffusion (Teng et al. 2024) on EDM')
+    sub = parser.add_subparsers(dest='command', required=True)
+    t = sub.add_parser('train', help='train stage one (--precond=edm) or stage two (--precond=blur)')
+    add_train_flags(t, lr=1e-4)  # NOTE: upstream's default lr is 1e-4 (EDM: 1e-3); every README command sets it
+    add_edm_train_flags(t)
+    p01, nonneg, pos = number(float, 0, 1), number(float, 0), number(float, 0, low_open=True)
+    t.add_argument('--preset', choices=sorted(PRESETS), default=None, help='an official run: its README training flags (generate --preset: its sampler); flags override')
+    t.add_argument('--arch', choices=['ddpmpp', 'ncsnpp', 'adm'], default='adm', help='backbone (adm: ADM-64 config, ADM-256 at 256 px)')
+    t.add_argument('--precond', choices=['edm', 'blur'], default='edm', help='edm: stage one (EDMLoss); blur: stage two (BlurLoss), same EDM preconditioning')
+    t.add_argument('--cbase', type=number(int, 1), default=None, metavar='INT', help="base channel count; None = the arch's")
+    t.add_argument('--cres', type=parse_int_list, default=None, metavar='LIST', help="channel multipliers per resolution; None = the arch's")
+    t.add_argument('--blocks', type=number(int, 1), default=None, metavar='INT', help="residual blocks per resolution; None = the arch's")
+    t.add_argument('--augment', type=p01, default=0, metavar='P', help='EDM augmentation probability (augment_dim 9 when > 0)')
+    t.add_argument('--label-dropout', type=p01, default=0, metavar='P', help='drop class labels with this probability (for CFG)')
+    t.add_argument('--eff-attn', type=parse_bool, default=True, metavar='BOOL', help='accepted for the official README commands; no effect here (attention is always F.scaled_dot_product_attention)')
+    t.add_argument('--up-scale', type=number(int, 1), default=4, metavar='INT', help='stage two: block size s of DCT blur and block noise (= upsampling factor)')
+    t.add_argument('--block-scale', type=nonneg, default=0.15, metavar='FLOAT', help='stage two: alpha, weight of block noise')
+    t.add_argument('--prob-length', type=number(float, 0, 1, low_open=True), default=0.93, metavar='FLOAT', help='stage two: L, trained fraction of EDM\'s sigma distribution')
+    t.add_argument('--blur-sigma-max', type=nonneg, default=3.0, metavar='FLOAT', help='stage two: B_max, blur strength at u = 1')
+    t.add_argument('--paper-noise-norm', type=parse_bool, default=False, metavar='BOOL', help="stage two: scale noise by 1/sqrt(1+alpha^2) (paper; the code doesn't)")
+    t.add_argument('--grid', type=number(int, 0), default=16, metavar='INT', help='images in the sample grid written with each snapshot; 0 = none')
+    t.set_defaults(**PRESETS.get(preset, {}).get('train', {}))
+
+    g = sub.add_parser('generate', help='two-stage generation')
+    add_generate_flags(g, edm_sampler=False)
+    g.add_argument('--preset', choices=sorted(k for k in PRESETS if 'generate' in PRESETS[k]), default=None, help='an official run: the settings of the generate_*.py that samples it (train --preset: its training flags); flags override')
+    g.add_argument('--class', dest='class_idx', type=int, default=None, metavar='INT', help='class label (default: seed mod classes)')
+    g.add_argument('--sampler_stages', choices=['first', 'second', 'both'], default='both', help='which stages to run')
+    g.add_argument('--indir', default=None, metavar='DIR', help='stage-one PNGs for --sampler_stages=second')
+    g.add_argument('--enhance', choices=sorted(ENHANCE), default='none', help='official PIL post-processing of the PNGs (not in the paper)')
+    g.add_argument('--grid', default=None, metavar='PNG', help='also write a grid: stage one (upsampled) above, relayed below')
+    g.add_argument('--network_first', default=None, metavar='PT|PKL|URL', help='stage-one network (ours, patch_diffusion --real_p=1, EDM .pkl, RDM .pt)')
+    g.add_argument('--num_steps_first', type=number(int, 1), default=18, metavar='INT', help='stage-one sampling steps')
+    g.add_argument('--sigma_min_first', type=pos, default=0.002, metavar='FLOAT', help='lowest noise level')
+    g.add_argument('--sigma_max_first', type=pos, default=80, metavar='FLOAT', help='highest noise level')
+    g.add_argument('--rho_first', type=pos, default=7, metavar='FLOAT', help='time step exponent (EDM Eq. 5)')
+    g.add_argument('--cfg_scale_first', type=nonneg, default=1, metavar='FLOAT', help='classifier-free guidance scale; <= 1 = none')
+    g.add_argument('--S_churn', type=nonneg, default=0, metavar='FLOAT', help='stage-one stochasticity strength (EDM Alg. 2)')
+    g.add_argument('--S_min', type=nonneg, default=0, metavar='FLOAT', help='lowest sigma with churn')
+    g.add_argument('--S_max', type=nonneg, default=float('inf'), metavar='FLOAT', help='highest sigma with churn')
+    g.add_argument('--S_noise', type=nonneg, default=1, metavar='FLOAT', help='churn noise inflation')
+    g.add_argument('--sde_scale_first', type=number(float, 0, 1), default=0, metavar='FLOAT', help='SDE-Heun noise of generate_celebahq.py (0.05); 0 = EDM Heun')
+    g.add_argument('--network_second', default=None, metavar='PT|PKL|URL', help='stage-two network (ours or RDM .pt)')
+    g.add_argument('--num_steps_second', type=number(int, 1), default=18, metavar='INT', help='stage-two grid size before truncation')
+    g.add_argument('--sigma_min_second', type=pos, default=0.008, metavar='FLOAT', help='lowest noise level')
+    g.add_argument('--sigma_max_second', type=pos, default=80, metavar='FLOAT', help='highest noise level of the grid')
+    g.add_argument('--rho_second', type=pos, default=7, metavar='FLOAT', help='time step exponent')
+    g.add_argument('--blur_sigma_max_second', type=nonneg, default=3, metavar='FLOAT', help='B_max of the blur schedule')
+    g.add_argument('--cfg_scale_second', type=nonneg, default=1, metavar='FLOAT', help='classifier-free guidance scale; <= 1 = none')
+    g.add_argument('--up_scale_second', type=number(int, 1), default=4, metavar='INT', help='upsampling factor = DCT block size')
+    g.add_argument('--truncation_sigma_second', type=pos, default=0.9, metavar='FLOAT', help='start: grid levels >= this are dropped')
+    g.add_argument('--truncation_t_second', type=pos, default=0.93, metavar='FLOAT', help='L of the sampler\'s sigma -> u map')
+    g.add_argument('--s_block_second', type=nonneg, default=0.15, metavar='FLOAT', help='weight of block noise')
+    g.add_argument('--s_noise_second', type=p01, default=0.2, metavar='FLOAT', help='eta, stochasticity of the blur sampler')
+    g.add_argument('--paper_noise_norm', type=parse_bool, default=None, metavar='BOOL', help='1/sqrt(1+s_block^2) noise scale; None = as the network was trained')
+    g.set_defaults(**PRESETS.get(preset, {}).get('generate', {}))
+    return parser
+
+def main():
+    args = parse_command_line(build_parser)
+    run_main(train if args.command == 'train' else generate, args)
+
+#------------------------------------------------------------------------------
+# 8. Appendix: official-checkpoint reading, stage-one PNGs from disk, the official PNG post-processing.
+
+def official_network(path, flag):
+    """EDMPrecond from an official EDM .pkl or RDM .pt (common.load_official: no code from the file runs); the
+    official files do not record the stage (net.stage = None)."""
+    official = load_official(path, flag)
+    if official['precond'] != 'EDMPrecond':
+        raise UsageError(f'{flag}={path}: a {official["precond"]} network; Relay Diffusion uses EDMPrecond networks')
+    kwargs = {k: v for k, v in official['init_kwargs'].items() if k != 'eff_attn'}  # xformers switch (upstream)
+    net = EDMPrecond(**kwargs)
+    load_weights(net, official['state_dict'], path)
+    net.stage = None
+    return net
+
+def indir_paths(indir, seeds):
+    """{seed: path} of stage-one PNGs `{seed:06d}.png`, flat or in EDM's folders of 1,000; all must exist."""
+    paths = {}
     for seed in seeds:
-        paths = [os.path.join(indir, f'{seed - seed % 1000:06d}', f'{seed:06d}.png'), os.path.join(indir, f'{seed:06d}.png')]
-        path = next((p for p in paths if os.path.isfile(p)), None)
-        if path is None:
-            raise UserError(f'--indir={indir}: no image for seed {seed} ({paths[0]} or {paths[1]})')
-        image = np.array(PIL.Image.open(path))
-        images.append(image[:, :, None] if image.ndim == 2 else image)
+        tries = [os.path.join(indir, f'{seed - seed % 1000:06d}', f'{seed:06d}.png'), os.path.join(indir, f'{seed:06d}.png')]
+        paths[seed] = next((p for p in tries if os.path.isfile(p)), None)
+        if paths[seed] is None:
+            raise UsageError(f'--indir={indir}: no image for seed {seed} ({tries[0]} or {tries[1]})')
+    return paths
+
+def read_images(paths, indir, device):
+    """Stage-one PNGs as float64 in [-1, 1], [N, C, H, W]."""
+    images = [np.array(PIL.Image.open(path)) for path in paths]
+    images = [image[:, :, None] if image.ndim == 2 else image for image in images]
     if len({im.shape for im in images}) > 1:
         raise UserError(f'--indir={indir}: images of different sizes {sorted({im.shape for im in images})}')
     images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # [N, H, W, C] -> [N, C, H, W]
@@ -524,147 +635,6 @@ def save_images(images, seeds, outdir, subdirs, enhance):
         folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
         os.makedirs(folder, exist_ok=True)
         pil.save(os.path.join(folder, f'{seed:06d}.png'))
-
-@torch.no_grad()
-def generate(args):
-    device = init_distributed()
-    rank, world_size = get_rank(), get_world_size()
-    stages, s = args.sampler_stages, args.up_scale_second
-    first = second = None
-    info = {}
-    if stages in ('first', 'both'):
-        if not args.network_first:
-            raise UserError(f'--sampler_stages={stages} needs --network_first')
-        first = load_network(args.network_first, '--network_first', 'edm')[0].to(device).eval()
-    if stages in ('second', 'both'):
-        if not args.network_second:
-            raise UserError(f'--sampler_stages={stages} needs --network_second')
-        if stages == 'second' and not args.indir:
-            raise UserError('--sampler_stages=second needs --indir (a folder of stage-one PNGs)')
-        second, info = load_network(args.network_second, '--network_second', 'blur')
-        second = second.to(device).eval()
-    if first is not None and second is not None:
-        if first.label_dim != second.label_dim:
-            raise UserError(f'the first stage has {first.label_dim} classes, the second {second.label_dim}')
-        if first.img_resolution * s != second.img_resolution:
-            raise UserError(f'stage one makes {first.img_resolution}x{first.img_resolution} images, x{s} = '
-                            f'{first.img_resolution * s}, but the second stage was trained at {second.img_resolution}')
-    label_dim = (first or second).label_dim
-    if args.class_idx is not None and not 0 <= args.class_idx < max(label_dim, 1):
-        raise UserError(f'--class={args.class_idx}: the network has {label_dim} classes')
-    first_kwargs = dict(num_steps=args.num_steps_first, sigma_min=args.sigma_min_first or 0.002,
-                        sigma_max=args.sigma_max_first or 80, rho=args.rho_first, S_churn=args.S_churn,
-                        S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
-    if args.sde_scale_first:
-        first_kwargs['sde_scale'] = args.sde_scale_first
-    paper_noise_norm = info.get('paper_noise_norm', False) if args.paper_noise_norm is None else args.paper_noise_norm
-    second_kwargs = dict(num_steps=args.num_steps_second, sigma_min=args.sigma_min_second or 0.008,
-                         sigma_max=args.sigma_max_second or 80, rho=args.rho_second, up_scale=s,
-                         truncation_sigma=args.truncation_sigma_second, truncation_t=args.truncation_t_second,
-                         cfg_scale=args.cfg_scale_second, s_block=args.s_block_second, s_noise=args.s_noise_second,
-                         blur_sigma_max=args.blur_sigma_max_second, paper_noise_norm=paper_noise_norm)
-    print0(f'sampler stages {stages}: first {first_kwargs if first else "-"}; second {second_kwargs if second else "-"}')
-    grid = []
-    for seeds in tqdm(seed_batches(args.seeds, args.batch, rank, world_size), unit='batch', disable=rank != 0):
-        rng = PerSeedRNG(seeds, device)  # one generator per seed for both stages (upstream: --indir crashes here)
-        labels = None
-        if label_dim:  # seed mod label_dim, as upstream: exactly balanced classes over consecutive seeds
-            labels = torch.eye(label_dim, device=device)[torch.as_tensor(seeds) % label_dim]
-            if args.class_idx is not None:
-                labels[:] = 0
-                labels[:, args.class_idx] = 1
-        if first is not None:
-            latents = rng.randn([first.img_channels, first.img_resolution, first.img_resolution], device=device)
-            sampler = sde_sampler if 'sde_scale' in first_kwargs else edm_sampler
-            low = sampler(guided(first, args.cfg_scale_first), latents, labels, rng.randn_like, **first_kwargs)
-        else:
-            low = read_indir(args.indir, seeds, device)
-        if second is None:
-            save_images(low, seeds, args.outdir, args.subdirs, args.enhance)
-            continue
-        x_up = F.interpolate(low, scale_factor=s, mode='nearest')  # NOTE: upstream resizes to 256 whatever s is
-        if x_up.shape[-1] != second.img_resolution or x_up.shape[1] != second.img_channels:
-            raise UserError(f'stage-one images {tuple(low.shape[1:])} x{s} do not fit the second stage '
-                            f'({second.img_channels}x{second.img_resolution}x{second.img_resolution})')
-        images = blur_sampler(second, x_up, labels, rng.randn_like, **second_kwargs)
-        save_images(images, seeds, args.outdir, args.subdirs, args.enhance)
-        if args.grid and rank == 0:
-            grid.append((x_up, images))
-    if args.grid and rank == 0 and grid:
-        ups, outs = torch.cat([g[0] for g in grid])[:8], torch.cat([g[1] for g in grid])[:8]
-        save_image_grid(torch.cat([ups, outs]), args.grid, cols=len(ups))  # stage one (upsampled) above, relayed below
-    torch.distributed.barrier()
-    print0('done')
-
-#------------------------------------------------------------------------------
-# 7. Command line. Flag spellings follow the official train.py / generate.py so published commands run unchanged.
-
-def build_parser(preset=None):
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(description='Relay Diffusion (Teng et al. 2024) on EDM', formatter_class=fmt)
-    sub = parser.add_subparsers(dest='command', required=True)
-    t = sub.add_parser('train', help='train stage one (--precond=edm) or stage two (--precond=blur)', formatter_class=fmt)
-    add_train_flags(t, lr=1e-4)  # NOTE: upstream's default lr is 1e-4 (EDM: 1e-3); every README command sets it
-    t.add_argument('--preset', choices=sorted(PRESETS), default=None, help='published hyperparameters; flags override')
-    t.add_argument('--arch', choices=['ddpmpp', 'ncsnpp', 'adm'], default='adm', help='backbone (adm: ADM-64 config, ADM-256 at 256 px)')
-    t.add_argument('--precond', choices=['edm', 'blur'], default='edm', help='edm: stage one (EDMLoss); blur: stage two (BlurLoss), same EDM preconditioning')
-    t.add_argument('--cbase', type=int, default=None, metavar='INT', help="base channel count; None = the arch's")
-    t.add_argument('--cres', type=parse_int_list, default=None, metavar='LIST', help="channel multipliers per resolution; None = the arch's")
-    t.add_argument('--blocks', type=int, default=None, metavar='INT', help="residual blocks per resolution; None = the arch's")
-    t.add_argument('--augment', type=float, default=0, metavar='P', help='EDM augmentation probability (augment_dim 9 when > 0)')
-    t.add_argument('--label-dropout', type=float, default=0, metavar='P', help='drop class labels with this probability (for CFG)')
-    t.add_argument('--eff-attn', type=parse_bool, default=True, metavar='BOOL', help='accepted for upstream commands; attention is always F.scaled_dot_product_attention')
-    t.add_argument('--up-scale', type=int, default=4, metavar='INT', help='block size s of DCT blur and block noise (= upsampling factor)')
-    t.add_argument('--block-scale', type=float, default=0.15, metavar='FLOAT', help='alpha, weight of block noise')
-    t.add_argument('--prob-length', type=float, default=0.93, metavar='FLOAT', help='L, trained fraction of EDM\'s sigma distribution')
-    t.add_argument('--blur-sigma-max', type=float, default=3.0, metavar='FLOAT', help='B_max, blur strength at u = 1')
-    t.add_argument('--paper-noise-norm', type=parse_bool, default=False, metavar='BOOL', help="scale noise by 1/sqrt(1+alpha^2) (paper; the code doesn't)")
-    t.add_argument('--grid', type=int, default=16, metavar='INT', help='images in the sample grid written with each snapshot; 0 = none')
-
-    g = sub.add_parser('generate', help='two-stage generation', formatter_class=fmt)
-    g.add_argument('--preset', choices=sorted(SAMPLER_PRESETS), default=None, help='official sampler settings (generate_<preset>.py); flags override')
-    g.add_argument('--outdir', required=True, metavar='DIR', help='where to write {seed:06d}.png')
-    g.add_argument('--seeds', type=parse_int_list, default='0-63', metavar='LIST', help='random seeds, e.g. 0-49999')
-    g.add_argument('--subdirs', action='store_true', help='put seeds in folders of 1,000')
-    g.add_argument('--class', dest='class_idx', type=int, default=None, metavar='INT', help='class label (default: seed mod classes)')
-    g.add_argument('--batch', type=int, default=64, metavar='INT', help='images per batch per GPU')
-    g.add_argument('--sampler_stages', choices=['first', 'second', 'both'], default='both', help='which stages to run')
-    g.add_argument('--indir', default=None, metavar='DIR', help='stage-one PNGs for --sampler_stages=second')
-    g.add_argument('--enhance', choices=sorted(ENHANCE), default='none', help='official PIL post-processing of the PNGs (not in the paper)')
-    g.add_argument('--grid', default=None, metavar='PNG', help='also write a grid: stage one (upsampled) above, relayed below')
-    g.add_argument('--network_first', default=None, metavar='PT|PKL|URL', help='stage-one network (ours, patch_diffusion --real_p=1, EDM .pkl, RDM .pt)')
-    g.add_argument('--num_steps_first', type=int, default=18, metavar='INT', help='stage-one sampling steps')
-    g.add_argument('--sigma_min_first', type=float, default=None, metavar='FLOAT', help='lowest noise level (None: 0.002)')
-    g.add_argument('--sigma_max_first', type=float, default=None, metavar='FLOAT', help='highest noise level (None: 80)')
-    g.add_argument('--rho_first', type=float, default=7, metavar='FLOAT', help='time step exponent (EDM Eq. 5)')
-    g.add_argument('--cfg_scale_first', type=float, default=1, metavar='FLOAT', help='classifier-free guidance scale; <= 1 = none')
-    g.add_argument('--S_churn', type=float, default=0, metavar='FLOAT', help='stage-one stochasticity strength (EDM Alg. 2)')
-    g.add_argument('--S_min', type=float, default=0, metavar='FLOAT', help='lowest sigma with churn')
-    g.add_argument('--S_max', type=float, default=float('inf'), metavar='FLOAT', help='highest sigma with churn')
-    g.add_argument('--S_noise', type=float, default=1, metavar='FLOAT', help='churn noise inflation')
-    g.add_argument('--sde_scale_first', type=float, default=0, metavar='FLOAT', help='SDE-Heun noise of generate_celebahq.py (0.05); 0 = EDM Heun')
-    g.add_argument('--network_second', default=None, metavar='PT|PKL|URL', help='stage-two network (ours or RDM .pt)')
-    g.add_argument('--num_steps_second', type=int, default=18, metavar='INT', help='stage-two grid size before truncation')
-    g.add_argument('--sigma_min_second', type=float, default=None, metavar='FLOAT', help='lowest noise level (None: 0.008)')
-    g.add_argument('--sigma_max_second', type=float, default=None, metavar='FLOAT', help='highest noise level of the grid (None: 80)')
-    g.add_argument('--rho_second', type=float, default=7, metavar='FLOAT', help='time step exponent')
-    g.add_argument('--blur_sigma_max_second', type=float, default=3, metavar='FLOAT', help='B_max of the blur schedule')
-    g.add_argument('--cfg_scale_second', type=float, default=1, metavar='FLOAT', help='classifier-free guidance scale; <= 1 = none')
-    g.add_argument('--up_scale_second', type=int, default=4, metavar='INT', help='upsampling factor = DCT block size')
-    g.add_argument('--truncation_sigma_second', type=float, default=0.9, metavar='FLOAT', help='start: grid levels >= this are dropped')
-    g.add_argument('--truncation_t_second', type=float, default=0.93, metavar='FLOAT', help='L of the sampler\'s sigma -> u map')
-    g.add_argument('--s_block_second', type=float, default=0.15, metavar='FLOAT', help='weight of block noise')
-    g.add_argument('--s_noise_second', type=float, default=0.2, metavar='FLOAT', help='eta, stochasticity of the blur sampler')
-    g.add_argument('--paper_noise_norm', type=parse_bool, default=None, metavar='BOOL', help='1/sqrt(1+s_block^2) noise scale; None = as the network was trained')
-    if preset in PRESETS:
-        t.set_defaults(**PRESETS[preset])
-    if preset in SAMPLER_PRESETS:
-        g.set_defaults(**SAMPLER_PRESETS[preset])
-    return parser
-
-def main():
-    args = parse_command_line(build_parser)
-    run_main(train if args.command == 'train' else generate, args)
 
 if __name__ == '__main__':
     main()

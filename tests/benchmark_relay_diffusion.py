@@ -75,7 +75,7 @@ def bench_toy(a):
     """Held-out losses and grids of finished runs: the two-stage pipeline (--first, --second) and the single-stage
     baseline (--single, an EDM run at the high resolution that trained for as long as both stages together)."""
     os.makedirs(a.outdir, exist_ok=True)
-    first, second, single = (rd.load_network(p, flag, stage)[0].eval() for p, flag, stage in
+    first, second, single = (rd.load_network(p, flag, stage).eval() for p, flag, stage in
                              ((a.first, '--first', 'edm'), (a.second, '--second', 'blur'), (a.single, '--single', 'edm')))
     R, s = single.img_resolution, second.img_resolution // first.img_resolution
     held = DemoDataset(R, size=8192)  # indices past the 4096 training images: held out

@@ -1,5 +1,5 @@
-"""relay_diffusion.py: the spec's fidelity checks (block DCT, blur, block noise, schedule, BlurLoss, blur sampler,
-parameter counts) and end-to-end properties (checkpoint loading, per-seed generation with and without --indir,
+"""relay_diffusion.py: fidelity checks against the paper and the official code (block DCT, blur, block noise,
+schedule, BlurLoss, blur sampler, parameter counts) and end-to-end properties (checkpoint loading, per-seed generation with and without --indir,
 resume, DDP, a two-stage torchrun run)."""
 import glob
 import math
@@ -30,7 +30,7 @@ def run(argv):
     (rd.train if args.command == 'train' else rd.generate)(args)
 
 #------------------------------------------------------------------------------
-# Block DCT and blur (spec 3.1-3.2, checks 1-2).
+# Block DCT and blur (paper Sec. 3; official blurring.dct_2d, get_alpha_t).
 
 @pytest.mark.parametrize('s', [2, 4, 8])
 def test_dct_matrix_is_orthonormal_and_block_dct_inverts(s):
@@ -77,7 +77,7 @@ def test_blur_identity_fixed_points_and_symmetry():
     assert d[0, 0] == 1 and torch.equal(d, d.T)
 
 #------------------------------------------------------------------------------
-# Block noise (spec 3.3, check 3).
+# Block noise (paper Sec. 3; official blurring.block_noise).
 
 def test_block_noise_is_the_circular_window_sum_over_s():
     s, field = 4, torch.arange(2 * 6 * 8, dtype=torch.float64).reshape(1, 2, 6, 8) ** 1.5
@@ -98,13 +98,13 @@ def test_block_noise_variance_correlation_and_dc():
         assert corr == pytest.approx(max(0, s - dx) * max(0, s - dy) / s ** 2, abs=0.01), (dx, dy)
     assert abs((b[:, 0] * b[:, 1]).mean().item()) < 0.01                                       # channels independent
     dc = rd.block_dct(b, s)[:, :, ::s, ::s]
-    assert dc.var().item() == pytest.approx(121 / 16, rel=0.03)                                # spec: 7.5625
+    assert dc.var().item() == pytest.approx(121 / 16, rel=0.03)                                # 121/16 = 7.5625
 
 #------------------------------------------------------------------------------
-# Truncated sigma schedule, shared u, BlurLoss (spec 3.4-3.5, checks 4-5).
+# Truncated sigma schedule, shared u, BlurLoss (paper Sec. 3; official training/loss.py BlurLoss).
 
 @pytest.mark.parametrize('L, B_max, sigma_max', [(0.93, 3.0, 1.769946), (0.89, 2.0, 1.312369)])
-def test_schedule_matches_scipy_and_spec(L, B_max, sigma_max):
+def test_schedule_matches_scipy_and_official_values(L, B_max, sigma_max):
     assert rd.sigma_of_u(1.0, L).item() == pytest.approx(math.exp(-1.2 + 1.2 * scipy.stats.norm.ppf(L)), rel=1e-12)
     assert rd.sigma_of_u(1.0, L).item() == pytest.approx(sigma_max, abs=1e-6)
     u = torch.linspace(0.01, 1, 50, dtype=torch.float64)
@@ -145,7 +145,7 @@ def test_blur_loss_input_target_weight_and_noise(monkeypatch):
         assert xi.var().item() == pytest.approx(var, abs=0.012)
 
 #------------------------------------------------------------------------------
-# Blur sampler (spec 5.3-5.4, checks 6-7).
+# Blur sampler (paper App. A.4 Algorithm 1; official generate.py blur_sampler).
 
 @pytest.mark.parametrize('N, rho, trunc, K, first, last', [
     (200, 100, 0.9, 100, [0.869123, 0.829823, 0.792283], [0.008814, 0.008397, 0.008]),
@@ -211,7 +211,7 @@ def test_sampler_patch_constant_input_scales_with_a_linear_denoiser():
     assert (ratio - ratio.mean()).abs().max() < 1e-10 and 0 < ratio.mean() < 1
 
 #------------------------------------------------------------------------------
-# Parameter counts (spec 4.3, check 9) and the dry run.
+# Parameter counts of the official networks (official train.py configs) and the dry run.
 
 @pytest.mark.parametrize('flags, count', [
     (['--preset=celebahq256', '--data=demo-256'], 552_809_475),
@@ -275,7 +275,7 @@ def test_official_and_our_checkpoints_load_with_the_same_weights(tmp_path):
                               (tmp_path / 'edm.pkl', '--network_first', 'edm'),
                               (snapshot(tmp_path / 'pd.pt', ours, method='patch_diffusion'), '--network_first', 'edm'),
                               (snapshot(tmp_path / 'rd.pt', ours, stage='blur'), '--network_second', 'blur')]:
-        net = rd.load_network(str(path), flag, stage)[0].eval()
+        net = rd.load_network(str(path), flag, stage).eval()
         assert torch.equal(net(x, sigma), ours(x, sigma)), path
     with pytest.raises(UserError, match='stage-two'):
         rd.load_network(snapshot(tmp_path / 'one.pt', ours), '--network_second', 'blur')
@@ -311,13 +311,17 @@ def test_generation_is_per_seed_in_both_stages_and_with_indir(tmp_path):
     bright = lambda im: np.array(PIL.ImageEnhance.Brightness(PIL.Image.fromarray(im)).enhance(1.06))
     assert all(np.array_equal(pngs(tmp_path / 'enhanced')[k], bright(out['first-4'][k])) for k in out['first-4'])
 
-def test_sampler_presets_are_the_official_scripts_and_flags_win():
-    a = parse_command_line(rd.build_parser, ['generate', '--preset=imagenet', '--outdir=x', '--rho_second=50'])
+def test_presets_are_the_official_runs_and_flags_win():
+    """One name, one official run: `train --preset` its README command, `generate --preset` its generate_*.py."""
+    a = parse_command_line(rd.build_parser, ['generate', '--preset=imagenet256', '--outdir=x', '--rho_second=50'])
     assert (a.num_steps_first, a.S_churn, a.S_noise, a.num_steps_second, a.rho_second, a.cfg_scale_second) == (256, 40, 1.003, 200, 50, 3.5)
-    assert a.seeds[0] == 10000 and len(a.seeds) == 50000 and a.enhance == 'none'
-    c = parse_command_line(rd.build_parser, ['generate', '--preset=celebahq', '--outdir=x'])
+    assert a.seeds[0] == 10000 and len(a.seeds) == 50000 and a.enhance == 'none' and a.batch == 64
+    c = parse_command_line(rd.build_parser, ['generate', '--preset=celebahq256', '--outdir=x'])
     assert (c.num_steps_first, c.sde_scale_first, c.num_steps_second, c.truncation_sigma_second, c.truncation_t_second,
             c.blur_sigma_max_second, len(c.seeds)) == (120, 0.05, 150, 0.95, 1.05, 2.0, 30000)
+    t = parse_command_line(rd.build_parser, ['train', '--preset=imagenet256', '--data=demo', '--batch=64'])
+    assert (t.precond, t.prob_length, t.blur_sigma_max, t.label_dropout, t.batch) == ('blur', 0.93, 3.0, 0.1, 64)
+    assert not hasattr(t, 'num_steps_second') and not hasattr(a, 'prob_length')
 
 #------------------------------------------------------------------------------
 # Training: resume equals the uninterrupted run; 2-process DDP gradient equals 1 process; torchrun two-stage run.
