@@ -1,40 +1,41 @@
 """Masked Diffusion Models are Fast Distribution Learners (MaskDM).
 
-Jiachen Lei et al., arXiv:2306.11363 (v2 for the method; v1 for the DWT model).
-Official code: https://github.com/jiachenlei/maskdm (HEAD 0e79a60; the DWT model from tree 40907a6; nothing here is
-copied from it; parameter names match it, so official .pt checkpoints load).
+Jiachen Lei et al., arXiv:2306.11363v2 (the method; v1 for the DWT model). The paper's text states no equation we
+tag; equation tags below are those of DDPM (Ho et al. 2020, arXiv:2006.11239v2), the cosine schedule (Nichol &
+Dhariwal 2021, arXiv:2102.09672) and DDIM (Song et al., arXiv:2010.02502v4), or the official file and function.
+Official code: https://github.com/jiachenlei/maskdm (HEAD 0e79a60; the DWT model from tree 40907a6). Nothing here is
+copied from it; parameter names match it, so official .pt checkpoints load.
 
-A U-ViT denoiser (discrete DDPM, T = 1000, epsilon prediction) is pre-trained with most of every image masked: a fixed
-number of patch tokens per image (random patches, aligned b x b blocks of patches, or all but one crop) is dropped
-before the network, which sees and denoises only the visible tokens; the loss is the epsilon-MSE on visible patches
-(masked denoising score matching). The same network is then fine-tuned on full images with the standard DDPM loss,
-starting from the pre-trained online weights. Sampling is DDIM (eta = 1, 250 steps in the official FID runs).
+A U-ViT denoiser (discrete DDPM, T = 1000, epsilon prediction) is pre-trained with most of every image masked: a
+fixed number of patch tokens per image (random patches, aligned b x b blocks of patches, or all but one crop) is
+dropped before the network, which sees and denoises only the visible tokens; the loss is the epsilon-MSE on visible
+patches (masked denoising score matching). The same network is then fine-tuned on full images with the standard
+DDPM loss, starting from the pre-trained online weights. Sampling is DDIM (eta = 1, 250 steps in the official FIDs).
 
-Implemented: the U-ViT of the official code (time token, learned positions, long skips, q/v bias option), patch /
-block / crop masks, masked pre-training, fine-tuning from our or official checkpoints, linear and cosine schedules,
-DDIM and ancestral DDPM, the v1 DWT variant for 256 px (Haar wavelets in torch, two token families, per-band clamping),
-the ema-pytorch EMA, presets of every official config, any number of image channels (official `in_chans`), the
-official class token (`num_classes`: --cond=1, generate --class) and time MLP (`mlp_time_embed`), plus our own
---label-dropout and classifier-free guidance (generate --cfg). Not implemented: the v1 ViT decoder and
-final conv (off in every config), the Langevin corrector (v1, off by default), EDM's --ema half-life and --lr-rampup
-(MaskDM uses --ema_decay and --warmup_steps instead).
+Implemented: the official U-ViT (time token, learned positions, long skips, q/v bias option, `in_chans`, the class
+token `num_classes` and `mlp_time_embed`), patch / block / crop masks, masked pre-training, fine-tuning from our or
+official checkpoints, linear and cosine schedules, DDIM and ancestral DDPM, the v1 DWT variant for 256 px (Haar
+wavelets, two token families, per-band clamping), the ema-pytorch EMA, presets of every official config; ours:
+--label-dropout and classifier-free guidance (generate --cfg). Not implemented: the v1 ViT decoder and final conv
+(off in every config), the v1 Langevin corrector (off by default).
 
-  # pre-train MaskDM-S on CelebA-64 with a 90% block-4 mask, then fine-tune from it (8 GPUs)
+  # pre-train MaskDM-S on CelebA-64 with a 90% block-4 mask (8 GPUs), then fine-tune from its training state
   torchrun --standalone --nproc_per_node=8 masked_dm.py train --preset=celeba64_pre_block4_90 \\
-      --data=datasets/celeba-64x64.zip --outdir=runs --train_steps=200000
+      --data=datasets/celeba-64x64.zip --outdir=runs
   torchrun --standalone --nproc_per_node=8 masked_dm.py train --preset=celeba64_ft --data=datasets/celeba-64x64.zip \\
-      --outdir=runs --train_steps=200000 --pretrained_model_ckpt=runs/00000-*/training-state-051200.pt
+      --outdir=runs \\
+      --pretrained_model_ckpt=runs/00000-celeba-64x64-S-block4-90-gpus8-batch256-fp32/training-state-051200.pt
   # 10k samples with DDIM eta=1, 250 steps (the official FID setting), then FID against the training set
-  torchrun --standalone --nproc_per_node=8 masked_dm.py generate --network=runs/00001-*/network-snapshot-025600.pt \\
-      --outdir=samples --seeds=0-9999 --subdirs --batch=64 --steps=250 --eta=1
+  torchrun --standalone --nproc_per_node=8 masked_dm.py generate --outdir=samples --seeds=0-9999 --subdirs --batch=64 \\
+      --network=runs/00001-celeba-64x64-S-full-gpus8-batch128-fp32/network-snapshot-025600.pt --steps=250 --eta=1
   python fid.py ref --data=datasets/celeba-64x64.zip --dest=fid-refs/celeba-64x64-pt.npz --preprocess=pytorch_fid
   python fid.py calc --images=samples --ref=fid-refs/celeba-64x64-pt.npz --num=10000 --preprocess=pytorch_fid
 """
 
-import argparse
-import copy
 import json
 import math
+import os
+import types
 
 import numpy as np
 import torch
@@ -42,16 +43,20 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
-from common import (PerSeedRNG, TrainingRun, UserError, add_train_flags, data_stream, distributed_model, drop_labels,
-                    get_rank, get_world_size, init_distributed, load_checkpoint, load_training_state, load_weights,
-                    open_dataset, optimizer_step, parse_bool, parse_command_line, parse_int_list, print0, reseed,
-                    run_main, save_image_grid, save_seed_images, seed_batches, setup_precision, split_batch, sync_if,
-                    update_ema)
+from common import (Parser, PerSeedRNG, TrainingRun, UsageError, UserError, add_generate_flags, add_train_flags,
+                    check_class, check_outdir, distributed_model, drop_labels, get_rank, get_world_size,
+                    init_distributed, load_checkpoint, load_snapshot, load_weights, network_and_ema, number,
+                    open_dataset, optimizer_step, parse_bool, parse_command_line, print0, reseed, run_desc, run_main,
+                    save_image_grid, save_seed_images, seed_batches, seed_labels, setup_precision, split_batch,
+                    sync_if, update_ema)
 
 #------------------------------------------------------------------------------
-# 1. Config. Every official config (spec masked_dm.md section 7); flags given on the command line override them.
+# 1. Config. Every official config, one preset each (config files of jiachenlei/maskdm; v1 = tree 40907a6); flags
+#    given on the command line override them. Step counts are not in the configs: README, 200k steps (550k for the
+#    DWT fine-tuning). `clip_grad=0` is the configs' `null` (no clipping).
 
-# Backbones (spec section 2.8): width, depth (in + mid + out blocks = 2 (depth // 2) + 1), heads, q/v bias.
+# Backbones (official configs `network:` encoder_embed_dim, encoder_depth, encoder_heads, qkv_bias, patch_size);
+# depth d builds 2 (d // 2) + 1 blocks.
 ARCHS = {
     'S': dict(embed_dim=512, depth=13, heads=8, qkv_bias=False, patch_size=4),    # MaskDM-S, configs `*small*`
     'B': dict(embed_dim=768, depth=12, heads=12, qkv_bias=False, patch_size=4),   # MaskDM-B, HEAD `celebahq_base*`
@@ -59,51 +64,100 @@ ARCHS = {
     'T': dict(embed_dim=128, depth=5, heads=2, qkv_bias=False, patch_size=4),     # ours: a tiny model for CPU demos
 }
 
-def _ablation(mask_type, ratio, **kw):  # configs/ablation/pretrain/*: CelebA 64, MaskDM-S, linear, bs 256, lr 2e-4
-    return dict(arch='S', resolution=64, mask_type=mask_type, mask_ratio=ratio, batch=256, lr=2e-4, warmup_steps=0,
-                clip_grad=0, beta_schedule='linear', ema_decay=0.999, ema_every=1, xflip=False, train_steps=200000, **kw)
-
-_HQ = dict(resolution=256, beta_schedule='cosine', ema_decay=0.999, ema_every=1, train_steps=200000)  # README: 200k steps
+# The CelebA-64 ablations (configs/ablation/pretrain/<mask>/celeba_<p>p.yml; crop: c = 15, 11, 5 tokens for "10p,
+# 50p, 90p") share MaskDM-S, batch 256, lr 2e-4, no warm-up, no clipping, linear schedule, EMA 0.999 every step.
 PRESETS = {
-    **{f'celeba64_pre_patch_{p}': _ablation('patch', p / 100) for p in (10, 50, 90)},
-    **{f'celeba64_pre_block{b}_{p}': _ablation('block', p / 100, block_size=b) for b in (2, 4) for p in (10, 50, 90)},
-    'celeba64_pre_block8_50': _ablation('block', 0.5, block_size=8),
-    **{f'celeba64_pre_crop_{p}': _ablation('crop', 0, crop_size=c) for p, c in ((10, 15), (50, 11), (90, 5))},
-    'celeba64_ft':      dict(_ablation('none', 0), batch=128),                          # configs/ablation/celeba_small.yml
-    'vgg256s_pre90':    dict(_HQ, arch='S', mask_type='block', mask_ratio=0.9, block_size=4, batch=256, lr=2e-4,
-                             warmup_steps=0, clip_grad=1.0, xflip=False),              # v1 transfer/vggface2_small_90p
-    'hq256s_pre90':     dict(_HQ, arch='S', mask_type='block', mask_ratio=0.9, block_size=4, batch=256, lr=2e-4,
-                             warmup_steps=0, clip_grad=1.0, xflip=False),              # v1 transfer/celebahq_small_90p
-    'hq256s_ft10pct':   dict(_HQ, arch='S', mask_type='none', mask_ratio=0, batch=64, lr=5e-5, warmup_steps=0,
-                             clip_grad=0, xflip=True),                                 # v1 transfer/celebahq_small_0.1
-    'hq256b_pre90':     dict(_HQ, arch='B', mask_type='block', mask_ratio=0.9, block_size=4, batch=256, lr=2e-4,
-                             warmup_steps=0, clip_grad=1.0, xflip=False),              # HEAD celebahq_base_90p
-    'hq256b_pre50':     dict(_HQ, arch='B', mask_type='block', mask_ratio=0.5, block_size=4, batch=64, lr=2e-4,
-                             warmup_steps=5000, clip_grad=1.0, xflip=False),           # HEAD celebahq_base_50p
-    'hq256b_ft':        dict(_HQ, arch='B', mask_type='none', mask_ratio=0, batch=32, lr=1e-5, warmup_steps=5000,
-                             clip_grad=1.0, xflip=False),                              # HEAD celebahq_base
-    'church256b_ft':    dict(_HQ, arch='B', mask_type='none', mask_ratio=0, batch=64, lr=1e-4, warmup_steps=5000,
-                             clip_grad=1.0, xflip=True, beta_schedule='linear', ema_decay=0.9999),  # HEAD church256_base
-    # NOTE: the v1 DWT script hard-codes patch masks and ignores the config's block-4; we follow the code (--mask_type=block works too).
-    'hq256l_dwt_pre70': dict(_HQ, arch='L', dwt=True, mask_type='patch', mask_ratio=0.7, block_size=4, batch=128,
-                             lr=1e-4, warmup_steps=0, clip_grad=1.0, xflip=True, ema_every=10),  # v1 celebahq_maskdml_dwt
-    'hq256l_dwt_ft':    dict(_HQ, arch='L', dwt=True, mask_type='none', mask_ratio=0, batch=16, lr=5e-5,
-                             warmup_steps=0, clip_grad=1.0, xflip=True, ema_every=10, train_steps=550000),  # v1 celebahq_baseline_dwt; README: 550k
-    # Ours, minutes on a 2-core CPU: 32x32 shapes, a 1M-parameter U-ViT, 64 tokens, block-2 90% masks (87.5%, 8 visible).
-    'demo_pre':         dict(data='demo', arch='T', resolution=32, mask_type='block', mask_ratio=0.9, block_size=2,
-                             batch=32, lr=1e-3, warmup_steps=20, clip_grad=1.0, beta_schedule='linear',
-                             ema_decay=0.999, ema_every=1, xflip=False, train_steps=1200, tick=8, snap=10, dump=10),
-    'demo_ft':          dict(data='demo', arch='T', resolution=32, mask_type='none', mask_ratio=0, batch=32, lr=5e-4,
-                             warmup_steps=20, clip_grad=1.0, beta_schedule='linear', ema_decay=0.999, ema_every=1,
-                             xflip=False, train_steps=300, tick=2, snap=5, dump=5),
+    'celeba64_pre_patch_10':  dict(arch='S', resolution=64, mask_type='patch', mask_ratio=0.1, batch=256, lr=2e-4,
+                                   warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999, ema_every=1,
+                                   xflip=False, train_steps=200000),
+    'celeba64_pre_patch_50':  dict(arch='S', resolution=64, mask_type='patch', mask_ratio=0.5, batch=256, lr=2e-4,
+                                   warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999, ema_every=1,
+                                   xflip=False, train_steps=200000),
+    'celeba64_pre_patch_90':  dict(arch='S', resolution=64, mask_type='patch', mask_ratio=0.9, batch=256, lr=2e-4,
+                                   warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999, ema_every=1,
+                                   xflip=False, train_steps=200000),
+    'celeba64_pre_block2_10': dict(arch='S', resolution=64, mask_type='block', mask_ratio=0.1, block_size=2, batch=256,
+                                   lr=2e-4, warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999,
+                                   ema_every=1, xflip=False, train_steps=200000),
+    'celeba64_pre_block2_50': dict(arch='S', resolution=64, mask_type='block', mask_ratio=0.5, block_size=2, batch=256,
+                                   lr=2e-4, warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999,
+                                   ema_every=1, xflip=False, train_steps=200000),
+    'celeba64_pre_block2_90': dict(arch='S', resolution=64, mask_type='block', mask_ratio=0.9, block_size=2, batch=256,
+                                   lr=2e-4, warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999,
+                                   ema_every=1, xflip=False, train_steps=200000),
+    'celeba64_pre_block4_10': dict(arch='S', resolution=64, mask_type='block', mask_ratio=0.1, block_size=4, batch=256,
+                                   lr=2e-4, warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999,
+                                   ema_every=1, xflip=False, train_steps=200000),
+    'celeba64_pre_block4_50': dict(arch='S', resolution=64, mask_type='block', mask_ratio=0.5, block_size=4, batch=256,
+                                   lr=2e-4, warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999,
+                                   ema_every=1, xflip=False, train_steps=200000),
+    'celeba64_pre_block4_90': dict(arch='S', resolution=64, mask_type='block', mask_ratio=0.9, block_size=4, batch=256,
+                                   lr=2e-4, warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999,
+                                   ema_every=1, xflip=False, train_steps=200000),
+    'celeba64_pre_block8_50': dict(arch='S', resolution=64, mask_type='block', mask_ratio=0.5, block_size=8, batch=256,
+                                   lr=2e-4, warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999,
+                                   ema_every=1, xflip=False, train_steps=200000),
+    'celeba64_pre_crop_10':   dict(arch='S', resolution=64, mask_type='crop', mask_ratio=0, crop_size=15, batch=256,
+                                   lr=2e-4, warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999,
+                                   ema_every=1, xflip=False, train_steps=200000),
+    'celeba64_pre_crop_50':   dict(arch='S', resolution=64, mask_type='crop', mask_ratio=0, crop_size=11, batch=256,
+                                   lr=2e-4, warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999,
+                                   ema_every=1, xflip=False, train_steps=200000),
+    'celeba64_pre_crop_90':   dict(arch='S', resolution=64, mask_type='crop', mask_ratio=0, crop_size=5, batch=256,
+                                   lr=2e-4, warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999,
+                                   ema_every=1, xflip=False, train_steps=200000),
+    # configs/ablation/celeba_small.yml: fine-tuning / the from-scratch baseline
+    'celeba64_ft':     dict(arch='S', resolution=64, mask_type='none', mask_ratio=0, batch=128, lr=2e-4, warmup_steps=0,
+                            clip_grad=0, beta_schedule='linear', ema_decay=0.999, ema_every=1, xflip=False,
+                            train_steps=200000),
+    # configs/transfer/vggface2_small_90p.yml, celebahq_small_90p.yml, celebahq_small_0.1.yml
+    'vgg256s_pre90':   dict(arch='S', resolution=256, mask_type='block', mask_ratio=0.9, block_size=4, batch=256,
+                            lr=2e-4, warmup_steps=0, clip_grad=1.0, beta_schedule='cosine', ema_decay=0.999,
+                            ema_every=1, xflip=False, train_steps=200000),
+    'hq256s_pre90':    dict(arch='S', resolution=256, mask_type='block', mask_ratio=0.9, block_size=4, batch=256,
+                            lr=2e-4, warmup_steps=0, clip_grad=1.0, beta_schedule='cosine', ema_decay=0.999,
+                            ema_every=1, xflip=False, train_steps=200000),
+    'hq256s_ft10pct':  dict(arch='S', resolution=256, mask_type='none', mask_ratio=0, batch=64, lr=5e-5,
+                            warmup_steps=0, clip_grad=0, beta_schedule='cosine', ema_decay=0.999, ema_every=1,
+                            xflip=True, train_steps=200000),
+    # HEAD configs/celebahq_base_90p.yml, celebahq_base_50p.yml, celebahq_base.yml, church256_base.yml
+    'hq256b_pre90':    dict(arch='B', resolution=256, mask_type='block', mask_ratio=0.9, block_size=4, batch=256,
+                            lr=2e-4, warmup_steps=0, clip_grad=1.0, beta_schedule='cosine', ema_decay=0.999,
+                            ema_every=1, xflip=False, train_steps=200000),
+    'hq256b_pre50':    dict(arch='B', resolution=256, mask_type='block', mask_ratio=0.5, block_size=4, batch=64,
+                            lr=2e-4, warmup_steps=5000, clip_grad=1.0, beta_schedule='cosine', ema_decay=0.999,
+                            ema_every=1, xflip=False, train_steps=200000),
+    'hq256b_ft':       dict(arch='B', resolution=256, mask_type='none', mask_ratio=0, batch=32, lr=1e-5,
+                            warmup_steps=5000, clip_grad=1.0, beta_schedule='cosine', ema_decay=0.999, ema_every=1,
+                            xflip=False, train_steps=200000),
+    'church256b_ft':   dict(arch='B', resolution=256, mask_type='none', mask_ratio=0, batch=64, lr=1e-4,
+                            warmup_steps=5000, clip_grad=1.0, beta_schedule='linear', ema_decay=0.9999, ema_every=1,
+                            xflip=True, train_steps=200000),
+    # v1 configs/celebahq_maskdml_dwt.yml, celebahq_baseline_dwt.yml (no clip_grad: the script's 1.0). NOTE: the v1
+    # DWT script hard-codes patch masks and ignores the config's block-4; we follow the code.
+    'hq256l_dwt_pre70': dict(arch='L', dwt=True, resolution=256, mask_type='patch', mask_ratio=0.7, block_size=4,
+                             batch=128, lr=1e-4, warmup_steps=0, clip_grad=1.0, beta_schedule='cosine',
+                             ema_decay=0.999, ema_every=10, xflip=True, train_steps=200000),
+    'hq256l_dwt_ft':    dict(arch='L', dwt=True, resolution=256, mask_type='none', mask_ratio=0, batch=16, lr=5e-5,
+                             warmup_steps=0, clip_grad=1.0, beta_schedule='cosine', ema_decay=0.999, ema_every=10,
+                             xflip=True, train_steps=550000),
+    # Ours, minutes on a 2-core CPU: 32x32 shapes, a 1M-parameter U-ViT, 64 tokens, block-2 90% masks (8 visible).
+    'demo_pre':        dict(data='demo', arch='T', resolution=32, mask_type='block', mask_ratio=0.9, block_size=2,
+                            batch=32, lr=1e-3, warmup_steps=20, clip_grad=1.0, beta_schedule='linear', ema_decay=0.999,
+                            ema_every=1, xflip=False, train_steps=1200, tick=8, snap=10, dump=10),
+    'demo_ft':         dict(data='demo', arch='T', resolution=32, mask_type='none', mask_ratio=0, batch=32, lr=5e-4,
+                            warmup_steps=20, clip_grad=1.0, beta_schedule='linear', ema_decay=0.999, ema_every=1,
+                            xflip=False, train_steps=300, tick=2, snap=5, dump=5),
 }
 
 #------------------------------------------------------------------------------
-# 2. Backbone: the U-ViT of the official code (models/mask_uvit.py, MaskedUViT / MaskedDWTUViT). Tokens are
-#    [time, patches of family 0, patches of family 1, ...]; one family (RGB) normally, two for DWT (LL, details).
+# 2. Backbone: the U-ViT of the official code (models/mask_uvit.py, MaskedUViT / UViTEncoder; v1 MaskedDWTUViT).
+#    Tokens are [label,] time, patches of family 0, patches of family 1, ...; one family (the image) normally, two
+#    for DWT (LL, details).
 
 def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of the integer step t, cosines first (spec 2.1): [cos(t w_i), sin(t w_i)], w_i = 10^4^(-i/k)."""
+    """Sinusoidal embedding of the integer step t, cosines first: [cos(t w_i), sin(t w_i)], w_i = 10^4^(-i/k), k = D/2
+    (official mask_uvit.py, timestep_embedding)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]  # [B, D/2]
@@ -123,10 +177,11 @@ class PatchEmbed(torch.nn.Module):
     def __init__(self, in_chans, embed_dim, patch_size):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = torch.nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)  # PyTorch default init (spec 2.6)
+        self.proj = torch.nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)  # PyTorch default init
 
     def forward(self, x, keep=None):
-        tokens = rearrange(x, 'B C (h a) (w b) -> B (h w) (C a b)', a=self.patch_size, b=self.patch_size)  # conv weight order
+        p = self.patch_size
+        tokens = rearrange(x, 'B C (h a) (w b) -> B (h w) (C a b)', a=p, b=p)  # [B, N, C p p]: conv weight order
         if keep is not None:  # [B, n] indices of visible tokens, ascending
             tokens = tokens.gather(1, keep[:, :, None].expand(-1, -1, tokens.shape[2]))  # [B, N, F] -> [B, n, F]
         return F.linear(tokens, self.proj.weight.flatten(1), self.proj.bias)  # [B, n, D]
@@ -144,7 +199,7 @@ class Attention(torch.nn.Module):
     def forward(self, x):
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias]) if self.q_bias is not None else None
         q, k, v = rearrange(F.linear(x, self.qkv.weight, bias), 'B L (K H d) -> K B H L d', K=3, H=self.heads)
-        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head dim)) v; 64 in every config (spec 2.2)
+        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head dim)) v; head dim 64 in every config
         return self.proj(rearrange(x, 'B H L d -> B L (H d)'))
 
 class Mlp(torch.nn.Module):
@@ -191,7 +246,8 @@ class UViTEncoder(torch.nn.Module):
                                               torch.nn.Linear(4 * embed_dim, embed_dim)) if mlp_time_embed else None
         self.in_blocks = torch.nn.ModuleList([Block(embed_dim, heads, mlp_ratio, qkv_bias) for _ in range(depth // 2)])
         self.mid_block = Block(embed_dim, heads, mlp_ratio, qkv_bias)
-        self.out_blocks = torch.nn.ModuleList([Block(embed_dim, heads, mlp_ratio, qkv_bias, skip=True) for _ in range(depth // 2)])
+        self.out_blocks = torch.nn.ModuleList([Block(embed_dim, heads, mlp_ratio, qkv_bias, skip=True)
+                                               for _ in range(depth // 2)])
         self.norm = torch.nn.LayerNorm(embed_dim)
         rows = self.extras + len(families) * self.num_patches  # official: extras + num_patches
         self.encoder_pos_embed = torch.nn.Parameter(torch.zeros(1, rows, embed_dim))
@@ -261,7 +317,7 @@ class MaskedUViT(torch.nn.Module):
         torch.nn.init.trunc_normal_(self.encoder.encoder_pos_embed, std=0.02, a=-2, b=2)
 
     @staticmethod
-    def _init_weights(m):  # spec 2.6: timm's trunc_normal_(std=0.02) cuts at +-2 absolute, i.e. practically a plain normal
+    def _init_weights(m):  # official _init_weights: timm's trunc_normal_(std=0.02), cut at +-2 absolute (no cut)
         if isinstance(m, torch.nn.Linear):
             torch.nn.init.trunc_normal_(m.weight, std=0.02, a=-2, b=2)
             if m.bias is not None:
@@ -288,8 +344,8 @@ class MaskedUViT(torch.nn.Module):
         return torch.cat([unpatchify(o, self.patch_size, c) for o, c in zip(outs, self.family_chans)], dim=1)
 
 def network_kwargs(args, resolution, channels=3, num_classes=0):
-    """MaskedUViT constructor kwargs from --arch and the size overrides; with --dwt the network sees R/2 x R/2 x 4C.
-    The class token and the time MLP enter only when on, so unconditional kwargs stay as they were."""
+    """GaussianDiffusion kwargs from --beta_schedule, --arch and the size overrides; with --dwt the network sees
+    R/2 x R/2 x 4C. The class token and the time MLP enter only when on, so unconditional kwargs stay as they were."""
     arch = dict(ARCHS[args.arch])
     for key in ('embed_dim', 'depth', 'heads', 'patch_size'):
         arch[key] = getattr(args, key) or arch[key]
@@ -298,15 +354,15 @@ def network_kwargs(args, resolution, channels=3, num_classes=0):
     extra = dict(num_classes=num_classes) if num_classes else {}
     if getattr(args, 'mlp_time_embed', False):
         extra['mlp_time_embed'] = True
-    return dict(img_size=resolution // 2 if args.dwt else resolution, in_chans=4 * channels if args.dwt else channels,
-                dwt=args.dwt, **arch, **extra)
+    return dict(beta_schedule=args.beta_schedule, img_size=resolution // 2 if args.dwt else resolution,
+                in_chans=4 * channels if args.dwt else channels, dwt=args.dwt, **arch, **extra)
 
 #------------------------------------------------------------------------------
 # 3. Method math: Haar wavelets, masks, the DDPM process, masked denoising score matching.
 
 def haar_dwt(x):
-    """One-level orthonormal Haar per channel (spec 5.1, = PyWavelets dwt2 'haar'): [B, C, H, W] -> [B, 4C, H/2, W/2]
-    in the order [LL, H, V, D] x C. For each 2x2 block [[a, b], [c, d]]: LL = (a+b+c+d)/2, H = (a+b-c-d)/2, ..."""
+    """One-level orthonormal Haar per channel (= PyWavelets dwt2 'haar'): [B, C, H, W] -> [B, 4C, H/2, W/2] in the
+    order [LL, H, V, D] x C. For each 2x2 block [[a, b], [c, d]]: LL = (a+b+c+d)/2, H = (a+b-c-d)/2, ..."""
     a, b, c, d = x[..., 0::2, 0::2], x[..., 0::2, 1::2], x[..., 1::2, 0::2], x[..., 1::2, 1::2]
     return torch.cat([a + b + c + d, a + b - c - d, a - b + c - d, a - b - c + d], dim=1) / 2
 
@@ -319,8 +375,8 @@ def haar_idwt(y):
     return out
 
 def to_model_space(images, dwt):
-    """uint8 images -> what the diffusion runs on: [-1, 1] pixels, or with dwt the Haar transform of the [0, 1] image with
-    only LL mapped by 2u - 1 (LL in [-1, 3], details in [-1, 1]; spec 5.2, official v1 datasets/celebahq.py)."""
+    """uint8 images -> what the diffusion runs on: [-1, 1] pixels, or with dwt the Haar transform of the [0, 1] image
+    with only LL mapped by 2u - 1 (LL in [-1, 3], details in [-1, 1]; official v1 datasets/celebahq.py)."""
     if not dwt:
         return images.to(torch.float32) / 127.5 - 1
     coeffs = haar_dwt(images.to(torch.float32) / 255)
@@ -342,7 +398,8 @@ def x0_range(net):
     return -torch.ones_like(hi), hi
 
 def draw_mask(kind, h, w, rng, ratio=0.0, block_size=1, crop_size=None):
-    """Per-image token mask on the h x w grid (True = masked) with a fixed count (spec 3, official masking_generator.py):
+    """Per-image token mask on the h x w grid (True = masked) with a fixed count (official
+    datasets/masking_generator.py: RandomMaskingGenerator, RandomBlockMaskingGenerator, CropMaskingGenerator):
     patch: int(r N) random tokens; block: int(int(r N) / b^2) aligned b x b squares; crop: all but one c x c window."""
     N = h * w
     mask = np.zeros(N, dtype=bool)
@@ -352,19 +409,19 @@ def draw_mask(kind, h, w, rng, ratio=0.0, block_size=1, crop_size=None):
         hb, wb = h // block_size, w // block_size
         chosen = np.zeros(hb * wb, dtype=bool)
         chosen[rng.permutation(hb * wb)[:int(ratio * N) // block_size ** 2]] = True
-        mask = np.repeat(np.repeat(chosen.reshape(hb, wb), block_size, 0), block_size, 1).reshape(N)  # [hb, wb] -> [h, w]
+        mask = np.repeat(np.repeat(chosen.reshape(hb, wb), block_size, 0), block_size, 1).reshape(N)  # [h, w]
     elif kind == 'crop':
         i, j = rng.integers(0, h - crop_size + 1), rng.integers(0, w - crop_size + 1)  # top-left corner, row first
         grid = np.ones((h, w), dtype=bool)
         grid[i:i + crop_size, j:j + crop_size] = False
         mask = grid.reshape(N)
     elif kind != 'none':
-        raise UserError(f'--mask_type={kind}: expected patch, block, crop or none')
+        raise UsageError(f'--mask_type={kind}: expected patch, block, crop or none')
     return mask
 
 def draw_keep(net, batch, rng, kind, ratio=0.0, block_size=1, crop_size=None, device='cpu'):
-    """Visible-token indices per family, [B, n_f] ascending, one independent mask per image and family (spec 3, 5.4);
-    None when nothing is masked (fine-tuning)."""
+    """Visible-token indices per family, [B, n_f] ascending, one independent mask per image and family (official
+    masking_generator.py; v1 DWT: one mask per family); None when nothing is masked (fine-tuning)."""
     if kind == 'none':
         return None
     side = net.img_size // net.patch_size
@@ -375,16 +432,16 @@ def draw_keep(net, batch, rng, kind, ratio=0.0, block_size=1, crop_size=None, de
     return [torch.from_numpy(np.nonzero(~m)[1].reshape(batch, -1)).to(device) for m in masks]  # row-major order kept
 
 def make_alphas_cumprod(name, T=1000):
-    """alpha_bar_t, t = 0..T-1, in float64 (spec 4.1): linear betas 1e-4..0.02 (scaled by 1000/T), or the cosine
-    schedule of Nichol & Dhariwal with s = 0.008 and betas clipped to [0, 0.999]."""
+    """alpha_bar_t, t = 0..T-1, in float64 (official gaussian_ddpm.py linear_beta_schedule, cosine_beta_schedule):
+    linear betas 1e-4..0.02 (scaled by 1000/T), or the cosine schedule with s = 0.008, betas clipped to [0, 0.999]."""
     if name == 'linear':
-        betas = torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
+        betas = torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)  # DDPM Sec. 4
     elif name == 'cosine':
         u = torch.linspace(0, T, T + 1, dtype=torch.float64)
-        f = torch.cos((u / T + 0.008) / 1.008 * math.pi / 2) ** 2  # f(u) (spec 4.1)
-        betas = (1 - f[1:] / f[:-1]).clip(0, 0.999)  # 1 - alpha_bar_{t+1} / alpha_bar_t, alpha_bar = f / f(0): f(0) cancels
+        f = torch.cos((u / T + 0.008) / 1.008 * math.pi / 2) ** 2  # f(u), Nichol & Dhariwal Eq. 17
+        betas = (1 - f[1:] / f[:-1]).clip(0, 0.999)  # 1 - alpha_bar_{t+1} / alpha_bar_t: f(0) cancels
     else:
-        raise UserError(f'--beta_schedule={name}: expected linear or cosine')
+        raise UsageError(f'--beta_schedule={name}: expected linear or cosine')
     return torch.cumprod(1 - betas, dim=0)
 
 class GaussianDiffusion(torch.nn.Module):
@@ -405,34 +462,35 @@ class GaussianDiffusion(torch.nn.Module):
         return [o.float() for o in out] if keep is not None else out.float()
 
 def mdsm_loss(net, x0, t, noise, keep, call=None, labels=None):
-    """Per-image epsilon-MSE on the visible patches (spec 4.2, "MDSM"): x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps over
-    the whole image, then only visible tokens enter the net. keep=None is standard DSM on all tokens (fine-tuning). With
-    dwt the LL and detail families are separate element-means, summed (official v1 loss_fn). `call` runs the
-    network (e.g. its DDP wrapper; default net); `labels` (one-hot or None) go to it as the official p_losses passes
-    the batch's labels. Returns [B]."""
+    """Per-image epsilon-MSE on the visible patches (masked denoising score matching; official gaussian_ddpm.py
+    p_losses, loss_fn with a mask): x_t is noised over the whole image, then only visible tokens enter the net.
+    keep=None is DDPM's loss on all tokens (fine-tuning). With dwt the LL and detail families are separate
+    element-means, summed (v1 loss_fn). `call` runs the network (e.g. its DDP wrapper; default net); `labels`
+    (one-hot or None) go to it as the official p_losses passes the batch's labels. Returns [B]."""
     ab = net.alphas_cumprod[t][:, None, None, None]
-    x_t = ab.sqrt().float() * x0 + (1 - ab).sqrt().float() * noise  # forward process (spec 4.1)
+    x_t = ab.sqrt().float() * x0 + (1 - ab).sqrt().float() * noise  # DDPM Eq. 4 (official q_sample)
     if keep is None:  # all tokens, through the same token path
         keep = [torch.arange(net.num_patches, device=x0.device).expand(len(x0), -1)] * len(net.family_chans)
     preds = (call or net)(x_t, t, keep, labels)
     loss = 0
     for pred, eps, keep_f in zip(preds, net.model.split(noise), keep):
-        target = patchify(eps, net.patch_size).gather(1, keep_f[:, :, None].expand(-1, -1, pred.shape[2]))  # [B, n, p p C]
-        loss = loss + (pred - target).square().mean(dim=(1, 2))  # spec 4.2 L_MDSM, element-mean per image (and family)
+        target = patchify(eps, net.patch_size).gather(1, keep_f[:, :, None].expand(-1, -1, pred.shape[2]))  # [B,n,F]
+        loss = loss + (pred - target).square().mean(dim=(1, 2))  # DDPM Eq. 14 on the visible patches, mean per image
     return loss
 
 #------------------------------------------------------------------------------
 # 4. Samplers: DDIM (the official FID sampler) and 1000-step ancestral DDPM. State in float64, the network in float32.
 
-def ddim_time_pairs(steps, T=1000):
-    """(t, s) pairs: trunc(linspace(-1, T-1, S+1)) reversed; S=250 -> (999, 995), ..., (7, 3), (3, -1) (spec 8)."""
-    times = list(reversed(torch.linspace(-1, T - 1, steps + 1).int().tolist()))  # float32 linspace, as the official code
+def ddim_time_pairs(num_steps, T=1000):
+    """(t, s) pairs: trunc(linspace(-1, T-1, S+1)) reversed; S=250 -> (999, 995), ..., (7, 3), (3, -1) (official
+    gaussian_ddpm.py ddim_sample)."""
+    times = list(reversed(torch.linspace(-1, T - 1, num_steps + 1).int().tolist()))  # float32 linspace, as official
     return list(zip(times[:-1], times[1:]))
 
 def guided_eps(net, x, t, labels=None, cfg=None):
     """epsilon for the samplers: net(x, t), or net(x, t | labels) for one-hot labels. With cfg = w:
-    eps(x | 0) + w (eps(x | y) - eps(x | 0)), both halves in one batch, the unconditional half with all-zero label rows
-    (the unconditional token); w = 0 is the official unconditional sampling, w = 1 plain conditional sampling.
+    eps(x | 0) + w (eps(x | y) - eps(x | 0)), both halves in one batch, the unconditional half with all-zero label
+    rows (the unconditional token); w = 0 is the official unconditional sampling, w = 1 plain conditional sampling.
     NOTE: classifier-free guidance (Ho & Salimans 2022) is our addition, not the official code's: its sampler
     (gaussian_ddpm.py, model_predictions) passes no labels, so it always samples with `uncond_embed`."""
     if labels is None:
@@ -444,8 +502,8 @@ def guided_eps(net, x, t, labels=None, cfg=None):
     return eps_uncond + cfg * (eps_cond - eps_uncond)
 
 @torch.no_grad()
-def ddim_sampler(net, latents, randn_like=torch.randn_like, steps=250, eta=1.0, clamp=True, alphas_cumprod=None,
-                 labels=None, cfg=None):
+def ddim_sampler(net, latents, labels=None, randn_like=torch.randn_like, num_steps=250, eta=1.0, clamp=True,
+                 alphas_cumprod=None, cfg=None):
     """DDIM (official ddim_sample). Per pair (t -> s): eps = net(x_t, t); x0 = (x_t - sqrt(1-a_t) eps) / sqrt(a_t),
     clamped; x_s = sqrt(a_s) x0 + sqrt(1 - a_s - sigma^2) eps + sigma z, sigma = eta sqrt((1-a_t/a_s)(1-a_s)/(1-a_t)).
     eps is the raw network output, not re-derived from the clamped x0. The last pair returns x0. labels, cfg: see
@@ -453,21 +511,21 @@ def ddim_sampler(net, latents, randn_like=torch.randn_like, steps=250, eta=1.0, 
     ab = (net.alphas_cumprod if alphas_cumprod is None else alphas_cumprod).double().to(latents.device)
     lo, hi = (b.to(latents.device) for b in x0_range(net)) if clamp else (None, None)
     x = latents.to(torch.float64)
-    for t, s in ddim_time_pairs(steps, len(ab)):
+    for t, s in ddim_time_pairs(num_steps, len(ab)):
         t_batch = torch.full([len(x)], t, device=x.device, dtype=torch.long)
         eps = guided_eps(net, x.to(torch.float32), t_batch, labels, cfg).double()
-        x0 = (x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()  # spec 8, DDIM step 2
+        x0 = (x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()  # DDIM Eq. 12, "predicted x0"
         x0 = x0.clamp(lo, hi) if clamp else x0
         if s < 0:
             return x0
-        sigma = eta * ((1 - ab[t] / ab[s]) * (1 - ab[s]) / (1 - ab[t])).sqrt()  # spec 8, DDIM step 3
-        x = ab[s].sqrt() * x0 + (1 - ab[s] - sigma ** 2).sqrt() * eps  # raw eps, not re-derived from the clamped x0
+        sigma = eta * ((1 - ab[t] / ab[s]) * (1 - ab[s]) / (1 - ab[t])).sqrt()  # DDIM Eq. 16
+        x = ab[s].sqrt() * x0 + (1 - ab[s] - sigma ** 2).sqrt() * eps  # DDIM Eq. 12, with the raw eps
         if eta > 0:
             x = x + sigma * randn_like(x)
     return x
 
 @torch.no_grad()
-def ddpm_sampler(net, latents, randn_like=torch.randn_like, clamp=True, alphas_cumprod=None, labels=None, cfg=None):
+def ddpm_sampler(net, latents, labels=None, randn_like=torch.randn_like, clamp=True, alphas_cumprod=None, cfg=None):
     """Ancestral DDPM over all T steps (official p_sample_loop): mean of q(x_{t-1} | x_t, x0) with the clamped x0,
     variance beta~_t = beta_t (1 - ab_{t-1}) / (1 - ab_t) (log clamped at 1e-20), no noise at t = 0."""
     ab = (net.alphas_cumprod if alphas_cumprod is None else alphas_cumprod).double().to(latents.device)
@@ -479,30 +537,28 @@ def ddpm_sampler(net, latents, randn_like=torch.randn_like, clamp=True, alphas_c
         t_batch = torch.full([len(x)], t, device=x.device, dtype=torch.long)
         eps = guided_eps(net, x.to(torch.float32), t_batch, labels, cfg).double()
         x0 = (x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()
-        # NOTE: v1 clamps the DWT x0 to [-1, 1] here (p_mean_variance), cutting LL in half; we use the per-band bounds.
+        # NOTE: v1 clamps the DWT x0 to [-1, 1] here (p_mean_variance), cutting LL in half; we use per-band bounds.
         x0 = x0.clamp(lo, hi) if clamp else x0
-        mean = (beta[t] * ab_prev[t].sqrt() * x0 + (1 - ab_prev[t]) * (1 - beta[t]).sqrt() * x) / (1 - ab[t])  # posterior mean
-        var = (beta[t] * (1 - ab_prev[t]) / (1 - ab[t])).clamp(min=1e-20)  # beta~_t (spec 8)
+        mean = (beta[t] * ab_prev[t].sqrt() * x0 + (1 - ab_prev[t]) * (1 - beta[t]).sqrt() * x) / (1 - ab[t])  # Eq. 7
+        var = (beta[t] * (1 - ab_prev[t]) / (1 - ab[t])).clamp(min=1e-20)  # beta~_t, DDPM Eq. 7
         x = mean + var.sqrt() * randn_like(x) if t > 0 else mean
     return x
 
-def sample(net, seeds, device, sampler='ddim', steps=250, eta=1.0, class_idx=None, cfg=None):
+def sample(net, seeds, device, sampler='ddim', num_steps=250, eta=1.0, class_idx=None, cfg=None):
     """Images for `seeds` in [-1, 1] pixels; every random draw comes from the image's own generator. A conditional
     net draws each seed's class after its latents; `class_idx` replaces it (the draw still happens, as EDM)."""
     rng = PerSeedRNG(seeds, device)
     latents = rng.randn([net.in_chans, net.img_size, net.img_size], device=device, dtype=torch.float64)
-    labels = None
-    if net.num_classes:
-        classes = rng.randint(net.num_classes, device=device)
-        labels = torch.eye(net.num_classes, device=device)[classes if class_idx is None else [class_idx] * len(seeds)]
+    labels = seed_labels(rng, net.num_classes, class_idx, device)
     if sampler == 'ddim':
-        x = ddim_sampler(net, latents, rng.randn_like, steps=steps, eta=eta, labels=labels, cfg=cfg)
+        x = ddim_sampler(net, latents, labels, rng.randn_like, num_steps=num_steps, eta=eta, cfg=cfg)
     else:
-        x = ddpm_sampler(net, latents, rng.randn_like, labels=labels, cfg=cfg)
+        x = ddpm_sampler(net, latents, labels, rng.randn_like, cfg=cfg)
     return to_image_space(x, net.dwt).to(torch.float32)
 
 #------------------------------------------------------------------------------
-# 5. Training loop: AdamW (0.99, 0.99), weight decay 0.03, warmup, grad-norm clipping, ema-pytorch EMA (spec 6).
+# 5. Training loop (official main.py, train_step.py): AdamW (0.99, 0.99) with weight decay 0.03 on every parameter,
+#    linear lr warm-up, grad-norm clipping, the ema-pytorch EMA, all counted in optimizer steps.
 
 def ema_decay(n, beta, every=1, after=100):
     """EMA decay at optimizer step n (1-indexed) as ema-pytorch 2023 (beta, update_after_step=100, power 2/3): None on
@@ -510,170 +566,285 @@ def ema_decay(n, beta, every=1, after=100):
     NOTE), then delta(n) = min(beta, 1 - (n - after)^(-2/3))."""
     if (n - 1) % every:
         return None
-    # NOTE: spec 6 gives delta(102) = 1 - 2^(-2/3); ema-pytorch of 2023 (initted flag) copies once more on the first
-    # update after the warm-up, so that update is a copy too. We follow the code.
+    # NOTE: ema-pytorch's formula gives delta(102) = 1 - 2^(-2/3); its 2023 code (the `initted` flag) copies once more
+    # on the first update after the warm-up, so that update is a copy too. We follow the code.
     if n - 1 <= after + every:
         return 0.0
     return min(beta, 1 - (n - after) ** (-2 / 3))
 
-def load_pretrained(net, path):
-    """Fine-tuning init (spec 4.3): the ONLINE weights of a pre-training checkpoint: our training state ('net'), our
-    snapshot ('ema', the only weights it holds), or an official .pt ('model': GaussianDiffusion keys 'model.' + network)."""
-    ckpt = load_checkpoint(path)
-    if ckpt.get('method') is not None:
-        if ckpt['method'] != 'masked_dm':
-            raise UserError(f'{path}: a {ckpt["method"]} checkpoint; --pretrained_model_ckpt needs a masked_dm.py one')
-        if 'net' not in ckpt:
-            print0(f'note: {path} is a network snapshot, which holds only EMA weights; the paper fine-tunes from the online '
-                   'weights of a training state')
-        weights = ckpt.get('net', ckpt['ema'])
-    elif isinstance(ckpt.get('model'), dict):
-        weights = {k: v for k, v in ckpt['model'].items() if k.startswith('model.')}  # drops the schedule buffers
+def load_pretrained(net, path, flag='--pretrained_model_ckpt'):
+    """Fine-tuning init (official main.py, `pretrained_model_ckpt`): the ONLINE weights of a pre-training checkpoint:
+    our training state ('net'), our snapshot ('ema', the only weights it holds), or an official .pt ('model')."""
+    ckpt = read_checkpoint(path, flag)
+    if is_official_maskdm(ckpt):
+        weights = official_online_weights(ckpt, path, flag)
     else:
-        raise UserError(f'{path}: neither a masked_dm.py checkpoint nor an official MaskDM .pt (no "model" entry)')
+        ckpt = load_snapshot(path, flag, ['masked_dm'])
+        if 'net' not in ckpt:
+            print0(f'note: {path} is a network snapshot, which holds only EMA weights; the paper fine-tunes from the '
+                   'online weights of a training state')
+        weights = ckpt.get('net', ckpt['ema'])
     # NOTE: upstream loads with strict=False and prints what did not match; the stages share one architecture, so we
     # load strictly and stop with the first mismatching name (a wrong --preset would otherwise train from scratch).
-    load_weights(net, weights, path)
+    try:
+        load_weights(net, weights, path)
+    except UserError as e:
+        raise UsageError(f'{flag}={e}') from None
 
-def train(args):
-    device = init_distributed()
-    rank, world_size = get_rank(), get_world_size()
+def training_setup(args, world_size):
+    """(dataset, net_kwargs, info): every flag checked against the data and the token grid, before anything is
+    written; `info` is what setup resolved (training_options.json)."""
     if args.cond and args.dwt:
-        raise UserError('--cond=1 --dwt=1: only the pixel U-ViT (official MaskedUViT) has the class token')
+        raise UsageError('--cond=1 --dwt=1: only the pixel U-ViT (official MaskedUViT) has the class token')
     if args.label_dropout and not args.cond:
-        raise UserError('--label-dropout needs class labels (--cond=1)')
+        raise UsageError(f'--label-dropout={args.label_dropout} needs class labels (--cond=1)')
     if args.dropout:
-        raise UserError(f'--dropout={args.dropout}: the MaskDM U-ViT has no dropout (every official config uses 0)')
-    amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
+        raise UsageError(f'--dropout={args.dropout}: the MaskDM U-ViT has no dropout (every official config: 0)')
+    if args.fp16 and args.bf16:
+        raise UsageError('--fp16 and --bf16 are exclusive')
+    if args.mask_type == 'crop' and args.crop_size is None:
+        raise UsageError('--mask_type=crop needs --crop_size (the visible window\'s side in tokens)')
     dataset = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
     R, C = dataset.resolution, dataset.num_channels  # any channel count (official config key `in_chans`)
     if args.resolution and R != args.resolution:
-        raise UserError(f'{args.data}: {R}x{R} images, but this configuration (--preset/--resolution) is for {args.resolution}x{args.resolution}')
-    net_kwargs = dict(beta_schedule=args.beta_schedule, **network_kwargs(args, R, C, dataset.label_dim))
-    side = net_kwargs['img_size'] // net_kwargs['patch_size']
-    if net_kwargs['img_size'] % net_kwargs['patch_size'] or (args.dwt and R % 2):
-        raise UserError(f'{R}x{R} images do not split into {net_kwargs["patch_size"]}-pixel patches' + (' after the wavelet transform' if args.dwt else ''))
+        raise UsageError(f'--data={args.data}: {R}x{R} images, but this configuration (--preset/--resolution) is for '
+                         f'{args.resolution}x{args.resolution}')
+    net_kwargs = network_kwargs(args, R, C, dataset.label_dim)
+    p, side = net_kwargs['patch_size'], net_kwargs['img_size'] // net_kwargs['patch_size']
+    if net_kwargs['img_size'] % p or (args.dwt and R % 2):
+        raise UsageError(f'--patch_size={p}: {R}x{R} images do not split into {p}-pixel patches' +
+                         (' after the wavelet transform' if args.dwt else ''))
+    if net_kwargs['embed_dim'] % net_kwargs['heads']:
+        raise UsageError(f'--heads={net_kwargs["heads"]} does not divide --embed_dim={net_kwargs["embed_dim"]}')
     if args.mask_type == 'block' and side % args.block_size:
-        raise UserError(f'--block_size={args.block_size} does not tile the {side}x{side} token grid')
-    if args.mask_type == 'crop' and not 0 < (args.crop_size or 0) <= side:
-        raise UserError(f'--crop_size={args.crop_size} must be in 1..{side} (tokens) for --mask_type=crop')
+        raise UsageError(f'--block_size={args.block_size} does not tile the {side}x{side} token grid')
+    if args.mask_type == 'crop' and args.crop_size > side:
+        raise UsageError(f'--crop_size={args.crop_size} must be in 1..{side} (tokens of the {side}x{side} grid)')
     with torch.device('meta'):  # shapes only, nothing allocated
         shape_net = GaussianDiffusion(**net_kwargs)
-    num_params = sum(p.numel() for p in shape_net.parameters())
-    keep = draw_keep(shape_net, 1, np.random.default_rng(0), args.mask_type, args.mask_ratio, args.block_size, args.crop_size)
-    patch_tokens = sum(k.shape[1] for k in keep) if keep else shape_net.num_patches * len(shape_net.family_chans)
-    tokens = shape_net.model.encoder.extras + patch_tokens  # [label,] time, visible patches
+    keep = draw_keep(shape_net, 1, np.random.default_rng(0), args.mask_type, args.mask_ratio, args.block_size,
+                     args.crop_size)
+    if keep is not None and min(k.shape[1] for k in keep) == 0:
+        raise UsageError(f'--mask_ratio={args.mask_ratio} masks every token of the {side}x{side} grid' +
+                         (f' in blocks of {args.block_size}' if args.mask_type == 'block' else '') +
+                         '; at least one must stay visible')
     if keep is None and args.mask_type != 'none':
-        print0(f'note: --mask_type={args.mask_type} masks no token of the {side}x{side} grid at these settings: full-image training')
+        print0(f'note: --mask_type={args.mask_type} masks no token of the {side}x{side} grid at these settings: '
+               'full-image training')
     batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
+    patches = sum(k.shape[1] for k in keep) if keep else shape_net.num_patches * len(shape_net.family_chans)
     total_nimg = args.train_steps * args.batch if args.train_steps else int(args.duration * 1e6)
     mask = 'full' if keep is None else f'{args.mask_type}{args.block_size if args.mask_type == "block" else ""}-' \
         f'{args.crop_size if args.mask_type == "crop" else round(args.mask_ratio * 100)}'
-    desc = f'{dataset.name}-{args.arch}{"-dwt" if args.dwt else ""}{"-cond" if args.cond else ""}-{mask}-' \
-           f'gpus{world_size}-batch{args.batch}-' \
-           f'{"fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"}' + (f'-{args.desc}' if args.desc else '')
-    options = dict(vars(args), net_kwargs=net_kwargs, num_params=num_params, tokens=tokens, batch_gpu=batch_gpu,
-                   rounds=rounds, world_size=world_size, total_kimg=total_nimg / 1000)
+    info = dict(net_kwargs=net_kwargs, num_params=sum(p.numel() for p in shape_net.parameters()), mask=mask,
+                tokens=shape_net.model.encoder.extras + patches, batch_gpu=batch_gpu, rounds=rounds,
+                world_size=world_size, total_nimg=total_nimg, total_kimg=total_nimg / 1000)
+    return dataset, net_kwargs, info
+
+def train(args):
+    device, rank, world_size = init_distributed(), get_rank(), get_world_size()
+    dataset, net_kwargs, info = training_setup(args, world_size)
+    batch_gpu, rounds, R, C = info['batch_gpu'], info['rounds'], dataset.resolution, dataset.num_channels
     if args.dry_run:
-        print0(json.dumps(options, indent=2))
-        print0(f'{num_params:,} parameters, {tokens} tokens per image')
-        return
-
-    # Network (fine-tuning: the pre-trained online weights), EMA (a copy, made after loading), optimizer, resume.
+        return print0(json.dumps(dict(vars(args), **info), indent=2) +
+                      f'\n{info["num_params"]:,} parameters, {info["tokens"]} tokens per image')
+    amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
     torch.manual_seed(args.seed)
-    net = GaussianDiffusion(**net_kwargs).to(device).train().requires_grad_(True)
-    net.amp_dtype = amp_dtype
-    if args.pretrained_model_ckpt:
+    net = GaussianDiffusion(**net_kwargs)
+    if args.pretrained_model_ckpt:  # fine-tuning: the pre-trained online weights; the EMA starts as their copy
         load_pretrained(net, args.pretrained_model_ckpt)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.99, 0.99), eps=1e-8,  # one group: everything decays
+    net, ema = network_and_ema(net, device, amp_dtype)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.99, 0.99), eps=1e-8,  # one group: all decay
                                   weight_decay=args.weight_decay, fused=device.type == 'cuda')
-    cur_nimg, step, data_pos = 0, 0, 0
-    if args.resume:
-        state = load_training_state(args.resume, 'masked_dm', rank, world_size, net=net, ema=ema, optimizer=optimizer, scaler=scaler)
-        cur_nimg, step, data_pos = state['cur_nimg'], state['step'], state['data_pos']
+    run = TrainingRun('masked_dm', vars(args), info, device, outdir=args.outdir, nosubdir=args.nosubdir,
+        desc=run_desc(dataset.name, args.arch, *['dwt'] * args.dwt, *['cond'] * args.cond, info['mask'],
+                      world_size=world_size, batch=args.batch, fp16=args.fp16, bf16=args.bf16, desc=args.desc),
+        resume=args.resume, total_nimg=info['total_nimg'], tick=args.tick, snap=args.snap, dump=args.dump,
+        state=dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler),
+        snapshot=lambda: dict(net_kwargs=net_kwargs, ema=ema.state_dict()),
+        grid=args.grid and (lambda path: save_image_grid(sample(ema, range(args.grid), device,
+                                                                num_steps=args.grid_steps), path)))
     ddp = distributed_model(net, device, args.compile)
-    stream = data_stream(dataset, batch_gpu, rank, world_size, args.seed, data_pos, args.workers)
-
-    with TrainingRun(args, 'masked_dm', desc, options, device, cur_nimg) as run:
+    stream = run.data(dataset, batch_gpu, args.seed, args.workers)
+    with run:
         print0(f'MaskDM: {dataset.name} ({len(dataset)} images, {R}x{R}x{C}'
-               f'{f", {dataset.label_dim} classes" if args.cond else ""}), '
-               f'U-ViT-{args.arch}{" DWT" if args.dwt else ""} '
-               f'{num_params:,} parameters, {tokens} tokens per image ({mask}), {args.beta_schedule} schedule, device {device}, '
-               f'{batch_gpu} images x {rounds} rounds x {world_size} processes per step, to {total_nimg / 1000:g} kimg')
-        while True:
-            rng = reseed(args.seed, rank, cur_nimg)  # t, noise (torch) and masks (numpy) of this step
+               f'{f", {dataset.label_dim} classes" if args.cond else ""}), U-ViT-{args.arch}'
+               f'{" DWT" if args.dwt else ""} {info["num_params"]:,} parameters, {info["tokens"]} tokens per image '
+               f'({info["mask"]}), {args.beta_schedule} schedule, device {device}, {batch_gpu} images x {rounds} '
+               f'rounds x {world_size} processes per step, to {info["total_kimg"]:g} kimg')
+        while not run.done:
+            rng = reseed(args.seed, rank, run.cur_nimg)  # t, noise (torch) and masks (numpy) of this step
             optimizer.zero_grad(set_to_none=True)
             for r in range(rounds):
+                # Fetch data: images, a uniform t in {0..999}, noise and one mask per image (official datasets draw
+                # it in __getitem__). Labels one-hot; --label-dropout (ours, for --cfg) zeroes rows: `uncond_embed`.
                 images, labels = next(stream)
-                data_pos += batch_gpu
                 x0 = to_model_space(images.to(device), args.dwt)
-                t = torch.randint(0, net.num_timesteps, [batch_gpu], device=device)  # uniform over {0..999} (spec 4.1)
+                t = torch.randint(0, net.num_timesteps, [batch_gpu], device=device)
                 noise = torch.randn_like(x0)
-                keep = draw_keep(net, batch_gpu, rng, args.mask_type, args.mask_ratio, args.block_size, args.crop_size, device)
-                # One-hot labels, as the official p_losses passes the batch's labels. NOTE: --label-dropout (for --cfg)
-                # is our addition, the official loss has none: a dropped label is an all-zero row, i.e. `uncond_embed`.
+                keep = draw_keep(net, batch_gpu, rng, args.mask_type, args.mask_ratio, args.block_size,
+                                 args.crop_size, device)
                 labels = drop_labels(labels.to(device), args.label_dropout, batch_gpu, True) if args.cond else None
+                # The paper's loss (masked denoising score matching on the visible patches), then backward.
                 with sync_if(ddp, r == rounds - 1):
                     loss = mdsm_loss(net, x0, t, noise, keep, ddp, labels)
                     run.add('loss', loss)
-                    scaler.scale(loss.sum() * (args.ls / (batch_gpu * rounds))).backward()  # DDP averages over ranks
-            lr = args.lr * min(step / args.warmup_steps, 1) if args.warmup_steps else args.lr  # HEAD LambdaLR: lr 0 at step 0
+                    scaler.scale(loss.sum() * (args.ls / (batch_gpu * rounds))).backward()  # DDP averages ranks
+            # Optimizer: official LambdaLR warm-up (lr 0 at step 0), clipping, AdamW.
+            lr = args.lr * min(run.step / args.warmup_steps, 1) if args.warmup_steps else args.lr
             if args.clip_grad:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip_grad)
             optimizer_step(optimizer, scaler, lr)
-            step += 1
-            beta = ema_decay(step, args.ema_decay, args.ema_every)
+            # EMA, ema-pytorch's schedule at optimizer step run.step + 1.
+            beta = ema_decay(run.step + 1, args.ema_decay, args.ema_every)
             if beta is not None:
                 update_ema(ema, net, beta)
-            cur_nimg += args.batch
-            done = cur_nimg >= total_nimg
-            if run.due(cur_nimg, done):
-                snap = run.end_tick(cur_nimg, done, step, data_pos,
-                                    snapshot=lambda: dict(net_kwargs=net_kwargs, ema=ema.state_dict()),
-                                    state=lambda: dict(net=net.state_dict(), optimizer=optimizer.state_dict(),
-                                                       scaler=scaler.state_dict()))
-                if snap and args.grid:
-                    save_image_grid(sample(ema, range(args.grid), device, steps=args.grid_steps), snap.replace('network-snapshot', 'samples').replace('.pt', '.png'))
-                if done:
-                    break
+            run.end_step(args.batch)  # tick: status line, snapshots, training states
         print0(f'done: {run.dir}')
 
 #------------------------------------------------------------------------------
 # 6. Generation: one PNG per seed, identical for any --batch and any number of GPUs.
 
+def load_network(path, preset=None, flag='--network'):
+    """The EMA network of our snapshot / training state, or of an official .pt (whose architecture `preset` names)."""
+    ckpt = read_checkpoint(path, flag)
+    if is_official_maskdm(ckpt):
+        return official_network(ckpt, path, preset, flag)
+    ckpt = load_snapshot(path, flag, ['masked_dm'])
+    net = GaussianDiffusion(**ckpt['net_kwargs'])
+    load_weights(net, ckpt['ema'], path)
+    return net
+
+@torch.no_grad()
+def generate(args):
+    device, rank, world_size = init_distributed(), get_rank(), get_world_size()
+    check_outdir(args.outdir)
+    net = load_network(args.network, args.preset).to(device).eval()
+    check_class(args.class_idx, net.num_classes)
+    if args.cfg is not None and not net.num_classes:
+        raise UsageError(f'--cfg={args.cfg} needs a class-conditional network')
+    what = f'DDIM {args.steps} steps, eta {args.eta:g}' if args.sampler == 'ddim' else 'ancestral DDPM, 1000 steps'
+    side = net.img_size * (2 if net.dwt else 1)
+    print0(f'generating {len(args.seeds)} images of {side}x{side} ({what}) into {args.outdir}')
+    with tqdm(total=len(args.seeds), unit='img', disable=rank != 0) as bar:
+        for seeds in seed_batches(args.seeds, args.batch, rank, world_size):
+            images = sample(net, seeds, device, args.sampler, args.steps, args.eta, args.class_idx, args.cfg)
+            save_seed_images(images, seeds, args.outdir, args.subdirs)
+            bar.update(len(seeds) * world_size)
+    torch.distributed.barrier()
+    print0('done')
+
+#------------------------------------------------------------------------------
+# 7. Command line.
+
+def build_parser(preset=None):
+    """The parser; `preset` (a PRESETS name) becomes the defaults of `train` (see common.parse_command_line)."""
+    parser = Parser(description='Masked Diffusion Models (Lei et al. 2023)')
+    sub = parser.add_subparsers(dest='command', required=True)
+    t = sub.add_parser('train', help='train a model')
+    add_train_flags(t, duration=51.2, batch=256, lr=2e-4, dropout=0, tick=50, snap=50, dump=100)
+    t._option_string_actions['--dropout'].help = 'must be 0: the MaskDM U-ViT has no dropout'
+    pos_int, nonneg, p01 = number(int, 1), number(float, 0), number(float, 0, 1)
+    t.add_argument('--preset', choices=sorted(PRESETS), default=None, help='an official config; flags override')
+    t.add_argument('--arch', choices=sorted(ARCHS), default='S', help='U-ViT size: S 512/13/8, B 768/12/12, '
+                   'L 1024/16/16, T tiny (width/depth/heads)')
+    t.add_argument('--embed_dim', '--encoder_embed_dim', type=pos_int, default=None, metavar='INT',
+                   help='width; None = the arch\'s')
+    t.add_argument('--depth', '--encoder_depth', type=pos_int, default=None, metavar='INT',
+                   help='config depth, 2 (depth // 2) + 1 blocks; None = the arch\'s')
+    t.add_argument('--heads', '--encoder_heads', type=pos_int, default=None, metavar='INT',
+                   help='attention heads; None = the arch\'s')
+    t.add_argument('--patch_size', type=pos_int, default=None, metavar='INT', help='patch side in pixels; None = 4')
+    t.add_argument('--qkv_bias', type=parse_bool, default=None, metavar='BOOL', help='q/v biases; None = the arch\'s')
+    t.add_argument('--mlp_time_embed', type=parse_bool, default=False, metavar='BOOL',
+                   help='MLP on the time embedding (official config key)')
+    t.add_argument('--dwt', type=parse_bool, default=False, metavar='BOOL',
+                   help='train in the Haar wavelet domain (v1 DWT model)')
+    t.add_argument('--resolution', type=pos_int, default=None, metavar='INT', help='expected image size; None = any')
+    t.add_argument('--mask_type', choices=['patch', 'block', 'crop', 'none'], default='block',
+                   help='pre-training mask; none = fine-tuning')
+    t.add_argument('--mask_ratio', type=p01, default=0.9, metavar='FLOAT',
+                   help='fraction of tokens to mask (patch, block); at least one token must stay visible')
+    t.add_argument('--block_size', type=pos_int, default=4, metavar='INT', help='block side in tokens (block masks)')
+    t.add_argument('--crop_size', type=pos_int, default=None, metavar='INT',
+                   help='visible window side in tokens (crop masks)')
+    t.add_argument('--beta_schedule', choices=['linear', 'cosine'], default='linear', help='DDPM noise schedule')
+    t.add_argument('--train_steps', '--training_steps', type=pos_int, default=None, metavar='INT',
+                   help='training length in optimizer steps; None = --duration')
+    t.add_argument('--warmup_steps', type=number(int, 0), default=0, metavar='INT',
+                   help='linear lr warm-up in optimizer steps; 0 = none')
+    t.add_argument('--clip_grad', type=nonneg, default=1.0, metavar='FLOAT', help='gradient-norm clipping; 0 = off')
+    t.add_argument('--weight_decay', type=nonneg, default=0.03, metavar='FLOAT', help='AdamW weight decay')
+    t.add_argument('--ema_decay', type=p01, default=0.999, metavar='FLOAT',
+                   help='EMA beta (ema-pytorch warm-up below it)')
+    t.add_argument('--ema_update_every', '--ema_every', dest='ema_every', type=pos_int, default=1, metavar='STEPS',
+                   help='optimizer steps between EMA updates')
+    t.add_argument('--pretrained_model_ckpt', default=None, metavar='PT',
+                   help='fine-tune from the online weights of this masked_dm.py training state or official .pt')
+    t.add_argument('--label-dropout', type=p01, default=0, metavar='P',
+                   help='probability of replacing a label by the unconditional token (ours, for --cfg; official: 0)')
+    t.add_argument('--grid', type=number(int, 0), default=36, metavar='INT',
+                   help='images in the sample grid written with each snapshot; 0 = none')
+    t.add_argument('--grid_steps', type=pos_int, default=50, metavar='INT', help='DDIM steps for the sample grid')
+    t.set_defaults(**PRESETS.get(preset, {}))
+
+    g = sub.add_parser('generate', help='generate images')
+    g.add_argument('--network', required=True, metavar='PT', help='network snapshot (ours), or an official MaskDM .pt')
+    add_generate_flags(g, edm_sampler=False)
+    g.add_argument('--preset', choices=sorted(PRESETS), default=None,
+                   help='architecture of an official checkpoint (ours carry theirs)')
+    g.add_argument('--sampler', choices=['ddim', 'ddpm'], default='ddim', help='DDIM, or 1000-step ancestral DDPM')
+    g.add_argument('--steps', type=pos_int, default=250, metavar='INT', help='DDIM steps (official FIDs: 250)')
+    g.add_argument('--eta', type=p01, default=1.0, metavar='FLOAT',
+                   help='DDIM eta; 1 = the official FID setting, 0 = deterministic')
+    g.add_argument('--class', dest='class_idx', type=int, default=None, metavar='INT',
+                   help='class label; None = random per seed')
+    g.add_argument('--cfg', type=float, default=None, metavar='W',
+                   help='classifier-free guidance weight (ours); 0 = the unconditional token')
+    return parser
+
+def main():
+    args = parse_command_line(build_parser)
+    run_main(train if args.command == 'train' else generate, args)
+
+#------------------------------------------------------------------------------
+# 8. Appendix: checkpoint files. An official MaskDM .pt (main.py, save_training_state) holds {'step', 'model': the
+#    online GaussianDiffusion state ('model.' + network keys, schedule buffers), 'opt', 'ema': the ema-pytorch state
+#    ('ema_model.' + the same keys), 'scaler'} and no configuration: the architecture comes from a preset.
+
+def read_checkpoint(path, flag):
+    """A torch.save dict named by `flag`, memory-mapped where it can be (tensors are read when used); a one-line
+    UsageError naming the flag if it is missing or not a checkpoint."""
+    if not os.path.isfile(path):
+        raise UsageError(f'{flag}={path}: no such file')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception:  # not a zip archive (mmap needs one), or not a checkpoint: load_checkpoint's one line
+        try:
+            ckpt = load_checkpoint(path)
+        except UserError as e:
+            raise UsageError(f'{flag}={e}') from None
+    if not isinstance(ckpt, dict):
+        raise UsageError(f'{flag}={path}: not a checkpoint of this project (a {type(ckpt).__name__})')
+    return ckpt
+
+def is_official_maskdm(ckpt):
+    return 'method' not in ckpt and isinstance(ckpt.get('model', ckpt.get('ema')), dict)
+
+def official_online_weights(ckpt, path, flag):
+    """The online network of an official .pt ('model', GaussianDiffusion keys), without the schedule buffers."""
+    if not isinstance(ckpt.get('model'), dict):
+        raise UsageError(f'{flag}={path}: an official MaskDM .pt without "model" (the online weights)')
+    return {k: v for k, v in ckpt['model'].items() if k.startswith('model.')}
+
 def preset_network_kwargs(name):
     """Network kwargs of a preset (official checkpoints carry no configuration)."""
     preset = PRESETS[name]
-    arch = argparse.Namespace(arch=preset['arch'], dwt=preset.get('dwt', False), embed_dim=None, depth=None, heads=None,
-                              patch_size=None, qkv_bias=None)  # None: the arch's own sizes
-    return dict(beta_schedule=preset['beta_schedule'], **network_kwargs(arch, preset['resolution']))
-
-def load_network(path, preset=None):
-    """EMA network from our snapshot / training state, or from an official .pt (`ema`: ema-pytorch state with
-    'ema_model.' + GaussianDiffusion keys; the architecture from --preset, the schedule from its alphas_cumprod)."""
-    ckpt = load_checkpoint(path)
-    if ckpt.get('method') is not None:
-        if ckpt['method'] != 'masked_dm':
-            raise UserError(f'{path}: a {ckpt["method"]} checkpoint, not a masked_dm.py snapshot')
-        net = GaussianDiffusion(**ckpt['net_kwargs'])
-        load_weights(net, ckpt['ema'], path)
-        return net
-    if not isinstance(ckpt.get('ema'), dict):
-        raise UserError(f'{path}: neither a masked_dm.py snapshot nor an official MaskDM .pt (no "ema" entry)')
-    if preset is None:
-        raise UserError(f'{path}: official MaskDM checkpoints carry no configuration; name the architecture with '
-                        '--preset=NAME (e.g. --preset=hq256b_ft)')
-    kwargs = preset_network_kwargs(preset)
-    ab = ckpt['ema'].get('ema_model.alphas_cumprod')
-    if ab is not None:  # the schedule the checkpoint was trained with
-        kwargs['beta_schedule'] = min(('linear', 'cosine'), key=lambda s: (make_alphas_cumprod(s) - ab.double()).abs().max())
-    weights = {k[len('ema_model.'):]: v for k, v in ckpt['ema'].items() if k.startswith('ema_model.model.')}
-    kwargs.update(official_options(weights))
-    net = GaussianDiffusion(**kwargs)
-    load_weights(net, weights, path)
-    return net
+    arch = types.SimpleNamespace(arch=preset['arch'], dwt=preset.get('dwt', False), embed_dim=None, depth=None,
+                                 heads=None, patch_size=None, qkv_bias=None,  # None: the arch's own sizes
+                                 beta_schedule=preset['beta_schedule'])
+    return network_kwargs(arch, preset['resolution'])
 
 def official_options(weights):
     """What an official config sets beyond the preset, read off the weights: `num_classes` (rows of label_emb),
@@ -689,82 +860,27 @@ def official_options(weights):
         options['in_chans'] = proj.shape[1]
     return options
 
-@torch.no_grad()
-def generate(args):
-    device = init_distributed()
-    rank, world_size = get_rank(), get_world_size()
-    net = load_network(args.network, args.preset).to(device).eval()
-    if args.class_idx is not None and not 0 <= args.class_idx < max(net.num_classes, 1):
-        raise UserError(f'--class={args.class_idx}: the network has {net.num_classes} classes')
-    if args.cfg is not None and not net.num_classes:
-        raise UserError('--cfg needs a class-conditional network')
-    batches = seed_batches(args.seeds, args.batch, rank, world_size)
-    what = f'DDIM {args.steps} steps, eta {args.eta:g}' if args.sampler == 'ddim' else 'ancestral DDPM, 1000 steps'
-    print0(f'generating {len(args.seeds)} images of {net.img_size * (2 if net.dwt else 1)}px ({what}) into {args.outdir}')
-    for seeds in tqdm(batches, unit='batch', disable=rank != 0):
-        images = sample(net, seeds, device, args.sampler, args.steps, args.eta, args.class_idx, args.cfg)
-        save_seed_images(images, seeds, args.outdir, args.subdirs)
-    torch.distributed.barrier()
-    print0('done')
-
-#------------------------------------------------------------------------------
-# 7. Command line.
-
-def build_parser(preset=None):
-    parser = argparse.ArgumentParser(description='Masked Diffusion Models (Lei et al. 2023)',
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest='command', required=True)
-    t = sub.add_parser('train', help='train a model', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_train_flags(t, duration=51.2, batch=256, lr=2e-4, dropout=0, tick=50, snap=50, dump=100)
-    t.add_argument('--preset', choices=sorted(PRESETS), default=None, help='an official config (spec section 7); flags override')
-    t.add_argument('--arch', choices=sorted(ARCHS), default='S', help='U-ViT size: S 512/13/8, B 768/12/12, L 1024/16/16, T tiny')
-    t.add_argument('--embed_dim', type=int, default=None, metavar='INT', help='width override (None = the arch\'s)')
-    t.add_argument('--depth', type=int, default=None, metavar='INT', help='depth override; 2 (depth // 2) + 1 blocks')
-    t.add_argument('--heads', type=int, default=None, metavar='INT', help='attention heads override')
-    t.add_argument('--patch_size', type=int, default=None, metavar='INT', help='patch size override in pixels')
-    t.add_argument('--qkv_bias', type=parse_bool, default=None, metavar='BOOL', help='q/v biases (None = the arch\'s)')
-    t.add_argument('--dwt', type=parse_bool, default=False, metavar='BOOL', help='train in the Haar wavelet domain (v1 DWT model)')
-    t.add_argument('--resolution', type=int, default=None, metavar='INT', help='expected image size; None = any')
-    t.add_argument('--mask_type', choices=['patch', 'block', 'crop', 'none'], default='block', help='pre-training mask; none = fine-tuning')
-    t.add_argument('--mask_ratio', type=float, default=0.9, metavar='FLOAT', help='fraction of tokens to mask (patch, block)')
-    t.add_argument('--block_size', type=int, default=4, metavar='INT', help='block side in patches (block masks)')
-    t.add_argument('--crop_size', type=int, default=None, metavar='INT', help='visible window side in patches (crop masks)')
-    t.add_argument('--beta_schedule', choices=['linear', 'cosine'], default='linear', help='DDPM noise schedule')
-    t.add_argument('--train_steps', '--training_steps', type=int, default=None, metavar='INT', help='training length in optimizer steps; overrides --duration')
-    t.add_argument('--warmup_steps', type=int, default=0, metavar='INT', help='linear lr warmup in optimizer steps')
-    t.add_argument('--clip_grad', type=float, default=1.0, metavar='FLOAT', help='gradient-norm clipping; 0 = off')
-    t.add_argument('--weight_decay', type=float, default=0.03, metavar='FLOAT', help='AdamW weight decay')
-    t.add_argument('--ema_decay', type=float, default=0.999, metavar='FLOAT', help='EMA beta (ema-pytorch warm-up below it)')
-    t.add_argument('--ema_every', type=int, default=1, metavar='STEPS', help='optimizer steps between EMA updates')
-    t.add_argument('--pretrained_model_ckpt', default=None, metavar='PT', help='fine-tune from this pre-training checkpoint (ours or official)')
-    t.add_argument('--mlp_time_embed', type=parse_bool, default=False, metavar='BOOL',
-                   help='MLP on the time embedding (official config key)')
-    t.add_argument('--label-dropout', type=float, default=0, metavar='P',
-                   help='probability of replacing a label by the unconditional token (ours, for --cfg; official: 0)')
-    t.add_argument('--grid', type=int, default=36, metavar='INT', help='images in the sample grid written with each snapshot; 0 = none')
-    t.add_argument('--grid_steps', type=int, default=50, metavar='INT', help='DDIM steps for the sample grid')
-    if preset is not None:
-        t.set_defaults(**PRESETS[preset])
-
-    g = sub.add_parser('generate', help='generate images', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g.add_argument('--network', required=True, metavar='PT', help='network snapshot (ours), or an official MaskDM .pt')
-    g.add_argument('--preset', choices=sorted(PRESETS), default=None, help='architecture of an official checkpoint')
-    g.add_argument('--outdir', required=True, metavar='DIR', help='where to write {seed:06d}.png')
-    g.add_argument('--seeds', type=parse_int_list, default='0-63', metavar='LIST', help='random seeds, e.g. 0-9999')
-    g.add_argument('--subdirs', action='store_true', help='put seeds in folders of 1,000')
-    g.add_argument('--batch', type=int, default=64, metavar='INT', help='images per batch per GPU')
-    g.add_argument('--sampler', choices=['ddim', 'ddpm'], default='ddim', help='DDIM, or 1000-step ancestral DDPM')
-    g.add_argument('--steps', type=int, default=250, metavar='INT', help='DDIM steps (official FIDs: 250)')
-    g.add_argument('--eta', type=float, default=1.0, metavar='FLOAT', help='DDIM eta; 1 = the official FID setting, 0 = deterministic')
-    g.add_argument('--class', dest='class_idx', type=int, default=None, metavar='INT',
-                   help='class label; None = random per seed')
-    g.add_argument('--cfg', type=float, default=None, metavar='W',
-                   help='classifier-free guidance weight (ours); 0 = the unconditional token')
-    return parser
-
-def main():
-    args = parse_command_line(build_parser)
-    run_main(train if args.command == 'train' else generate, args)
+def official_network(ckpt, path, preset, flag):
+    """The EMA network of an official .pt ('ema': 'ema_model.' + GaussianDiffusion keys); the architecture from
+    `preset`, the schedule from the checkpoint's alphas_cumprod, classes / time MLP / channels from its weights."""
+    if not isinstance(ckpt.get('ema'), dict):
+        raise UsageError(f'{flag}={path}: an official MaskDM .pt without "ema" (the EMA weights)')
+    if preset is None:
+        raise UsageError(f'{flag}={path}: official MaskDM checkpoints carry no configuration; name the architecture '
+                         'with --preset=NAME (e.g. --preset=hq256b_ft)')
+    kwargs = preset_network_kwargs(preset)
+    ab = ckpt['ema'].get('ema_model.alphas_cumprod')
+    if ab is not None:  # the schedule the checkpoint was trained with
+        kwargs['beta_schedule'] = min(('linear', 'cosine'),
+                                      key=lambda s: (make_alphas_cumprod(s) - ab.double()).abs().max())
+    weights = {k[len('ema_model.'):]: v for k, v in ckpt['ema'].items() if k.startswith('ema_model.model.')}
+    kwargs.update(official_options(weights))
+    net = GaussianDiffusion(**kwargs)
+    try:
+        load_weights(net, weights, path)
+    except UserError as e:
+        raise UsageError(f'--preset={preset}: does not fit {e}') from None
+    return net
 
 if __name__ == '__main__':
     main()
