@@ -1,7 +1,8 @@
 """GDD / GDD-I: Diffusion Models Are Innate One-Step Generators.
 
 Zheng, Yang, arXiv:2405.20750v2 (2024); the revised version (arXiv:2506.09376, "D2O / D2O-F") changes names only.
-Official code: https://github.com/Zyriix/GDD (an EDM + StyleGAN-XL fork; nothing here is copied from it).
+The paper states the loss in words, so comments cite the official code's files and functions.
+Official code: https://github.com/Zyriix/GDD at e9267e8 (an EDM + StyleGAN-XL fork; nothing here is copied from it).
 
 A pretrained EDM denoiser D (the teacher) becomes a one-step generator G: same architecture, initialized from the
 teacher's EMA weights, evaluated once at sigma = 80 on pure noise, x = G(80 z; 80, c). G is trained with a GAN loss
@@ -19,16 +20,16 @@ loss file (PD/CD/CTM targets, not runnable upstream), multi-step generators, Dif
 The feature networks' ImageNet weights are data files (no download at run time): see --feature-weights.
 
   # GDD-I on CIFAR-10 with 4 GPUs (train.sh's settings), from the official EDM teacher
-  torchrun --standalone --nproc_per_node=4 gdd.py train --preset=cifar10-gddi --data=datasets/cifar10-32x32.zip \\
-      --transfer=pretrained/edm-cifar10-32x32-uncond-ve.pkl --feature-weights=weights/vgg16_bn-6c64b313.pth,weights/tf_efficientnet_lite0-0aa007d2.pth
+  torchrun --standalone --nproc_per_node=4 gdd.py train --preset=cifar10_gddi --data=datasets/cifar10-32x32.zip \\
+      --transfer=pretrained/edm-cifar10-32x32-uncond-ve.pkl \\
+      --feature-weights=weights/vgg16_bn-6c64b313.pth,weights/tf_efficientnet_lite0-0aa007d2.pth
   # 50k one-step images for FID
-  torchrun --standalone --nproc_per_node=8 gdd.py generate --network=training-runs/00000-*/network-snapshot-005000.pt \\
-      --outdir=fid-tmp --seeds=0-49999 --subdirs --batch=256
+  torchrun --standalone --nproc_per_node=8 gdd.py generate --outdir=fid-tmp --seeds=0-49999 --subdirs --batch=256 \\
+      --network=training-runs/00000-cifar10-32x32-uncond-gddi-gpus4-batch256-bf16/network-snapshot-005000.pt
   torchrun --standalone --nproc_per_node=8 fid.py calc --images=fid-tmp --ref=fid-refs/cifar10-32x32.npz
 """
 
 import argparse
-import copy
 import json
 import math
 import warnings
@@ -39,60 +40,70 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
-from common import (EDMPrecond, PerSeedRNG, TrainingRun, UNetBlock, UserError, add_train_flags, data_stream,
-                    distributed_model, ema_beta, get_rank, get_world_size, init_distributed, learning_rate,
-                    load_checkpoint, load_official, load_training_state, open_dataset, optimizer_step,
-                    parse_command_line, parse_int_list, print0, reseed, run_main, save_image_grid, save_seed_images,
-                    seed_batches, setup_precision, split_batch, sync_if, update_ema)
+from common import (EDMPrecond, Parser, PerSeedRNG, TrainingRun, UNetBlock, UsageError, UserError, add_edm_train_flags,
+                    add_generate_flags, add_train_flags, check_class, check_outdir, distributed_model,
+                    edm_backbone_kwargs, ema_beta, get_rank, get_world_size, init_distributed, is_official,
+                    learning_rate, load_checkpoint, load_official, load_snapshot, load_weights, network_and_ema,
+                    number, open_dataset, optimizer_step, parse_command_line, parse_int_list, print0, reseed, run_desc,
+                    run_main, save_image_grid, save_seed_images, seed_batches, seed_labels, setup_precision,
+                    split_batch, sync_if, update_ema)
 
 #------------------------------------------------------------------------------
-# 1. Config. Presets are `Zyriix/GDD:train.sh` (4 GPUs there); GDD and GDD-I differ only in --freeze.
+# 1. Config. Presets are the runs of the official train.sh (Zyriix/GDD:train.sh, 4 GPUs there); `_gdd` and `_gddi`
+#    differ only in --freeze. The flag defaults are train.sh's too: --tick=25 --snap=10 --dropout=0 --lr-rampup=0
+#    --r1-gamma=1e-4 --r1-interval=16. Teachers: the official EDM checkpoints named in each comment.
 
-_CIFAR = dict(arch='ncsnpp', backbone='1', batch=256, lr=1e-4, dlr=1e-4, duration=5, ema=0.5)
-_FACES = dict(arch='ncsnpp', cres=[1, 2, 2, 2], backbone='0', batch=256, lr=2e-5, dlr=4e-5, duration=10, ema=0.5)
-_IMAGENET = dict(arch='adm', cond=True, backbone='0', batch=512, lr=8e-6, dlr=4e-5, duration=10, ema=50)
-_COMMON = dict(dropout=0, bf16=True, r1_gamma=1e-4, seed=42, lr_rampup=0, tick=25, snap=10, dump=500)
-PRESETS = {f'{name}-gdd{"i" if freeze else ""}': dict(_COMMON, **base, freeze=freeze)
-           for name, base in [('cifar10', _CIFAR), ('cifar10-cond', dict(_CIFAR, cond=True)), ('afhqv2-64', _FACES),
-                              ('ffhq-64', _FACES), ('imagenet-64', _IMAGENET)] for freeze in (0, 1)}
-
-# Backbones as EDM's train.py configures them (for `train -n`; a real run takes the teacher's own kwargs).
-ARCHS = {
-    'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
-                   channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2]),
-    'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
-                   channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2]),
-    'adm':    dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
+PRESETS = {
+    # CIFAR-10 unconditional, teacher edm-cifar10-32x32-uncond-ve.pkl, VGG16-BN + EfficientNet-lite0 (--backbone=1)
+    'cifar10_gdd':       dict(arch='ncsnpp', backbone='1', batch=256, lr=1e-4, dlr=1e-4, duration=5, ema=0.5,
+                              bf16=True, seed=42, freeze=0),
+    'cifar10_gddi':      dict(arch='ncsnpp', backbone='1', batch=256, lr=1e-4, dlr=1e-4, duration=5, ema=0.5,
+                              bf16=True, seed=42, freeze=1),
+    # CIFAR-10 conditional, teacher edm-cifar10-32x32-cond-ve.pkl
+    'cifar10_cond_gdd':  dict(arch='ncsnpp', cond=True, backbone='1', batch=256, lr=1e-4, dlr=1e-4, duration=5,
+                              ema=0.5, bf16=True, seed=42, freeze=0),
+    'cifar10_cond_gddi': dict(arch='ncsnpp', cond=True, backbone='1', batch=256, lr=1e-4, dlr=1e-4, duration=5,
+                              ema=0.5, bf16=True, seed=42, freeze=1),
+    # AFHQv2 64x64, teacher edm-afhqv2-64x64-uncond-ve.pkl, DeiT-B/16-distilled + EfficientNet-lite0 (--backbone=0)
+    'afhqv264_gdd':      dict(arch='ncsnpp', cres=[1, 2, 2, 2], backbone='0', batch=256, lr=2e-5, dlr=4e-5,
+                              duration=10, ema=0.5, bf16=True, seed=42, freeze=0),
+    'afhqv264_gddi':     dict(arch='ncsnpp', cres=[1, 2, 2, 2], backbone='0', batch=256, lr=2e-5, dlr=4e-5,
+                              duration=10, ema=0.5, bf16=True, seed=42, freeze=1),
+    # FFHQ 64x64, teacher edm-ffhq-64x64-uncond-ve.pkl
+    'ffhq64_gdd':        dict(arch='ncsnpp', cres=[1, 2, 2, 2], backbone='0', batch=256, lr=2e-5, dlr=4e-5,
+                              duration=10, ema=0.5, bf16=True, seed=42, freeze=0),
+    'ffhq64_gddi':       dict(arch='ncsnpp', cres=[1, 2, 2, 2], backbone='0', batch=256, lr=2e-5, dlr=4e-5,
+                              duration=10, ema=0.5, bf16=True, seed=42, freeze=1),
+    # ImageNet 64x64 conditional, teacher edm-imagenet-64x64-cond-adm.pkl
+    'imagenet64_gdd':    dict(arch='adm', cond=True, backbone='0', batch=512, lr=8e-6, dlr=4e-5, duration=10,
+                              ema=50, bf16=True, seed=42, freeze=0),
+    'imagenet64_gddi':   dict(arch='adm', cond=True, backbone='0', batch=512, lr=8e-6, dlr=4e-5, duration=10,
+                              ema=50, bf16=True, seed=42, freeze=1),
 }
 
-# Feature networks of the discriminator (official --backbone: 0 DeiT + EfficientNet, 1 VGG + EfficientNet,
-# 3 EfficientNet only), with the public ImageNet weight files their state dicts match.
+# Feature networks of the discriminator by the official --backbone numbers (train.py): 0 DeiT + EfficientNet,
+# 1 VGG + EfficientNet, 3 EfficientNet only; the networks themselves are in the appendix.
 BACKBONES = {'0': ['deit_base_distilled_patch16_224', 'tf_efficientnet_lite0'],
              '1': ['vgg16_bn', 'tf_efficientnet_lite0'], '3': ['tf_efficientnet_lite0']}
-WEIGHT_FILES = {
-    'vgg16_bn': 'torchvision\'s https://download.pytorch.org/models/vgg16_bn-6c64b313.pth',
-    'tf_efficientnet_lite0': 'timm\'s https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/tf_efficientnet_lite0-0aa007d2.pth',
-    'deit_base_distilled_patch16_224': 'timm\'s (DeiT) https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_224-df68dfff.pth',
-}
-IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-INCEPTION_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 #------------------------------------------------------------------------------
-# 2. Generator: the teacher's U-Net with GDD's preconditioning; GDD-I's frozen set.
+# 2. Backbone: the teacher's U-Net with GDD's preconditioning; GDD-I's frozen set.
+
+SIGMA_MAX = 80.0  # the generator's one noise level: EDM's sigma_max (official training/loss.py, GDDLoss)
 
 class GDDPrecond(EDMPrecond):
     """EDM preconditioning with the output coefficients shifted by eps (official training/networks.py, GDDPrecond):
     c_skip = s_d^2 / ((sigma - eps)^2 + s_d^2), c_out = s_d (sigma - eps) / sqrt(sigma^2 + s_d^2); c_in and c_noise
-    are EDM's. At sigma = 80 this differs from the teacher's D by 2.5e-5 relative (spec 2.1)."""
+    are EDM's. At sigma = 80 this differs from the teacher's D by 2.5e-5 relative."""
     def __init__(self, img_resolution, img_channels, label_dim=0, eps=0.002, **kwargs):
         super().__init__(img_resolution, img_channels, label_dim, **kwargs)
         self.eps = eps                                   # shift of c_skip/c_out (the sampler's sigma_min)
 
     def coefficients(self, sigma):
         _, _, c_in, c_noise = super().coefficients(sigma)
-        c_skip = self.sigma_data ** 2 / ((sigma - self.eps) ** 2 + self.sigma_data ** 2)           # spec 2.1, c_skip
-        c_out = (sigma - self.eps) * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()  # spec 2.1; NOTE: unshifted root, as upstream
-        return c_skip, c_out, c_in, c_noise
+        c_skip = self.sigma_data ** 2 / ((sigma - self.eps) ** 2 + self.sigma_data ** 2)           # GDDPrecond c_skip
+        c_out = (sigma - self.eps) * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()  # GDDPrecond c_out
+        return c_skip, c_out, c_in, c_noise  # NOTE: c_out's root has the unshifted sigma, as upstream
 
 def generator_kwargs(teacher_kwargs, dropout=0):
     """GDDPrecond kwargs from a teacher's: no augmentation conditioning (the teacher's map_augment is dropped; it
@@ -100,17 +111,23 @@ def generator_kwargs(teacher_kwargs, dropout=0):
     kwargs = {k: v for k, v in teacher_kwargs.items() if k not in ('augment_dim', 'eps')}
     return dict(kwargs, augment_dim=0, dropout=dropout, label_dropout=0)
 
+def network_kwargs(args, resolution, channels, label_dim):
+    """GDDPrecond kwargs of --arch/--cres as EDM's train.py builds them, without a teacher (`train -n`)."""
+    model = edm_backbone_kwargs(args.arch, None, args.cres)
+    model.update(dropout=args.dropout, label_dropout=0, augment_dim=0)
+    return dict(img_resolution=resolution, img_channels=channels, label_dim=label_dim, **model)
+
 # The residual-block (UNetBlock) parts each --freeze level keeps fixed. Official train.py's freeze_layer per level:
 # 1 ['conv', 'proj'], 2 ['conv', 'proj', 'qkv'], 3 ['conv', 'proj', 'qkv', 'skip'].
 FREEZE_PARTS = {0: (), 1: ('conv0', 'conv1', 'proj'), 2: ('conv0', 'conv1', 'proj', 'qkv'),
                 3: ('conv0', 'conv1', 'proj', 'qkv', 'skip')}
 
 def frozen_names(net, level=1):
-    """Names of the generator parameters that --freeze=level keeps fixed; level 1 is GDD-I (paper Sec. on GDD-I):
-    conv0 and conv1 (the 3x3 convs) of every U-Net residual block and the attention output projection `proj`;
-    level 2 adds the attention `qkv`, level 3 also the blocks' 1x1 `skip` convs. Selected by module type: upstream's
-    substring rule (official training/training_loop.py: "block"/"up"/"down"/"in" and one of train.py's freeze_layer
-    strings in the name) picks exactly these on EDM's SongUNet and DhariwalUNet."""
+    """Names of the generator parameters that --freeze=level keeps fixed; level 1 is the paper's GDD-I: conv0 and
+    conv1 (the 3x3 convs) of every U-Net residual block and the attention output projection `proj`; level 2 adds
+    the attention `qkv`, level 3 also the blocks' 1x1 `skip` convs. Selected by module type: upstream's substring
+    rule (official training/training_loop.py: "block"/"up"/"down"/"in" and one of train.py's freeze_layer strings
+    in the name) picks exactly these on EDM's SongUNet and DhariwalUNet."""
     names = []
     for prefix, module in net.named_modules():
         if isinstance(module, UNetBlock):
@@ -119,26 +136,12 @@ def frozen_names(net, level=1):
                     names += [f'{prefix}.{part}.{n}' for n, _ in getattr(module, part).named_parameters()]
     return names
 
+VARIANTS = ('gdd', 'gddi', 'gddi-qkv', 'gddi-qkv-skip')  # the run directory's tag of each --freeze level
+
 def parameter_counts(net, frozen):
     total, frozen = sum(p.numel() for p in net.parameters()), set(frozen)
     num_frozen = sum(p.numel() for n, p in net.named_parameters() if n in frozen)
     return dict(total=total, frozen=num_frozen, trainable=total - num_frozen)
-
-def load_teacher(path):
-    """(precond class name, constructor kwargs, EMA state dict) of an EDM-preconditioned teacher: our snapshots
-    (patch_diffusion.py --real_p=1, relay_diffusion.py stage one) or an official EDM .pkl."""
-    if path.endswith('.pkl') or '://' in path:
-        official = load_official(path)
-        precond, kwargs, state = official['precond'], official['init_kwargs'], official['state_dict']
-    else:
-        ckpt = load_checkpoint(path)
-        if not isinstance(ckpt, dict) or 'ema' not in ckpt or 'net_kwargs' not in ckpt:
-            raise UserError(f'{path}: not a network snapshot (needs "net_kwargs" and "ema")')
-        precond, kwargs, state = ckpt.get('precond', 'EDMPrecond'), ckpt['net_kwargs'], ckpt['ema']
-    if precond not in ('EDMPrecond', 'GDDPrecond'):
-        raise UserError(f'{path}: a {precond} network; GDD starts from an EDM-preconditioned teacher (EDMPrecond, '
-                        'e.g. patch_diffusion.py --real_p=1 or the official edm-*.pkl)')
-    return precond, dict(kwargs), state
 
 def init_from_teacher(net, state, where):
     """Copy the teacher's EMA parameters and buffers by name (official misc.copy_params_and_buffers). Buffers matter:
@@ -149,13 +152,518 @@ def init_from_teacher(net, state, where):
     shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or extra or shapes:
         first = missing[:1] or extra[:1] or shapes[:1]
-        raise UserError(f'{where}: the teacher does not fit its own architecture ({first[0]}: {len(missing)} missing, '
-                        f'{len(extra)} extra, {len(shapes)} shapes differ)')
+        raise UsageError(f'{where}: the teacher does not fit its own architecture ({first[0]}: {len(missing)} '
+                         f'missing, {len(extra)} extra, {len(shapes)} shapes differ)')
     net.load_state_dict({k: state[k] for k in own})
+    return net
 
 #------------------------------------------------------------------------------
-# 3. Discriminator. Frozen feature networks (plain torch, torchvision/timm key names), fixed random projections
-#    (Projected GAN's CCM and CSM), trained multi-scale heads (StyleGAN-XL). Official: pg_modules/, feature_networks/.
+# 3. Method math: the GAN losses with lazy R1 and one training iteration (official training/loss.py, GDDLoss, and
+#    training/training_loop.py). The discriminator D (Projected GAN / StyleGAN-XL's: frozen feature networks, fixed
+#    random projections, trained heads) is not this paper's contribution: it is in the appendix.
+
+def gan_loss(logits, target_real):
+    """Non-saturating logistic loss per sample: sum over networks of the mean over that network's logits of
+    softplus(-l) (target real) or softplus(l) (target fake); shape [N] (official GDDLoss, the G and D terms)."""
+    sign = -1 if target_real else 1
+    return sum(F.softplus(sign * l).mean(dim=1) for l in logits)
+
+def r1_penalty(features, D, images, labels):
+    """||grad_x sum of all real logits||^2 per sample (lazy R1, StyleGAN2), through resize, frozen trunks, random
+    projections and heads (double backward); shape [N]."""
+    x = images.detach().requires_grad_(True)
+    logits = D(features(x), labels)
+    grad, = torch.autograd.grad(sum(l.sum() for l in logits), x, create_graph=True)
+    return grad.square().sum(dim=[1, 2, 3])  # official GDDLoss, the R1 term
+
+def g_step(ddp_G, features, D, micro_batches, gan_weight=1, run=None, ls=1):
+    """G's gradient: D's heads frozen, backprop through D and the feature networks into G's trainable parameters.
+    Fresh noise from the global RNG (reseeded per step); the fakes are not clamped. The plain D, not its DDP wrapper:
+    no D gradient is needed (upstream calls the wrapper with D's requires_grad off; same result)."""
+    D.requires_grad_(False)
+    for r, (images, labels) in enumerate(micro_batches):
+        with sync_if(ddp_G, r == len(micro_batches) - 1):
+            fake = ddp_G(torch.randn_like(images) * SIGMA_MAX, SIGMA_MAX, labels)  # x = G(80 z; 80, c)
+            loss = gan_loss(D(features(fake), labels), target_real=True)
+            (loss.sum() * gan_weight * ls).backward()
+        if run:
+            run.add('loss_G', loss)
+    D.requires_grad_(True)
+
+def d_step(G, features, ddp_D, micro_batches, run=None, ls=1):
+    """D's gradient: fakes without grad, then reals, forwarded separately (BatchNorm batch statistics per pass)."""
+    for r, (images, labels) in enumerate(micro_batches):
+        with torch.no_grad():
+            fake = G(torch.randn_like(images) * SIGMA_MAX, SIGMA_MAX, labels)
+        with ddp_D.no_sync():
+            loss_fake = gan_loss(ddp_D(features(fake), labels), target_real=False)
+            (loss_fake.sum() * ls).backward()
+        with sync_if(ddp_D, r == len(micro_batches) - 1):
+            loss_real = gan_loss(ddp_D(features(images), labels), target_real=True)
+            (loss_real.sum() * ls).backward()
+        if run:
+            run.add('loss_D', loss_fake + loss_real)
+
+def r1_step(features, ddp_D, micro_batches, gamma, interval, run=None, ls=1):
+    """Lazy R1's gradient: gamma / 2 x the mean penalty over the rank's batch, times the interval (StyleGAN2)."""
+    n = sum(images.shape[0] for images, _ in micro_batches)
+    for r, (images, labels) in enumerate(micro_batches):
+        with sync_if(ddp_D, r == len(micro_batches) - 1):
+            penalty = r1_penalty(features, ddp_D, images, labels)
+            (penalty.sum() / n * (gamma / 2) * interval * ls).backward()  # gamma/2 E||grad||^2, x interval (lazy)
+        if run:
+            run.add('r1_penalty', penalty)
+
+def gdd_iteration(G, ddp_G, features, D, ddp_D, opt_G, opt_D, micro_batches, step, lr_G, lr_D, scaler, gan_weight=1,
+                  r1_gamma=1e-4, r1_interval=16, ls=1, run=None):
+    """One iteration on the rank's real micro-batches [(images, labels)]: G step, D step and, every r1_interval
+    iterations (not at 0), an R1 step, each a separate Adam step (official training_loop.py: stage order G, D, R1).
+    NOTE: upstream's logits are a Python list with one row per (network, sample), each reduced by .mean(); the loss
+    is therefore a SUM over the rank's samples of per-sample means (B x the batch mean), over networks summed, and
+    DDP averages it over ranks. We reproduce that: it sets the balance between the D and the R1 steps."""
+    opt_G.zero_grad(set_to_none=True)
+    g_step(ddp_G, features, D, micro_batches, gan_weight, run, ls)
+    optimizer_step(opt_G, scaler, lr_G)
+    opt_D.zero_grad(set_to_none=True)
+    d_step(G, features, ddp_D, micro_batches, run, ls)
+    optimizer_step(opt_D, scaler, lr_D)
+    if step > 0 and step % r1_interval == 0 and r1_gamma > 0:  # iterations 16, 32, ..., never 0
+        opt_D.zero_grad(set_to_none=True)
+        r1_step(features, ddp_D, micro_batches, r1_gamma, r1_interval, run, ls)
+        optimizer_step(opt_D, scaler, lr_D)
+
+def build_optimizers(G, D, frozen, lr, dlr, r1_interval=16):
+    """Adam (0, 0.99) for G's trainable parameters; D's with StyleGAN2's lazy-regularization corrections:
+    lr x c and beta2 = 0.99^c, c = interval / (interval + 1) (official training_loop.py). The D lr set here is
+    the one every D step uses (read back from the optimizer)."""
+    c, frozen = r1_interval / (r1_interval + 1), set(frozen)
+    params = [p for name, p in G.named_parameters() if name not in frozen]
+    fused = params[0].is_cuda  # one fused kernel per step on GPUs
+    opt_G = torch.optim.Adam(params, lr=lr, betas=(0.0, 0.99), eps=1e-8, fused=fused)
+    opt_D = torch.optim.Adam(D.parameters(), lr=dlr * r1_interval / (r1_interval + 1), betas=(0.0, 0.99 ** c),
+                             eps=1e-8, fused=fused)
+    return opt_G, opt_D
+
+#------------------------------------------------------------------------------
+# 4. Sampler: one network evaluation (official generate.py, one_step_sampler).
+
+@torch.no_grad()
+def one_step_sampler(net, latents, labels=None, randn_like=torch.randn_like, sigma_max=SIGMA_MAX):
+    """x = G(sigma_max z; sigma_max, c): float64 input, network in float32. One step draws no noise (randn_like is
+    there for edm_sampler's signature)."""
+    sigma = torch.full([latents.shape[0], 1, 1, 1], float(sigma_max), dtype=torch.float64, device=latents.device)
+    return net(latents.to(torch.float64) * sigma, sigma, labels).to(torch.float64)
+
+def draw_latents(net, seeds, device, class_idx=None):
+    """Per-seed latents, then (conditional) a per-seed uniform class, --class overriding it (EDM generate.py)."""
+    rng = PerSeedRNG(seeds, device)
+    latents = rng.randn([net.img_channels, net.img_resolution, net.img_resolution], device=device)
+    return latents, seed_labels(rng, net.label_dim, class_idx, device)
+
+#------------------------------------------------------------------------------
+# 5. Training loop (official training/training_loop.py): per step `rounds` real micro-batches per rank, then the
+#    G step, the D step and every --r1-interval steps the lazy R1 step, each an Adam step of its own.
+
+def load_file(path, flag):
+    """load_checkpoint, its one-line error as a usage error naming the flag (exit 2)."""
+    try:
+        return load_checkpoint(path)
+    except UserError as e:
+        raise UsageError(f'{flag}={e}') from None
+
+def load_teacher(path):
+    """(constructor kwargs, EMA weights) of an EDM denoiser: our snapshots of plain EDM training
+    (patch_diffusion.py --real_p=1, relay_diffusion.py stage one) or an official EDM .pkl (path or URL)."""
+    if is_official(path):
+        official = load_official(path, '--transfer')
+        precond, kwargs, state = official['precond'], official['init_kwargs'], official['state_dict']
+    else:
+        load_file(path, '--transfer')  # a missing or unreadable file: one line naming the flag
+        ckpt = load_snapshot(path, '--transfer', ['patch_diffusion', 'relay_diffusion'])
+        precond, kwargs, state = ckpt['precond'], ckpt['net_kwargs'], ckpt['ema']
+        if (ckpt.get('stage') or {}).get('precond', 'edm') != 'edm':
+            precond = 'relay_diffusion.py stage-two (--precond=blur)'
+    if precond != 'EDMPrecond':
+        raise UsageError(f'--transfer={path}: a {precond} network; GDD starts from an EDM denoiser (EDMPrecond: '
+                         'patch_diffusion.py --real_p=1, relay_diffusion.py stage one, or an official edm-*.pkl)')
+    return dict(kwargs), state
+
+def generator_source(args, R, C, label_dim):
+    """(GDDPrecond kwargs, weights to start from): the teacher's EMA (--transfer); with --resume the training
+    state's kwargs and no weights (TrainingRun loads them); in a dry run the --arch/--cres architecture."""
+    flag, state = f'--transfer={args.transfer}', None
+    if args.dry_run:
+        kwargs = network_kwargs(args, R, C, label_dim)
+    elif args.resume:  # read by parse_command_line already; mmap: only what is used is read
+        flag, kwargs = f'--resume={args.resume}', torch.load(args.resume, 'cpu', weights_only=True, mmap=True)
+        if kwargs.get('method') != 'gdd':
+            raise UsageError(f'{flag}: a {kwargs.get("method")}.py training state; --resume takes one of gdd.py')
+        kwargs = kwargs['net_kwargs']
+    elif not args.transfer:
+        raise UsageError('--transfer is required: the teacher (an EDM snapshot .pt or an official edm-*.pkl)')
+    else:
+        kwargs, state = load_teacher(args.transfer)
+    kwargs = generator_kwargs(kwargs, args.dropout)
+    shape = (kwargs['img_resolution'], kwargs['img_channels'], kwargs.get('label_dim', 0))
+    if shape != (R, C, label_dim):
+        raise UsageError(f'{flag}: a network of {shape[0]}x{shape[0]}x{shape[1]} with {shape[2]} classes; '
+                         f'--data={args.data} has {R}x{R}x{C} with {label_dim} (check --cond)')
+    return kwargs, state
+
+def check_and_count(net_kwargs, names, freeze, feature_res, label_dim):
+    """Parameter counts on the meta device (no teacher, no weight files), after passing a --feature-res image
+    through the discriminator's shapes."""
+    with torch.device('meta'):
+        G, features = GDDPrecond(**net_kwargs), FeatureNetworks(names, 0, feature_res)
+        D = Discriminator(names, features.nets[names[0]].channels, feature_res, label_dim)
+        try:
+            D(features(torch.zeros(2, 3, feature_res, feature_res)), torch.zeros(2, label_dim))
+        except (RuntimeError, ValueError) as e:
+            raise UsageError(f'--feature-res={feature_res}: the discriminator ({", ".join(names)}) cannot take it '
+                             f'({str(e).splitlines()[0]}); use 224 (official) or a power of two >= 32') from None
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    return dict(parameter_counts(G, frozen_names(G, freeze)), discriminator_heads=count(D),
+                feature_networks=count(features))
+
+def build_discriminator(names, seed, resolution, label_dim, weights, class_embedding=None):
+    """Frozen feature networks (with their weight files, or random) and the trained heads."""
+    features = FeatureNetworks(names, seed, resolution)
+    if weights != 'random':
+        paths = weights.split(',') if weights else []
+        if len(paths) != len(names):
+            n = names[len(paths)] if len(paths) < len(names) else names[-1]
+            raise UsageError(f'--feature-weights: need {len(names)} file(s), one per feature network '
+                             f'({", ".join(names)}); missing the {n} ImageNet weights, {WEIGHT_FILES[n]} (download it '
+                             'elsewhere), or give --feature-weights=random for a demo whose discriminator sees random '
+                             'features')
+        for name, path in zip(names, paths):
+            load_trunk(features.nets[name].trunk, name, path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        D = Discriminator(names, features.nets[names[0]].channels, resolution, label_dim)
+    if label_dim and class_embedding not in (None, 'random'):
+        table = load_file(class_embedding, '--class-embedding')
+        table = table.get('weight', table) if isinstance(table, dict) else table
+        if not torch.is_tensor(table) or tuple(table.shape) != (1000, 320):
+            raise UsageError(f'--class-embedding={class_embedding}: expected the [1000, 320] class embedding '
+                             '(official in_embeddings/tf_efficientnet_lite0.pkl, converted to a tensor file)')
+        for heads in D.heads.values():
+            for head in heads:
+                head.embed.weight.data.copy_(table)
+    return features, D
+
+def distributed_pair(net, D, device, compile):
+    """DDP wrappers of G and D without buffer broadcasts: BatchNorm and spectral-norm buffers stay per rank (as
+    upstream). torch 2.13 renames broadcast_buffers, with that meaning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated')
+        return (distributed_model(net, device, compile, broadcast_buffers=False),
+                distributed_model(D, device, False, broadcast_buffers=False))
+
+def print_header(args, dataset, info, amp_dtype, run_dir):
+    counts, names, R, C = info['parameters'], info['feature_networks'], dataset.resolution, dataset.num_channels
+    level = f' (--freeze={args.freeze})' if args.freeze > 1 else ''
+    print0(f'GDD{"-I" if args.freeze else ""}{level}: {dataset.name} ({len(dataset)} images, {R}x{R}x{C}), teacher '
+           f'{args.transfer}; generator {counts["total"]:,} parameters, {counts["frozen"]:,} frozen, '
+           f'{counts["trainable"]:,} trainable; discriminator {", ".join(names)}, heads '
+           f'{counts["discriminator_heads"]:,}')
+    if args.feature_weights == 'random':
+        print0('WARNING: --feature-weights=random: the discriminator\'s feature networks are RANDOM, not ImageNet-'
+               'pretrained. This only shows that the machinery runs; results are not comparable to the paper.')
+    if args.bf16 and amp_dtype is None:
+        print0('note: --bf16 applies on CUDA only (upstream runs the generator in fp32 elsewhere); this run is fp32')
+    if dataset.label_dim and args.class_embedding in (None, 'random'):
+        print0('note: conditional heads start from a random N(0, 1) class embedding (upstream rand_embedding=True), '
+               'not the official ImageNet table (--class-embedding)')
+    print0(f'{info["batch_gpu"]} images x {info["rounds"]} rounds x {info["world_size"]} GPUs per step; run directory '
+           f'{run_dir}')
+
+@torch.no_grad()
+def save_sample_grid(net, path, num, device):
+    """A quick look at training progress: the one-step images of seeds 0..num-1 in one PNG grid."""
+    latents, labels = draw_latents(net, range(num), device)
+    save_image_grid(one_step_sampler(net, latents, labels), path)
+
+def train(args):
+    device, rank, world_size = init_distributed(), get_rank(), get_world_size()
+    if args.fp16:
+        raise UsageError('--fp16 is not supported: GDD trains in bf16 (upstream\'s --fp16=True means bf16); use --bf16')
+    amp_dtype, scaler = setup_precision(False, args.bf16 and device.type == 'cuda', args.tf32, device)  # as upstream
+    dataset, names = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip), parse_backbone(args.backbone)
+    R, C, label_dim = dataset.resolution, dataset.num_channels, dataset.label_dim
+    if C not in (1, 3):
+        raise UsageError(f'--data={args.data}: {C}-channel images; the feature networks take RGB or grey')
+    batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
+    net_kwargs, teacher_state = generator_source(args, R, C, label_dim)
+    counts = check_and_count(net_kwargs, names, args.freeze, args.feature_res, label_dim)
+    info = dict(net_kwargs=net_kwargs, feature_networks=names, parameters=counts, batch_gpu=batch_gpu, rounds=rounds,
+                world_size=world_size)
+    if args.dry_run:  # the --arch/--cres architecture; the teacher is not read
+        return print0(json.dumps(dict(vars(args), **info), indent=2))
+    net = GDDPrecond(**net_kwargs)  # the teacher's EMA weights; on --resume the training state's (TrainingRun)
+    net = net if teacher_state is None else init_from_teacher(net, teacher_state, f'--transfer={args.transfer}')
+    net, ema = network_and_ema(net, device, amp_dtype)
+    frozen = frozen_names(net, args.freeze)
+    for name, p in net.named_parameters():
+        p.requires_grad_(name not in frozen)  # GDD-I; before DDP: frozen tensors are not its parameters
+    features, D = build_discriminator(names, args.seed, args.feature_res, label_dim, args.feature_weights,
+                                      args.class_embedding)
+    features, D = features.to(device), D.to(device).train()
+    opt_G, opt_D = build_optimizers(net, D, frozen, args.lr, args.dlr, args.r1_interval)
+    lr_D = opt_D.param_groups[0]['lr']  # --dlr with the lazy-R1 correction
+    run = TrainingRun('gdd', vars(args), info, device, outdir=args.outdir, nosubdir=args.nosubdir,
+        desc=run_desc(dataset.name, 'cond' if args.cond else 'uncond', VARIANTS[args.freeze], world_size=world_size,
+                      batch=args.batch, bf16=amp_dtype is not None, desc=args.desc),
+        resume=args.resume, total_nimg=args.duration * 1e6, tick=args.tick, snap=args.snap, dump=args.dump,
+        state=dict(net=net, ema=ema, D=D, optimizer_G=opt_G, optimizer_D=opt_D),
+        snapshot=lambda: dict(precond='GDDPrecond', net_kwargs=net_kwargs, ema=ema.state_dict(), freeze=args.freeze,
+                              feature_networks=names, feature_weights='RANDOM (demo only)'
+                              if args.feature_weights == 'random' else args.feature_weights),
+        grid=args.grid and (lambda path: save_sample_grid(ema, path, args.grid, device)))
+    ddp_G, ddp_D = distributed_pair(net, D, device, args.compile)
+    stream = run.data(dataset, batch_gpu, args.seed, args.workers)
+    with run:
+        print_header(args, dataset, info, amp_dtype, run.dir)
+        while not run.done:
+            reseed(args.seed, rank, run.cur_nimg)  # this step's randomness: a resumed run replays it
+            # Fetch data: `rounds` real micro-batches in [-1, 1]; the fakes take their labels (official training loop).
+            # NOTE: upstream takes one batch_gpu batch per iteration whatever --batch-gpu says, yet counts --batch
+            # images; we accumulate `rounds` micro-batches (their losses summed).
+            reals = [(x.to(device).to(torch.float32) / 127.5 - 1, c.to(device) if label_dim else None)
+                     for x, c in (next(stream) for _ in range(rounds))]
+            # The paper's loss (GAN loss only), backward, optimizers: G step, D step, every r1_interval steps lazy R1.
+            gdd_iteration(net, ddp_G, features, D, ddp_D, opt_G, opt_D, reals, run.step,
+                          learning_rate(args.lr, run.cur_nimg, args.lr_rampup), lr_D, scaler, args.gan_weight,
+                          args.r1_gamma, args.r1_interval, args.ls, run)
+            # EMA of the generator (half-life --ema, EDM's ramp-up; n = images before this step), then the tick.
+            update_ema(ema, net, ema_beta(run.cur_nimg, args.batch, args.ema * 1000))
+            run.end_step(args.batch)  # status line, snapshots, training states
+        print0(f'done: {run.dir}')
+
+#------------------------------------------------------------------------------
+# 6. Generation: one network evaluation per image, one PNG per seed, identical for any --batch and GPU count.
+
+def load_network(path):
+    """Our gdd.py snapshots / training states (.pt), or an official GDD .pkl (path or URL)."""
+    if is_official(path):
+        official = load_official(path)
+        if official['precond'] != 'GDDPrecond':
+            raise UsageError(f'--network={path}: a {official["precond"]} network, not a one-step GDD generator '
+                             '(GDDPrecond); sample EDM teachers with patch_diffusion.py generate')
+        net = GDDPrecond(**official['init_kwargs'])
+        net.load_state_dict(official['state_dict'])
+        return net
+    load_file(path, '--network')  # a missing or unreadable file: one line naming the flag
+    ckpt = load_snapshot(path, '--network', ['gdd'])
+    net = GDDPrecond(**ckpt['net_kwargs'])
+    load_weights(net, ckpt['ema'], f'--network={path}')
+    return net
+
+@torch.no_grad()
+def generate(args):
+    device, rank, world_size = init_distributed(), get_rank(), get_world_size()
+    check_outdir(args.outdir)
+    net = load_network(args.network).to(device).eval()
+    check_class(args.class_idx, net.label_dim)
+    print0(f'generating {len(args.seeds)} images of {net.img_resolution}x{net.img_resolution}, one step each, into '
+           f'{args.outdir}')
+    with tqdm(total=len(args.seeds), unit='img', disable=rank != 0) as bar:
+        for seeds in seed_batches(args.seeds, args.batch, rank, world_size):
+            latents, labels = draw_latents(net, seeds, device, args.class_idx)
+            images = one_step_sampler(net, latents, labels, sigma_max=args.sigma_max)
+            save_seed_images(images, seeds, args.outdir, args.subdirs)
+            bar.update(len(seeds) * world_size)
+    torch.distributed.barrier()
+    print0('done')
+
+#------------------------------------------------------------------------------
+# 7. Command line.
+
+def parse_backbone(value):
+    """--backbone: the official numbers (BACKBONES) or a comma list of feature networks -> their names."""
+    names = BACKBONES.get(str(value), str(value).split(','))
+    bad = [n for n in names if n not in TRUNKS]
+    if bad:
+        raise argparse.ArgumentTypeError(f'unknown feature network {bad[0]!r} in {value!r}; use 0, 1, 3 (official '
+                                         f'numbers) or a comma list of {", ".join(TRUNKS)}')
+    return names
+
+def backbone(value):
+    parse_backbone(value)
+    return value  # kept as typed: the training options (and a resume's comparison) see the flag's own value
+
+def build_parser(preset=None):
+    """The parser; `preset` (a PRESETS name) becomes the defaults of `train` (see common.parse_command_line)."""
+    parser = Parser(description='GDD / GDD-I (Zheng & Yang 2024): one-step generators from EDM teachers')
+    sub = parser.add_subparsers(dest='command', required=True)
+    t = sub.add_parser('train', help='distill a teacher into a one-step generator')
+    add_train_flags(t, duration=5, batch=256, lr=1e-4, dropout=0, tick=25, snap=10)
+    add_edm_train_flags(t, ema=0.5, lr_rampup=0)  # upstream: no lr warm-up
+    t.add_argument('--preset', choices=sorted(PRESETS), default=None, help='train.sh\'s settings; flags override')
+    t.add_argument('--transfer', default=None, metavar='PT|PKL|URL', help='teacher: EDM snapshot .pt (ours) or '
+                   'official edm-*.pkl (required)')
+    t.add_argument('--freeze', type=int, choices=sorted(FREEZE_PARTS), default=0, help='0 = GDD; 1 = GDD-I: freeze '
+                   'the blocks\' 3x3 convs and attention proj; 2 = also attention qkv; 3 = also the blocks\' skips')
+    t.add_argument('--arch', choices=['ddpmpp', 'ncsnpp', 'adm'], default='ncsnpp', help='teacher architecture for '
+                   '`train -n` (a run uses the teacher\'s)')
+    t.add_argument('--cres', type=parse_int_list, default=None, metavar='LIST', help='channel multipliers for '
+                   '`train -n`; None = the arch\'s')
+    t.add_argument('--dlr', type=number(float, 0, low_open=True), default=1e-4, metavar='FLOAT',
+                   help='discriminator lr before the lazy-R1 correction x16/17')
+    t.add_argument('--r1-gamma', type=number(float, 0), default=1e-4, metavar='FLOAT', help='R1 weight; 0 = no R1')
+    t.add_argument('--r1-interval', type=number(int, 1), default=16, metavar='INT', help='steps between lazy R1 steps')
+    t.add_argument('--gan-weight', type=number(float, 0), default=1, metavar='FLOAT', help='weight of G\'s adversarial '
+                   'loss (1; 0 only for tests)')
+    t.add_argument('--backbone', type=backbone, default='1', metavar='0|1|3|LIST', help='feature networks: official '
+                   'numbers (0 DeiT+EffNet, 1 VGG+EffNet, 3 EffNet) or a comma list of vgg16_bn, '
+                   'tf_efficientnet_lite0, deit_base_distilled_patch16_224')
+    t.add_argument('--feature-weights', default=None, metavar='PTH,...|random', help='ImageNet weight files of the '
+                   'feature networks in --backbone order (torchvision/timm .pth); random = untrained features, '
+                   'demos only')
+    t.add_argument('--feature-res', type=number(int, 1), default=224, metavar='INT', help='side the images are resized '
+                   'to for the feature networks (official 224; smaller only for CPU tests/demos, heads then follow '
+                   'upstream\'s native-size rule)')
+    t.add_argument('--class-embedding', default=None, metavar='PT|random', help='[1000, 320] class table of the '
+                   'conditional heads (official in_embeddings/tf_efficientnet_lite0.pkl as a tensor file); '
+                   'None/random = N(0, 1) (upstream rand_embedding)')
+    t.add_argument('--grid', type=number(int, 0), default=64, metavar='INT', help='one-step samples in the grid '
+                   'written with each snapshot; 0 = none')
+    t.set_defaults(**PRESETS.get(preset, {}))
+
+    g = sub.add_parser('generate', help='generate images, one network evaluation each')
+    g.add_argument('--network', required=True, metavar='PT|PKL|URL', help='gdd.py snapshot .pt, or official GDD .pkl')
+    add_generate_flags(g, edm_sampler=False)
+    g.add_argument('--class', dest='class_idx', type=int, default=None, metavar='INT',
+                   help='class label; None = random')
+    g.add_argument('--sigma_max', type=number(float, 0, low_open=True), default=SIGMA_MAX, metavar='FLOAT',
+                   help='the noise level of the one step')
+    return parser
+
+def main():
+    args = parse_command_line(build_parser)
+    run_main({'train': train, 'generate': generate}[args.command], args)
+
+#------------------------------------------------------------------------------
+# 8. Appendix: the projected discriminator (official pg_modules/): frozen ImageNet feature networks, fixed random
+#    projections (Projected GAN's CCM and CSM) and trained multi-scale heads (StyleGAN-XL); then the feature networks
+#    in plain torch with the state-dict keys of the public torchvision / timm weight files (official
+#    feature_networks/), and their strict loader.
+
+IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+INCEPTION_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+class FeatureNetwork(nn.Module):
+    """One frozen feature network (official F_RandomProj, proj_type 2, cout 64, expand): [-1, 1] -> [0, 1] ->
+    per-network mean/std -> bilinear resize -> trunk -> CCM (1x1 convs to 64, 128, 256, 512 channels) -> CSM
+    (top-down: x2 bilinear upsampling, align_corners, then a 1x1 conv halving the channels, last one keeps 64):
+    maps of 64, 64, 128, 256 channels at twice the trunk's resolutions."""
+    def __init__(self, name, seed, resolution=224, cout=64):
+        super().__init__()
+        self.name, self.resolution = name, resolution
+        mean, std = INCEPTION_MEAN_STD if 'efficientnet' in name else IMAGENET_MEAN_STD  # each network's own
+        self.register_buffer('mean', torch.tensor(mean).reshape(1, -1, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(std).reshape(1, -1, 1, 1), persistent=False)
+        # NOTE: upstream builds the random CCM/CSM (and DeiT readout) from each rank's own torch seed, so every GPU
+        # projects differently; we seed them from the global --seed, identical on all ranks.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.trunk = TRUNKS[name]()
+            width = [cout, cout * 2, cout * 4, cout * 8]
+            self.ccm = nn.ModuleList(nn.Conv2d(c, w, 1) for c, w in zip(self.trunk.CHANNELS, width))
+            self.csm = nn.ModuleList(nn.Conv2d(w, w // 2 if i else w, 1) for i, w in enumerate(width))
+        self.channels = [cout, cout, cout * 2, cout * 4]
+
+    def forward(self, x):
+        if x.shape[1] == 1:  # grey images (none upstream): the RGB ImageNet networks see the grey value as R = G = B
+            x = x.repeat(1, 3, 1, 1)                                                  # [N, 1, H, W] -> [N, 3, H, W]
+        elif x.shape[1] != 3:
+            raise ValueError(f'the {self.name} feature network takes RGB or grey images, not {x.shape[1]} channels')
+        x = ((x + 1) / 2 - self.mean) / self.std                                      # [-1, 1] -> [0, 1] -> normalized
+        x = F.interpolate(x, self.resolution, mode='bilinear', align_corners=False)  # official: always for < 224 px
+        mixed = [ccm(f) for ccm, f in zip(self.ccm, self.trunk(x))]                  # cross-channel mixing
+        out, y = [None] * 4, None
+        for i in reversed(range(4)):                                                 # cross-scale mixing, deepest first
+            y = mixed[i] if y is None else y + mixed[i]
+            y = out[i] = self.csm[i](F.interpolate(y, scale_factor=2, mode='bilinear', align_corners=True))
+        return out
+
+class FeatureNetworks(nn.Module):
+    """All frozen feature networks of the discriminator; always in eval mode (BatchNorm running statistics)."""
+    def __init__(self, names, seed, resolution=224):
+        super().__init__()
+        self.nets = nn.ModuleDict({name: FeatureNetwork(name, seed + i, resolution) for i, name in enumerate(names)})
+        self.requires_grad_(False).eval()
+
+    def train(self, mode=True):
+        return super().train(False)
+
+    def forward(self, x):
+        return {name: net(x) for name, net in self.nets.items()}
+
+class DownBlock(nn.Sequential):
+    """Spectral-norm conv 4x4 stride 2 -> BatchNorm -> LeakyReLU(0.2) (official pg_modules/blocks.py, DownBlock)."""
+    def __init__(self, cin, cout):
+        super().__init__(nn.utils.spectral_norm(nn.Conv2d(cin, cout, 4, 2, 1)), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2))
+
+class Head(nn.Module):
+    """One trained head on one feature map (official SingleDisc / SingleDiscCond): DownBlocks from the nominal size
+    `start` down to `end`, then a spectral-norm conv to 1 logit channel; conditional: to 64 channels, projected onto
+    a class embedding e = lrelu-FC(Emb[argmax c]) (StyleGAN2 equalized FC 320 -> 64), logit = <o, e> / sqrt(64)."""
+    WIDTH = {1: 2048, 2: 1024, 4: 512, 8: 512, 16: 256, 32: 128, 64: 64, 128: 64, 256: 32, 512: 16, 1024: 8}
+
+    def __init__(self, in_channels, start, end, conditional, cmap_dim=64, num_classes=1000, embed_dim=320):
+        super().__init__()
+        width = {**self.WIDTH, start: in_channels}
+        blocks, s = [], start
+        while s > end:
+            blocks.append(DownBlock(width[s], width[s // 2]))
+            s //= 2
+        self.main = nn.Sequential(*blocks)
+        kernel = 4 if end >= 8 else max(1, end // 2)
+        out_channels = cmap_dim if conditional else 1
+        self.cls = nn.utils.spectral_norm(nn.Conv2d(width[end], out_channels, kernel, 1, 0, bias=False))
+        self.cmap_dim, self.embed = cmap_dim, nn.Embedding(num_classes, embed_dim) if conditional else None
+        if conditional:  # NOTE: the table has ImageNet's 1,000 rows for any dataset; class k uses row k (upstream).
+            self.embed_proj = nn.Linear(embed_dim, cmap_dim)
+            nn.init.normal_(self.embed_proj.weight)
+            nn.init.zeros_(self.embed_proj.bias)
+
+    def forward(self, x, labels):
+        out = self.cls(self.main(x))
+        if self.embed is None:
+            return out.flatten(1)
+        e = self.embed(labels.argmax(1))
+        w = self.embed_proj.weight / math.sqrt(self.embed_proj.in_features)          # equalized learning rate
+        cmap = F.leaky_relu(F.linear(e, w, self.embed_proj.bias), 0.2) * math.sqrt(2)  # bias_act 'lrelu' gain
+        return ((out * cmap[:, :, None, None]).sum(dim=1) / math.sqrt(self.cmap_dim)).flatten(1)
+
+def head_sizes(resolution):
+    """Nominal input sizes of the 4 heads and their end size (official MultiScaleD). NOTE: upstream sizes heads for a
+    256-px image, [128, 64, 32, 16] -> 8, whatever the true map sizes (112..14 for EfficientNet/DeiT, 224..28 for
+    VGG). Other --feature-res values (tests, CPU demos) use upstream's native-resolution rule, R/2 .. R/16."""
+    R = 256 if resolution == 224 else resolution
+    keys = sorted(Head.WIDTH)
+    sizes = [min(keys, key=lambda k: abs(k - R // 2 ** (i + 1))) for i in range(4)]
+    return sizes, min(sizes[-1], 8)
+
+class Discriminator(nn.Module):
+    """The trained part: 4 heads per feature network. Returns one [N, L_k] logit tensor per network."""
+    def __init__(self, names, channels, resolution=224, label_dim=0):
+        super().__init__()
+        sizes, end = head_sizes(resolution)
+        self.heads = nn.ModuleDict({name: nn.ModuleList(Head(c, s, end, label_dim > 0) for c, s in zip(channels, sizes))
+                                    for name in names})
+
+    def forward(self, features, labels=None):
+        return [torch.cat([head(f, labels) for head, f in zip(heads, features[name])], dim=1)
+                for name, heads in self.heads.items()]
+
+
+WEIGHT_FILES = {
+    'vgg16_bn': 'torchvision\'s https://download.pytorch.org/models/vgg16_bn-6c64b313.pth',
+    'tf_efficientnet_lite0': 'timm\'s https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-weights/tf_efficientnet_lite0-0aa007d2.pth',
+    'deit_base_distilled_patch16_224': 'timm\'s (DeiT) https://dl.fbaipublicfiles.com/deit/deit_base_distilled_patch16_224-df68dfff.pth',
+}
 
 class VGG16BN(nn.Module):
     """torchvision vgg16_bn `features[:43]` (the last max-pool dropped), split at 13/23/33/43:
@@ -167,7 +675,8 @@ class VGG16BN(nn.Module):
         super().__init__()
         layers, c = [], 3
         for v in [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512]:
-            layers += [nn.MaxPool2d(2, 2)] if v == 'M' else [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+            conv = [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)] if v != 'M' else None
+            layers += [nn.MaxPool2d(2, 2)] if v == 'M' else conv
             c = c if v == 'M' else v
         self.features = nn.Sequential(*layers)
 
@@ -228,7 +737,8 @@ class EfficientNetLite0(nn.Module):
         self.conv_stem, self.bn1 = Conv2dSame(3, 32, 3, 2), nn.BatchNorm2d(32, eps=1e-3)
         stages, c = [], 32
         for repeats, k, s, e, cout in self.STAGES:
-            stages.append(nn.Sequential(*[MBConv(c if i == 0 else cout, cout, k, s if i == 0 else 1, e) for i in range(repeats)]))
+            stages.append(nn.Sequential(*[MBConv(c if i == 0 else cout, cout, k, s if i == 0 else 1, e)
+                                          for i in range(repeats)]))
             c = cout
         self.blocks = nn.Sequential(*stages)
 
@@ -292,461 +802,25 @@ class DeiTBaseDistilled(nn.Module):
                 out.append(self.readout[len(out)](tokens))
         return out
 
-TRUNKS = {'vgg16_bn': VGG16BN, 'tf_efficientnet_lite0': EfficientNetLite0, 'deit_base_distilled_patch16_224': DeiTBaseDistilled}
+TRUNKS = {'vgg16_bn': VGG16BN, 'tf_efficientnet_lite0': EfficientNetLite0,
+          'deit_base_distilled_patch16_224': DeiTBaseDistilled}
 
 def load_trunk(trunk, name, path):
     """Strict load of a torchvision/timm weight file (a state dict, or {'model': ...} / {'state_dict': ...}); only
     the classifier-side keys in UNUSED may be extra, only the random readout convs may be missing."""
-    state = load_checkpoint(path)
+    state = load_file(path, '--feature-weights')
     state = state.get('model', state.get('state_dict', state)) if isinstance(state, dict) else state
     if not isinstance(state, dict):
-        raise UserError(f'{path}: not a state dict of {name}')
+        raise UsageError(f'--feature-weights={path}: not a state dict of {name}')
     own = trunk.state_dict()
     missing = [k for k in own if k not in state and not k.startswith('readout.')]
     extra = [k for k in state if k not in own and not k.startswith(trunk.UNUSED)]
     shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or extra or shapes:
         first = (missing or extra or shapes)[0]
-        raise UserError(f'{path}: not the {name} weights ({WEIGHT_FILES[name]}): {first} '
-                        f'({len(missing)} missing, {len(extra)} extra, {len(shapes)} shapes differ)')
+        raise UsageError(f'--feature-weights={path}: not the {name} weights ({WEIGHT_FILES[name]}): {first} '
+                         f'({len(missing)} missing, {len(extra)} extra, {len(shapes)} shapes differ)')
     trunk.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
-
-class FeatureNetwork(nn.Module):
-    """One frozen feature network (official F_RandomProj, proj_type 2, cout 64, expand): [-1, 1] -> [0, 1] ->
-    per-network mean/std -> bilinear resize -> trunk -> CCM (1x1 convs to 64, 128, 256, 512 channels) -> CSM
-    (top-down: x2 bilinear upsampling, align_corners, then a 1x1 conv halving the channels, last one keeps 64):
-    maps of 64, 64, 128, 256 channels at twice the trunk's resolutions."""
-    def __init__(self, name, seed, resolution=224, cout=64):
-        super().__init__()
-        self.name, self.resolution = name, resolution
-        mean, std = INCEPTION_MEAN_STD if 'efficientnet' in name else IMAGENET_MEAN_STD  # spec 4.2, normalization
-        self.register_buffer('mean', torch.tensor(mean).reshape(1, -1, 1, 1), persistent=False)
-        self.register_buffer('std', torch.tensor(std).reshape(1, -1, 1, 1), persistent=False)
-        # NOTE: upstream builds the random CCM/CSM (and DeiT readout) from each rank's own torch seed, so every GPU
-        # projects differently; we seed them from the global --seed, identical on all ranks (spec 9.3).
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.trunk = TRUNKS[name]()
-            width = [cout, cout * 2, cout * 4, cout * 8]
-            self.ccm = nn.ModuleList(nn.Conv2d(c, w, 1) for c, w in zip(self.trunk.CHANNELS, width))
-            self.csm = nn.ModuleList(nn.Conv2d(w, w // 2 if i else w, 1) for i, w in enumerate(width))
-        self.channels = [cout, cout, cout * 2, cout * 4]
-
-    def forward(self, x):
-        if x.shape[1] == 1:  # grey images (none upstream): the RGB ImageNet networks see the grey value as R = G = B
-            x = x.repeat(1, 3, 1, 1)                                                  # [N, 1, H, W] -> [N, 3, H, W]
-        elif x.shape[1] != 3:
-            raise ValueError(f'the {self.name} feature network takes RGB or grey images, not {x.shape[1]} channels')
-        x = ((x + 1) / 2 - self.mean) / self.std                                      # spec 4.1: [-1, 1] -> [0, 1] -> normalized
-        x = F.interpolate(x, self.resolution, mode='bilinear', align_corners=False)  # official: always for < 224 px
-        mixed = [ccm(f) for ccm, f in zip(self.ccm, self.trunk(x))]                  # cross-channel mixing
-        out, y = [None] * 4, None
-        for i in reversed(range(4)):                                                 # cross-scale mixing, top-down (deepest first)
-            y = mixed[i] if y is None else y + mixed[i]
-            y = out[i] = self.csm[i](F.interpolate(y, scale_factor=2, mode='bilinear', align_corners=True))
-        return out
-
-class FeatureNetworks(nn.Module):
-    """All frozen feature networks of the discriminator; always in eval mode (BatchNorm running statistics)."""
-    def __init__(self, names, seed, resolution=224):
-        super().__init__()
-        self.nets = nn.ModuleDict({name: FeatureNetwork(name, seed + i, resolution) for i, name in enumerate(names)})
-        self.requires_grad_(False).eval()
-
-    def train(self, mode=True):
-        return super().train(False)
-
-    def forward(self, x):
-        return {name: net(x) for name, net in self.nets.items()}
-
-class DownBlock(nn.Sequential):
-    """Spectral-norm conv 4x4 stride 2 -> BatchNorm -> LeakyReLU(0.2) (official pg_modules/blocks.py, DownBlock)."""
-    def __init__(self, cin, cout):
-        super().__init__(nn.utils.spectral_norm(nn.Conv2d(cin, cout, 4, 2, 1)), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2))
-
-class Head(nn.Module):
-    """One trained head on one feature map (official SingleDisc / SingleDiscCond): DownBlocks from the nominal size
-    `start` down to `end`, then a spectral-norm conv to 1 logit channel; conditional: to 64 channels, projected onto
-    a class embedding e = lrelu-FC(Emb[argmax c]) (StyleGAN2 equalized FC 320 -> 64), logit = <o, e> / sqrt(64)."""
-    WIDTH = {1: 2048, 2: 1024, 4: 512, 8: 512, 16: 256, 32: 128, 64: 64, 128: 64, 256: 32, 512: 16, 1024: 8}
-
-    def __init__(self, in_channels, start, end, conditional, cmap_dim=64, num_classes=1000, embed_dim=320):
-        super().__init__()
-        width = {**self.WIDTH, start: in_channels}
-        blocks, s = [], start
-        while s > end:
-            blocks.append(DownBlock(width[s], width[s // 2]))
-            s //= 2
-        self.main = nn.Sequential(*blocks)
-        kernel = 4 if end >= 8 else max(1, end // 2)
-        self.cls = nn.utils.spectral_norm(nn.Conv2d(width[end], cmap_dim if conditional else 1, kernel, 1, 0, bias=False))
-        self.cmap_dim, self.embed = cmap_dim, nn.Embedding(num_classes, embed_dim) if conditional else None
-        if conditional:  # NOTE: the table has ImageNet's 1,000 rows for any dataset; class k uses row k (upstream).
-            self.embed_proj = nn.Linear(embed_dim, cmap_dim)
-            nn.init.normal_(self.embed_proj.weight)
-            nn.init.zeros_(self.embed_proj.bias)
-
-    def forward(self, x, labels):
-        out = self.cls(self.main(x))
-        if self.embed is None:
-            return out.flatten(1)
-        e = self.embed(labels.argmax(1))
-        w = self.embed_proj.weight / math.sqrt(self.embed_proj.in_features)          # equalized learning rate
-        cmap = F.leaky_relu(F.linear(e, w, self.embed_proj.bias), 0.2) * math.sqrt(2)  # bias_act 'lrelu' gain
-        return ((out * cmap[:, :, None, None]).sum(dim=1) / math.sqrt(self.cmap_dim)).flatten(1)
-
-def head_sizes(resolution):
-    """Nominal input sizes of the 4 heads and their end size (official MultiScaleD). NOTE: upstream sizes heads for a
-    256-px image, [128, 64, 32, 16] -> 8, whatever the true map sizes (112..14 for EfficientNet/DeiT, 224..28 for
-    VGG). Other --feature-res values (tests, CPU demos) use upstream's native-resolution rule, R/2 .. R/16."""
-    R = 256 if resolution == 224 else resolution
-    keys = sorted(Head.WIDTH)
-    sizes = [min(keys, key=lambda k: abs(k - R // 2 ** (i + 1))) for i in range(4)]
-    return sizes, min(sizes[-1], 8)
-
-class Discriminator(nn.Module):
-    """The trained part: 4 heads per feature network. Returns one [N, L_k] logit tensor per network."""
-    def __init__(self, names, channels, resolution=224, label_dim=0):
-        super().__init__()
-        sizes, end = head_sizes(resolution)
-        self.heads = nn.ModuleDict({name: nn.ModuleList(Head(c, s, end, label_dim > 0) for c, s in zip(channels, sizes))
-                                    for name in names})
-
-    def forward(self, features, labels=None):
-        return [torch.cat([head(f, labels) for head, f in zip(heads, features[name])], dim=1)
-                for name, heads in self.heads.items()]
-
-#------------------------------------------------------------------------------
-# 4. Method math: the losses and one training iteration (official training/loss.py, GDDLoss, and training_loop.py).
-
-def gan_loss(logits, target_real):
-    """Non-saturating logistic loss per sample: sum over networks of the mean over that network's logits of
-    softplus(-l) (target real) or softplus(l) (target fake); shape [N]."""
-    sign = -1 if target_real else 1
-    return sum(F.softplus(sign * l).mean(dim=1) for l in logits)  # spec 5, L_G and L_D terms per sample
-
-def r1_penalty(features, D, images, labels):
-    """||grad_x sum of all real logits||^2 per sample (lazy R1, StyleGAN2), through resize, frozen trunks, random
-    projections and heads (double backward); shape [N]."""
-    x = images.detach().requires_grad_(True)
-    logits = D(features(x), labels)
-    grad, = torch.autograd.grad(sum(l.sum() for l in logits), x, create_graph=True)
-    return grad.square().sum(dim=[1, 2, 3])  # spec 5, ||grad_x S||^2 of L_R1
-
-SIGMA_MAX = 80.0  # the generator's one noise level (spec 2.2)
-
-def g_step(ddp_G, features, D, micro_batches, gan_weight=1, run=None):
-    """G's gradient: D's heads frozen, backprop through D and the feature networks into G's trainable parameters.
-    Fresh noise from the global RNG (reseeded per step); the fakes are not clamped. The plain D, not its DDP wrapper:
-    no D gradient is needed (upstream calls the wrapper with D's requires_grad off; same result)."""
-    D.requires_grad_(False)
-    for r, (images, labels) in enumerate(micro_batches):
-        with sync_if(ddp_G, r == len(micro_batches) - 1):
-            fake = ddp_G(torch.randn_like(images) * SIGMA_MAX, SIGMA_MAX, labels)  # x = G(80 z; 80, c)
-            loss = gan_loss(D(features(fake), labels), target_real=True)
-            (loss.sum() * gan_weight).backward()
-        if run:
-            run.add('loss_G', loss)
-    D.requires_grad_(True)
-
-def d_step(G, features, ddp_D, micro_batches, run=None):
-    """D's gradient: fakes without grad, then reals, forwarded separately (BatchNorm batch statistics per pass)."""
-    for r, (images, labels) in enumerate(micro_batches):
-        with torch.no_grad():
-            fake = G(torch.randn_like(images) * SIGMA_MAX, SIGMA_MAX, labels)
-        with ddp_D.no_sync():
-            loss_fake = gan_loss(ddp_D(features(fake), labels), target_real=False)
-            loss_fake.sum().backward()
-        with sync_if(ddp_D, r == len(micro_batches) - 1):
-            loss_real = gan_loss(ddp_D(features(images), labels), target_real=True)
-            loss_real.sum().backward()
-        if run:
-            run.add('loss_D', loss_fake + loss_real)
-
-def r1_step(features, ddp_D, micro_batches, gamma, interval, run=None):
-    """Lazy R1's gradient: gamma / 2 x the mean penalty over the rank's batch, times the interval (StyleGAN2)."""
-    n = sum(images.shape[0] for images, _ in micro_batches)
-    for r, (images, labels) in enumerate(micro_batches):
-        with sync_if(ddp_D, r == len(micro_batches) - 1):
-            penalty = r1_penalty(features, ddp_D, images, labels)
-            (penalty.sum() / n * (gamma / 2) * interval).backward()  # spec 5, L_R1 x interval (lazy R1)
-        if run:
-            run.add('r1_penalty', penalty)
-
-def gdd_iteration(G, ddp_G, features, D, ddp_D, opt_G, opt_D, micro_batches, step, args, scaler, lr_G, lr_D, run=None):
-    """One iteration on the rank's real micro-batches [(images, labels)]: G step, D step and, every --r1-interval
-    iterations (not at 0), an R1 step, each a separate Adam step (official training_loop.py: stage order G, D, R1).
-    NOTE: upstream's logits are a Python list with one row per (network, sample), each reduced by .mean(); the loss
-    is therefore a SUM over the rank's samples of per-sample means (B x the batch mean), over networks summed, and
-    DDP averages it over ranks. We reproduce that: it sets the balance between the D and the R1 steps."""
-    opt_G.zero_grad(set_to_none=True)
-    g_step(ddp_G, features, D, micro_batches, args.gan_weight, run)
-    optimizer_step(opt_G, scaler, lr_G)
-    opt_D.zero_grad(set_to_none=True)
-    d_step(G, features, ddp_D, micro_batches, run)
-    optimizer_step(opt_D, scaler, lr_D)
-    if step > 0 and step % args.r1_interval == 0 and args.r1_gamma > 0:  # spec 5: iterations 16, 32, ... never 0
-        opt_D.zero_grad(set_to_none=True)
-        r1_step(features, ddp_D, micro_batches, args.r1_gamma, args.r1_interval, run)
-        optimizer_step(opt_D, scaler, lr_D)
-
-def build_optimizers(G, D, frozen, lr, dlr, r1_interval=16):
-    """Adam (0, 0.99) for G's trainable parameters; D's with StyleGAN2's lazy-regularization corrections:
-    lr x c and beta2 = 0.99^c, c = interval / (interval + 1) (official training_loop.py)."""
-    c, frozen = r1_interval / (r1_interval + 1), set(frozen)
-    params = [p for name, p in G.named_parameters() if name not in frozen]
-    fused = params[0].is_cuda  # one fused kernel per step on GPUs
-    opt_G = torch.optim.Adam(params, lr=lr, betas=(0.0, 0.99), eps=1e-8, fused=fused)                    # spec 6, Adam_G
-    opt_D = torch.optim.Adam(D.parameters(), lr=dlr * c, betas=(0.0, 0.99 ** c), eps=1e-8, fused=fused)  # spec 6, Adam_D
-    return opt_G, opt_D
-
-#------------------------------------------------------------------------------
-# 5. Sampler: one network evaluation (official generate.py, one_step_sampler).
-
-@torch.no_grad()
-def one_step_sampler(net, latents, class_labels=None, sigma_max=SIGMA_MAX):
-    """x = G(sigma_max z; sigma_max, c): float64 input, network in float32."""
-    sigma = torch.full([latents.shape[0], 1, 1, 1], float(sigma_max), dtype=torch.float64, device=latents.device)
-    return net(latents.to(torch.float64) * sigma, sigma, class_labels).to(torch.float64)
-
-def draw_latents(net, seeds, device, class_idx=None):
-    """Per-seed latents, then (conditional) a per-seed uniform class, --class overriding it (EDM generate.py)."""
-    rng = PerSeedRNG(seeds, device)
-    latents = rng.randn([net.img_channels, net.img_resolution, net.img_resolution], device=device)
-    labels = None
-    if net.label_dim:
-        labels = torch.eye(net.label_dim, device=device)[rng.randint(net.label_dim, device=device)]
-        if class_idx is not None:
-            labels = torch.eye(net.label_dim, device=device)[[class_idx] * len(seeds)]
-    return latents, labels
-
-#------------------------------------------------------------------------------
-# 6. Training loop (official training/training_loop.py).
-
-def parse_backbone(value):
-    names = BACKBONES.get(str(value), str(value).split(','))
-    bad = [n for n in names if n not in TRUNKS]
-    if bad:
-        raise UserError(f'--backbone={value}: unknown feature network {bad[0]!r}; use 0, 1, 3 (official numbers) or '
-                        f'a comma list of {", ".join(TRUNKS)}')
-    return names
-
-def build_discriminator(names, seed, resolution, label_dim, weights, class_embedding=None):
-    """Frozen feature networks (with their weight files, or random) and the trained heads."""
-    features = FeatureNetworks(names, seed, resolution)
-    if weights != 'random':
-        paths = weights.split(',') if weights else []
-        if len(paths) != len(names):
-            n = names[len(paths)] if len(paths) < len(names) else names[-1]
-            raise UserError(f'--feature-weights: need {len(names)} file(s), one per feature network ({", ".join(names)}); '
-                            f'missing the {n} ImageNet weights, {WEIGHT_FILES[n]} (download it elsewhere), or give '
-                            '--feature-weights=random for a demo whose discriminator sees random features')
-        for name, path in zip(names, paths):
-            load_trunk(features.nets[name].trunk, name, path)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        D = Discriminator(names, features.nets[names[0]].channels, resolution, label_dim)
-    if label_dim and class_embedding not in (None, 'random'):
-        table = load_checkpoint(class_embedding)
-        table = table.get('weight', table) if isinstance(table, dict) else table
-        if not torch.is_tensor(table) or tuple(table.shape) != (1000, 320):
-            raise UserError(f'{class_embedding}: expected the [1000, 320] class embedding (official '
-                            'in_embeddings/tf_efficientnet_lite0.pkl, converted to a tensor file)')
-        for heads in D.heads.values():
-            for head in heads:
-                head.embed.weight.data.copy_(table)
-    return features, D
-
-def network_desc(args, resolution, channels, label_dim):
-    """GDDPrecond kwargs for the preset's architecture, without a teacher (train -n)."""
-    model = dict(ARCHS[args.arch], dropout=args.dropout, label_dropout=0, augment_dim=0)
-    model['channel_mult'] = args.cres or model['channel_mult']
-    return dict(img_resolution=resolution, img_channels=channels, label_dim=label_dim, **model)
-
-def train(args):
-    device = init_distributed()
-    rank, world_size = get_rank(), get_world_size()
-    if args.fp16:
-        raise UserError('--fp16 is not supported: GDD trains in bfloat16 (upstream\'s --fp16=True means bf16), use --bf16')
-    amp_dtype, scaler = setup_precision(False, args.bf16 and device.type == 'cuda', args.tf32, device)  # NOTE: upstream uses bf16 on CUDA only
-    names = parse_backbone(args.backbone)
-    dataset = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
-    R, C, label_dim = dataset.resolution, dataset.num_channels, dataset.label_dim
-    if C not in (1, 3):
-        raise UserError(f'{args.data}: {C}-channel images; the discriminator\'s feature networks take RGB or grey')
-    batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
-    if 'deit_base_distilled_patch16_224' in names and args.feature_res != 224:
-        raise UserError(f'--feature-res={args.feature_res}: DeiT-B/16 (--backbone={args.backbone}) takes 224x224 inputs only')
-    if args.dry_run:  # the preset's architecture; the teacher is not read
-        teacher_kwargs = network_desc(args, R, C, label_dim)
-    elif not args.transfer:
-        raise UserError('--transfer is required: the teacher (an EDM snapshot .pt or an official edm-*.pkl)')
-    else:
-        _, teacher_kwargs, teacher_state = load_teacher(args.transfer)
-    net_kwargs = generator_kwargs(teacher_kwargs, args.dropout)
-    if (net_kwargs['img_resolution'], net_kwargs['img_channels'], net_kwargs.get('label_dim', 0)) != (R, C, label_dim):
-        raise UserError(f'{args.transfer}: a teacher of {net_kwargs["img_resolution"]}x{net_kwargs["img_resolution"]}x'
-                        f'{net_kwargs["img_channels"]} with {net_kwargs.get("label_dim", 0)} classes; {args.data} has '
-                        f'{R}x{R}x{C} with {label_dim} (check --cond)')
-    with torch.device('meta'):  # shapes only: counts without the teacher or the weight files
-        shape_G, shape_F = GDDPrecond(**net_kwargs), FeatureNetworks(names, 0, args.feature_res)
-        shape_D = Discriminator(names, shape_F.nets[names[0]].channels, args.feature_res, label_dim)
-    frozen = frozen_names(shape_G, args.freeze)
-    counts = dict(parameter_counts(shape_G, frozen), discriminator_heads=sum(p.numel() for p in shape_D.parameters()),
-                  feature_networks=sum(p.numel() for p in shape_F.parameters()))
-    variant = 'gdd' + ('', 'i', 'i-qkv', 'i-qkv-skip')[args.freeze]  # the run directory's tag of the --freeze level
-    desc = f'{dataset.name}-{"cond" if args.cond else "uncond"}-{variant}-gpus{world_size}-' \
-           f'batch{args.batch}-{"bf16" if amp_dtype else "fp32"}' + (f'-{args.desc}' if args.desc else '')
-    options = dict(vars(args), net_kwargs=net_kwargs, feature_networks=names, parameters=counts, batch_gpu=batch_gpu,
-                   rounds=rounds, world_size=world_size)
-    if args.dry_run:
-        print0(json.dumps(options, indent=2))
-        return
-
-    # Generator from the teacher's EMA, frozen set, EMA copy; discriminator; optimizers; a state to resume from.
-    net = GDDPrecond(**net_kwargs)
-    init_from_teacher(net, teacher_state, args.transfer)
-    net = net.to(device).train().requires_grad_(True)
-    frozen_set = set(frozen)
-    for name, p in net.named_parameters():
-        p.requires_grad_(name not in frozen_set)  # before DDP: frozen tensors are not its parameters
-    net.amp_dtype = amp_dtype                      # bf16 autocast around the U-Net only (spec 2.6)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    features, D = build_discriminator(names, args.seed, args.feature_res, label_dim, args.feature_weights, args.class_embedding)
-    features, D = features.to(device), D.to(device).train()
-    opt_G, opt_D = build_optimizers(net, D, frozen, args.lr, args.dlr, args.r1_interval)
-    state = load_training_state(args.resume, 'gdd', rank, world_size, net=net, ema=ema, D=D, optimizer_G=opt_G,
-                                optimizer_D=opt_D) if args.resume else dict(cur_nimg=0, step=0, data_pos=0)
-    cur_nimg, step, data_pos = state['cur_nimg'], state['step'], state['data_pos']
-    with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; its meaning (no sync in forward) is upstream's
-        warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated')
-        ddp_G = distributed_model(net, device, args.compile, broadcast_buffers=False)
-        ddp_D = distributed_model(D, device, False, broadcast_buffers=False)  # BatchNorm/spectral-norm buffers per rank
-    lr_D = args.dlr * args.r1_interval / (args.r1_interval + 1)  # spec 6, lazy-R1 correction (as build_optimizers)
-    random_features = args.feature_weights == 'random'
-
-    with TrainingRun(args, 'gdd', desc, options, device, cur_nimg) as run:
-        level = f' (--freeze={args.freeze})' if args.freeze > 1 else ''
-        print0(f'GDD{"-I" if args.freeze else ""}{level}: {dataset.name} ({len(dataset)} images, {R}x{R}x{C}), teacher '
-               f'{args.transfer}; generator {counts["total"]:,} parameters, {counts["frozen"]:,} frozen, '
-               f'{counts["trainable"]:,} trainable; discriminator {", ".join(names)}, heads {counts["discriminator_heads"]:,}')
-        if random_features:
-            print0('WARNING: --feature-weights=random: the discriminator\'s feature networks are RANDOM, not ImageNet-'
-                   'pretrained. This only shows that the machinery runs; results are not comparable to the paper.')
-        if args.bf16 and amp_dtype is None:
-            print0('note: --bf16 applies on CUDA only (upstream runs the generator in fp32 elsewhere); this run is fp32')
-        if label_dim and args.class_embedding in (None, 'random'):
-            print0('note: conditional heads start from a random N(0, 1) class embedding (upstream rand_embedding=True), '
-                   'not the official ImageNet table (--class-embedding)')
-        print0(f'{batch_gpu} images x {rounds} rounds x {world_size} GPUs per step; run directory {run.dir}')
-        stream = data_stream(dataset, batch_gpu, rank, world_size, args.seed, data_pos, args.workers)
-        while True:
-            reseed(args.seed, rank, cur_nimg)
-            micro_batches = []  # NOTE: upstream takes one batch_gpu batch per iteration whatever --batch-gpu says, yet
-            for _ in range(rounds):  # counts --batch images; we accumulate `rounds` micro-batches (their losses summed)
-                images, labels = next(stream)
-                micro_batches.append((images.to(device).to(torch.float32) / 127.5 - 1, labels.to(device) if label_dim else None))
-                data_pos += batch_gpu
-            lr_G = learning_rate(args.lr, cur_nimg, args.lr_rampup)  # spec 6: no warm-up unless --lr-rampup > 0
-            gdd_iteration(net, ddp_G, features, D, ddp_D, opt_G, opt_D, micro_batches, step, args, scaler, lr_G, lr_D, run)
-            update_ema(ema, net, ema_beta(cur_nimg, args.batch, args.ema * 1000))  # spec 6.5: n before this step
-            cur_nimg += args.batch
-            step += 1
-            done = cur_nimg >= args.duration * 1e6
-            if run.due(cur_nimg, done):
-                snapshot = run.end_tick(cur_nimg, done, step, data_pos,
-                    snapshot=lambda: dict(precond='GDDPrecond', net_kwargs=net_kwargs, ema=ema.state_dict(),
-                                          freeze=args.freeze, feature_networks=names,
-                                          feature_weights='RANDOM (demo only)' if random_features else args.feature_weights),
-                    state=lambda: dict(net=net.state_dict(), D=D.state_dict(), optimizer_G=opt_G.state_dict(),
-                                       optimizer_D=opt_D.state_dict()))
-                if snapshot and args.grid:
-                    latents, labels = draw_latents(ema, range(args.grid), device)
-                    save_image_grid(one_step_sampler(ema, latents, labels), snapshot.replace('network-snapshot', 'samples')[:-3] + '.png')
-                if done:
-                    break
-        print0(f'done: {run.dir}')
-
-#------------------------------------------------------------------------------
-# 7. Generation: one network evaluation per image, one PNG per seed, identical for any --batch and GPU count.
-
-def load_generator(path):
-    """Our gdd.py snapshots / training states (.pt), or an official GDD .pkl (path or URL)."""
-    if path.endswith('.pkl') or '://' in path:
-        official = load_official(path)
-        if official['precond'] != 'GDDPrecond':
-            raise UserError(f'{path}: a {official["precond"]} network, not a one-step GDD generator (GDDPrecond); '
-                            'sample EDM teachers with patch_diffusion.py generate')
-        net = GDDPrecond(**official['init_kwargs'])
-        net.load_state_dict(official['state_dict'])
-        return net
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or ckpt.get('method') != 'gdd':
-        raise UserError(f'{path}: not a gdd.py snapshot (method {ckpt.get("method") if isinstance(ckpt, dict) else None!r})')
-    net = GDDPrecond(**ckpt['net_kwargs'])
-    net.load_state_dict(ckpt['ema'])
-    return net
-
-@torch.no_grad()
-def generate(args):
-    device = init_distributed()
-    rank, world_size = get_rank(), get_world_size()
-    net = load_generator(args.network).to(device).eval()
-    if args.class_idx is not None and not 0 <= args.class_idx < max(net.label_dim, 1):
-        raise UserError(f'--class={args.class_idx}: the network has {net.label_dim} classes')
-    batches = seed_batches(args.seeds, args.batch, rank, world_size)
-    print0(f'generating {len(args.seeds)} images of {net.img_resolution}x{net.img_resolution}, one step each, into {args.outdir}')
-    for seeds in tqdm(batches, unit='batch', disable=rank != 0):
-        latents, labels = draw_latents(net, seeds, device, args.class_idx)
-        save_seed_images(one_step_sampler(net, latents, labels, args.sigma_max), seeds, args.outdir, args.subdirs)
-    torch.distributed.barrier()
-    print0('done')
-
-#------------------------------------------------------------------------------
-# 8. Command line.
-
-def build_parser(preset=None):
-    """The parser; `preset` (a PRESETS name) becomes the defaults of `train` (see common.parse_command_line)."""
-    parser = argparse.ArgumentParser(description='GDD / GDD-I (Zheng & Yang 2024): one-step generators from EDM',
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest='command', required=True)
-    t = sub.add_parser('train', help='distill a teacher into a one-step generator', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_train_flags(t, duration=5, batch=256, lr=1e-4, dropout=0, tick=25, snap=10)
-    t.add_argument('--preset', choices=sorted(PRESETS), default=None, help='train.sh\'s settings; flags override')
-    t.add_argument('--transfer', default=None, metavar='PT|PKL|URL', help='teacher: EDM snapshot .pt (ours) or official edm-*.pkl (required)')
-    t.add_argument('--freeze', type=int, choices=sorted(FREEZE_PARTS), default=0, help='0 = GDD; 1 = GDD-I: freeze '
-                   'the blocks\' 3x3 convs and attention proj; 2 = also attention qkv; 3 = also the blocks\' skips')
-    t.add_argument('--arch', choices=sorted(ARCHS), default='ncsnpp', help='teacher architecture for `train -n` (a run uses the teacher\'s)')
-    t.add_argument('--cres', type=parse_int_list, default=None, metavar='LIST', help='channel multipliers for `train -n`; None = the arch\'s')
-    t.add_argument('--dlr', type=float, default=1e-4, metavar='FLOAT', help='discriminator lr before the lazy-R1 correction x16/17')
-    t.add_argument('--r1-gamma', type=float, default=1e-4, metavar='FLOAT', help='R1 weight gamma; 0 = no R1')
-    t.add_argument('--r1-interval', type=int, default=16, metavar='INT', help='iterations between lazy R1 steps')
-    t.add_argument('--gan-weight', type=float, default=1, metavar='FLOAT', help='weight of G\'s adversarial loss (1; 0 only for tests)')
-    t.add_argument('--backbone', default='1', metavar='0|1|3|LIST', help='feature networks: official numbers (0 DeiT+EffNet, '
-                   '1 VGG+EffNet, 3 EffNet) or a comma list of vgg16_bn, tf_efficientnet_lite0, deit_base_distilled_patch16_224')
-    t.add_argument('--feature-weights', default=None, metavar='PTH,...|random', help='ImageNet weight files of the feature '
-                   'networks in --backbone order (torchvision/timm .pth); random = untrained features, demos only')
-    t.add_argument('--feature-res', type=int, default=224, metavar='INT', help='side the images are resized to for the feature '
-                   'networks (official 224; smaller only for CPU tests/demos, heads then follow upstream\'s native-size rule)')
-    t.add_argument('--class-embedding', default=None, metavar='PT|random', help='[1000, 320] class table of the conditional heads '
-                   '(official in_embeddings/tf_efficientnet_lite0.pkl as a tensor file); None/random = N(0, 1) (upstream rand_embedding)')
-    t.add_argument('--grid', type=int, default=64, metavar='INT', help='one-step samples in the grid written with each snapshot; 0 = none')
-    t.set_defaults(lr_rampup=0)  # spec 6: no warm-up (common's default is EDM's 10,000 kimg)
-    t.set_defaults(**PRESETS.get(preset, {}))
-
-    g = sub.add_parser('generate', help='generate images', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g.add_argument('--network', required=True, metavar='PT|PKL|URL', help='gdd.py snapshot .pt, or official GDD .pkl')
-    g.add_argument('--outdir', required=True, metavar='DIR', help='where to write {seed:06d}.png')
-    g.add_argument('--seeds', type=parse_int_list, default='0-63', metavar='LIST', help='random seeds, e.g. 0-49999')
-    g.add_argument('--subdirs', action='store_true', help='put seeds in folders of 1,000')
-    g.add_argument('--class', dest='class_idx', type=int, default=None, metavar='INT', help='class label; None = random')
-    g.add_argument('--batch', type=int, default=64, metavar='INT', help='images per batch per GPU')
-    g.add_argument('--sigma_max', type=float, default=80, metavar='FLOAT', help='the noise level of the one step')
-    return parser
-
-def main():
-    args = parse_command_line(build_parser)
-    run_main(train if args.command == 'train' else generate, args)
 
 if __name__ == '__main__':
     main()

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import gdd  # noqa: E402
 
-CIFAR = dict(img_resolution=32, img_channels=3, label_dim=0, augment_dim=0, dropout=0, **gdd.ARCHS['ncsnpp'])
+CIFAR = dict(img_resolution=32, img_channels=3, label_dim=0, augment_dim=0, dropout=0, **common.EDM_ARCHS['ncsnpp'])
 
 def peak_memory_gb(device):
     if device.type == 'cuda':

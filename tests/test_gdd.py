@@ -105,7 +105,8 @@ class Local(torch.nn.Module):
 def iterate(G, features, D, opt_G, opt_D, batches, args=ARGS, start=0):
     for step, micro_batches in enumerate(batches, start):
         reseed(0, 0, step)
-        gdd.gdd_iteration(G, Local(G), features, D, Local(D), opt_G, opt_D, micro_batches, step, args, NO_SCALER, 1e-3, 1e-3)
+        gdd.gdd_iteration(G, Local(G), features, D, Local(D), opt_G, opt_D, micro_batches, step, 1e-3, 1e-3, NO_SCALER,
+                          args.gan_weight, args.r1_gamma, args.r1_interval)
 
 def real_batches(n, batch=2, label_dim=0, seed=1):
     g = torch.Generator().manual_seed(seed)
@@ -113,7 +114,7 @@ def real_batches(n, batch=2, label_dim=0, seed=1):
     return [[(torch.rand(batch, 3, 8, 8, generator=g) * 2 - 1, labels())] for _ in range(n)]
 
 #------------------------------------------------------------------------------
-# Parameter counts and the frozen set (spec 3.2, 4.2-4.3), on the meta device.
+# Parameter counts and the frozen set (official train.py freeze_layer and training_loop.py), on the meta device.
 
 @pytest.mark.parametrize('arch, res, cres, label_dim, total, trainable', [
     ('ncsnpp', 32, None, 0, 56_395_523, 8_797_955),           # CIFAR-10 uncond
@@ -125,7 +126,7 @@ def real_batches(n, batch=2, label_dim=0, seed=1):
 def test_gddi_trainable_counts(arch, res, cres, label_dim, total, trainable):
     args = argparse.Namespace(arch=arch, cres=cres, dropout=0)
     with torch.device('meta'):
-        net = gdd.GDDPrecond(**gdd.network_desc(args, res, 3, label_dim))
+        net = gdd.GDDPrecond(**gdd.network_kwargs(args, res, 3, label_dim))
     frozen = gdd.frozen_names(net)
     assert gdd.parameter_counts(net, frozen) == dict(total=total, frozen=total - trainable, trainable=trainable)
     # Upstream's substring rule selects the same tensors; they are exactly conv0/conv1 of blocks and attention proj.
@@ -161,7 +162,7 @@ def test_freeze_levels_match_official_rule(arch):
 ])
 def test_freeze_2_3_counts(arch, res, cres, label_dim, trainable2, trainable3):
     with torch.device('meta'):
-        net = gdd.GDDPrecond(**gdd.network_desc(argparse.Namespace(arch=arch, cres=cres, dropout=0), res, 3, label_dim))
+        net = gdd.GDDPrecond(**gdd.network_kwargs(argparse.Namespace(arch=arch, cres=cres, dropout=0), res, 3, label_dim))
     counts = {level: gdd.parameter_counts(net, gdd.frozen_names(net, level)) for level in (1, 2, 3)}
     assert (counts[2]['trainable'], counts[3]['trainable']) == (trainable2, trainable3)
     assert all(sorted(gdd.frozen_names(net, level)) == official_frozen(net, level) for level in (2, 3))
@@ -170,7 +171,7 @@ def test_freeze_2_3_counts(arch, res, cres, label_dim, trainable2, trainable3):
         assert counts[3]['frozen'] - counts[2]['frozen'] == 2_233_344
 
 def test_discriminator_counts_and_feature_shapes_at_224():
-    # spec 4.2 / 11.7; DeiT: 85,798,656 pretrained + 6,711,744 random readout + 1,539,536 final norm and unused heads
+    # official feature_networks/ and pg_modules/ at 224 px; DeiT: 85,798,656 pretrained + 6,711,744 random readout + 1,539,536 final norm and unused heads
     trunks = {'vgg16_bn': 14_723_136, 'tf_efficientnet_lite0': 2_958_848, 'deit_base_distilled_patch16_224': 94_049_936}
     projections = {'vgg16_bn': 611_776, 'tf_efficientnet_lite0': 376_768, 'deit_base_distilled_patch16_224': 699_840}
     trunk_maps = {'vgg16_bn': [(128, 112), (256, 56), (512, 28), (512, 14)], 'tf_efficientnet_lite0': [(24, 56), (40, 28), (112, 14), (320, 7)],
@@ -242,7 +243,7 @@ def test_tf_same_padding():
     assert torch.equal(conv(x), expect) and conv(torch.zeros(1, 1, 7, 7)).shape[-1] == 4
 
 #------------------------------------------------------------------------------
-# Generator (spec 2.1-2.3, 11.1).
+# Generator (official training/networks.py, GDDPrecond; generate.py, one_step_sampler).
 
 @pytest.mark.parametrize('label_dim', [0, 3])
 def test_generator_at_init_is_teachers_one_step_denoise(label_dim, tmp_path):
@@ -258,7 +259,7 @@ def test_generator_at_init_is_teachers_one_step_denoise(label_dim, tmp_path):
         F_x = teacher.model(80 * z / math.sqrt(80 ** 2 + 0.25), torch.full([4], math.log(80) / 4), labels)
     d_skip = 0.25 / (79.998 ** 2 + 0.25) - 0.25 / (80 ** 2 + 0.25)                 # GDD minus EDM coefficients
     d_out = 0.5 * 79.998 / math.sqrt(80 ** 2 + 0.25) - 0.5 * 80 / math.sqrt(80 ** 2 + 0.25)
-    assert d_skip == pytest.approx(1.95e-9, rel=0.01) and d_out == pytest.approx(-1.25e-5, rel=0.01)  # spec 2.1
+    assert d_skip == pytest.approx(1.95e-9, rel=0.01) and d_out == pytest.approx(-1.25e-5, rel=0.01)  # GDDPrecond
     assert torch.allclose(G_x - D_x, d_skip * 80 * z + d_out * F_x, atol=2e-6)
     assert (G_x - D_x).abs().max() <= 1e-4 and F_x.abs().max() > 1  # the difference is small but F is not trivial
     # one network evaluation: the sampler gives G(80 z; 80); a snapshot round trip keeps it
@@ -266,7 +267,7 @@ def test_generator_at_init_is_teachers_one_step_denoise(label_dim, tmp_path):
     G.register_forward_hook(lambda *_: calls.append(1))
     assert torch.allclose(gdd.one_step_sampler(G, z, labels).float(), G_x, atol=1e-6) and len(calls) == 1
     common.save_checkpoint(dict(method='gdd', net_kwargs=gdd.generator_kwargs(kwargs), ema=G.state_dict()), tmp_path / 's.pt')
-    H = gdd.load_generator(str(tmp_path / 's.pt'))
+    H = gdd.load_network(str(tmp_path / 's.pt'))
     assert torch.equal(H(80 * z, 80, labels), G(80 * z, 80, labels))
 
 def test_official_gdd_pickle_loads(tmp_path):
@@ -277,15 +278,15 @@ def test_official_gdd_pickle_loads(tmp_path):
     net = GDDPrecond()
     init_kwargs = dict(img_resolution=8, img_channels=3, label_dim=0, use_fp16=True, **TINY)
     write_persistence_pickle(tmp_path / 'gdd.pkl', dict(ema=net, net=net), init_kwargs)
-    G = gdd.load_generator(str(tmp_path / 'gdd.pkl'))
+    G = gdd.load_network(str(tmp_path / 'gdd.pkl'))
     assert all(torch.equal(a, b) for a, b in zip(G.model.state_dict().values(), net.model.state_dict().values()))
     teacher, _ = tiny_teacher()
     write_persistence_pickle(tmp_path / 'edm.pkl', dict(ema=teacher), dict(img_resolution=8, img_channels=3, **TINY))
     with pytest.raises(UserError, match='not a one-step GDD generator'):
-        gdd.load_generator(str(tmp_path / 'edm.pkl'))
+        gdd.load_network(str(tmp_path / 'edm.pkl'))
 
 #------------------------------------------------------------------------------
-# Losses (spec 5, 11.6, 11.8) and optimizers (spec 6, 11.9).
+# Losses (official training/loss.py, GDDLoss) and optimizers (training_loop.py).
 
 def test_loss_is_sum_over_samples_of_per_sample_means():
     torch.manual_seed(0)
@@ -320,14 +321,14 @@ def test_optimizer_settings_and_presets(standin):
     assert {id(p) for p in d['params']} == {id(p) for p in D.parameters()}  # heads (and embeddings) only
     # train.sh: batch / G lr / D lr / Mimg / EMA / feature networks
     p = gdd.PRESETS
-    assert [p['cifar10-gddi'][k] for k in ('batch', 'lr', 'dlr', 'duration', 'ema', 'freeze', 'arch')] == [256, 1e-4, 1e-4, 5, 0.5, 1, 'ncsnpp']
-    assert [p['ffhq-64-gdd'][k] for k in ('batch', 'lr', 'dlr', 'duration', 'cres', 'freeze')] == [256, 2e-5, 4e-5, 10, [1, 2, 2, 2], 0]
-    assert [p['imagenet-64-gddi'][k] for k in ('batch', 'lr', 'dlr', 'ema', 'arch', 'cond')] == [512, 8e-6, 4e-5, 50, 'adm', True]
-    assert gdd.parse_backbone(p['afhqv2-64-gddi']['backbone']) == ['deit_base_distilled_patch16_224', 'tf_efficientnet_lite0']
-    assert gdd.parse_backbone(p['cifar10-cond-gdd']['backbone']) == ['vgg16_bn', 'tf_efficientnet_lite0'] and p['cifar10-cond-gdd']['cond']
+    assert [p['cifar10_gddi'][k] for k in ('batch', 'lr', 'dlr', 'duration', 'ema', 'freeze', 'arch')] == [256, 1e-4, 1e-4, 5, 0.5, 1, 'ncsnpp']
+    assert [p['ffhq64_gdd'][k] for k in ('batch', 'lr', 'dlr', 'duration', 'cres', 'freeze')] == [256, 2e-5, 4e-5, 10, [1, 2, 2, 2], 0]
+    assert [p['imagenet64_gddi'][k] for k in ('batch', 'lr', 'dlr', 'ema', 'arch', 'cond')] == [512, 8e-6, 4e-5, 50, 'adm', True]
+    assert gdd.parse_backbone(p['afhqv264_gddi']['backbone']) == ['deit_base_distilled_patch16_224', 'tf_efficientnet_lite0']
+    assert gdd.parse_backbone(p['cifar10_cond_gdd']['backbone']) == ['vgg16_bn', 'tf_efficientnet_lite0'] and p['cifar10_cond_gdd']['cond']
 
 #------------------------------------------------------------------------------
-# Training invariants (spec 11.3-11.5, 11.8).
+# Training invariants (GDD-I frozen set, R1 schedule, GAN-only generator loss).
 
 def test_gddi_frozen_bitwise_trainable_changed_r1_schedule(standin):
     teacher, G, features, D, opt_G, opt_D, frozen = tiny_gan(freeze=1)
@@ -436,7 +437,7 @@ def test_cli_errors(tmp_path, standin):
         gdd.train(common.parse_command_line(gdd.build_parser, TRAIN + [f'--outdir={tmp_path}/x', f'--transfer={tmp_path}/p.pt']))
 
 def test_dry_run_counts_without_teacher(capsys):
-    gdd.train(common.parse_command_line(gdd.build_parser, ['train', '--preset=cifar10-gddi', '--data=demo-32', '-n']))
+    gdd.train(common.parse_command_line(gdd.build_parser, ['train', '--preset=cifar10_gddi', '--data=demo-32', '-n']))
     options = json.loads(capsys.readouterr().out)
     assert options['parameters'] == dict(total=56_395_523, frozen=47_597_568, trainable=8_797_955,
                                          discriminator_heads=2 * 10_331_328, feature_networks=14_723_136 + 611_776 + 2_958_848 + 376_768)
@@ -472,7 +473,7 @@ def test_torchrun_train_and_generate_per_seed(tmp_path, standin):
     assert all(np.array_equal(one[k], two[k]) and np.array_equal(one[k], four[k]) for k in one)
     assert not np.array_equal(one['000000.png'], one['000001.png'])
     # the image is G(80 z_seed; 80, c_seed), quantized as floor(clip(127.5 x + 128)); --class fixes c
-    net = gdd.load_generator(snapshot)
+    net = gdd.load_network(snapshot)
     latents, labels = gdd.draw_latents(net, [3], 'cpu', class_idx=2)
     x = gdd.one_step_sampler(net, latents, labels)
     assert np.array_equal(cls['000003.png'], (x[0] * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
@@ -511,7 +512,8 @@ def ddp_worker(out):
         errors[name] = worst
     for step in range(3):
         reseed(0, rank, step)
-        gdd.gdd_iteration(G, ddp_G, features, D, ddp_D, opt_G, opt_D, micro_batches, step + 1, ARGS, NO_SCALER, 1e-3, 1e-3)
+        gdd.gdd_iteration(G, ddp_G, features, D, ddp_D, opt_G, opt_D, micro_batches, step + 1, 1e-3, 1e-3,
+                          NO_SCALER, ARGS.gan_weight, ARGS.r1_gamma, ARGS.r1_interval)
     flat = torch.cat([p.detach().flatten() for p in list(G.parameters()) + list(D.parameters())])
     gathered = [torch.zeros_like(flat) for _ in range(world)]
     torch.distributed.all_gather(gathered, flat)
