@@ -2,6 +2,7 @@
 # images near its finite-sample floor, uniform noise far away, and damaged real images in between, worse with more
 # damage. 8x8 demo data; one classifier, trained once per module into a temporary cache, serves every test.
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -150,3 +151,20 @@ def test_cli_bad_input_one_line_exit_2(toy, tmp_path, capsys):
             fid.main(['score', f'--cache={toy["cache"]}'] + flags)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith('error: ') and err.count('\n') == 1 and message in err, err
+
+def test_cli_score_labelled_dataset(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fid, 'TOY_STEPS', 50)  # the plumbing, not the quality
+    demo = fid.open_toy_data(f'demo-{RES}', 3)
+    images, labels = fid.load_images(demo, range(64))
+    write_pngs(tmp_path / 'data', images)
+    names = [f'{i - i % 32:06d}/{i:06d}.png' for i in range(64)]
+    labels = {'labels': [[name, int(k)] for name, k in zip(names, labels)]}
+    (tmp_path / 'data' / 'dataset.json').write_text(json.dumps(labels))
+    write_pngs(tmp_path / 'samples', fid.load_images(demo, range(100, 116))[0])
+    flags = ['score', f'--images={tmp_path / "samples"}', f'--data={tmp_path / "data"}', f'--cache={tmp_path / "c"}']
+    fid.main(flags)
+    out = capsys.readouterr().out
+    assert '(training it, once)' in out and 'accuracy on 16 held-out real images' in out, out
+    assert len(os.listdir(tmp_path / 'c')) == 1
+    fid.main(flags)
+    assert capsys.readouterr().out == out.replace(' (training it, once)', '')  # loaded from the cache: same numbers
