@@ -255,7 +255,8 @@ def relay_time_steps(num_steps=18, sigma_min=0.008, sigma_max=80, rho=7, truncat
     t = edm_time_steps(num_steps, sigma_min, sigma_max, rho)
     kept = t[:-1][t[:-1] < truncation_sigma]
     if len(kept) == 0:
-        raise UsageError(f'no noise level of the {num_steps}-step grid lies below --truncation_sigma_second={truncation_sigma}')
+        raise UsageError(f'--truncation_sigma_second={truncation_sigma}: no level of the {num_steps}-step grid lies '
+                         'below it')
     return torch.cat([kept, t[-1:]])
 
 @torch.no_grad()

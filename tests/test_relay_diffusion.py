@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from conftest import ROOT, TINY_UNET, EDMPrecond as OfficialEDMPrecond, write_persistence_pickle
 
 import relay_diffusion as rd
-from common import EDMPrecond, UserError, edm_sampler, load_checkpoint, parse_command_line, save_checkpoint
+from common import EDMPrecond, UsageError, UserError, edm_sampler, load_checkpoint, parse_command_line, save_checkpoint
 
 TINY = ['--arch=ddpmpp', '--cbase=16', '--cres=1,2', '--blocks=1', '--dropout=0', '--lr-rampup=0', '--grid=0', '--workers=0']
 
@@ -285,6 +285,26 @@ def test_official_and_our_checkpoints_load_with_the_same_weights(tmp_path):
     with pytest.raises(UserError, match='junk.pt'):
         rd.load_network(str(tmp_path / 'junk.pt'), '--network_first', 'edm')
 
+def test_snapshots_of_the_old_layout_load(tmp_path):
+    """The keys relay_diffusion.py snapshots and training states had before the shared snapshot loader (method,
+    args, cur_nimg, precond, net_kwargs, stage, ema; a state adds net, optimizer, scaler, step, data_pos), and
+    older files without 'stage' (stage one)."""
+    net = tiny_net(3)
+    kwargs = dict(img_resolution=8, img_channels=3, label_dim=0) | TINY_UNET
+    stage = dict(precond='blur', up_scale=2, prob_length=0.93, blur_sigma_max=3.0, block_scale=0.15, paper_noise_norm=False)
+    old = dict(method='relay_diffusion', args=dict(precond='blur', up_scale=2), cur_nimg=12, precond='EDMPrecond',
+               net_kwargs=kwargs, stage=stage, ema=net.state_dict())
+    save_checkpoint(old, tmp_path / 'snapshot.pt')
+    save_checkpoint(dict(old, net=net.state_dict(), optimizer={}, scaler={}, step=3, data_pos=[12]), tmp_path / 'state.pt')
+    x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.3, 2.0])
+    for name in ('snapshot.pt', 'state.pt'):
+        loaded = rd.load_network(str(tmp_path / name), '--network_second', 'blur')
+        assert loaded.stage == stage and torch.equal(loaded.eval()(x, sigma), net(x, sigma))
+    save_checkpoint({k: v for k, v in old.items() if k != 'stage'}, tmp_path / 'older.pt')
+    assert rd.load_network(str(tmp_path / 'older.pt'), '--network_first', 'edm').stage == dict(precond='edm')
+    with pytest.raises(UsageError, match='--network_second=.*older.pt: a --precond=edm network'):
+        rd.load_network(str(tmp_path / 'older.pt'), '--network_second', 'blur')
+
 #------------------------------------------------------------------------------
 # Generation: per-seed images independent of batching, through both stages and from --indir (check 8).
 
@@ -331,17 +351,33 @@ def final_weights(folder):
     state = load_checkpoint(last)
     return state['cur_nimg'], state['net'], state['ema']
 
-def test_resume_equals_uninterrupted(tmp_path):
+def run_cli(monkeypatch, capsys, argv):
+    """relay_diffusion.py's main() in this process: (exit code, stderr)."""
+    monkeypatch.setattr(sys, 'argv', ['relay_diffusion.py', *argv])
+    with pytest.raises(SystemExit) as e:
+        rd.main()
+        raise SystemExit(0)
+    return e.value.code, capsys.readouterr().err
+
+def test_resume_of_stage_two_without_its_flags_continues_stage_two(tmp_path, monkeypatch, capsys):
+    """`--resume` of a stage-two state with --precond=blur (and its settings) left out: the state's options, so the
+    resumed run is still stage two and ends with the uninterrupted run's weights."""
     flags = ['train', '--data=demo-8', '--precond=blur', '--up-scale=2', '--batch=4', '--duration=0.000016',
              '--tick=0.004', '--snap=0', '--dump=2', '--nosubdir'] + TINY
     run(flags + [f'--outdir={tmp_path}/full'])
     states = sorted(glob.glob(f'{tmp_path}/full/training-state-*.pt'), key=lambda p: load_checkpoint(p)['cur_nimg'])
     middle = [p for p in states if load_checkpoint(p)['cur_nimg'] == 12]
     assert middle, [load_checkpoint(p)['cur_nimg'] for p in states]
-    run(flags + [f'--outdir={tmp_path}/resumed', f'--resume={middle[0]}'])
+    code, err = run_cli(monkeypatch, capsys, ['train', f'--resume={middle[0]}', f'--outdir={tmp_path}/resumed'])
+    assert code == 0, err
     (n1, net1, ema1), (n2, net2, ema2) = final_weights(tmp_path / 'full'), final_weights(tmp_path / 'resumed')
     assert n1 == n2 == 16
     assert all(torch.equal(net1[k], net2[k]) and torch.equal(ema1[k], ema2[k]) for k in net1)
+    snapshot = load_checkpoint(max(glob.glob(f'{tmp_path}/resumed/network-snapshot-*.pt')))
+    assert snapshot['stage'] == dict(precond='blur', up_scale=2, prob_length=0.93, blur_sigma_max=3.0,
+                                     block_scale=0.15, paper_noise_norm=False)
+    assert rd.load_network(max(glob.glob(f'{tmp_path}/resumed/network-snapshot-*.pt')), '--network_second',
+                           'blur').stage['precond'] == 'blur'
 
 def _free_port():
     with socket.socket() as s:
@@ -393,3 +429,93 @@ def test_two_stage_cli_under_torchrun(tmp_path):
     run(gen + [f'--outdir={tmp_path}/gen1'])
     two, one = pngs(tmp_path / 'gen2'), pngs(tmp_path / 'gen1')
     assert len(one) == 5 and one.keys() == two.keys() and all(np.array_equal(one[k], two[k]) for k in one)
+
+#------------------------------------------------------------------------------
+# Bad input through the real command line: one line on stderr naming the flag, exit 2 for usage errors and 1 for
+# run-time failures, no traceback, nothing written.
+
+TRAIN = ['train', '--data=demo-8', '--batch=4', '--duration=0.000008', '--tick=0.004', '--nosubdir'] + TINY
+
+@pytest.fixture(scope='module')
+def relay_files(tmp_path_factory):
+    """A stage-two training state and snapshot, stage-one / stage-two / masked_dm / gdd snapshots."""
+    out = tmp_path_factory.mktemp('relay_files')
+    run(TRAIN + ['--precond=blur', '--up-scale=2', f'--outdir={out / "two"}'])
+    first, second = snapshot(out / 'first.pt', tiny_net(1, 4)), snapshot(out / 'second.pt', tiny_net(2, 8), stage='blur')
+    masked, gdd = snapshot(out / 'masked.pt', tiny_net(1, 4), method='masked_dm'), snapshot(out / 'gdd.pt', tiny_net(1, 4), method='gdd')
+    return dict(state=max(glob.glob(f'{out}/two/training-state-*.pt')), snap=max(glob.glob(f'{out}/two/network-snapshot-*.pt')),
+                first=first, second=second, masked=masked, gdd=gdd)
+
+TRAIN_CASES = [  # (argv after TRAIN, exit code, words the one line must contain)
+    (['--batch=-4'], 2, ['--batch', '-4', '>= 1']),
+    (['--batch=6', '--batch-gpu=4'], 2, ['--batch=6', 'multiple']),
+    (['--preset=bogus'], 2, ['--preset', 'bogus', 'celebahq256']),
+    (['--lr=-1'], 2, ['--lr', '-1', '> 0']),
+    (['--augment=1.5'], 2, ['--augment', '1.5', '<= 1']),
+    (['--label-dropout=0.5'], 2, ['--label-dropout', '--cond=1']),
+    (['--eff-attn=maybe'], 2, ['--eff-attn', 'maybe']),
+    (['--precond=blur', '--up-scale=3'], 2, ['--up-scale=3', '8x8']),
+    (['--up-scale=0'], 2, ['--up-scale', '>= 1']),
+    (['--prob-length=1.5'], 2, ['--prob-length', '<= 1']),
+    (['--prob-length=0'], 2, ['--prob-length', '> 0']),
+    (['--block-scale=-0.1'], 2, ['--block-scale', '>= 0']),
+    (['--blocks=0'], 2, ['--blocks', '>= 1']),
+    (['--cres=1,2,2,2,2'], 2, ['--cres=1,2,2,2,2', 'divisible by 16']),
+    (['--data=missing.zip'], 2, ['missing.zip']),
+    (['--outdir={file}'], 2, ['--outdir', 'not a folder']),
+    (['--resume=missing.pt'], 2, ['--resume', 'missing.pt']),
+    (['--resume={state}', '--cbase=32'], 2, ['--cbase=32 given, 16 in the training state']),
+    (['--resume={state}', '--precond=edm'], 2, ['--precond=edm given, blur in the training state']),
+    (['--resume={snap}'], 1, ['network snapshot, not a training state']),
+]
+
+@pytest.mark.parametrize('argv, code, words', TRAIN_CASES, ids=[' '.join(c[0]) for c in TRAIN_CASES])
+def test_train_errors_are_one_line_and_leave_nothing(tmp_path, monkeypatch, capsys, relay_files, argv, code, words):
+    (tmp_path / 'file').write_text('a file, not a folder')
+    argv = [a.format(file=tmp_path / 'file', **relay_files) for a in argv]
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob('*'))
+    out = [] if any(a.startswith('--outdir') for a in argv) else [f'--outdir={tmp_path / "runs"}']
+    got, err = run_cli(monkeypatch, capsys, TRAIN + out + argv)
+    assert got == code and err.count('\n') == 1 and 'Traceback' not in err, err
+    assert all(w in err for w in words), err
+    assert sorted(p.name for p in tmp_path.rglob('*')) == before  # no run directory, no temp file
+
+GENERATE_CASES = [  # (argv after the base command, exit code, words the one line must contain)
+    (['--num_steps_second=-3'], 2, ['--num_steps_second', '-3', '>= 1']),
+    (['--num_steps_first=0'], 2, ['--num_steps_first', '>= 1']),
+    (['--truncation_sigma_second=0.001'], 2, ['--truncation_sigma_second=0.001']),
+    (['--seeds=5-1'], 2, ['--seeds', 'empty range']),
+    (['--batch=0'], 2, ['--batch', '>= 1']),
+    (['--class=5'], 2, ['--class=5', '0 classes']),
+    (['--s_noise_second=1.5'], 2, ['--s_noise_second', '<= 1']),
+    (['--sde_scale_first=2'], 2, ['--sde_scale_first', '<= 1']),
+    (['--preset=celebahq64'], 2, ['--preset', 'celebahq64']),
+    (['--up_scale_second=4'], 2, ['--up_scale_second=4', 'trained at 8']),
+    (['--outdir={file}'], 2, ['--outdir', 'not a folder']),
+    (['--grid={tmp}/grid.jpg'], 2, ['--grid', '.png']),
+    (['--network_first={second}'], 2, ['--network_first', 'stage-one']),
+    (['--network_first={snap}'], 2, ['--network_first', 'stage-one']),
+    (['--network_second={first}'], 2, ['--network_second', 'stage-two']),
+    (['--network_first={masked}'], 2, ['--network_first', 'masked_dm.py']),
+    (['--network_second={gdd}'], 2, ['--network_second', 'gdd.py']),
+    (['--network_first={file}'], 2, ['--network_first', 'neither one of our snapshots']),
+    (['--network_second=missing.pt'], 2, ['--network_second', 'missing.pt', 'no such']),
+    (['--sampler_stages=second'], 2, ['--indir']),
+    (['--sampler_stages=second', '--indir={file}'], 2, ['--indir', 'not a folder']),
+    (['--sampler_stages=second', '--indir={tmp}'], 2, ['--indir', 'no image for seed 0']),
+]
+
+@pytest.mark.parametrize('argv, code, words', GENERATE_CASES, ids=[' '.join(c[0]) for c in GENERATE_CASES])
+def test_generate_errors_are_one_line_and_leave_nothing(tmp_path, monkeypatch, capsys, relay_files, argv, code, words):
+    (tmp_path / 'file').write_text('a file, not a folder')
+    argv = [a.format(file=tmp_path / 'file', tmp=tmp_path, **relay_files) for a in argv]
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob('*'))
+    base = ['generate', f'--network_first={relay_files["first"]}', f'--network_second={relay_files["second"]}',
+            '--up_scale_second=2', '--num_steps_first=2', '--num_steps_second=6', '--seeds=0-1']
+    out = [] if any(a.startswith('--outdir') for a in argv) else [f'--outdir={tmp_path / "gen"}']
+    got, err = run_cli(monkeypatch, capsys, base + out + argv)
+    assert got == code and err.count('\n') == 1 and 'Traceback' not in err, err
+    assert all(w in err for w in words), err
+    assert sorted(p.name for p in tmp_path.rglob('*')) == before
