@@ -423,6 +423,8 @@ def toy_cache_path(cache_dir, data, dataset):
 def score(args):
     """Toy score of up to `--num` generated images against as many held-out images of `--data`; prints one
     `name value` line per number."""
+    if args.num < 2:
+        raise UserError(f'--num={args.num}: a covariance needs at least 2 images')
     images = ImageFolderDataset(args.images, max_size=args.num, random_seed=args.seed)
     if len(images) < 2:
         raise UserError(f'{args.images}: a covariance needs at least 2 images, found {len(images)}')

@@ -145,7 +145,8 @@ def test_cli_bad_input_one_line_exit_2(toy, tmp_path, capsys):
     cases = [([f'--images={tmp_path / "missing"}', f'--data=demo-{RES}'], 'no such dataset'),
              ([f'--images={tmp_path / "empty"}', f'--data=demo-{RES}'], 'no images found'),
              ([f'--images={tmp_path / "samples"}', '--data=demo-16'], 'holds 8x8x3 images, demo-16 16x16x3'),
-             ([f'--images={tmp_path / "samples"}', f'--data={tmp_path / "missing.zip"}'], 'no such dataset')]
+             ([f'--images={tmp_path / "samples"}', f'--data={tmp_path / "missing.zip"}'], 'no such dataset'),
+             ([f'--images={tmp_path / "samples"}', f'--data=demo-{RES}', '--num=0'], 'at least 2 images')]
     for flags, message in cases:
         with pytest.raises(SystemExit) as e:
             fid.main(['score', f'--cache={toy["cache"]}'] + flags)
