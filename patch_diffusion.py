@@ -84,7 +84,7 @@ class PatchPrecond(EDMPrecond):
         x, sigma, class_labels = self.prepare(x, sigma, class_labels)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         pos = pos.to(torch.float32).expand(x.shape[0], -1, -1, -1)
-        F_x = self.backbone(torch.cat([c_in * x, pos], dim=1), c_noise, class_labels, augment_labels)  # image first, then (x, y)
+        F_x = self.backbone(torch.cat([c_in * x, pos], dim=1), c_noise, class_labels, augment_labels)  # image, x, y
         return c_skip * x + c_out * F_x  # EDM Eq. 7 on the patch
 
 def precond_class(real_p):
@@ -177,7 +177,8 @@ def coordinate_canvas(resolution, image_size, x_start=0, y_start=0, device='cpu'
 
 def guided_denoiser(net, pos=None, cfg=None):
     """net(x, sigma, labels) for the sampler. With cfg = w: D = D(x | 0) + w (D(x | y) - D(x | 0)), both halves in
-    one batch, the unconditional half with an all-zero label row (paper: ImageNet with w = 1.3; official generate.py --cfg)."""
+    one batch, the unconditional half with an all-zero label row (paper: ImageNet with w = 1.3; official generate.py
+    --cfg)."""
     call = (lambda x, sigma, labels: net(x, sigma, pos, labels)) if isinstance(net, PatchPrecond) else net
     if cfg is None:
         return call
@@ -232,8 +233,8 @@ def check_patch_sizes(precond, net_kwargs, sizes, pmf):
     bad = [s for s, p in zip(sizes, pmf) if p > 0 and (s % multiple or s < multiple)]
     if bad:
         raise UsageError(f'patch size {bad[0]} (of {sizes} for {sizes[-1]}x{sizes[-1]} images) is not a multiple of '
-                         f'{multiple}, which this {len(net_kwargs["channel_mult"])}-level U-Net needs; use fewer levels '
-                         '(--cres) or --real_p=1')
+                         f'{multiple}, which this {len(net_kwargs["channel_mult"])}-level U-Net needs; use fewer '
+                         'levels (--cres) or --real_p=1')
     return sum(p.numel() for p in net.parameters())
 
 @torch.no_grad()
@@ -255,16 +256,18 @@ def train(args):
     mul_avg = float(np.dot(pmf, batch_mul))  # expected multiplier: 1.9 at p = 0.5 (latent: 1.5)
     precond, net_kwargs = precond_class(args.real_p), network_kwargs(args, R, C, dataset.label_dim)
     vae_weights = (args.vae or getattr(dataset, 'info', {}).get('vae') or SD_VAE_URL) if args.train_on_latents else None
-    info = dict(precond_class=precond, net_kwargs=net_kwargs, num_params=check_patch_sizes(precond, net_kwargs, sizes, pmf),
-                patch_sizes=sizes, patch_pmf=pmf, batch_mul=batch_mul, batch_mul_avg=mul_avg, batch_gpu=batch_gpu,
-                rounds=rounds, world_size=world_size, **latent_info(args, dataset, vae, vae_weights, C, R))
+    num_params = check_patch_sizes(precond, net_kwargs, sizes, pmf)
+    info = dict(precond_class=precond, net_kwargs=net_kwargs, num_params=num_params, patch_sizes=sizes, patch_pmf=pmf,
+                batch_mul=batch_mul, batch_mul_avg=mul_avg, batch_gpu=batch_gpu, rounds=rounds, world_size=world_size,
+                **latent_info(args, dataset, vae, vae_weights, C, R))
     if args.dry_run:
         return print0(json.dumps(dict(vars(args), **info), indent=2))
     vae = vae and vae.to(device)  # frozen, float32 (official); None for pixels and pre-encoded moments
     grid_vae = vae or (load_vae(vae_weights).to(device) if vae_weights and args.grid else None)
     torch.manual_seed(args.seed)
     net, ema = network_and_ema(build_network(precond, net_kwargs), device, amp_dtype)
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == 'cuda')
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,  # EDM's optimizer
+                                 fused=device.type == 'cuda')
     augment_pipe = AugmentPipe(p=args.augment, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
                                translate_frac=1) if args.augment else None  # EDM train.py's geometric set
     run = TrainingRun('patch_diffusion', vars(args), info, device, outdir=args.outdir, nosubdir=args.nosubdir,
@@ -317,7 +320,7 @@ def latent_info(args, dataset, vae, vae_weights, C, R):
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     return dict(vae=vae_weights, latent_shape=[C, R, R], encoding='per step' if vae else 'pre-encoded',
                 image_resolution=dataset.resolution if vae else dataset.info.get('image_resolution'),
-                vae_params=dict(total=count(vae), encoder=count(vae.encoder), decoder=count(vae.decoder)) if vae else None)
+                vae_params=vae and dict(total=count(vae), encoder=count(vae.encoder), decoder=count(vae.decoder)))
 
 #------------------------------------------------------------------------------
 # 6. Generation: one PNG per seed, identical for any --batch and any number of GPUs.
@@ -342,7 +345,7 @@ def load_network(path):
     net = build_network(ckpt['precond'], ckpt['net_kwargs'])
     load_weights(net, ckpt['ema'], path)
     args = ckpt.get('args', {})
-    net.latent_vae = ckpt.get('vae', args.get('vae')) if args.get('train_on_latents') else None  # what generate decodes with
+    net.latent_vae = ckpt.get('vae', args.get('vae')) if args.get('train_on_latents') else None  # generate decodes
     return net
 
 @torch.no_grad()
@@ -395,36 +398,56 @@ def build_parser(preset=None):
     add_edm_train_flags(t)
     p01 = number(float, 0, 1)
     t.add_argument('--preset', choices=sorted(PRESETS), default=None, help='published hyperparameters; flags override')
-    t.add_argument('--arch', choices=['ddpmpp', 'ncsnpp', 'adm'], default='ddpmpp', help='backbone: DDPM++, NCSN++ or ADM')
-    t.add_argument('--cbase', type=number(int, 1), default=None, metavar='INT', help='base channel count; None = the arch\'s (128 DDPM++/NCSN++, 192 ADM)')
-    t.add_argument('--cres', type=parse_int_list, default=None, metavar='LIST', help='channel multipliers per resolution, e.g. 1,2,2,2; None = the arch\'s')
-    t.add_argument('--augment', type=p01, default=0, metavar='P', help='EDM augmentation probability (EDM: 0.12; every paper config: 0)')
-    t.add_argument('--label-dropout', type=p01, default=0, metavar='P', help='drop labels with this probability (for --cfg)')
-    t.add_argument('--real_p', type=p01, default=0.5, metavar='P', help='probability of full-size images (paper Eq. 5); 1 = EDM')
-    t.add_argument('--progressive', type=parse_bool, default=False, metavar='BOOL', help='progressive patch-size schedule (ablation)')
-    t.add_argument('--train_on_latents', type=parse_bool, default=False, metavar='BOOL', help='train on SD-VAE latents of the images (or on a folder from `encode`)')
-    t.add_argument('--vae', default=None, metavar='PATH|URL', help='diffusers AutoencoderKL weights (.safetensors/.bin); None = the encoded folder\'s, else sd-vae-ft-ema')
-    t.add_argument('--grid', type=number(int, 0), default=64, metavar='INT', help='images in the sample grid written with each snapshot; 0 = none')
+    t.add_argument('--arch', choices=['ddpmpp', 'ncsnpp', 'adm'], default='ddpmpp',
+                   help='backbone: DDPM++, NCSN++ or ADM')
+    t.add_argument('--cbase', type=number(int, 1), default=None, metavar='INT',
+                   help='base channel count; None = the arch\'s (128 DDPM++/NCSN++, 192 ADM)')
+    t.add_argument('--cres', type=parse_int_list, default=None, metavar='LIST',
+                   help='channel multipliers per resolution, e.g. 1,2,2,2; None = the arch\'s')
+    t.add_argument('--augment', type=p01, default=0, metavar='P',
+                   help='EDM augmentation probability (EDM: 0.12; every paper config: 0)')
+    t.add_argument('--label-dropout', type=p01, default=0, metavar='P',
+                   help='drop labels with this probability (for --cfg)')
+    t.add_argument('--real_p', type=p01, default=0.5, metavar='P',
+                   help='probability of full-size images (paper Eq. 5); 1 = EDM')
+    t.add_argument('--progressive', type=parse_bool, default=False, metavar='BOOL',
+                   help='progressive patch-size schedule (ablation)')
+    t.add_argument('--train_on_latents', type=parse_bool, default=False, metavar='BOOL',
+                   help='train on SD-VAE latents of the images (or on a folder from `encode`)')
+    t.add_argument('--vae', default=None, metavar='PATH|URL',
+                   help='AutoencoderKL weights (.safetensors/.bin); None = the encoded folder\'s, else sd-vae-ft-ema')
+    t.add_argument('--grid', type=number(int, 0), default=64, metavar='INT',
+                   help='images in the sample grid written with each snapshot; 0 = none')
     t.set_defaults(**PRESETS.get(preset, {}))
 
     g = sub.add_parser('generate', help='generate images')
-    g.add_argument('--network', required=True, metavar='PT|PKL|URL', help='network snapshot (ours .pt, or official .pkl)')
+    g.add_argument('--network', required=True, metavar='PT|PKL|URL',
+                   help='network snapshot (ours .pt, or official .pkl)')
     add_generate_flags(g)
-    g.add_argument('--class', dest='class_idx', type=int, default=None, metavar='INT', help='class label; None = random')
-    g.add_argument('--resolution', type=number(int, 1), default=None, metavar='INT', help='coordinate normalization size; None = training size')
-    g.add_argument('--image_size', type=number(int, 1), default=None, metavar='INT', help='canvas size; None = --resolution; larger extrapolates')
-    g.add_argument('--x_start', type=int, default=0, metavar='INT', help='column of the canvas\'s left edge in the coordinate grid')
-    g.add_argument('--y_start', type=int, default=0, metavar='INT', help='row of the canvas\'s top edge in the coordinate grid')
+    g.add_argument('--class', dest='class_idx', type=int, default=None, metavar='INT',
+                   help='class label; None = random')
+    g.add_argument('--resolution', type=number(int, 1), default=None, metavar='INT',
+                   help='coordinate normalization size; None = training size')
+    g.add_argument('--image_size', type=number(int, 1), default=None, metavar='INT',
+                   help='canvas size; None = --resolution; larger extrapolates')
+    g.add_argument('--x_start', type=int, default=0, metavar='INT',
+                   help='column of the canvas\'s left edge in the coordinate grid')
+    g.add_argument('--y_start', type=int, default=0, metavar='INT',
+                   help='row of the canvas\'s top edge in the coordinate grid')
     g.add_argument('--cfg', type=float, default=None, metavar='W', help='classifier-free guidance weight (paper: 1.3)')
-    g.add_argument('--on_latents', type=parse_bool, default=None, metavar='BOOL', help='decode with the VAE; None = as trained (official .pkl: 0)')
-    g.add_argument('--vae', default=None, metavar='PATH|URL', help='VAE weights; None = the training run\'s, else sd-vae-ft-ema')
+    g.add_argument('--on_latents', type=parse_bool, default=None, metavar='BOOL',
+                   help='decode with the VAE; None = as trained (official .pkl: 0)')
+    g.add_argument('--vae', default=None, metavar='PATH|URL',
+                   help='VAE weights; None = the training run\'s, else sd-vae-ft-ema')
 
-    e = sub.add_parser('encode', help='encode a dataset once into VAE posterior moments (train --data=DEST --train_on_latents=1)')
+    e = sub.add_parser('encode', help='encode a dataset once into VAE posterior moments (then train --data=DEST '
+                                      '--train_on_latents=1)')
     e.add_argument('--data', required=True, metavar='ZIP|DIR|demo', help='EDM-format image dataset')
     e.add_argument('--dest', required=True, metavar='DIR', help='output folder: moments.npy, labels.npy, dataset.json')
     e.add_argument('--vae', default=None, metavar='PATH|URL', help='VAE weights; None = sd-vae-ft-ema')
     e.add_argument('--batch', type=number(int, 1), default=64, metavar='INT', help='images per batch per GPU')
-    e.add_argument('--workers', type=number(int, 0), default=2, metavar='INT', help='DataLoader worker processes per GPU')
+    e.add_argument('--workers', type=number(int, 0), default=2, metavar='INT',
+                   help='DataLoader worker processes per GPU')
     return parser
 
 def parse_args(argv=None):
@@ -434,17 +457,18 @@ def main():
     args = parse_command_line(build_parser)
     run_main({'train': train, 'generate': generate, 'encode': encode}[args.command], args)
 
-
 #------------------------------------------------------------------------------
-# 8. Appendix: latent space (paper: LSUN and ImageNet at 256x256; official --train_on_latents): the Stable Diffusion VAE (kl-f8)
-#    in plain torch, with the module and parameter names of diffusers' `AutoencoderKL` (autoencoders/vae.py), so the
-#    released `stabilityai/sd-vae-ft-ema` weights load by name; posterior sampling; datasets encoded once.
+# 8. Appendix: latent space (paper: LSUN and ImageNet at 256x256; official --train_on_latents): the Stable
+#    Diffusion VAE (kl-f8) in plain torch, with the module and parameter names of diffusers' `AutoencoderKL`
+#    (autoencoders/vae.py), so the released `stabilityai/sd-vae-ft-ema` weights load by name; posterior sampling;
+#    datasets encoded once. A reader of the paper can skip it: it is the format the latent models need.
 
 LATENT_SCALE = 0.18215  # SD latent scale factor: latents = 0.18215 * posterior sample (official training_loop.py)
 SD_VAE_URL = 'https://huggingface.co/stabilityai/sd-vae-ft-ema/resolve/main/diffusion_pytorch_model.safetensors'
 
 class VAEResnet(nn.Module):
-    """GroupNorm-SiLU-conv3x3 twice plus the input, through a 1x1 conv where the width changes (diffusers ResnetBlock2D)."""
+    """GroupNorm-SiLU-conv3x3 twice plus the input, through a 1x1 conv where the width changes (diffusers
+    ResnetBlock2D)."""
     def __init__(self, in_channels, out_channels, groups):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=1e-6)
@@ -514,7 +538,8 @@ class VAEEncoder(nn.Module):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         self.down_blocks = nn.ModuleList([VAEStage(channels[max(i - 1, 0)], c, layers_per_block, groups,
-                                                   'down' if i < len(channels) - 1 else None) for i, c in enumerate(channels)])
+                                                   'down' if i < len(channels) - 1 else None)
+                                          for i, c in enumerate(channels)])
         self.mid_block = VAEMid(channels[-1], groups)
         self.conv_norm_out = nn.GroupNorm(groups, channels[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(channels[-1], 2 * latent_channels, 3, padding=1)
@@ -609,7 +634,8 @@ def convert_vae_keys(state_dict):
     return out
 
 def vae_config(state_dict):
-    """AutoencoderKL constructor arguments read off the weight shapes (GroupNorm groups cannot be: 32, as every SD VAE)."""
+    """AutoencoderKL constructor arguments read off the weight shapes (GroupNorm groups cannot be: 32, as every SD
+    VAE)."""
     enc = lambda name: state_dict[f'encoder.{name}.weight']
     levels = sum(f'encoder.down_blocks.{i}.resnets.0.conv1.weight' in state_dict for i in range(len(state_dict)))
     layers = sum(f'encoder.down_blocks.0.resnets.{j}.conv1.weight' in state_dict for j in range(len(state_dict)))
@@ -634,7 +660,8 @@ def load_vae(path_or_url):
         state_dict = convert_vae_keys(state_dict)
         vae = AutoencoderKL(**vae_config(state_dict))
     except Exception as e:
-        raise UserError(f'{path}: not a readable diffusers AutoencoderKL weights file ({type(e).__name__}: {e})') from None
+        raise UserError(f'{path}: not a readable diffusers AutoencoderKL weights file ({type(e).__name__}: {e})') \
+            from None
     expected = vae.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -688,7 +715,8 @@ class LatentDataset(torch.utils.data.Dataset):
         return len(self.moments)
 
     def __getitem__(self, i):
-        return np.array(self.moments[i]), np.array(self.labels[i]) if self.labels is not None else np.zeros([0], np.float32)
+        label = np.array(self.labels[i]) if self.labels is not None else np.zeros([0], np.float32)
+        return np.array(self.moments[i]), label
 
 @torch.no_grad()
 def encode(args):
@@ -707,21 +735,25 @@ def encode(args):
     if R % vae.factor or dataset.num_channels != vae.encoder.conv_in.in_channels:
         raise UserError(f'{args.data}: {R}x{R}x{dataset.num_channels} images; this VAE takes '
                         f'{vae.encoder.conv_in.in_channels} channels and sides divisible by {vae.factor}')
-    files = {'moments': [len(dataset), 2 * C, R // vae.factor, R // vae.factor], 'labels': [len(dataset), dataset.label_dim]}
+    files = {'moments': [len(dataset), 2 * C, R // vae.factor, R // vae.factor],
+             'labels': [len(dataset), dataset.label_dim]}
     if rank == 0:
         os.makedirs(args.dest, exist_ok=True)
         for name, shape in files.items():
             if shape[1]:
-                np.lib.format.open_memmap(os.path.join(args.dest, f'{name}.npy'), 'w+', np.float32, tuple(shape)).flush()
+                path = os.path.join(args.dest, f'{name}.npy')
+                np.lib.format.open_memmap(path, 'w+', np.float32, tuple(shape)).flush()
         with open(os.path.join(args.dest, 'dataset.json'), 'w') as f:
-            json.dump(dict(source=args.data, vae=args.vae or SD_VAE_URL, image_resolution=R, num_images=len(dataset)), f)
+            json.dump(dict(source=args.data, vae=args.vae or SD_VAE_URL, image_resolution=R,
+                           num_images=len(dataset)), f)
     torch.distributed.barrier()
     out = {name: np.load(os.path.join(args.dest, f'{name}.npy'), mmap_mode='r+') for name, s in files.items() if s[1]}
     indices = list(range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=args.batch,
                                          num_workers=args.workers)
     print0(f'encoding {len(dataset)} images of {R}x{R} into {args.dest} ({files["moments"][1:]} moments each)')
-    for start, (images, labels) in zip(range(0, len(indices), args.batch), tqdm(loader, unit='batch', disable=rank != 0)):
+    bar = tqdm(loader, unit='batch', disable=rank != 0)
+    for start, (images, labels) in zip(range(0, len(indices), args.batch), bar):
         mean, logvar = vae.encode(images.to(device).to(torch.float32) / 127.5 - 1)
         rows = indices[start:start + len(images)]
         out['moments'][rows] = torch.cat([mean, (0.5 * logvar).exp()], dim=1).cpu().numpy()  # (mean, std)
