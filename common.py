@@ -6,21 +6,27 @@ Official code: https://github.com/NVlabs/edm (CC BY-NC-SA 4.0; nothing here is c
 match it so that official checkpoints load).
 
 Contents, in order:
-  1. distributed setup (`init_distributed`, `print0`, `run_main`)
-  2. command line: parsers (`parse_int_list`, `parse_bool`), `parse_command_line`, `add_train_flags`
+  1. distributed setup (`init_distributed`, `print0`), the one-line errors (`UserError`, `UsageError`,
+     `DataError`) and the CLI entry `run_main`
+  2. command line: `Parser`, argument types (`parse_int_list`, `parse_bool`, `number`), `parse_command_line`
+     (default subcommand, presets, `--resume` defaults from the training state), `RESUME_MAY_CHANGE`,
+     `add_train_flags`, `add_edm_train_flags`, `add_generate_flags`
   3. seeding: per-step reseed (`reseed`), per-image generators (`PerSeedRNG`)
-  4. data: EDM-format `ImageFolderDataset` (zip or folder), the built-in `DemoDataset`, `InfiniteSampler`
-  5. EDM preconditioning (Table 1), loss (Eq. 2 with Table 1 weights), Heun sampler (Algorithm 2)
-  6. the EDM U-Nets: DDPM++/NCSN++ `SongUNet`, ADM `DhariwalUNet`
-  7. training plumbing: mixed precision, DDP, accumulation, lr ramp-up, EMA, gradient scrub, and `TrainingRun`
-     (run directory, status lines, divergence stop, periodic checkpoints), `load_training_state` (resume)
-  8. checkpoints: `save_checkpoint`/`load_checkpoint`/`load_weights` and `load_official` for EDM-format pickles
-  9. images: uint8 conversion, per-seed PNGs, grids
+  4. data: EDM-format `ImageFolderDataset` (zip or folder), the built-in `DemoDataset`, `open_dataset`,
+     `InfiniteSampler`, `data_stream`
+  5. EDM preconditioning (`EDMPrecond`, Table 1), loss (`EDMLoss`, Eq. 2), Heun sampler (`edm_sampler`, Alg. 2)
+  6. the EDM U-Nets: layers, DDPM++/NCSN++ `SongUNet`, ADM `DhariwalUNet`, `EDM_ARCHS`
+  7. training plumbing: precision, batch split, DDP, lr ramp-up, EMA, gradient scrub, `network_and_ema`,
+     `run_desc`, `check_outdir`, `TrainingRun` (run directory, status lines, divergence stop, periodic
+     checkpoints, Ctrl-C), `read_training_options`, `load_training_state` (resume)
+  8. checkpoints: `save_checkpoint`, `load_checkpoint`, `load_weights`; `load_official` for official EDM .pkl
+     snapshots and torch-zip archives (no code from the file runs); `load_snapshot`, the one snapshot layout
+  9. images and labels: uint8 conversion, per-seed PNGs, grids, `seed_batches`, `seed_labels`, `check_class`
  10. Inception-v3 features and the Frechet distance (the other metrics live in fid.py)
  11. EDM's augmentation pipe (`AugmentPipe`, the geometric and colour transforms of ADA)
 """
-
-import argparse, contextlib, copy, errno, io, json, math, os, pickle, re, resource, shutil, signal, sys, threading, time, urllib.parse, warnings, zipfile
+import argparse, contextlib, copy, errno, io, json, math, os, pickle, re, resource, shutil, signal, sys, threading, time
+import urllib.parse, warnings, zipfile
 from collections import OrderedDict
 
 import numpy as np
@@ -88,7 +94,7 @@ def run_main(command, args):
             dist.destroy_process_group()
 
 #------------------------------------------------------------------------------
-# 2. Command-line parsers.
+# 2. Command line: argument types, the parser (presets, resume), the shared flags.
 
 def parse_int_list(s):
     """'0-3,7' -> [0, 1, 2, 3, 7] (EDM's seed syntax); a list passes through. An empty result is an error."""
@@ -118,12 +124,13 @@ def number(kind, low=None, high=None, low_open=False):
         try:
             value = kind(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f'expected {"an integer" if kind is int else "a number"}, got {s!r}') from None
+            what = 'an integer' if kind is int else 'a number'
+            raise argparse.ArgumentTypeError(f'expected {what}, got {s!r}') from None
         below = low is not None and (value <= low if low_open else value < low)
         if below or (high is not None and value > high) or value != value:
-            lo = '' if low is None else f'{"> " if low_open else ">= "}{low}'
-            hi = '' if high is None else f'<= {high}'
-            raise argparse.ArgumentTypeError(f'{s} is out of range: must be {" and ".join(x for x in (lo, hi) if x)}')
+            bounds = [f'{"> " if low_open else ">= "}{low}'] if low is not None else []
+            bounds += [f'<= {high}'] if high is not None else []
+            raise argparse.ArgumentTypeError(f'{s} is out of range: must be {" and ".join(bounds)}')
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
@@ -173,52 +180,56 @@ def parse_command_line(build_parser, argv=None):
 
 def add_train_flags(p, **defaults):
     """The training flags every method file shares (EDM's names and units); `defaults` overrides per method."""
-    d = dict(outdir='training-runs', duration=200, batch=512, lr=1e-3, dropout=0.13, tick=50, snap=50, dump=500) | defaults
+    d = dict(outdir='training-runs', duration=200, batch=512, lr=1e-3, dropout=0.13, tick=50, snap=50, dump=500)
+    d |= defaults
     pos_int, pos_float, nonneg_int = number(int, 1), number(float, 0, low_open=True), number(int, 0)
-    p.add_argument('--outdir', default=d['outdir'], metavar='DIR', help='where to make the run directory')
-    p.add_argument('--data', default=None, metavar='ZIP|DIR|demo', help='required: an EDM-format zip or folder (dataset_tool.py), or demo[-RES] for built-in shapes')
-    p.add_argument('--cond', type=parse_bool, default=False, metavar='BOOL', help='class-conditional training (labels from dataset.json)')
-    p.add_argument('--duration', type=pos_float, default=d['duration'], metavar='MIMG', help='training length in millions of images')
-    p.add_argument('--batch', type=pos_int, default=d['batch'], metavar='INT', help='global batch size (images per optimizer step)')
-    p.add_argument('--batch-gpu', type=pos_int, default=None, metavar='INT', help='max images per GPU per pass; the rest is gradient accumulation')
-    p.add_argument('--lr', type=pos_float, default=d['lr'], metavar='FLOAT', help='learning rate')
-    p.add_argument('--dropout', type=number(float, 0, 1), default=d['dropout'], metavar='FLOAT', help='dropout probability in the network')
-    p.add_argument('--xflip', type=parse_bool, default=False, metavar='BOOL', help='add x-flipped copies of the dataset')
-    p.add_argument('--fp16', type=parse_bool, default=False, metavar='BOOL', help='autocast fp16 around the network + GradScaler')
-    p.add_argument('--bf16', type=parse_bool, default=False, metavar='BOOL', help='autocast bf16 around the network')
-    p.add_argument('--ls', type=pos_float, default=1, metavar='FLOAT', help='loss scaling (a constant multiplier, as EDM)')
-    p.add_argument('--tf32', type=parse_bool, default=False, metavar='BOOL', help='allow TF32 matmuls/convolutions')
-    p.add_argument('--compile', type=parse_bool, default=False, metavar='BOOL', help='torch.compile the network (GPU speed; slow first steps)')
-    p.add_argument('--tick', type=pos_float, default=d['tick'], metavar='KIMG', help='thousands of images between status lines')
-    p.add_argument('--snap', type=nonneg_int, default=d['snap'], metavar='TICKS', help='ticks between network snapshots; 0 = only at the end')
-    p.add_argument('--dump', type=nonneg_int, default=d['dump'], metavar='TICKS', help='ticks between training-state dumps; 0 = only at the end')
-    p.add_argument('--seed', type=int, default=0, metavar='INT', help='random seed')
-    p.add_argument('--resume', default=None, metavar='PT', help='continue from a training-state-*.pt; flags left out take its values')
-    p.add_argument('--desc', default=None, metavar='STR', help='string appended to the run directory name')
-    p.add_argument('--nosubdir', action='store_true', help='write into --outdir itself, no numbered run directory')
-    p.add_argument('--workers', type=nonneg_int, default=1, metavar='INT', help='DataLoader worker processes per GPU')
-    p.add_argument('-n', '--dry-run', action='store_true', help='print the resolved options as JSON and exit')
+    add = p.add_argument
+    add('--outdir', default=d['outdir'], metavar='DIR', help='where to make the run directory')
+    add('--data', default=None, metavar='ZIP|DIR|demo',
+        help='required: an EDM-format zip or folder (dataset_tool.py), or demo[-RES] for built-in shapes')
+    add('--cond', type=parse_bool, default=False, metavar='BOOL', help='class-conditional (labels from dataset.json)')
+    add('--duration', type=pos_float, default=d['duration'], metavar='MIMG', help='training length, Mimg')
+    add('--batch', type=pos_int, default=d['batch'], metavar='INT', help='global batch size (images per step)')
+    add('--batch-gpu', type=pos_int, default=None, metavar='INT', help='max images per GPU pass; rest accumulated')
+    add('--lr', type=pos_float, default=d['lr'], metavar='FLOAT', help='learning rate')
+    add('--dropout', type=number(float, 0, 1), default=d['dropout'], metavar='FLOAT', help='dropout probability')
+    add('--xflip', type=parse_bool, default=False, metavar='BOOL', help='add x-flipped copies of the dataset')
+    add('--fp16', type=parse_bool, default=False, metavar='BOOL', help='fp16 autocast around the network, GradScaler')
+    add('--bf16', type=parse_bool, default=False, metavar='BOOL', help='bf16 autocast around the network')
+    add('--ls', type=pos_float, default=1, metavar='FLOAT', help='loss scaling (a constant multiplier, as EDM)')
+    add('--tf32', type=parse_bool, default=False, metavar='BOOL', help='allow TF32 matmuls/convolutions')
+    add('--compile', type=parse_bool, default=False, metavar='BOOL', help='torch.compile the network (GPU speed)')
+    add('--tick', type=pos_float, default=d['tick'], metavar='KIMG', help='kimg between status lines')
+    add('--snap', type=nonneg_int, default=d['snap'], metavar='TICKS', help='ticks between snapshots; 0 = at the end')
+    add('--dump', type=nonneg_int, default=d['dump'], metavar='TICKS', help='ticks between training states; 0 = at end')
+    add('--seed', type=int, default=0, metavar='INT', help='random seed')
+    add('--resume', default=None, metavar='PT', help='continue a training-state-*.pt; flags left out take its values')
+    add('--desc', default=None, metavar='STR', help='appended to the run directory name')
+    add('--nosubdir', action='store_true', help='write into --outdir itself, no numbered run directory')
+    add('--workers', type=nonneg_int, default=1, metavar='INT', help='DataLoader worker processes per GPU')
+    add('-n', '--dry-run', action='store_true', help='print the resolved options as JSON and exit')
 
 def add_edm_train_flags(p, ema=0.5, lr_rampup=10000):
     """EDM's lr ramp-up and EMA half-life (the methods that train with EDM's schedule: all but MaskDM)."""
-    p.add_argument('--lr-rampup', type=number(float, 0), default=lr_rampup, metavar='KIMG', help='linear lr ramp-up length (EDM: 10,000 kimg)')
-    p.add_argument('--ema', type=number(float, 0), default=ema, metavar='MIMG', help='EMA half-life in millions of images')
+    p.add_argument('--lr-rampup', type=number(float, 0), default=lr_rampup, metavar='KIMG', help='lr ramp-up, kimg')
+    p.add_argument('--ema', type=number(float, 0), default=ema, metavar='MIMG', help='EMA half-life, Mimg')
 
 def add_generate_flags(g, edm_sampler=True, steps=18):
     """The generation flags every method file shares (EDM generate.py's names); EDM's sampler flags if it uses it."""
-    g.add_argument('--outdir', required=True, metavar='DIR', help='where to write {seed:06d}.png')
-    g.add_argument('--seeds', type=parse_int_list, default='0-63', metavar='LIST', help='random seeds, e.g. 0-49999')
-    g.add_argument('--subdirs', action='store_true', help='put seeds in folders of 1,000')
-    g.add_argument('--batch', type=number(int, 1), default=64, metavar='INT', help='images per batch per GPU')
+    add, positive, nonneg = g.add_argument, number(float, 0, low_open=True), number(float, 0)
+    add('--outdir', required=True, metavar='DIR', help='where to write {seed:06d}.png')
+    add('--seeds', type=parse_int_list, default='0-63', metavar='LIST', help='random seeds, e.g. 0-49999')
+    add('--subdirs', action='store_true', help='put seeds in folders of 1,000')
+    add('--batch', type=number(int, 1), default=64, metavar='INT', help='images per batch per GPU')
     if edm_sampler:
-        g.add_argument('--steps', type=number(int, 1), default=steps, metavar='INT', help='Heun steps (EDM Alg. 2)')
-        g.add_argument('--sigma_min', type=number(float, 0, low_open=True), default=0.002, metavar='FLOAT', help='lowest noise level')
-        g.add_argument('--sigma_max', type=number(float, 0, low_open=True), default=80, metavar='FLOAT', help='highest noise level')
-        g.add_argument('--rho', type=number(float, 0, low_open=True), default=7, metavar='FLOAT', help='time step exponent (EDM Eq. 5)')
-        g.add_argument('--S_churn', type=number(float, 0), default=0, metavar='FLOAT', help='stochasticity strength (EDM Alg. 2)')
-        g.add_argument('--S_min', type=number(float, 0), default=0, metavar='FLOAT', help='lowest sigma with churn')
-        g.add_argument('--S_max', type=number(float, 0), default=float('inf'), metavar='FLOAT', help='highest sigma with churn')
-        g.add_argument('--S_noise', type=number(float, 0), default=1, metavar='FLOAT', help='churn noise inflation')
+        add('--steps', type=number(int, 1), default=steps, metavar='INT', help='Heun steps (EDM Alg. 2)')
+        add('--sigma_min', type=positive, default=0.002, metavar='FLOAT', help='lowest noise level')
+        add('--sigma_max', type=positive, default=80, metavar='FLOAT', help='highest noise level')
+        add('--rho', type=positive, default=7, metavar='FLOAT', help='time step exponent (EDM Eq. 5)')
+        add('--S_churn', type=nonneg, default=0, metavar='FLOAT', help='stochasticity strength (EDM Alg. 2)')
+        add('--S_min', type=nonneg, default=0, metavar='FLOAT', help='lowest sigma with churn')
+        add('--S_max', type=nonneg, default=float('inf'), metavar='FLOAT', help='highest sigma with churn')
+        add('--S_noise', type=nonneg, default=1, metavar='FLOAT', help='churn noise inflation')
 
 #------------------------------------------------------------------------------
 # 3. Seeding. Training reseeds at every step from (seed, rank, cur_nimg), so a resumed run replays the same
@@ -265,7 +276,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.path, self.name = path, os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
         self._zip, self._zip_pid = None, None
         if os.path.isdir(path):
-            names = [os.path.relpath(os.path.join(root, f), path).replace('\\', '/') for root, _, files in os.walk(path) for f in files]
+            names = [os.path.relpath(os.path.join(root, f), path).replace('\\', '/')
+                     for root, _, files in os.walk(path) for f in files]
         elif os.path.isfile(path) and zipfile.is_zipfile(path):
             names = self._open_zip().namelist()
         elif os.path.exists(path):
@@ -286,7 +298,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise UserError(f'{path}/{self.image_names[self.indices[0]]}: images must be square, got {width}x{height}')
         self.resolution = height
         if resolution is not None and resolution != self.resolution:
-            raise UserError(f'{path}: images are {self.resolution}x{self.resolution}, but resolution {resolution} was requested')
+            raise UserError(f'{path}: images are {height}x{height}, but resolution {resolution} was requested')
         if check:
             self._check_headers()
 
@@ -297,7 +309,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             name = self.image_names[index]
             try:
                 with self._open(name) as f, PIL.Image.open(f) as image:
-                    found, complete = (image.size, image.mode), True
+                    found, complete = f'{image.size[0]}x{image.size[1]} {image.mode}', True
                     if name.lower().endswith('.png'):
                         f.seek(-12, os.SEEK_END)
                         complete = f.read(12)[4:8] == b'IEND'
@@ -307,8 +319,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             if not complete:
                 raise UserError(f'{self.path}/{name}: truncated PNG (no IEND chunk at its end)')
             if found != expected:
-                raise UserError(f'{self.path}/{name}: image is {found[0][0]}x{found[0][1]} {found[1]}, the first is '
-                                f'{expected[0][0]}x{expected[0][1]} {expected[1]}; all images must match (see dataset_tool.py)')
+                raise UserError(f'{self.path}/{name}: image is {found}, the first is {expected}; all images must '
+                                'match (see dataset_tool.py)')
 
     def _open_zip(self):
         if self._zip is None or self._zip_pid != os.getpid():  # one handle per DataLoader worker
@@ -331,7 +343,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         labels = {name.replace('\\', '/'): label for name, label in labels}
         missing = [n for n in self.image_names if n not in labels]
         if missing:
-            raise UserError(f'{self.path}/dataset.json: no label for {missing[0]} ({len(missing)} images without labels)')
+            raise UserError(f'{self.path}/dataset.json: no label for {missing[0]} '
+                            f'({len(missing)} images without labels)')
         labels = np.array([labels[n] for n in self.image_names])
         if labels.ndim == 1:  # class indices -> one-hot
             return np.eye(labels.max() + 1, dtype=np.float32)[labels]
@@ -343,10 +356,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             with self._open(name) as f:
                 image = np.array(PIL.Image.open(io.BytesIO(f.read())))
         except Exception as e:
-            raise UserError(f'{self.path}/{name}: cannot read image ({e})') from None
+            raise DataError(f'{self.path}/{name}: cannot read image ({e})') from None
         image = (image[:, :, np.newaxis] if image.ndim == 2 else image).transpose(2, 0, 1)  # [H, W, C] -> [C, H, W]
         if hasattr(self, 'num_channels') and image.shape != (self.num_channels, self.resolution, self.resolution):
-            raise UserError(f'{self.path}/{name}: image is {tuple(image.shape)} (CHW), expected '
+            raise DataError(f'{self.path}/{name}: image is {tuple(image.shape)} (CHW), expected '
                             f'{(self.num_channels, self.resolution, self.resolution)} like the others')
         return image
 
@@ -447,7 +460,8 @@ class EDMPrecond(torch.nn.Module):
     def prepare(self, x, sigma, class_labels):
         """float32 input, sigma as [N, 1, 1, 1], labels None (unconditional) / a zero row (None given) / float."""
         x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        sigma = sigma.reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
         if self.label_dim == 0:
             class_labels = None
         else:
@@ -457,7 +471,8 @@ class EDMPrecond(torch.nn.Module):
 
     def backbone(self, x_in, c_noise, class_labels, augment_labels=None):
         """F, under autocast when `amp_dtype` is set; the output is returned in float32."""
-        with torch.autocast(x_in.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+        amp = dict(dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None)
+        with torch.autocast(x_in.device.type, **amp):
             F_x = self.model(x_in, c_noise.flatten(), class_labels=class_labels, augment_labels=augment_labels)
         return F_x.to(torch.float32)
 
@@ -476,8 +491,9 @@ class EDMLoss:
         self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
 
     def sigma_and_weight(self, n, device):
-        sigma = (torch.randn([n, 1, 1, 1], device=device) * self.P_std + self.P_mean).exp()  # EDM Table 1, ln(sigma) ~ N(P_mean, P_std^2)
-        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2      # EDM Table 1, lambda(sigma)
+        rnd_normal = torch.randn([n, 1, 1, 1], device=device)
+        sigma = (rnd_normal * self.P_std + self.P_mean).exp()                      # EDM Table 1, p_train (log-normal)
+        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2  # EDM Table 1, lambda(sigma)
         return sigma, weight
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
@@ -490,7 +506,8 @@ class EDMLoss:
 def edm_time_steps(num_steps=18, sigma_min=0.002, sigma_max=80, rho=7, round_sigma=torch.as_tensor):
     """Noise levels t_0 > ... > t_{N-1} of EDM Eq. 5 in float64, then t_N = 0."""
     i = torch.arange(num_steps, dtype=torch.float64)
-    t = (sigma_max ** (1 / rho) + i / max(num_steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho  # EDM Eq. 5
+    hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    t = (hi + i / max(num_steps - 1, 1) * (lo - hi)) ** rho                   # EDM Eq. 5
     t = torch.as_tensor(round_sigma(t), dtype=torch.float64)
     return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
 
@@ -520,7 +537,7 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
 # 6. The EDM U-Nets (NVlabs/edm training/networks.py): the layers, then the two backbones (DDPM++/NCSN++ of
 #    Song et al. 2021 as `SongUNet`, ADM of Dhariwal & Nichol 2021 as `DhariwalUNet`).
 
-# Weight init shared by all EDM layers (EDM training/networks.py, weight_init); for convolutions fan_in/fan_out count channels * k^2.
+# Weight init of all EDM layers (EDM training/networks.py, weight_init); a convolution's fans count channels * k^2.
 def weight_init(shape, mode, fan_in, fan_out):
     if mode == 'xavier_uniform':
         return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(shape) * 2 - 1)
@@ -544,8 +561,8 @@ class Linear(torch.nn.Module):
     def forward(self, x):
         return F.linear(x, self.weight, self.bias)
 
-# Convolution with optional 2x up/downsampling by the separable FIR filter f f^T / (sum f)^2 (EDM training/networks.py, Conv2d).
-# Unfused: resample, then convolve. Fused (NCSN++ residual encoder): convolve at a wider padding, then resample.
+# Convolution with optional 2x up/downsampling by the separable FIR filter f f^T / (sum f)^2 (EDM training/networks.py,
+# Conv2d). Unfused: resample, then convolve. Fused (NCSN++ residual encoder): convolve, wider padded, then resample.
 class Conv2d(torch.nn.Module):
     def __init__(self,
         in_channels,                        # input channels
@@ -565,7 +582,8 @@ class Conv2d(torch.nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.up, self.down, self.fused_resample = up, down, fused_resample
         fans = dict(mode=init_mode, fan_in=in_channels * kernel**2, fan_out=out_channels * kernel**2)
-        self.weight = torch.nn.Parameter(weight_init([out_channels, in_channels, kernel, kernel], **fans) * init_weight) if kernel else None
+        shape = [out_channels, in_channels, kernel, kernel]
+        self.weight = torch.nn.Parameter(weight_init(shape, **fans) * init_weight) if kernel else None
         self.bias = torch.nn.Parameter(weight_init([out_channels], **fans) * init_bias) if kernel and bias else None
         f = torch.as_tensor(resample_filter, dtype=torch.float32)
         f = torch.outer(f, f)[None, None] / f.sum() ** 2                    # [1, 1, k, k], sums to 1
@@ -628,18 +646,18 @@ class UNetBlock(torch.nn.Module):
     ):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.num_heads = 0 if not attention else num_heads if num_heads is not None else out_channels // channels_per_head
+        self.num_heads = (num_heads if num_heads is not None else out_channels // channels_per_head) if attention else 0
         self.dropout, self.skip_scale, self.adaptive_scale = dropout, skip_scale, adaptive_scale
-
+        resample = dict(up=up, down=down, resample_filter=resample_filter)
         self.norm0 = GroupNorm(in_channels, eps=eps)
-        self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter, **init)
+        self.conv0 = Conv2d(in_channels, out_channels, 3, **resample, **init)
         self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
         self.norm1 = GroupNorm(out_channels, eps=eps)
         self.conv1 = Conv2d(out_channels, out_channels, 3, **init_zero)
         self.skip = None
         if out_channels != in_channels or up or down:
             kernel = 1 if resample_proj or out_channels != in_channels else 0
-            self.skip = Conv2d(in_channels, out_channels, kernel, up=up, down=down, resample_filter=resample_filter, **init)
+            self.skip = Conv2d(in_channels, out_channels, kernel, **resample, **init)
         if self.num_heads:
             self.norm2 = GroupNorm(out_channels, eps=eps)
             self.qkv = Conv2d(out_channels, out_channels * 3, 1, **(init_attn if init_attn is not None else init))
@@ -726,6 +744,42 @@ def encode_decode(enc, dec, x, emb):
             x = block(x, emb)
     return x
 
+# The layers of both U-Nets under EDM's names. Encoder: per level a 3x3 conv to `conv_channels` (level 0) or a
+# downsampling block (+ NCSN++'s `aux_residual` path, a function (in, out) -> layer), then `num_blocks` blocks. The
+# decoder mirrors it, one block more per level; attention in every block at attn_resolutions, or only in the last
+# one of the level with `attn_last` (DDPM++/NCSN++). Returns the encoder, the decoder and its output channels.
+def unet_layers(img_resolution, in_channels, model_channels, conv_channels, channel_mult, num_blocks,
+                attn_resolutions, attn_last, block_kwargs, init, aux_residual=None):
+    enc, dec = torch.nn.ModuleDict(), torch.nn.ModuleDict()
+    c = caux = in_channels
+    for level, mult in enumerate(channel_mult):
+        res = img_resolution >> level
+        if level == 0:
+            enc[f'{res}x{res}_conv'] = Conv2d(c, conv_channels, 3, **init)
+            c = conv_channels
+        else:
+            enc[f'{res}x{res}_down'] = UNetBlock(c, c, down=True, **block_kwargs)
+            if aux_residual is not None:
+                enc[f'{res}x{res}_aux_residual'], caux = aux_residual(caux, c), c
+        for idx in range(num_blocks):
+            attn = res in attn_resolutions
+            enc[f'{res}x{res}_block{idx}'] = UNetBlock(c, model_channels * mult, attention=attn, **block_kwargs)
+            c = model_channels * mult
+    skips = [block.out_channels for name, block in enc.items() if 'aux' not in name]
+    for level, mult in reversed(list(enumerate(channel_mult))):
+        res = img_resolution >> level
+        if level == len(channel_mult) - 1:
+            dec[f'{res}x{res}_in0'] = UNetBlock(c, c, attention=True, **block_kwargs)
+            dec[f'{res}x{res}_in1'] = UNetBlock(c, c, **block_kwargs)
+        else:
+            dec[f'{res}x{res}_up'] = UNetBlock(c, c, up=True, **block_kwargs)
+        for idx in range(num_blocks + 1):
+            attn = res in attn_resolutions and (idx == num_blocks or not attn_last)
+            dec[f'{res}x{res}_block{idx}'] = UNetBlock(c + skips.pop(), model_channels * mult, attention=attn,
+                                                       **block_kwargs)
+            c = model_channels * mult
+    return enc, dec, c
+
 # DDPM++ / NCSN++ U-Net, Song et al. 2021 (arXiv:2011.13456), as reimplemented and configured by EDM
 # (Karras et al. 2022, arXiv:2206.00364, Table 7). Official code: NVlabs/edm training/networks.py, SongUNet.
 class SongUNet(torch.nn.Module):
@@ -749,7 +803,8 @@ class SongUNet(torch.nn.Module):
         resample_filter     = (1, 1),       # (1, 1) for DDPM++, (1, 3, 3, 1) for NCSN++
     ):
         # NOTE: EDM also has 'skip' encoder/decoder variants that none of its configs uses; they are left out.
-        assert embedding_type in ('positional', 'fourier') and encoder_type in ('standard', 'residual') and decoder_type == 'standard'
+        assert embedding_type in ('positional', 'fourier') and encoder_type in ('standard', 'residual')
+        assert decoder_type == 'standard'
         super().__init__()
         self.img_resolution, self.num_levels, self.label_dropout = img_resolution, len(channel_mult), label_dropout
         emb_channels, noise_channels = model_channels * channel_mult_emb, model_channels * channel_mult_noise
@@ -766,40 +821,14 @@ class SongUNet(torch.nn.Module):
         self.map_augment = Linear(augment_dim, noise_channels, bias=False, **init) if augment_dim else None
         self.map_layer0 = Linear(noise_channels, emb_channels, **init)
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
-        # Encoder; every output except the aux layers' is kept for the decoder's skip connections.
-        self.enc = torch.nn.ModuleDict()
-        c = caux = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                self.enc[f'{res}x{res}_conv'] = Conv2d(c, model_channels, 3, **init)
-                c = model_channels
-            else:
-                self.enc[f'{res}x{res}_down'] = UNetBlock(c, c, down=True, **block_kwargs)
-                if encoder_type == 'residual':
-                    self.enc[f'{res}x{res}_aux_residual'] = Conv2d(caux, c, 3, down=True, resample_filter=resample_filter,
-                                                                   fused_resample=True, **init)
-                    caux = c
-            for idx in range(num_blocks):
-                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(c, model_channels * mult, attention=(res in attn_resolutions), **block_kwargs)
-                c = model_channels * mult
-        skips = [block.out_channels for name, block in self.enc.items() if 'aux' not in name]
-        # Decoder; attention only in the last block of a level; 'standard' has one output head at full resolution.
-        self.dec = torch.nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f'{res}x{res}_in0'] = UNetBlock(c, c, attention=True, **block_kwargs)
-                self.dec[f'{res}x{res}_in1'] = UNetBlock(c, c, **block_kwargs)
-            else:
-                self.dec[f'{res}x{res}_up'] = UNetBlock(c, c, up=True, **block_kwargs)
-            for idx in range(num_blocks + 1):
-                attn = idx == num_blocks and res in attn_resolutions
-                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(c + skips.pop(), model_channels * mult, attention=attn, **block_kwargs)
-                c = model_channels * mult
-            if level == 0:
-                self.dec[f'{res}x{res}_aux_norm'] = GroupNorm(c, eps=1e-6)
-                self.dec[f'{res}x{res}_aux_conv'] = Conv2d(c, out_channels, 3, **init_zero)
+        aux_residual = lambda c_in, c_out: Conv2d(c_in, c_out, 3, down=True, resample_filter=resample_filter,
+                                                  fused_resample=True, **init)
+        self.enc, self.dec, c = unet_layers(img_resolution, in_channels, model_channels, model_channels, channel_mult,
+                                            num_blocks, attn_resolutions, True, block_kwargs, init,
+                                            aux_residual if encoder_type == 'residual' else None)
+        res = img_resolution                                                # one output head at full resolution
+        self.dec[f'{res}x{res}_aux_norm'] = GroupNorm(c, eps=1e-6)
+        self.dec[f'{res}x{res}_aux_conv'] = Conv2d(c, out_channels, 3, **init_zero)
 
     def forward(self, x, noise_labels, class_labels, augment_labels=None):
         check_input_size(x, self.num_levels)
@@ -836,7 +865,8 @@ class DhariwalUNet(torch.nn.Module):
         emb_channels = model_channels * channel_mult_emb
         init = dict(init_mode='kaiming_uniform', init_weight=math.sqrt(1 / 3), init_bias=math.sqrt(1 / 3))
         init_zero = dict(init_mode='kaiming_uniform', init_weight=0, init_bias=0)
-        block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init, init_zero=init_zero)
+        block_kwargs = dict(emb_channels=emb_channels, channels_per_head=64, dropout=dropout, init=init,
+                            init_zero=init_zero)
         # Mapping network; the label enters after the MLP, with N(0, 1) weights and no bias.
         self.map_noise = PositionalEmbedding(model_channels)
         self.map_augment = Linear(augment_dim, model_channels, bias=False, **init_zero) if augment_dim else None
@@ -844,32 +874,9 @@ class DhariwalUNet(torch.nn.Module):
         self.map_layer1 = Linear(emb_channels, emb_channels, **init)
         self.map_label = Linear(label_dim, emb_channels, bias=False, init_mode='kaiming_normal',
                                 init_weight=math.sqrt(label_dim)) if label_dim else None
-        # Encoder; every output is kept for the decoder's skip connections.
-        self.enc = torch.nn.ModuleDict()
-        c = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                self.enc[f'{res}x{res}_conv'] = Conv2d(c, model_channels * mult, 3, **init)
-                c = model_channels * mult
-            else:
-                self.enc[f'{res}x{res}_down'] = UNetBlock(c, c, down=True, **block_kwargs)
-            for idx in range(num_blocks):
-                self.enc[f'{res}x{res}_block{idx}'] = UNetBlock(c, model_channels * mult, attention=(res in attn_resolutions), **block_kwargs)
-                c = model_channels * mult
-        skips = [block.out_channels for block in self.enc.values()]
-        # Decoder; attention in every block of an attention resolution.
-        self.dec = torch.nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f'{res}x{res}_in0'] = UNetBlock(c, c, attention=True, **block_kwargs)
-                self.dec[f'{res}x{res}_in1'] = UNetBlock(c, c, **block_kwargs)
-            else:
-                self.dec[f'{res}x{res}_up'] = UNetBlock(c, c, up=True, **block_kwargs)
-            for idx in range(num_blocks + 1):
-                self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(c + skips.pop(), model_channels * mult, attention=(res in attn_resolutions), **block_kwargs)
-                c = model_channels * mult
+        conv_channels = model_channels * channel_mult[0]
+        self.enc, self.dec, c = unet_layers(img_resolution, in_channels, model_channels, conv_channels, channel_mult,
+                                            num_blocks, attn_resolutions, False, block_kwargs, init)
         self.out_norm = GroupNorm(c)
         self.out_conv = Conv2d(c, out_channels, 3, **init_zero)
 
@@ -996,16 +1003,17 @@ def _all_finite(obj):
 class TrainingRun:
     """One training run, the part every method's loop shares (EDM training_loop). Made after all setup, it resumes
     the objects of `state` (modules, optimizers, scaler) from `resume`, then makes the run directory with
-    training_options.json (`flags`, the command line's options, and `info`, what setup resolved) and log.txt. In the loop: `run.data(...)` gives the micro-batches, `run.add('loss', loss)`
-    accumulates tick means, `run.end_step(nimg)` counts the step's images and, at the end of each tick (the first
-    after one step, then every `tick` kimg), prints the status line (also in stats.jsonl), stops on a non-finite mean,
-    writes network snapshots every `snap` ticks (`snapshot()`: the method's snapshot content; `grid(path)` a sample
-    grid beside it) and training states every `dump` ticks. Ctrl-C ends the step, writes a training state and stops;
-    so does an unreadable image (before its step changes any weight); a full disk names the last good state."""
+    training_options.json (`flags`, the command line's options, and `info`, what setup resolved) and log.txt. In the
+    loop: `run.data(...)` gives the micro-batches, `run.add('loss', loss)` accumulates tick means, `run.end_step(nimg)`
+    counts the step's images and, at the end of each tick (the first after one step, then every `tick` kimg), prints
+    the status line (also in stats.jsonl), stops on a non-finite mean, writes network snapshots every `snap` ticks
+    (`snapshot()`: the method's snapshot content; `grid(path)` a sample grid beside it) and training states every
+    `dump` ticks. Ctrl-C ends the step, writes a training state and stops; so does an unreadable image (before its
+    step changes any weight); a full disk names the last good state."""
     def __init__(self, method, flags, info, device, *, outdir, desc, nosubdir, resume, total_nimg, tick, snap, dump,
                  state, snapshot, grid=None):
-        self.method, self.flags, self.device, self.total_nimg = method, flags, device, total_nimg
-        self.tick_kimg, self.snap, self.dump, self.objects, self.snapshot, self.grid = tick, snap, dump, state, snapshot, grid
+        self.method, self.flags, self.device, self.total_nimg, self.tick_kimg = method, flags, device, total_nimg, tick
+        self.snap, self.dump, self.objects, self.snapshot, self.grid = snap, dump, state, snapshot, grid
         self.cur_nimg = self.step = self.data_pos = self.pending_pos = self.tick = 0
         self.last_state, self.log, self.interrupted, self.data_failed = resume, None, False, False
         if resume:
@@ -1102,9 +1110,13 @@ class TrainingRun:
             self.last_print = time.time()
             print0(f'  ... kimg {self.cur_nimg / 1000:<8g} step {self.step}')
         if self.interrupted and get_world_size() == 1 and not self.done:
-            path = self.save('training-state', self.full_state())
-            print0(f'stopped at kimg {self.cur_nimg / 1000:g}; resume with --resume={path}')
-            raise KeyboardInterrupt
+            self._stop()
+
+    def _stop(self):
+        """After Ctrl-C: write a training state and stop."""
+        path = self.save('training-state', self.full_state())
+        print0(f'stopped at kimg {self.cur_nimg / 1000:g}; resume with --resume={path}')
+        raise KeyboardInterrupt
 
     def full_state(self):
         positions = [None] * get_world_size()
@@ -1133,11 +1145,9 @@ class TrainingRun:
             flag = torch.tensor([float(self.interrupted)], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             if flag.item() and not self.done:
-                path = self.save('training-state', self.full_state())
-                print0(f'stopped at kimg {self.cur_nimg / 1000:g}; resume with --resume={path}')
-                raise KeyboardInterrupt
+                self._stop()
         dist.barrier()
-        self.tick_start_time = self.last_print = time.time()  # time from the status line on is next tick's 'maintenance'
+        self.tick_start_time = self.last_print = time.time()  # the time since the status line: 'maintenance'
 
     def save(self, kind, data):
         """`<kind>-<kimg:06d>.pt` (EDM); a second save in the same kimg (--tick under 1, the last tick) appends
@@ -1164,18 +1174,17 @@ class TrainingRun:
 
     def report(self, **extra):
         """Print the status line of the tick that just ended; returns the means (all-reduced over ranks)."""
-        now, means, cur_nimg = time.time(), {}, self.cur_nimg
+        now, means, cur_nimg, dev = time.time(), {}, self.cur_nimg, self.device
         for name, (total, n) in sorted(self.sums.items()):
-            t = torch.stack([torch.as_tensor(total, device=self.device).float(), torch.tensor(float(n), device=self.device)])
+            t = torch.stack([torch.as_tensor(total, device=dev).float(), torch.tensor(float(n), device=dev)])
             dist.all_reduce(t)
             means[name] = (t[0] / t[1]).item()
-        kimg_done = max(cur_nimg - self.tick_start_nimg, 1) / 1000
-        gpumem = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == 'cuda' else 0
-        fields = dict(tick=self.tick, kimg=cur_nimg / 1000, time=now - self.start_time, **means,
-                      **{'sec/tick': now - self.tick_start_time, 'sec/kimg': (now - self.tick_start_time) / kimg_done,
-                         'img/s': kimg_done * 1000 / max(now - self.tick_start_time, 1e-9),
-                         'maintenance': self.tick_start_time - self.tick_end_time,
-                         'cpumem': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 'gpumem': gpumem}, **extra)
+        kimg_done, tick_time = max(cur_nimg - self.tick_start_nimg, 1) / 1000, now - self.tick_start_time
+        fields = dict(tick=self.tick, kimg=cur_nimg / 1000, time=now - self.start_time, **means, **{
+            'sec/tick': tick_time, 'sec/kimg': tick_time / kimg_done, 'img/s': kimg_done * 1000 / max(tick_time, 1e-9),
+            'maintenance': self.tick_start_time - self.tick_end_time,
+            'cpumem': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            'gpumem': torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == 'cuda' else 0}, **extra)
         print0('  '.join(f'{k} {v:<8.4g}' if isinstance(v, float) else f'{k} {v:<5}' for k, v in fields.items()))
         self._write_stats(fields)
         if self.device.type == 'cuda':
@@ -1200,7 +1209,8 @@ def load_training_state(path, method, rank, world_size, **objects):
     anything with load_state_dict). Returns the state, with `data_pos` this rank's data position."""
     state = load_checkpoint(path)
     if not isinstance(state, dict) or 'method' not in state:
-        raise UserError(f'{path}: not a checkpoint of this project (no "method" entry); --resume takes a training-state-*.pt')
+        raise UserError(f'{path}: not a checkpoint of this project (no "method" entry); '
+                        '--resume takes a training-state-*.pt')
     if state['method'] != method:
         raise UserError(f'{path}: a {state["method"]} checkpoint; --resume needs a training state of {method}.py')
     missing = [name for name in objects if name not in state]
@@ -1271,7 +1281,8 @@ def load_weights(module, state_dict, where):
     extra = [k for k in state_dict if k not in own]
     shapes = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
     if missing or extra or shapes:
-        first = (f'{shapes[0]} is {tuple(state_dict[shapes[0]].shape)} there, {tuple(own[shapes[0]].shape)} here' if shapes
+        k = shapes[0] if shapes else None
+        first = (f'{k} is {tuple(state_dict[k].shape)} there, {tuple(own[k].shape)} here' if shapes
                  else f'{missing[0]} is missing' if missing else f'{extra[0]} is not in this network')
         raise UserError(f'{where}: weights of another architecture: {first} ({len(shapes)} shapes differ, '
                         f'{len(missing)} missing, {len(extra)} extra); use the flags or preset it was trained with')
@@ -1289,8 +1300,8 @@ def download(url, flag):
                 f'pass the local file with {flag}=PATH, or copy it to {dest}.') from e
     return dest
 
-# Official checkpoints: EDM-format .pkl snapshots (EDM, Patch Diffusion, GDD) and .pt files.
-# _Stub: an inert stand-in for a class or object of the official code base; keeps only what was pickled.
+# Official checkpoints (see load_official). _Stub: an inert stand-in for a class or object of the official code base;
+# it keeps only what was pickled.
 class _Stub:
     name, args, state = None, (), None
 
@@ -1321,7 +1332,8 @@ _SAFE_GLOBALS = {
     ('torch._utils', '_rebuild_tensor_v2'): _tensor,
     ('torch._utils', '_rebuild_parameter'): lambda data, *unused: _expect(data, torch.Tensor, 'parameter'),
     ('torch._utils', '_rebuild_parameter_with_state'): lambda data, *unused: _expect(data, torch.Tensor, 'parameter'),
-    ('torch.storage', '_load_from_bytes'): lambda data: torch.load(io.BytesIO(data), map_location='cpu', weights_only=True),
+    ('torch.storage', '_load_from_bytes'): lambda data: torch.load(io.BytesIO(data), map_location='cpu',
+                                                                   weights_only=True),
     ('torch_utils.persistence', '_reconstruct_persistent_obj'): _persistent_obj,
     ('collections', 'OrderedDict'): OrderedDict, ('builtins', 'set'): set, ('numpy', 'dtype'): np.dtype,
     ('dnnlib.util', 'EasyDict'): dict, ('dnnlib', 'EasyDict'): dict,
@@ -1366,15 +1378,14 @@ def _from_snapshot(data):
     ema = data['ema']
     kwargs = _plain(ema.state.get('_init_kwargs') or {}, 'init_kwargs')
     kwargs.pop('use_fp16', None)
-    model = ema.state.get('_modules', {}).get('model')
-    if model is None:                                                       # a bare backbone, no preconditioner
-        return dict(class_name=ema.name, precond=None, init_kwargs=kwargs, state_dict=_flatten(ema, '', {}))
-    kwargs.setdefault('model_type', model.name)
-    return dict(class_name=model.name, precond=ema.name, init_kwargs=kwargs, state_dict=_flatten(ema, '', {}))
+    model = ema.state.get('_modules', {}).get('model')                      # None: a bare backbone, no preconditioner
+    if model is not None:
+        kwargs.setdefault('model_type', model.name)
+    return dict(class_name=(ema if model is None else model).name, precond=None if model is None else ema.name,
+                init_kwargs=kwargs, state_dict=_flatten(ema, '', {}))
 
 class _TorchZipUnpickler(_SnapshotUnpickler):
-    """The same restricted unpickler for torch.save zip archives (official RDM .pt files that pickle whole
-    modules): tensors come from the archive's storage records, modules become inert stubs."""
+    """The same unpickler for torch.save zip archives (official RDM .pt files that pickle whole modules)."""
     def __init__(self, file, archive, prefix):
         super().__init__(file)
         self.archive, self.prefix = archive, prefix
@@ -1400,14 +1411,12 @@ def _load_torch_zip(path):
             warnings.simplefilter('ignore', UserWarning)
             return _TorchZipUnpickler(io.BytesIO(archive.read(pkl[0])), archive, prefix).load()
 
-# Weights and constructor arguments of an official network: an EDM-format .pkl snapshot (EDM, Patch Diffusion,
-# GDD; path or URL) or a torch.save archive that pickles the network module (RDM's .pt files), read without the
-# official source tree and without running code from the file (plain .pt state dicts: use load_checkpoint).
-# Returns r = dict(class_name, precond, init_kwargs, state_dict); `EDMPrecond(**r['init_kwargs'])` loads
-# r['state_dict'] (keys as 'model.enc.32x32_conv.weight'), the snapshot's EMA network. class_name: the backbone
-# ('SongUNet', 'DhariwalUNet'); precond: its preconditioner ('EDMPrecond', 'VPPrecond', 'Patch_EDMPrecond', ...);
-# init_kwargs: the constructor kwargs (model kwargs included, model_type set) minus use_fp16 (we use autocast).
 def load_official(path_or_url, flag='--network'):
+    """An official network, read without its source tree and without running code from the file: an EDM-format .pkl
+    snapshot (EDM, Patch Diffusion, GDD; path or URL) or a torch.save archive that pickles the module (RDM's .pt).
+    Returns dict(class_name: the backbone, precond: its preconditioner or None, init_kwargs: the constructor's, with
+    model_type, without use_fp16, state_dict: the EMA weights, 'model.enc.32x32_conv.weight'); EDMPrecond(**init_kwargs)
+    loads the state_dict."""
     path = download(path_or_url, flag) if '://' in str(path_or_url) else path_or_url
     if not os.path.isfile(path):
         raise UsageError(f'{flag}={path}: no such file')
@@ -1423,18 +1432,19 @@ def is_official(path):
     """An official pickle (.pkl, or a URL) rather than one of our snapshots."""
     return str(path).endswith('.pkl') or '://' in str(path)
 
-# The one snapshot layout of this project: {method, precond (the network's class), net_kwargs (its constructor
-# arguments), ema (its weights), args (the training flags), cur_nimg} plus what the method's generation needs; a
-# training state adds the training objects (net, optimizer, ...), step, tick and data_pos. Every method reads it here.
 def load_snapshot(path, flag, methods):
-    """One of our network snapshots or training states, written by one of `methods` (python file names)."""
+    """A network snapshot or training state written by one of `methods` (file names), in the one layout of this
+    project: {method, precond (the network's class), net_kwargs (its constructor arguments), ema (its weights), args
+    (the training flags), cur_nimg} plus what the method's generation needs; a training state adds the training
+    objects (net, optimizer, ...), step, tick and data_pos."""
     if not os.path.isfile(path):
         raise UsageError(f'{flag}={path}: no such file')
     ckpt = load_checkpoint(path)
     method = ckpt.get('method') if isinstance(ckpt, dict) else None
     if method not in methods:
         what = f'a {method}.py checkpoint' if method else 'not a checkpoint of this project'
-        raise UsageError(f'{flag}={path}: {what}; expected a network snapshot of {" or ".join(m + ".py" for m in methods)}')
+        expected = ' or '.join(m + '.py' for m in methods)
+        raise UsageError(f'{flag}={path}: {what}; expected a network snapshot of {expected}')
     if 'ema' not in ckpt or 'net_kwargs' not in ckpt:
         raise UsageError(f'{flag}={path}: a {method}.py checkpoint without a network (no "ema"/"net_kwargs")')
     ckpt.setdefault('precond', 'GaussianDiffusion' if method == 'masked_dm' else 'EDMPrecond')  # older masked_dm files
@@ -1465,7 +1475,8 @@ def save_image_grid(images, path, cols=None):
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     grid = torch.cat([images, images.new_zeros([rows * cols - n, c, h, w])])   # padded with black cells
-    grid = grid.reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w)  # -> [C, rows*H, cols*W]
+    grid = grid.reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4)            # -> [C, rows, H, cols, W]
+    grid = grid.reshape(c, rows * h, cols * w)                                  # -> [C, rows*H, cols*W]
     save_image(grid, path)
 
 def seed_batches(seeds, batch, rank, world_size):
@@ -1489,7 +1500,8 @@ def seed_labels(rng, label_dim, class_idx=None, device=None, seeds=None):
 
 def check_class(class_idx, label_dim):
     if class_idx is not None and not 0 <= class_idx < max(label_dim, 1):
-        raise UsageError(f'--class={class_idx}: the network has {label_dim} classes' + (' (unconditional)' if not label_dim else ''))
+        unconditional = '' if label_dim else ' (unconditional)'
+        raise UsageError(f'--class={class_idx}: the network has {label_dim} classes{unconditional}')
 
 #------------------------------------------------------------------------------
 # 10. Inception features and the Frechet distance.
@@ -1668,7 +1680,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     product, real part of the result. NOTE: EDM passes disp=False, deprecated in SciPy 1.17; the plain call is equal."""
     mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f'statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}')
+        raise ValueError(f'statistics do not match: mu {mu1.shape} vs {mu2.shape}, '
+                         f'sigma {sigma1.shape} vs {sigma2.shape}')
     with warnings.catch_warnings():  # a singular product (fewer images than dimensions) warns; EDM silences it too
         warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
         s = scipy.linalg.sqrtm(np.dot(sigma1, sigma2))
@@ -1772,7 +1785,8 @@ class AugmentPipe:
                 labels.append(w)
         if self.rotate_int > 0:
             w = gate(torch.randint(4, [N, 1, 1, 1], device=dev), self.rotate_int * self.p)  # quarter turns (rot90)
-            images = torch.stack([images.rot90(k, dims=(2, 3)) for k in range(4)])[w.flatten(), torch.arange(N, device=dev)]
+            turns = torch.stack([images.rot90(k, dims=(2, 3)) for k in range(4)])   # [4, N, C, H, W]
+            images = turns[w.flatten(), torch.arange(N, device=dev)]
             labels += [(w == 1) | (w == 2), (w == 2) | (w == 3)]     # two bits: the turn's x-flip and y-flip parts
         if self.translate_int > 0:
             w = gate(torch.rand([2, N, 1, 1, 1], device=dev) * 2 - 1, self.translate_int * self.p, [1, N, 1, 1, 1])
