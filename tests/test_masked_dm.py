@@ -1,6 +1,6 @@
-"""masked_dm.py: the spec's fidelity checks (masked_dm.md section 12: parameter counts, blocks, sequence lengths,
-masks, locality, time embedding, schedules, DDIM grid, Haar, EMA, loss, transfer) and end-to-end properties (closed-form
-DDIM, overfitting, DDP, resume, per-seed generation, torchrun CLI, official checkpoint layout)."""
+"""masked_dm.py: fidelity to the official code (jiachenlei/maskdm: parameter counts, blocks, sequence lengths, masks,
+locality, time embedding, schedules, DDIM grid, Haar, EMA, loss, transfer) and end-to-end properties (closed-form
+DDIM, overfitting, DDP, resume, per-seed generation, torchrun CLI, official checkpoint layout, every bad flag)."""
 import json
 import os
 import subprocess
@@ -28,7 +28,7 @@ def parse(argv):
     return parse_command_line(md.build_parser, argv)
 
 #------------------------------------------------------------------------------
-# Spec 12.1-12.3: parameter counts, blocks, state-dict names, sequence lengths.
+# Official models/mask_uvit.py: parameter counts, blocks, state-dict names, sequence lengths.
 
 @pytest.mark.parametrize('img_size, arch, extra, count', [
     (64, 'S', {}, 44_292_144), (256, 'S', {}, 46_258_224), (256, 'B', {}, 102_417_456), (64, 'B', {}, 99_468_336),
@@ -41,7 +41,8 @@ def test_parameter_counts(img_size, arch, extra, count):
     assert sum(p.numel() for p in net.parameters()) == count
     D, L = a['embed_dim'], a['depth']
     blocks = 2 * (L // 2) + 1
-    closed = blocks * (12 * D * D + 10 * D + (2 * D if a['qkv_bias'] else 0)) + (L // 2) * (2 * D * D + D) + 2 * D  # spec 2.7
+    # Closed form: per block 12 D^2 + 10 D (+ 2 D q/v biases), per skip linear 2 D^2 + D, final LayerNorm 2 D.
+    closed = blocks * (12 * D * D + 10 * D + (2 * D if a['qkv_bias'] else 0)) + (L // 2) * (2 * D * D + D) + 2 * D
     for d_p in (16 * c for c in net.family_chans):  # patch embed d_p D + D, head D d_p + d_p
         closed += d_p * D + D + D * d_p + d_p
     closed += (1 + len(net.family_chans) * (img_size // 4) ** 2) * D  # positions
@@ -82,7 +83,7 @@ def test_masked_sequence_lengths_and_output_shapes(img_size, in_chans, kind, rat
         assert 1 + sum(visible) == 617 and md.draw_keep(net, 2, np.random.default_rng(0), 'none') is None  # DWT: 2049 full
 
 #------------------------------------------------------------------------------
-# Spec 3 and 12.4: masks at exact counts; blocks aligned; crops one window.
+# Official datasets/masking_generator.py: masks at exact counts; blocks aligned; crops one window.
 
 @pytest.mark.parametrize('side, kind, ratio, b, c, masked', [
     (16, 'patch', 0.1, 1, None, 25), (16, 'patch', 0.5, 1, None, 128), (16, 'patch', 0.9, 1, None, 230),
@@ -113,7 +114,7 @@ def test_mask_positions_are_uniform():
     assert set(corners) == {(i, j) for i in range(6) for j in range(6)}  # all (16 - 11 + 1)^2 top-left corners
 
 #------------------------------------------------------------------------------
-# Spec 12.5: locality of the masked forward; visible-patch loss.
+# Locality of the masked forward; visible-patch loss.
 
 def test_masked_forward_locality_and_full_equivalence():
     net = tiny_net(qkv_bias=True).eval()
@@ -163,10 +164,10 @@ def test_loss_at_init_is_about_one():
     keep = md.draw_keep(net, 64, np.random.default_rng(0), 'block', 0.9, 1)
     with torch.no_grad():
         loss = md.mdsm_loss(net, x0, torch.randint(0, 1000, (64,)), torch.randn_like(x0), keep).mean()
-    assert 0.9 < loss < 1.4  # spec 12.11: 1.0-1.3 (upstream 1.22)
+    assert 0.9 < loss < 1.4  # the official code gives 1.22 (MaskDM-S, CelebA 64, block-4 90%)
 
 #------------------------------------------------------------------------------
-# Spec 12.6-12.10: time embedding, schedules, DDIM grid, Haar, EMA decay.
+# Time embedding, schedules, DDIM grid, Haar, EMA decay (values of the official functions).
 
 def test_timestep_embedding_values():
     e = md.timestep_embedding(torch.tensor([10, 0]), 8)
@@ -237,7 +238,7 @@ def test_ddim_eta0_on_gaussian_data():
     z = torch.randn(256, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     errors = []
     for steps in (10, 40, 160):
-        out = md.ddim_sampler(eps, z, steps=steps, eta=0, clamp=False)
+        out = md.ddim_sampler(eps, z, num_steps=steps, eta=0, clamp=False)
         t_last = md.ddim_time_pairs(steps)[-1][0]
         # Exact probability-flow ODE from t = 999: x_t = x_999 sqrt(v_t / v_999); the output is E[x0 | x_t_last].
         exact = z * (v(t_last) / v(999)).sqrt() * ab[t_last].sqrt() * s ** 2 / v(t_last)
@@ -250,14 +251,14 @@ def test_ddim_eta0_on_gaussian_data():
     gain = 1.0
     for t, s_ in md.ddim_time_pairs(10):
         gain *= ab[t].sqrt() * s ** 2 / v(t) if s_ < 0 else ((ab[s_] * ab[t]).sqrt() * s ** 2 + ((1 - ab[s_]) * (1 - ab[t])).sqrt()) / v(t)
-    assert torch.allclose(md.ddim_sampler(eps, z, steps=10, eta=0, clamp=False), z * gain, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(md.ddim_sampler(eps, z, num_steps=10, eta=0, clamp=False), z * gain, rtol=1e-5, atol=1e-6)
 
 def test_ddim_eta1_1000_steps_is_ancestral_ddpm():
     eps = GaussianEps(0.5, 'linear')
     z = torch.randn(8, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     noise = lambda seed: (lambda g: (lambda x: torch.randn(x.shape, dtype=x.dtype, generator=g)))(torch.Generator().manual_seed(seed))
-    a = md.ddim_sampler(eps, z, noise(2), steps=1000, eta=1.0, clamp=False)
-    b = md.ddpm_sampler(eps, z, noise(2), clamp=False)
+    a = md.ddim_sampler(eps, z, randn_like=noise(2), num_steps=1000, eta=1.0, clamp=False)
+    b = md.ddpm_sampler(eps, z, randn_like=noise(2), clamp=False)
     assert torch.allclose(a, b, atol=1e-7) and a.std() > 0.3
 
 def test_clamping_bounds():
@@ -266,11 +267,11 @@ def test_clamping_bounds():
             return torch.full_like(x, -50.0)
     plain = Huge(0.5)
     near = lambda out, value: (out - value).abs().max() < 1e-9
-    assert near(md.ddim_sampler(plain, torch.zeros(1, 3, 2, 2), steps=5, eta=0), 1)  # x0 clamped to [-1, 1]
-    assert md.ddim_sampler(plain, torch.zeros(1, 3, 2, 2), steps=5, eta=0, clamp=False).min() > 10
+    assert near(md.ddim_sampler(plain, torch.zeros(1, 3, 2, 2), num_steps=5, eta=0), 1)  # x0 clamped to [-1, 1]
+    assert md.ddim_sampler(plain, torch.zeros(1, 3, 2, 2), num_steps=5, eta=0, clamp=False).min() > 10
     dwt = Huge(0.5)
     dwt.in_chans, dwt.dwt = 12, True
-    out = md.ddim_sampler(dwt, torch.zeros(1, 12, 2, 2), steps=5, eta=0)
+    out = md.ddim_sampler(dwt, torch.zeros(1, 12, 2, 2), num_steps=5, eta=0)
     assert near(out[:, :3], 3) and near(out[:, 3:], 1)  # LL to [-1, 3], details to [-1, 1]
 
 #------------------------------------------------------------------------------
@@ -338,12 +339,13 @@ def test_resume_equals_uninterrupted_and_finetune_from_online_weights(dataset_zi
     state = dict(a, ema={k: v + 1 for k, v in a['ema'].items()})
     torch.save(state, tmp_path / 'pre.pt')
     net = tiny_net(7)
-    md.load_pretrained(net, str(tmp_path / 'pre.pt'))  # strict: no missing or unexpected keys (spec 12.12)
+    md.load_pretrained(net, str(tmp_path / 'pre.pt'))  # strict: no missing or unexpected keys (official main.py loads them all)
     assert all(torch.equal(v, a['net'][k]) for k, v in net.state_dict().items())
-    run_train(base + [f'--outdir={tmp_path / "ft"}', '--mask_type=none', '--train_steps=1', '--lr=0',
+    run_train(base + [f'--outdir={tmp_path / "ft"}', '--mask_type=none', '--train_steps=1', '--warmup_steps=5',
                       f'--pretrained_model_ckpt={tmp_path / "pre.pt"}'])
     ft = state_at(tmp_path / 'ft', 4)
-    assert all(torch.equal(ft['net'][k], a['net'][k]) for k in a['net'])  # lr 0: still the pre-trained online weights
+    # The warm-up's first step has lr 0 (official LambdaLR): still the pre-trained online weights.
+    assert all(torch.equal(ft['net'][k], a['net'][k]) for k in a['net'])
     assert ft['optimizer']['state'][0]['step'] == 1  # a fresh optimizer
     with pytest.raises(UserError, match='another architecture'):
         md.load_pretrained(tiny_net(embed_dim=64), str(tmp_path / 'pre.pt'))
@@ -406,7 +408,7 @@ def test_official_checkpoint_layout_loads_and_samples(tmp_path):
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())  # the EMA weights
     md.generate(parse(['generate', f'--network={tmp_path / "model-20.pt"}', '--preset=demo_ft', f'--outdir={tmp_path / "o"}',
                        '--seeds=3', '--steps=6']))
-    expected = md.sample(net.eval(), [3], torch.device('cpu'), steps=6)
+    expected = md.sample(net.eval(), [3], torch.device('cpu'), num_steps=6)
     assert np.array_equal(read_pngs(tmp_path / 'o')['000003.png'], to_uint8(expected)[0].permute(1, 2, 0).numpy())
     ft = md.GaussianDiffusion(**kw)
     md.load_pretrained(ft, str(tmp_path / 'model-20.pt'))  # fine-tuning init: the 'model' (online) weights
@@ -429,13 +431,13 @@ def test_presets_dry_run_and_errors(tmp_path, capsys, dataset_zip):
     assert (args.mask_type, args.mask_ratio, args.block_size, args.batch, args.lr) == ('block', 0.9, 4, 64, 2e-4)
     names = [f'celeba64_pre_{m}_{p}' for m in ('patch', 'block2', 'block4', 'crop') for p in (10, 50, 90)] + [
         'celeba64_pre_block8_50', 'celeba64_ft', 'vgg256s_pre90', 'hq256s_pre90', 'hq256s_ft10pct', 'hq256b_pre90',
-        'hq256b_pre50', 'hq256b_ft', 'church256b_ft', 'hq256l_dwt_pre70', 'hq256l_dwt_ft']  # spec section 7
+        'hq256b_pre50', 'hq256b_ft', 'church256b_ft', 'hq256l_dwt_pre70', 'hq256l_dwt_ft']  # every official config
     assert set(names) <= set(md.PRESETS)
     with pytest.raises(UserError, match='64x64'):
         md.train(parse(['--preset=celeba64_ft', '--data=demo-32', '-n']))
     with pytest.raises(UserError, match='block_size'):
         md.train(parse(TINY_FLAGS + [f'--data={dataset_zip}', '--block_size=3', '-n']))
-    with pytest.raises(UserError, match='no such checkpoint'):
+    with pytest.raises(UserError, match='no such file'):
         md.load_network(str(tmp_path / 'missing.pt'))
     torch.save(dict(method='gdd', ema={}), tmp_path / 'other.pt')
     with pytest.raises(UserError, match='gdd'):
@@ -450,7 +452,7 @@ def test_dwt_variant_trains_and_samples_rgb(dataset_zip, tmp_path):
     assert (kwargs['img_size'], kwargs['in_chans'], kwargs['dwt']) == (4, 12, True)  # 8x8 RGB -> 4x4 x 12 wavelet bands
     net = md.load_network(str(snapshot))
     assert 'approx_to_output.weight' in dict(net.model.named_parameters())
-    images = md.sample(net, [0, 1], torch.device('cpu'), steps=4)
+    images = md.sample(net, [0, 1], torch.device('cpu'), num_steps=4)
     assert images.shape == (2, 3, 8, 8) and images.isfinite().all()  # back in pixel space after the inverse Haar
 
 #------------------------------------------------------------------------------
@@ -586,7 +588,7 @@ def test_official_conditional_checkpoint_loads_and_samples(tmp_path):
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
     md.generate(parse(['generate', f'--network={tmp_path / "model-20.pt"}', '--preset=demo_ft',
                        f'--outdir={tmp_path / "o"}', '--seeds=3', '--steps=4', '--class=2']))
-    expected = md.sample(net.eval(), [3], torch.device('cpu'), steps=4, class_idx=2)
+    expected = md.sample(net.eval(), [3], torch.device('cpu'), num_steps=4, class_idx=2)
     assert np.array_equal(read_pngs(tmp_path / 'o')['000003.png'], to_uint8(expected)[0].permute(1, 2, 0).numpy())
     with pytest.raises(UserError, match='label-dropout'):
         md.train(parse(TINY_FLAGS + ['--data=demo-8', '--label-dropout=0.1', '-n']))
@@ -616,3 +618,95 @@ def test_grey_images_train_and_generate(tmp_path, dwt):
         official_checkpoint(tmp_path / 'grey.pt', net, 'linear')
         loaded = md.load_network(str(tmp_path / 'grey.pt'), 'demo_ft')
         assert loaded.in_chans == 1 and all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+#------------------------------------------------------------------------------
+# Checkpoints written before TrainingRun took explicit arguments still load.
+
+def test_old_layout_snapshot_and_training_state_load(tmp_path):
+    # The keys masked_dm.py wrote then: a snapshot {method, args, cur_nimg, net_kwargs, ema}; a training state adds
+    # net, optimizer, scaler, step and data_pos (no tick). Its args had EDM's --ema and --lr-rampup, no --cond extras.
+    args = {k: v for k, v in vars(parse(TINY_FLAGS + ['--data=demo-8', f'--outdir={tmp_path / "run"}', '--nosubdir',
+                                                      '--tick=0.004', '--train_steps=2'])).items()
+            if k not in ('label_dropout', 'mlp_time_embed')} | dict(ema=0.5, lr_rampup=10000)
+    net = tiny_net(8)
+    optimizer = torch.optim.AdamW(net.parameters(), betas=(0.99, 0.99), weight_decay=0.03)
+    snapshot = dict(method='masked_dm', args=args, cur_nimg=4, net_kwargs=dict(TINY, beta_schedule='linear'),
+                    ema=net.state_dict())
+    torch.save(snapshot, tmp_path / 'old-snapshot.pt')
+    loaded = md.load_network(str(tmp_path / 'old-snapshot.pt'))
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
+    state = dict(snapshot, net=net.state_dict(), optimizer=optimizer.state_dict(),
+                 scaler=torch.amp.GradScaler('cpu', enabled=False).state_dict(), step=1, data_pos=[4])
+    torch.save(state, tmp_path / 'old-state.pt')
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in md.load_network(str(tmp_path / 'old-state.pt'))
+               .state_dict().items())
+    run_train([f'--resume={tmp_path / "old-state.pt"}'])  # the stored options, one more step to 8 images
+    resumed = state_at(tmp_path / 'run', 8)
+    assert resumed['step'] == 2 and not torch.equal(resumed['net']['model.encoder_to_output.weight'],
+                                                    net.state_dict()['model.encoder_to_output.weight'])
+
+#------------------------------------------------------------------------------
+# Bad input: every case is one line on stderr naming the flag, exit 2 (usage), no run directory, no temp file.
+
+TRAIN = ['train', '--data=demo-8', *TINY_FLAGS, '--outdir={tmp}/out', '--train_steps=2', '--nosubdir']
+GENERATE = ['generate', '--network={snapshot}', '--outdir={tmp}/out', '--steps=2']
+BAD = [  # (argv, exit code, a word of the one line)
+    (TRAIN + ['--mask_ratio=-0.1'], 2, '--mask_ratio'),
+    (TRAIN + ['--mask_ratio=1.5'], 2, '--mask_ratio'),
+    (TRAIN + ['--mask_ratio=1'], 2, 'visible'),
+    (TRAIN + ['--mask_type=patch', '--mask_ratio=1'], 2, 'visible'),
+    (TRAIN + ['--train_steps=-1'], 2, '--train_steps'),
+    (TRAIN + ['--train_steps=0'], 2, '--train_steps'),
+    (TRAIN + ['--block_size=3'], 2, '--block_size'),
+    (TRAIN + ['--mask_type=crop', '--crop_size=5'], 2, '--crop_size'),
+    (TRAIN + ['--mask_type=crop'], 2, '--crop_size'),
+    (TRAIN + ['--patch_size=3'], 2, '--patch_size'),
+    (TRAIN + ['--embed_dim=30', '--heads=4'], 2, '--heads'),
+    (TRAIN + ['--resolution=16'], 2, '16x16'),
+    (TRAIN + ['--batch=0'], 2, '--batch'),
+    (TRAIN + ['--batch=6', '--batch-gpu=4'], 2, '--batch'),
+    (TRAIN + ['--lr=-1'], 2, '--lr'),
+    (TRAIN + ['--dropout=0.1'], 2, '--dropout'),
+    (TRAIN + ['--label-dropout=0.1'], 2, '--label-dropout'),
+    (TRAIN + ['--cond=1', '--dwt=1'], 2, '--dwt'),
+    (TRAIN + ['--fp16=1', '--bf16=1'], 2, '--bf16'),
+    (TRAIN + ['--ema_decay=1.5'], 2, '--ema_decay'),
+    (TRAIN + ['--ema_every=0'], 2, '--ema_every'),
+    (TRAIN + ['--warmup_steps=-5'], 2, '--warmup_steps'),
+    (TRAIN + ['--preset=bogus'], 2, '--preset'),
+    (TRAIN + ['--outdir={file}'], 2, '--outdir'),
+    (TRAIN + ['--pretrained_model_ckpt={other}'], 2, '--pretrained_model_ckpt'),
+    (TRAIN + ['--pretrained_model_ckpt={tmp}/missing.pt'], 2, '--pretrained_model_ckpt'),
+    (TRAIN + ['--pretrained_model_ckpt={junk}'], 2, '--pretrained_model_ckpt'),
+    (TRAIN + ['--pretrained_model_ckpt={snapshot}', '--embed_dim=64'], 2, '--pretrained_model_ckpt'),
+    (GENERATE + ['--steps=0'], 2, '--steps'),
+    (GENERATE + ['--batch=0'], 2, '--batch'),
+    (GENERATE + ['--seeds=5-1'], 2, '--seeds'),
+    (GENERATE + ['--eta=2'], 2, '--eta'),
+    (GENERATE + ['--outdir={file}'], 2, '--outdir'),
+    (GENERATE + ['--network={other}'], 2, '--network'),
+    (GENERATE + ['--network={tmp}/missing.pt'], 2, '--network'),
+    (GENERATE + ['--network={junk}'], 2, '--network'),
+    (GENERATE + ['--network={official}'], 2, '--preset'),
+    (GENERATE + ['--class=1'], 2, '--class'),
+    (GENERATE + ['--cfg=2'], 2, '--cfg'),
+]
+
+@pytest.mark.parametrize('argv, code, word', BAD, ids=[' '.join(a[0:1] + a[len(TRAIN if a[0] == 'train' else GENERATE):])
+                                                        for a, _, _ in BAD])
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys, argv, code, word):
+    files = dict(snapshot=tmp_path / 'net.pt', other=tmp_path / 'gdd.pt', junk=tmp_path / 'junk.pt',
+                 official=tmp_path / 'model-1.pt', file=tmp_path / 'a-file')
+    write_snapshot(files['snapshot'], tiny_net())
+    torch.save(dict(method='gdd', net_kwargs={}, ema={}, args={}, cur_nimg=0), files['other'])
+    files['junk'].write_text('not a checkpoint')
+    files['file'].write_text('x')
+    torch.manual_seed(0)
+    official_checkpoint(files['official'], md.GaussianDiffusion(**md.preset_network_kwargs('demo_ft')), 'linear')
+    before = sorted(os.listdir(tmp_path))
+    monkeypatch.setattr(sys, 'argv', ['masked_dm.py'] + [a.format(tmp=tmp_path, **files) for a in argv])
+    with pytest.raises(SystemExit) as e:
+        md.main()
+    err = capsys.readouterr().err
+    assert e.value.code == code and word in err and err.count('\n') == 1 and 'Traceback' not in err, err
+    assert sorted(os.listdir(tmp_path)) == before and files['file'].read_text() == 'x'  # no run dir, no temp file
