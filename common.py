@@ -39,8 +39,7 @@ from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 #------------------------------------------------------------------------------
-# 1. Distributed setup. There is always a process group: torchrun sets RANK/WORLD_SIZE, a plain `python x.py`
-#    becomes a world of one. nccl on GPUs, gloo on CPU (the tests run there).
+# 1. Distributed setup: always a process group (torchrun's, or a world of one; nccl on GPUs, gloo on CPU), errors.
 
 def init_distributed():
     """Join the torchrun group, or make a world of one (an in-memory store: no port, no environment variables)."""
@@ -149,10 +148,9 @@ RESUME_MAY_CHANGE = {'command', 'outdir', 'resume', 'duration', 'train_steps', '
                      'grid', 'grid_steps', 'desc', 'nosubdir', 'dry_run', 'compile', 'batch_gpu', 'preset'}
 
 def parse_command_line(build_parser, argv=None):
-    """`train` is the default subcommand (`x.py --preset=demo` trains). `build_parser(preset)` builds the parser; with
-    a preset name, the subcommand that has --preset takes its values as defaults: flags given still win. With
-    `train --resume=STATE`, the options stored in the state are the defaults, and a flag that gives a run-defining
-    option another value is an error."""
+    """`train` is the default subcommand (`x.py --preset=demo` trains). `build_parser(preset)` builds the parser; a
+    preset's values are defaults of the subcommand that has --preset. With `train --resume=STATE` the state's options
+    are the defaults, and a flag that gives a run-defining option another value is an error."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith('-') and argv[0] not in ('-h', '--help')):
         argv.insert(0, 'train')
@@ -534,8 +532,7 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
     return x_next
 
 #------------------------------------------------------------------------------
-# 6. The EDM U-Nets (NVlabs/edm training/networks.py): the layers, then the two backbones (DDPM++/NCSN++ of
-#    Song et al. 2021 as `SongUNet`, ADM of Dhariwal & Nichol 2021 as `DhariwalUNet`).
+# 6. The EDM U-Nets (NVlabs/edm training/networks.py): the layers, then DDPM++/NCSN++ and ADM (Table 7).
 
 # Weight init of all EDM layers (EDM training/networks.py, weight_init); a convolution's fans count channels * k^2.
 def weight_init(shape, mode, fan_in, fan_out):
@@ -1451,7 +1448,7 @@ def load_snapshot(path, flag, methods):
     return ckpt
 
 #------------------------------------------------------------------------------
-# 9. Images: float [-1, 1] NCHW -> uint8 (EDM: floor(clip(127.5 x + 128))), PNG files per seed, grids.
+# 9. Images and labels: float [-1, 1] NCHW -> uint8 (EDM: floor(clip(127.5 x + 128))), PNGs per seed, grids, labels.
 
 def to_uint8(images):
     return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
@@ -1688,10 +1685,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(np.real(np.square(mu1 - mu2).sum() + np.trace(sigma1 + sigma2 - s * 2)))
 
 #------------------------------------------------------------------------------
-# 11. EDM's augmentation pipe (EDM Sec. 5, "Augmentation regularization"), the pipeline of ADA: Karras et al. 2020,
-#     "Training Generative Adversarial Networks with Limited Data", App. B. Official code: NVlabs/edm
-#     training/augment.py, AugmentPipe. The random draws come in the official order and shapes, so one torch seed
-#     gives the official batch and labels (checked to 1e-6 on CPU).
+# 11. EDM's augmentation pipe (EDM Sec. 5), the pipeline of ADA: Karras et al. 2020, "Training Generative Adversarial
+#     Networks with Limited Data", App. B. Official code: NVlabs/edm training/augment.py, AugmentPipe. The random
+#     draws come in the official order and shapes: one torch seed gives the official batch (to 1e-6 on CPU).
 
 # Low-pass filter of the Daubechies symlet 'sym6' wavelet (12 taps, sum sqrt(2)): the 2x up/down sampling filter.
 _SYM6 = [0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633, 0.4910559419267466,
