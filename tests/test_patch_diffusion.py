@@ -294,7 +294,7 @@ def test_presets_and_cli_errors(tmp_path):
     assert args.command == 'train' and args.batch == 8 and args.lr_rampup == 1 and args.cres == [1, 2, 2]
     result = subprocess.run([sys.executable, str(ROOT / 'patch_diffusion.py'), 'train', f'--data={tmp_path}/missing.zip'],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert result.stderr.strip() == f'error: {tmp_path}/missing.zip: no such dataset (make one with dataset_tool.py, or use --data=demo)'
 
 @pytest.mark.parametrize('flag', ['--bf16=1', '--fp16=1'])
