@@ -188,7 +188,8 @@ def blur_of_u(u, blur_sigma_max):
 def u_min(prob_length, truncate_sigma=TRUNCATE_SIGMA):
     """Lower clamp of u: L Phi((ln 0.0075 - P_mean) / P_std). NOTE: L enters here and again in sigma_of_u, so the
     smallest trained sigma is 0.0071 at L = 0.93, not the nominal 0.0075 (official BlurLoss)."""
-    return prob_length * torch.special.ndtr(torch.tensor((math.log(truncate_sigma) - P_MEAN) / P_STD, dtype=torch.float64)).item()
+    z = torch.tensor((math.log(truncate_sigma) - P_MEAN) / P_STD, dtype=torch.float64)
+    return prob_length * torch.special.ndtr(z).item()
 
 class BlurLoss:
     """Stage-two loss (paper Sec. 3, official training/loss.py BlurLoss): u ~ U(u_min, 1) per image (clamped),
@@ -208,12 +209,13 @@ class BlurLoss:
     def schedule(self, n, device):
         """u, sigma(u) (float32) and B(u) for n images, one shared u per image."""
         u = torch.rand([n], device=device, dtype=torch.float64).clamp(min=u_min(self.prob_length))
-        return u, sigma_of_u(u, self.prob_length).float().reshape(-1, 1, 1, 1), blur_of_u(u, self.blur_sigma_max).float()
+        sigma = sigma_of_u(u, self.prob_length).float().reshape(-1, 1, 1, 1)
+        return u, sigma, blur_of_u(u, self.blur_sigma_max).float()
 
     def __call__(self, net, images, labels=None, augment_pipe=None):
         u, sigma, B = self.schedule(images.shape[0], images.device)
         lam = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2  # EDM Table 1, lambda(sigma)
-        weight = lam.clamp(max=1e5)                                                # official BlurLoss clamp (never fires)
+        weight = lam.clamp(max=1e5)                                         # official BlurLoss clamp (never fires)
         y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
         n = sigma * mixed_noise(y, self.up_scale, self.block_scale, torch.randn_like, self.paper_noise_norm)
         D_yn = net(blur(y, B, self.up_scale) + n, sigma, labels, augment_labels=augment_labels)  # x_t = A(B(u)) y + n
@@ -301,33 +303,13 @@ def blur_sampler(net, images, class_labels=None, randn_like=torch.randn_like, nu
 #------------------------------------------------------------------------------
 # 5. Training loop: one loop for both stages; --precond picks EDMLoss (stage one) or BlurLoss (stage two).
 
-def dataset_shape(args):
-    """(dataset or None, resolution, channels, label_dim). A dry run of a dataset that is not on this machine takes
-    the resolution from its name ('imagenet-256x256.zip', 'demo-256') and 1000 classes for --cond=1 (ImageNet)."""
-    m = re.search(r'(\d+)x\1', os.path.basename(str(args.data)))
-    if args.dry_run and not os.path.exists(args.data) and m and not args.data.startswith('demo'):
-        print0(f'note: {args.data} not found; assuming {m[1]}x{m[1]} RGB images' + (', 1000 classes' if args.cond else ''))
-        return None, int(m[1]), 3, 1000 if args.cond else 0
-    dataset = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
-    return dataset, dataset.resolution, dataset.num_channels, dataset.label_dim
-
-def check_train_flags(args, R, label_dim, net_kwargs):
-    """Flag combinations that depend on the data, checked before anything is written."""
-    if args.precond == 'blur' and R % args.up_scale:
-        raise UsageError(f'--up-scale={args.up_scale} must divide the image size: {args.data} has {R}x{R} images')
-    if args.label_dropout and not label_dim:
-        raise UsageError(f'--label-dropout={args.label_dropout} needs class labels (--cond=1)')
-    levels = len(net_kwargs['channel_mult'])
-    if R % 2 ** (levels - 1):
-        raise UsageError(f'--cres={",".join(map(str, net_kwargs["channel_mult"]))}: a {levels}-level U-Net needs '
-                         f'image sides divisible by {2 ** (levels - 1)}; {args.data} has {R}x{R} images')
-
 def stage_of(args):
     """What generation needs to know about the stage a network was trained for (stored in its snapshots)."""
     if args.precond == 'edm':
         return dict(precond='edm')
     return dict(precond='blur', up_scale=args.up_scale, prob_length=args.prob_length,
-                blur_sigma_max=args.blur_sigma_max, block_scale=args.block_scale, paper_noise_norm=args.paper_noise_norm)
+                blur_sigma_max=args.blur_sigma_max, block_scale=args.block_scale,
+                paper_noise_norm=args.paper_noise_norm)
 
 def make_loss(args):
     if args.precond == 'edm':
@@ -335,57 +317,44 @@ def make_loss(args):
     return BlurLoss(up_scale=args.up_scale, prob_length=args.prob_length, blur_sigma_max=args.blur_sigma_max,
                     block_scale=args.block_scale, paper_noise_norm=args.paper_noise_norm)
 
-@torch.no_grad()
-def save_progress_grid(net, path, num, device, loss_fn, fixed=None):
-    """Seeds 0..num-1: stage one samples 18 Heun steps from noise; stage two relays the block means of `fixed`
-    training images (average-pooled by s, nearest-upsampled: a stand-in for stage-one samples), shown above the
-    relayed results."""
-    rng = PerSeedRNG(range(num), device)
-    labels = torch.eye(net.label_dim, device=device)[torch.arange(num) % net.label_dim] if net.label_dim else None
-    if not isinstance(loss_fn, BlurLoss):
-        latents = rng.randn([net.img_channels, net.img_resolution, net.img_resolution], device=device)
-        return save_image_grid(edm_sampler(net, latents, labels, rng.randn_like), path)
-    s = loss_fn.up_scale
-    real = fixed.to(device).to(torch.float64) / 127.5 - 1
-    x_up = F.interpolate(F.avg_pool2d(real, s), scale_factor=s, mode='nearest')
-    out = blur_sampler(net, x_up, labels, rng.randn_like, up_scale=s, truncation_t=loss_fn.prob_length,
-                       blur_sigma_max=loss_fn.blur_sigma_max, s_block=loss_fn.block_scale,
-                       paper_noise_norm=loss_fn.paper_noise_norm)
-    save_image_grid(torch.cat([x_up, out]), path, cols=num)
+def training_setup(args, world_size):
+    """(dataset, network kwargs, batch_gpu, rounds, what the run records besides its flags); the flags that depend
+    on the data are checked here, before anything is written."""
+    dataset, R, C, label_dim = dataset_shape(args)
+    net_kwargs = network_kwargs(args, R, C, label_dim)
+    check_train_flags(args, R, label_dim, net_kwargs)
+    batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
+    return dataset, net_kwargs, batch_gpu, rounds, dict(net_kwargs=net_kwargs, num_params=count_parameters(net_kwargs),
+        stage=stage_of(args), batch_gpu=batch_gpu, rounds=rounds, world_size=world_size)
 
 def train(args):
     device, rank, world_size = init_distributed(), get_rank(), get_world_size()
     amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
-    dataset, R, C, label_dim = dataset_shape(args)
-    net_kwargs, stage = network_kwargs(args, R, C, label_dim), stage_of(args)
-    check_train_flags(args, R, label_dim, net_kwargs)
-    batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
-    info = dict(net_kwargs=net_kwargs, num_params=count_parameters(net_kwargs), stage=stage, batch_gpu=batch_gpu,
-                rounds=rounds, world_size=world_size)
+    dataset, net_kwargs, batch_gpu, rounds, info = training_setup(args, world_size)
     if args.dry_run:
         print0(json.dumps(dict(vars(args), **info), indent=2))
         return print0(f'{info["num_params"]:,} parameters')
     torch.manual_seed(args.seed)
     net, ema = network_and_ema(EDMPrecond(**net_kwargs), device, amp_dtype)
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type == 'cuda')
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,  # EDM's optimizer
+                                 fused=device.type == 'cuda')
     augment_pipe = AugmentPipe(args.augment, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
                                translate_frac=1) if args.augment else None  # EDM's CelebA/CIFAR setting, as upstream
-    loss_fn = make_loss(args)
-    fixed = next(data_stream(dataset, args.grid, 0, 1, args.seed, 0, 0))[0] if args.grid and args.precond == 'blur' else None
+    loss_fn = make_loss(args)  # stage one: EDM's loss; stage two: BlurLoss
     run = TrainingRun('relay_diffusion', vars(args), info, device, outdir=args.outdir, nosubdir=args.nosubdir,
         desc=run_desc(os.path.splitext(os.path.basename(args.data))[0], 'cond' if args.cond else 'uncond', args.arch,
                       args.precond, world_size=world_size, batch=args.batch, fp16=args.fp16, bf16=args.bf16,
                       desc=args.desc),
         resume=args.resume, total_nimg=args.duration * 1e6, tick=args.tick, snap=args.snap, dump=args.dump,
         state=dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler),
-        snapshot=lambda: dict(precond='EDMPrecond', net_kwargs=net_kwargs, stage=stage, ema=ema.state_dict()),
-        grid=args.grid and (lambda path: save_progress_grid(ema, path, args.grid, device, loss_fn, fixed)))
-    ddp = distributed_model(net, device, args.compile)
-    stream = run.data(dataset, batch_gpu, args.seed, args.workers)
+        snapshot=lambda: dict(precond='EDMPrecond', net_kwargs=net_kwargs, stage=info['stage'], ema=ema.state_dict()),
+        grid=args.grid and progress_grid(ema, args.grid, dataset, args.seed, device, loss_fn))
+    ddp, stream = distributed_model(net, device, args.compile), run.data(dataset, batch_gpu, args.seed, args.workers)
     with run:
         print0(f'Relay Diffusion stage {"one (EDM)" if args.precond == "edm" else "two (blur)"}: {dataset.name} '
-               f'({len(dataset)} images, {R}x{R}x{C}), {args.arch}, {info["num_params"]:,} parameters, device {device}, '
-               f'{world_size} process(es); {batch_gpu} images x {rounds} rounds x {world_size} per step')
+               f'({len(dataset)} images, {dataset.resolution} px), {args.arch}, {info["num_params"]:,} parameters, '
+               f'device {device}, {world_size} process(es); {batch_gpu} images x {rounds} rounds x {world_size} '
+               'per step')
         while not run.done:
             reseed(args.seed, rank, run.cur_nimg)  # per-step randomness: resume == uninterrupted
             optimizer.zero_grad(set_to_none=True)
@@ -393,7 +362,7 @@ def train(args):
                 # Fetch data.
                 images, labels = next(stream)
                 images = images.to(device).to(torch.float32) / 127.5 - 1
-                # The paper's loss (stage one: EDM's; stage two: BlurLoss, paper Sec. 3), then backward.
+                # The paper's loss (stage two: BlurLoss, paper Sec. 3), then backward.
                 with sync_if(ddp, r == rounds - 1):
                     loss = loss_fn(ddp, images, labels.to(device), augment_pipe)
                     run.add('loss', loss)
@@ -461,9 +430,10 @@ def generate(args):
                              f'{second.img_resolution}')
     label_dim = (first or second).label_dim
     check_class(args.class_idx, label_dim)
-    indir = indir_paths(args.indir, args.seeds) if first is None else None
+    indir = indir_paths(args.indir, args.seeds, second.img_resolution // s) if first is None else None
     first_kwargs = dict(num_steps=args.num_steps_first, sigma_min=args.sigma_min_first, sigma_max=args.sigma_max_first,
-                        rho=args.rho_first, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
+                        rho=args.rho_first, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
+                        S_noise=args.S_noise)
     if args.sde_scale_first:
         first_kwargs['sde_scale'] = args.sde_scale_first
     trained = (getattr(second, 'stage', None) or {}).get('paper_noise_norm', False)
@@ -473,7 +443,8 @@ def generate(args):
                          cfg_scale=args.cfg_scale_second, s_block=args.s_block_second, s_noise=args.s_noise_second,
                          blur_sigma_max=args.blur_sigma_max_second,
                          paper_noise_norm=trained if args.paper_noise_norm is None else args.paper_noise_norm)
-    print0(f'sampler stages {stages}: first {first_kwargs if first else "-"}; second {second_kwargs if second else "-"}')
+    print0(f'sampler stages {stages}: first {first_kwargs if first else "-"}; '
+           f'second {second_kwargs if second else "-"}')
     grid = []
     with tqdm(total=len(args.seeds), unit='img', disable=rank != 0) as bar:
         for seeds in seed_batches(args.seeds, args.batch, rank, world_size):
@@ -488,7 +459,7 @@ def generate(args):
             if second is not None:
                 x_up = F.interpolate(low, scale_factor=s, mode='nearest')  # NOTE: upstream resizes to 256 whatever s is
                 if x_up.shape[-1] != second.img_resolution or x_up.shape[1] != second.img_channels:
-                    raise UsageError(f'--indir={args.indir}: stage-one images {tuple(low.shape[1:])} x{s} do not fit '
+                    raise UserError(f'--indir={args.indir}: stage-one images {tuple(low.shape[1:])} x{s} do not fit '
                                      f'the second stage ({second.img_channels}x{second.img_resolution}x'
                                      f'{second.img_resolution})')
                 images = blur_sampler(second, x_up, labels, rng.randn_like, **second_kwargs)
@@ -501,6 +472,104 @@ def generate(args):
         save_image_grid(torch.cat([ups, outs]), args.grid, cols=len(ups))  # stage one (upsampled) above, relayed below
     torch.distributed.barrier()
     print0('done')
+
+#------------------------------------------------------------------------------
+# 7. Command line. Flag spellings follow the official train.py / generate.py so published commands run unchanged.
+
+def build_parser(preset=None):
+    """The parser; `preset` (a PRESETS name, an official run) gives `train` its training flags and `generate` its
+    sampler settings as defaults (see common.parse_command_line)."""
+    parser = Parser(description='Relay Diffusion (Teng et al. 2024) on EDM. --preset names an official run: train '
+                    '--preset takes its README training command, generate --preset its generate_*.py settings.')
+    sub = parser.add_subparsers(dest='command', required=True)
+    t = sub.add_parser('train', help='train stage one (--precond=edm) or stage two (--precond=blur)')
+    add_train_flags(t, lr=1e-4)  # NOTE: upstream's default lr is 1e-4 (EDM: 1e-3); every README command sets it
+    add_edm_train_flags(t)
+    p01, nonneg, pos = number(float, 0, 1), number(float, 0), number(float, 0, low_open=True)
+    add = t.add_argument
+    add('--preset', choices=sorted(PRESETS), default=None,
+        help='an official run: its README training flags (generate --preset: its sampler settings); flags override')
+    add('--arch', choices=['ddpmpp', 'ncsnpp', 'adm'], default='adm', help='backbone (adm: ADM-64, ADM-256 at 256 px)')
+    add('--precond', choices=['edm', 'blur'], default='edm',
+        help='edm: stage one (EDMLoss); blur: stage two (BlurLoss), same EDM preconditioning')
+    add('--cbase', type=number(int, 1), default=None, metavar='INT', help="base channel count; None = the arch's")
+    add('--cres', type=parse_int_list, default=None, metavar='LIST', help="channel multipliers; None = the arch's")
+    add('--blocks', type=number(int, 1), default=None, metavar='INT', help="blocks per resolution; None = the arch's")
+    add('--augment', type=p01, default=0, metavar='P', help='EDM augmentation probability (augment_dim 9 when > 0)')
+    add('--label-dropout', type=p01, default=0, metavar='P', help='drop class labels with this probability (for CFG)')
+    add('--eff-attn', type=parse_bool, default=True, metavar='BOOL', help='accepted for the official README commands; '
+        'no effect here (attention is always F.scaled_dot_product_attention)')
+    add('--up-scale', type=number(int, 1), default=4, metavar='INT',
+        help='stage two: block size s of the DCT blur and block noise (= the upsampling factor)')
+    add('--block-scale', type=nonneg, default=0.15, metavar='FLOAT', help='stage two: alpha, weight of block noise')
+    add('--prob-length', type=number(float, 0, 1, low_open=True), default=0.93, metavar='FLOAT',
+        help="stage two: L, the trained lower fraction of EDM's sigma distribution")
+    add('--blur-sigma-max', type=nonneg, default=3.0, metavar='FLOAT', help='stage two: B_max, blur strength at u = 1')
+    add('--paper-noise-norm', type=parse_bool, default=False, metavar='BOOL',
+        help="stage two: scale noise by 1/sqrt(1+alpha^2) (paper; the code doesn't)")
+    add('--grid', type=number(int, 0), default=16, metavar='INT',
+        help='images in the sample grid written with each snapshot; 0 = none')
+    t.set_defaults(**PRESETS.get(preset, {}).get('train', {}))
+
+    g = sub.add_parser('generate', help='two-stage generation')
+    add_generate_flags(g, edm_sampler=False)
+    add = g.add_argument
+    add('--preset', choices=sorted(k for k in PRESETS if 'generate' in PRESETS[k]), default=None,
+        help='an official run: the settings of the generate_*.py that samples it (both stages); flags override')
+    add('--class', dest='class_idx', type=int, default=None, metavar='INT', help='class label; None = seed mod classes')
+    add('--sampler_stages', choices=['first', 'second', 'both'], default='both', help='which stages to run')
+    add('--indir', default=None, metavar='DIR', help='stage-one PNGs for --sampler_stages=second')
+    add('--enhance', choices=sorted(ENHANCE), default='none', help='official PIL post-processing (not in the paper)')
+    add('--grid', default=None, metavar='PNG', help='also write a grid: stage one (upsampled) above, relayed below')
+    add('--network_first', default=None, metavar='PT|PKL|URL',
+        help='stage-one network (ours, patch_diffusion --real_p=1, EDM .pkl, RDM .pt)')
+    add('--num_steps_first', type=number(int, 1), default=18, metavar='INT', help='stage-one sampling steps')
+    add('--sigma_min_first', type=pos, default=0.002, metavar='FLOAT', help='lowest noise level')
+    add('--sigma_max_first', type=pos, default=80, metavar='FLOAT', help='highest noise level')
+    add('--rho_first', type=pos, default=7, metavar='FLOAT', help='time step exponent (EDM Eq. 5)')
+    add('--cfg_scale_first', type=nonneg, default=1, metavar='FLOAT', help='classifier-free guidance; <= 1 = none')
+    add('--S_churn', type=nonneg, default=0, metavar='FLOAT', help='stage-one stochasticity strength (EDM Alg. 2)')
+    add('--S_min', type=nonneg, default=0, metavar='FLOAT', help='lowest sigma with churn')
+    add('--S_max', type=nonneg, default=float('inf'), metavar='FLOAT', help='highest sigma with churn')
+    add('--S_noise', type=nonneg, default=1, metavar='FLOAT', help='churn noise inflation')
+    add('--sde_scale_first', type=number(float, 0, 1), default=0, metavar='FLOAT',
+        help='SDE-Heun noise of generate_celebahq.py (0.05); 0 = EDM Heun')
+    add('--network_second', default=None, metavar='PT|PKL|URL', help='stage-two network (ours or RDM .pt)')
+    add('--num_steps_second', type=number(int, 1), default=18, metavar='INT', help='stage-two grid before truncation')
+    add('--sigma_min_second', type=pos, default=0.008, metavar='FLOAT', help='lowest noise level')
+    add('--sigma_max_second', type=pos, default=80, metavar='FLOAT', help='highest noise level of the grid')
+    add('--rho_second', type=pos, default=7, metavar='FLOAT', help='time step exponent')
+    add('--blur_sigma_max_second', type=nonneg, default=3, metavar='FLOAT', help='B_max of the blur schedule')
+    add('--cfg_scale_second', type=nonneg, default=1, metavar='FLOAT', help='classifier-free guidance; <= 1 = none')
+    add('--up_scale_second', type=number(int, 1), default=4, metavar='INT', help='upsampling factor = DCT block size')
+    add('--truncation_sigma_second', type=pos, default=0.9, metavar='FLOAT', help='start: grid levels >= it dropped')
+    add('--truncation_t_second', type=pos, default=0.93, metavar='FLOAT', help="L of the sampler's sigma -> u map")
+    add('--s_block_second', type=nonneg, default=0.15, metavar='FLOAT', help='weight of block noise')
+    add('--s_noise_second', type=p01, default=0.2, metavar='FLOAT', help='eta, stochasticity of the blur sampler')
+    add('--paper_noise_norm', type=parse_bool, default=None, metavar='BOOL',
+        help='1/sqrt(1+s_block^2) noise scale; None = as the network was trained')
+    g.set_defaults(**PRESETS.get(preset, {}).get('generate', {}))
+    return parser
+
+def main():
+    args = parse_command_line(build_parser)
+    run_main(train if args.command == 'train' else generate, args)
+
+#------------------------------------------------------------------------------
+# 8. Appendix: what a reader of the paper can skip: the checks of flag combinations, the dry run's dataset
+#    guess, the sample grid written during training, official-checkpoint reading, stage-one PNGs from disk, the
+#    official PNG post-processing.
+
+def check_train_flags(args, R, label_dim, net_kwargs):
+    """Flag combinations that depend on the data, checked before anything is written."""
+    if args.precond == 'blur' and R % args.up_scale:
+        raise UsageError(f'--up-scale={args.up_scale} must divide the image size: {args.data} has {R}x{R} images')
+    if args.label_dropout and not label_dim:
+        raise UsageError(f'--label-dropout={args.label_dropout} needs class labels (--cond=1)')
+    levels = len(net_kwargs['channel_mult'])
+    if R % 2 ** (levels - 1):
+        raise UsageError(f'--cres={",".join(map(str, net_kwargs["channel_mult"]))}: a {levels}-level U-Net needs '
+                         f'image sides divisible by {2 ** (levels - 1)}; {args.data} has {R}x{R} images')
 
 def check_generate_flags(args):
     """Flag combinations, checked before any network is loaded or any file written."""
@@ -519,76 +588,38 @@ def check_generate_flags(args):
         relay_time_steps(args.num_steps_second, args.sigma_min_second, args.sigma_max_second, args.rho_second,
                          args.truncation_sigma_second)
 
-#------------------------------------------------------------------------------
-# 7. Command line. Flag spellings follow the official train.py / generate.py so published commands run unchanged.
+def dataset_shape(args):
+    """(dataset or None, resolution, channels, label_dim). A dry run of a dataset that is not on this machine takes
+    the resolution from its name ('imagenet-256x256.zip', 'demo-256') and 1000 classes for --cond=1 (ImageNet)."""
+    m = re.search(r'(\d+)x\1', os.path.basename(str(args.data)))
+    if args.dry_run and not os.path.exists(args.data) and m and not args.data.startswith('demo'):
+        print0(f'note: {args.data} not found; assuming {m[1]}x{m[1]} RGB images' +
+               (', 1000 classes' if args.cond else ''))
+        return None, int(m[1]), 3, 1000 if args.cond else 0
+    dataset = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
+    return dataset, dataset.resolution, dataset.num_channels, dataset.label_dim
 
-def build_parser(preset=None):
-    """The parser; `preset` (a PRESETS name) gives `train` its training flags and `generate` its sampler settings
-    as defaults (see common.parse_command_line)."""
-    parser = Parser(description='Relay Diffusion (Teng et al. 2024) on EDM')
-    sub = parser.add_subparsers(dest='command', required=True)
-    t = sub.add_parser('train', help='train stage one (--precond=edm) or stage two (--precond=blur)')
-    add_train_flags(t, lr=1e-4)  # NOTE: upstream's default lr is 1e-4 (EDM: 1e-3); every README command sets it
-    add_edm_train_flags(t)
-    p01, nonneg, pos = number(float, 0, 1), number(float, 0), number(float, 0, low_open=True)
-    t.add_argument('--preset', choices=sorted(PRESETS), default=None, help='an official run: its README training flags (generate --preset: its sampler); flags override')
-    t.add_argument('--arch', choices=['ddpmpp', 'ncsnpp', 'adm'], default='adm', help='backbone (adm: ADM-64 config, ADM-256 at 256 px)')
-    t.add_argument('--precond', choices=['edm', 'blur'], default='edm', help='edm: stage one (EDMLoss); blur: stage two (BlurLoss), same EDM preconditioning')
-    t.add_argument('--cbase', type=number(int, 1), default=None, metavar='INT', help="base channel count; None = the arch's")
-    t.add_argument('--cres', type=parse_int_list, default=None, metavar='LIST', help="channel multipliers per resolution; None = the arch's")
-    t.add_argument('--blocks', type=number(int, 1), default=None, metavar='INT', help="residual blocks per resolution; None = the arch's")
-    t.add_argument('--augment', type=p01, default=0, metavar='P', help='EDM augmentation probability (augment_dim 9 when > 0)')
-    t.add_argument('--label-dropout', type=p01, default=0, metavar='P', help='drop class labels with this probability (for CFG)')
-    t.add_argument('--eff-attn', type=parse_bool, default=True, metavar='BOOL', help='accepted for the official README commands; no effect here (attention is always F.scaled_dot_product_attention)')
-    t.add_argument('--up-scale', type=number(int, 1), default=4, metavar='INT', help='stage two: block size s of DCT blur and block noise (= upsampling factor)')
-    t.add_argument('--block-scale', type=nonneg, default=0.15, metavar='FLOAT', help='stage two: alpha, weight of block noise')
-    t.add_argument('--prob-length', type=number(float, 0, 1, low_open=True), default=0.93, metavar='FLOAT', help='stage two: L, trained fraction of EDM\'s sigma distribution')
-    t.add_argument('--blur-sigma-max', type=nonneg, default=3.0, metavar='FLOAT', help='stage two: B_max, blur strength at u = 1')
-    t.add_argument('--paper-noise-norm', type=parse_bool, default=False, metavar='BOOL', help="stage two: scale noise by 1/sqrt(1+alpha^2) (paper; the code doesn't)")
-    t.add_argument('--grid', type=number(int, 0), default=16, metavar='INT', help='images in the sample grid written with each snapshot; 0 = none')
-    t.set_defaults(**PRESETS.get(preset, {}).get('train', {}))
+def progress_grid(net, num, dataset, seed, device, loss_fn):
+    """grid(path) for TrainingRun, a PNG of seeds 0..num-1: stage one samples 18 Heun steps from noise; stage two
+    relays the block means of `num` fixed training images (drawn now; average-pooled by s, nearest-upsampled: a
+    stand-in for stage-one samples), shown above the relayed results."""
+    fixed = next(data_stream(dataset, num, 0, 1, seed, 0, 0))[0] if isinstance(loss_fn, BlurLoss) else None
 
-    g = sub.add_parser('generate', help='two-stage generation')
-    add_generate_flags(g, edm_sampler=False)
-    g.add_argument('--preset', choices=sorted(k for k in PRESETS if 'generate' in PRESETS[k]), default=None, help='an official run: the settings of the generate_*.py that samples it (train --preset: its training flags); flags override')
-    g.add_argument('--class', dest='class_idx', type=int, default=None, metavar='INT', help='class label (default: seed mod classes)')
-    g.add_argument('--sampler_stages', choices=['first', 'second', 'both'], default='both', help='which stages to run')
-    g.add_argument('--indir', default=None, metavar='DIR', help='stage-one PNGs for --sampler_stages=second')
-    g.add_argument('--enhance', choices=sorted(ENHANCE), default='none', help='official PIL post-processing of the PNGs (not in the paper)')
-    g.add_argument('--grid', default=None, metavar='PNG', help='also write a grid: stage one (upsampled) above, relayed below')
-    g.add_argument('--network_first', default=None, metavar='PT|PKL|URL', help='stage-one network (ours, patch_diffusion --real_p=1, EDM .pkl, RDM .pt)')
-    g.add_argument('--num_steps_first', type=number(int, 1), default=18, metavar='INT', help='stage-one sampling steps')
-    g.add_argument('--sigma_min_first', type=pos, default=0.002, metavar='FLOAT', help='lowest noise level')
-    g.add_argument('--sigma_max_first', type=pos, default=80, metavar='FLOAT', help='highest noise level')
-    g.add_argument('--rho_first', type=pos, default=7, metavar='FLOAT', help='time step exponent (EDM Eq. 5)')
-    g.add_argument('--cfg_scale_first', type=nonneg, default=1, metavar='FLOAT', help='classifier-free guidance scale; <= 1 = none')
-    g.add_argument('--S_churn', type=nonneg, default=0, metavar='FLOAT', help='stage-one stochasticity strength (EDM Alg. 2)')
-    g.add_argument('--S_min', type=nonneg, default=0, metavar='FLOAT', help='lowest sigma with churn')
-    g.add_argument('--S_max', type=nonneg, default=float('inf'), metavar='FLOAT', help='highest sigma with churn')
-    g.add_argument('--S_noise', type=nonneg, default=1, metavar='FLOAT', help='churn noise inflation')
-    g.add_argument('--sde_scale_first', type=number(float, 0, 1), default=0, metavar='FLOAT', help='SDE-Heun noise of generate_celebahq.py (0.05); 0 = EDM Heun')
-    g.add_argument('--network_second', default=None, metavar='PT|PKL|URL', help='stage-two network (ours or RDM .pt)')
-    g.add_argument('--num_steps_second', type=number(int, 1), default=18, metavar='INT', help='stage-two grid size before truncation')
-    g.add_argument('--sigma_min_second', type=pos, default=0.008, metavar='FLOAT', help='lowest noise level')
-    g.add_argument('--sigma_max_second', type=pos, default=80, metavar='FLOAT', help='highest noise level of the grid')
-    g.add_argument('--rho_second', type=pos, default=7, metavar='FLOAT', help='time step exponent')
-    g.add_argument('--blur_sigma_max_second', type=nonneg, default=3, metavar='FLOAT', help='B_max of the blur schedule')
-    g.add_argument('--cfg_scale_second', type=nonneg, default=1, metavar='FLOAT', help='classifier-free guidance scale; <= 1 = none')
-    g.add_argument('--up_scale_second', type=number(int, 1), default=4, metavar='INT', help='upsampling factor = DCT block size')
-    g.add_argument('--truncation_sigma_second', type=pos, default=0.9, metavar='FLOAT', help='start: grid levels >= this are dropped')
-    g.add_argument('--truncation_t_second', type=pos, default=0.93, metavar='FLOAT', help='L of the sampler\'s sigma -> u map')
-    g.add_argument('--s_block_second', type=nonneg, default=0.15, metavar='FLOAT', help='weight of block noise')
-    g.add_argument('--s_noise_second', type=p01, default=0.2, metavar='FLOAT', help='eta, stochasticity of the blur sampler')
-    g.add_argument('--paper_noise_norm', type=parse_bool, default=None, metavar='BOOL', help='1/sqrt(1+s_block^2) noise scale; None = as the network was trained')
-    g.set_defaults(**PRESETS.get(preset, {}).get('generate', {}))
-    return parser
-
-def main():
-    args = parse_command_line(build_parser)
-    run_main(train if args.command == 'train' else generate, args)
-
-#------------------------------------------------------------------------------
-# 8. Appendix: official-checkpoint reading, stage-one PNGs from disk, the official PNG post-processing.
+    @torch.no_grad()
+    def grid(path):
+        rng = PerSeedRNG(range(num), device)
+        labels = torch.eye(net.label_dim, device=device)[torch.arange(num) % net.label_dim] if net.label_dim else None
+        if fixed is None:
+            latents = rng.randn([net.img_channels, net.img_resolution, net.img_resolution], device=device)
+            return save_image_grid(edm_sampler(net, latents, labels, rng.randn_like), path)
+        s = loss_fn.up_scale
+        real = fixed.to(device).to(torch.float64) / 127.5 - 1
+        x_up = F.interpolate(F.avg_pool2d(real, s), scale_factor=s, mode='nearest')
+        out = blur_sampler(net, x_up, labels, rng.randn_like, up_scale=s, truncation_t=loss_fn.prob_length,
+                           blur_sigma_max=loss_fn.blur_sigma_max, s_block=loss_fn.block_scale,
+                           paper_noise_norm=loss_fn.paper_noise_norm)
+        save_image_grid(torch.cat([x_up, out]), path, cols=num)
+    return grid
 
 def official_network(path, flag):
     """EDMPrecond from an official EDM .pkl or RDM .pt (common.load_official: no code from the file runs); the
@@ -602,14 +633,20 @@ def official_network(path, flag):
     net.stage = None
     return net
 
-def indir_paths(indir, seeds):
-    """{seed: path} of stage-one PNGs `{seed:06d}.png`, flat or in EDM's folders of 1,000; all must exist."""
+def indir_paths(indir, seeds, resolution):
+    """{seed: path} of stage-one PNGs `{seed:06d}.png`, flat or in EDM's folders of 1,000; all must exist, and the
+    first must be resolution x resolution (the second stage's / --up_scale_second)."""
     paths = {}
     for seed in seeds:
-        tries = [os.path.join(indir, f'{seed - seed % 1000:06d}', f'{seed:06d}.png'), os.path.join(indir, f'{seed:06d}.png')]
+        tries = [os.path.join(indir, f'{seed - seed % 1000:06d}', f'{seed:06d}.png'),
+                 os.path.join(indir, f'{seed:06d}.png')]
         paths[seed] = next((p for p in tries if os.path.isfile(p)), None)
         if paths[seed] is None:
             raise UsageError(f'--indir={indir}: no image for seed {seed} ({tries[0]} or {tries[1]})')
+    with PIL.Image.open(paths[seeds[0]]) as image:
+        if image.size != (resolution, resolution):
+            raise UsageError(f'--indir={indir}: {paths[seeds[0]]} is {image.size[0]}x{image.size[1]}; the second stage '
+                             f'takes {resolution}x{resolution} images (its resolution / --up_scale_second)')
     return paths
 
 def read_images(paths, indir, device):

@@ -504,11 +504,13 @@ GENERATE_CASES = [  # (argv after the base command, exit code, words the one lin
     (['--sampler_stages=second'], 2, ['--indir']),
     (['--sampler_stages=second', '--indir={file}'], 2, ['--indir', 'not a folder']),
     (['--sampler_stages=second', '--indir={tmp}'], 2, ['--indir', 'no image for seed 0']),
+    (['--sampler_stages=second', '--indir={tmp}', '--seeds=7'], 2, ['--indir', '000007.png is 3x3', 'takes 4x4']),
 ]
 
 @pytest.mark.parametrize('argv, code, words', GENERATE_CASES, ids=[' '.join(c[0]) for c in GENERATE_CASES])
 def test_generate_errors_are_one_line_and_leave_nothing(tmp_path, monkeypatch, capsys, relay_files, argv, code, words):
     (tmp_path / 'file').write_text('a file, not a folder')
+    PIL.Image.new('RGB', (3, 3)).save(tmp_path / '000007.png')  # a stage-one image of the wrong size
     argv = [a.format(file=tmp_path / 'file', tmp=tmp_path, **relay_files) for a in argv]
     monkeypatch.chdir(tmp_path)
     before = sorted(p.name for p in tmp_path.rglob('*'))
