@@ -264,22 +264,21 @@ def draw_latents(net, seeds, device, class_idx=None):
 # 5. Training loop (official training/training_loop.py): per step `rounds` real micro-batches per rank, then the
 #    G step, the D step and every --r1-interval steps the lazy R1 step, each an Adam step of its own.
 
-def load_file(path, flag):
-    """load_checkpoint, its one-line error as a usage error naming the flag (exit 2)."""
+def with_flag(flag, load, *args):
+    """load(*args); a one-line error from it (a file of the wrong kind) becomes a usage error naming the flag."""
     try:
-        return load_checkpoint(path)
+        return load(*args)
     except UserError as e:
-        raise UsageError(f'{flag}={e}') from None
+        raise UsageError(str(e) if str(e).startswith(flag) else f'{flag}={e}') from None
 
 def load_teacher(path):
     """(constructor kwargs, EMA weights) of an EDM denoiser: our snapshots of plain EDM training
     (patch_diffusion.py --real_p=1, relay_diffusion.py stage one) or an official EDM .pkl (path or URL)."""
     if is_official(path):
-        official = load_official(path, '--transfer')
+        official = with_flag('--transfer', load_official, path, '--transfer')
         precond, kwargs, state = official['precond'], official['init_kwargs'], official['state_dict']
     else:
-        load_file(path, '--transfer')  # a missing or unreadable file: one line naming the flag
-        ckpt = load_snapshot(path, '--transfer', ['patch_diffusion', 'relay_diffusion'])
+        ckpt = with_flag('--transfer', load_snapshot, path, '--transfer', ['patch_diffusion', 'relay_diffusion'])
         precond, kwargs, state = ckpt['precond'], ckpt['net_kwargs'], ckpt['ema']
         if (ckpt.get('stage') or {}).get('precond', 'edm') != 'edm':
             precond = 'relay_diffusion.py stage-two (--precond=blur)'
@@ -331,18 +330,18 @@ def build_discriminator(names, seed, resolution, label_dim, weights, class_embed
     if weights != 'random':
         paths = weights.split(',') if weights else []
         if len(paths) != len(names):
-            n = names[len(paths)] if len(paths) < len(names) else names[-1]
-            raise UsageError(f'--feature-weights: need {len(names)} file(s), one per feature network '
-                             f'({", ".join(names)}); missing the {n} ImageNet weights, {WEIGHT_FILES[n]} (download it '
-                             'elsewhere), or give --feature-weights=random for a demo whose discriminator sees random '
-                             'features')
+            n = names[min(len(paths), len(names) - 1)]
+            raise UsageError(f'--feature-weights: {len(paths)} file(s) for {len(names)} feature network(s) '
+                             f'({", ".join(names)}), one each' + (f'; missing the {n} ImageNet weights, '
+                             f'{WEIGHT_FILES.get(n, n)} (download it elsewhere), or give --feature-weights=random for a '
+                             'demo whose discriminator sees random features' if len(paths) < len(names) else ''))
         for name, path in zip(names, paths):
             load_trunk(features.nets[name].trunk, name, path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         D = Discriminator(names, features.nets[names[0]].channels, resolution, label_dim)
     if label_dim and class_embedding not in (None, 'random'):
-        table = load_file(class_embedding, '--class-embedding')
+        table = with_flag('--class-embedding', load_checkpoint, class_embedding)
         table = table.get('weight', table) if isinstance(table, dict) else table
         if not torch.is_tensor(table) or tuple(table.shape) != (1000, 320):
             raise UsageError(f'--class-embedding={class_embedding}: expected the [1000, 320] class embedding '
@@ -446,15 +445,14 @@ def train(args):
 def load_network(path):
     """Our gdd.py snapshots / training states (.pt), or an official GDD .pkl (path or URL)."""
     if is_official(path):
-        official = load_official(path)
+        official = with_flag('--network', load_official, path)
         if official['precond'] != 'GDDPrecond':
             raise UsageError(f'--network={path}: a {official["precond"]} network, not a one-step GDD generator '
                              '(GDDPrecond); sample EDM teachers with patch_diffusion.py generate')
         net = GDDPrecond(**official['init_kwargs'])
         net.load_state_dict(official['state_dict'])
         return net
-    load_file(path, '--network')  # a missing or unreadable file: one line naming the flag
-    ckpt = load_snapshot(path, '--network', ['gdd'])
+    ckpt = with_flag('--network', load_snapshot, path, '--network', ['gdd'])
     net = GDDPrecond(**ckpt['net_kwargs'])
     load_weights(net, ckpt['ema'], f'--network={path}')
     return net
@@ -808,7 +806,7 @@ TRUNKS = {'vgg16_bn': VGG16BN, 'tf_efficientnet_lite0': EfficientNetLite0,
 def load_trunk(trunk, name, path):
     """Strict load of a torchvision/timm weight file (a state dict, or {'model': ...} / {'state_dict': ...}); only
     the classifier-side keys in UNUSED may be extra, only the random readout convs may be missing."""
-    state = load_file(path, '--feature-weights')
+    state = with_flag('--feature-weights', load_checkpoint, path)
     state = state.get('model', state.get('state_dict', state)) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise UsageError(f'--feature-weights={path}: not a state dict of {name}')

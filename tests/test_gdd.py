@@ -436,6 +436,106 @@ def test_cli_errors(tmp_path, standin):
         common.save_checkpoint(dict(method='patch_diffusion', precond='PatchPrecond', net_kwargs={}, ema={}), tmp_path / 'p.pt')
         gdd.train(common.parse_command_line(gdd.build_parser, TRAIN + [f'--outdir={tmp_path}/x', f'--transfer={tmp_path}/p.pt']))
 
+@pytest.fixture(scope='module')
+def files(tmp_path_factory):
+    """Checkpoints of every kind the CLI may be handed, written once (read-only in the tests)."""
+    d = tmp_path_factory.mktemp('files')
+    net, kwargs = tiny_teacher()
+    save = lambda name, **ckpt: common.save_checkpoint(ckpt, d / name) or str(d / name)  # noqa: E731
+    G = gdd.GDDPrecond(**gdd.generator_kwargs(kwargs))
+    return dict(
+        teacher=save('teacher.pt', method='patch_diffusion', precond='EDMPrecond', net_kwargs=kwargs, ema=net.state_dict()),
+        patch=save('patch.pt', method='patch_diffusion', precond='PatchPrecond', net_kwargs=kwargs, ema={}),
+        relay_one=save('relay1.pt', method='relay_diffusion', precond='EDMPrecond', net_kwargs=kwargs,
+                       stage=dict(precond='edm'), ema=net.state_dict()),
+        relay_two=save('relay2.pt', method='relay_diffusion', precond='EDMPrecond', net_kwargs=kwargs,
+                       stage=dict(precond='blur', up_scale=2), ema=net.state_dict()),
+        masked=save('masked.pt', method='masked_dm', net_kwargs=dict(img_size=8, in_chans=3), ema={}),
+        gdd=save('gdd.pt', method='gdd', precond='GDDPrecond', net_kwargs=gdd.generator_kwargs(kwargs),
+                 ema=G.state_dict()),
+        text=str(d / 'notes.txt') if (d / 'notes.txt').write_text('not a checkpoint') else None)
+
+BASE = ['train', '--data=demo-8', '--batch=4', '--feature-weights=random', '--backbone=tiny', '--feature-res=32',
+        '--workers=0', '--nosubdir']
+def train_argv(t, f, *extra, transfer='teacher'):
+    return BASE + [f'--outdir={t / "run"}'] + ([f'--transfer={f[transfer]}'] if transfer else []) + list(extra)
+def gen_argv(t, f, *extra, network='gdd'):
+    return ['generate', f'--network={f[network]}', f'--outdir={t / "out"}', '--seeds=0-1'] + list(extra)
+
+# (id, argv(tmp_path, files), exit code, words the one line on stderr must contain). Nothing may be left behind.
+CLI_ERRORS = [
+    ('transfer_relay_stage_two', lambda t, f: train_argv(t, f, transfer='relay_two'), 2, ['--transfer=', 'stage-two']),
+    ('transfer_masked_dm', lambda t, f: train_argv(t, f, transfer='masked'), 2, ['--transfer=', 'masked_dm.py']),
+    ('transfer_gdd_snapshot', lambda t, f: train_argv(t, f, transfer='gdd'), 2, ['--transfer=', 'gdd.py']),
+    ('transfer_patch_precond', lambda t, f: train_argv(t, f, transfer='patch'), 2, ['--transfer=', 'PatchPrecond']),
+    ('transfer_missing', lambda t, f: train_argv(t, f, f'--transfer={t / "none.pt"}', transfer=None), 2,
+     ['--transfer=', 'no such']),
+    ('transfer_not_a_checkpoint', lambda t, f: train_argv(t, f, transfer='text'), 2, ['--transfer=', 'not a checkpoint']),
+    ('transfer_absent', lambda t, f: train_argv(t, f, transfer=None), 2, ['--transfer is required']),
+    ('transfer_wrong_labels', lambda t, f: train_argv(t, f, '--cond=1'), 2, ['--transfer=', '0 classes', '--cond']),
+    ('feature_res_7', lambda t, f: train_argv(t, f, '--backbone=tf_efficientnet_lite0', '--feature-res=7'), 2,
+     ['--feature-res=7', 'tf_efficientnet_lite0']),
+    ('feature_res_deit', lambda t, f: train_argv(t, f, '--backbone=0'), 2, ['--feature-res=32', 'DeiT']),
+    ('feature_weights_count', lambda t, f: train_argv(t, f, '--feature-weights=a.pth,b.pth'), 2,
+     ['--feature-weights', '2 file(s) for 1']),
+    ('feature_weights_missing', lambda t, f: train_argv(t, f, f'--feature-weights={t / "w.pth"}'), 2,
+     ['--feature-weights=', 'no such']),
+    ('backbone_unknown', lambda t, f: train_argv(t, f, '--backbone=foo'), 2, ['--backbone', "'foo'"]),
+    ('lr_negative', lambda t, f: train_argv(t, f, '--lr=-1'), 2, ['--lr', '-1']),
+    ('dlr_zero', lambda t, f: train_argv(t, f, '--dlr=0'), 2, ['--dlr', '0']),
+    ('r1_interval_zero', lambda t, f: train_argv(t, f, '--r1-interval=0'), 2, ['--r1-interval', '0']),
+    ('r1_gamma_negative', lambda t, f: train_argv(t, f, '--r1-gamma=-1'), 2, ['--r1-gamma', '-1']),
+    ('batch_zero', lambda t, f: train_argv(t, f, '--batch=0'), 2, ['--batch', '0']),
+    ('batch_indivisible', lambda t, f: train_argv(t, f, '--batch=6', '--batch-gpu=4'), 2, ['--batch=6']),
+    ('freeze_4', lambda t, f: train_argv(t, f, '--freeze=4'), 2, ['--freeze', '4']),
+    ('fp16', lambda t, f: train_argv(t, f, '--fp16=1'), 2, ['--fp16', '--bf16']),
+    ('ls_zero', lambda t, f: train_argv(t, f, '--ls=0'), 2, ['--ls', '0']),
+    ('grid_negative', lambda t, f: train_argv(t, f, '--grid=-1'), 2, ['--grid', '-1']),
+    ('preset_bogus', lambda t, f: train_argv(t, f, '--preset=bogus'), 2, ['--preset', 'bogus', 'cifar10_gddi']),
+    ('train_outdir_is_file', lambda t, f: train_argv(t, f, f'--outdir={f["text"]}'), 2, ['--outdir=', 'not a folder']),
+    ('generate_batch_negative', lambda t, f: gen_argv(t, f, '--batch=-1'), 2, ['--batch', '-1']),
+    ('generate_seeds_empty', lambda t, f: gen_argv(t, f, '--seeds=5-1'), 2, ['--seeds', 'empty']),
+    ('generate_outdir_is_file', lambda t, f: gen_argv(t, f, f'--outdir={f["text"]}'), 2, ['--outdir=', 'not a folder']),
+    ('generate_network_teacher', lambda t, f: gen_argv(t, f, network='teacher'), 2, ['--network=', 'patch_diffusion.py']),
+    ('generate_network_missing', lambda t, f: gen_argv(t, f, f'--network={t / "none.pt"}'), 2, ['--network=', 'no such']),
+    ('generate_network_text', lambda t, f: gen_argv(t, f, network='text'), 2, ['--network=', 'not a checkpoint']),
+    ('generate_class_uncond', lambda t, f: gen_argv(t, f, '--class=3'), 2, ['--class=3', '0 classes']),
+    ('generate_sigma_max_zero', lambda t, f: gen_argv(t, f, '--sigma_max=0'), 2, ['--sigma_max', '0']),
+]
+
+def tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob('*'))
+
+@pytest.mark.parametrize('argv, code, words', [pytest.param(*row[1:], id=row[0]) for row in CLI_ERRORS])
+def test_cli_errors_table(tmp_path, files, standin, monkeypatch, capsys, argv, code, words):
+    monkeypatch.setattr(sys, 'argv', ['gdd.py'] + [str(a) for a in argv(tmp_path, files)])
+    before, files_before = tree(tmp_path), tree(Path(files['teacher']).parent)
+    with pytest.raises(SystemExit) as exit:
+        gdd.main()
+    out, err = capsys.readouterr()
+    assert exit.value.code == code, err
+    assert 'Traceback' not in err and len(err.strip().splitlines()) == 1 and out == '', (out, err)
+    for word in words:
+        assert word in err, (word, err)
+    assert tree(tmp_path) == before and tree(Path(files['teacher']).parent) == files_before  # nothing left behind
+
+def test_relay_stage_one_is_a_teacher(files):
+    kwargs, state = gdd.load_teacher(files['relay_one'])
+    assert kwargs['img_resolution'] == 8 and state.keys() == load_checkpoint(files['teacher'])['ema'].keys()
+
+def test_old_layout_snapshot_loads(tmp_path):
+    """A snapshot with exactly the keys gdd.py wrote before the shared TrainingRun (commit 8eab695) still loads."""
+    teacher, kwargs = tiny_teacher()
+    G = gdd.init_from_teacher(gdd.GDDPrecond(**gdd.generator_kwargs(kwargs)), teacher.state_dict(), 'teacher')
+    old = dict(method='gdd', args=dict(transfer='/gone/teacher.pt', freeze=1, backbone='1', preset='cifar10-gddi'),
+               cur_nimg=12, precond='GDDPrecond', net_kwargs=gdd.generator_kwargs(kwargs), ema=G.state_dict(), freeze=1,
+               feature_networks=['tf_efficientnet_lite0'], feature_weights='RANDOM (demo only)')
+    common.save_checkpoint(old, tmp_path / 'network-snapshot-000000.pt')
+    net = gdd.load_network(str(tmp_path / 'network-snapshot-000000.pt'))
+    assert same(net.state_dict(), G.state_dict()) and isinstance(net, gdd.GDDPrecond) and net.eps == 0.002
+    latents, labels = gdd.draw_latents(net, [0, 1], 'cpu')
+    assert torch.equal(gdd.one_step_sampler(net, latents, labels), gdd.one_step_sampler(G, latents, labels))
+
 def test_dry_run_counts_without_teacher(capsys):
     gdd.train(common.parse_command_line(gdd.build_parser, ['train', '--preset=cifar10_gddi', '--data=demo-32', '-n']))
     options = json.loads(capsys.readouterr().out)
