@@ -574,7 +574,10 @@ def ema_decay(n, beta, every=1, after=100):
 
 def load_pretrained(net, path, flag='--pretrained_model_ckpt'):
     """Fine-tuning init (official main.py, `pretrained_model_ckpt`): the ONLINE weights of a pre-training checkpoint:
-    our training state ('net'), our snapshot ('ema', the only weights it holds), or an official .pt ('model')."""
+    our training state ('net'), our snapshot ('ema', the only weights it holds), or an official .pt ('model').
+    Returns `net`; path None leaves it as it is."""
+    if path is None:
+        return net
     ckpt = read_checkpoint(path, flag)
     if is_official_maskdm(ckpt):
         weights = official_online_weights(ckpt, path, flag)
@@ -590,6 +593,7 @@ def load_pretrained(net, path, flag='--pretrained_model_ckpt'):
         load_weights(net, weights, path)
     except UserError as e:
         raise UsageError(f'{flag}={e}') from None
+    return net
 
 def training_setup(args, world_size):
     """(dataset, net_kwargs, info): every flag checked against the data and the token grid, before anything is
@@ -641,19 +645,25 @@ def training_setup(args, world_size):
                 world_size=world_size, total_nimg=total_nimg, total_kimg=total_nimg / 1000)
     return dataset, net_kwargs, info
 
+def banner(args, dataset, info, device):
+    """The run's first status line: data, network, tokens per image, schedule and batch layout."""
+    R, C = dataset.resolution, dataset.num_channels
+    return (f'MaskDM: {dataset.name} ({len(dataset)} images, {R}x{R}x{C}'
+            f'{f", {dataset.label_dim} classes" if args.cond else ""}), U-ViT-{args.arch}{" DWT" if args.dwt else ""} '
+            f'{info["num_params"]:,} parameters, {info["tokens"]} tokens per image ({info["mask"]}), '
+            f'{args.beta_schedule} schedule, device {device}, {info["batch_gpu"]} images x {info["rounds"]} rounds x '
+            f'{info["world_size"]} processes per step, to {info["total_kimg"]:g} kimg')
+
 def train(args):
     device, rank, world_size = init_distributed(), get_rank(), get_world_size()
     dataset, net_kwargs, info = training_setup(args, world_size)
-    batch_gpu, rounds, R, C = info['batch_gpu'], info['rounds'], dataset.resolution, dataset.num_channels
     if args.dry_run:
-        return print0(json.dumps(dict(vars(args), **info), indent=2) +
-                      f'\n{info["num_params"]:,} parameters, {info["tokens"]} tokens per image')
+        return print0(f'{json.dumps(dict(vars(args), **info), indent=2)}\n{info["num_params"]:,} parameters, '
+                      f'{info["tokens"]} tokens per image')
     amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
     torch.manual_seed(args.seed)
-    net = GaussianDiffusion(**net_kwargs)
-    if args.pretrained_model_ckpt:  # fine-tuning: the pre-trained online weights; the EMA starts as their copy
-        load_pretrained(net, args.pretrained_model_ckpt)
-    net, ema = network_and_ema(net, device, amp_dtype)
+    net = load_pretrained(GaussianDiffusion(**net_kwargs), args.pretrained_model_ckpt)  # fine-tuning: its online
+    net, ema = network_and_ema(net, device, amp_dtype)                                  # weights, EMA their copy
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.99, 0.99), eps=1e-8,  # one group: all decay
                                   weight_decay=args.weight_decay, fused=device.type == 'cuda')
     run = TrainingRun('masked_dm', vars(args), info, device, outdir=args.outdir, nosubdir=args.nosubdir,
@@ -664,14 +674,10 @@ def train(args):
         snapshot=lambda: dict(net_kwargs=net_kwargs, ema=ema.state_dict()),
         grid=args.grid and (lambda path: save_image_grid(sample(ema, range(args.grid), device,
                                                                 num_steps=args.grid_steps), path)))
-    ddp = distributed_model(net, device, args.compile)
+    ddp, batch_gpu, rounds = distributed_model(net, device, args.compile), info['batch_gpu'], info['rounds']
     stream = run.data(dataset, batch_gpu, args.seed, args.workers)
     with run:
-        print0(f'MaskDM: {dataset.name} ({len(dataset)} images, {R}x{R}x{C}'
-               f'{f", {dataset.label_dim} classes" if args.cond else ""}), U-ViT-{args.arch}'
-               f'{" DWT" if args.dwt else ""} {info["num_params"]:,} parameters, {info["tokens"]} tokens per image '
-               f'({info["mask"]}), {args.beta_schedule} schedule, device {device}, {batch_gpu} images x {rounds} '
-               f'rounds x {world_size} processes per step, to {info["total_kimg"]:g} kimg')
+        print0(banner(args, dataset, info, device))
         while not run.done:
             rng = reseed(args.seed, rank, run.cur_nimg)  # t, noise (torch) and masks (numpy) of this step
             optimizer.zero_grad(set_to_none=True)
