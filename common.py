@@ -25,7 +25,7 @@ Contents, in order:
  10. Inception-v3 features and the Frechet distance (the other metrics live in fid.py)
  11. EDM's augmentation pipe (`AugmentPipe`, the geometric and colour transforms of ADA)
 """
-import argparse, contextlib, copy, errno, io, json, math, os, pickle, re, resource, shutil, signal, sys, threading, time
+import argparse, contextlib, copy, errno, glob, io, json, math, os, pickle, re, resource, shutil, signal, sys, threading, time
 import urllib.parse, warnings, zipfile
 from collections import OrderedDict
 
@@ -53,6 +53,12 @@ def init_distributed():
     device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if cuda else torch.device('cpu')
     if cuda:
         torch.cuda.set_device(device)
+    elif 'OMP_NUM_THREADS' not in os.environ:  # torch takes every core; on a busy CPU that is many times slower
+        idle = max(int(os.cpu_count() - os.getloadavg()[0] + 0.5), 1)
+        if idle < torch.get_num_threads():
+            torch.set_num_threads(idle)
+            print0(f'note: the CPU is busy (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): '
+                   f'{torch.get_num_threads()} thread(s); set OMP_NUM_THREADS to choose')
     return device
 
 def get_rank():
@@ -161,12 +167,14 @@ def parse_command_line(build_parser, argv=None):
         args = parser.parse_args(argv)
     if args.command == 'train' and getattr(args, 'resume', None):
         try:
+            args.resume = latest_checkpoint(args.resume, 'training-state', '--resume')
             stored = {k: v for k, v in read_training_options(args.resume).items() if hasattr(args, k)}
         except UserError as e:
             parser.error(f'argument --resume: {e}')
         train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices['train']
         train.set_defaults(**{k: v for k, v in stored.items() if k not in ('command', 'resume', 'dry_run')})
-        args = parser.parse_args(argv)
+        resume, args = args.resume, parser.parse_args(argv)
+        args.resume = resume
         changed = [k for k, v in stored.items() if k not in RESUME_MAY_CHANGE and getattr(args, k) != v]
         if changed:
             parser.error(f'--resume={args.resume} continues a run with other options: ' + '; '.join(
@@ -1429,13 +1437,23 @@ def is_official(path):
     """An official pickle (.pkl, or a URL) rather than one of our snapshots."""
     return str(path).endswith('.pkl') or '://' in str(path)
 
+def latest_checkpoint(path, kind, flag):
+    """`path` itself, or for a folder (a run directory, or the --outdir of several) its newest `<kind>-*.pt`."""
+    if os.path.isdir(path):
+        found = glob.glob(os.path.join(path, f'{kind}-*.pt')) or glob.glob(os.path.join(path, '*', f'{kind}-*.pt'))
+        if not found:
+            raise UsageError(f'{flag}={path}: a folder without {kind}-*.pt files (in it or one level down)')
+        return max(found, key=os.path.getmtime)
+    if not os.path.isfile(path):
+        raise UsageError(f'{flag}={path}: no such file')
+    return path
+
 def load_snapshot(path, flag, methods):
     """A network snapshot or training state written by one of `methods` (file names), in the one layout of this
     project: {method, precond (the network's class), net_kwargs (its constructor arguments), ema (its weights), args
     (the training flags), cur_nimg} plus what the method's generation needs; a training state adds the training
     objects (net, optimizer, ...), step, tick and data_pos."""
-    if not os.path.isfile(path):
-        raise UsageError(f'{flag}={path}: no such file')
+    path = latest_checkpoint(path, 'network-snapshot', flag)
     ckpt = load_checkpoint(path)
     method = ckpt.get('method') if isinstance(ckpt, dict) else None
     if method not in methods:

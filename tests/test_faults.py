@@ -174,3 +174,30 @@ def test_ctrl_c_writes_a_state_and_resume_equals_the_uninterrupted_run(tmp_path)
     assert f'resumed from {state}' in log and any('resumed_from' in line for line in open(tmp_path / 'cut' / 'stats.jsonl'))
     ticks = lambda d: [json.loads(l)['kimg'] for l in open(tmp_path / d / 'stats.jsonl') if '"tick"' in l]  # noqa
     assert set(ticks('full')) <= set(ticks('cut'))  # the resumed run keeps the uninterrupted run's tick grid
+
+def test_a_folder_stands_for_its_newest_checkpoint(tmp_path, monkeypatch):
+    """`--network=training-runs` and `--resume=<run dir>` need no run number: the newest file is taken."""
+    for duration in ('0.000015', '0.00003'):
+        pd.train(pd.parse_args(TRAIN + [f'--outdir={tmp_path / "runs"}', f'--duration={duration}']))
+    newest = max((tmp_path / 'runs').glob('*/network-snapshot-*.pt'), key=os.path.getmtime)
+    assert newest.parent.name.startswith('00001-')
+    for network, out in ((tmp_path / 'runs', 'a'), (newest, 'b')):
+        pd.generate(pd.parse_args(['generate', f'--network={network}', f'--outdir={tmp_path / out}', '--seeds=0-1',
+                                   '--steps=2']))
+    assert [p.read_bytes() for p in sorted((tmp_path / 'a').glob('*.png'))] == \
+           [p.read_bytes() for p in sorted((tmp_path / 'b').glob('*.png'))]
+    args = pd.parse_args(['train', f'--resume={newest.parent}'])
+    assert args.resume == str(max(newest.parent.glob('training-state-*.pt'), key=os.path.getmtime))
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='CPU runs only')
+def test_cpu_threads_follow_the_idle_cores(monkeypatch):
+    import common
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    monkeypatch.setattr(os, 'getloadavg', lambda: (os.cpu_count() + 0.7, 0, 0))  # every core busy
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count())
+    try:
+        common.init_distributed()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
