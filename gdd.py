@@ -333,8 +333,8 @@ def build_discriminator(names, seed, resolution, label_dim, weights, class_embed
             n = names[min(len(paths), len(names) - 1)]
             raise UsageError(f'--feature-weights: {len(paths)} file(s) for {len(names)} feature network(s) '
                              f'({", ".join(names)}), one each' + (f'; missing the {n} ImageNet weights, '
-                             f'{WEIGHT_FILES.get(n, n)} (download it elsewhere), or give --feature-weights=random for a '
-                             'demo whose discriminator sees random features' if len(paths) < len(names) else ''))
+                             f'{WEIGHT_FILES.get(n, n)} (download it elsewhere), or give --feature-weights=random for '
+                             'a demo whose discriminator sees random features' if len(paths) < len(names) else ''))
         for name, path in zip(names, paths):
             load_trunk(features.nets[name].trunk, name, path)
     with torch.random.fork_rng(devices=[]):
@@ -383,11 +383,10 @@ def save_sample_grid(net, path, num, device):
     latents, labels = draw_latents(net, range(num), device)
     save_image_grid(one_step_sampler(net, latents, labels), path)
 
-def train(args):
-    device, rank, world_size = init_distributed(), get_rank(), get_world_size()
+def training_setup(args, world_size):
+    """Everything checked before a file is written: (dataset, generator kwargs, teacher weights, run info)."""
     if args.fp16:
         raise UsageError('--fp16 is not supported: GDD trains in bf16 (upstream\'s --fp16=True means bf16); use --bf16')
-    amp_dtype, scaler = setup_precision(False, args.bf16 and device.type == 'cuda', args.tf32, device)  # as upstream
     dataset, names = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip), parse_backbone(args.backbone)
     R, C, label_dim = dataset.resolution, dataset.num_channels, dataset.label_dim
     if C not in (1, 3):
@@ -395,19 +394,24 @@ def train(args):
     batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
     net_kwargs, teacher_state = generator_source(args, R, C, label_dim)
     counts = check_and_count(net_kwargs, names, args.freeze, args.feature_res, label_dim)
-    info = dict(net_kwargs=net_kwargs, feature_networks=names, parameters=counts, batch_gpu=batch_gpu, rounds=rounds,
-                world_size=world_size)
+    return dataset, net_kwargs, teacher_state, dict(net_kwargs=net_kwargs, feature_networks=names, parameters=counts,
+                                                    batch_gpu=batch_gpu, rounds=rounds, world_size=world_size)
+
+def train(args):
+    device, rank, world_size = init_distributed(), get_rank(), get_world_size()
+    dataset, net_kwargs, teacher_state, info = training_setup(args, world_size)
     if args.dry_run:  # the --arch/--cres architecture; the teacher is not read
         return print0(json.dumps(dict(vars(args), **info), indent=2))
+    amp_dtype, scaler = setup_precision(False, args.bf16 and device.type == 'cuda', args.tf32, device)  # as upstream
+    names, label_dim, batch_gpu, rounds = info['feature_networks'], dataset.label_dim, info['batch_gpu'], info['rounds']
     net = GDDPrecond(**net_kwargs)  # the teacher's EMA weights; on --resume the training state's (TrainingRun)
     net = net if teacher_state is None else init_from_teacher(net, teacher_state, f'--transfer={args.transfer}')
     net, ema = network_and_ema(net, device, amp_dtype)
     frozen = frozen_names(net, args.freeze)
     for name, p in net.named_parameters():
         p.requires_grad_(name not in frozen)  # GDD-I; before DDP: frozen tensors are not its parameters
-    features, D = build_discriminator(names, args.seed, args.feature_res, label_dim, args.feature_weights,
-                                      args.class_embedding)
-    features, D = features.to(device), D.to(device).train()
+    features, D = (m.to(device) for m in build_discriminator(names, args.seed, args.feature_res, label_dim,
+                                                             args.feature_weights, args.class_embedding))
     opt_G, opt_D = build_optimizers(net, D, frozen, args.lr, args.dlr, args.r1_interval)
     lr_D = opt_D.param_groups[0]['lr']  # --dlr with the lazy-R1 correction
     run = TrainingRun('gdd', vars(args), info, device, outdir=args.outdir, nosubdir=args.nosubdir,
