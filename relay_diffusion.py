@@ -421,15 +421,8 @@ def generate(args):
         first = load_network(args.network_first, '--network_first', 'edm').to(device).eval()
     if stages in ('second', 'both'):
         second = load_network(args.network_second, '--network_second', 'blur').to(device).eval()
-    if first is not None and second is not None:
-        if first.label_dim != second.label_dim:
-            raise UsageError(f'--network_first has {first.label_dim} classes, --network_second {second.label_dim}')
-        if first.img_resolution * s != second.img_resolution:
-            raise UsageError(f'--up_scale_second={s}: stage one makes {first.img_resolution}x{first.img_resolution} '
-                             f'images, x{s} = {first.img_resolution * s}, but the second stage was trained at '
-                             f'{second.img_resolution}')
+    check_networks(args, first, second)
     label_dim = (first or second).label_dim
-    check_class(args.class_idx, label_dim)
     indir = indir_paths(args.indir, args.seeds, second.img_resolution // s) if first is None else None
     first_kwargs = dict(num_steps=args.num_steps_first, sigma_min=args.sigma_min_first, sigma_max=args.sigma_max_first,
                         rho=args.rho_first, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
@@ -587,6 +580,21 @@ def check_generate_flags(args):
     if stages != 'first':  # the truncated grid must keep at least one level
         relay_time_steps(args.num_steps_second, args.sigma_min_second, args.sigma_max_second, args.rho_second,
                          args.truncation_sigma_second)
+
+def check_networks(args, first, second):
+    """The two stages fit each other (classes, resolution x --up_scale_second) and the flags (--class, CFG)."""
+    s = args.up_scale_second
+    if first is not None and second is not None:
+        if first.label_dim != second.label_dim:
+            raise UsageError(f'--network_first has {first.label_dim} classes, --network_second {second.label_dim}')
+        if first.img_resolution * s != second.img_resolution:
+            raise UsageError(f'--up_scale_second={s}: stage one makes {first.img_resolution}x{first.img_resolution} '
+                             f'images, x{s} = {first.img_resolution * s}, but the second stage was trained at '
+                             f'{second.img_resolution}')
+    for flag, net in (('cfg_scale_first', first), ('cfg_scale_second', second)):
+        if net is not None and getattr(args, flag) > 1 and not net.label_dim:
+            raise UsageError(f'--{flag}={getattr(args, flag)} needs a class-conditional network')
+    check_class(args.class_idx, (first or second).label_dim)
 
 def dataset_shape(args):
     """(dataset or None, resolution, channels, label_dim). A dry run of a dataset that is not on this machine takes

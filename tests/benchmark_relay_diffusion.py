@@ -76,27 +76,32 @@ def bench_toy(a):
     baseline (--single, an EDM run at the high resolution that trained for as long as both stages together)."""
     os.makedirs(a.outdir, exist_ok=True)
     first, second, single = (rd.load_network(p, flag, stage).eval() for p, flag, stage in
-                             ((a.first, '--first', 'edm'), (a.second, '--second', 'blur'), (a.single, '--single', 'edm')))
+                             ((a.first, '--first', 'edm'), (a.second, '--second', 'blur'),
+                              (a.single, '--single', 'edm')))
     R, s = single.img_resolution, second.img_resolution // first.img_resolution
     held = DemoDataset(R, size=8192)  # indices past the 4096 training images: held out
     images = torch.stack([torch.from_numpy(held[4096 + i][0]) for i in range(256)]).float() / 127.5 - 1
     relay_task = rd.BlurLoss(up_scale=s, prob_length=0.93, blur_sigma_max=3.0, block_scale=0.15)
     plain_task = rd.BlurLoss(up_scale=s, prob_length=0.93, blur_sigma_max=0.0, block_scale=0.0)  # same sigmas, no blur
-    print(f'held-out loss per image (256 held-out {R} px images, sigma from the truncated stage-two distribution, L = 0.93)')
+    print(f'held-out loss per image (256 held-out {R} px images, sigma from the truncated stage-two distribution, '
+          'L = 0.93)')
     print(f'  single-stage EDM, plain denoising (x = y + n):      {held_out_loss(single, plain_task, images, 0):8.2f}')
     print(f'  single-stage EDM, relay task (x = A y + n):         {held_out_loss(single, relay_task, images, 0):8.2f}')
     print(f'  stage-two relay model, relay task (x = A y + n):    {held_out_loss(second, relay_task, images, 0):8.2f}')
     rng = PerSeedRNG(range(16), 'cpu')
     single_images = edm_sampler(single, rng.randn([3, R, R]), None, rng.randn_like, num_steps=32)
     rng = PerSeedRNG(range(16), 'cpu')
-    low = edm_sampler(first, rng.randn([3, first.img_resolution, first.img_resolution]), None, rng.randn_like, num_steps=32)
+    low = edm_sampler(first, rng.randn([3, first.img_resolution, first.img_resolution]), None, rng.randn_like,
+                      num_steps=32)
     x_up = torch.nn.functional.interpolate(low, scale_factor=s, mode='nearest')
     relayed = rd.blur_sampler(second, x_up, None, rng.randn_like, num_steps=64, up_scale=s)
     save_image_grid(single_images, os.path.join(a.outdir, 'grid-single-stage.png'), cols=8)
-    save_image_grid(torch.cat([x_up[:8], relayed[:8], x_up[8:], relayed[8:]]), os.path.join(a.outdir, 'grid-two-stage.png'), cols=8)
+    save_image_grid(torch.cat([x_up[:8], relayed[:8], x_up[8:], relayed[8:]]),
+                    os.path.join(a.outdir, 'grid-two-stage.png'), cols=8)
     stats = lambda x: f'mean {x.mean().item():+.3f} std {x.std().item():.3f}'
     print(f'pixel statistics: data {stats(images)}; single-stage {stats(single_images)}; relayed {stats(relayed)}')
-    print(f'grids: {a.outdir}/grid-single-stage.png, {a.outdir}/grid-two-stage.png (rows: stage one upsampled, relayed)')
+    print(f'grids: {a.outdir}/grid-single-stage.png, {a.outdir}/grid-two-stage.png '
+          '(rows: stage one upsampled, relayed)')
 
 
 def main():

@@ -1,5 +1,6 @@
 """relay_diffusion.py: fidelity checks against the paper and the official code (block DCT, blur, block noise,
-schedule, BlurLoss, blur sampler, parameter counts) and end-to-end properties (checkpoint loading, per-seed generation with and without --indir,
+schedule, BlurLoss, blur sampler, parameter counts) and end-to-end properties (checkpoint loading, per-seed
+generation with and without --indir,
 resume, DDP, a two-stage torchrun run)."""
 import glob
 import math
@@ -23,7 +24,8 @@ from conftest import ROOT, TINY_UNET, EDMPrecond as OfficialEDMPrecond, write_pe
 import relay_diffusion as rd
 from common import EDMPrecond, UsageError, UserError, edm_sampler, load_checkpoint, parse_command_line, save_checkpoint
 
-TINY = ['--arch=ddpmpp', '--cbase=16', '--cres=1,2', '--blocks=1', '--dropout=0', '--lr-rampup=0', '--grid=0', '--workers=0']
+TINY = ['--arch=ddpmpp', '--cbase=16', '--cres=1,2', '--blocks=1', '--dropout=0', '--lr-rampup=0', '--grid=0',
+        '--workers=0']
 
 def run(argv):
     args = parse_command_line(rd.build_parser, argv)
@@ -36,12 +38,14 @@ def run(argv):
 def test_dct_matrix_is_orthonormal_and_block_dct_inverts(s):
     C = rd.dct_matrix(s)
     assert torch.allclose(C @ C.T, torch.eye(s, dtype=torch.float64), atol=1e-14)
-    x = torch.randn(2, 3, 3 * s, 5 * s, dtype=torch.float64, generator=torch.Generator().manual_seed(s))  # not square: any size divisible by s
+    x = torch.randn(2, 3, 3 * s, 5 * s, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(s))  # not square: any size divisible by s
     assert (rd.block_idct(rd.block_dct(x, s), s) - x).abs().max() < 1e-12
 
 def test_block_dct_equals_direct_per_patch_sum():
     s, x = 4, np.random.default_rng(0).standard_normal((8, 12))
-    C = np.array([[math.sqrt((2 - (k == 0)) / s) * math.cos(math.pi * (2 * n + 1) * k / (2 * s)) for n in range(s)] for k in range(s)])
+    C = np.array([[math.sqrt((2 - (k == 0)) / s) * math.cos(math.pi * (2 * n + 1) * k / (2 * s)) for n in range(s)]
+                  for k in range(s)])
     out = rd.block_dct(torch.from_numpy(x)[None, None], s)[0, 0].numpy()
     for bi in range(2):
         for bj in range(3):
@@ -57,10 +61,11 @@ def test_blur_identity_fixed_points_and_symmetry():
     patch_mean = lambda z: torch.nn.functional.avg_pool2d(z, s)
     assert (rd.blur(x, 0.0, s) - x).abs().max() < 1e-12                                 # A(0) = I
     const = torch.full_like(x, 0.3)
-    patchwise = torch.nn.functional.interpolate(torch.randn(2, 3, 3, 5, dtype=torch.float64, generator=g), scale_factor=s)
+    low = torch.randn(2, 3, 3, 5, dtype=torch.float64, generator=g)
+    patchwise = torch.nn.functional.interpolate(low, scale_factor=s)
     for B in (0.5, 3.0, 10.0):
         assert (rd.blur(const, B, s) - const).abs().max() < 1e-12
-        assert (rd.blur(patchwise, B, s) - patchwise).abs().max() < 1e-12               # the relay start is a fixed point
+        assert (rd.blur(patchwise, B, s) - patchwise).abs().max() < 1e-12               # the relay start: fixed point
         assert (patch_mean(rd.blur(x, B, s)) - patch_mean(x)).abs().max() < 1e-12       # patch means kept
         assert abs((rd.blur(x, B, s) * y).sum() - (x * rd.blur(y, B, s)).sum()) < 1e-9  # symmetric
     impulse = torch.zeros(1, 1, 12, 20, dtype=torch.float64)
@@ -73,7 +78,8 @@ def test_blur_identity_fixed_points_and_symmetry():
                        / (x - patch_mean(x).repeat_interleave(s, -2).repeat_interleave(s, -1)).norm()).item()
     assert ratio(20.0) == pytest.approx(rd.MIN_SCALE, rel=1e-6) and ratio(2.0) > ratio(3.0) > ratio(20.0)
     d = rd.blur_multipliers(torch.tensor([3.0], dtype=torch.float64), s, 4, 4)[0, 0]
-    assert d[0, 1].item() == pytest.approx((1 - 1e-3) * math.exp(-(math.pi / 4) ** 2 * 9 / 2) + 1e-3) == pytest.approx(0.06324, abs=1e-5)
+    assert d[0, 1].item() == pytest.approx((1 - 1e-3) * math.exp(-(math.pi / 4) ** 2 * 9 / 2) + 1e-3)
+    assert d[0, 1].item() == pytest.approx(0.06324, abs=1e-5)
     assert d[0, 0] == 1 and torch.equal(d, d.T)
 
 #------------------------------------------------------------------------------
@@ -117,7 +123,8 @@ def test_schedule_matches_scipy_and_official_values(L, B_max, sigma_max):
     sigma_min = rd.sigma_of_u(rd.u_min(L), L).item()
     assert sigma.min().item() == pytest.approx(sigma_min, rel=1e-6) and sigma.max().item() <= sigma_max
     assert (u == rd.u_min(L)).float().mean().item() == pytest.approx(rd.u_min(L), rel=0.35)     # the clamp's point mass
-    assert torch.allclose(B.double(), rd.blur_of_u(rd.u_of_sigma(sigma.flatten().double(), L), B_max), atol=1e-5)  # one u
+    B_of_sigma = rd.blur_of_u(rd.u_of_sigma(sigma.flatten().double(), L), B_max)
+    assert torch.allclose(B.double(), B_of_sigma, atol=1e-5)  # one u drives both
     if L == 0.93:
         assert sigma_min == pytest.approx(0.007123, abs=1e-6)
 
@@ -135,13 +142,14 @@ def test_blur_loss_input_target_weight_and_noise(monkeypatch):
     sigma = seen['sigma']
     B = rd.blur_of_u(rd.u_of_sigma(sigma.flatten().double(), L), B_max)
     Ay = rd.blur(y, B.float(), s)
-    assert (seen['x'] - Ay).abs().max() < 1e-4                                          # x_t = A(B(u)) y, same u as sigma
+    assert (seen['x'] - Ay).abs().max() < 1e-4                                   # x_t = A(B(u)) y, same u as sigma
     lam = (sigma ** 2 + 0.25) / (0.5 * sigma) ** 2
-    assert torch.allclose(loss, lam * (Ay - y) ** 2, rtol=1e-4, atol=1e-6)              # target: the sharp y, EDM's lambda
+    assert torch.allclose(loss, lam * (Ay - y) ** 2, rtol=1e-4, atol=1e-6)       # target: the sharp y, EDM's lambda
     assert loss.sum() > 0
     for norm, var in [(False, 1 + 0.15 ** 2), (True, 1.0)]:                           # code: 1.0225; paper: 1
         rd.BlurLoss(s, L, B_max, block_scale=0.15, paper_noise_norm=norm)(net, y)
-        xi = (seen['x'] - rd.blur(y, rd.blur_of_u(rd.u_of_sigma(seen['sigma'].flatten().double(), L), B_max).float(), s)) / seen['sigma']
+        B_seen = rd.blur_of_u(rd.u_of_sigma(seen['sigma'].flatten().double(), L), B_max).float()
+        xi = (seen['x'] - rd.blur(y, B_seen, s)) / seen['sigma']
         assert xi.var().item() == pytest.approx(var, abs=0.012)
 
 #------------------------------------------------------------------------------
@@ -204,9 +212,10 @@ def test_sampler_euler_proposal_is_exact_for_an_oracle_and_keeps_the_variance():
             assert (residual / t[1]).var().item() == pytest.approx(1, abs=0.05)
 
 def test_sampler_patch_constant_input_scales_with_a_linear_denoiser():
-    x_up = torch.nn.functional.interpolate(torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)),
-                                           scale_factor=4)
-    out = rd.blur_sampler(lambda x, sigma, labels: x * 0.25 / (sigma ** 2 + 0.25), x_up, None, torch.zeros_like, num_steps=18)
+    low = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x_up = torch.nn.functional.interpolate(low, scale_factor=4)
+    denoise = lambda x, sigma, labels: x * 0.25 / (sigma ** 2 + 0.25)  # noqa: E731
+    out = rd.blur_sampler(denoise, x_up, None, torch.zeros_like, num_steps=18)
     ratio = out / x_up
     assert (ratio - ratio.mean()).abs().max() < 1e-10 and 0 < ratio.mean() < 1
 
@@ -245,14 +254,16 @@ def write_rdm_pt(path, module, init_kwargs):
     persistence = types.ModuleType('torch_utils.persistence')
     def _reconstruct_persistent_obj(meta):
         raise AssertionError('never called')
-    _reconstruct_persistent_obj.__module__, _reconstruct_persistent_obj.__qualname__ = persistence.__name__, '_reconstruct_persistent_obj'
+    _reconstruct_persistent_obj.__module__ = persistence.__name__
+    _reconstruct_persistent_obj.__qualname__ = '_reconstruct_persistent_obj'
     persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
     class Pickler(pickle.Pickler):
         def reducer_override(self, obj):
             if not isinstance(obj, torch.nn.Module) or isinstance(obj, torch.nn.ModuleDict):
                 return NotImplemented
             state = dict(obj.__dict__, _init_args=(), _init_kwargs=init_kwargs if obj is module else {})
-            return _reconstruct_persistent_obj, (dict(type='class', version=6, module_src='', class_name=type(obj).__name__, state=state),)
+            meta = dict(type='class', version=6, module_src='', class_name=type(obj).__name__, state=state)
+            return _reconstruct_persistent_obj, (meta,)
     fakes = {'torch_utils': types.ModuleType('torch_utils'), 'torch_utils.persistence': persistence}
     sys.modules.update(fakes)
     try:
@@ -280,7 +291,8 @@ def test_official_and_our_checkpoints_load_with_the_same_weights(tmp_path):
     with pytest.raises(UserError, match='stage-two'):
         rd.load_network(snapshot(tmp_path / 'one.pt', ours), '--network_second', 'blur')
     with pytest.raises(UserError, match='coordinate channels'):
-        rd.load_network(snapshot(tmp_path / 'pd2.pt', ours, method='patch_diffusion', precond='PatchPrecond'), '--network_first', 'edm')
+        rd.load_network(snapshot(tmp_path / 'pd2.pt', ours, method='patch_diffusion', precond='PatchPrecond'),
+                        '--network_first', 'edm')
     (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
     with pytest.raises(UserError, match='junk.pt'):
         rd.load_network(str(tmp_path / 'junk.pt'), '--network_first', 'edm')
@@ -291,11 +303,13 @@ def test_snapshots_of_the_old_layout_load(tmp_path):
     older files without 'stage' (stage one)."""
     net = tiny_net(3)
     kwargs = dict(img_resolution=8, img_channels=3, label_dim=0) | TINY_UNET
-    stage = dict(precond='blur', up_scale=2, prob_length=0.93, blur_sigma_max=3.0, block_scale=0.15, paper_noise_norm=False)
+    stage = dict(precond='blur', up_scale=2, prob_length=0.93, blur_sigma_max=3.0, block_scale=0.15,
+                 paper_noise_norm=False)
     old = dict(method='relay_diffusion', args=dict(precond='blur', up_scale=2), cur_nimg=12, precond='EDMPrecond',
                net_kwargs=kwargs, stage=stage, ema=net.state_dict())
     save_checkpoint(old, tmp_path / 'snapshot.pt')
-    save_checkpoint(dict(old, net=net.state_dict(), optimizer={}, scaler={}, step=3, data_pos=[12]), tmp_path / 'state.pt')
+    save_checkpoint(dict(old, net=net.state_dict(), optimizer={}, scaler={}, step=3, data_pos=[12]),
+                    tmp_path / 'state.pt')
     x, sigma = torch.randn(2, 3, 8, 8), torch.tensor([0.3, 2.0])
     for name in ('snapshot.pt', 'state.pt'):
         loaded = rd.load_network(str(tmp_path / name), '--network_second', 'blur')
@@ -312,12 +326,14 @@ def pngs(folder):
     return {os.path.basename(p): np.array(PIL.Image.open(p)) for p in sorted(glob.glob(f'{folder}/*.png'))}
 
 def test_generation_is_per_seed_in_both_stages_and_with_indir(tmp_path):
-    first, second = snapshot(tmp_path / 'a.pt', tiny_net(1, 4)), snapshot(tmp_path / 'b.pt', tiny_net(2, 8), stage='blur')
-    common = ['generate', '--seeds=0-3', f'--network_first={first}', f'--network_second={second}', '--up_scale_second=2',
-              '--num_steps_first=6', '--num_steps_second=12']
+    first = snapshot(tmp_path / 'a.pt', tiny_net(1, 4))
+    second = snapshot(tmp_path / 'b.pt', tiny_net(2, 8), stage='blur')
+    common = ['generate', '--seeds=0-3', f'--network_first={first}', f'--network_second={second}',
+              '--up_scale_second=2', '--num_steps_first=6', '--num_steps_second=12']
     out = {}
     for stages, batch, extra in [('both', 4, []), ('both', 3, []), ('first', 4, []),
-                                 ('second', 4, [f'--indir={tmp_path}/first-4']), ('second', 1, [f'--indir={tmp_path}/first-4'])]:
+                                 ('second', 4, [f'--indir={tmp_path}/first-4']),
+                                 ('second', 1, [f'--indir={tmp_path}/first-4'])]:
         name = f'{stages}-{batch}'
         run(common + [f'--sampler_stages={stages}', f'--batch={batch}', f'--outdir={tmp_path}/{name}'] + extra)
         out[name] = pngs(tmp_path / name)
@@ -327,14 +343,15 @@ def test_generation_is_per_seed_in_both_stages_and_with_indir(tmp_path):
     assert not np.array_equal(out['both-4']['000000.png'], out['both-4']['000001.png'])
     with pytest.raises(UserError, match='--indir'):
         run(common + ['--sampler_stages=second', f'--outdir={tmp_path}/x', f'--indir={tmp_path}/nowhere'])
-    run(common + ['--sampler_stages=first', '--enhance=imagenet', f'--outdir={tmp_path}/enhanced'])  # official PNG brightening
+    run(common + ['--sampler_stages=first', '--enhance=imagenet', f'--outdir={tmp_path}/enhanced'])  # brightened
     bright = lambda im: np.array(PIL.ImageEnhance.Brightness(PIL.Image.fromarray(im)).enhance(1.06))
     assert all(np.array_equal(pngs(tmp_path / 'enhanced')[k], bright(out['first-4'][k])) for k in out['first-4'])
 
 def test_presets_are_the_official_runs_and_flags_win():
     """One name, one official run: `train --preset` its README command, `generate --preset` its generate_*.py."""
     a = parse_command_line(rd.build_parser, ['generate', '--preset=imagenet256', '--outdir=x', '--rho_second=50'])
-    assert (a.num_steps_first, a.S_churn, a.S_noise, a.num_steps_second, a.rho_second, a.cfg_scale_second) == (256, 40, 1.003, 200, 50, 3.5)
+    assert (a.num_steps_first, a.S_churn, a.S_noise, a.num_steps_second, a.rho_second,
+            a.cfg_scale_second) == (256, 40, 1.003, 200, 50, 3.5)
     assert a.seeds[0] == 10000 and len(a.seeds) == 50000 and a.enhance == 'none' and a.batch == 64
     c = parse_command_line(rd.build_parser, ['generate', '--preset=celebahq256', '--outdir=x'])
     assert (c.num_steps_first, c.sde_scale_first, c.num_steps_second, c.truncation_sigma_second, c.truncation_t_second,
@@ -396,7 +413,8 @@ def _ddp_worker(rank, world_size, port, images, out):
     net = tiny_net(0).train()
     ddp = torch.nn.parallel.DistributedDataParallel(net)
     half = images.shape[0] // world_size
-    torch.save(_blur_loss_grad(net, ddp, images[rank * half:(rank + 1) * half], 10 + rank, half), f'{out}/grad{rank}.pt')
+    grads = _blur_loss_grad(net, ddp, images[rank * half:(rank + 1) * half], 10 + rank, half)
+    torch.save(grads, f'{out}/grad{rank}.pt')
     dist.destroy_process_group()
 
 def test_ddp_two_processes_equal_one(tmp_path):
@@ -413,18 +431,22 @@ def test_ddp_two_processes_equal_one(tmp_path):
 def test_two_stage_cli_under_torchrun(tmp_path):
     """Stage one (EDM, with augmentation) in one process, stage two (blur, labels, label dropout) and two-stage
     generation with CFG under torchrun with 2 ranks; 2-rank generation writes the same files as 1 rank."""
-    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(ROOT / 'relay_diffusion.py')]
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                str(ROOT / 'relay_diffusion.py')]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     flags = ['train', '--batch=4', '--duration=0.000008', '--tick=0.004', '--snap=1', '--dump=0', '--nosubdir'] + TINY
     run(flags + ['--data=demo-4', '--cond=1', '--augment=0.2', f'--outdir={tmp_path}/one'])
-    r = subprocess.run(torchrun + flags + ['--data=demo-8', '--cond=1', '--precond=blur', '--up-scale=2', '--label-dropout=0.5',
-                                           f'--outdir={tmp_path}/two'], env=env, capture_output=True, text=True, timeout=120)
+    two = ['--data=demo-8', '--cond=1', '--precond=blur', '--up-scale=2', '--label-dropout=0.5',
+           f'--outdir={tmp_path}/two']
+    r = subprocess.run(torchrun + flags + two, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     first, second = (max(glob.glob(f'{tmp_path}/{d}/network-snapshot-*.pt')) for d in ('one', 'two'))
-    assert load_checkpoint(first)['net_kwargs']['augment_dim'] == 9 and load_checkpoint(second)['stage']['precond'] == 'blur'
+    assert load_checkpoint(first)['net_kwargs']['augment_dim'] == 9
+    assert load_checkpoint(second)['stage']['precond'] == 'blur'
     gen = ['generate', '--seeds=0-4', '--batch=2', f'--network_first={first}', f'--network_second={second}',
            '--up_scale_second=2', '--num_steps_first=4', '--num_steps_second=10', '--cfg_scale_second=2']
-    r = subprocess.run(torchrun + gen + [f'--outdir={tmp_path}/gen2'], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(torchrun + gen + [f'--outdir={tmp_path}/gen2'], env=env, capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     run(gen + [f'--outdir={tmp_path}/gen1'])
     two, one = pngs(tmp_path / 'gen2'), pngs(tmp_path / 'gen1')
@@ -441,10 +463,12 @@ def relay_files(tmp_path_factory):
     """A stage-two training state and snapshot, stage-one / stage-two / masked_dm / gdd snapshots."""
     out = tmp_path_factory.mktemp('relay_files')
     run(TRAIN + ['--precond=blur', '--up-scale=2', f'--outdir={out / "two"}'])
-    first, second = snapshot(out / 'first.pt', tiny_net(1, 4)), snapshot(out / 'second.pt', tiny_net(2, 8), stage='blur')
-    masked, gdd = snapshot(out / 'masked.pt', tiny_net(1, 4), method='masked_dm'), snapshot(out / 'gdd.pt', tiny_net(1, 4), method='gdd')
-    return dict(state=max(glob.glob(f'{out}/two/training-state-*.pt')), snap=max(glob.glob(f'{out}/two/network-snapshot-*.pt')),
-                first=first, second=second, masked=masked, gdd=gdd)
+    return dict(state=max(glob.glob(f'{out}/two/training-state-*.pt')),
+                snap=max(glob.glob(f'{out}/two/network-snapshot-*.pt')),
+                first=snapshot(out / 'first.pt', tiny_net(1, 4)),
+                second=snapshot(out / 'second.pt', tiny_net(2, 8), stage='blur'),
+                masked=snapshot(out / 'masked.pt', tiny_net(1, 4), method='masked_dm'),
+                gdd=snapshot(out / 'gdd.pt', tiny_net(1, 4), method='gdd'))
 
 TRAIN_CASES = [  # (argv after TRAIN, exit code, words the one line must contain)
     (['--batch=-4'], 2, ['--batch', '-4', '>= 1']),
@@ -488,6 +512,7 @@ GENERATE_CASES = [  # (argv after the base command, exit code, words the one lin
     (['--seeds=5-1'], 2, ['--seeds', 'empty range']),
     (['--batch=0'], 2, ['--batch', '>= 1']),
     (['--class=5'], 2, ['--class=5', '0 classes']),
+    (['--cfg_scale_second=2'], 2, ['--cfg_scale_second=2', 'class-conditional']),
     (['--s_noise_second=1.5'], 2, ['--s_noise_second', '<= 1']),
     (['--sde_scale_first=2'], 2, ['--sde_scale_first', '<= 1']),
     (['--preset=celebahq64'], 2, ['--preset', 'celebahq64']),
