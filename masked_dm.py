@@ -479,7 +479,7 @@ def mdsm_loss(net, x0, t, noise, keep, call=None, labels=None):
     return loss
 
 #------------------------------------------------------------------------------
-# 4. Samplers: DDIM (the official FID sampler) and 1000-step ancestral DDPM. State in float64, the network in float32.
+# 4. Sampler: DDIM (the official FID sampler) and 1000-step ancestral DDPM. State in float64, the network in float32.
 
 def ddim_time_pairs(num_steps, T=1000):
     """(t, s) pairs: trunc(linspace(-1, T-1, S+1)) reversed; S=250 -> (999, 995), ..., (7, 3), (3, -1) (official

@@ -69,16 +69,20 @@ def throughput(args):
             if i > 0:  # the first round is warm-up
                 times[kind].append(time.perf_counter() - start)
             mems[kind] = peak_memory(device)
-    for kind, name in (('block', 'masked pre-training (block-4 90%, 33 tokens)'), ('none', 'full fine-tuning (257 tokens)')):
-        rows[kind] = dict(setting=name, sec_per_step=float(np.median(times[kind])), img_per_s=args.batch / float(np.median(times[kind])),
+    for kind, name in (('block', 'masked pre-training (block-4 90%, 33 tokens)'),
+                       ('none', 'full fine-tuning (257 tokens)')):
+        sec = float(np.median(times[kind]))
+        rows[kind] = dict(setting=name, sec_per_step=sec, img_per_s=args.batch / sec,
                           peak_mem_gib=mems[kind])
-    print(f'\nMaskDM-S 64x64, batch {args.batch}, {device}, {"bf16" if args.bf16 else "fp32"}, median of {args.steps} interleaved steps')
+    print(f'\nMaskDM-S 64x64, batch {args.batch}, {device}, {"bf16" if args.bf16 else "fp32"}, '
+          f'median of {args.steps} interleaved steps')
     print(f'{"setting":<46} {"sec/step":>9} {"img/s":>8} {"peak mem GiB":>13}')
     for r in rows.values():
         print(f'{r["setting"]:<46} {r["sec_per_step"]:>9.3f} {r["img_per_s"]:>8.1f} {r["peak_mem_gib"]:>13.2f}')
     print(f'full / masked time per step: {rows["none"]["sec_per_step"] / rows["block"]["sec_per_step"]:.2f}x')
     if device.type == 'cpu':
-        print('(CPU: peak memory is the process peak RSS, which only grows, so the full-step figure includes the masked one)')
+        print('(CPU: peak memory is the process peak RSS, which only grows, so the full-step figure includes the '
+              'masked one)')
 
 
 def held_out(n, device):
@@ -122,7 +126,8 @@ def claim(args):
     triples = held_out(args.held_out, device)
     budget = args.minutes * 60
     results = {}
-    for name, stages in (('pretrain+finetune', [('block', args.pre_fraction, 1e-3), ('none', 1 - args.pre_fraction, 5e-4)]),
+    pre = [('block', args.pre_fraction, 1e-3), ('none', 1 - args.pre_fraction, 5e-4)]
+    for name, stages in (('pretrain+finetune', pre),
                          ('from scratch', [('none', 1.0, 5e-4)])):
         torch.manual_seed(0)
         net = md.GaussianDiffusion(img_size=32, **md.ARCHS['T'])
@@ -136,7 +141,8 @@ def claim(args):
         grid = md.sample(ema.eval(), range(36), device, num_steps=50)
         save_image_grid(grid, str(Path(args.outdir) / f'grid-{name.replace("+", "-").replace(" ", "-")}.png'))
         print(name, json.dumps(results[name]), flush=True)
-    print(f'\nheld-out denoising loss ({args.held_out} fixed (image, t, noise) triples, all tokens), {args.minutes:g} min each, '
+    print(f'\nheld-out denoising loss ({args.held_out} fixed (image, t, noise) triples, all tokens), '
+          f'{args.minutes:g} min each, '
           f'{args.threads} thread(s), shared machine')
     print(f'{"run":<20} {"steps (per stage)":>20} {"loss online":>12} {"loss EMA":>10}')
     for name, r in results.items():
@@ -152,7 +158,8 @@ def main():
     t.add_argument('--bf16', action='store_true', help='autocast bf16')
     c = sub.add_parser('claim')
     c.add_argument('--minutes', type=float, default=6, metavar='FLOAT', help='wall-clock budget of each run')
-    c.add_argument('--pre_fraction', type=float, default=0.5, metavar='FLOAT', help='share of the budget spent pre-training')
+    c.add_argument('--pre_fraction', type=float, default=0.5, metavar='FLOAT',
+                   help='share of the budget spent pre-training')
     c.add_argument('--batch', type=int, default=32, metavar='INT', help='images per step')
     c.add_argument('--held_out', type=int, default=512, metavar='INT', help='held-out triples')
     c.add_argument('--threads', type=int, default=1, metavar='INT', help='torch threads')

@@ -58,15 +58,17 @@ def test_block_counts(depth, ins):
 def test_state_dict_names_are_the_official_ones():
     keys = set(md.MaskedUViT(**dict(TINY, qkv_bias=True)).state_dict())
     block = ['norm1.weight', 'norm1.bias', 'attn.qkv.weight', 'attn.q_bias', 'attn.v_bias', 'attn.proj.weight',
-             'attn.proj.bias', 'norm2.weight', 'norm2.bias', 'mlp.fc1.weight', 'mlp.fc1.bias', 'mlp.fc2.weight', 'mlp.fc2.bias']
+             'attn.proj.bias', 'norm2.weight', 'norm2.bias', 'mlp.fc1.weight', 'mlp.fc1.bias', 'mlp.fc2.weight',
+             'mlp.fc2.bias']
     expected = {'encoder.patch_embed.proj.weight', 'encoder.patch_embed.proj.bias', 'encoder.norm.weight',
                 'encoder.norm.bias', 'encoder.encoder_pos_embed', 'encoder_to_output.weight', 'encoder_to_output.bias'}
     expected |= {f'encoder.in_blocks.0.{k}' for k in block} | {f'encoder.mid_block.{k}' for k in block}
     expected |= {f'encoder.out_blocks.0.{k}' for k in block + ['skip_linear.weight', 'skip_linear.bias']}
     assert keys == expected
     dwt = set(md.MaskedUViT(**dict(TINY, in_chans=12, dwt=True)).state_dict())
-    assert {'encoder.approx_patch_embed.proj.weight', 'encoder.detail_patch_embed.proj.weight', 'approx_to_output.weight',
-            'detail_to_output.bias'} <= dwt and not any('encoder.patch_embed' in k or 'encoder_to_output' in k for k in dwt)
+    assert {'encoder.approx_patch_embed.proj.weight', 'encoder.detail_patch_embed.proj.weight',
+            'approx_to_output.weight', 'detail_to_output.bias'} <= dwt
+    assert not any('encoder.patch_embed' in k or 'encoder_to_output' in k for k in dwt)
     assert 'attn.qkv.bias' not in ' '.join(keys)  # q/v biases only: no k bias
 
 @pytest.mark.parametrize('img_size, in_chans, kind, ratio, b, c, visible', [
@@ -80,7 +82,8 @@ def test_masked_sequence_lengths_and_output_shapes(img_size, in_chans, kind, rat
         outs = net(torch.randn(2, in_chans, img_size, img_size), torch.tensor([1, 2]), keep)
     assert [tuple(o.shape) for o in outs] == [(2, v, 16 * ch) for v, ch in zip(visible, net.family_chans)]  # 48 / 144
     if kind == 'patch' and img_size == 128:
-        assert 1 + sum(visible) == 617 and md.draw_keep(net, 2, np.random.default_rng(0), 'none') is None  # DWT: 2049 full
+        assert 1 + sum(visible) == 617  # DWT: 2049 tokens in full
+        assert md.draw_keep(net, 2, np.random.default_rng(0), 'none') is None
 
 #------------------------------------------------------------------------------
 # Official datasets/masking_generator.py: masks at exact counts; blocks aligned; crops one window.
@@ -110,7 +113,8 @@ def test_mask_positions_are_uniform():
     rng = np.random.default_rng(2)
     counts = sum(md.draw_mask('block', 16, 16, rng, 0.5, 4).astype(int) for _ in range(4000))
     assert abs(counts.mean() / 4000 - 0.5) < 1e-9 and counts.std() / counts.mean() < 0.05  # every square equally likely
-    corners = [tuple(np.argwhere(~md.draw_mask('crop', 16, 16, rng, crop_size=11).reshape(16, 16))[0]) for _ in range(3000)]
+    corners = [tuple(np.argwhere(~md.draw_mask('crop', 16, 16, rng, crop_size=11).reshape(16, 16))[0])
+               for _ in range(3000)]
     assert set(corners) == {(i, j) for i in range(6) for j in range(6)}  # all (16 - 11 + 1)^2 top-left corners
 
 #------------------------------------------------------------------------------
@@ -177,25 +181,31 @@ def test_timestep_embedding_values():
 def test_schedules_table():
     lin, cos = md.make_alphas_cumprod('linear'), md.make_alphas_cumprod('cosine')
     ts = [0, 99, 249, 499, 749, 899, 999]
-    assert lin[ts].tolist() == pytest.approx([0.99990, 0.897018, 0.524085, 0.0785872, 3.35055e-3, 2.75206e-4, 4.03583e-5], rel=1e-5)
-    assert cos[ts].tolist() == pytest.approx([0.9999587, 0.972093, 0.847012, 0.493844, 0.144272, 2.40917e-2, 2.42877e-9], rel=1e-5)
+    assert lin[ts].tolist() == pytest.approx([0.99990, 0.897018, 0.524085, 0.0785872, 3.35055e-3, 2.75206e-4,
+                                              4.03583e-5], rel=1e-5)
+    assert cos[ts].tolist() == pytest.approx([0.9999587, 0.972093, 0.847012, 0.493844, 0.144272, 2.40917e-2,
+                                              2.42877e-9], rel=1e-5)
     betas = 1 - cos / torch.cat([torch.ones(1, dtype=torch.float64), cos[:-1]])
     assert betas[0].item() == pytest.approx(4.1284e-5, rel=1e-4) and betas[999].item() == pytest.approx(0.999)
     assert (betas > 0.999 - 1e-12).sum() == 1  # only the last beta hits the clip
-    assert torch.allclose(1 - lin / torch.cat([torch.ones(1, dtype=torch.float64), lin[:-1]]), torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    assert torch.allclose(1 - lin / torch.cat([torch.ones(1, dtype=torch.float64), lin[:-1]]),
+                          torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
 
 def test_ddim_grid():
     pairs = md.ddim_time_pairs(250)
     times = [t for t, _ in pairs] + [pairs[-1][1]]
     assert len(pairs) == 250 and times[:4] == [999, 995, 991, 987] and times[-5:] == [15, 11, 7, 3, -1]
-    assert [t for t, _ in md.ddim_time_pairs(500)][:3] == [999, 997, 995] and md.ddim_time_pairs(500)[-2:] == [(3, 1), (1, -1)]
+    assert [t for t, _ in md.ddim_time_pairs(500)][:3] == [999, 997, 995]
+    assert md.ddim_time_pairs(500)[-2:] == [(3, 1), (1, -1)]
     assert md.ddim_time_pairs(1000) == [(t, t - 1) for t in range(999, -1, -1)]
 
 def test_haar_dwt():
     x = torch.arange(16, dtype=torch.float64).reshape(1, 1, 4, 4)
     y = md.haar_dwt(x)
-    assert y[0, 0].tolist() == [[5, 9], [21, 25]] and (y[0, 1] == -4).all() and (y[0, 2] == -1).all() and (y[0, 3] == 0).all()
-    assert torch.equal(md.haar_dwt(torch.full((1, 3, 4, 4), 0.3, dtype=torch.float64))[:, :3], torch.full((1, 3, 2, 2), 0.6, dtype=torch.float64))
+    assert y[0, 0].tolist() == [[5, 9], [21, 25]]
+    assert (y[0, 1] == -4).all() and (y[0, 2] == -1).all() and (y[0, 3] == 0).all()
+    assert torch.equal(md.haar_dwt(torch.full((1, 3, 4, 4), 0.3, dtype=torch.float64))[:, :3],
+                       torch.full((1, 3, 2, 2), 0.6, dtype=torch.float64))
     img = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
     w = md.haar_dwt(img)
     assert w.shape == (2, 12, 128, 128) and (md.haar_idwt(w) - img).abs().max() < 1e-6
@@ -213,9 +223,11 @@ def test_ema_decay():
     assert all(md.ema_decay(n, 0.999) == 0 for n in range(1, 103))  # copies (n <= 101, and once more: see the NOTE)
     assert md.ema_decay(103, 0.999) == pytest.approx(1 - 3 ** (-2 / 3))
     assert md.ema_decay(1100, 0.999) == pytest.approx(0.99)
-    assert md.ema_decay(31722, 0.999) < 0.999 and md.ema_decay(31723, 0.999) == 0.999 and md.ema_decay(10 ** 6, 0.9999) < 0.9999
+    assert md.ema_decay(31722, 0.999) < 0.999 and md.ema_decay(31723, 0.999) == 0.999
+    assert md.ema_decay(10 ** 6, 0.9999) < 0.9999
     assert [md.ema_decay(n, 0.999, every=10) for n in (2, 10, 101, 111)] == [None, None, 0, 0]
-    assert md.ema_decay(121, 0.999, every=10) == pytest.approx(1 - 21 ** (-2 / 3)) and md.ema_decay(122, 0.999, every=10) is None
+    assert md.ema_decay(121, 0.999, every=10) == pytest.approx(1 - 21 ** (-2 / 3))
+    assert md.ema_decay(122, 0.999, every=10) is None
 
 #------------------------------------------------------------------------------
 # Samplers: DDIM on Gaussian data against the exact answer; eta=1 at 1000 steps is ancestral DDPM.
@@ -243,20 +255,26 @@ def test_ddim_eta0_on_gaussian_data():
         # Exact probability-flow ODE from t = 999: x_t = x_999 sqrt(v_t / v_999); the output is E[x0 | x_t_last].
         exact = z * (v(t_last) / v(999)).sqrt() * ab[t_last].sqrt() * s ** 2 / v(t_last)
         errors.append((out - exact).abs().max().item() / exact.abs().max().item())
-    assert errors[1] < errors[0] / 2.5 and errors[2] < errors[1] / 3 and errors[2] < 0.015  # ~first order (4x steps: ~3-4x)
-    # Each DDIM step is, for this model, the closed-form linear map x_s = x_t (sqrt(ab_s ab_t) s^2 + sqrt((1-ab_s)(1-ab_t))) / v_t.
+    assert errors[1] < errors[0] / 2.5 and errors[2] < errors[1] / 3 and errors[2] < 0.015  # ~first order: 4x, ~3-4x
+    # Each DDIM step is, for this model, the closed-form linear map
+    # x_s = x_t (sqrt(ab_s ab_t) s^2 + sqrt((1-ab_s)(1-ab_t))) / v_t.
     # (Linear schedule: cosine's ab_999 = 2e-9 amplifies the fp32 network call's rounding 2e4 times in the first x0.)
     eps = GaussianEps(s, 'linear')
     ab = eps.alphas_cumprod
     gain = 1.0
     for t, s_ in md.ddim_time_pairs(10):
-        gain *= ab[t].sqrt() * s ** 2 / v(t) if s_ < 0 else ((ab[s_] * ab[t]).sqrt() * s ** 2 + ((1 - ab[s_]) * (1 - ab[t])).sqrt()) / v(t)
+        if s_ < 0:
+            gain *= ab[t].sqrt() * s ** 2 / v(t)
+        else:
+            gain *= ((ab[s_] * ab[t]).sqrt() * s ** 2 + ((1 - ab[s_]) * (1 - ab[t])).sqrt()) / v(t)
     assert torch.allclose(md.ddim_sampler(eps, z, num_steps=10, eta=0, clamp=False), z * gain, rtol=1e-5, atol=1e-6)
 
 def test_ddim_eta1_1000_steps_is_ancestral_ddpm():
     eps = GaussianEps(0.5, 'linear')
     z = torch.randn(8, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    noise = lambda seed: (lambda g: (lambda x: torch.randn(x.shape, dtype=x.dtype, generator=g)))(torch.Generator().manual_seed(seed))
+    def noise(seed):
+        g = torch.Generator().manual_seed(seed)
+        return lambda x: torch.randn(x.shape, dtype=x.dtype, generator=g)
     a = md.ddim_sampler(eps, z, randn_like=noise(2), num_steps=1000, eta=1.0, clamp=False)
     b = md.ddpm_sampler(eps, z, randn_like=noise(2), clamp=False)
     assert torch.allclose(a, b, atol=1e-7) and a.std() > 0.3
@@ -311,8 +329,9 @@ def test_ddp_two_processes_equal_one(tmp_path):
     noise = torch.randn_like(x0)
     keep = md.draw_keep(net, 4, np.random.default_rng(0), 'patch', 0.5)
     md.mdsm_loss(net, x0, t, noise, keep).mean().backward()
-    torch.multiprocessing.start_processes(_ddp_worker, args=(str(tmp_path / 'store'), x0, t, noise, keep, str(tmp_path / 'g.pt')),
-                                          nprocs=2, start_method='spawn')  # spawn: forking a process with gloo threads can hang
+    # spawn: forking a process with gloo threads can hang
+    torch.multiprocessing.start_processes(_ddp_worker, nprocs=2, start_method='spawn',
+                                          args=(str(tmp_path / 'store'), x0, t, noise, keep, str(tmp_path / 'g.pt')))
     grads = torch.load(tmp_path / 'g.pt')
     for k, p in net.named_parameters():
         assert torch.allclose(grads[k], p.grad, atol=1e-6, rtol=1e-4), k
@@ -322,11 +341,13 @@ def run_train(argv):
 
 def state_at(folder, nimg):
     """The training state a run wrote at `nimg` images."""
-    states = [load_checkpoint(folder / name) for name in sorted(os.listdir(folder)) if name.startswith('training-state-')]
+    states = [load_checkpoint(folder / name) for name in sorted(os.listdir(folder))
+              if name.startswith('training-state-')]
     return next(s for s in states if s['cur_nimg'] == nimg)
 
 def test_resume_equals_uninterrupted_and_finetune_from_online_weights(dataset_zip, tmp_path):
-    base = TINY_FLAGS + [f'--data={dataset_zip}', '--tick=0.004', '--snap=1', '--dump=2', '--nosubdir', '--train_steps=4']
+    base = TINY_FLAGS + [f'--data={dataset_zip}', '--tick=0.004', '--snap=1', '--dump=2', '--nosubdir',
+                         '--train_steps=4']
     run_train(base + [f'--outdir={tmp_path / "a"}'])
     run_train(base + [f'--outdir={tmp_path / "b"}', '--train_steps=2'])
     b_state = next(tmp_path / 'b' / n for n in os.listdir(tmp_path / 'b') if n.startswith('training-state-'))
@@ -339,7 +360,7 @@ def test_resume_equals_uninterrupted_and_finetune_from_online_weights(dataset_zi
     state = dict(a, ema={k: v + 1 for k, v in a['ema'].items()})
     torch.save(state, tmp_path / 'pre.pt')
     net = tiny_net(7)
-    md.load_pretrained(net, str(tmp_path / 'pre.pt'))  # strict: no missing or unexpected keys (official main.py loads them all)
+    md.load_pretrained(net, str(tmp_path / 'pre.pt'))  # strict: no missing or unexpected keys (official: all load)
     assert all(torch.equal(v, a['net'][k]) for k, v in net.state_dict().items())
     run_train(base + [f'--outdir={tmp_path / "ft"}', '--mask_type=none', '--train_steps=1', '--warmup_steps=5',
                       f'--pretrained_model_ckpt={tmp_path / "pre.pt"}'])
@@ -374,14 +395,17 @@ def test_generation_identical_across_batch_sizes(tmp_path):
 
 def test_torchrun_two_processes_train_and_generate(dataset_zip, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
-    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(ROOT / 'masked_dm.py')]
-    subprocess.run(torchrun + ['train', f'--data={dataset_zip}', f'--outdir={tmp_path}', '--nosubdir', '--train_steps=2',
-                               '--tick=0.1', '--snap=1', '--dump=1'] + TINY_FLAGS, check=True, env=env, capture_output=True)
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                str(ROOT / 'masked_dm.py')]
+    subprocess.run(torchrun + ['train', f'--data={dataset_zip}', f'--outdir={tmp_path}', '--nosubdir',
+                               '--train_steps=2', '--tick=0.1', '--snap=1', '--dump=1'] + TINY_FLAGS,
+                   check=True, env=env, capture_output=True)
     snapshot = tmp_path / sorted(n for n in os.listdir(tmp_path) if n.startswith('network-snapshot-'))[-1]
     assert load_checkpoint(snapshot)['cur_nimg'] == 8
     subprocess.run(torchrun + ['generate', f'--network={snapshot}', f'--outdir={tmp_path / "two"}', '--seeds=0-4',
                                '--batch=2', '--steps=4'], check=True, env=env, capture_output=True)
-    md.generate(parse(['generate', f'--network={snapshot}', f'--outdir={tmp_path / "one"}', '--seeds=0-4', '--steps=4']))
+    md.generate(parse(['generate', f'--network={snapshot}', f'--outdir={tmp_path / "one"}', '--seeds=0-4',
+                       '--steps=4']))
     a, b = read_pngs(tmp_path / 'two'), read_pngs(tmp_path / 'one')
     assert list(a) == list(b) and len(a) == 5 and all(np.array_equal(a[k], b[k]) for k in a)
 
@@ -391,8 +415,8 @@ def official_checkpoint(path, net, schedule):
     buffers = dict(alphas_cumprod=ab, betas=torch.rand(1000), posterior_variance=torch.rand(1000))
     online = {k: v + 0.01 for k, v in net.state_dict().items()}  # 'model.' + network keys
     ema = dict(initted=torch.tensor([1.0]), step=torch.tensor([123]))
-    ema.update({f'ema_model.{k}': v for k, v in net.state_dict().items()} | {f'ema_model.{k}': v for k, v in buffers.items()})
-    ema.update({f'online_model.{k}': v for k, v in online.items()} | {f'online_model.{k}': v for k, v in buffers.items()})
+    for prefix, weights in (('ema_model.', net.state_dict()), ('online_model.', online)):
+        ema.update({prefix + k: v for k, v in (weights | buffers).items()})
     torch.save(dict(step=123, model=online | buffers, opt={}, ema=ema, scaler=None), path)
     return online
 
@@ -406,7 +430,8 @@ def test_official_checkpoint_layout_loads_and_samples(tmp_path):
     loaded = md.load_network(str(tmp_path / 'model-20.pt'), 'demo_ft')
     assert loaded.beta_schedule == 'cosine'  # read off the checkpoint's alphas_cumprod
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())  # the EMA weights
-    md.generate(parse(['generate', f'--network={tmp_path / "model-20.pt"}', '--preset=demo_ft', f'--outdir={tmp_path / "o"}',
+    md.generate(parse(['generate', f'--network={tmp_path / "model-20.pt"}', '--preset=demo_ft',
+                       f'--outdir={tmp_path / "o"}',
                        '--seeds=3', '--steps=6']))
     expected = md.sample(net.eval(), [3], torch.device('cpu'), num_steps=6)
     assert np.array_equal(read_pngs(tmp_path / 'o')['000003.png'], to_uint8(expected)[0].permute(1, 2, 0).numpy())
@@ -422,11 +447,13 @@ def test_official_checkpoint_layout_loads_and_samples(tmp_path):
 def test_presets_dry_run_and_errors(tmp_path, capsys, dataset_zip):
     md.train(parse(['train', '--preset=celeba64_ft', '--data=demo-64', '-n']))
     out = capsys.readouterr().out
-    assert '44,292,144 parameters, 257 tokens' in out and json.loads(out[out.index('{'):out.rindex('}') + 1])['num_params'] == 44_292_144
+    assert '44,292,144 parameters, 257 tokens' in out
+    assert json.loads(out[out.index('{'):out.rindex('}') + 1])['num_params'] == 44_292_144
     md.train(parse(['--preset=hq256l_dwt_pre70', '--data=demo-256', '-n', '--training_steps=7']))
     out = capsys.readouterr().out
     options = json.loads(out[out.index('{'):out.rindex('}') + 1])
-    assert '233,399,488 parameters, 617 tokens' in out and options['train_steps'] == 7 and options['mask_type'] == 'patch'
+    assert '233,399,488 parameters, 617 tokens' in out
+    assert options['train_steps'] == 7 and options['mask_type'] == 'patch'
     args = parse(['--preset=celeba64_pre_block4_90', '--data=x', '--batch=64'])
     assert (args.mask_type, args.mask_ratio, args.block_size, args.batch, args.lr) == ('block', 0.9, 4, 64, 2e-4)
     names = [f'celeba64_pre_{m}_{p}' for m in ('patch', 'block2', 'block4', 'crop') for p in (10, 50, 90)] + [
@@ -692,8 +719,8 @@ BAD = [  # (argv, exit code, a word of the one line)
     (GENERATE + ['--cfg=2'], 2, '--cfg'),
 ]
 
-@pytest.mark.parametrize('argv, code, word', BAD, ids=[' '.join(a[0:1] + a[len(TRAIN if a[0] == 'train' else GENERATE):])
-                                                        for a, _, _ in BAD])
+@pytest.mark.parametrize('argv, code, word', BAD,
+                         ids=[' '.join(a[:1] + a[len(TRAIN if a[0] == 'train' else GENERATE):]) for a, _, _ in BAD])
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys, argv, code, word):
     files = dict(snapshot=tmp_path / 'net.pt', other=tmp_path / 'gdd.pt', junk=tmp_path / 'junk.pt',
                  official=tmp_path / 'model-1.pt', file=tmp_path / 'a-file')
