@@ -649,7 +649,7 @@ def test_grey_images_train_and_generate(tmp_path, dwt):
 #------------------------------------------------------------------------------
 # Checkpoints written before TrainingRun took explicit arguments still load.
 
-def test_old_layout_snapshot_and_training_state_load(tmp_path):
+def test_old_layout_snapshot_and_training_state_load(tmp_path, capsys):
     # The keys masked_dm.py wrote then: a snapshot {method, args, cur_nimg, net_kwargs, ema}; a training state adds
     # net, optimizer, scaler, step and data_pos (no tick). Its args had EDM's --ema and --lr-rampup, no --cond extras.
     args = {k: v for k, v in vars(parse(TINY_FLAGS + ['--data=demo-8', f'--outdir={tmp_path / "run"}', '--nosubdir',
@@ -667,6 +667,10 @@ def test_old_layout_snapshot_and_training_state_load(tmp_path):
     torch.save(state, tmp_path / 'old-state.pt')
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in md.load_network(str(tmp_path / 'old-state.pt'))
                .state_dict().items())
+    for changed, stored in (('--mask_ratio=0.25', '0.5'), ('--batch=8', '4')):  # a resume continues the same run
+        with pytest.raises(SystemExit) as e:
+            parse(['train', f'--resume={tmp_path / "old-state.pt"}', changed])
+        assert e.value.code == 2 and f'{changed} given, {stored} in the training state' in capsys.readouterr().err
     run_train([f'--resume={tmp_path / "old-state.pt"}'])  # the stored options, one more step to 8 images
     resumed = state_at(tmp_path / 'run', 8)
     assert resumed['step'] == 2 and not torch.equal(resumed['net']['model.encoder_to_output.weight'],
