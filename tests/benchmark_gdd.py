@@ -104,7 +104,8 @@ def main():
     else:
         common_flags = [f'--batch={args.batch}', f'--iters={args.iters}', f'--repeats={args.repeats}']
         for extra in (['step', '--freeze=0'], ['step', '--freeze=1'], ['sample']):
-            out = subprocess.run([sys.executable, __file__, *extra, *common_flags], capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, __file__, *extra, *common_flags], capture_output=True, text=True,
+                                 check=True)
             print(out.stdout.strip().splitlines()[-1], flush=True)
 
 if __name__ == '__main__':

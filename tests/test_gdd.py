@@ -1,8 +1,9 @@
 """gdd.py: fidelity checks against the official code (parameter counts and the frozen sets of --freeze=1/2/3
 against upstream's name rule, the generator at init, feature shapes, grey images, loss reduction, R1, optimizer
 settings, frozen/zero-weight invariants) and end-to-end properties (2-process DDP gradients, resume, per-seed
-one-step generation, torchrun CLI). The real feature networks are checked on the meta device; training tests use a
-tiny stand-in trunk and narrow heads (TinyTrunk, standin) and random weights.
+one-step generation, torchrun CLI, a table of bad inputs (one line, exit 2, nothing written), old-layout snapshots).
+The real feature networks are checked on the meta device; training tests use a tiny stand-in trunk and narrow heads
+(TinyTrunk, standin) and random weights.
 
 This file is also the worker of the DDP test: `torchrun --nproc_per_node=2 tests/test_gdd.py ddp OUT` or
 `... tests/test_gdd.py cli ARGS` (gdd.py's CLI with the stand-in registered)."""
@@ -75,7 +76,8 @@ def tiny_teacher(label_dim=0, seed=0, arch=TINY, channels=3):
 
 def write_teacher(path, label_dim=0, channels=3):
     net, kwargs = tiny_teacher(label_dim, channels=channels)
-    common.save_checkpoint(dict(method='patch_diffusion', precond='EDMPrecond', net_kwargs=kwargs, ema=net.state_dict()), path)
+    common.save_checkpoint(dict(method='patch_diffusion', precond='EDMPrecond', net_kwargs=kwargs,
+                                ema=net.state_dict()), path)
     return str(path)
 
 def tiny_gan(freeze=1, label_dim=0, seed=0, arch=TINY):
@@ -162,7 +164,8 @@ def test_freeze_levels_match_official_rule(arch):
 ])
 def test_freeze_2_3_counts(arch, res, cres, label_dim, trainable2, trainable3):
     with torch.device('meta'):
-        net = gdd.GDDPrecond(**gdd.network_kwargs(argparse.Namespace(arch=arch, cres=cres, dropout=0), res, 3, label_dim))
+        args = argparse.Namespace(arch=arch, cres=cres, dropout=0)
+        net = gdd.GDDPrecond(**gdd.network_kwargs(args, res, 3, label_dim))
     counts = {level: gdd.parameter_counts(net, gdd.frozen_names(net, level)) for level in (1, 2, 3)}
     assert (counts[2]['trainable'], counts[3]['trainable']) == (trainable2, trainable3)
     assert all(sorted(gdd.frozen_names(net, level)) == official_frozen(net, level) for level in (2, 3))
@@ -171,10 +174,12 @@ def test_freeze_2_3_counts(arch, res, cres, label_dim, trainable2, trainable3):
         assert counts[3]['frozen'] - counts[2]['frozen'] == 2_233_344
 
 def test_discriminator_counts_and_feature_shapes_at_224():
-    # official feature_networks/ and pg_modules/ at 224 px; DeiT: 85,798,656 pretrained + 6,711,744 random readout + 1,539,536 final norm and unused heads
+    # official feature_networks/ and pg_modules/ at 224 px; DeiT: 85,798,656 pretrained + 6,711,744 random readout
+    # + 1,539,536 final norm and unused heads
     trunks = {'vgg16_bn': 14_723_136, 'tf_efficientnet_lite0': 2_958_848, 'deit_base_distilled_patch16_224': 94_049_936}
     projections = {'vgg16_bn': 611_776, 'tf_efficientnet_lite0': 376_768, 'deit_base_distilled_patch16_224': 699_840}
-    trunk_maps = {'vgg16_bn': [(128, 112), (256, 56), (512, 28), (512, 14)], 'tf_efficientnet_lite0': [(24, 56), (40, 28), (112, 14), (320, 7)],
+    trunk_maps = {'vgg16_bn': [(128, 112), (256, 56), (512, 28), (512, 14)],
+                  'tf_efficientnet_lite0': [(24, 56), (40, 28), (112, 14), (320, 7)],
                   'deit_base_distilled_patch16_224': [(96, 56), (192, 28), (384, 14), (768, 7)]}
     with torch.device('meta'):
         for name in trunks:
@@ -184,7 +189,8 @@ def test_discriminator_counts_and_feature_shapes_at_224():
             assert [(t.shape[1], t.shape[2]) for t in f.trunk(torch.zeros(2, 3, 224, 224))] == trunk_maps[name]
             maps = f(torch.zeros(2, 3, 32, 32))  # resized to 224 inside
             size = 224 if name == 'vgg16_bn' else 112
-            assert [tuple(t.shape[1:]) for t in maps] == [(64, size, size), (64, size // 2, size // 2), (128, size // 4, size // 4), (256, size // 8, size // 8)]
+            assert [tuple(t.shape[1:]) for t in maps] == [(64, size, size), (64, size // 2, size // 2),
+                                                          (128, size // 4, size // 4), (256, size // 8, size // 8)]
             for label_dim, head_params in ((0, 10_331_328), (10, 13_757_888)):
                 D = gdd.Discriminator([name], f.channels, 224, label_dim)
                 assert sum(p.numel() for p in D.parameters()) == head_params
@@ -196,7 +202,8 @@ def test_discriminator_counts_and_feature_shapes_at_224():
 
 def test_trunk_weight_files_load_strict(tmp_path):
     trunk = gdd.EfficientNetLite0()
-    state = dict(trunk.state_dict(), **{'classifier.weight': torch.zeros(1000, 1280), 'conv_head.weight': torch.zeros(1280, 320, 1, 1)})
+    state = dict(trunk.state_dict(), **{'classifier.weight': torch.zeros(1000, 1280),
+                                        'conv_head.weight': torch.zeros(1280, 320, 1, 1)})
     torch.save(state, tmp_path / 'w.pth')
     other = gdd.EfficientNetLite0()
     gdd.load_trunk(other, 'tf_efficientnet_lite0', str(tmp_path / 'w.pth'))
@@ -231,7 +238,7 @@ def test_grey_training_and_other_channel_counts(tmp_path, standin, monkeypatch):
     for channels in (2, 4):
         demo_data(channels)
         with pytest.raises(UserError, match=f'{channels}-channel images.*RGB or grey'):
-            gdd.train(common.parse_command_line(gdd.build_parser, TRAIN + [f'--outdir={tmp_path}/x', '-n']))
+            gdd.train(parse(TRAIN + [f'--outdir={tmp_path}/x', '-n']))
 
 def test_tf_same_padding():
     conv = gdd.Conv2dSame(1, 1, 3, 2)
@@ -266,7 +273,8 @@ def test_generator_at_init_is_teachers_one_step_denoise(label_dim, tmp_path):
     calls = []
     G.register_forward_hook(lambda *_: calls.append(1))
     assert torch.allclose(gdd.one_step_sampler(G, z, labels).float(), G_x, atol=1e-6) and len(calls) == 1
-    common.save_checkpoint(dict(method='gdd', net_kwargs=gdd.generator_kwargs(kwargs), ema=G.state_dict()), tmp_path / 's.pt')
+    common.save_checkpoint(dict(method='gdd', net_kwargs=gdd.generator_kwargs(kwargs), ema=G.state_dict()),
+                           tmp_path / 's.pt')
     H = gdd.load_network(str(tmp_path / 's.pt'))
     assert torch.equal(H(80 * z, 80, labels), G(80 * z, 80, labels))
 
@@ -274,7 +282,8 @@ def test_official_gdd_pickle_loads(tmp_path):
     class GDDPrecond(torch.nn.Module):  # stand-in for upstream's class: its name, structure and state matter
         def __init__(self):
             super().__init__()
-            self.model = common.SongUNet(img_resolution=8, in_channels=3, out_channels=3, **{k: v for k, v in TINY.items() if k != 'model_type'})
+            self.model = common.SongUNet(img_resolution=8, in_channels=3, out_channels=3,
+                                         **{k: v for k, v in TINY.items() if k != 'model_type'})
     net = GDDPrecond()
     init_kwargs = dict(img_resolution=8, img_channels=3, label_dim=0, use_fp16=True, **TINY)
     write_persistence_pickle(tmp_path / 'gdd.pkl', dict(ema=net, net=net), init_kwargs)
@@ -316,16 +325,24 @@ def test_optimizer_settings_and_presets(standin):
     _, G, _, D, opt_G, opt_D, frozen = tiny_gan(freeze=1)
     (g,), (d,) = opt_G.param_groups, opt_D.param_groups
     assert g['betas'] == (0, 0.99) and g['eps'] == 1e-8 and g['lr'] == 1e-3
-    assert d['lr'] == pytest.approx(1e-3 * 16 / 17) and d['betas'][1] == pytest.approx(0.990585, abs=1e-6) and d['betas'][0] == 0
+    assert d['lr'] == pytest.approx(1e-3 * 16 / 17) and d['betas'][0] == 0
+    assert d['betas'][1] == pytest.approx(0.990585, abs=1e-6)
     assert {id(p) for p in g['params']} == {id(p) for n, p in G.named_parameters() if n not in frozen}
     assert {id(p) for p in d['params']} == {id(p) for p in D.parameters()}  # heads (and embeddings) only
     # train.sh: batch / G lr / D lr / Mimg / EMA / feature networks
     p = gdd.PRESETS
-    assert [p['cifar10_gddi'][k] for k in ('batch', 'lr', 'dlr', 'duration', 'ema', 'freeze', 'arch')] == [256, 1e-4, 1e-4, 5, 0.5, 1, 'ncsnpp']
-    assert [p['ffhq64_gdd'][k] for k in ('batch', 'lr', 'dlr', 'duration', 'cres', 'freeze')] == [256, 2e-5, 4e-5, 10, [1, 2, 2, 2], 0]
-    assert [p['imagenet64_gddi'][k] for k in ('batch', 'lr', 'dlr', 'ema', 'arch', 'cond')] == [512, 8e-6, 4e-5, 50, 'adm', True]
-    assert gdd.parse_backbone(p['afhqv264_gddi']['backbone']) == ['deit_base_distilled_patch16_224', 'tf_efficientnet_lite0']
-    assert gdd.parse_backbone(p['cifar10_cond_gdd']['backbone']) == ['vgg16_bn', 'tf_efficientnet_lite0'] and p['cifar10_cond_gdd']['cond']
+    pick = lambda name, *keys: [p[name][k] for k in keys]  # noqa: E731
+    assert pick('cifar10_gddi', 'batch', 'lr', 'dlr', 'duration', 'ema', 'freeze', 'arch') == [
+        256, 1e-4, 1e-4, 5, 0.5, 1, 'ncsnpp']
+    assert pick('ffhq64_gdd', 'batch', 'lr', 'dlr', 'duration', 'cres', 'freeze') == [
+        256, 2e-5, 4e-5, 10, [1, 2, 2, 2], 0]
+    assert pick('imagenet64_gddi', 'batch', 'lr', 'dlr', 'ema', 'arch', 'cond') == [512, 8e-6, 4e-5, 50, 'adm', True]
+    assert gdd.parse_backbone(p['afhqv264_gddi']['backbone']) == ['deit_base_distilled_patch16_224',
+                                                                   'tf_efficientnet_lite0']
+    assert gdd.parse_backbone(p['cifar10_cond_gdd']['backbone']) == ['vgg16_bn', 'tf_efficientnet_lite0']
+    names = ('cifar10', 'cifar10_cond', 'afhqv264', 'ffhq64', 'imagenet64')  # GDD and GDD-I differ only in --freeze
+    assert p['cifar10_cond_gdd']['cond'] and all(p[f'{n}_gdd'] == dict(p[f'{n}_gddi'], freeze=0) for n in names)
+    assert sorted(p) == sorted(f'{n}_{v}' for n in names for v in ('gdd', 'gddi'))
 
 #------------------------------------------------------------------------------
 # Training invariants (GDD-I frozen set, R1 schedule, GAN-only generator loss).
@@ -388,8 +405,11 @@ def same(a, b):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     return torch.equal(a, b) if torch.is_tensor(a) else a == b
 
+def parse(argv):
+    return common.parse_command_line(gdd.build_parser, argv)
+
 def run_train(outdir, teacher, *extra):
-    gdd.train(common.parse_command_line(gdd.build_parser, TRAIN + [f'--outdir={outdir}', f'--transfer={teacher}', *extra]))
+    gdd.train(parse(TRAIN + [f'--outdir={outdir}', f'--transfer={teacher}', *extra]))
     return sorted(Path(outdir).glob('training-state-*.pt'))[-1]
 
 def test_resume_equals_uninterrupted_and_frozen_teacher_weights(tmp_path, standin):
@@ -411,7 +431,7 @@ def test_cli_freeze_2_3(tmp_path, standin, freeze, tag):
     teacher = write_teacher(tmp_path / 'teacher.pt')
     argv = [a for a in TRAIN if a != '--nosubdir'] + [f'--outdir={tmp_path}', f'--transfer={teacher}',
                                                       '--duration=0.000008', f'--freeze={freeze}']
-    gdd.train(common.parse_command_line(gdd.build_parser, argv))  # 2 steps of 4 images
+    gdd.train(parse(argv))  # 2 steps of 4 images
     run_dir, = tmp_path.glob(f'00000-demo8-uncond-{tag}-gpus1-batch4-fp32')
     state = load_checkpoint(str(sorted(run_dir.glob('training-state-*.pt'))[-1]))
     ref = load_checkpoint(teacher)['ema']
@@ -422,19 +442,20 @@ def test_cli_freeze_2_3(tmp_path, standin, freeze, tag):
     options = json.loads((run_dir / 'training_options.json').read_text())
     assert options['freeze'] == freeze and options['parameters']['frozen'] == sum(ref[k].numel() for k in frozen)
     with pytest.raises(SystemExit):
-        common.parse_command_line(gdd.build_parser, TRAIN + ['--freeze=4'])
+        parse(TRAIN + ['--freeze=4'])
 
 def test_cli_errors(tmp_path, standin):
     teacher = write_teacher(tmp_path / 'teacher.pt')
     argv = [a for a in TRAIN if not a.startswith(('--feature-weights', '--backbone', '--feature-res'))]
     with pytest.raises(UserError, match='vgg16_bn ImageNet weights.*vgg16_bn-6c64b313.pth'):
-        gdd.train(common.parse_command_line(gdd.build_parser, argv + [f'--outdir={tmp_path}/x', f'--transfer={teacher}']))
+        gdd.train(parse(argv + [f'--outdir={tmp_path}/x', f'--transfer={teacher}']))
     assert not (tmp_path / 'x').exists()
     with pytest.raises(UserError, match='--transfer is required'):
-        gdd.train(common.parse_command_line(gdd.build_parser, TRAIN + [f'--outdir={tmp_path}/x']))
+        gdd.train(parse(TRAIN + [f'--outdir={tmp_path}/x']))
     with pytest.raises(UserError, match='a PatchPrecond network'):
-        common.save_checkpoint(dict(method='patch_diffusion', precond='PatchPrecond', net_kwargs={}, ema={}), tmp_path / 'p.pt')
-        gdd.train(common.parse_command_line(gdd.build_parser, TRAIN + [f'--outdir={tmp_path}/x', f'--transfer={tmp_path}/p.pt']))
+        common.save_checkpoint(dict(method='patch_diffusion', precond='PatchPrecond', net_kwargs={}, ema={}),
+                               tmp_path / 'p.pt')
+        gdd.train(parse(TRAIN + [f'--outdir={tmp_path}/x', f'--transfer={tmp_path}/p.pt']))
 
 @pytest.fixture(scope='module')
 def files(tmp_path_factory):
@@ -444,7 +465,8 @@ def files(tmp_path_factory):
     save = lambda name, **ckpt: common.save_checkpoint(ckpt, d / name) or str(d / name)  # noqa: E731
     G = gdd.GDDPrecond(**gdd.generator_kwargs(kwargs))
     return dict(
-        teacher=save('teacher.pt', method='patch_diffusion', precond='EDMPrecond', net_kwargs=kwargs, ema=net.state_dict()),
+        teacher=save('teacher.pt', method='patch_diffusion', precond='EDMPrecond', net_kwargs=kwargs,
+                     ema=net.state_dict()),
         patch=save('patch.pt', method='patch_diffusion', precond='PatchPrecond', net_kwargs=kwargs, ema={}),
         relay_one=save('relay1.pt', method='relay_diffusion', precond='EDMPrecond', net_kwargs=kwargs,
                        stage=dict(precond='edm'), ema=net.state_dict()),
@@ -470,7 +492,8 @@ CLI_ERRORS = [
     ('transfer_patch_precond', lambda t, f: train_argv(t, f, transfer='patch'), 2, ['--transfer=', 'PatchPrecond']),
     ('transfer_missing', lambda t, f: train_argv(t, f, f'--transfer={t / "none.pt"}', transfer=None), 2,
      ['--transfer=', 'no such']),
-    ('transfer_not_a_checkpoint', lambda t, f: train_argv(t, f, transfer='text'), 2, ['--transfer=', 'not a checkpoint']),
+    ('transfer_not_a_checkpoint', lambda t, f: train_argv(t, f, transfer='text'), 2,
+     ['--transfer=', 'not a checkpoint']),
     ('transfer_absent', lambda t, f: train_argv(t, f, transfer=None), 2, ['--transfer is required']),
     ('transfer_wrong_labels', lambda t, f: train_argv(t, f, '--cond=1'), 2, ['--transfer=', '0 classes', '--cond']),
     ('feature_res_7', lambda t, f: train_argv(t, f, '--backbone=tf_efficientnet_lite0', '--feature-res=7'), 2,
@@ -496,8 +519,10 @@ CLI_ERRORS = [
     ('generate_batch_negative', lambda t, f: gen_argv(t, f, '--batch=-1'), 2, ['--batch', '-1']),
     ('generate_seeds_empty', lambda t, f: gen_argv(t, f, '--seeds=5-1'), 2, ['--seeds', 'empty']),
     ('generate_outdir_is_file', lambda t, f: gen_argv(t, f, f'--outdir={f["text"]}'), 2, ['--outdir=', 'not a folder']),
-    ('generate_network_teacher', lambda t, f: gen_argv(t, f, network='teacher'), 2, ['--network=', 'patch_diffusion.py']),
-    ('generate_network_missing', lambda t, f: gen_argv(t, f, f'--network={t / "none.pt"}'), 2, ['--network=', 'no such']),
+    ('generate_network_teacher', lambda t, f: gen_argv(t, f, network='teacher'), 2,
+     ['--network=', 'patch_diffusion.py']),
+    ('generate_network_missing', lambda t, f: gen_argv(t, f, f'--network={t / "none.pt"}'), 2,
+     ['--network=', 'no such']),
     ('generate_network_text', lambda t, f: gen_argv(t, f, network='text'), 2, ['--network=', 'not a checkpoint']),
     ('generate_class_uncond', lambda t, f: gen_argv(t, f, '--class=3'), 2, ['--class=3', '0 classes']),
     ('generate_sigma_max_zero', lambda t, f: gen_argv(t, f, '--sigma_max=0'), 2, ['--sigma_max', '0']),
@@ -537,13 +562,14 @@ def test_old_layout_snapshot_loads(tmp_path):
     assert torch.equal(gdd.one_step_sampler(net, latents, labels), gdd.one_step_sampler(G, latents, labels))
 
 def test_dry_run_counts_without_teacher(capsys):
-    gdd.train(common.parse_command_line(gdd.build_parser, ['train', '--preset=cifar10_gddi', '--data=demo-32', '-n']))
+    gdd.train(parse(['train', '--preset=cifar10_gddi', '--data=demo-32', '-n']))
     options = json.loads(capsys.readouterr().out)
     assert options['parameters'] == dict(total=56_395_523, frozen=47_597_568, trainable=8_797_955,
-                                         discriminator_heads=2 * 10_331_328, feature_networks=14_723_136 + 611_776 + 2_958_848 + 376_768)
+                                         discriminator_heads=2 * 10_331_328,
+                                         feature_networks=14_723_136 + 611_776 + 2_958_848 + 376_768)
     assert options['lr'] == 1e-4 and options['seed'] == 42 and options['bf16'] and options['dropout'] == 0
     assert options['lr_rampup'] == 0
-    gdd.train(common.parse_command_line(gdd.build_parser, ['train', '--data=demo-32', '-n']))  # no preset: still no warm-up
+    gdd.train(parse(['train', '--data=demo-32', '-n']))  # no preset: still no warm-up
     assert json.loads(capsys.readouterr().out)['lr_rampup'] == 0
 
 def read_pngs(folder):
@@ -565,9 +591,9 @@ def test_torchrun_train_and_generate_per_seed(tmp_path, standin):
     snapshot = str(sorted(run_dir.glob('network-snapshot-*.pt'))[-1])
     gen = ['generate', f'--network={snapshot}', '--seeds=0-5']
     torchrun(2, 'cli', *gen, f'--outdir={tmp_path / "two"}', '--batch=2', '--subdirs')
-    gdd.generate(common.parse_command_line(gdd.build_parser, gen + [f'--outdir={tmp_path / "one"}', '--batch=6', '--subdirs']))
-    gdd.generate(common.parse_command_line(gdd.build_parser, gen + [f'--outdir={tmp_path / "four"}', '--batch=4']))
-    gdd.generate(common.parse_command_line(gdd.build_parser, gen + [f'--outdir={tmp_path / "cls"}', '--class=2']))
+    gdd.generate(parse(gen + [f'--outdir={tmp_path / "one"}', '--batch=6', '--subdirs']))
+    gdd.generate(parse(gen + [f'--outdir={tmp_path / "four"}', '--batch=4']))
+    gdd.generate(parse(gen + [f'--outdir={tmp_path / "cls"}', '--class=2']))
     one, two, four, cls = (read_pngs(tmp_path / d) for d in ('one', 'two', 'four', 'cls'))
     assert sorted(one) == [f'{s:06d}.png' for s in range(6)] and (tmp_path / 'one' / '000000' / '000005.png').exists()
     assert all(np.array_equal(one[k], two[k]) and np.array_equal(one[k], four[k]) for k in one)
@@ -593,10 +619,13 @@ def ddp_worker(out):
     ddp_G = common.distributed_model(G, device, broadcast_buffers=False)
     ddp_D = common.distributed_model(D, device, broadcast_buffers=False)
     errors = {}
-    stages = [('G', lambda g, d, dd: gdd.g_step(g, features, d, micro_batches), lambda: [p for p in G.parameters() if p.requires_grad],
+    stages = [('G', lambda g, d, dd: gdd.g_step(g, features, d, micro_batches),
+               lambda: [p for p in G.parameters() if p.requires_grad],
                lambda: [p for p in G_local.parameters() if p.requires_grad]),
-              ('D', lambda g, d, dd: gdd.d_step(g.module, features, dd, micro_batches), lambda: list(D.parameters()), lambda: list(D_local.parameters())),
-              ('R1', lambda g, d, dd: gdd.r1_step(features, dd, micro_batches, 1e-4, 16), lambda: list(D.parameters()), lambda: list(D_local.parameters()))]
+              ('D', lambda g, d, dd: gdd.d_step(g.module, features, dd, micro_batches), lambda: list(D.parameters()),
+               lambda: list(D_local.parameters())),
+              ('R1', lambda g, d, dd: gdd.r1_step(features, dd, micro_batches, 1e-4, 16), lambda: list(D.parameters()),
+               lambda: list(D_local.parameters()))]
     for name, run_stage, synced, local in stages:
         for p in synced() + local():
             p.grad = None
@@ -608,7 +637,8 @@ def ddp_worker(out):
         for a, b in zip(synced(), local()):
             mean = b.grad.clone()
             torch.distributed.all_reduce(mean)
-            worst = max(worst, ((a.grad - mean / world).abs().max() / (mean / world).abs().max().clamp(min=1e-12)).item())
+            scale = (mean / world).abs().max().clamp(min=1e-12)
+            worst = max(worst, ((a.grad - mean / world).abs().max() / scale).item())
         errors[name] = worst
     for step in range(3):
         reseed(0, rank, step)
@@ -618,8 +648,9 @@ def ddp_worker(out):
     gathered = [torch.zeros_like(flat) for _ in range(world)]
     torch.distributed.all_gather(gathered, flat)
     if rank == 0:
-        Path(out).write_text(json.dumps(dict(errors=errors, replicas_equal=all(torch.equal(gathered[0], g) for g in gathered),
-                                             changed=sum(not torch.equal(p, q) for p, q in zip(G.parameters(), G_local.parameters())))))
+        changed = sum(not torch.equal(p, q) for p, q in zip(G.parameters(), G_local.parameters()))
+        Path(out).write_text(json.dumps(dict(errors=errors, changed=changed,
+                                             replicas_equal=all(torch.equal(gathered[0], g) for g in gathered))))
 
 def test_ddp_two_processes_equal_mean_of_local_gradients(tmp_path):
     torchrun(2, 'ddp', str(tmp_path / 'ddp.json'))
