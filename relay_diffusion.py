@@ -616,7 +616,7 @@ def progress_grid(net, num, dataset, seed, device, loss_fn):
     @torch.no_grad()
     def grid(path):
         rng = PerSeedRNG(range(num), device)
-        labels = torch.eye(net.label_dim, device=device)[torch.arange(num) % net.label_dim] if net.label_dim else None
+        labels = seed_labels(rng, net.label_dim, device=device, seeds=list(range(num)))  # seed mod classes
         if fixed is None:
             latents = rng.randn([net.img_channels, net.img_resolution, net.img_resolution], device=device)
             return save_image_grid(edm_sampler(net, latents, labels, rng.randn_like), path)
