@@ -923,7 +923,7 @@ def edm_backbone_kwargs(arch, cbase=None, cres=None, blocks=None):
 def setup_precision(fp16, bf16, tf32, device):
     """Autocast dtype for the backbone (None = fp32) and a GradScaler (enabled for fp16 only)."""
     if fp16 and bf16:
-        raise UserError('--fp16 and --bf16 are exclusive')
+        raise UsageError('--fp16 and --bf16 are exclusive')
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(tf32)
     amp_dtype = torch.float16 if fp16 else torch.bfloat16 if bf16 else None
     return amp_dtype, torch.amp.GradScaler(device.type, enabled=bool(fp16))
@@ -1431,7 +1431,7 @@ def load_official(path_or_url, flag='--network'):
         with open(path, 'rb') as f:
             return _from_snapshot(_SnapshotUnpickler(f).load())
     except Exception as e:
-        raise UserError(f'{flag}={path}: cannot load it as an official network ({e})') from e
+        raise UsageError(f'{flag}={path}: cannot load it as an official network ({e})') from e
 
 def is_official(path):
     """An official pickle (.pkl, or a URL) rather than one of our snapshots."""
@@ -1454,7 +1454,10 @@ def load_snapshot(path, flag, methods):
     (the training flags), cur_nimg} plus what the method's generation needs; a training state adds the training
     objects (net, optimizer, ...), step, tick and data_pos."""
     path = latest_checkpoint(path, 'network-snapshot', flag)
-    ckpt = load_checkpoint(path)
+    try:
+        ckpt = load_checkpoint(path)
+    except UserError as e:
+        raise UsageError(f'{flag}={e}') from None
     method = ckpt.get('method') if isinstance(ckpt, dict) else None
     if method not in methods:
         what = f'a {method}.py checkpoint' if method else 'not a checkpoint of this project'
