@@ -640,7 +640,7 @@ def training_setup(args, world_size):
     total_nimg = args.train_steps * args.batch if args.train_steps else int(args.duration * 1e6)
     mask = 'full' if keep is None else f'{args.mask_type}{args.block_size if args.mask_type == "block" else ""}-' \
         f'{args.crop_size if args.mask_type == "crop" else round(args.mask_ratio * 100)}'
-    info = dict(net_kwargs=net_kwargs, num_params=sum(p.numel() for p in shape_net.parameters()), mask=mask,
+    info = dict(net_kwargs=net_kwargs, num_params=sum(w.numel() for w in shape_net.parameters()), mask=mask,
                 tokens=shape_net.model.encoder.extras + patches, batch_gpu=batch_gpu, rounds=rounds,
                 world_size=world_size, total_nimg=total_nimg, total_kimg=total_nimg / 1000)
     return dataset, net_kwargs, info
