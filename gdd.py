@@ -121,6 +121,7 @@ def network_kwargs(args, resolution, channels, label_dim):
 # 1 ['conv', 'proj'], 2 ['conv', 'proj', 'qkv'], 3 ['conv', 'proj', 'qkv', 'skip'].
 FREEZE_PARTS = {0: (), 1: ('conv0', 'conv1', 'proj'), 2: ('conv0', 'conv1', 'proj', 'qkv'),
                 3: ('conv0', 'conv1', 'proj', 'qkv', 'skip')}
+VARIANTS = ('gdd', 'gddi', 'gddi-qkv', 'gddi-qkv-skip')  # the run directory's tag of each level
 
 def frozen_names(net, level=1):
     """Names of the generator parameters that --freeze=level keeps fixed; level 1 is the paper's GDD-I: conv0 and
@@ -135,8 +136,6 @@ def frozen_names(net, level=1):
                 if getattr(module, part, None) is not None:
                     names += [f'{prefix}.{part}.{n}' for n, _ in getattr(module, part).named_parameters()]
     return names
-
-VARIANTS = ('gdd', 'gddi', 'gddi-qkv', 'gddi-qkv-skip')  # the run directory's tag of each --freeze level
 
 def parameter_counts(net, frozen):
     total, frozen = sum(p.numel() for p in net.parameters()), set(frozen)
@@ -294,10 +293,10 @@ def generator_source(args, R, C, label_dim):
     if args.dry_run:
         kwargs = network_kwargs(args, R, C, label_dim)
     elif args.resume:  # read by parse_command_line already; mmap: only what is used is read
-        flag, kwargs = f'--resume={args.resume}', torch.load(args.resume, 'cpu', weights_only=True, mmap=True)
-        if kwargs.get('method') != 'gdd':
-            raise UsageError(f'{flag}: a {kwargs.get("method")}.py training state; --resume takes one of gdd.py')
-        kwargs = kwargs['net_kwargs']
+        flag, ckpt = f'--resume={args.resume}', torch.load(args.resume, 'cpu', weights_only=True, mmap=True)
+        if ckpt.get('method') != 'gdd':
+            raise UsageError(f'{flag}: a {ckpt.get("method")}.py training state; --resume takes one of gdd.py')
+        kwargs = ckpt['net_kwargs']
     elif not args.transfer:
         raise UsageError('--transfer is required: the teacher (an EDM snapshot .pt or an official edm-*.pkl)')
     else:

@@ -391,6 +391,24 @@ def test_generator_step_ignores_real_images(standin):
         results.append([p.grad.clone() for p in G.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
+def test_loss_scaling_scales_every_gradient(standin):
+    """--ls multiplies the G, D and R1 losses (EDM's loss scaling): by 2, every gradient doubles exactly."""
+    grads = []
+    for ls in (1, 2):
+        _, G, features, D, _, _, _ = tiny_gan(freeze=0)
+        batches = real_batches(1)[0]
+        out = []
+        for stage in (lambda: gdd.g_step(Local(G), features, D, batches, ls=ls),
+                      lambda: gdd.d_step(G, features, Local(D), batches, ls=ls),
+                      lambda: gdd.r1_step(features, Local(D), batches, 1e-4, 2, ls=ls)):
+            reseed(0, 0, 0)
+            for p in list(G.parameters()) + list(D.parameters()):
+                p.grad = None
+            stage()
+            out += [p.grad.clone() for p in list(G.parameters()) + list(D.parameters()) if p.grad is not None]
+        grads.append(out)
+    assert len(grads[0]) == len(grads[1]) > 0 and all(torch.equal(2 * a, b) for a, b in zip(*grads))
+
 #------------------------------------------------------------------------------
 # CLI: train, resume, generate, errors.
 
