@@ -510,7 +510,7 @@ def build_parser(preset=None):
     t.add_argument('--cres', type=parse_int_list, default=None, metavar='LIST', help='channel multipliers for '
                    '`train -n`; None = the arch\'s')
     t.add_argument('--dlr', type=number(float, 0, low_open=True), default=1e-4, metavar='FLOAT',
-                   help='discriminator lr before the lazy-R1 correction x16/17')
+                   help='discriminator lr before the lazy-R1 correction x interval / (interval + 1)')
     t.add_argument('--r1-gamma', type=number(float, 0), default=1e-4, metavar='FLOAT', help='R1 weight; 0 = no R1')
     t.add_argument('--r1-interval', type=number(int, 1), default=16, metavar='INT', help='steps between lazy R1 steps')
     t.add_argument('--gan-weight', type=number(float, 0), default=1, metavar='FLOAT', help='weight of G\'s adversarial '
