@@ -153,78 +153,8 @@ PRESETS = {
 #------------------------------------------------------------------------------
 # 2. Backbone: the U-ViT of the official code (models/mask_uvit.py, MaskedUViT / UViTEncoder; v1 MaskedDWTUViT).
 #    Tokens are [label,] time, patches of family 0, patches of family 1, ...; one family (the image) normally, two
-#    for DWT (LL, details).
-
-def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of the integer step t, cosines first: [cos(t w_i), sin(t w_i)], w_i = 10^4^(-i/k), k = D/2
-    (official mask_uvit.py, timestep_embedding)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]  # [B, D/2]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, D]
-
-def patchify(x, p):
-    """[B, C, h p, w p] -> [B, h w, p p C]: row-major tokens, features (row a, column b, channel c), channel fastest."""
-    return rearrange(x, 'B C (h a) (w b) -> B (h w) (a b C)', a=p, b=p)
-
-def unpatchify(x, p, channels):
-    """The inverse of patchify (square grids): [B, h w, p p C] -> [B, C, h p, w p]."""
-    return rearrange(x, 'B (h w) (a b C) -> B C (h a) (w b)', h=math.isqrt(x.shape[1]), a=p, b=p, C=channels)
-
-class PatchEmbed(torch.nn.Module):
-    """p x p stride-p convolution (timm PatchEmbed, key `proj`), applied as a linear map to patch vectors so that
-    masked tokens can be dropped before embedding; the result equals the convolution on the visible patches."""
-    def __init__(self, in_chans, embed_dim, patch_size):
-        super().__init__()
-        self.patch_size = patch_size
-        self.proj = torch.nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)  # PyTorch default init
-
-    def forward(self, x, keep=None):
-        p = self.patch_size
-        tokens = rearrange(x, 'B C (h a) (w b) -> B (h w) (C a b)', a=p, b=p)  # [B, N, C p p]: conv weight order
-        if keep is not None:  # [B, n] indices of visible tokens, ascending
-            tokens = tokens.gather(1, keep[:, :, None].expand(-1, -1, tokens.shape[2]))  # [B, N, F] -> [B, n, F]
-        return F.linear(tokens, self.proj.weight.flatten(1), self.proj.bias)  # [B, n, D]
-
-class Attention(torch.nn.Module):
-    """Multi-head self-attention, qkv without bias; with qkv_bias, learned q and v biases and no k bias (BEiT)."""
-    def __init__(self, dim, heads, qkv_bias=False):
-        super().__init__()
-        self.heads = heads
-        self.qkv = torch.nn.Linear(dim, 3 * dim, bias=False)
-        self.q_bias = torch.nn.Parameter(torch.zeros(dim)) if qkv_bias else None
-        self.v_bias = torch.nn.Parameter(torch.zeros(dim)) if qkv_bias else None
-        self.proj = torch.nn.Linear(dim, dim)
-
-    def forward(self, x):
-        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias]) if self.q_bias is not None else None
-        q, k, v = rearrange(F.linear(x, self.qkv.weight, bias), 'B L (K H d) -> K B H L d', K=3, H=self.heads)
-        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head dim)) v; head dim 64 in every config
-        return self.proj(rearrange(x, 'B H L d -> B L (H d)'))
-
-class Mlp(torch.nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.fc2 = torch.nn.Linear(dim, hidden), torch.nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
-
-class Block(torch.nn.Module):
-    """Pre-norm transformer block; an out-block first mixes in its long skip: x <- Linear([x, skip]) (U-ViT)."""
-    def __init__(self, dim, heads, mlp_ratio=4, qkv_bias=False, skip=False):
-        super().__init__()
-        self.norm1 = torch.nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, qkv_bias)
-        self.norm2 = torch.nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.skip_linear = torch.nn.Linear(2 * dim, dim) if skip else None
-
-    def forward(self, x, skip=None):
-        if self.skip_linear is not None:
-            x = self.skip_linear(torch.cat([x, skip], dim=-1))  # current stream first
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+#    for DWT (LL, details). The standard U-ViT layers (PatchEmbed, Block, ...) are in the Appendix; PatchEmbed
+#    embeds only the visible patches, so masked tokens never enter the network.
 
 class UViTEncoder(torch.nn.Module):
     """Patch embeddings, [label,] time token, learned positions, depth // 2 in-blocks, a mid-block, depth // 2
@@ -358,44 +288,8 @@ def network_kwargs(args, resolution, channels=3, num_classes=0):
                 in_chans=4 * channels if args.dwt else channels, dwt=args.dwt, **arch, **extra)
 
 #------------------------------------------------------------------------------
-# 3. Method math: Haar wavelets, masks, the DDPM process, masked denoising score matching.
-
-def haar_dwt(x):
-    """One-level orthonormal Haar per channel (= PyWavelets dwt2 'haar'): [B, C, H, W] -> [B, 4C, H/2, W/2] in the
-    order [LL, H, V, D] x C. For each 2x2 block [[a, b], [c, d]]: LL = (a+b+c+d)/2, H = (a+b-c-d)/2, ..."""
-    a, b, c, d = x[..., 0::2, 0::2], x[..., 0::2, 1::2], x[..., 1::2, 0::2], x[..., 1::2, 1::2]
-    return torch.cat([a + b + c + d, a + b - c - d, a - b + c - d, a - b - c + d], dim=1) / 2
-
-def haar_idwt(y):
-    """The inverse: [B, 4C, H, W] -> [B, C, 2H, 2W]."""
-    LL, H, V, D = y.chunk(4, dim=1)
-    out = torch.empty(*LL.shape[:2], LL.shape[2] * 2, LL.shape[3] * 2, dtype=y.dtype, device=y.device)
-    out[..., 0::2, 0::2], out[..., 0::2, 1::2] = (LL + H + V + D) / 2, (LL + H - V - D) / 2
-    out[..., 1::2, 0::2], out[..., 1::2, 1::2] = (LL - H + V - D) / 2, (LL - H - V + D) / 2
-    return out
-
-def to_model_space(images, dwt):
-    """uint8 images -> what the diffusion runs on: [-1, 1] pixels, or with dwt the Haar transform of the [0, 1] image
-    with only LL mapped by 2u - 1 (LL in [-1, 3], details in [-1, 1]; official v1 datasets/celebahq.py)."""
-    if not dwt:
-        return images.to(torch.float32) / 127.5 - 1
-    coeffs = haar_dwt(images.to(torch.float32) / 255)
-    C = images.shape[1]  # LL is the first C bands
-    return torch.cat([coeffs[:, :C] * 2 - 1, coeffs[:, C:]], dim=1)
-
-def to_image_space(x, dwt):
-    """The inverse, to [-1, 1] pixels for saving: LL back by (u + 1) / 2, inverse Haar (official v1 sample())."""
-    if not dwt:
-        return x
-    C = x.shape[1] // 4
-    return haar_idwt(torch.cat([(x[:, :C] + 1) / 2, x[:, C:]], dim=1)) * 2 - 1
-
-def x0_range(net):
-    """Clamp bounds of the predicted x0 per channel: [-1, 1]; with dwt LL in [-1, 3], details in [-1, 1] (v1 code)."""
-    hi = torch.ones(net.in_chans, 1, 1, dtype=torch.float64)
-    if net.dwt:
-        hi[:net.in_chans // 4] = 3  # the LL bands
-    return -torch.ones_like(hi), hi
+# 3. Method math: masks, the DDPM process, masked denoising score matching. Images enter as [-1, 1] pixels, or for
+#    the v1 DWT variant as Haar coefficients (Appendix: to_model_space, to_image_space, x0_range).
 
 def draw_mask(kind, h, w, rng, ratio=0.0, block_size=1, crop_size=None):
     """Per-image token mask on the h x w grid (True = masked) with a fixed count (official
@@ -479,27 +373,14 @@ def mdsm_loss(net, x0, t, noise, keep, call=None, labels=None):
     return loss
 
 #------------------------------------------------------------------------------
-# 4. Sampler: DDIM (the official FID sampler) and 1000-step ancestral DDPM. State in float64, the network in float32.
+# 4. Sampler: DDIM (the official FID sampler) and 1000-step ancestral DDPM. State in float64, the network in float32;
+#    epsilon from guided_eps (Appendix: the network, or our classifier-free guidance).
 
 def ddim_time_pairs(num_steps, T=1000):
     """(t, s) pairs: trunc(linspace(-1, T-1, S+1)) reversed; S=250 -> (999, 995), ..., (7, 3), (3, -1) (official
     gaussian_ddpm.py ddim_sample)."""
     times = list(reversed(torch.linspace(-1, T - 1, num_steps + 1).int().tolist()))  # float32 linspace, as official
     return list(zip(times[:-1], times[1:]))
-
-def guided_eps(net, x, t, labels=None, cfg=None):
-    """epsilon for the samplers: net(x, t), or net(x, t | labels) for one-hot labels. With cfg = w:
-    eps(x | 0) + w (eps(x | y) - eps(x | 0)), both halves in one batch, the unconditional half with all-zero label
-    rows (the unconditional token); w = 0 is the official unconditional sampling, w = 1 plain conditional sampling.
-    NOTE: classifier-free guidance (Ho & Salimans 2022) is our addition, not the official code's: its sampler
-    (gaussian_ddpm.py, model_predictions) passes no labels, so it always samples with `uncond_embed`."""
-    if labels is None:
-        return net(x, t)
-    if cfg is None:
-        return net(x, t, labels=labels)
-    eps_uncond, eps_cond = net(torch.cat([x, x]), torch.cat([t, t]),
-                               labels=torch.cat([torch.zeros_like(labels), labels])).chunk(2)
-    return eps_uncond + cfg * (eps_cond - eps_uncond)
 
 @torch.no_grad()
 def ddim_sampler(net, latents, labels=None, randn_like=torch.randn_like, num_steps=250, eta=1.0, clamp=True,
@@ -558,83 +439,17 @@ def sample(net, seeds, device, sampler='ddim', num_steps=250, eta=1.0, class_idx
 
 #------------------------------------------------------------------------------
 # 5. Training loop (official main.py, train_step.py): AdamW (0.99, 0.99) with weight decay 0.03 on every parameter,
-#    linear lr warm-up, grad-norm clipping, the ema-pytorch EMA, all counted in optimizer steps.
-
-def ema_decay(n, beta, every=1, after=100):
-    """EMA decay at optimizer step n (1-indexed) as ema-pytorch 2023 (beta, update_after_step=100, power 2/3): None on
-    steps that skip the update ((n - 1) % every != 0), 0 (a copy) while n - 1 <= after (+ one more update, see the
-    NOTE), then delta(n) = min(beta, 1 - (n - after)^(-2/3))."""
-    if (n - 1) % every:
-        return None
-    # NOTE: ema-pytorch's formula gives delta(102) = 1 - 2^(-2/3); its 2023 code (the `initted` flag) copies once more
-    # on the first update after the warm-up, so that update is a copy too. We follow the code.
-    if n - 1 <= after + every:
-        return 0.0
-    return min(beta, 1 - (n - after) ** (-2 / 3))
-
-def load_pretrained(net, path, flag='--pretrained_model_ckpt'):
-    """Fine-tuning init (official main.py, `pretrained_model_ckpt`): the ONLINE weights of a pre-training checkpoint:
-    our training state ('net'), our snapshot ('ema', the only weights it holds), or an official .pt ('model').
-    Returns `net`; path None leaves it as it is."""
-    if path is None:
-        return net
-    ckpt = read_checkpoint(path, flag)
-    if is_official_maskdm(ckpt):
-        weights = official_online_weights(ckpt, path, flag)
-    else:
-        ckpt = load_snapshot(path, flag, ['masked_dm'])
-        if 'net' not in ckpt:
-            print0(f'note: {path} is a network snapshot, which holds only EMA weights; the paper fine-tunes from the '
-                   'online weights of a training state')
-        weights = ckpt.get('net', ckpt['ema'])
-    # NOTE: upstream loads with strict=False and prints what did not match; the stages share one architecture, so we
-    # load strictly and stop with the first mismatching name (a wrong --preset would otherwise train from scratch).
-    try:
-        load_weights(net, weights, path)
-    except UserError as e:
-        raise UsageError(f'{flag}={e}') from None
-    return net
+#    linear lr warm-up, grad-norm clipping, the ema-pytorch EMA (its decay schedule: Appendix, ema_decay), all counted
+#    in optimizer steps.
 
 def training_setup(args, world_size):
-    """(dataset, net_kwargs, info): every flag checked against the data and the token grid, before anything is
-    written; `info` is what setup resolved (training_options.json)."""
-    if args.cond and args.dwt:
-        raise UsageError('--cond=1 --dwt=1: only the pixel U-ViT (official MaskedUViT) has the class token')
-    if args.label_dropout and not args.cond:
-        raise UsageError(f'--label-dropout={args.label_dropout} needs class labels (--cond=1)')
-    if args.dropout:
-        raise UsageError(f'--dropout={args.dropout}: the MaskDM U-ViT has no dropout (every official config: 0)')
-    if args.fp16 and args.bf16:
-        raise UsageError('--fp16 and --bf16 are exclusive')
-    if args.mask_type == 'crop' and args.crop_size is None:
-        raise UsageError('--mask_type=crop needs --crop_size (the visible window\'s side in tokens)')
+    """(dataset, net_kwargs, info): every flag checked against the data and the token grid before anything is
+    written (Appendix: check_train_flags, check_token_grid); `info` is what setup resolved (training_options.json)."""
+    check_train_flags(args)
     dataset = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
     R, C = dataset.resolution, dataset.num_channels  # any channel count (official config key `in_chans`)
-    if args.resolution and R != args.resolution:
-        raise UsageError(f'--data={args.data}: {R}x{R} images, but this configuration (--preset/--resolution) is for '
-                         f'{args.resolution}x{args.resolution}')
     net_kwargs = network_kwargs(args, R, C, dataset.label_dim)
-    p, side = net_kwargs['patch_size'], net_kwargs['img_size'] // net_kwargs['patch_size']
-    if net_kwargs['img_size'] % p or (args.dwt and R % 2):
-        raise UsageError(f'--patch_size={p}: {R}x{R} images do not split into {p}-pixel patches' +
-                         (' after the wavelet transform' if args.dwt else ''))
-    if net_kwargs['embed_dim'] % net_kwargs['heads']:
-        raise UsageError(f'--heads={net_kwargs["heads"]} does not divide --embed_dim={net_kwargs["embed_dim"]}')
-    if args.mask_type == 'block' and side % args.block_size:
-        raise UsageError(f'--block_size={args.block_size} does not tile the {side}x{side} token grid')
-    if args.mask_type == 'crop' and args.crop_size > side:
-        raise UsageError(f'--crop_size={args.crop_size} must be in 1..{side} (tokens of the {side}x{side} grid)')
-    with torch.device('meta'):  # shapes only, nothing allocated
-        shape_net = GaussianDiffusion(**net_kwargs)
-    keep = draw_keep(shape_net, 1, np.random.default_rng(0), args.mask_type, args.mask_ratio, args.block_size,
-                     args.crop_size)
-    if keep is not None and min(k.shape[1] for k in keep) == 0:
-        raise UsageError(f'--mask_ratio={args.mask_ratio} masks every token of the {side}x{side} grid' +
-                         (f' in blocks of {args.block_size}' if args.mask_type == 'block' else '') +
-                         '; at least one must stay visible')
-    if keep is None and args.mask_type != 'none':
-        print0(f'note: --mask_type={args.mask_type} masks no token of the {side}x{side} grid at these settings: '
-               'full-image training')
+    shape_net, keep = check_token_grid(args, R, net_kwargs)  # the network's shapes and one drawn mask
     batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
     patches = sum(k.shape[1] for k in keep) if keep else shape_net.num_patches * len(shape_net.family_chans)
     total_nimg = args.train_steps * args.batch if args.train_steps else int(args.duration * 1e6)
@@ -644,15 +459,6 @@ def training_setup(args, world_size):
                 tokens=shape_net.model.encoder.extras + patches, batch_gpu=batch_gpu, rounds=rounds,
                 world_size=world_size, total_nimg=total_nimg, total_kimg=total_nimg / 1000)
     return dataset, net_kwargs, info
-
-def banner(args, dataset, info, device):
-    """The run's first status line: data, network, tokens per image, schedule and batch layout."""
-    R, C = dataset.resolution, dataset.num_channels
-    return (f'MaskDM: {dataset.name} ({len(dataset)} images, {R}x{R}x{C}'
-            f'{f", {dataset.label_dim} classes" if args.cond else ""}), U-ViT-{args.arch}{" DWT" if args.dwt else ""} '
-            f'{info["num_params"]:,} parameters, {info["tokens"]} tokens per image ({info["mask"]}), '
-            f'{args.beta_schedule} schedule, device {device}, {info["batch_gpu"]} images x {info["rounds"]} rounds x '
-            f'{info["world_size"]} processes per step, to {info["total_kimg"]:g} kimg')
 
 def train(args):
     device, rank, world_size = init_distributed(), get_rank(), get_world_size()
@@ -685,7 +491,7 @@ def train(args):
                 # Fetch data: images, a uniform t in {0..999}, noise and one mask per image (official datasets draw
                 # it in __getitem__). Labels one-hot; --label-dropout (ours, for --cfg) zeroes rows: `uncond_embed`.
                 images, labels = next(stream)
-                x0 = to_model_space(images.to(device), args.dwt)
+                x0 = to_model_space(images.to(device), args.dwt)  # [-1, 1] (v1 DWT: Haar coefficients)
                 t = torch.randint(0, net.num_timesteps, [batch_gpu], device=device)
                 noise = torch.randn_like(x0)
                 keep = draw_keep(net, batch_gpu, rng, args.mask_type, args.mask_ratio, args.block_size,
@@ -815,9 +621,233 @@ def main():
     run_main(train if args.command == 'train' else generate, args)
 
 #------------------------------------------------------------------------------
-# 8. Appendix: checkpoint files. An official MaskDM .pt (main.py, save_training_state) holds {'step', 'model': the
-#    online GaussianDiffusion state ('model.' + network keys, schedule buffers), 'opt', 'ema': the ema-pytorch state
-#    ('ema_model.' + the same keys), 'scaler'} and no configuration: the architecture comes from a preset.
+# 8. Appendix: what a reader of the paper can skip: the U-ViT layers, the data space (v1 DWT: Haar transform), the
+#    EMA's decay schedule, classifier-free guidance (ours), the checks of flag combinations and the run's first
+#    status line, checkpoint files (the fine-tuning init, official .pt files).
+
+# U-ViT layers (Bao et al. 2023, arXiv:2209.12152; the official models/mask_uvit.py names): the standard ViT pieces
+# that MaskedUViT / UViTEncoder (section 2) assemble.
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of the integer step t, cosines first: [cos(t w_i), sin(t w_i)], w_i = 10^4^(-i/k), k = D/2
+    (official mask_uvit.py, timestep_embedding)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # [B, D/2]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, D]
+
+def patchify(x, p):
+    """[B, C, h p, w p] -> [B, h w, p p C]: row-major tokens, features (row a, column b, channel c), channel fastest."""
+    return rearrange(x, 'B C (h a) (w b) -> B (h w) (a b C)', a=p, b=p)
+
+def unpatchify(x, p, channels):
+    """The inverse of patchify (square grids): [B, h w, p p C] -> [B, C, h p, w p]."""
+    return rearrange(x, 'B (h w) (a b C) -> B C (h a) (w b)', h=math.isqrt(x.shape[1]), a=p, b=p, C=channels)
+
+class PatchEmbed(torch.nn.Module):
+    """p x p stride-p convolution (timm PatchEmbed, key `proj`), applied as a linear map to patch vectors so that
+    masked tokens can be dropped before embedding; the result equals the convolution on the visible patches."""
+    def __init__(self, in_chans, embed_dim, patch_size):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = torch.nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)  # PyTorch default init
+
+    def forward(self, x, keep=None):
+        p = self.patch_size
+        tokens = rearrange(x, 'B C (h a) (w b) -> B (h w) (C a b)', a=p, b=p)  # [B, N, C p p]: conv weight order
+        if keep is not None:  # [B, n] indices of visible tokens, ascending
+            tokens = tokens.gather(1, keep[:, :, None].expand(-1, -1, tokens.shape[2]))  # [B, N, F] -> [B, n, F]
+        return F.linear(tokens, self.proj.weight.flatten(1), self.proj.bias)  # [B, n, D]
+
+class Attention(torch.nn.Module):
+    """Multi-head self-attention, qkv without bias; with qkv_bias, learned q and v biases and no k bias (BEiT)."""
+    def __init__(self, dim, heads, qkv_bias=False):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = torch.nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+        self.v_bias = torch.nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias]) if self.q_bias is not None else None
+        q, k, v = rearrange(F.linear(x, self.qkv.weight, bias), 'B L (K H d) -> K B H L d', K=3, H=self.heads)
+        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head dim)) v; head dim 64 in every config
+        return self.proj(rearrange(x, 'B H L d -> B L (H d)'))
+
+class Mlp(torch.nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(dim, hidden), torch.nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
+
+class Block(torch.nn.Module):
+    """Pre-norm transformer block; an out-block first mixes in its long skip: x <- Linear([x, skip]) (U-ViT)."""
+    def __init__(self, dim, heads, mlp_ratio=4, qkv_bias=False, skip=False):
+        super().__init__()
+        self.norm1 = torch.nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, qkv_bias)
+        self.norm2 = torch.nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.skip_linear = torch.nn.Linear(2 * dim, dim) if skip else None
+
+    def forward(self, x, skip=None):
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))  # current stream first
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+# The data space: [-1, 1] pixels, or for the v1 DWT variant (arXiv:2306.11363v1, MaskedDWTUViT) the Haar
+# coefficients, with per-band bounds for the sampler's x0 clamp.
+
+def to_model_space(images, dwt):
+    """uint8 images -> what the diffusion runs on: [-1, 1] pixels, or with dwt the Haar transform of the [0, 1] image
+    with only LL mapped by 2u - 1 (LL in [-1, 3], details in [-1, 1]; official v1 datasets/celebahq.py)."""
+    if not dwt:
+        return images.to(torch.float32) / 127.5 - 1
+    coeffs = haar_dwt(images.to(torch.float32) / 255)
+    C = images.shape[1]  # LL is the first C bands
+    return torch.cat([coeffs[:, :C] * 2 - 1, coeffs[:, C:]], dim=1)
+
+def to_image_space(x, dwt):
+    """The inverse, to [-1, 1] pixels for saving: LL back by (u + 1) / 2, inverse Haar (official v1 sample())."""
+    if not dwt:
+        return x
+    C = x.shape[1] // 4
+    return haar_idwt(torch.cat([(x[:, :C] + 1) / 2, x[:, C:]], dim=1)) * 2 - 1
+
+def x0_range(net):
+    """Clamp bounds of the predicted x0 per channel: [-1, 1]; with dwt LL in [-1, 3], details in [-1, 1] (v1 code)."""
+    hi = torch.ones(net.in_chans, 1, 1, dtype=torch.float64)
+    if net.dwt:
+        hi[:net.in_chans // 4] = 3  # the LL bands
+    return -torch.ones_like(hi), hi
+
+def haar_dwt(x):
+    """One-level orthonormal Haar per channel (= PyWavelets dwt2 'haar'): [B, C, H, W] -> [B, 4C, H/2, W/2] in the
+    order [LL, H, V, D] x C. For each 2x2 block [[a, b], [c, d]]: LL = (a+b+c+d)/2, H = (a+b-c-d)/2, ..."""
+    a, b, c, d = x[..., 0::2, 0::2], x[..., 0::2, 1::2], x[..., 1::2, 0::2], x[..., 1::2, 1::2]
+    return torch.cat([a + b + c + d, a + b - c - d, a - b + c - d, a - b - c + d], dim=1) / 2
+
+def haar_idwt(y):
+    """The inverse: [B, 4C, H, W] -> [B, C, 2H, 2W]."""
+    LL, H, V, D = y.chunk(4, dim=1)
+    out = torch.empty(*LL.shape[:2], LL.shape[2] * 2, LL.shape[3] * 2, dtype=y.dtype, device=y.device)
+    out[..., 0::2, 0::2], out[..., 0::2, 1::2] = (LL + H + V + D) / 2, (LL + H - V - D) / 2
+    out[..., 1::2, 0::2], out[..., 1::2, 1::2] = (LL - H + V - D) / 2, (LL - H - V + D) / 2
+    return out
+
+# The EMA's decay schedule (ema-pytorch 2023, the official code's EMA), called by train.
+
+def ema_decay(n, beta, every=1, after=100):
+    """EMA decay at optimizer step n (1-indexed) as ema-pytorch 2023 (beta, update_after_step=100, power 2/3): None on
+    steps that skip the update ((n - 1) % every != 0), 0 (a copy) while n - 1 <= after (+ one more update, see the
+    NOTE), then delta(n) = min(beta, 1 - (n - after)^(-2/3))."""
+    if (n - 1) % every:
+        return None
+    # NOTE: ema-pytorch's formula gives delta(102) = 1 - 2^(-2/3); its 2023 code (the `initted` flag) copies once more
+    # on the first update after the warm-up, so that update is a copy too. We follow the code.
+    if n - 1 <= after + every:
+        return 0.0
+    return min(beta, 1 - (n - after) ** (-2 / 3))
+
+# The samplers' epsilon: the network's, or with classifier-free guidance (ours).
+
+def guided_eps(net, x, t, labels=None, cfg=None):
+    """epsilon for the samplers: net(x, t), or net(x, t | labels) for one-hot labels. With cfg = w:
+    eps(x | 0) + w (eps(x | y) - eps(x | 0)), both halves in one batch, the unconditional half with all-zero label
+    rows (the unconditional token); w = 0 is the official unconditional sampling, w = 1 plain conditional sampling.
+    NOTE: classifier-free guidance (Ho & Salimans 2022) is our addition, not the official code's: its sampler
+    (gaussian_ddpm.py, model_predictions) passes no labels, so it always samples with `uncond_embed`."""
+    if labels is None:
+        return net(x, t)
+    if cfg is None:
+        return net(x, t, labels=labels)
+    eps_uncond, eps_cond = net(torch.cat([x, x]), torch.cat([t, t]),
+                               labels=torch.cat([torch.zeros_like(labels), labels])).chunk(2)
+    return eps_uncond + cfg * (eps_cond - eps_uncond)
+
+# Flag checks and the banner (training_setup, train).
+
+def check_train_flags(args):
+    """Flag combinations that do not depend on the data, checked before the data are opened."""
+    if args.cond and args.dwt:
+        raise UsageError('--cond=1 --dwt=1: only the pixel U-ViT (official MaskedUViT) has the class token')
+    if args.label_dropout and not args.cond:
+        raise UsageError(f'--label-dropout={args.label_dropout} needs class labels (--cond=1)')
+    if args.dropout:
+        raise UsageError(f'--dropout={args.dropout}: the MaskDM U-ViT has no dropout (every official config: 0)')
+    if args.fp16 and args.bf16:
+        raise UsageError('--fp16 and --bf16 are exclusive')
+    if args.mask_type == 'crop' and args.crop_size is None:
+        raise UsageError('--mask_type=crop needs --crop_size (the visible window\'s side in tokens)')
+
+def check_token_grid(args, R, net_kwargs):
+    """The flags against the data (R x R images) and the token grid. Returns the network on the meta device (shapes
+    only) and one image's mask as draw_keep draws it."""
+    if args.resolution and R != args.resolution:
+        raise UsageError(f'--data={args.data}: {R}x{R} images, but this configuration (--preset/--resolution) is for '
+                         f'{args.resolution}x{args.resolution}')
+    p, side = net_kwargs['patch_size'], net_kwargs['img_size'] // net_kwargs['patch_size']
+    if net_kwargs['img_size'] % p or (args.dwt and R % 2):
+        raise UsageError(f'--patch_size={p}: {R}x{R} images do not split into {p}-pixel patches' +
+                         (' after the wavelet transform' if args.dwt else ''))
+    if net_kwargs['embed_dim'] % net_kwargs['heads']:
+        raise UsageError(f'--heads={net_kwargs["heads"]} does not divide --embed_dim={net_kwargs["embed_dim"]}')
+    if args.mask_type == 'block' and side % args.block_size:
+        raise UsageError(f'--block_size={args.block_size} does not tile the {side}x{side} token grid')
+    if args.mask_type == 'crop' and args.crop_size > side:
+        raise UsageError(f'--crop_size={args.crop_size} must be in 1..{side} (tokens of the {side}x{side} grid)')
+    with torch.device('meta'):  # shapes only, nothing allocated
+        shape_net = GaussianDiffusion(**net_kwargs)
+    keep = draw_keep(shape_net, 1, np.random.default_rng(0), args.mask_type, args.mask_ratio, args.block_size,
+                     args.crop_size)
+    if keep is not None and min(k.shape[1] for k in keep) == 0:
+        raise UsageError(f'--mask_ratio={args.mask_ratio} masks every token of the {side}x{side} grid' +
+                         (f' in blocks of {args.block_size}' if args.mask_type == 'block' else '') +
+                         '; at least one must stay visible')
+    if keep is None and args.mask_type != 'none':
+        print0(f'note: --mask_type={args.mask_type} masks no token of the {side}x{side} grid at these settings: '
+               'full-image training')
+    return shape_net, keep
+
+def banner(args, dataset, info, device):
+    """The run's first status line: data, network, tokens per image, schedule and batch layout."""
+    R, C = dataset.resolution, dataset.num_channels
+    return (f'MaskDM: {dataset.name} ({len(dataset)} images, {R}x{R}x{C}'
+            f'{f", {dataset.label_dim} classes" if args.cond else ""}), U-ViT-{args.arch}{" DWT" if args.dwt else ""} '
+            f'{info["num_params"]:,} parameters, {info["tokens"]} tokens per image ({info["mask"]}), '
+            f'{args.beta_schedule} schedule, device {device}, {info["batch_gpu"]} images x {info["rounds"]} rounds x '
+            f'{info["world_size"]} processes per step, to {info["total_kimg"]:g} kimg')
+
+# Checkpoint files. An official MaskDM .pt (main.py, save_training_state) holds {'step', 'model': the
+# online GaussianDiffusion state ('model.' + network keys, schedule buffers), 'opt', 'ema': the ema-pytorch state
+# ('ema_model.' + the same keys), 'scaler'} and no configuration: the architecture comes from a preset.
+
+def load_pretrained(net, path, flag='--pretrained_model_ckpt'):
+    """Fine-tuning init (official main.py, `pretrained_model_ckpt`): the ONLINE weights of a pre-training checkpoint:
+    our training state ('net'), our snapshot ('ema', the only weights it holds), or an official .pt ('model').
+    Returns `net`; path None leaves it as it is."""
+    if path is None:
+        return net
+    ckpt = read_checkpoint(path, flag)
+    if is_official_maskdm(ckpt):
+        weights = official_online_weights(ckpt, path, flag)
+    else:
+        ckpt = load_snapshot(path, flag, ['masked_dm'])
+        if 'net' not in ckpt:
+            print0(f'note: {path} is a network snapshot, which holds only EMA weights; the paper fine-tunes from the '
+                   'online weights of a training state')
+        weights = ckpt.get('net', ckpt['ema'])
+    # NOTE: upstream loads with strict=False and prints what did not match; the stages share one architecture, so we
+    # load strictly and stop with the first mismatching name (a wrong --preset would otherwise train from scratch).
+    try:
+        load_weights(net, weights, path)
+    except UserError as e:
+        raise UsageError(f'{flag}={e}') from None
+    return net
 
 def read_checkpoint(path, flag):
     """A torch.save dict named by `flag`, memory-mapped where it can be (tensors are read when used); a one-line
