@@ -1454,10 +1454,7 @@ def load_snapshot(path, flag, methods):
     (the training flags), cur_nimg} plus what the method's generation needs; a training state adds the training
     objects (net, optimizer, ...), step, tick and data_pos."""
     path = latest_checkpoint(path, 'network-snapshot', flag)
-    try:
-        ckpt = load_checkpoint(path)
-    except UserError as e:
-        raise UsageError(f'{flag}={e}') from None
+    ckpt = load_checkpoint(path)  # UserError if unreadable: a caller may try the official formats next
     method = ckpt.get('method') if isinstance(ckpt, dict) else None
     if method not in methods:
         what = f'a {method}.py checkpoint' if method else 'not a checkpoint of this project'
