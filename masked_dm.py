@@ -45,10 +45,10 @@ from tqdm import tqdm
 
 from common import (Parser, PerSeedRNG, TrainingRun, UsageError, UserError, add_generate_flags, add_train_flags,
                     check_class, check_outdir, distributed_model, drop_labels, get_rank, get_world_size,
-                    init_distributed, load_checkpoint, load_snapshot, load_weights, network_and_ema, number,
-                    open_dataset, optimizer_step, parse_bool, parse_command_line, print0, reseed, run_desc, run_main,
-                    save_image_grid, save_seed_images, seed_batches, seed_labels, setup_precision, split_batch,
-                    sync_if, update_ema)
+                    init_distributed, latest_checkpoint, load_checkpoint, load_snapshot, load_weights,
+                    network_and_ema, number, open_dataset, optimizer_step, parse_bool, parse_command_line, print0,
+                    reseed, run_desc, run_main, save_image_grid, save_seed_images, seed_batches, seed_labels,
+                    setup_precision, split_batch, sync_if, update_ema)
 
 #------------------------------------------------------------------------------
 # 1. Config. Every official config, one preset each (config files of jiachenlei/maskdm; v1 = tree 40907a6); flags
@@ -141,13 +141,15 @@ PRESETS = {
     'hq256l_dwt_ft':    dict(arch='L', dwt=True, resolution=256, mask_type='none', mask_ratio=0, batch=16, lr=5e-5,
                              warmup_steps=0, clip_grad=1.0, beta_schedule='cosine', ema_decay=0.999, ema_every=10,
                              xflip=True, train_steps=550000),
-    # Ours, minutes on a 2-core CPU: 32x32 shapes, a 1M-parameter U-ViT, 64 tokens, block-2 90% masks (8 visible).
-    'demo_pre':        dict(data='demo', arch='T', resolution=32, mask_type='block', mask_ratio=0.9, block_size=2,
-                            batch=32, lr=1e-3, warmup_steps=20, clip_grad=1.0, beta_schedule='linear', ema_decay=0.999,
-                            ema_every=1, xflip=False, train_steps=1200, tick=8, snap=10, dump=10),
-    'demo_ft':         dict(data='demo', arch='T', resolution=32, mask_type='none', mask_ratio=0, batch=32, lr=5e-4,
-                            warmup_steps=20, clip_grad=1.0, beta_schedule='linear', ema_decay=0.999, ema_every=1,
-                            xflip=False, train_steps=300, tick=2, snap=5, dump=5),
+    # Ours, about 4 + 5 CPU-minutes (one thread): 8x8 shapes, a 1M-parameter U-ViT with 2-pixel patches (16 tokens),
+    # block-2 50% masks (8 tokens visible), then full-image fine-tuning.
+    'demo_pre':        dict(data='demo-8', arch='T', resolution=8, patch_size=2, mask_type='block', mask_ratio=0.5,
+                            block_size=2, batch=32, lr=1e-3, warmup_steps=20, clip_grad=1.0, beta_schedule='linear',
+                            ema_decay=0.999, ema_every=1, xflip=False, train_steps=4000, tick=20, snap=1000,
+                            dump=1000, workers=0),
+    'demo_ft':         dict(data='demo-8', arch='T', resolution=8, patch_size=2, mask_type='none', mask_ratio=0,
+                            batch=32, lr=5e-4, warmup_steps=20, clip_grad=1.0, beta_schedule='linear', ema_decay=0.999,
+                            ema_every=1, xflip=False, train_steps=3000, tick=20, snap=1000, dump=1000, workers=0),
 }
 
 #------------------------------------------------------------------------------
@@ -519,7 +521,9 @@ def train(args):
 # 6. Generation: one PNG per seed, identical for any --batch and any number of GPUs.
 
 def load_network(path, preset=None, flag='--network'):
-    """The EMA network of our snapshot / training state, or of an official .pt (whose architecture `preset` names)."""
+    """The EMA network of our snapshot / training state (a folder: its newest snapshot), or of an official .pt (whose
+    architecture `preset` names)."""
+    path = latest_checkpoint(path, 'network-snapshot', flag)
     ckpt = read_checkpoint(path, flag)
     if is_official_maskdm(ckpt):
         return official_network(ckpt, path, preset, flag)
@@ -832,6 +836,7 @@ def load_pretrained(net, path, flag='--pretrained_model_ckpt'):
     Returns `net`; path None leaves it as it is."""
     if path is None:
         return net
+    path = latest_checkpoint(path, 'training-state', flag)  # a folder: its newest training state
     ckpt = read_checkpoint(path, flag)
     if is_official_maskdm(ckpt):
         weights = official_online_weights(ckpt, path, flag)
