@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (DemoDataset, ImageFolderDataset, InceptionV3, UserError, download, frechet_distance, get_rank,
-                    get_world_size, init_distributed, open_dataset, parse_bool, print0, resize_tf1, run_main)
+from common import (DemoDataset, ImageFolderDataset, InceptionV3, Parser, UserError, download, frechet_distance,
+                    get_rank, get_world_size, init_distributed, open_dataset, parse_bool, print0, resize_tf1, run_main)
 
 METRICS = ('fid', 'is', 'sfid', 'pr')
 FEATURE_DIMS = dict(pool=2048, logits=1008, spatial=2023)  # InceptionV3(return_dict=True) outputs
@@ -139,7 +139,8 @@ def precision_recall(ref_features, gen_features, k=3, row_batch=1000, device='cp
     of generated points inside the reference manifold, recall = share of reference points inside the generated one."""
     ref, gen = (torch.as_tensor(f).detach().to(device, torch.float32) for f in (ref_features, gen_features))
     if min(len(ref), len(gen)) <= k:
-        raise ValueError(f'Precision/recall with k={k} needs more than {k} images per set, got {len(ref)} and {len(gen)}')
+        raise ValueError(f'Precision/recall with k={k} needs more than {k} images per set, got {len(ref)} and '
+                         f'{len(gen)}')
     def radii(f):  # k+1-th smallest distance of each row, the first being the point itself
         return torch.cat([_pairwise_sq_dist(r, f).kthvalue(k + 1, dim=1).values for r in f.split(row_batch)])
     def inside(points, centers, r):
@@ -220,7 +221,8 @@ def ref(args):
         extra = dict(features=features['pool']) if args.features else {}
         if os.path.dirname(args.dest):
             os.makedirs(os.path.dirname(args.dest), exist_ok=True)
-        np.savez(args.dest, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, preprocess=np.array(args.preprocess), **extra)
+        np.savez(args.dest, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, preprocess=np.array(args.preprocess),
+                 **extra)
         print0(f'Saved {args.dest}')
 
 class _ImageArray:
@@ -294,7 +296,8 @@ def calc(args):
     if 'sfid' in metrics:
         results['sfid'] = frechet_distance(*stats['spatial'].mean_cov(), reference['mu_s'], reference['sigma_s'])
     if 'pr' in metrics:
-        results['precision'], results['recall'] = precision_recall(reference['features'], features['pool'], device=device)
+        results['precision'], results['recall'] = precision_recall(reference['features'], features['pool'],
+                                                                   device=device)
     for name, value in results.items():
         print(f'{name:<10s}{value:.8g}', flush=True)
 
@@ -461,25 +464,31 @@ def parse_metrics(s):
     return metrics
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(description=__doc__.split('\n')[0])
     sub = parser.add_subparsers(dest='command', required=True)
-    r = sub.add_parser('ref', help='reference statistics of a dataset', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r = sub.add_parser('ref', help='reference statistics of a dataset')
     r.add_argument('--data', required=True, metavar='ZIP|DIR', help='dataset: zip or folder of images (recursive)')
     r.add_argument('--dest', required=True, metavar='NPZ', help='output file')
-    r.add_argument('--features', type=parse_bool, default=False, metavar='BOOL', help='also store the raw pool features (for precision/recall)')
-    c = sub.add_parser('calc', help='metrics of generated images', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument('--features', type=parse_bool, default=False, metavar='BOOL',
+                   help='also store the raw pool features (for precision/recall)')
+    c = sub.add_parser('calc', help='metrics of generated images')
     c.add_argument('--images', required=True, metavar='ZIP|DIR', help='generated images: zip or folder (recursive)')
-    c.add_argument('--ref', required=True, metavar='NPZ|URL', help='reference statistics from `fid.py ref`, EDM, pytorch-fid or ADM')
-    c.add_argument('--num', type=int, default=50000, metavar='INT', help='number of images to use (a seeded random subset if more exist)')
+    c.add_argument('--ref', required=True, metavar='NPZ|URL',
+                   help='reference statistics from `fid.py ref`, EDM, pytorch-fid or ADM')
+    c.add_argument('--num', type=int, default=50000, metavar='INT',
+                   help='number of images to use (a seeded random subset if more exist)')
     c.add_argument('--seed', type=int, default=0, metavar='INT', help='seed of the random subset')
-    c.add_argument('--metrics', type=parse_metrics, default=['fid'], metavar='LIST', help=f'comma-separated, from {",".join(METRICS)}')
+    c.add_argument('--metrics', type=parse_metrics, default=['fid'], metavar='LIST',
+                   help=f'comma-separated, from {",".join(METRICS)}')
     for p in (r, c):
         p.add_argument('--batch', type=int, default=64, metavar='INT', help='images per detector call (per GPU)')
-        p.add_argument('--detector', default=FID_WEIGHTS_URL, metavar='PATH|URL', help='Inception weights: pytorch-fid .pth or NVIDIA TorchScript .pt')
-        p.add_argument('--preprocess', choices=['nvidia', 'pytorch_fid'], default='nvidia', help='resize/normalization: NVIDIA/EDM (TF1) or pytorch-fid')
+        p.add_argument('--detector', default=FID_WEIGHTS_URL, metavar='PATH|URL',
+                       help='Inception weights: pytorch-fid .pth or NVIDIA TorchScript .pt')
+        p.add_argument('--preprocess', choices=['nvidia', 'pytorch_fid'], default='nvidia',
+                       help='resize/normalization: NVIDIA/EDM (TF1) or pytorch-fid')
         p.add_argument('--workers', type=int, default=3, metavar='INT', help='DataLoader worker processes per GPU')
-    s = sub.add_parser('score', help='toy score of generated images (section 3): offline, CPU, seconds',
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s = sub.add_parser('score', help='offline score of generated images against a small dataset (a toy classifier; '
+                                     'CPU, seconds)')
     s.add_argument('--images', required=True, metavar='ZIP|DIR', help='generated images: zip or folder (recursive)')
     s.add_argument('--data', required=True, metavar='demo[-RES]|ZIP|DIR', help='what they should look like')
     s.add_argument('--num', type=int, default=10000, metavar='INT', help='images to use (seeded subset if more exist)')

@@ -8,7 +8,8 @@ classifier trained on the data; lower is better; toy_fd_real is the floor that h
   python tests/benchmark_toy.py --data=demo-16 --budget=300 --outdir=/tmp/toy        # every method, 300 CPU-s each
   python tests/benchmark_toy.py --data=datasets/mine-16x16.zip --budget=600 --methods=edm,patch
 
-Budgets: EDM, Patch Diffusion: the budget. MaskDM: 70% masked pre-training, then 30% fine-tuning. Relay: 50% stage
+Budgets: EDM, Patch Diffusion: the budget. MaskDM: 70% masked pre-training, then 30% fine-tuning (and the same
+U-ViT trained from scratch on full images for the whole budget, MaskDM's own baseline). Relay: 50% stage
 one at half the resolution, 50% stage two. GDD: distills the EDM run's result for one more budget (its teacher's
 budget is the EDM row's), so its compute is twice the others'; the table says so. One thread per run
 (OMP_NUM_THREADS=1), so CPU seconds are comparable across runs on a busy machine.
@@ -111,6 +112,10 @@ def main():
         run(['masked_dm.py', 'generate', f'--network={state}', f'--outdir={args.outdir}/masked-img', seeds,
              '--steps=50', '--eta=1'], f'{args.outdir}/masked-gen.log')
         score('masked', f'{args.outdir}/masked-img', cpu1 + cpu2, '(70% pre-training, 30% fine-tuning; DDIM 50)')
+        cpu, state = train('masked-scratch', masked + ['--mask_type=none', '--mask_ratio=0', '--lr=5e-4'], B, args.outdir)
+        run(['masked_dm.py', 'generate', f'--network={state}', f'--outdir={args.outdir}/masked-scratch-img', seeds,
+             '--steps=50', '--eta=1'], f'{args.outdir}/masked-scratch-gen.log')
+        score('masked-scratch', f'{args.outdir}/masked-scratch-img', cpu, '(MaskDM\'s U-ViT, no pre-training)')
     if 'relay' in methods:
         relay = ['relay_diffusion.py'] + edm_flags[:1] + edm_flags[2:] + ['--blocks=1']
         cpu1, first = train('relay-one', relay + [f'--data={args.data.replace(str(R), str(R // 2))}' if
@@ -129,7 +134,7 @@ def main():
             f'{args.outdir}/gdd-gen.log')
         score('gdd', f'{args.outdir}/gdd-img', cpu, '(one step; plus the EDM row as its teacher; random features)')
 
-    print(f'\n| method | training CPU s | toy_fd (lower is better) | confident |\n|---|---|---|---|')
+    print('\n| method | training CPU s | toy_fd (lower is better) | confident |\n|---|---|---|---|')
     for name, (cpu, values, note) in rows.items():
         print(f'| {name} {note} | {cpu:.0f} | {float(values["toy_fd"]):.2f} | {values["confident"]} |')
     if rows:
