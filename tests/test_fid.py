@@ -66,10 +66,11 @@ def nvidia_resize(x, size=299):
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
-    """8 random 16x16 RGB PNGs and a random-weights detector saved as a state dict."""
+    """4 random 16x16 RGB PNGs (enough for precision/recall with k = 3) and a random-weights detector saved as a state
+    dict."""
     root = tmp_path_factory.mktemp('fid')
     (root / 'images').mkdir()
-    for i, image in enumerate(uint8_images(8, 16, seed=1).permute(0, 2, 3, 1).numpy()):
+    for i, image in enumerate(uint8_images(4, 16, seed=1).permute(0, 2, 3, 1).numpy()):
         PIL.Image.fromarray(image).save(root / 'images' / f'{i:03d}.png')
     torch.save(random_detector().state_dict(), root / 'detector.pth')
     return root
@@ -293,7 +294,7 @@ def test_ref_then_calc_two_processes_equal_one(setup, capsys):
     r1, r2 = np.load(refs[1]), np.load(refs[2])
     assert sorted(r1.files) == ['features', 'mu', 'mu_s', 'preprocess', 'sigma', 'sigma_s']
     assert r1['mu'].shape == (2048,) and r1['sigma'].shape == (2048, 2048) and r1['mu_s'].shape == (2023,)
-    assert r1['mu'].dtype == np.float64 and r1['features'].shape == (8, 2048)
+    assert r1['mu'].dtype == np.float64 and r1['features'].shape == (4, 2048)
     assert np.allclose(r1['mu'], r1['features'].astype(np.float64).mean(0))
     assert np.allclose(r1['sigma'], np.cov(r1['features'].astype(np.float64), rowvar=False))
     for key in r1.files:
@@ -301,7 +302,7 @@ def test_ref_then_calc_two_processes_equal_one(setup, capsys):
 
     lines = {}
     for nproc in (1, 2):
-        stdout = run_cli(['calc', f'--images={setup / "images"}', f'--ref={refs[1]}', '--num=8',
+        stdout = run_cli(['calc', f'--images={setup / "images"}', f'--ref={refs[1]}', '--num=4',
                           '--metrics=fid,is,pr'] + flags, nproc, capsys)
         lines[nproc] = metric_lines(stdout)
     assert lines[1] == lines[2] and set(lines[1]) == {'fid', 'is', 'precision', 'recall'}
@@ -348,14 +349,14 @@ def test_calc_errors(setup, tmp_path, monkeypatch, capsys):
     np.savez(tmp_path / 'stats.npz', mu=np.zeros(2048), sigma=np.eye(2048), preprocess=np.array('nvidia'))
     calc = ['calc', f'--images={setup / "images"}', f'--ref={tmp_path / "stats.npz"}', '--workers=0', detector]
     call_in_process(monkeypatch, calc + ['--num=100'])
-    assert 'found 8 images, but --num=100' in capsys.readouterr().err
-    call_in_process(monkeypatch, calc + ['--num=8', '--metrics=fid,pr'])
+    assert 'found 4 images, but --num=100' in capsys.readouterr().err
+    call_in_process(monkeypatch, calc + ['--num=4', '--metrics=fid,pr'])
     err = capsys.readouterr().err
     assert 'has no features' in err and '--features=1' in err
-    call_in_process(monkeypatch, calc + ['--num=8', '--preprocess=pytorch_fid'])
+    call_in_process(monkeypatch, calc + ['--num=4', '--preprocess=pytorch_fid'])
     assert 'was made with --preprocess=nvidia' in capsys.readouterr().err
     np.savez(tmp_path / 'other.npz', mu=np.zeros(64), sigma=np.eye(64))
-    call_in_process(monkeypatch, calc[:2] + [f'--ref={tmp_path / "other.npz"}', '--num=8'] + calc[3:])
+    call_in_process(monkeypatch, calc[:2] + [f'--ref={tmp_path / "other.npz"}', '--num=4'] + calc[3:])
     assert 'mu has shape (64,)' in capsys.readouterr().err
 
     bad = tmp_path / 'bad'

@@ -422,7 +422,7 @@ def official_checkpoint(path, net, schedule):
 
 def test_official_checkpoint_layout_loads_and_samples(tmp_path):
     kw = md.preset_network_kwargs('demo_ft')
-    assert kw['beta_schedule'] == 'linear' and kw['img_size'] == 32
+    assert kw['beta_schedule'] == 'linear' and kw['img_size'] == 8
     kw['beta_schedule'] = 'cosine'
     torch.manual_seed(5)
     net = md.GaussianDiffusion(**kw)

@@ -291,7 +291,7 @@ def test_official_pickles_load_and_sample(tmp_path):
 
 def test_presets_and_cli_errors(tmp_path):
     args = pd.parse_args(['--preset=demo', '--batch=8'])  # a bare command is `train`; flags override the preset
-    assert args.command == 'train' and args.batch == 8 and args.lr_rampup == 1 and args.cres == [1, 2, 2]
+    assert args.command == 'train' and args.batch == 8 and args.lr_rampup == 1 and args.cres == [1, 2]
     result = subprocess.run([sys.executable, str(ROOT / 'patch_diffusion.py'), 'train', f'--data={tmp_path}/missing.zip'],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and 'Traceback' not in result.stderr

@@ -32,7 +32,7 @@ def only_run_dir(outdir):
 def test_default_command_and_preset_under_flags():
     args = pd.parse_args(['--preset=demo', '--batch=8', '--lr=3e-4'])
     assert args.command == 'train' and args.batch == 8 and args.lr == 3e-4       # flags win
-    assert args.data == 'demo-16' and args.cbase == 32 and args.duration == 0.04  # the rest from the preset
+    assert args.data == 'demo-8' and args.cbase == 32 and args.duration == 0.19   # the rest from the preset
     assert pd.parse_args(['train', '--data=demo']).batch == 512                   # no preset: EDM's default
     with pytest.raises(SystemExit):
         pd.parse_args(['train', '--batch=8'])                                      # --data is required
