@@ -25,8 +25,8 @@ Contents, in order:
  10. Inception-v3 features and the Frechet distance (the other metrics live in fid.py)
  11. EDM's augmentation pipe (`AugmentPipe`, the geometric and colour transforms of ADA)
 """
-import argparse, contextlib, copy, errno, glob, io, json, math, os, pickle, re, resource, shutil, signal, sys, threading, time
-import urllib.parse, warnings, zipfile
+import argparse, contextlib, copy, errno, glob, io, json, math, os, pickle, re, resource, shutil, signal, sys
+import threading, time, urllib.parse, warnings, zipfile
 from collections import OrderedDict
 
 import numpy as np
