@@ -17,7 +17,6 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from common import InceptionV3, UserError, frechet_distance, resize_tf1  # noqa: E402
-import fid  # noqa: E402
 from fid import FeatureStats, inception_score, load_detector, precision_recall  # noqa: E402
 
 #------------------------------------------------------------------------------
@@ -266,13 +265,9 @@ def test_precision_recall():
 #------------------------------------------------------------------------------
 # fid.py end to end
 
-def run_cli(args, nproc=1, capsys=None):
-    """fid.py with one thread per process (CPU kernels are bitwise reproducible only at equal threads): in this process
-    (the suite runs one thread) when nproc is 1 and capsys is given, else as a subprocess (torchrun for nproc > 1)."""
-    if nproc == 1 and capsys is not None:
-        capsys.readouterr()
-        fid.main(args)
-        return capsys.readouterr().out
+def run_cli(args, nproc=1):
+    """fid.py as a subprocess with one thread per process, also for numpy's BLAS (torch's CPU kernels and the matrix
+    square root are bitwise reproducible only at equal threads)."""
     env = dict(os.environ, OMP_NUM_THREADS='1')
     # `--` stops torchrun's argparse from reading fid.py's --num as an abbreviation of its own --numa-binding
     launcher = [sys.executable] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
@@ -285,12 +280,12 @@ def metric_lines(stdout):
     return dict(line.split() for line in stdout.splitlines() if line.split()[:1] and line.split()[0] in
                 ('fid', 'is', 'sfid', 'precision', 'recall'))
 
-def test_ref_then_calc_two_processes_equal_one(setup, capsys):
+def test_ref_then_calc_two_processes_equal_one(setup):
     flags = [f'--detector={setup / "detector.pth"}', '--batch=3', '--workers=0']
     refs = {}
     for nproc in (1, 2):
         refs[nproc] = setup / f'ref{nproc}.npz'
-        run_cli(['ref', f'--data={setup / "images"}', f'--dest={refs[nproc]}', '--features=1'] + flags, nproc, capsys)
+        run_cli(['ref', f'--data={setup / "images"}', f'--dest={refs[nproc]}', '--features=1'] + flags, nproc)
     r1, r2 = np.load(refs[1]), np.load(refs[2])
     assert sorted(r1.files) == ['features', 'mu', 'mu_s', 'preprocess', 'sigma', 'sigma_s']
     assert r1['mu'].shape == (2048,) and r1['sigma'].shape == (2048, 2048) and r1['mu_s'].shape == (2023,)
@@ -303,7 +298,7 @@ def test_ref_then_calc_two_processes_equal_one(setup, capsys):
     lines = {}
     for nproc in (1, 2):
         stdout = run_cli(['calc', f'--images={setup / "images"}', f'--ref={refs[1]}', '--num=4',
-                          '--metrics=fid,is,pr'] + flags, nproc, capsys)
+                          '--metrics=fid,is,pr'] + flags, nproc)
         lines[nproc] = metric_lines(stdout)
     assert lines[1] == lines[2] and set(lines[1]) == {'fid', 'is', 'precision', 'recall'}
     values = {k: float(v) for k, v in lines[1].items()}
