@@ -50,8 +50,8 @@ CHECKS = {
         precisions=[('fp32', []), ('bf16', ['--bf16=1'])],
         tiny=['--data=demo-16', '--transfer={tiny}', '--feature-weights=random', '--backbone=3', '--feature-res=64',
               '--batch=16', '--duration=0.000064', '--tick=0.016', '--grid=0'],
-        paper=[('CIFAR-10 NCSN++ GDD', ['--data=demo-32', '--preset=cifar10-gdd', '--transfer={cifar}', '--feature-weights=random', '--batch=64', '--grid=0', '--tick={kimg}', '--duration={mimg}']),
-               ('CIFAR-10 NCSN++ GDD-I', ['--data=demo-32', '--preset=cifar10-gddi', '--transfer={cifar}', '--feature-weights=random', '--batch=64', '--grid=0', '--tick={kimg}', '--duration={mimg}'])],
+        paper=[('CIFAR-10 NCSN++ GDD', ['--data=demo-32', '--preset=cifar10_gdd', '--transfer={cifar}', '--feature-weights=random', '--batch=64', '--grid=0', '--tick={kimg}', '--duration={mimg}']),
+               ('CIFAR-10 NCSN++ GDD-I', ['--data=demo-32', '--preset=cifar10_gddi', '--transfer={cifar}', '--feature-weights=random', '--batch=64', '--grid=0', '--tick={kimg}', '--duration={mimg}'])],
         generate=['--network={snap}', '--seeds=0-7', '--batch=8']),
 }
 
