@@ -23,7 +23,7 @@ from fid import FeatureStats, inception_score, load_detector, precision_recall  
 # Helpers
 
 # pytorch-fid's FID Inception (torchvision Inception3(num_classes=1008, aux_logits=False) with FIDInceptionA/C/E_1/E_2),
-# written out from the spec: block type of every top-level module and the branch names of each type, in order.
+# written out from pytorch-fid's inception.py: block type of every top-level module and the branch names of each type, in order.
 BRANCHES = dict(
     A=['branch1x1', 'branch5x5_1', 'branch5x5_2', 'branch3x3dbl_1', 'branch3x3dbl_2', 'branch3x3dbl_3', 'branch_pool'],
     B=['branch3x3', 'branch3x3dbl_1', 'branch3x3dbl_2', 'branch3x3dbl_3'],
@@ -55,7 +55,7 @@ def uint8_images(n, res, channels=3, seed=0):
     return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, channels, res, res), dtype=np.uint8))
 
 def nvidia_resize(x, size=299):
-    """NVIDIA's detector resize as the spec describes it: affine_grid with translation 1/W - 1/299, border padding."""
+    """NVIDIA's detector resize (its TorchScript graph, as EDM's fid.py uses it): affine_grid with translation 1/W - 1/299, border padding."""
     n, c, h, w = x.shape
     theta = torch.eye(2, 3).repeat(n, 1, 1)
     theta[:, 0, 2] += 1 / w - 1 / size
@@ -93,7 +93,7 @@ def test_state_dict_keys_and_shapes_equal_pytorch_fid():
         assert sd[f'{unit}.bn.weight'].shape == (sd[f'{unit}.conv.weight'].shape[0],) and f'{unit}.conv.bias' not in sd
     n_fc = sd['fc.weight'].numel() + sd['fc.bias'].numel()
     n_params = sum(v.numel() for k, v in sd.items() if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked')))
-    assert (n_params - n_fc, n_fc) == (21_785_568, 2_065_392)  # spec 7.3, measured on pytorch-fid's model
+    assert (n_params - n_fc, n_fc) == (21_785_568, 2_065_392)  # measured on pytorch-fid's model
 
 def test_detector_strict_load_round_trip(tmp_path):
     torch.manual_seed(3)
@@ -137,7 +137,7 @@ def test_nvidia_preprocessing_matches_affine_grid_resize():
     for res in (8, 32, 64):
         images = uint8_images(2, res, seed=res)
         expected = (nvidia_resize(images) - 128) / 128
-        assert (net.preprocess_images(images) - expected).abs().max() < 1e-5  # spec 7.2: equal up to float rounding
+        assert (net.preprocess_images(images) - expected).abs().max() < 1e-5  # equal up to float rounding
 
 def test_pytorch_fid_preprocessing_is_interpolate_then_2x_minus_1():
     net = InceptionV3('pytorch_fid')
