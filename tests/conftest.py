@@ -37,6 +37,14 @@ def write_images(folder, n=16, res=8, channels=3, seed=0, labels=True):
         (folder / 'dataset.json').write_text(json.dumps({'labels': [[name, i % 2] for i, name in enumerate(names)]}))
     return images
 
+def run_main(module, monkeypatch, capsys, argv):
+    """A method file's main() in this process, as its command line: (exit code, stderr)."""
+    monkeypatch.setattr(sys, 'argv', [f'{module.__name__}.py', *argv])
+    with pytest.raises(SystemExit) as e:
+        module.main()
+        raise SystemExit(0)
+    return e.value.code, capsys.readouterr().err
+
 @pytest.fixture
 def image_folder(tmp_path):
     write_images(tmp_path / 'images')

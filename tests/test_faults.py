@@ -12,7 +12,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_main
 
 import patch_diffusion as pd
 from common import load_checkpoint
@@ -21,12 +21,7 @@ TRAIN = ['train', '--data=demo-8', '--cbase=16', '--cres=1,2', '--batch=8', '--l
          '--dropout=0', '--workers=0', '--tick=0.001', '--snap=1', '--dump=1', '--grid=0']
 
 def run_cli(monkeypatch, capsys, argv):
-    """patch_diffusion.py's main() in this process: (exit code, stderr)."""
-    monkeypatch.setattr(sys, 'argv', ['patch_diffusion.py', *argv])
-    with pytest.raises(SystemExit) as e:
-        pd.main()
-        raise SystemExit(0)
-    return e.value.code, capsys.readouterr().err
+    return run_main(pd, monkeypatch, capsys, argv)
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):

@@ -19,7 +19,7 @@ import scipy.stats
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import ROOT, TINY_UNET, EDMPrecond as OfficialEDMPrecond, write_persistence_pickle
+from conftest import ROOT, TINY_UNET, EDMPrecond as OfficialEDMPrecond, run_main, write_persistence_pickle
 
 import relay_diffusion as rd
 from common import EDMPrecond, UsageError, UserError, edm_sampler, load_checkpoint, parse_command_line, save_checkpoint
@@ -369,12 +369,7 @@ def final_weights(folder):
     return state['cur_nimg'], state['net'], state['ema']
 
 def run_cli(monkeypatch, capsys, argv):
-    """relay_diffusion.py's main() in this process: (exit code, stderr)."""
-    monkeypatch.setattr(sys, 'argv', ['relay_diffusion.py', *argv])
-    with pytest.raises(SystemExit) as e:
-        rd.main()
-        raise SystemExit(0)
-    return e.value.code, capsys.readouterr().err
+    return run_main(rd, monkeypatch, capsys, argv)
 
 def test_resume_of_stage_two_without_its_flags_continues_stage_two(tmp_path, monkeypatch, capsys):
     """`--resume` of a stage-two state with --precond=blur (and its settings) left out: the state's options, so the
