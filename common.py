@@ -177,8 +177,10 @@ def parse_command_line(build_parser, argv=None):
         args.resume = resume
         changed = [k for k, v in stored.items() if k not in RESUME_MAY_CHANGE and getattr(args, k) != v]
         if changed:
+            flag = {a.dest: next(o for o in a.option_strings if o.startswith('--')) for a in train._actions
+                    if any(o.startswith('--') for o in a.option_strings)}  # dest -> its --spelling
             parser.error(f'--resume={args.resume} continues a run with other options: ' + '; '.join(
-                f'--{k}={getattr(args, k)} given, {stored[k]} in the training state' for k in changed) +
+                f'{flag[k]}={getattr(args, k)} given, {stored[k]} in the training state' for k in changed) +
                 ' (leave them out to continue that run, or start a new run)')
     if args.command == 'train' and getattr(args, 'data', '') is None:
         parser.error('--data is required (an EDM-format zip or folder, or demo)')
