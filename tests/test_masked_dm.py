@@ -422,13 +422,13 @@ def official_checkpoint(path, net, schedule):
 
 def test_official_checkpoint_layout_loads_and_samples(tmp_path):
     kw = md.preset_network_kwargs('demo_ft')
-    assert kw['beta_schedule'] == 'linear' and kw['img_size'] == 8
-    kw['beta_schedule'] = 'cosine'
+    assert kw['beta_schedule'] == 'cosine' and kw['img_size'] == 8
+    kw['beta_schedule'] = 'linear'
     torch.manual_seed(5)
     net = md.GaussianDiffusion(**kw)
-    online = official_checkpoint(tmp_path / 'model-20.pt', net, 'cosine')
+    online = official_checkpoint(tmp_path / 'model-20.pt', net, 'linear')
     loaded = md.load_network(str(tmp_path / 'model-20.pt'), 'demo_ft')
-    assert loaded.beta_schedule == 'cosine'  # read off the checkpoint's alphas_cumprod
+    assert loaded.beta_schedule == 'linear'  # read off the checkpoint's alphas_cumprod, not the preset's
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())  # the EMA weights
     md.generate(parse(['generate', f'--network={tmp_path / "model-20.pt"}', '--preset=demo_ft',
                        f'--outdir={tmp_path / "o"}',
@@ -609,7 +609,7 @@ def test_official_conditional_checkpoint_loads_and_samples(tmp_path):
     kw = dict(md.preset_network_kwargs('demo_ft'), num_classes=4, mlp_time_embed=True)
     torch.manual_seed(6)
     net = md.GaussianDiffusion(**kw)
-    official_checkpoint(tmp_path / 'model-20.pt', net, 'linear')  # keys ...label_emb, uncond_embed, time_embed
+    official_checkpoint(tmp_path / 'model-20.pt', net, kw['beta_schedule'])  # label_emb, uncond_embed, time_embed
     loaded = md.load_network(str(tmp_path / 'model-20.pt'), 'demo_ft')  # classes and time MLP read off the keys
     assert (loaded.num_classes, loaded.model.encoder.time_embed is not None) == (4, True)
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
