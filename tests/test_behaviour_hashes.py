@@ -1,9 +1,11 @@
 """Refactors change no behaviour: tiny runs of every method file, through the real train/generate commands, give the
-same bits as recorded before a refactor (final net, EMA and optimizer tensors; generated PNG bytes). `python tests/test_behaviour_hashes.py --record` rewrites the
-record (only when a change is meant to alter results; say so in the commit). Hashes depend on the torch build, so the
-comparison runs only under the torch version that recorded them."""
+same bits as recorded before a refactor (final net, EMA and optimizer tensors; generated PNG bytes).
+`python tests/test_behaviour_hashes.py --record` rewrites the record of this machine (only when a change is meant to alter results, or on a new machine before a refactor; say so
+in the commit). Hashes depend on the torch build and on the CPU's float kernels, so the record holds one entry per
+(torch version, CPU); the comparison runs against this machine's entry, and is skipped where there is none."""
 import hashlib
 import json
+import platform
 import shutil
 import sys
 from pathlib import Path
@@ -98,15 +100,27 @@ def run_all(tmp, names=tuple(RUNS)):
         torch.set_num_threads(threads)
     return hashes, snapshots, states
 
-@pytest.mark.skipif(not RECORD.exists(), reason='no record')
+def machine():
+    """What the bits depend on besides our code: the torch build and the CPU (its vector unit and feature flags)."""
+    try:
+        flags = next(line for line in open('/proc/cpuinfo') if line.startswith('flags')).split(':')[1].split()
+    except (OSError, StopIteration):
+        flags = []
+    key = hashlib.sha256(' '.join(sorted(flags)).encode()).hexdigest()[:12]
+    return f'torch {torch.__version__}, {platform.machine()} {torch.backends.cpu.get_cpu_capability()}, flags {key}'
+
+def records():
+    return json.loads(RECORD.read_text())['records'] if RECORD.exists() else []
+
 @pytest.mark.parametrize('names', GROUPS, ids=[g[-1] for g in GROUPS])
 def test_refactor_keeps_bits(tmp_path, names):
-    record = json.loads(RECORD.read_text())
-    if record['torch'] != torch.__version__:
-        pytest.skip(f'record made with torch {record["torch"]}, this is {torch.__version__}')
+    mine = [r for r in records() if r['machine'] == machine()]
+    if not mine:
+        pytest.skip(f'no record for this machine ({machine()}): `python tests/test_behaviour_hashes.py --record` '
+                    'before a refactor adds one')
     hashes, _, _ = run_all(tmp_path, names)
     for name in names:
-        assert hashes[name] == record['runs'][name], name
+        assert hashes[name] == mine[0]['runs'][name], name
 
 if __name__ == '__main__' and sys.argv[1] == '--record':  # --record [DIR]: also copy the final checkpoints to DIR
     import tempfile
@@ -115,5 +129,6 @@ if __name__ == '__main__' and sys.argv[1] == '--record':  # --record [DIR]: also
         for name in (RUNS if len(sys.argv) > 2 else []):
             shutil.copy(snapshots[name], Path(sys.argv[2]) / f'{name}-snapshot.pt')
             shutil.copy(states[name], Path(sys.argv[2]) / f'{name}-state.pt')
-    RECORD.write_text(json.dumps(dict(torch=torch.__version__, runs=hashes), indent=1) + '\n')
+    others = [r for r in records() if r['machine'] != machine()]
+    RECORD.write_text(json.dumps(dict(records=others + [dict(machine=machine(), runs=hashes)]), indent=1) + '\n')
     print(json.dumps(hashes, indent=1))
