@@ -1,8 +1,9 @@
 """Refactors change no behaviour: tiny runs of every method file, through the real train/generate commands, give the
 same bits as recorded before a refactor (final net, EMA and optimizer tensors; generated PNG bytes).
-`python tests/test_behaviour_hashes.py --record` rewrites the record of this machine (only when a change is meant to alter results, or on a new machine before a refactor; say so
-in the commit). Hashes depend on the torch build and on the CPU's float kernels, so the record holds one entry per
-(torch version, CPU); the comparison runs against this machine's entry, and is skipped where there is none."""
+`python tests/test_behaviour_hashes.py --record` rewrites the record of this machine: only when a change is meant to
+alter results, or on a new machine before a refactor; say so in the commit. Hashes depend on the torch build and on
+the CPU's float kernels, so the record holds one entry per (torch version, CPU); the comparison runs against this
+machine's entry, and is skipped where there is none."""
 import hashlib
 import json
 import platform
