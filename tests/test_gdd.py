@@ -680,6 +680,7 @@ if __name__ == '__main__':
     if sys.argv[1] == 'ddp':
         ddp_worker(sys.argv[2])
         torch.distributed.destroy_process_group()
+        os._exit(0)  # skip interpreter teardown, which torch 2.13's gloo threads can abort (docs/testing.md)
     else:
         register_standin()
         sys.argv = [sys.argv[0]] + sys.argv[2:]

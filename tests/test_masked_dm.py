@@ -322,6 +322,7 @@ def _ddp_worker(rank, store_path, x0, t, noise, keep, out):
     if rank == 0:
         torch.save({k: p.grad for k, p in net.named_parameters()}, out)
     dist.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown, which torch 2.13's gloo threads can abort (docs/testing.md)
 
 def test_ddp_two_processes_equal_one(tmp_path):
     net = tiny_net(3)
@@ -363,8 +364,11 @@ def test_resume_equals_uninterrupted_and_finetune_from_online_weights(dataset_zi
     md.load_pretrained(net, str(tmp_path / 'pre.pt'))  # strict: no missing or unexpected keys (official: all load)
     assert all(torch.equal(v, a['net'][k]) for k, v in net.state_dict().items())
     run_train(base + [f'--outdir={tmp_path / "ft"}', '--mask_type=none', '--train_steps=1', '--warmup_steps=5',
-                      f'--pretrained_model_ckpt={tmp_path / "pre.pt"}'])
+                      f'--pretrained_model_ckpt={tmp_path / "pre.pt"}', '--adam_betas=0.9,0.999'])
     ft = state_at(tmp_path / 'ft', 4)
+    # AdamW's betas: the official configs' (0.99, 0.99) unless --adam_betas says otherwise (the CPU demo's).
+    assert a['optimizer']['param_groups'][0]['betas'] == (0.99, 0.99)
+    assert ft['optimizer']['param_groups'][0]['betas'] == (0.9, 0.999)
     # The warm-up's first step has lr 0 (official LambdaLR): still the pre-trained online weights.
     assert all(torch.equal(ft['net'][k], a['net'][k]) for k in a['net'])
     assert ft['optimizer']['state'][0]['step'] == 1  # a fresh optimizer
@@ -704,6 +708,8 @@ BAD = [  # (argv, exit code, a word of the one line)
     (TRAIN + ['--ema_decay=1.5'], 2, '--ema_decay'),
     (TRAIN + ['--ema_every=0'], 2, '--ema_every'),
     (TRAIN + ['--warmup_steps=-5'], 2, '--warmup_steps'),
+    (TRAIN + ['--adam_betas=0.9'], 2, '--adam_betas'),
+    (TRAIN + ['--adam_betas=0.9,1'], 2, '--adam_betas'),
     (TRAIN + ['--preset=bogus'], 2, '--preset'),
     (TRAIN + ['--outdir={file}'], 2, '--outdir'),
     (TRAIN + ['--pretrained_model_ckpt={other}'], 2, '--pretrained_model_ckpt'),
