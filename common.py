@@ -394,20 +394,29 @@ class DemoDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, idx):
         rng = np.random.default_rng([1234, idx % self.size])
-        R, shape = self.resolution, int(rng.integers(3))
-        y, x = (np.mgrid[0:R, 0:R] + 0.5) / R  # pixel centres in [0, 1]
-        cx, cy = rng.uniform(0.3, 0.7, 2)
-        r = rng.uniform(0.15, 0.3)
-        inside = [(x - cx) ** 2 + (y - cy) ** 2 < r ** 2,                      # disc
-                  (abs(x - cx) < r * 0.85) & (abs(y - cy) < r * 0.85),         # square
-                  (y - cy < r * 0.8) & (y - cy > 2 * abs(x - cx) - r)][shape]  # triangle
+        shape, inside = demo_shape(self.resolution, rng)
         top, bottom, color = rng.uniform(0, 255, (3, self.num_channels))
-        image = np.where(y[None] < 0.5, top[:, None, None], bottom[:, None, None])
+        image = np.where(demo_top_half(self.resolution)[None], top[:, None, None], bottom[:, None, None])
         image = np.where(inside[None], color[:, None, None], image).astype(np.uint8)
         if idx >= self.size:
             image = image[:, :, ::-1]
         label = np.eye(3, dtype=np.float32)[shape] if self.use_labels else np.zeros([0], np.float32)
         return image.copy(), label
+
+def demo_top_half(R):
+    """[R, R] bool: the pixels of the demo images' top background (pixel centres above the middle)."""
+    return ((np.mgrid[0:R, 0:R][0] + 0.5) / R < 0.5)
+
+def demo_shape(R, rng):
+    """One shape draw of the demo data: (class, [R, R] bool mask) from the generator `rng`."""
+    shape = int(rng.integers(3))
+    y, x = (np.mgrid[0:R, 0:R] + 0.5) / R  # pixel centres in [0, 1]
+    cx, cy = rng.uniform(0.3, 0.7, 2)
+    r = rng.uniform(0.15, 0.3)
+    inside = [(x - cx) ** 2 + (y - cy) ** 2 < r ** 2,                      # disc
+              (abs(x - cx) < r * 0.85) & (abs(y - cy) < r * 0.85),         # square
+              (y - cy < r * 0.8) & (y - cy > 2 * abs(x - cx) - r)][shape]  # triangle
+    return shape, inside
 
 def open_dataset(data, **kwargs):
     """`--data`: 'demo' (32x32), 'demo-64', ... for the built-in toy set; otherwise an EDM-format zip or folder."""

@@ -1,6 +1,8 @@
 # Tests for the toy score of fid.py (section 3): a tiny classifier trained on the demo data scores held-out real
 # images near its finite-sample floor, uniform noise far away, and damaged real images in between, worse with more
-# damage. 8x8 demo data; one classifier, trained once per module into a temporary cache, serves every test.
+# damage; the demo-structure share (the generator's own model fitted to each image) is high for real images, zero for
+# noise, and falls with damage. 8x8 demo data; one classifier, trained once per module into a temporary cache, serves
+# every test.
 
 import json
 import os
@@ -91,6 +93,40 @@ def test_damage_scores_between_real_and_noise_ordered(toy, damage, strengths):
     scores = [toy['score'](damage(toy['other'], s)) for s in strengths]
     assert real < scores[0] < scores[1] < scores[2] < noise, (real, scores, noise)
 
+@pytest.fixture(scope='module')
+def masks():
+    return fid.demo_masks(RES)
+
+def test_demo_fit_real_near_one_noise_zero_damage_ordered(toy, masks):
+    """The demo-structure share: held-out real images fit the generator's model (those whose colours differ enough),
+    noise never does, and damaged images fit less the more they are damaged."""
+    fit = lambda images: fid.demo_fit(images, masks)
+    real = fit(toy['other'])
+    assert real > 0.75 and fit(uniform_noise(toy['other'].shape)) == 0
+    noisy = lambda x, s: (x.float() + s * (uniform_noise(x.shape).float() - 127.5)).round().clamp(0, 255).byte()
+    for damage, strengths in ((blur, [0.45, 0.5, 0.7]), (lambda x, f: shuffle_patches(x, f, patch=2), [0.1, 0.25, 0.5]),
+                              (colour_jitter, [0.5, 0.75, 1]), (noisy, [0.11, 0.12, 0.16])):
+        scores = [fit(damage(toy['other'], s)) for s in strengths]
+        assert real > scores[0] > scores[1] > scores[2], (real, scores)
+
+def test_demo_fit_equals_a_brute_force_fit(masks):
+    """The vectorized least-squares fit against a loop over the masks for a few images (real, shifted, noisy)."""
+    demo = fid.open_toy_data(f'demo-{RES}', 3)
+    images = fid.load_images(demo, range(20000, 20006))[0]
+    images = torch.cat([images, images.roll(3, dims=3), (images.float() + 30 * torch.randn(images.shape,
+                        generator=torch.Generator().manual_seed(0))).clamp(0, 255).to(torch.uint8)])
+    top = fid.demo_top_half(RES).ravel()
+    for image in images:
+        x = image.double().flatten(1).numpy()  # [C, P]
+        best = min((sum(((x[:, r] - x[:, r].mean(1, keepdims=True)) ** 2).sum() for r in
+                        (m, ~m & top, ~m & ~top) if r.any()), i) for i, m in enumerate(masks))
+        m = masks[best[1]]
+        col = [x[:, r].mean(1) if r.any() else np.zeros(3) for r in (m, ~m & top, ~m & ~top)]
+        contrast = [abs(col[1] - col[2]).max()] + [abs(col[0] - col[h]).max() for h, half in ((1, top), (2, ~top))
+                                                   if (m & half).any()]
+        expect = np.sqrt(best[0] / x.size) <= fid.DEMO_FIT_RMS and m.any() and min(contrast) >= fid.DEMO_FIT_CONTRAST
+        assert fid.demo_fit(image[None], masks) == float(expect)
+
 def test_classifier_deterministic_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(fid, 'TOY_STEPS', 20)
     dataset = fid.open_toy_data(f'demo-{RES}', 3)
@@ -134,7 +170,8 @@ def test_cli_score(toy, tmp_path, capsys):
     fid.main(['score', f'--images={tmp_path / "samples"}', f'--data=demo-{RES}', f'--cache={toy["cache"]}'])
     out = capsys.readouterr().out
     values = {line.split()[0]: float(line.split()[1]) for line in out.splitlines() if len(line.split()) == 2}
-    assert set(values) == {'toy_fd', 'toy_fd_real', 'toy_fd_noise', 'confident', 'confident_real'}, out
+    assert set(values) == {'toy_fd', 'toy_fd_real', 'toy_fd_noise', 'confident', 'confident_real', 'demo_fit',
+                           'demo_fit_real'}, out
     assert 'Scoring 64 images' in out and '(training it, once)' not in out  # the fixture's classifier was reused
     assert values['toy_fd'] < values['toy_fd_noise'] / 5 and values['toy_fd_real'] < values['toy_fd_noise'] / 5
     assert 0 <= values['confident'] <= 1
