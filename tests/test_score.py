@@ -115,7 +115,7 @@ def test_demo_fit_equals_a_brute_force_fit(masks):
     images = fid.load_images(demo, range(20000, 20006))[0]
     images = torch.cat([images, images.roll(3, dims=3), (images.float() + 30 * torch.randn(images.shape,
                         generator=torch.Generator().manual_seed(0))).clamp(0, 255).to(torch.uint8)])
-    top = fid.demo_top_half(RES).ravel()
+    top, outcomes = fid.demo_top_half(RES).ravel(), set()
     for image in images:
         x = image.double().flatten(1).numpy()  # [C, P]
         best = min((sum(((x[:, r] - x[:, r].mean(1, keepdims=True)) ** 2).sum() for r in
@@ -126,6 +126,8 @@ def test_demo_fit_equals_a_brute_force_fit(masks):
                                                    if (m & half).any()]
         expect = np.sqrt(best[0] / x.size) <= fid.DEMO_FIT_RMS and m.any() and min(contrast) >= fid.DEMO_FIT_CONTRAST
         assert fid.demo_fit(image[None], masks) == float(expect)
+        outcomes.add(bool(expect))
+    assert outcomes == {True, False}  # both branches met
 
 def test_classifier_deterministic_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(fid, 'TOY_STEPS', 20)
