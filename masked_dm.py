@@ -626,16 +626,6 @@ def build_parser(preset=None):
                    help='classifier-free guidance weight (ours); 0 = the unconditional token')
     return parser
 
-def parse_betas(s):
-    """'0.9,0.999' -> [0.9, 0.999]: two numbers in [0, 1) (a list, as the training options store it)."""
-    try:
-        betas = [float(b) for b in s.split(',')]
-    except ValueError:
-        betas = []
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise argparse.ArgumentTypeError(f'expected two numbers in [0, 1) like 0.9,0.999; got {s!r}')
-    return betas
-
 def main():
     args = parse_command_line(build_parser)
     run_main(train if args.command == 'train' else generate, args)
@@ -789,7 +779,17 @@ def guided_eps(net, x, t, labels=None, cfg=None):
                                labels=torch.cat([torch.zeros_like(labels), labels])).chunk(2)
     return eps_uncond + cfg * (eps_cond - eps_uncond)
 
-# Flag checks and the banner (training_setup, train).
+# Flag checks and the banner (training_setup, train), and --adam_betas's type.
+
+def parse_betas(s):
+    """'0.9,0.999' -> [0.9, 0.999]: two numbers in [0, 1) (a list, as the training options store it)."""
+    try:
+        betas = [float(b) for b in s.split(',')]
+    except ValueError:
+        betas = []
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise argparse.ArgumentTypeError(f'expected two numbers in [0, 1) like 0.9,0.999; got {s!r}')
+    return betas
 
 def check_train_flags(args):
     """Flag combinations that do not depend on the data, checked before the data are opened."""
