@@ -79,7 +79,7 @@ PRESETS = {
                         generate=dict(seeds='10000-59999', num_steps_first=256, S_churn=40, S_min=0.05, S_max=50,
                                       S_noise=1.003, num_steps_second=200, rho_second=100, truncation_sigma_second=0.9,
                                       truncation_t_second=0.93, blur_sigma_max_second=3.0, cfg_scale_second=3.5)),
-    # Ours, CPU demo: an 8 px EDM stage one (about 5 CPU-minutes), then a 16 px blur stage two x2 (demo16, about 6;
+    # Ours, CPU demo: an 8 px EDM stage one (about 5 CPU-minutes), then a 16 px blur stage two x2 (demo16, about 5;
     # 12 kimg left the relayed tiles noisy) or a 32 px one x4 (demo32, the paper's factor; the toy benchmark's) on
     # the same built-in shapes.
     'demo8':       dict(train=dict(data='demo-8', arch='ddpmpp', precond='edm', cbase=32, cres=[1, 2], blocks=2,
