@@ -96,7 +96,13 @@ def run_main(command, args):
         sys.exit(1)
     finally:
         if dist.is_initialized():
+            gloo = dist.get_backend() == 'gloo'
             dist.destroy_process_group()
+            # NOTE: gloo's worker threads free a finished collective after the caller has moved on and need the GIL
+            # to do it; once the interpreter is shutting down they are killed mid-destructor and the process aborts
+            # (SIGABRT, torch 2.13 on CPU). Half a second lets them finish.
+            if gloo:
+                time.sleep(0.5)
 
 #------------------------------------------------------------------------------
 # 2. Command line: argument types, the parser (presets, resume), the shared flags.
