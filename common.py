@@ -96,7 +96,7 @@ def run_main(command, args):
         sys.exit(1)
     finally:
         if dist.is_initialized():
-            gloo = dist.get_backend() == 'gloo'
+            gloo = dist.get_backend() == 'gloo' and dist.get_world_size() > 1
             dist.destroy_process_group()
             # NOTE: gloo's worker threads free a finished collective after the caller has moved on and need the GIL
             # to do it; once the interpreter is shutting down they are killed mid-destructor and the process aborts
