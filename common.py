@@ -72,28 +72,43 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 class UserError(Exception):
-    """A problem with the user's input (file, flag, data) or a run-time fault (disk full): one line, exit code 1."""
+    """A problem with the user's input (flag, file, data) or a fault while working (disk full, divergence): one line.
+    Exit code (every CLI of this project): 2 if raised before the work starts (the input is wrong), 1 if raised while
+    working (inside `working()` or a `TrainingRun`), 130 for Ctrl-C."""
 
 class UsageError(UserError):
-    """A bad flag value or combination, found before anything is written: one line, exit code 2."""
+    """A bad flag value or combination, found before anything is written."""
 
 class DataError(UserError):
     """An image or label that cannot be read; raised by the datasets, so a run can save its state before it stops."""
 
+@contextlib.contextmanager
+def working():
+    """The work itself (generation, feature extraction, conversion): an error raised inside is a failure while
+    working (exit 1); before it, bad input (exit 2)."""
+    try:
+        yield
+    except (UserError, OSError) as e:
+        e.while_working = True
+        raise
+
+def exit_code(e):
+    return 1 if getattr(e, 'while_working', False) else 2
+
 def run_main(command, args):
-    """Run a CLI command: errors become one line on stderr (exit 2 usage, 1 run time, 130 interrupt), never a
-    traceback; the process group is torn down."""
+    """Run a CLI command: errors become one line on stderr (exit 2 bad input, 1 a failure while working, 130
+    interrupt), never a traceback; the process group is torn down."""
     try:
         command(args)
     except UserError as e:  # from a DataLoader worker it comes back with the worker's traceback in its message
         print(f'error: {re.split("(?:User|Usage|Data)Error: ", str(e))[-1].strip()}', file=sys.stderr)
-        sys.exit(2 if isinstance(e, UsageError) else 1)
+        sys.exit(exit_code(e))
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         sys.exit(130)
     except OSError as e:  # a file that cannot be written or read: name it, no traceback
-        print(f'error: {e.filename or ""}: {e.strerror or e}', file=sys.stderr)
-        sys.exit(1)
+        print(f'error: {e.filename or "(no file name)"}: {e.strerror or e}', file=sys.stderr)
+        sys.exit(exit_code(e))
     finally:
         if dist.is_initialized():
             gloo = dist.get_backend() == 'gloo' and dist.get_world_size() > 1
@@ -107,6 +122,8 @@ def run_main(command, args):
 #------------------------------------------------------------------------------
 # 2. Command line: argument types, the parser (presets, resume), the shared flags.
 
+MAX_SEEDS = 10**7  # one command's seeds: 200 times EDM's 50,000 FID images
+
 def parse_int_list(s):
     """'0-3,7' -> [0, 1, 2, 3, 7] (EDM's seed syntax); a list passes through. An empty result is an error."""
     if isinstance(s, (list, tuple)):
@@ -115,11 +132,16 @@ def parse_int_list(s):
     for part in s.split(','):
         m = re.fullmatch(r'\s*(-?\d+)\s*-\s*(-?\d+)\s*', part)
         try:
+            if m and int(m[2]) - int(m[1]) >= MAX_SEEDS:
+                raise argparse.ArgumentTypeError(f'{part.strip()!r} holds more than {MAX_SEEDS:,} numbers; '
+                                                 'split the work')
             out.extend(range(int(m[1]), int(m[2]) + 1) if m else [int(part)])
         except ValueError:
             raise argparse.ArgumentTypeError(f'expected integers or ranges like 0-49999,7; got {s!r}') from None
         if m and int(m[2]) < int(m[1]):
             raise argparse.ArgumentTypeError(f'{part.strip()!r} is an empty range (write low-high)')
+        if len(out) > MAX_SEEDS:
+            raise argparse.ArgumentTypeError(f'{s!r} holds more than {MAX_SEEDS:,} numbers; split the work')
     return out
 
 def parse_bool(s):
@@ -129,18 +151,21 @@ def parse_bool(s):
         raise argparse.ArgumentTypeError(f'expected a boolean (1/0/true/false); got {s!r}')
     return s if isinstance(s, bool) else words[s.lower()]
 
-def number(kind, low=None, high=None, low_open=False):
-    """argparse type: an int or float within [low, high] (or (low, high] with low_open), e.g. number(int, 1)."""
+def number(kind, low=None, high=None, low_open=False, inf=False):
+    """argparse type: a finite int or float within [low, high] (or (low, high] with low_open), e.g. number(int, 1);
+    `inf=True` also takes +inf (a bound that may be absent, e.g. EDM's S_max)."""
     def parse(s):
         try:
             value = kind(s)
-        except ValueError:
+        except (ValueError, OverflowError):
             what = 'an integer' if kind is int else 'a number'
             raise argparse.ArgumentTypeError(f'expected {what}, got {s!r}') from None
+        if kind is float and not math.isfinite(value) and not (inf and value == math.inf):
+            raise argparse.ArgumentTypeError(f'{s} is not a finite number' + (' (or inf)' if inf else ''))
         below = low is not None and (value <= low if low_open else value < low)
-        if below or (high is not None and value > high) or value != value:
+        if below or (high is not None and value > high):
             bounds = [f'{"> " if low_open else ">= "}{low}'] if low is not None else []
-            bounds += [f'<= {high}'] if high is not None else []
+            bounds += [f'<= {high:g}' if isinstance(high, float) else f'<= {high}'] if high is not None else []
             raise argparse.ArgumentTypeError(f'{s} is out of range: must be {" and ".join(bounds)}')
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
@@ -190,33 +215,37 @@ def parse_command_line(build_parser, argv=None):
                 ' (leave them out to continue that run, or start a new run)')
     if args.command == 'train' and getattr(args, 'data', '') is None:
         parser.error('--data is required (an EDM-format zip or folder, or demo)')
+    if getattr(args, 'sigma_min', None) is not None and getattr(args, 'sigma_max', None) is not None:
+        if args.sigma_min >= args.sigma_max:
+            parser.error(f'--sigma_min={args.sigma_min:g} must be below --sigma_max={args.sigma_max:g}')
     return args
 
 def add_train_flags(p, **defaults):
     """The training flags every method file shares (EDM's names and units); `defaults` overrides per method."""
     d = dict(outdir='training-runs', duration=200, batch=512, lr=1e-3, dropout=0.13, tick=50, snap=50, dump=500)
     d |= defaults
-    pos_int, pos_float, nonneg_int = number(int, 1), number(float, 0, low_open=True), number(int, 0)
+    pos_int, nonneg_int = number(int, 1, 2**24), number(int, 0, 256)
+    pos_float = lambda high: number(float, 0, high, low_open=True)  # noqa: E731
     add = p.add_argument
     add('--outdir', default=d['outdir'], metavar='DIR', help='where to make the run directory')
     add('--data', default=None, metavar='ZIP|DIR|demo',
         help='required: an EDM-format zip or folder (dataset_tool.py), or demo[-RES] for built-in shapes')
     add('--cond', type=parse_bool, default=False, metavar='BOOL', help='class-conditional (labels from dataset.json)')
-    add('--duration', type=pos_float, default=d['duration'], metavar='MIMG', help='training length, Mimg')
+    add('--duration', type=pos_float(1e5), default=d['duration'], metavar='MIMG', help='training length, Mimg')
     add('--batch', type=pos_int, default=d['batch'], metavar='INT', help='global batch size (images per step)')
     add('--batch-gpu', type=pos_int, default=None, metavar='INT', help='max images per GPU pass; rest accumulated')
-    add('--lr', type=pos_float, default=d['lr'], metavar='FLOAT', help='learning rate')
+    add('--lr', type=pos_float(1.0), default=d['lr'], metavar='FLOAT', help='learning rate')
     add('--dropout', type=number(float, 0, 1), default=d['dropout'], metavar='FLOAT', help='dropout probability')
     add('--xflip', type=parse_bool, default=False, metavar='BOOL', help='add x-flipped copies of the dataset')
     add('--fp16', type=parse_bool, default=False, metavar='BOOL', help='fp16 autocast around the network, GradScaler')
     add('--bf16', type=parse_bool, default=False, metavar='BOOL', help='bf16 autocast around the network')
-    add('--ls', type=pos_float, default=1, metavar='FLOAT', help='loss scaling (a constant multiplier, as EDM)')
+    add('--ls', type=pos_float(1e6), default=1, metavar='FLOAT', help='loss scaling (a constant multiplier, as EDM)')
     add('--tf32', type=parse_bool, default=False, metavar='BOOL', help='allow TF32 matmuls/convolutions')
     add('--compile', type=parse_bool, default=False, metavar='BOOL', help='torch.compile the network (GPU speed)')
-    add('--tick', type=pos_float, default=d['tick'], metavar='KIMG', help='kimg between status lines')
-    add('--snap', type=nonneg_int, default=d['snap'], metavar='TICKS', help='ticks between snapshots; 0 = at the end')
-    add('--dump', type=nonneg_int, default=d['dump'], metavar='TICKS', help='ticks between training states; 0 = at end')
-    add('--seed', type=int, default=0, metavar='INT', help='random seed')
+    add('--tick', type=pos_float(1e6), default=d['tick'], metavar='KIMG', help='kimg between status lines')
+    add('--snap', type=number(int, 0), default=d['snap'], metavar='TICKS', help='ticks between snapshots; 0 = at the end')
+    add('--dump', type=number(int, 0), default=d['dump'], metavar='TICKS', help='ticks between training states; 0 = at end')
+    add('--seed', type=number(int, 0, 2**32 - 1), default=0, metavar='INT', help='random seed')
     add('--resume', default=None, metavar='PT', help='continue a training-state-*.pt; flags left out take its values')
     add('--desc', default=None, metavar='STR', help='appended to the run directory name')
     add('--nosubdir', action='store_true', help='write into --outdir itself, no numbered run directory')
@@ -234,15 +263,15 @@ def add_generate_flags(g, edm_sampler=True, steps=18):
     add('--outdir', required=True, metavar='DIR', help='where to write {seed:06d}.png')
     add('--seeds', type=parse_int_list, default='0-63', metavar='LIST', help='random seeds, e.g. 0-49999')
     add('--subdirs', action='store_true', help='put seeds in folders of 1,000')
-    add('--batch', type=number(int, 1), default=64, metavar='INT', help='images per batch per GPU')
+    add('--batch', type=number(int, 1, 2**20), default=64, metavar='INT', help='images per batch per GPU')
     if edm_sampler:
-        add('--steps', type=number(int, 1), default=steps, metavar='INT', help='Heun steps (EDM Alg. 2)')
+        add('--steps', type=number(int, 1, 10**5), default=steps, metavar='INT', help='Heun steps (EDM Alg. 2)')
         add('--sigma_min', type=positive, default=0.002, metavar='FLOAT', help='lowest noise level')
         add('--sigma_max', type=positive, default=80, metavar='FLOAT', help='highest noise level')
         add('--rho', type=positive, default=7, metavar='FLOAT', help='time step exponent (EDM Eq. 5)')
         add('--S_churn', type=nonneg, default=0, metavar='FLOAT', help='stochasticity strength (EDM Alg. 2)')
         add('--S_min', type=nonneg, default=0, metavar='FLOAT', help='lowest sigma with churn')
-        add('--S_max', type=nonneg, default=float('inf'), metavar='FLOAT', help='highest sigma with churn')
+        add('--S_max', type=number(float, 0, inf=True), default=float('inf'), metavar='FLOAT', help='highest sigma with churn')
         add('--S_noise', type=nonneg, default=1, metavar='FLOAT', help='churn noise inflation')
 
 #------------------------------------------------------------------------------
@@ -427,6 +456,8 @@ def demo_shape(R, rng):
 def open_dataset(data, **kwargs):
     """`--data`: 'demo' (32x32), 'demo-64', ... for the built-in toy set; otherwise an EDM-format zip or folder."""
     m = re.fullmatch(r'demo(?:-(\d+))?', data)
+    if m and not 4 <= int(m[1] or 32) <= 1024:
+        raise UsageError(f'--data={data}: the demo resolution must be 4 to 1024 pixels')
     return DemoDataset(resolution=int(m[1] or 32), **kwargs) if m else ImageFolderDataset(data, **kwargs)
 
 class InfiniteSampler(torch.utils.data.Sampler):
