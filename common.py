@@ -271,7 +271,8 @@ def add_generate_flags(g, edm_sampler=True, steps=18):
         add('--rho', type=positive, default=7, metavar='FLOAT', help='time step exponent (EDM Eq. 5)')
         add('--S_churn', type=nonneg, default=0, metavar='FLOAT', help='stochasticity strength (EDM Alg. 2)')
         add('--S_min', type=nonneg, default=0, metavar='FLOAT', help='lowest sigma with churn')
-        add('--S_max', type=number(float, 0, inf=True), default=float('inf'), metavar='FLOAT', help='highest sigma with churn')
+        add('--S_max', type=number(float, 0, inf=True), default=float('inf'), metavar='FLOAT',
+            help='highest sigma with churn')
         add('--S_noise', type=nonneg, default=1, metavar='FLOAT', help='churn noise inflation')
 
 #------------------------------------------------------------------------------
