@@ -25,7 +25,7 @@ Contents, in order:
  10. Inception-v3 features and the Frechet distance (the other metrics live in fid.py)
  11. EDM's augmentation pipe (`AugmentPipe`, the geometric and colour transforms of ADA)
 """
-import argparse, contextlib, copy, errno, glob, io, json, math, os, pickle, re, resource, shutil, signal, sys
+import argparse, contextlib, copy, errno, glob, io, json, math, os, pickle, re, shlex, shutil, signal, sys
 import threading, time, urllib.parse, warnings, zipfile
 from collections import OrderedDict
 
@@ -53,7 +53,8 @@ def init_distributed():
     device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if cuda else torch.device('cpu')
     if cuda:
         torch.cuda.set_device(device)
-    elif 'OMP_NUM_THREADS' not in os.environ:  # torch takes every core; on a busy CPU that is many times slower
+    elif 'OMP_NUM_THREADS' not in os.environ and hasattr(os, 'getloadavg'):  # torch takes every core: on a busy
+        # CPU that is many times slower
         idle = max(int(os.cpu_count() - os.getloadavg()[0] + 0.5), 1)
         if idle < torch.get_num_threads():
             torch.set_num_threads(idle)
@@ -199,13 +200,24 @@ def parse_command_line(build_parser, argv=None):
     if args.command == 'train' and getattr(args, 'resume', None):
         try:
             args.resume = latest_checkpoint(args.resume, 'training-state', '--resume')
-            stored = {k: v for k, v in read_training_options(args.resume).items() if hasattr(args, k)}
+            method, options = read_training_options(args.resume)
+            expected = os.path.splitext(os.path.basename(sys.modules[build_parser.__module__].__file__))[0]
+            if method != expected:  # before any option comparison: the options of another method mean nothing here
+                raise UsageError(f'{args.resume}: a {method}.py training state; {expected}.py continues only its own')
+            stored = {k: v for k, v in options.items() if hasattr(args, k)}
+            branch = any(a == '--outdir' or a.startswith('--outdir=') for a in argv)
+            if not branch:
+                check_no_later_states(args.resume)
         except UserError as e:
             parser.error(f'argument --resume: {e}')
         train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices['train']
         train.set_defaults(**{k: v for k, v in stored.items() if k not in ('command', 'resume', 'dry_run')})
         resume, args = args.resume, parser.parse_args(argv)
         args.resume = resume
+        if not branch:  # one training, one run directory: continue in the state's folder (as EDM2), not --outdir's
+            args.outdir, args.nosubdir = os.path.dirname(os.path.abspath(resume)), True
+        elif '--nosubdir' not in argv:  # a branch: a new numbered run directory in --outdir
+            args.nosubdir = False
         changed = [k for k, v in stored.items() if k not in RESUME_MAY_CHANGE and getattr(args, k) != v]
         if changed:
             flag = {a.dest: next(o for o in a.option_strings if o.startswith('--')) for a in train._actions
@@ -219,6 +231,14 @@ def parse_command_line(build_parser, argv=None):
         if args.sigma_min >= args.sigma_max:
             parser.error(f'--sigma_min={args.sigma_min:g} must be below --sigma_max={args.sigma_max:g}')
     return args
+
+def check_no_later_states(state):
+    """Continuing a run in its folder from an older training state would overwrite the later ones."""
+    folder, name = os.path.split(os.path.abspath(state))
+    later = sorted(n for n in os.listdir(folder) if re.fullmatch(r'training-state-[\d_]+\.pt', n) and n > name)
+    if later:
+        raise UsageError(f'{state}: its folder holds later training states ({later[-1]}); continuing there would '
+                         'overwrite them: resume from the latest, or branch into a new run directory with --outdir=DIR')
 
 def add_train_flags(p, **defaults):
     """The training flags every method file shares (EDM's names and units); `defaults` overrides per method."""
@@ -234,7 +254,7 @@ def add_train_flags(p, **defaults):
     add('--duration', type=pos_float(1e5), default=d['duration'], metavar='MIMG', help='training length, Mimg')
     add('--batch', type=pos_int, default=d['batch'], metavar='INT', help='global batch size (images per step)')
     add('--batch-gpu', type=pos_int, default=None, metavar='INT', help='max images per GPU pass; rest accumulated')
-    add('--lr', type=pos_float(1.0), default=d['lr'], metavar='FLOAT', help='learning rate')
+    add('--lr', type=pos_float(None), default=d['lr'], metavar='FLOAT', help='learning rate')
     add('--dropout', type=number(float, 0, 1), default=d['dropout'], metavar='FLOAT', help='dropout probability')
     add('--xflip', type=parse_bool, default=False, metavar='BOOL', help='add x-flipped copies of the dataset')
     add('--fp16', type=parse_bool, default=False, metavar='BOOL', help='fp16 autocast around the network, GradScaler')
@@ -1065,15 +1085,18 @@ class TrainingRun:
     `dump` ticks. Ctrl-C ends the step, writes a training state and stops; so does an unreadable image (before its
     step changes any weight); a full disk names the last good state."""
     def __init__(self, method, flags, info, device, *, outdir, desc, nosubdir, resume, total_nimg, tick, snap, dump,
-                 state, snapshot, grid=None):
+                 state, snapshot, grid=None, evaluate=None):
         self.method, self.flags, self.device, self.total_nimg, self.tick_kimg = method, flags, device, total_nimg, tick
         self.snap, self.dump, self.objects, self.snapshot, self.grid = snap, dump, state, snapshot, grid
-        self.cur_nimg = self.step = self.data_pos = self.pending_pos = self.tick = 0
+        self.evaluate, self.best, self.eval_time = evaluate, {}, 0.0
+        self.cur_nimg = self.step = self.data_pos = self.pending_pos = self.tick = self.tick_start_nimg = 0
         self.last_state, self.log, self.interrupted, self.data_failed = resume, None, False, False
         if resume:
             loaded = load_training_state(resume, method, get_rank(), get_world_size(), **state)
             self.cur_nimg, self.step, self.data_pos = loaded['cur_nimg'], loaded['step'], loaded['data_pos']
-            self.tick = loaded.get('tick', 1)  # snapshots stay on the uninterrupted run's tick grid
+            # Ticks, snapshots and states stay on the uninterrupted run's grid (states before this one: a new tick).
+            self.tick = loaded.get('tick', 1)
+            self.tick_start_nimg = loaded.get('tick_start_nimg', self.cur_nimg)
         check_outdir(outdir)
         path = [outdir]  # `<outdir>/<5-digit id>-<desc>` (EDM), made by rank 0; every rank gets the path
         if get_rank() == 0:
@@ -1095,7 +1118,8 @@ class TrainingRun:
             print0(f'resumed from {resume} at kimg {self.cur_nimg / 1000:g}, step {self.step}; options not given on '
                    'the command line are the training state\'s')
             self._write_stats(dict(resumed_from=resume, kimg=self.cur_nimg / 1000, step=self.step))
-        self.tick_start_nimg, self.sums = self.cur_nimg, {}
+            self.best = resume_metric_history(self.dir, self.cur_nimg) if get_rank() == 0 else {}
+        self.sums = {}
         self.start_time = self.tick_start_time = self.tick_end_time = self.last_print = time.time()
 
     def __enter__(self):
@@ -1111,12 +1135,14 @@ class TrainingRun:
         print0('\ninterrupt: finishing this step, then writing a training state (Ctrl-C again to stop at once)')
 
     def __exit__(self, exc_type, exc, tb):
+        if isinstance(exc, (UserError, OSError)):
+            exc.while_working = True  # exit code 1
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self.previous_handler)
         if self.data_failed and get_world_size() == 1:  # nothing lost: the weights are those of the last whole step
             path = self.save('training-state', self.full_state())
             exc.args = (f'{exc.args[0] if exc.args else exc}; training state at kimg {self.cur_nimg / 1000:g} '
-                        f'written: resume with --resume={path}',)
+                        f'written: {os.path.basename(path)}; to continue: {resume_command(self.method, self.dir)}',)
         if self.log:
             if exc is not None:
                 self.log.write(f'error: {exc}\n')  # the terminal gets it from run_main
@@ -1169,23 +1195,25 @@ class TrainingRun:
     def _stop(self):
         """After Ctrl-C: write a training state and stop."""
         path = self.save('training-state', self.full_state())
-        print0(f'stopped at kimg {self.cur_nimg / 1000:g}; resume with --resume={path}')
+        print0(f'stopped at kimg {self.cur_nimg / 1000:g}; to continue: {resume_command(self.method, self.dir)}')
         raise KeyboardInterrupt
 
     def full_state(self):
         positions = [None] * get_world_size()
         dist.all_gather_object(positions, self.data_pos)
-        return dict(self.snapshot_content(), step=self.step, tick=self.tick, data_pos=positions,
-                    **{name: obj.state_dict() for name, obj in self.objects.items()})
+        return dict(self.snapshot_content(), step=self.step, tick=self.tick, tick_start_nimg=self.tick_start_nimg,
+                    data_pos=positions, **{name: obj.state_dict() for name, obj in self.objects.items()})
 
     def snapshot_content(self):
         return dict(method=self.method, args=self.flags, cur_nimg=self.cur_nimg, **self.snapshot())
 
     def end_tick(self):
-        """Status line, divergence check, checkpoints, barrier; all ranks call it."""
-        tick, means = self.tick, self.report(step=self.step)
+        """Status line, divergence check, checkpoints and metrics, barrier; all ranks call it. The metrics' time is
+        part of the next tick's 'maintenance', not of its sec/kimg, nor of the training time."""
+        tick, means, fields = self.tick, *self.tick_fields()
         bad = [name for name, value in means.items() if not math.isfinite(value)]
         if bad:
+            self._print_status(fields)
             raise UserError(f'training diverged: mean {bad[0]} is {means[bad[0]]} in tick {tick} (kimg '
                             f'{self.cur_nimg / 1000:g}); stopped without saving. Last good training state: '
                             f'{self.last_state or "none"}')
@@ -1193,6 +1221,9 @@ class TrainingRun:
             path = self.save('network-snapshot', self.snapshot_content())
             if self.grid and get_rank() == 0:
                 self.grid(path.replace('network-snapshot', 'samples')[:-3] + '.png')
+            if self.evaluate:
+                fields |= self.run_metrics(os.path.basename(path))
+        self._print_status(fields)
         if self.done or (tick > 0 and self.dump and tick % self.dump == 0):
             self.last_state = self.save('training-state', self.full_state())
         if get_world_size() > 1:  # Ctrl-C under torchrun: every rank agrees at the tick's end
@@ -1203,15 +1234,37 @@ class TrainingRun:
         dist.barrier()
         self.tick_start_time = self.last_print = time.time()  # the time since the status line: 'maintenance'
 
+    def run_metrics(self, snapshot_name):
+        """Evaluate the metrics on the snapshot just written (all ranks); one line each in metric-<name>.jsonl
+        (StyleGAN's layout), the best so far in log.txt. Returns the values for the status line."""
+        start = time.time()
+        results = self.evaluate()
+        seconds = time.time() - start
+        self.eval_time += seconds
+        for name, value in results.items():
+            best = self.best.get(name)
+            if math.isfinite(value) and (best is None or value < best[0]):
+                self.best[name] = best = (value, snapshot_name)
+            if get_rank() == 0:
+                line = dict(results={name: value}, metric=name, total_time=seconds, total_time_str=f'{seconds:.0f}s',
+                            num_gpus=get_world_size(), snapshot_pkl=snapshot_name, kimg=self.cur_nimg / 1000,
+                            timestamp=time.time())
+                with open(os.path.join(self.dir, f'metric-{name}.jsonl'), 'a') as f:
+                    f.write(json.dumps(line) + '\n')
+                if best:
+                    print0(f'  {name} {value:.4g} ({seconds:.1f} s); best so far {best[0]:.4g} at {best[1]}')
+        return results
+
     def save(self, kind, data):
-        """`<kind>-<kimg:06d>.pt` (EDM); a second save in the same kimg (--tick under 1, the last tick) appends
-        `_<rest of the image count>` (no overwrites; names sort in training order). Non-finite weights stop the run;
+        """`<kind>-<kimg:06d>.pt` (EDM); a save in the first kimg, or a second one in the same kimg (--tick under 1,
+        the last tick), appends `_<rest of the image count>` (no overwrites, no trained network named 000000; names
+        sort in training order). Non-finite weights stop the run;
         so does a failed write, with one line naming the file, the free space and the last good training state."""
         if not _all_finite(data):
             raise UserError(f'training diverged: non-finite weights at kimg {self.cur_nimg / 1000:g}; {kind} not '
                             f'saved. Last good training state: {self.last_state or "none"}')
         path = os.path.join(self.dir, f'{kind}-{self.cur_nimg // 1000:06d}.pt')
-        if get_rank() == 0 and os.path.exists(path) and self.cur_nimg % 1000:
+        if 0 < self.cur_nimg < 1000 or (get_rank() == 0 and os.path.exists(path) and self.cur_nimg % 1000):
             path = path[:-3] + f'_{self.cur_nimg % 1000:03d}.pt'
         if get_rank() == 0:
             try:
@@ -1226,28 +1279,61 @@ class TrainingRun:
             with open(os.path.join(self.dir, 'stats.jsonl'), 'a') as f:
                 f.write(json.dumps(dict(fields, timestamp=time.time())) + '\n')
 
-    def report(self, **extra):
-        """Print the status line of the tick that just ended; returns the means (all-reduced over ranks)."""
+    def tick_fields(self):
+        """The means (all-reduced over ranks) and the status fields of the tick that just ended; starts the next."""
         now, means, cur_nimg, dev = time.time(), {}, self.cur_nimg, self.device
         for name, (total, n) in sorted(self.sums.items()):
             t = torch.stack([torch.as_tensor(total, device=dev).float(), torch.tensor(float(n), device=dev)])
             dist.all_reduce(t)
             means[name] = (t[0] / t[1]).item()
         kimg_done, tick_time = max(cur_nimg - self.tick_start_nimg, 1) / 1000, now - self.tick_start_time
-        fields = dict(tick=self.tick, kimg=cur_nimg / 1000, time=now - self.start_time, **means, **{
+        fields = dict(tick=self.tick, kimg=cur_nimg / 1000, time=now - self.start_time - self.eval_time, **means, **{
             'sec/tick': tick_time, 'sec/kimg': tick_time / kimg_done, 'img/s': kimg_done * 1000 / max(tick_time, 1e-9),
             'maintenance': self.tick_start_time - self.tick_end_time,
-            'cpumem': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            'gpumem': torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == 'cuda' else 0}, **extra)
-        print0('  '.join(f'{k} {v:<8.4g}' if isinstance(v, float) else f'{k} {v:<5}' for k, v in fields.items()))
-        self._write_stats(fields)
+            'cpumem': peak_cpu_memory_gib(),
+            'gpumem': torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == 'cuda' else 0}, step=self.step)
         if self.device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(self.device)
         self.tick, self.tick_start_nimg, self.sums, self.tick_end_time = self.tick + 1, cur_nimg, {}, now
-        return means
+        return means, fields
+
+    def _print_status(self, fields):
+        print0('  '.join(f'{k} {v:<8.4g}' if isinstance(v, float) else f'{k} {v:<5}' for k, v in fields.items()))
+        self._write_stats(fields)
+
+def peak_cpu_memory_gib():
+    """Peak resident memory of this process (0 where the OS does not say: `resource` is Unix-only)."""
+    try:
+        import resource
+    except ImportError:
+        return 0.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+def resume_command(method, run_dir):
+    """The command line that continues the run in `run_dir` (torchrun's, under torchrun)."""
+    world = get_world_size()
+    launcher = f'torchrun --standalone --nproc_per_node={world}' if world > 1 else 'python'
+    return f'{launcher} {method}.py train --resume={shlex.quote(run_dir)}'
+
+def resume_metric_history(run_dir, cur_nimg):
+    """On resume: drop metric lines of snapshots after the resumed state (the run evaluates them again) and return
+    the best value of each metric so far, {name: (value, snapshot file name)}."""
+    best = {}
+    for path in sorted(glob.glob(os.path.join(run_dir, 'metric-*.jsonl'))):
+        lines = [json.loads(line) for line in open(path) if line.strip()]
+        kept = [line for line in lines if line.get('kimg', 0) * 1000 <= cur_nimg + 1e-6]
+        if len(kept) < len(lines):
+            with open(path, 'w') as f:
+                f.writelines(json.dumps(line) + '\n' for line in kept)
+        for line in kept:
+            value = line['results'][line['metric']]
+            if math.isfinite(value) and (line['metric'] not in best or value < best[line['metric']][0]):
+                best[line['metric']] = (value, line['snapshot_pkl'])
+    return best
 
 def read_training_options(path):
-    """The options a training state was written with (its 'args'), read without loading its tensors."""
+    """The method and the options a training state was written with (its 'args'), read without loading its
+    tensors."""
     if not os.path.isfile(path):
         raise UserError(f'{path}: no such training state')
     try:
@@ -1256,7 +1342,10 @@ def read_training_options(path):
         state = load_checkpoint(path)  # its one-line error
     if not isinstance(state, dict) or 'method' not in state or not isinstance(state.get('args'), dict):
         raise UserError(f'{path}: not a training state of this project; --resume takes a training-state-*.pt')
-    return state['args']
+    if 'ema' in state and not any(k.startswith('optimizer') for k in state):
+        raise UserError(f'{path}: a {state["method"]}.py network snapshot, not a training state; --resume takes a '
+                        'training-state-*.pt')
+    return state['method'], state['args']
 
 def load_training_state(path, method, rank, world_size, **objects):
     """Resume: load `path` (a training-state-*.pt of `method`) into the named objects (modules, optimizers, scaler:
@@ -1511,6 +1600,8 @@ def load_snapshot(path, flag, methods):
         raise UsageError(f'{flag}={path}: {what}; expected a network snapshot of {expected}')
     if 'ema' not in ckpt or 'net_kwargs' not in ckpt:
         raise UsageError(f'{flag}={path}: a {method}.py checkpoint without a network (no "ema"/"net_kwargs")')
+    if not _all_finite(ckpt['ema']):
+        raise UsageError(f'{flag}={path}: its weights hold NaN or inf (a diverged run); use an earlier snapshot')
     ckpt.setdefault('precond', 'GaussianDiffusion' if method == 'masked_dm' else 'EDMPrecond')  # older masked_dm files
     return ckpt
 

@@ -4,6 +4,7 @@ nothing left behind; a full disk, a read-only folder, an unreadable image mid-ru
 state on disk and say where it is."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import torch
 from conftest import ROOT, run_main
 
+import common
 import patch_diffusion as pd
 from common import load_checkpoint
 
@@ -45,7 +47,19 @@ CASES = [  # (argv after the command, exit code, words the one line must contain
     (['--resume={junk}'], 2, ['--resume', 'junk.pt', 'not a torch.save file']),
     (['--resume={state}', '--cbase=32', '--real_p=1'], 2, ['--cbase=32 given, 16 in the training state',
                                                            '--real_p=1.0 given, 0.5']),
-    (['--resume={snapshot}'], 1, ['network snapshot, not a training state']),
+    (['--resume={snapshot}'], 2, ['network snapshot, not a training state']),
+    (['--resume={other_state}', '--batch=4'], 2, ['masked_dm.py training state', 'patch_diffusion.py continues']),
+    (['--lr=inf'], 2, ['--lr', 'not a finite number']),
+    (['--lr=1e400'], 2, ['--lr', 'not a finite number']),
+    (['--duration=inf'], 2, ['--duration', 'not a finite number']),
+    (['--duration=1e9'], 2, ['--duration', '<= 100000']),
+    (['--ls=nan'], 2, ['--ls', 'not a finite number']),
+    (['--seed=-1'], 2, ['--seed', '>= 0']),
+    (['--seed=99999999999999999999999'], 2, ['--seed', '<= 4294967295']),
+    (['--batch=1e20'], 2, ['--batch', 'expected an integer']),
+    (['--batch=99999999999'], 2, ['--batch', '<= 16777216']),
+    (['--data=demo-0'], 2, ['--data=demo-0', '4 to 1024']),
+    (['--data=demo-100000'], 2, ['--data=demo-100000', '4 to 1024']),
     (['--outdir={file}'], 2, ['--outdir', 'not a folder']),
     (['--outdir={file}/sub'], 2, ['--outdir', 'not a writable folder']),
 ]
@@ -54,7 +68,10 @@ CASES = [  # (argv after the command, exit code, words the one line must contain
 def test_train_errors_are_one_line_and_leave_nothing(tmp_path, monkeypatch, capsys, trained, argv, code, words):
     (tmp_path / 'junk.pt').write_text('not a checkpoint')
     (tmp_path / 'file').write_text('a file, not a folder')
-    fill = dict(junk=tmp_path / 'junk.pt', state=trained[0], snapshot=trained[1], file=tmp_path / 'file')
+    other = dict(load_checkpoint(trained[0]), method='masked_dm')
+    torch.save(dict(other, args=dict(other['args'], batch=4)), tmp_path / 'other.pt')
+    fill = dict(junk=tmp_path / 'junk.pt', state=trained[0], snapshot=trained[1], file=tmp_path / 'file',
+                other_state=tmp_path / 'other.pt')
     argv = [a.format(**fill) for a in argv]
     monkeypatch.chdir(tmp_path)
     before = sorted(p.name for p in tmp_path.rglob('*'))
@@ -74,13 +91,20 @@ GENERATE_CASES = [
     (['--outdir={file}'], 2, ['--outdir', 'not a folder']),
     (['--network=missing.pt'], 2, ['missing.pt', 'no such']),
     (['--network={state_of_other}'], 2, ['--network', 'gdd.py checkpoint']),
+    (['--network={nan}'], 2, ['--network', 'nan.pt', 'NaN or inf']),
+    (['--sigma_max=inf'], 2, ['--sigma_max', 'not a finite number']),
+    (['--rho=inf'], 2, ['--rho', 'not a finite number']),
+    (['--sigma_min=10', '--sigma_max=1'], 2, ['--sigma_min=10 must be below --sigma_max=1']),
+    (['--seeds=0-99999999999'], 2, ['--seeds', 'more than 10,000,000']),
 ]
 
 @pytest.mark.parametrize('argv, code, words', GENERATE_CASES, ids=[' '.join(c[0]) for c in GENERATE_CASES])
 def test_generate_errors_are_one_line_and_leave_nothing(tmp_path, monkeypatch, capsys, trained, argv, code, words):
     (tmp_path / 'file').write_text('a file, not a folder')
     torch.save(dict(load_checkpoint(trained[1]), method='gdd'), tmp_path / 'other.pt')
-    fill = dict(file=tmp_path / 'file', state_of_other=tmp_path / 'other.pt')
+    snapshot = load_checkpoint(trained[1])
+    torch.save(dict(snapshot, ema={k: v * float('nan') for k, v in snapshot['ema'].items()}), tmp_path / 'nan.pt')
+    fill = dict(file=tmp_path / 'file', state_of_other=tmp_path / 'other.pt', nan=tmp_path / 'nan.pt')
     argv = [a.format(**fill) for a in argv]
     monkeypatch.chdir(tmp_path)
     before = sorted(p.name for p in tmp_path.rglob('*'))
@@ -106,7 +130,7 @@ def test_full_disk_names_file_free_space_and_last_good_state(small_disk, monkeyp
     # 1.6 MB snapshots, 6.5 MB training states: the first snapshot fits, the first training state does not.
     got, err = run_cli(monkeypatch, capsys, TRAIN + [f'--outdir={small_disk}', '--nosubdir', '--duration=0.00003'])
     assert got == 1 and err.count('\n') == 1 and 'Traceback' not in err, err
-    assert f'cannot write {small_disk}/training-state-000000.pt (no space left on device;' in err
+    assert f'cannot write {small_disk}/training-state-000000_030.pt (no space left on device;' in err
     assert 'MiB free there). Last good training state: none' in err
     assert not [p for p in os.listdir(small_disk) if '.tmp' in p]  # the partial file is gone
 
@@ -136,7 +160,8 @@ def test_unreadable_image_mid_run_writes_a_state_first(tmp_path, monkeypatch, ca
     got, err = run_cli(monkeypatch, capsys, TRAIN + [f'--data={folder}', f'--outdir={tmp_path / "run"}', '--nosubdir',
                                                      '--duration=1'])
     assert got == 1 and err.count('\n') == 1 and '040.png' in err and 'Traceback' not in err, err
-    state = err.split('--resume=')[1].strip()
+    assert err.strip().endswith(f'to continue: python patch_diffusion.py train --resume={tmp_path / "run"}')
+    state = common.latest_checkpoint(str(tmp_path / 'run'), 'training-state', '--resume')
     stats = [json.loads(line) for line in open(tmp_path / 'run' / 'stats.jsonl')]
     saved = load_checkpoint(state)
     assert saved['step'] >= stats[-1]['step'] and saved['cur_nimg'] == saved['step'] * 15  # every finished step
@@ -154,10 +179,12 @@ def test_ctrl_c_writes_a_state_and_resume_equals_the_uninterrupted_run(tmp_path)
             break
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == 'interrupted' and 'Traceback' not in err, err
-    state = out.split('resume with --resume=')[1].split()[0]
+    command = out.split('to continue: ')[1].splitlines()[0]
+    assert command == f'python patch_diffusion.py train --resume={tmp_path / "cut"}'
+    state = common.latest_checkpoint(str(tmp_path / 'cut'), 'training-state', '--resume')
     assert load_checkpoint(state)['cur_nimg'] < 300
-    pd.train(pd.parse_args(['train', f'--resume={state}', f'--outdir={tmp_path / "cut"}', '--duration=0.0003',
-                            '--nosubdir']))  # flags left out: the state's
+    # The printed command, with the shorter duration: flags left out are the state's; it continues in that folder.
+    pd.train(pd.parse_args(['train', f'--resume={tmp_path / "cut"}', '--duration=0.0003']))
     full, resumed = (load_checkpoint(str(sorted((tmp_path / d).glob('training-state-000000_300.pt'))[-1]))
                      for d in ('full', 'cut'))
     assert full['step'] == resumed['step'] == 20
@@ -165,8 +192,27 @@ def test_ctrl_c_writes_a_state_and_resume_equals_the_uninterrupted_run(tmp_path)
                for k in full['net'])
     log = (tmp_path / 'cut' / 'log.txt').read_text()
     assert f'resumed from {state}' in log and any('resumed_from' in line for line in open(tmp_path / 'cut' / 'stats.jsonl'))
-    ticks = lambda d: [json.loads(l)['kimg'] for l in open(tmp_path / d / 'stats.jsonl') if '"tick"' in l]  # noqa
-    assert set(ticks('full')) <= set(ticks('cut'))  # the resumed run keeps the uninterrupted run's tick grid
+    ticks = lambda d: sorted({json.loads(l)['kimg'] for l in open(tmp_path / d / 'stats.jsonl') if '"tick"' in l})  # noqa
+    assert ticks('full') == ticks('cut')  # the resumed run stays on the uninterrupted run's tick grid
+    names = lambda d, kind: sorted(p.name for p in (tmp_path / d).glob(f'{kind}-*.pt'))  # noqa: E731
+    assert names('full', 'network-snapshot') == names('cut', 'network-snapshot')
+    assert set(names('full', 'training-state')) <= set(names('cut', 'training-state'))  # plus the Ctrl-C one
+
+def test_a_copied_run_resumes_into_the_copy(tmp_path):
+    flags = TRAIN + ['--nosubdir', '--tick=0.015', '--snap=1', '--dump=1']
+    pd.train(pd.parse_args(flags + ['--duration=0.00003', f'--outdir={tmp_path / "a"}']))
+    shutil.copytree(tmp_path / 'a', tmp_path / 'b')
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'a').iterdir()}
+    pd.train(pd.parse_args(['train', f'--resume={tmp_path / "b"}', '--duration=0.00006']))
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / 'a').iterdir()} == before  # the original untouched
+    assert load_checkpoint(common.latest_checkpoint(str(tmp_path / 'b'), 'training-state', '-'))['cur_nimg'] == 60
+    # Resuming an older state where later ones exist would overwrite them: refused, or branched with --outdir.
+    older = sorted((tmp_path / 'b').glob('training-state-*.pt'))[0]
+    with pytest.raises(SystemExit) as e:
+        pd.parse_args(['train', f'--resume={older}'])
+    assert e.value.code == 2
+    args = pd.parse_args(['train', f'--resume={older}', f'--outdir={tmp_path / "c"}'])
+    assert args.outdir == str(tmp_path / 'c') and not args.nosubdir
 
 def test_a_folder_stands_for_its_newest_checkpoint(tmp_path, monkeypatch):
     """`--network=training-runs` and `--resume=<run dir>` need no run number: the newest file is taken."""

@@ -87,8 +87,9 @@ def test_temp_files_hidden_and_stale_ones_removed(tmp_path):
 
 def test_no_snapshot_or_grid_at_initialization(tmp_path):
     train(tmp_path, '--duration=0.00003', '--nosubdir', '--grid=2', '--dump=0')
-    assert sorted(p.name for p in tmp_path.glob('*.png')) == ['samples-000000.png']  # tick 1 (the end), not tick 0
-    assert sorted(p.name for p in tmp_path.glob('network-snapshot-*.pt')) == ['network-snapshot-000000.pt']
+    # tick 1 (the end), not tick 0; named after its 30 images, never 000000 (which reads as untrained)
+    assert sorted(p.name for p in tmp_path.glob('*.png')) == ['samples-000000_030.png']
+    assert sorted(p.name for p in tmp_path.glob('network-snapshot-*.pt')) == ['network-snapshot-000000_030.pt']
 
 #------------------------------------------------------------------------------
 # Resume: one-line errors naming the file, what it is and what was expected.
@@ -102,11 +103,12 @@ def test_resume_errors(tmp_path, capsys):
     torch.save({'net': torch.nn.Linear(2, 2)}, tmp_path / 'module.pt')  # a pickled module: never unpickled
     other = tmp_path / 'other.pt'
     torch.save(dict(load_checkpoint(str(state)), method='gdd'), other)
-    for path, message in [(snapshot, 'a network snapshot, not a training state'),
-                          (other, 'a gdd checkpoint; --resume needs a training state of patch_diffusion.py')]:
-        with pytest.raises(UserError, match=message) as e:
-            train(tmp_path / 'b', '--duration=0.00006', f'--resume={path}')
-        assert str(path) in str(e.value) and '\n' not in str(e.value)
+    for path, message in [(snapshot, 'a patch_diffusion.py network snapshot, not a training state'),
+                          (other, 'a gdd.py training state; patch_diffusion.py continues only its own')]:
+        with pytest.raises(SystemExit) as e:  # what the file is, before any option comparison or any write
+            pd.parse_args(TRAIN + [f'--outdir={tmp_path / "b"}', '--duration=0.00006', f'--resume={path}'])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and str(path) in err and err.count('\n') == 1, err
     for path, message in [(junk, 'not a checkpoint of this project'), (tmp_path / 'module.pt', 'Python objects other')]:
         with pytest.raises(SystemExit) as e:  # the flag's one-line usage error, before anything is written
             pd.parse_args(TRAIN + [f'--outdir={tmp_path / "b"}', f'--resume={path}'])
