@@ -183,7 +183,9 @@ class Parser(argparse.ArgumentParser):
 # Training options that may change when a run is resumed; every other option defines the run, and `--resume`
 # refuses a different value. Flags left out take the training state's values, these too.
 RESUME_MAY_CHANGE = {'command', 'outdir', 'resume', 'duration', 'train_steps', 'tick', 'snap', 'dump', 'workers',
-                     'grid', 'grid_steps', 'desc', 'nosubdir', 'dry_run', 'compile', 'batch_gpu', 'preset'}
+                     'grid', 'grid_steps', 'desc', 'nosubdir', 'dry_run', 'compile', 'batch_gpu', 'preset', 'metrics',
+                     'metrics_ref', 'metrics_detector', 'metrics_preprocess', 'metrics_cache', 'metrics_first',
+                     'metrics_steps'}
 
 def parse_command_line(build_parser, argv=None):
     """`train` is the default subcommand (`x.py --preset=demo` trains). `build_parser(preset)` builds the parser; a
@@ -227,6 +229,11 @@ def parse_command_line(build_parser, argv=None):
                 ' (leave them out to continue that run, or start a new run)')
     if args.command == 'train' and getattr(args, 'data', '') is None:
         parser.error('--data is required (an EDM-format zip or folder, or demo)')
+    if args.command == 'generate' and getattr(args, 'pick', None):
+        try:
+            args.network = pick_snapshot(args.network, args.pick, '--network')
+        except UserError as e:
+            parser.error(str(e))
     if getattr(args, 'sigma_min', None) is not None and getattr(args, 'sigma_max', None) is not None:
         if args.sigma_min >= args.sigma_max:
             parser.error(f'--sigma_min={args.sigma_min:g} must be below --sigma_max={args.sigma_max:g}')
@@ -277,12 +284,88 @@ def add_edm_train_flags(p, ema=0.5, lr_rampup=10000):
     p.add_argument('--lr-rampup', type=number(float, 0), default=lr_rampup, metavar='KIMG', help='lr ramp-up, kimg')
     p.add_argument('--ema', type=number(float, 0), default=ema, metavar='MIMG', help='EMA half-life, Mimg')
 
+# Sample quality during training (train --metrics): name -> generated images, seeds 0..N-1. The FIDs are
+# StyleGAN2-ADA's metrics of those names (metric_main.py: against the full dataset's statistics), computed as
+# `fid.py calc` does; toy_fd is `fid.py score`'s. fid.py evaluates them (`fid.TrainingMetrics`).
+METRICS = dict(fid50k_full=50000, fid10k_full=10000, toy_fd=500)
+
+def parse_metric_names(s):
+    names = [] if s.strip().lower() in ('', 'none') else [name.strip() for name in s.split(',')]
+    unknown = [name for name in names if name not in METRICS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f'unknown metric {unknown[0]!r}; known: {", ".join(METRICS)}, none')
+    return names
+
+def add_metric_flags(p, preprocess='nvidia'):
+    """`train --metrics`: evaluated on every network snapshot (see TrainingRun.run_metrics and fid.TrainingMetrics)."""
+    add = p.add_argument
+    add('--metrics', type=parse_metric_names, default=[], metavar='LIST',
+        help=f'sample quality at every snapshot: {", ".join(METRICS)} or none (fid*: against --metrics-ref; toy_fd: '
+             'fid.py score against --data, offline)')
+    add('--metrics-ref', default=None, metavar='NPZ|URL', help='reference statistics for fid* (fid.py ref)')
+    add('--metrics-detector', default=None, metavar='PATH|URL', help='Inception weights for fid* (default: fid.py\'s)')
+    add('--metrics-preprocess', choices=['nvidia', 'pytorch_fid'], default=preprocess,
+        help='fid* resize/normalization, as fid.py --preprocess')
+    add('--metrics-cache', default=None, metavar='DIR', help='toy_fd classifier cache (default: fid.py score\'s)')
+
+def training_metrics(args, resolution, channels, device, sample):
+    """The `evaluate` of a TrainingRun for `--metrics` (None without): fid.py's numbers of the images that
+    `sample(seeds)` makes (float [-1, 1] [N, C, H, W]; the method's generate, with its defaults). Everything the
+    metrics need (reference, detector, toy classifier) is checked and loaded here, before the first step."""
+    if not args.metrics:
+        return None
+    try:
+        import fid  # fid.py imports this file: imported when used
+    except ImportError:
+        raise UsageError('--metrics needs fid.py beside common.py') from None
+    metrics = fid.TrainingMetrics(args.metrics, args.data, resolution, channels, device, ref=args.metrics_ref,
+                                  detector=args.metrics_detector, preprocess=args.metrics_preprocess,
+                                  cache=args.metrics_cache)
+    return lambda: metrics(sample)
+
+def pick_snapshot(path, pick, flag):
+    """`generate --pick`: for a run directory, its newest snapshot (`latest`) or the one with the lowest value of a
+    metric in its metric-<name>.jsonl (`best`: the only metric there; `best:NAME`); a file is itself."""
+    if not os.path.isdir(path):
+        return path
+    if pick == 'latest':
+        newest = latest_checkpoint(path, 'network-snapshot', flag)
+        if os.environ.get('RANK', '0') == '0':  # before the process group exists
+            print(f'{flag}={path}: its newest snapshot, {os.path.relpath(newest, path)}', flush=True)
+        return newest
+    files = sorted(glob.glob(os.path.join(path, 'metric-*.jsonl')))
+    names = [os.path.basename(f)[len('metric-'):-len('.jsonl')] for f in files]
+    name = pick.partition(':')[2]
+    if not name and len(names) != 1:
+        listed = ', '.join(names) or 'none: train with --metrics'
+        raise UsageError(f'--pick=best: {path} has {len(names)} metrics ({listed}); say which: --pick=best:NAME')
+    name = name or names[0]
+    if name not in names:
+        raise UsageError(f'--pick={pick}: {path} has no metric-{name}.jsonl (it has: {", ".join(names) or "none"})')
+    lines = [json.loads(line) for line in open(os.path.join(path, f'metric-{name}.jsonl')) if line.strip()]
+    lines = [line for line in lines if math.isfinite(line['results'][name])
+             and os.path.isfile(os.path.join(path, line['snapshot_pkl']))]
+    if not lines:
+        raise UsageError(f'--pick={pick}: no snapshot in {path} has a finite {name}')
+    best = min(lines, key=lambda line: line['results'][name])
+    if os.environ.get('RANK', '0') == '0':
+        print(f'--pick={pick}: {best["snapshot_pkl"]} ({name} {best["results"][name]:.4g} at kimg {best["kimg"]:g})',
+              flush=True)
+    return os.path.join(path, best['snapshot_pkl'])
+
+def parse_pick(s):
+    if s not in ('latest', 'best') and not s.startswith('best:'):
+        raise argparse.ArgumentTypeError(f'expected latest, best or best:NAME; got {s!r}')
+    return s
+
 def add_generate_flags(g, edm_sampler=True, steps=18):
     """The generation flags every method file shares (EDM generate.py's names); EDM's sampler flags if it uses it."""
     add, positive, nonneg = g.add_argument, number(float, 0, low_open=True), number(float, 0)
     add('--outdir', required=True, metavar='DIR', help='where to write {seed:06d}.png')
     add('--seeds', type=parse_int_list, default='0-63', metavar='LIST', help='random seeds, e.g. 0-49999')
     add('--subdirs', action='store_true', help='put seeds in folders of 1,000')
+    add('--pick', type=parse_pick, default='latest', metavar='latest|best[:NAME]',
+        help='for a run directory as --network: its newest snapshot, or the one with the best (lowest) metric')
     add('--batch', type=number(int, 1, 2**20), default=64, metavar='INT', help='images per batch per GPU')
     if edm_sampler:
         add('--steps', type=number(int, 1, 10**5), default=steps, metavar='INT', help='Heun steps (EDM Alg. 2)')
