@@ -287,20 +287,20 @@ def add_edm_train_flags(p, ema=0.5, lr_rampup=10000):
 # Sample quality during training (train --metrics): name -> generated images, seeds 0..N-1. The FIDs are
 # StyleGAN2-ADA's metrics of those names (metric_main.py: against the full dataset's statistics), computed as
 # `fid.py calc` does; toy_fd is `fid.py score`'s. fid.py evaluates them (`fid.TrainingMetrics`).
-METRICS = dict(fid50k_full=50000, fid10k_full=10000, toy_fd=500)
+TRAINING_METRICS = dict(fid50k_full=50000, fid10k_full=10000, toy_fd=500)
 
 def parse_metric_names(s):
     names = [] if s.strip().lower() in ('', 'none') else [name.strip() for name in s.split(',')]
-    unknown = [name for name in names if name not in METRICS]
+    unknown = [name for name in names if name not in TRAINING_METRICS]
     if unknown:
-        raise argparse.ArgumentTypeError(f'unknown metric {unknown[0]!r}; known: {", ".join(METRICS)}, none')
+        raise argparse.ArgumentTypeError(f'unknown metric {unknown[0]!r}; known: {", ".join(TRAINING_METRICS)}, none')
     return names
 
 def add_metric_flags(p, preprocess='nvidia'):
     """`train --metrics`: evaluated on every network snapshot (see TrainingRun.run_metrics and fid.TrainingMetrics)."""
     add = p.add_argument
     add('--metrics', type=parse_metric_names, default=[], metavar='LIST',
-        help=f'sample quality at every snapshot: {", ".join(METRICS)} or none (fid*: against --metrics-ref; toy_fd: '
+        help=f'sample quality at every snapshot: {", ".join(TRAINING_METRICS)} or none (fid*: against --metrics-ref; toy_fd: '
              'fid.py score against --data, offline)')
     add('--metrics-ref', default=None, metavar='NPZ|URL', help='reference statistics for fid* (fid.py ref)')
     add('--metrics-detector', default=None, metavar='PATH|URL', help='Inception weights for fid* (default: fid.py\'s)')

@@ -26,10 +26,13 @@ Under torchrun put `--` before fid.py when passing --num: torchrun otherwise rea
 """
 
 import argparse
+import contextlib
+import errno
 import hashlib
 import os
 import re
-import sys
+import tempfile
+import warnings
 import zipfile
 
 import numpy as np
@@ -37,11 +40,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (DemoDataset, ImageFolderDataset, InceptionV3, Parser, UserError, demo_shape, demo_top_half,
-                    download, frechet_distance, get_rank, get_world_size, init_distributed, open_dataset, parse_bool,
-                    print0, resize_tf1, run_main)
+from common import (DemoDataset, ImageFolderDataset, InceptionV3, Parser, UsageError, UserError, demo_shape,
+                    demo_top_half, download, frechet_distance, get_rank, get_world_size, init_distributed, number,
+                    open_dataset, parse_bool, print0, resize_tf1, run_main, save_checkpoint, working)
 
 METRICS = ('fid', 'is', 'sfid', 'pr')
+MAX_IMAGES = 10**8  # --num: 80 times ImageNet's 1.28M images
 FEATURE_DIMS = dict(pool=2048, logits=1008, spatial=2023)  # InceptionV3(return_dict=True) outputs
 
 #------------------------------------------------------------------------------
@@ -77,29 +81,41 @@ def load_detector(path_or_url=FID_WEIGHTS_URL, preprocess='nvidia', device='cpu'
     """InceptionV3 or NVIDIA's TorchScript detector from a file or URL: a state dict with pytorch-fid's names (.pth,
     the default URL) or StyleGAN2-ADA's inception-2015-12-05.pt; eval mode, no gradients."""
     path = download(path_or_url, '--detector') if '://' in path_or_url else path_or_url
+    if os.path.isdir(path):
+        raise UsageError(f'--detector={path} is a folder; give the weights file')
     if not os.path.isfile(path):
         raise UserError(f'Detector weights {path!r} not found. Get {FID_WEIGHTS_URL} (or NVIDIA\'s '
             f'{NVIDIA_DETECTOR_URL}) and pass it with --detector=PATH.')
+    not_a_detector = (f'{path}: neither a state dict of FID Inception-v3 weights nor NVIDIA\'s TorchScript detector '
+                      f'(NVIDIA\'s .pkl detector needs NVIDIA\'s code; use {NVIDIA_DETECTOR_URL} or {FID_WEIGHTS_URL})')
     if zipfile.is_zipfile(path) and any(n.endswith('/constants.pkl') for n in zipfile.ZipFile(path).namelist()):
         if preprocess != 'nvidia':
             raise UserError('The TorchScript detector has NVIDIA pre-processing built in; use --preprocess=nvidia.')
-        net = _TorchScriptInception(torch.jit.load(path, map_location='cpu'))
-    else:
         try:
-            state = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as e:
-            raise UserError(f'{path} is neither a state dict nor a TorchScript archive. NVIDIA\'s .pkl detector '
-                f'needs NVIDIA\'s code; use {NVIDIA_DETECTOR_URL} or {FID_WEIGHTS_URL} instead.') from e
-        if not isinstance(state, dict):
-            raise UserError(f'{path}: expected a state dict, got {type(state).__name__}')
+            net = _TorchScriptInception(torch.jit.load(path, map_location='cpu'))
+        except Exception:
+            raise UserError(not_a_detector) from None
+    else:
+        try:  # the loader's own message would suggest weights_only=False, which runs the file's code: never quoted
+            with warnings.catch_warnings():  # nor its warnings about pickle protocols
+                warnings.simplefilter('ignore')
+                state = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception:
+            raise UserError(not_a_detector) from None
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise UserError(f'{path}: expected a state dict of tensors, got {type(state).__name__}')
         net = InceptionV3(preprocess)
         for key, value in net.state_dict().items():  # legacy state dicts lack the BN counters
             if key.endswith('num_batches_tracked'):
                 state.setdefault(key, value)
         try:
             net.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise UserError(f'{path}: not FID Inception-v3 weights with pytorch-fid\'s names. {str(e)[:400]}') from None
+        except Exception as e:
+            reason = ' '.join(str(e).split())[:300]
+            raise UserError(f'{path}: not FID Inception-v3 weights with pytorch-fid\'s names ({reason})') from None
+    bad = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f'{path}: {bad[0]} holds NaN or inf ({len(bad)} tensors do): damaged weights')
     return net.eval().requires_grad_(False).to(device)
 
 class FeatureStats:
@@ -111,12 +127,14 @@ class FeatureStats:
     def update(self, features):
         features = np.asarray(features, dtype=np.float64)
         self.n += len(features)
-        self.sum += features.sum(axis=0)
-        self.sum_outer += features.T @ features
+        with np.errstate(all='ignore'):  # non-finite features are refused with one line once the sums are done
+            self.sum += features.sum(axis=0)
+            self.sum_outer += features.T @ features
 
     def mean_cov(self):
-        mu = self.sum / self.n
-        return mu, (self.sum_outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+        with np.errstate(all='ignore'):
+            mu = self.sum / self.n
+            return mu, (self.sum_outer - self.n * np.outer(mu, mu)) / (self.n - 1)
 
 def inception_score(logits, split_size=5000):
     """Inception score exp(E_x KL(p(y|x) || p(y))), Salimans et al. 2016; as ADM's evaluator: softmax of bias-free
@@ -163,6 +181,7 @@ def compute_features(dataset, detector, device, batch=64, workers=3, keys=('pool
     n = len(dataset)
     batches = [list(range(i, min(i + batch, n))) for i in range(0, n, batch)]
     mine = batches[rank::world_size]
+    warnings.filterwarnings('ignore', message='This DataLoader will create')  # more workers than cores: our choice
     loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=mine, num_workers=workers))
     stats, kept = {key: FeatureStats(FEATURE_DIMS[key]) for key in keys}, {key: [] for key in keep}
     progress = tqdm(total=sum(len(b) for b in mine), unit='img', disable=(rank != 0))
@@ -206,25 +225,83 @@ def open_detector(args, device):
 #------------------------------------------------------------------------------
 # 2. Commands.
 
+def check_dest(path, what):
+    """A file we may write: not a folder, its folder (or the nearest existing one above) writable, found by creating
+    and removing a probe file there (permission bits do not stop root; a read-only mount or /proc does); before any
+    work."""
+    if os.path.isdir(path):
+        raise UsageError(f'{what} is a folder; give a file name')
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    try:
+        fd, probe = tempfile.mkstemp(prefix='.write-check-', dir=parent)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f'{what}: cannot write there ({parent}: {e.strerror})') from None
+
+def check_memory(nbytes, what):
+    """Refuse up front work whose arrays cannot fit in this machine's memory."""
+    total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    if nbytes > total:
+        raise UsageError(f'{what} needs {nbytes / 2**30:,.1f} GiB of memory, this machine has {total / 2**30:,.1f} GiB')
+
+def check_finite(arrays, where):
+    bad = [k for k, v in arrays.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
+    if bad:
+        raise UserError(f'{where}: {bad[0]} holds NaN or inf')
+
+def save_npz(path, arrays):
+    """np.savez to a hidden temp file beside `path`, renamed at the end: a failed write (full disk) leaves nothing."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f'.{name}.tmp{os.getpid()}')
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, 'wb') as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(e.errno, e.strerror or str(e), path) from None
+
+def open_images(path, flag, **kwargs):
+    """`--images`/`--data` of ref and calc: an EDM-format zip or folder (or for ref the demo data)."""
+    if not re.fullmatch(r'demo(-\d+)?', path) and not os.path.exists(path):
+        raise UsageError(f'{flag}={path}: no such file or folder')
+    return open_dataset(path, **kwargs)
+
 def ref(args):
-    """Statistics of every image of a dataset: EDM's `mu`, `sigma`; ADM's `mu_s`, `sigma_s`; optionally `features`."""
+    """Statistics of every image of a dataset (or of --num of them): EDM's `mu`, `sigma`; ADM's `mu_s`, `sigma_s`;
+    optionally `features`; and the images' `resolution` and `num_channels`."""
     device = init_distributed()
-    dataset = ImageFolderDataset(args.data)
+    if not args.dest.endswith('.npz'):
+        raise UsageError(f'--dest={args.dest}: must end with .npz (numpy would add it)')
+    check_dest(args.dest, f'--dest={args.dest}')
+    demo = re.fullmatch(r'demo(-\d+)?', args.data)
+    dataset = open_images(args.data, '--data', **(dict(size=args.num or 4096) if demo else dict(max_size=args.num)))
+    if args.num is not None and len(dataset) < args.num:
+        raise UsageError(f'{args.data}: found {len(dataset)} images, but --num={args.num}')
     print0(f'Found {len(dataset)} images in {args.data}')
     if len(dataset) < 2:
         raise UserError(f'{args.data}: a covariance needs at least 2 images, found {len(dataset)}')
+    if args.features:
+        check_memory(2 * len(dataset) * 2048 * 4, f'--features=1 for {len(dataset):,} images')
     detector = open_detector(args, device)
-    stats, features = compute_features(dataset, detector, device, args.batch, args.workers, keys=('pool', 'spatial'),
-                                       keep=(('pool',) if args.features else ()))
-    if get_rank() == 0:
-        mu, sigma = stats['pool'].mean_cov()
-        mu_s, sigma_s = stats['spatial'].mean_cov()
-        extra = dict(features=features['pool']) if args.features else {}
-        if os.path.dirname(args.dest):
-            os.makedirs(os.path.dirname(args.dest), exist_ok=True)
-        np.savez(args.dest, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, preprocess=np.array(args.preprocess),
-                 **extra)
-        print0(f'Saved {args.dest}')
+    with working():
+        stats, features = compute_features(dataset, detector, device, args.batch, args.workers,
+                                           keys=('pool', 'spatial'), keep=(('pool',) if args.features else ()))
+        if get_rank() == 0:
+            mu, sigma = stats['pool'].mean_cov()
+            mu_s, sigma_s = stats['spatial'].mean_cov()
+            arrays = dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s) | (
+                dict(features=features['pool']) if args.features else {})
+            check_finite(arrays, f'the statistics of {args.data} (nothing written)')
+            save_npz(args.dest, arrays | dict(preprocess=np.array(args.preprocess),
+                                              resolution=np.array(dataset.resolution),
+                                              num_channels=np.array(dataset.num_channels)))
+            print0(f'Saved {args.dest}')
 
 class _ImageArray:
     """ADM reference batches keep their images as arr_0 [N, H, W, C] uint8; serve them like ImageFolderDataset."""
@@ -237,70 +314,123 @@ class _ImageArray:
     def __getitem__(self, idx):
         return self.images[idx].transpose(2, 0, 1).copy(), np.zeros([0], np.float32)  # [H, W, C] -> [C, H, W]
 
-def load_ref(path, metrics, preprocess):
-    """The arrays of a reference npz that `metrics` need, checked against what calc will compute."""
+def load_ref(path, metrics, preprocess, resolution=None, num_channels=None):
+    """The arrays of a reference npz that `metrics` need, checked against what calc will compute: their shapes, finite
+    values, the pre-processing mode and, where the file stores them (`fid.py ref` does, EDM's files do not), the
+    images' resolution and channels."""
     if '://' in path:
         path = rank0_first(download, path, flag="--ref")
+    if os.path.isdir(path):
+        raise UsageError(f'{path}: is a folder, not a reference file')
     if not os.path.isfile(path):
-        raise UserError(f'{path}: no such reference file (make one with `python fid.py ref --data=... --dest=...`)')
+        raise UsageError(f'{path}: no such reference file (make one with `python fid.py ref --data=... --dest=...`)')
     if not zipfile.is_zipfile(path):
-        raise UserError(f'{path}: not an npz file')
+        raise UsageError(f'{path}: not an npz file')
     need = dict(fid=['mu', 'sigma'], sfid=['mu_s', 'sigma_s'], pr=['features'])
     shapes = dict(mu=(2048,), sigma=(2048, 2048), mu_s=(2023,), sigma_s=(2023, 2023))
-    with np.load(path) as f:
-        files = set(f.files) | ({'features'} if 'arr_0' in f.files else set())  # ADM batches: features from arr_0
-        missing = [k for m in metrics for k in need.get(m, []) if k not in files]
-        if missing:
-            raise UserError(f'{path} has no {", ".join(missing)}, needed for --metrics={",".join(metrics)}; '
-                'make it with `python fid.py ref` (add --features=1 for precision/recall)')
-        keys = [k for m in metrics for k in need.get(m, [])] + ['preprocess']
-        keys += ['arr_0'] if 'pr' in metrics and 'features' not in f.files else []
-        data = {k: f[k] for k in keys if k in f.files}
+    not_ref = 'not a reference of `fid.py ref`'
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            files = set(f.files) | ({'features'} if 'arr_0' in f.files else set())  # ADM batches: arr_0's features
+            missing = [k for m in metrics for k in need.get(m, []) if k not in files]
+            if missing:
+                raise UsageError(f'{path} has no {", ".join(missing)}, needed for --metrics={",".join(metrics)}; '
+                    'make it with `python fid.py ref` (add --features=1 for precision/recall)')
+            keys = [k for m in metrics for k in need.get(m, [])] + ['preprocess', 'resolution', 'num_channels']
+            keys += ['arr_0'] if 'pr' in metrics and 'features' not in f.files else []
+            data = {}
+            for k in keys:
+                if k in f.files:
+                    try:
+                        data[k] = f[k]
+                    except ValueError:  # object arrays: loading them would unpickle, i.e. run code from the file
+                        raise UsageError(f'{path}: {k} holds Python objects, not numbers: {not_ref}') from None
+                    if not isinstance(data[k], np.ndarray):  # np.load returns a member without .npy header as bytes
+                        raise UsageError(f'{path}: {k} is not a .npy array: {not_ref}')
+    except UserError:
+        raise
+    except Exception as e:  # a damaged zip member, a bad .npy header
+        reason = ' '.join(str(e).split())[:200]
+        raise UsageError(f'{path}: cannot read ({type(e).__name__}: {reason}): {not_ref}') from None
     for key, shape in shapes.items():
         if key in data and data[key].shape != shape:
-            raise UserError(f'{path}: {key} has shape {data[key].shape}, expected {shape}: not made with this detector')
-    if 'features' in data and data['features'].shape[1:] != (2048,):
-        raise UserError(f'{path}: features have shape {data["features"].shape}, expected [N, 2048]')
+            raise UsageError(f'{path}: {key} has shape {data[key].shape}, expected {shape}: not made with this '
+                             'detector')
+    if 'features' in data and (data['features'].ndim != 2 or data['features'].shape[1] != 2048):
+        raise UsageError(f'{path}: features have shape {data["features"].shape}, expected [N, 2048]')
+    if 'arr_0' in data and (data['arr_0'].ndim != 4 or data['arr_0'].dtype != np.uint8
+                            or data['arr_0'].shape[3] not in (1, 3)):
+        raise UsageError(f'{path}: arr_0 is {data["arr_0"].dtype} {data["arr_0"].shape}, expected ADM\'s uint8 '
+                         'images [N, H, W, C]')
+    numeric = [k for k in ('mu', 'sigma', 'mu_s', 'sigma_s', 'features') if k in data]
+    for key in numeric:
+        if not np.issubdtype(data[key].dtype, np.number):
+            raise UsageError(f'{path}: {key} is {data[key].dtype}, not numbers: {not_ref}')
+    try:
+        check_finite({k: data[k] for k in numeric}, path)
+    except UserError as e:
+        raise UsageError(f'{e}: a damaged reference; make it again with `python fid.py ref`') from None
     if 'pr' in metrics and len(data.get('features', data.get('arr_0'))) < 4:
-        raise UserError(f'{path}: precision/recall (k=3) needs at least 4 reference images')
+        raise UsageError(f'{path}: precision/recall (k=3) needs at least 4 reference images')
     if 'preprocess' in data and str(data['preprocess']) != preprocess:
-        raise UserError(f'{path} was made with --preprocess={data["preprocess"]}; calc uses --preprocess={preprocess}. '
-            'Use the same mode for both.')
+        raise UsageError(f'{path} was made with --preprocess={data["preprocess"]}; calc uses '
+                         f'--preprocess={preprocess}. Use the same mode for both.')
+    for key, given in (('resolution', resolution), ('num_channels', num_channels)):
+        if key in data:
+            if data[key].shape != () or not np.issubdtype(data[key].dtype, np.integer):
+                raise UsageError(f'{path}: {key} is {data[key].dtype} {data[key].shape}, not one integer: {not_ref}')
+            if given is not None and int(data[key]) != given:
+                raise UsageError(f'{path} was made from images with {key}={int(data[key])}, these have '
+                                 f'{key}={given}; make a reference of images like them')
     return data
 
 def calc(args):
     """Metrics of `--num` images against a reference; prints one `name value` line per number."""
     device = init_distributed()
     metrics = args.metrics
-    reference = load_ref(args.ref, metrics, args.preprocess)
-    dataset = ImageFolderDataset(args.images, max_size=args.num, random_seed=args.seed)
+    dataset = open_images(args.images, '--images', max_size=args.num, random_seed=args.seed)
+    reference = load_ref(args.ref, metrics, args.preprocess, dataset.resolution, dataset.num_channels)
     print0(f'Found {len(dataset)} images in {args.images} (using {min(len(dataset), args.num)})')
     if len(dataset) < args.num:
-        raise UserError(f'{args.images}: found {len(dataset)} images, but --num={args.num}')
-    if len(dataset) < 2 or ('pr' in metrics and len(dataset) < 4):
-        raise UserError(f'--num={args.num} is too small: FID needs 2 images, precision/recall (k=3) needs 4')
+        raise UsageError(f'{args.images}: found {len(dataset)} images, but --num={args.num}')
+    if 'pr' in metrics and len(dataset) < 4:
+        raise UsageError(f'--num={args.num} is too small: precision/recall (k=3) needs 4 images')
+    kept = (1008 if 'is' in metrics else 0) + (2048 if 'pr' in metrics else 0)
+    check_memory(2 * len(dataset) * kept * 4, f'--metrics={",".join(metrics)} for {len(dataset):,} images')
     detector = open_detector(args, device)
+    with working():
+        results = calc_metrics(args, metrics, dataset, reference, detector, device)
+    for name, value in (results or {}).items():
+        print(f'{name:<10s}{value:.8g}', flush=True)
+
+def calc_metrics(args, metrics, dataset, reference, detector, device):
     keys = ('pool',) + (('logits',) if 'is' in metrics else ()) + (('spatial',) if 'sfid' in metrics else ())
     keep = (('logits',) if 'is' in metrics else ()) + (('pool',) if 'pr' in metrics else ())
     stats, features = compute_features(dataset, detector, device, args.batch, args.workers, keys=keys, keep=keep)
+    stats = {key: value.mean_cov() for key, value in stats.items()}
+    check_finite({f'{key} {what}': a for key, (mu, cov) in stats.items() for what, a in (('mean', mu), ('cov', cov))}
+                 | {f'{key} features': a for key, a in features.items()}, f'the features of {args.images}')
     if 'pr' in metrics and 'features' not in reference:
         print0('Computing features of the reference images (arr_0)...')
         images = _ImageArray(reference['arr_0'])
         reference['features'] = compute_features(images, detector, device, args.batch, 0, keep=('pool',))[1]['pool']
     if get_rank() != 0:
-        return
+        return None
     results = {}
     if 'fid' in metrics:
-        results['fid'] = frechet_distance(*stats['pool'].mean_cov(), reference['mu'], reference['sigma'])
+        results['fid'] = frechet_distance(*stats['pool'], reference['mu'], reference['sigma'])
     if 'is' in metrics:
         results['is'] = inception_score(features['logits'])
     if 'sfid' in metrics:
-        results['sfid'] = frechet_distance(*stats['spatial'].mean_cov(), reference['mu_s'], reference['sigma_s'])
+        results['sfid'] = frechet_distance(*stats['spatial'], reference['mu_s'], reference['sigma_s'])
     if 'pr' in metrics:
         results['precision'], results['recall'] = precision_recall(reference['features'], features['pool'],
                                                                    device=device)
-    for name, value in results.items():
-        print(f'{name:<10s}{value:.8g}', flush=True)
+    bad = [k for k, v in results.items() if not np.isfinite(v)]
+    if bad:
+        raise UserError(f'{args.images}: {bad[0]} came out {results[bad[0]]} (the detector\'s features of these '
+                        'images are not finite or degenerate)')
+    return results
 
 #------------------------------------------------------------------------------
 # 3. Toy score: sample quality at 8-64 px, offline, on CPU. Inception needs downloaded weights and sees little in a
@@ -398,10 +528,9 @@ def toy_classifier(dataset, indices, cache_path=None, seed=0):
             optimizer.step()
     finally:
         torch.set_num_threads(threads)
-    if cache_path:
+    if cache_path:  # a hidden temp file renamed at the end; a failed write (full disk) removes it, names the file
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-        torch.save(net.state_dict(), cache_path + '.tmp')
-        os.replace(cache_path + '.tmp', cache_path)
+        save_checkpoint(net.state_dict(), cache_path)
     return net.eval().requires_grad_(False)
 
 def toy_features(net, images, batch=500):
@@ -463,8 +592,10 @@ def toy_cache_path(cache_dir, data, dataset):
 def score(args):
     """Toy score of up to `--num` generated images against as many held-out images of `--data`; prints one
     `name value` line per number."""
-    if args.num < 2:
-        raise UserError(f'--num={args.num}: a covariance needs at least 2 images')
+    if os.path.exists(args.cache) and not os.path.isdir(args.cache):
+        raise UsageError(f'--cache={args.cache}: exists and is not a folder')
+    if not os.path.exists(args.images):
+        raise UsageError(f'--images={args.images}: no such file or folder')
     images = ImageFolderDataset(args.images, max_size=args.num, random_seed=args.seed)
     if len(images) < 2:
         raise UserError(f'{args.images}: a covariance needs at least 2 images, found {len(images)}')
@@ -472,12 +603,23 @@ def score(args):
     if (dataset.resolution, dataset.num_channels) != (images.resolution, images.num_channels):
         raise UserError(f'{args.images} holds {images.resolution}x{images.resolution}x{images.num_channels} images, '
                         f'{args.data} {dataset.resolution}x{dataset.resolution}x{dataset.num_channels}')
-    print(f'Scoring {len(images)} images of {args.images} against {args.data}', flush=True)
-    samples = load_images(images, range(len(images)))[0]
-    train_idx, ref_idx, floor_idx = toy_splits(dataset, len(samples))
+    image_bytes = images.num_channels * images.resolution ** 2
+    check_memory((4 * len(images) + 16384) * image_bytes * 2, f'the toy score of {len(images):,} images')
+    splits = toy_splits(dataset, len(images))
     path = toy_cache_path(args.cache, args.data, dataset)
-    print(f'Toy classifier: {path}' + ('' if os.path.isfile(path) else ' (training it, once)'), flush=True)
-    net = toy_classifier(dataset, train_idx, path)
+    cached = os.path.isfile(path)
+    if not cached:
+        check_dest(path, f'--cache={args.cache}')
+    print(f'Scoring {len(images)} images of {args.images} against {args.data}', flush=True)
+    print(f'Toy classifier: {path}' + ('' if cached else ' (training it, once)'), flush=True)
+    net = toy_classifier(dataset, splits[0], path) if cached else None  # a bad cache file is bad input
+    with working():
+        score_images(args, images, dataset, path, splits, net)
+
+def score_images(args, images, dataset, path, splits, net=None):
+    samples = load_images(images, range(len(images)))[0]
+    train_idx, ref_idx, floor_idx = splits
+    net = net or toy_classifier(dataset, train_idx, path)
     (ref_images, ref_labels), floor_images = load_images(dataset, ref_idx), load_images(dataset, floor_idx)[0]
     noise = torch.from_numpy(np.random.default_rng(args.seed).integers(0, 256, samples.shape, dtype=np.uint8))
     (ref_f, ref_p), (floor_f, floor_p), (gen_f, gen_p), (noise_f, _) = (toy_features(net, x) for x in
@@ -490,6 +632,9 @@ def score(args):
     if isinstance(dataset, DemoDataset) and dataset.resolution <= DEMO_FIT_MAX_RES:
         masks = demo_masks(dataset.resolution)
         results |= dict(demo_fit=demo_fit(samples, masks), demo_fit_real=demo_fit(floor_images, masks))
+    bad = [k for k, v in results.items() if not np.isfinite(v)]
+    if bad:
+        raise UserError(f'{args.images}: {bad[0]} came out {results[bad[0]]}')
     for name, value in results.items():
         print(f'{name:<16s}{value:.6g}', flush=True)
 
@@ -507,7 +652,11 @@ def parse_args(argv=None):
     parser = Parser(description=__doc__.split('\n')[0])
     sub = parser.add_subparsers(dest='command', required=True)
     r = sub.add_parser('ref', help='reference statistics of a dataset')
-    r.add_argument('--data', required=True, metavar='ZIP|DIR', help='dataset: zip or folder of images (recursive)')
+    r.add_argument('--data', required=True, metavar='ZIP|DIR|demo[-RES]',
+                   help='dataset: zip or folder of images (recursive), or the built-in demo data')
+    r.add_argument('--num', type=number(int, 2, MAX_IMAGES), default=None, metavar='INT',
+                   help='images to use: a seeded random subset of a dataset (default: all); of demo data the first '
+                        'INT (default: 4096, the images the demos train on)')
     r.add_argument('--dest', required=True, metavar='NPZ', help='output file')
     r.add_argument('--features', type=parse_bool, default=False, metavar='BOOL',
                    help='also store the raw pool features (for precision/recall)')
@@ -515,37 +664,37 @@ def parse_args(argv=None):
     c.add_argument('--images', required=True, metavar='ZIP|DIR', help='generated images: zip or folder (recursive)')
     c.add_argument('--ref', required=True, metavar='NPZ|URL',
                    help='reference statistics from `fid.py ref`, EDM, pytorch-fid or ADM')
-    c.add_argument('--num', type=int, default=50000, metavar='INT',
+    c.add_argument('--num', type=number(int, 2, MAX_IMAGES), default=50000, metavar='INT',
                    help='number of images to use (a seeded random subset if more exist)')
-    c.add_argument('--seed', type=int, default=0, metavar='INT', help='seed of the random subset')
+    c.add_argument('--seed', type=number(int, 0, 2**32 - 1), default=0, metavar='INT',
+                   help='seed of the random subset')
     c.add_argument('--metrics', type=parse_metrics, default=['fid'], metavar='LIST',
                    help=f'comma-separated, from {",".join(METRICS)}')
     for p in (r, c):
-        p.add_argument('--batch', type=int, default=64, metavar='INT', help='images per detector call (per GPU)')
+        p.add_argument('--batch', type=number(int, 1, 2048), default=64, metavar='INT',
+                       help='images per detector call (per GPU)')
         p.add_argument('--detector', default=FID_WEIGHTS_URL, metavar='PATH|URL',
                        help='Inception weights: pytorch-fid .pth or NVIDIA TorchScript .pt')
         p.add_argument('--preprocess', choices=['nvidia', 'pytorch_fid'], default='nvidia',
                        help='resize/normalization: NVIDIA/EDM (TF1) or pytorch-fid')
-        p.add_argument('--workers', type=int, default=3, metavar='INT', help='DataLoader worker processes per GPU')
+        p.add_argument('--workers', type=number(int, 0, 256), default=3, metavar='INT',
+                       help='DataLoader worker processes per GPU')
     s = sub.add_parser('score', help='offline score of generated images against a small dataset (a toy classifier; '
                                      'CPU, seconds)')
     s.add_argument('--images', required=True, metavar='ZIP|DIR', help='generated images: zip or folder (recursive)')
     s.add_argument('--data', required=True, metavar='demo[-RES]|ZIP|DIR', help='what they should look like')
-    s.add_argument('--num', type=int, default=10000, metavar='INT', help='images to use (seeded subset if more exist)')
-    s.add_argument('--seed', type=int, default=0, metavar='INT', help='seed of the subset and of the noise images')
+    s.add_argument('--num', type=number(int, 2, 2**20), default=10000, metavar='INT',
+                   help='images to use (seeded subset if more exist)')
+    s.add_argument('--seed', type=number(int, 0, 2**32 - 1), default=0, metavar='INT',
+                   help='seed of the subset and of the noise images')
     s.add_argument('--cache', default=os.path.join(torch.hub.get_dir(), 'toy-classifiers'), metavar='DIR',
                    help='where trained toy classifiers are kept')
     return parser.parse_args(argv)
 
 def main(argv=None):
+    """Exit 2 for bad input found before the work, 1 for a failure while working, 130 for Ctrl-C (common.run_main)."""
     args = parse_args(argv)
-    if args.command != 'score':
-        return run_main(ref if args.command == 'ref' else calc, args)
-    try:  # one process, no process group; bad input is a usage error: one line, exit 2 (as argparse)
-        score(args)
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+    return run_main(dict(ref=ref, calc=calc, score=score)[args.command], args)
 
 if __name__ == '__main__':
     main()

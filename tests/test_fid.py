@@ -1,10 +1,13 @@
 # Tests for the FID Inception-v3, the metrics and fid.py. Every detector here has random weights made by the test;
 # nothing downloads. Inception runs at 299x299 whatever the input size, so the CLI tests use 8 images.
 
+import errno
 import os
+import pickle
 import subprocess
 import sys
 import urllib.error
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -287,7 +290,9 @@ def test_ref_then_calc_two_processes_equal_one(setup):
         refs[nproc] = setup / f'ref{nproc}.npz'
         run_cli(['ref', f'--data={setup / "images"}', f'--dest={refs[nproc]}', '--features=1'] + flags, nproc)
     r1, r2 = np.load(refs[1]), np.load(refs[2])
-    assert sorted(r1.files) == ['features', 'mu', 'mu_s', 'preprocess', 'sigma', 'sigma_s']
+    assert sorted(r1.files) == ['features', 'mu', 'mu_s', 'num_channels', 'preprocess', 'resolution', 'sigma',
+                                'sigma_s']
+    assert r1['resolution'] == 16 and r1['num_channels'] == 3
     assert r1['mu'].shape == (2048,) and r1['sigma'].shape == (2048, 2048) and r1['mu_s'].shape == (2023,)
     assert r1['mu'].dtype == np.float64 and r1['features'].shape == (4, 2048)
     assert np.allclose(r1['mu'], r1['features'].astype(np.float64).mean(0))
@@ -332,26 +337,26 @@ def test_compute_features_three_ranks_keep_dataset_order(tmp_path):
                          env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert out.returncode == 0 and out.stdout.count('ok') == 3, out.stderr[-3000:]
 
-def call_in_process(monkeypatch, args):
-    """fid.main in this process as a world of one; returns stderr of the expected error exit."""
+def call_in_process(args, code):
+    """fid.main in this process as a world of one; asserts the exit code of the expected error."""
     import fid
     with pytest.raises(SystemExit) as e:
         fid.main([str(a) for a in args])
-    assert e.value.code == 1
+    assert e.value.code == code
 
-def test_calc_errors(setup, tmp_path, monkeypatch, capsys):
+def test_calc_errors(setup, tmp_path, capsys):
     detector = f'--detector={setup / "detector.pth"}'
     np.savez(tmp_path / 'stats.npz', mu=np.zeros(2048), sigma=np.eye(2048), preprocess=np.array('nvidia'))
     calc = ['calc', f'--images={setup / "images"}', f'--ref={tmp_path / "stats.npz"}', '--workers=0', detector]
-    call_in_process(monkeypatch, calc + ['--num=100'])
+    call_in_process(calc + ['--num=100'], 2)
     assert 'found 4 images, but --num=100' in capsys.readouterr().err
-    call_in_process(monkeypatch, calc + ['--num=4', '--metrics=fid,pr'])
+    call_in_process(calc + ['--num=4', '--metrics=fid,pr'], 2)
     err = capsys.readouterr().err
     assert 'has no features' in err and '--features=1' in err
-    call_in_process(monkeypatch, calc + ['--num=4', '--preprocess=pytorch_fid'])
+    call_in_process(calc + ['--num=4', '--preprocess=pytorch_fid'], 2)
     assert 'was made with --preprocess=nvidia' in capsys.readouterr().err
     np.savez(tmp_path / 'other.npz', mu=np.zeros(64), sigma=np.eye(64))
-    call_in_process(monkeypatch, calc[:2] + [f'--ref={tmp_path / "other.npz"}', '--num=4'] + calc[3:])
+    call_in_process(calc[:2] + [f'--ref={tmp_path / "other.npz"}', '--num=4'] + calc[3:], 2)
     assert 'mu has shape (64,)' in capsys.readouterr().err
 
     bad = tmp_path / 'bad'
@@ -359,6 +364,117 @@ def test_calc_errors(setup, tmp_path, monkeypatch, capsys):
     for name in sorted(os.listdir(setup / 'images')):
         (bad / name).write_bytes((setup / 'images' / name).read_bytes())
     (bad / 'zz_broken.png').write_bytes(b'this is not a png')
-    call_in_process(monkeypatch, ['calc', f'--images={bad}', f'--ref={tmp_path / "stats.npz"}', '--num=9', '--workers=0', detector])
+    call_in_process(['calc', f'--images={bad}', f'--ref={tmp_path / "stats.npz"}', '--num=9', '--workers=0', detector], 2)
     err = capsys.readouterr().err
     assert 'zz_broken.png' in err and 'cannot read image' in err
+
+#------------------------------------------------------------------------------
+# Hostile input (issue 24): one line on stderr naming the file or flag, no traceback, exit 2 before any work
+# (nothing written), exit 1 for a failure while working (nothing written either).
+
+def bad_refs(folder):
+    """name -> a reference npz that calc must refuse before any work, with a word of the expected message."""
+    ok = dict(mu=np.zeros(2048), sigma=np.eye(2048), preprocess=np.array('nvidia'))
+    refs = dict(objects=(ok | dict(mu=np.array([None] * 2048, dtype=object)), 'holds Python objects'),
+                nan=(ok | dict(sigma=np.diag(np.r_[np.nan, np.ones(2047)])), 'NaN or inf'),
+                inf=(ok | dict(mu=np.full(2048, np.inf)), 'NaN or inf'),
+                strings=(ok | dict(mu=np.array(['0'] * 2048)), 'not numbers'),
+                resolution=(ok | dict(resolution=np.array(32), num_channels=np.array(3)), 'resolution=32'),
+                channels=(ok | dict(resolution=np.array(16), num_channels=np.array(1)), 'num_channels=1'),
+                res_float=(ok | dict(resolution=np.array(16.5)), 'not one integer'))
+    for name, (arrays, _) in refs.items():
+        np.savez(folder / f'{name}.npz', **arrays)
+    with zipfile.ZipFile(folder / 'damaged.npz', 'w') as z:  # a zip whose member is no .npy
+        z.writestr('mu.npy', b'garbage')
+        z.writestr('sigma.npy', b'garbage')
+    return {folder / f'{name}.npz': word for name, (_, word) in refs.items()} | {folder / 'damaged.npz': 'not a .npy'}
+
+def assert_one_line(err, code, expected_code, *words):
+    """Exit code, one line of error; for a failure while working the progress bar (stderr) comes before it."""
+    if expected_code == 1:
+        err = '\n'.join(line for line in err.split('\n') if 'img/s]' not in line)
+    assert code == expected_code and err.count('\n') == 1 and 'error: ' in err, err
+    assert 'Traceback' not in err and 'weights_only' not in err and 'Warning' not in err, err
+    assert all(w in err for w in words), (words, err)
+
+def test_hostile_input_one_line_exit_2_nothing_written(setup, tmp_path, capsys):
+    import fid
+    refs, work = tmp_path / 'refs', tmp_path / 'work'
+    refs.mkdir(), work.mkdir()
+    detector, images = f'--detector={setup / "detector.pth"}', f'--images={setup / "images"}'
+    good_ref = refs / 'good.npz'
+    np.savez(good_ref, mu=np.zeros(2048), sigma=np.eye(2048), resolution=np.array(16), num_channels=np.array(3))
+    pickled = tmp_path / 'detector.pkl'
+    pickled.write_bytes(pickle.dumps({'conv': np.zeros(3)}))
+    calc = ['calc', images, '--num=4', '--workers=0', detector]
+    ref = ['ref', f'--data={setup / "images"}', '--workers=0', detector]
+    cases = [(calc[:2] + [f'--ref={good_ref}', '--num=0'] + calc[3:], ['--num']),
+             (calc[:2] + [f'--ref={good_ref}', '--num=-1'] + calc[3:], ['--num']),
+             (calc + [f'--ref={good_ref}', '--batch=0'], ['--batch']),
+             (calc + [f'--ref={good_ref}', '--workers=-1'], ['--workers']),
+             (calc + [f'--ref={good_ref}', '--seed=-1'], ['--seed']),
+             (calc + [f'--ref={good_ref}', '--batch=inf'], ['--batch']),
+             (calc + [f'--ref={refs}'], [str(refs), 'folder']),
+             (calc + [f'--ref={good_ref}', f'--detector={pickled}'], [str(pickled), 'neither a state dict']),
+             (calc + [f'--ref={good_ref}', f'--detector={tmp_path}'], [str(tmp_path), 'folder']),
+             (['calc', f'--images={tmp_path / "missing"}', f'--ref={good_ref}'], ['missing', 'no such file']),
+             (ref + [f'--dest={work}'], [str(work)]),
+             (ref + [f'--dest={work / "noext"}'], ['noext', '.npz']),
+             (ref + [f'--dest={work / "dir.npz"}', '--batch=0'], ['--batch']),
+             (ref + ['--dest=/proc/fid-test/ref.npz'], ['/proc/fid-test/ref.npz', 'cannot write']),
+             (ref + [f'--dest={good_ref}/ref.npz'], [str(good_ref), 'cannot write']),
+             (['ref', f'--data={tmp_path / "missing"}', f'--dest={work / "r.npz"}'], ['missing', 'no such file']),
+             (['ref', '--data=demo-2', f'--dest={work / "r.npz"}'], ['demo-2', '4 to 1024']),
+             (['ref', '--data=demo-8', '--num=1', f'--dest={work / "r.npz"}'], ['--num']),
+             (['ref', '--data=demo-8', '--num=100000000', '--features=1', f'--dest={work / "r.npz"}'],
+              ['100,000,000 images', 'GiB'])]
+    cases += [(calc + [f'--ref={path}'], [str(path), word]) for path, word in bad_refs(refs).items()]
+    (work / 'dir.npz').mkdir()
+    cases += [(ref + [f'--dest={work / "dir.npz"}'], ['dir.npz', 'is a folder'])]
+    for args, words in cases:
+        with pytest.raises(SystemExit) as e:
+            fid.main([str(a) for a in args])
+        assert_one_line(capsys.readouterr().err, e.value.code, 2, *words)
+        assert sorted(os.listdir(work)) == ['dir.npz'] or not os.listdir(work), (args, os.listdir(work))
+
+def test_load_ref_checks_resolution_and_channels(tmp_path):
+    import fid
+    edm = tmp_path / 'edm.npz'  # EDM's published references store neither
+    np.savez(edm, mu=np.zeros(2048), sigma=np.eye(2048))
+    assert set(fid.load_ref(str(edm), ['fid'], 'nvidia', resolution=64, num_channels=3)) == {'mu', 'sigma'}
+    ours = tmp_path / 'ours.npz'
+    np.savez(ours, mu=np.zeros(2048), sigma=np.eye(2048), resolution=np.array(8), num_channels=np.array(3))
+    assert fid.load_ref(str(ours), ['fid'], 'nvidia', resolution=8, num_channels=3)['resolution'] == 8
+    assert fid.load_ref(str(ours), ['fid'], 'nvidia')['num_channels'] == 3
+    for kwargs in (dict(resolution=16, num_channels=3), dict(resolution=8, num_channels=1)):
+        with pytest.raises(UserError, match='ours.npz was made from images with'):
+            fid.load_ref(str(ours), ['fid'], 'nvidia', **kwargs)
+
+def test_ref_demo_data_full_disk_and_non_finite_features(setup, tmp_path, monkeypatch, capsys):
+    """ref of demo data stores its resolution and channels; a full disk and non-finite statistics fail while working
+    (exit 1): one line naming the file, no temp file, no reference."""
+    import fid
+    dest = tmp_path / 'out' / 'demo8.npz'
+    flags = ['ref', '--data=demo-8', '--num=2', '--batch=2', '--workers=0', f'--dest={dest}']
+    def full_disk(file, **arrays):
+        file.write(b'x' * 1000)
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    with monkeypatch.context() as m:
+        m.setattr(np, 'savez', full_disk)
+        call_in_process(flags + [f'--detector={setup / "detector.pth"}'], 1)
+    assert_one_line(capsys.readouterr().err, 1, 1, str(dest), 'No space left')
+    assert not os.listdir(tmp_path / 'out')
+    net = random_detector()
+    net.Mixed_7c.branch_pool.conv.weight.fill_(3e38)  # finite weights, features overflow to inf
+    torch.save(net.state_dict(), tmp_path / 'overflow.pth')
+    call_in_process(flags + [f'--detector={tmp_path / "overflow.pth"}'], 1)
+    assert_one_line(capsys.readouterr().err, 1, 1, 'demo-8', 'NaN or inf', 'nothing written')
+    assert not os.listdir(tmp_path / 'out')
+    np.savez(tmp_path / 'ref.npz', mu=np.zeros(2048), sigma=np.eye(2048))
+    call_in_process(['calc', f'--images={setup / "images"}', f'--ref={tmp_path / "ref.npz"}', '--num=2', '--batch=2',
+                     '--workers=0', '--metrics=is', f'--detector={tmp_path / "overflow.pth"}'], 1)
+    assert_one_line(capsys.readouterr().err, 1, 1, str(setup / 'images'), 'NaN or inf')
+    fid.main(flags + [f'--detector={setup / "detector.pth"}'])
+    assert f'Saved {dest}' in capsys.readouterr().out
+    with np.load(dest) as f:
+        assert f['resolution'] == 8 and f['num_channels'] == 3 and f['mu'].shape == (2048,)

@@ -181,16 +181,41 @@ def test_cli_score(toy, tmp_path, capsys):
 def test_cli_bad_input_one_line_exit_2(toy, tmp_path, capsys):
     write_pngs(tmp_path / 'samples', toy['other'][:4])
     (tmp_path / 'empty').mkdir()
-    cases = [([f'--images={tmp_path / "missing"}', f'--data=demo-{RES}'], 'no such dataset'),
-             ([f'--images={tmp_path / "empty"}', f'--data=demo-{RES}'], 'no images found'),
-             ([f'--images={tmp_path / "samples"}', '--data=demo-16'], 'holds 8x8x3 images, demo-16 16x16x3'),
-             ([f'--images={tmp_path / "samples"}', f'--data={tmp_path / "missing.zip"}'], 'no such dataset'),
-             ([f'--images={tmp_path / "samples"}', f'--data=demo-{RES}', '--num=0'], 'at least 2 images')]
+    (tmp_path / 'a_file').write_text('not a folder')
+    samples, demo = f'--images={tmp_path / "samples"}', f'--data=demo-{RES}'
+    cases = [([f'--images={tmp_path / "missing"}', demo], 'no such file or folder'),
+             ([f'--images={tmp_path / "empty"}', demo], 'no images found'),
+             ([samples, '--data=demo-16'], 'holds 8x8x3 images, demo-16 16x16x3'),
+             ([samples, f'--data={tmp_path / "missing.zip"}'], 'no such dataset'),
+             ([samples, demo, '--num=0'], 'argument --num: 0 is out of range'),
+             ([samples, demo, '--num=inf'], 'argument --num'),
+             ([samples, demo, '--seed=-1'], 'argument --seed: -1 is out of range'),
+             ([samples, demo, f'--cache={tmp_path / "a_file"}'], 'a_file: exists and is not a folder'),
+             ([samples, demo, '--cache=/proc/toy-cache'], 'cannot write there')]  # before 40 s of training
     for flags, message in cases:
         with pytest.raises(SystemExit) as e:
             fid.main(['score', f'--cache={toy["cache"]}'] + flags)
         err = capsys.readouterr().err
-        assert e.value.code == 2 and err.startswith('error: ') and err.count('\n') == 1 and message in err, err
+        assert e.value.code == 2 and 'error: ' in err and err.count('\n') == 1 and message in err, err
+        assert 'Traceback' not in err
+    assert sorted(os.listdir(tmp_path)) == ['a_file', 'empty', 'samples']
+
+def test_cli_full_disk_exit_1_no_temp_file(tmp_path, monkeypatch, capsys):
+    """The classifier is written to a temp file renamed at the end: a full disk names the file and leaves nothing."""
+    monkeypatch.setattr(fid, 'TOY_STEPS', 2)  # the plumbing, not the quality
+    write_pngs(tmp_path / 'samples', fid.load_images(fid.open_toy_data(f'demo-{RES}', 3), range(8))[0])
+    def full_disk(obj, path, *args, **kwargs):
+        with open(path, 'wb') as f:
+            f.write(b'x' * 100)
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', full_disk)
+    (tmp_path / 'cache').mkdir()
+    with pytest.raises(SystemExit) as e:
+        fid.main(['score', f'--images={tmp_path / "samples"}', f'--data=demo-{RES}', f'--cache={tmp_path / "cache"}'])
+    err = capsys.readouterr().err.split('\r')[-1]  # after the progress bar, which clears itself
+    assert e.value.code == 1 and err.count('\n') == 1 and err.startswith('error: '), err
+    assert 'No space left on device' in err and str(tmp_path / 'cache' / 'toy-classifier-') in err
+    assert os.listdir(tmp_path / 'cache') == []
 
 def test_cli_score_labelled_dataset(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(fid, 'TOY_STEPS', 50)  # the plumbing, not the quality
