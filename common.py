@@ -293,15 +293,16 @@ def parse_metric_names(s):
     names = [] if s.strip().lower() in ('', 'none') else [name.strip() for name in s.split(',')]
     unknown = [name for name in names if name not in TRAINING_METRICS]
     if unknown:
-        raise argparse.ArgumentTypeError(f'unknown metric {unknown[0]!r}; known: {", ".join(TRAINING_METRICS)}, none')
+        known = ', '.join(TRAINING_METRICS)
+        raise argparse.ArgumentTypeError(f'unknown metric {unknown[0]!r}; known: {known}, none')
     return names
 
 def add_metric_flags(p, preprocess='nvidia'):
     """`train --metrics`: evaluated on every network snapshot (see TrainingRun.run_metrics and fid.TrainingMetrics)."""
     add = p.add_argument
     add('--metrics', type=parse_metric_names, default=[], metavar='LIST',
-        help=f'sample quality at every snapshot: {", ".join(TRAINING_METRICS)} or none (fid*: against --metrics-ref; toy_fd: '
-             'fid.py score against --data, offline)')
+        help=f'sample quality at every snapshot: {", ".join(TRAINING_METRICS)} or none (fid*: against '
+             '--metrics-ref; toy_fd: fid.py score against --data, offline)')
     add('--metrics-ref', default=None, metavar='NPZ|URL', help='reference statistics for fid* (fid.py ref)')
     add('--metrics-detector', default=None, metavar='PATH|URL', help='Inception weights for fid* (default: fid.py\'s)')
     add('--metrics-preprocess', choices=['nvidia', 'pytorch_fid'], default=preprocess,
