@@ -12,9 +12,13 @@ or `--detector=PATH` (pytorch-fid's .pth, or StyleGAN2-ADA's TorchScript incepti
 comparable with EDM's fid-refs/*.npz and with papers using EDM/StyleGAN/ADM tooling. `--preprocess=pytorch_fid`
 reproduces `python -m pytorch_fid`. A reference must be made with the same mode as the images it is compared to.
 Under torchrun put `--` before fid.py when passing --num: torchrun otherwise reads it as its own --numa-binding.
+Exit codes (common.run_main): 2 for bad input found before the work (a flag, a reference, a destination), 1 for a
+failure while working (a full disk, non-finite features), 130 for Ctrl-C; every error is one line naming the file.
 
   # reference statistics of a dataset (all of its images), with the raw features precision/recall needs
   python fid.py ref --data=datasets/cifar10-32x32.zip --dest=fid-refs/cifar10-32x32.npz --features=1
+  # reference statistics of the built-in demo data: its first 4096 images, those the demos train on
+  python fid.py ref --data=demo-16 --dest=fid-refs/demo-16.npz
   # FID of 50,000 generated images against EDM's published reference, 8 GPUs
   torchrun --standalone --nproc_per_node=8 fid.py calc --images=fid-tmp \\
       --ref=https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/cifar10-32x32.npz

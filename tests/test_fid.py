@@ -215,7 +215,7 @@ def test_detector_errors_say_where_to_get_the_file(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r'pt_inception-2015-12-05-6726825d\.pth.*--detector=PATH'):
         load_detector()
     (tmp_path / 'junk.pkl').write_bytes(b'not a state dict')
-    with pytest.raises(UserError, match='neither a state dict nor a TorchScript'):
+    with pytest.raises(UserError, match='neither a state dict of FID Inception-v3 weights nor NVIDIA.s TorchScript'):
         load_detector(str(tmp_path / 'junk.pkl'))
 
 #------------------------------------------------------------------------------
