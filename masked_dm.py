@@ -44,12 +44,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
-from common import (Parser, PerSeedRNG, TrainingRun, UsageError, UserError, add_generate_flags, add_train_flags,
-                    check_class, check_outdir, distributed_model, drop_labels, get_rank, get_world_size,
-                    init_distributed, latest_checkpoint, load_checkpoint, load_snapshot, load_weights,
+from common import (Parser, PerSeedRNG, TrainingRun, UsageError, UserError, add_generate_flags, add_metric_flags,
+                    add_train_flags, check_class, check_outdir, distributed_model, drop_labels, get_rank,
+                    get_world_size, init_distributed, latest_checkpoint, load_checkpoint, load_snapshot, load_weights,
                     network_and_ema, number, open_dataset, optimizer_step, parse_bool, parse_command_line, print0,
                     reseed, run_desc, run_main, save_image_grid, save_seed_images, seed_batches, seed_labels,
-                    setup_precision, split_batch, sync_if, update_ema)
+                    setup_precision, split_batch, sync_if, training_metrics, update_ema, working)
 
 #------------------------------------------------------------------------------
 # 1. Config. Every official config, one preset each (config files of jiachenlei/maskdm; v1 = tree 40907a6); flags
@@ -431,9 +431,10 @@ def ddpm_sampler(net, latents, labels=None, randn_like=torch.randn_like, clamp=T
         x = mean + var.sqrt() * randn_like(x) if t > 0 else mean
     return x
 
-def sample(net, seeds, device, sampler='ddim', num_steps=250, eta=1.0, class_idx=None, cfg=None):
-    """Images for `seeds` in [-1, 1] pixels; every random draw comes from the image's own generator. A conditional
-    net draws each seed's class after its latents; `class_idx` replaces it (the draw still happens, as EDM)."""
+def sample_images(net, seeds, device, sampler='ddim', num_steps=250, eta=1.0, class_idx=None, cfg=None):
+    """Images of `seeds` as generate makes them: float32 [N, C, H, W] in [-1, 1] pixels (generate, the sample grid
+    and train --metrics call it). Every random draw comes from the image's own generator. A conditional net draws
+    each seed's class after its latents; `class_idx` replaces it (the draw still happens, as EDM)."""
     rng = PerSeedRNG(seeds, device)
     latents = rng.randn([net.in_chans, net.img_size, net.img_size], device=device, dtype=torch.float64)
     labels = seed_labels(rng, net.num_classes, class_idx, device)
@@ -472,24 +473,32 @@ def train(args):
     if args.dry_run:
         return print0(f'{json.dumps(dict(vars(args), **info), indent=2)}\n{info["num_params"]:,} parameters, '
                       f'{info["tokens"]} tokens per image')
+    check_memory(info['num_params'], device)
     amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
     torch.manual_seed(args.seed)
-    net = load_pretrained(GaussianDiffusion(**net_kwargs), args.pretrained_model_ckpt)  # fine-tuning: its online
-    net, ema = network_and_ema(net, device, amp_dtype)                                  # weights, EMA their copy
+    net, start = load_pretrained(GaussianDiffusion(**net_kwargs), None if args.resume else args.pretrained_model_ckpt)
+    net, ema = network_and_ema(net, device, amp_dtype)  # fine-tuning: the pre-trained online weights, EMA their copy
+    ema.amp_dtype = None  # the EMA samples (grid, --metrics) in float32, as generate does from its snapshots
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=tuple(args.adam_betas), eps=1e-8,  # all decay
                                   weight_decay=args.weight_decay, fused=device.type == 'cuda')
+    steps = args.metrics_steps or args.grid_steps  # --metrics: what generate makes (DDIM, eta 1) in `steps` steps
+    evaluate = training_metrics(args, dataset.resolution, dataset.num_channels, device,
+                                lambda seeds: sample_images(ema, seeds, device, num_steps=steps))
     run = TrainingRun('masked_dm', vars(args), info, device, outdir=args.outdir, nosubdir=args.nosubdir,
         desc=run_desc(dataset.name, args.arch, *['dwt'] * args.dwt, *['cond'] * args.cond, info['mask'],
                       world_size=world_size, batch=args.batch, fp16=args.fp16, bf16=args.bf16, desc=args.desc),
         resume=args.resume, total_nimg=info['total_nimg'], tick=args.tick, snap=args.snap, dump=args.dump,
         state=dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler),
         snapshot=lambda: dict(net_kwargs=net_kwargs, ema=ema.state_dict()),
-        grid=args.grid and (lambda path: save_image_grid(sample(ema, range(args.grid), device,
-                                                                num_steps=args.grid_steps), path)))
+        grid=args.grid and (lambda path: save_image_grid(sample_images(ema, range(args.grid), device,
+                                                                num_steps=args.grid_steps), path)),
+        evaluate=evaluate)
     ddp, batch_gpu, rounds = distributed_model(net, device, args.compile), info['batch_gpu'], info['rounds']
     stream = run.data(dataset, batch_gpu, args.seed, args.workers)
     with run:
         print0(banner(args, dataset, info, device))
+        if start:
+            print0(start)
         while not run.done:
             rng = reseed(args.seed, rank, run.cur_nimg)  # t, noise (torch) and masks (numpy) of this step
             optimizer.zero_grad(set_to_none=True)
@@ -532,8 +541,12 @@ def load_network(path, preset=None, flag='--network'):
     if is_official_maskdm(ckpt):
         return official_network(ckpt, path, preset, flag)
     ckpt = load_snapshot(path, flag, ['masked_dm'])
-    net = GaussianDiffusion(**ckpt['net_kwargs'])
-    load_weights(net, ckpt['ema'], path)
+    try:
+        net = GaussianDiffusion(**ckpt['net_kwargs'])
+        load_weights(net, ckpt['ema'], path)
+    except (TypeError, ValueError, RuntimeError, AttributeError) as e:  # a file made by hand, not by train
+        raise UsageError(f'{flag}={path}: a masked_dm.py checkpoint whose net_kwargs / ema describe no MaskDM '
+                         f'network ({str(e).splitlines()[0]})') from None
     return net
 
 @torch.no_grad()
@@ -547,9 +560,9 @@ def generate(args):
     what = f'DDIM {args.steps} steps, eta {args.eta:g}' if args.sampler == 'ddim' else 'ancestral DDPM, 1000 steps'
     side = net.img_size * (2 if net.dwt else 1)
     print0(f'generating {len(args.seeds)} images of {side}x{side} ({what}) into {args.outdir}')
-    with tqdm(total=len(args.seeds), unit='img', disable=rank != 0) as bar:
+    with working(), tqdm(total=len(args.seeds), unit='img', disable=rank != 0) as bar:
         for seeds in seed_batches(args.seeds, args.batch, rank, world_size):
-            images = sample(net, seeds, device, args.sampler, args.steps, args.eta, args.class_idx, args.cfg)
+            images = sample_images(net, seeds, device, args.sampler, args.steps, args.eta, args.class_idx, args.cfg)
             save_seed_images(images, seeds, args.outdir, args.subdirs)
             bar.update(len(seeds) * world_size)
     torch.distributed.barrier()
@@ -565,50 +578,56 @@ def build_parser(preset=None):
     t = sub.add_parser('train', help='train a model')
     add_train_flags(t, duration=51.2, batch=256, lr=2e-4, dropout=0, tick=50, snap=50, dump=100)
     t._option_string_actions['--dropout'].help = 'must be 0: the MaskDM U-ViT has no dropout'
-    pos_int, nonneg, p01 = number(int, 1), number(float, 0), number(float, 0, 1)
+    p01, steps = number(float, 0, 1), number(int, 1, 1000)  # DDIM steps: at most T = 1000
+    size, count = number(int, 1, 2**14), number(int, 1, 10**9)  # widths, sides; step counts (official: 550k at most)
     t.add_argument('--preset', choices=sorted(PRESETS), default=None, help='an official config; flags override')
     t.add_argument('--arch', choices=sorted(ARCHS), default='S', help='U-ViT size: S 512/13/8, B 768/12/12, '
                    'L 1024/16/16, T tiny (width/depth/heads)')
-    t.add_argument('--embed_dim', '--encoder_embed_dim', type=pos_int, default=None, metavar='INT',
+    t.add_argument('--embed_dim', '--encoder_embed_dim', type=size, default=None, metavar='INT',
                    help='width; None = the arch\'s')
-    t.add_argument('--depth', '--encoder_depth', type=pos_int, default=None, metavar='INT',
+    t.add_argument('--depth', '--encoder_depth', type=number(int, 1, 1000), default=None, metavar='INT',
                    help='config depth, 2 (depth // 2) + 1 blocks; None = the arch\'s')
-    t.add_argument('--heads', '--encoder_heads', type=pos_int, default=None, metavar='INT',
+    t.add_argument('--heads', '--encoder_heads', type=size, default=None, metavar='INT',
                    help='attention heads; None = the arch\'s')
-    t.add_argument('--patch_size', type=pos_int, default=None, metavar='INT', help='patch side in pixels; None = 4')
+    t.add_argument('--patch_size', type=size, default=None, metavar='INT', help='patch side in pixels; None = 4')
     t.add_argument('--qkv_bias', type=parse_bool, default=None, metavar='BOOL', help='q/v biases; None = the arch\'s')
     t.add_argument('--mlp_time_embed', type=parse_bool, default=False, metavar='BOOL',
                    help='MLP on the time embedding (official config key)')
     t.add_argument('--dwt', type=parse_bool, default=False, metavar='BOOL',
                    help='train in the Haar wavelet domain (v1 DWT model)')
-    t.add_argument('--resolution', type=pos_int, default=None, metavar='INT', help='expected image size; None = any')
+    t.add_argument('--resolution', type=size, default=None, metavar='INT', help='expected image size; None = any')
     t.add_argument('--mask_type', choices=['patch', 'block', 'crop', 'none'], default='block',
                    help='pre-training mask; none = fine-tuning')
     t.add_argument('--mask_ratio', type=p01, default=0.9, metavar='FLOAT',
                    help='fraction of tokens to mask (patch, block); at least one token must stay visible')
-    t.add_argument('--block_size', type=pos_int, default=4, metavar='INT', help='block side in tokens (block masks)')
-    t.add_argument('--crop_size', type=pos_int, default=None, metavar='INT',
+    t.add_argument('--block_size', type=size, default=4, metavar='INT', help='block side in tokens (block masks)')
+    t.add_argument('--crop_size', type=size, default=None, metavar='INT',
                    help='visible window side in tokens (crop masks)')
     t.add_argument('--beta_schedule', choices=['linear', 'cosine'], default='linear', help='DDPM noise schedule')
-    t.add_argument('--train_steps', '--training_steps', type=pos_int, default=None, metavar='INT',
+    t.add_argument('--train_steps', '--training_steps', type=count, default=None, metavar='INT',
                    help='training length in optimizer steps; None = --duration')
-    t.add_argument('--warmup_steps', type=number(int, 0), default=0, metavar='INT',
+    t.add_argument('--warmup_steps', type=number(int, 0, 10**9), default=0, metavar='INT',
                    help='linear lr warm-up in optimizer steps; 0 = none')
-    t.add_argument('--clip_grad', type=nonneg, default=1.0, metavar='FLOAT', help='gradient-norm clipping; 0 = off')
-    t.add_argument('--weight_decay', type=nonneg, default=0.03, metavar='FLOAT', help='AdamW weight decay')
+    t.add_argument('--clip_grad', type=number(float, 0, 1e6), default=1.0, metavar='FLOAT',
+                   help='gradient-norm clipping; 0 = off')
+    t.add_argument('--weight_decay', type=number(float, 0, 10), default=0.03, metavar='FLOAT',
+                   help='AdamW weight decay; --lr times it must be below 1')
     t.add_argument('--adam_betas', type=parse_betas, default=[0.99, 0.99], metavar='B1,B2',
                    help='AdamW betas (official config key; every official config: 0.99,0.99)')
     t.add_argument('--ema_decay', type=p01, default=0.999, metavar='FLOAT',
                    help='EMA beta (ema-pytorch warm-up below it)')
-    t.add_argument('--ema_update_every', '--ema_every', dest='ema_every', type=pos_int, default=1, metavar='STEPS',
+    t.add_argument('--ema_update_every', '--ema_every', dest='ema_every', type=count, default=1, metavar='STEPS',
                    help='optimizer steps between EMA updates')
     t.add_argument('--pretrained_model_ckpt', default=None, metavar='PT',
                    help='fine-tune from the online weights of this masked_dm.py training state or official .pt')
     t.add_argument('--label-dropout', type=p01, default=0, metavar='P',
                    help='probability of replacing a label by the unconditional token (ours, for --cfg; official: 0)')
-    t.add_argument('--grid', type=number(int, 0), default=36, metavar='INT',
+    t.add_argument('--grid', type=number(int, 0, 1024), default=36, metavar='INT',
                    help='images in the sample grid written with each snapshot; 0 = none')
-    t.add_argument('--grid_steps', type=pos_int, default=50, metavar='INT', help='DDIM steps for the sample grid')
+    t.add_argument('--grid_steps', type=steps, default=50, metavar='INT', help='DDIM steps for the sample grid')
+    add_metric_flags(t, preprocess='pytorch_fid')  # MaskDM's FIDs: pytorch-fid (docs/masked_dm.md)
+    t.add_argument('--metrics-steps', type=steps, default=None, metavar='INT',
+                   help='DDIM steps (eta 1) of the --metrics samples; None = --grid_steps')
     t.set_defaults(**PRESETS.get(preset, {}))
 
     g = sub.add_parser('generate', help='generate images')
@@ -617,12 +636,12 @@ def build_parser(preset=None):
     g.add_argument('--preset', choices=sorted(PRESETS), default=None,
                    help='architecture of an official checkpoint (ours carry theirs)')
     g.add_argument('--sampler', choices=['ddim', 'ddpm'], default='ddim', help='DDIM, or 1000-step ancestral DDPM')
-    g.add_argument('--steps', type=pos_int, default=250, metavar='INT', help='DDIM steps (official FIDs: 250)')
+    g.add_argument('--steps', type=steps, default=250, metavar='INT', help='DDIM steps (official FIDs: 250)')
     g.add_argument('--eta', type=p01, default=1.0, metavar='FLOAT',
                    help='DDIM eta; 1 = the official FID setting, 0 = deterministic')
-    g.add_argument('--class', dest='class_idx', type=int, default=None, metavar='INT',
+    g.add_argument('--class', dest='class_idx', type=number(int, 0, 2**31 - 1), default=None, metavar='INT',
                    help='class label; None = random per seed')
-    g.add_argument('--cfg', type=float, default=None, metavar='W',
+    g.add_argument('--cfg', type=number(float, 0, 100), default=None, metavar='W',
                    help='classifier-free guidance weight (ours); 0 = the unconditional token')
     return parser
 
@@ -803,6 +822,11 @@ def check_train_flags(args):
         raise UsageError('--fp16 and --bf16 are exclusive')
     if args.mask_type == 'crop' and args.crop_size is None:
         raise UsageError('--mask_type=crop needs --crop_size (the visible window\'s side in tokens)')
+    if args.lr * args.weight_decay >= 1:  # AdamW scales every weight by 1 - lr * weight_decay at each step
+        raise UsageError(f'--weight_decay={args.weight_decay:g} with --lr={args.lr:g}: their product must be below 1')
+    if args.train_steps and args.train_steps * args.batch > 1e11:  # --duration's bound, 100,000 Mimg
+        raise UsageError(f'--train_steps={args.train_steps} x --batch={args.batch} is '
+                         f'{args.train_steps * args.batch / 1e6:,.0f} Mimg; at most 100,000 Mimg (as --duration)')
 
 def check_token_grid(args, R, net_kwargs):
     """The flags against the data (R x R images) and the token grid. Returns the network on the meta device (shapes
@@ -833,6 +857,21 @@ def check_token_grid(args, R, net_kwargs):
                'full-image training')
     return shape_net, keep
 
+def check_memory(num_params, device):
+    """Refuse a network whose weights, EMA, gradients and AdamW moments (5 float32 copies) exceed the device's
+    memory, before anything is allocated or written."""
+    if device.type == 'cuda':
+        total = torch.cuda.mem_get_info(device)[1]
+    elif hasattr(os, 'sysconf') and 'SC_PHYS_PAGES' in os.sysconf_names:
+        total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    else:
+        return
+    need = 5 * 4 * num_params
+    if need > total:
+        raise UsageError(f'a U-ViT of {num_params:,} parameters needs {need / 2**30:,.1f} GiB for its weights, EMA, '
+                         f'gradients and AdamW moments; {device} has {total / 2**30:,.1f} GiB (--arch, --embed_dim, '
+                         '--depth set the size)')
+
 def banner(args, dataset, info, device):
     """The run's first status line: data, network, tokens per image, schedule and batch layout."""
     R, C = dataset.resolution, dataset.num_channels
@@ -849,26 +888,37 @@ def banner(args, dataset, info, device):
 def load_pretrained(net, path, flag='--pretrained_model_ckpt'):
     """Fine-tuning init (official main.py, `pretrained_model_ckpt`): the ONLINE weights of a pre-training checkpoint:
     our training state ('net'), our snapshot ('ema', the only weights it holds), or an official .pt ('model').
-    Returns `net`; path None leaves it as it is."""
+    Returns `net` and the line that says what it loaded ('' for path None, which leaves `net` as it is)."""
     if path is None:
-        return net
+        return net, ''
     path = latest_checkpoint(path, 'training-state', flag)  # a folder: its newest training state
     ckpt = read_checkpoint(path, flag)
     if is_official_maskdm(ckpt):
         weights = official_online_weights(ckpt, path, flag)
+        what = f'an official MaskDM .pt (step {ckpt.get("step", "unknown")}): its online weights "model", not its "ema"'
     else:
+        method = ckpt.get('method')
+        if method != 'masked_dm':  # before anything else is read: another method's options mean nothing here
+            got = f'a {method}.py checkpoint' if isinstance(method, str) else 'not a checkpoint of this project'
+            raise UsageError(f'{flag}={path}: {got}; expected a masked_dm.py training state or snapshot, or an '
+                             'official MaskDM .pt')
         ckpt = load_snapshot(path, flag, ['masked_dm'])
-        if 'net' not in ckpt:
-            print0(f'note: {path} is a network snapshot, which holds only EMA weights; the paper fine-tunes from the '
-                   'online weights of a training state')
+        where = f'kimg {ckpt.get("cur_nimg", 0) / 1000:g}' + (f', step {ckpt["step"]}' if 'step' in ckpt else '')
+        what = (f'a masked_dm.py training state ({where}): its online weights "net", not its EMA' if 'net' in ckpt else
+                f'a masked_dm.py network snapshot ({where}): its EMA weights, the only ones it holds (the paper '
+                'fine-tunes from the online weights of a training state)')
         weights = ckpt.get('net', ckpt['ema'])
+    if not isinstance(weights, dict):
+        raise UsageError(f'{flag}={path}: a checkpoint without network weights (a {type(weights).__name__})')
+    if not all(torch.isfinite(w).all() for w in weights.values() if torch.is_tensor(w) and w.is_floating_point()):
+        raise UsageError(f'{flag}={path}: its weights hold NaN or inf (a diverged run); use an earlier checkpoint')
     # NOTE: upstream loads with strict=False and prints what did not match; the stages share one architecture, so we
     # load strictly and stop with the first mismatching name (a wrong --preset would otherwise train from scratch).
     try:
         load_weights(net, weights, path)
     except UserError as e:
         raise UsageError(f'{flag}={e}') from None
-    return net
+    return net, f'fine-tuning from {path}: {what}'
 
 def read_checkpoint(path, flag):
     """A torch.save dict named by `flag`, memory-mapped where it can be (tensors are read when used); a one-line

@@ -437,7 +437,7 @@ def test_official_checkpoint_layout_loads_and_samples(tmp_path):
     md.generate(parse(['generate', f'--network={tmp_path / "model-20.pt"}', '--preset=demo_ft',
                        f'--outdir={tmp_path / "o"}',
                        '--seeds=3', '--steps=6']))
-    expected = md.sample(net.eval(), [3], torch.device('cpu'), num_steps=6)
+    expected = md.sample_images(net.eval(), [3], torch.device('cpu'), num_steps=6)
     assert np.array_equal(read_pngs(tmp_path / 'o')['000003.png'], to_uint8(expected)[0].permute(1, 2, 0).numpy())
     ft = md.GaussianDiffusion(**kw)
     md.load_pretrained(ft, str(tmp_path / 'model-20.pt'))  # fine-tuning init: the 'model' (online) weights
@@ -483,7 +483,7 @@ def test_dwt_variant_trains_and_samples_rgb(dataset_zip, tmp_path):
     assert (kwargs['img_size'], kwargs['in_chans'], kwargs['dwt']) == (4, 12, True)  # 8x8 RGB -> 4x4 x 12 wavelet bands
     net = md.load_network(str(snapshot))
     assert 'approx_to_output.weight' in dict(net.model.named_parameters())
-    images = md.sample(net, [0, 1], torch.device('cpu'), num_steps=4)
+    images = md.sample_images(net, [0, 1], torch.device('cpu'), num_steps=4)
     assert images.shape == (2, 3, 8, 8) and images.isfinite().all()  # back in pixel space after the inverse Haar
 
 #------------------------------------------------------------------------------
@@ -619,7 +619,7 @@ def test_official_conditional_checkpoint_loads_and_samples(tmp_path):
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
     md.generate(parse(['generate', f'--network={tmp_path / "model-20.pt"}', '--preset=demo_ft',
                        f'--outdir={tmp_path / "o"}', '--seeds=3', '--steps=4', '--class=2']))
-    expected = md.sample(net.eval(), [3], torch.device('cpu'), num_steps=4, class_idx=2)
+    expected = md.sample_images(net.eval(), [3], torch.device('cpu'), num_steps=4, class_idx=2)
     assert np.array_equal(read_pngs(tmp_path / 'o')['000003.png'], to_uint8(expected)[0].permute(1, 2, 0).numpy())
     with pytest.raises(UserError, match='label-dropout'):
         md.train(parse(TINY_FLAGS + ['--data=demo-8', '--label-dropout=0.1', '-n']))
