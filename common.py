@@ -229,7 +229,7 @@ def parse_command_line(build_parser, argv=None):
                 ' (leave them out to continue that run, or start a new run)')
     if args.command == 'train' and getattr(args, 'data', '') is None:
         parser.error('--data is required (an EDM-format zip or folder, or demo)')
-    if args.command == 'generate' and getattr(args, 'pick', None):
+    if args.command == 'generate' and getattr(args, 'pick', None) and getattr(args, 'network', None):
         try:
             args.network = pick_snapshot(args.network, args.pick, '--network')
         except UserError as e:
