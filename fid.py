@@ -44,9 +44,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (DemoDataset, ImageFolderDataset, InceptionV3, Parser, UsageError, UserError, demo_shape,
-                    demo_top_half, download, frechet_distance, get_rank, get_world_size, init_distributed, number,
-                    open_dataset, parse_bool, print0, resize_tf1, run_main, save_checkpoint, working)
+from common import (TRAINING_METRICS, DemoDataset, ImageFolderDataset, InceptionV3, Parser, UsageError, UserError,
+                    demo_shape, demo_top_half, download, frechet_distance, get_rank, get_world_size, init_distributed,
+                    number, open_dataset, parse_bool, print0, resize_tf1, run_main, save_checkpoint, seed_batches,
+                    to_uint8, working)
 
 METRICS = ('fid', 'is', 'sfid', 'pr')
 MAX_IMAGES = 10**8  # --num: 80 times ImageNet's 1.28M images
@@ -447,6 +448,7 @@ def calc_metrics(args, metrics, dataset, reference, detector, device):
 
 TOY_STEPS, TOY_BATCH, TOY_LR = 900, 64, 3e-3    # Adam steps, images per step, learning rate
 TOY_VERSION = 1                                 # part of the cache name: bump when the classifier or training changes
+TOY_CACHE = os.path.join(torch.hub.get_dir(), 'toy-classifiers')  # where trained toy classifiers are kept
 
 class ToyClassifier(torch.nn.Module):
     """3x3 convolutions with batch norm, down to 2x2-4x4 maps (stride 2 in the first one from 32 px on, so that
@@ -643,7 +645,68 @@ def score_images(args, images, dataset, path, splits, net=None):
         print(f'{name:<16s}{value:.6g}', flush=True)
 
 #------------------------------------------------------------------------------
-# 4. Command line.
+# 4. Metrics during training (`train --metrics`, common.METRICS): the numbers that `generate` with seeds 0..N-1
+#    followed by `calc` (fid50k_full, fid10k_full) or `score --num=500` (toy_fd) give for a snapshot, from images that
+#    are never written to disk. The seeds are split over the ranks as `generate` splits them; features are gathered
+#    in seed order, so 1 and N processes give the same statistics.
+
+class TrainingMetrics:
+    """Checks and loads what `names` need when made (before the first training step): the reference and the
+    detector for the FIDs, the toy classifier and its held-out reference features for toy_fd. Called with the
+    method's `sample(seeds) -> float [-1, 1] images`, returns {name: value} on every rank."""
+    def __init__(self, names, data, resolution, channels, device, ref=None, detector=None, preprocess='nvidia',
+                 cache=None, batch=64):
+        self.names, self.device, self.batch = list(names), device, batch
+        self.num = max(TRAINING_METRICS[name] for name in self.names)
+        if any(name.startswith('fid') for name in self.names):
+            if not ref:
+                raise UsageError(f'--metrics={",".join(self.names)}: the FIDs need --metrics-ref=NPZ|URL, made by '
+                                 '`python fid.py ref --data=DATASET --dest=NPZ`')
+            try:
+                self.ref = load_ref(ref, ['fid'], preprocess, resolution, channels)
+                self.detector = rank0_first(load_detector, detector or FID_WEIGHTS_URL, preprocess, device)
+            except UserError as e:
+                raise UsageError(f'--metrics={",".join(self.names)}: {e}') from None
+        if 'toy_fd' in self.names:
+            dataset = open_toy_data(data, channels)
+            if dataset.resolution != resolution:
+                raise UsageError(f'--metrics=toy_fd: --data={data} has {dataset.resolution}x{dataset.resolution} '
+                                 f'images, the samples are {resolution}x{resolution}')
+            train_idx, ref_idx, _ = toy_splits(dataset, TRAINING_METRICS['toy_fd'])
+            path = toy_cache_path(cache or TOY_CACHE, data, dataset)
+            print0(f'toy_fd: toy classifier {path}' + ('' if os.path.isfile(path) else ' (training it, once)'))
+            self.toy = rank0_first(toy_classifier, dataset, train_idx, path)
+            self.toy_ref = toy_features(self.toy, load_images(dataset, ref_idx)[0])[0]
+
+    @torch.no_grad()
+    def __call__(self, sample):
+        rank, world_size = get_rank(), get_world_size()
+        fid = hasattr(self, 'detector')
+        pool = torch.zeros([self.num, FEATURE_DIMS['pool']] if fid else [0], device=self.device)
+        toy = torch.zeros([self.num if hasattr(self, 'toy') else 0, self.toy_ref.shape[1] if hasattr(self, 'toy')
+                           else 0], dtype=torch.float64, device=self.device)
+        for seeds in seed_batches(list(range(self.num)), self.batch, rank, world_size):
+            images = to_uint8(sample(seeds))  # what generate writes and calc / score read back
+            if fid:
+                pool[seeds] = self.detector(images.to(self.device)).to(torch.float32)
+            if len(toy):
+                toy[seeds] = torch.from_numpy(toy_features(self.toy, images.cpu())[0]).to(self.device)
+        for buffer in (pool, toy):
+            if buffer.numel():
+                dist.all_reduce(buffer)  # every row is non-zero on one rank only: the sum is exact
+        results = {}
+        for name in self.names:
+            n = TRAINING_METRICS[name]
+            if name == 'toy_fd':
+                results[name] = float(toy_fd(toy[:n].cpu().numpy(), self.toy_ref))
+            else:
+                stats = FeatureStats(FEATURE_DIMS['pool'])
+                stats.update(pool[:n].cpu().numpy())
+                results[name] = float(frechet_distance(*stats.mean_cov(), self.ref['mu'], self.ref['sigma']))
+        return results
+
+#------------------------------------------------------------------------------
+# 5. Command line.
 
 def parse_metrics(s):
     metrics = [m.strip() for m in s.split(',') if m.strip()]
@@ -691,7 +754,7 @@ def parse_args(argv=None):
                    help='images to use (seeded subset if more exist)')
     s.add_argument('--seed', type=number(int, 0, 2**32 - 1), default=0, metavar='INT',
                    help='seed of the subset and of the noise images')
-    s.add_argument('--cache', default=os.path.join(torch.hub.get_dir(), 'toy-classifiers'), metavar='DIR',
+    s.add_argument('--cache', default=TOY_CACHE, metavar='DIR',
                    help='where trained toy classifiers are kept')
     return parser.parse_args(argv)
 
