@@ -18,9 +18,13 @@ leaves nothing behind.
 `check` decodes every image of an EDM-format dataset, prints one line per bad file (cannot decode, truncated, size
 or mode unlike the others, label missing or invalid in dataset.json) and a summary line.
 
-Exit codes: 0 success (check: every image OK), 1 a problem found while running (a bad image, unreadable data,
-a failed write), 2 a bad command line (nothing is read or written), 130 interrupted (Ctrl-C). Every error is one
-line on stderr.
+`grid` writes a seeded choice of a dataset's images (or of the built-in demo data, `--data=demo-RES`) as one PNG
+grid, the layout of the sample grids of the method files, to show real images beside a demo's samples.
+
+Exit codes (the rule of every CLI of this project): 0 success (check: every image OK); 2 bad input found before the
+work starts (a flag, a missing or unreadable source, a corrupt zip, no images, bad labels: nothing is written); 1 a
+problem found while working (a bad image, a failed write; check: a bad file); 130 interrupted (Ctrl-C). Every error
+is one line on stderr.
 
 Examples:
   python dataset_tool.py --source=downloads/cifar10/cifar-10-python.tar.gz --dest=datasets/cifar10-32x32.zip
@@ -31,6 +35,7 @@ Examples:
   python dataset_tool.py convert --source=downloads/imagenet/train --dest=datasets/imagenet-64x64.zip \\
       --resolution=64x64 --transform=center-crop
   python dataset_tool.py check --data=datasets/cifar10-32x32.zip
+  python dataset_tool.py grid --data=demo-8 --dest=out/real-demo8.png --num=64
 """
 
 import argparse
@@ -40,13 +45,17 @@ import gzip
 import io
 import itertools
 import json
+import math
 import os
 import pickle
 import re
 import shutil
 import sys
 import tarfile
+import tempfile
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +65,30 @@ from tqdm import tqdm
 #------------------------------------------------------------------------------
 # 1. Errors and image decoding
 
+# The exit-code rule of every CLI of this project (common.py's `working` and `exit_code`, mirrored here so that
+# converting needs no torch): an error found before the work starts means the input is wrong (flags, files, data):
+# exit 2; one raised inside `working()` (the conversion or check loop, writing the grid) is a failure while working:
+# exit 1; Ctrl-C: 130.
+
 class UsageError(Exception):
-    """A flag value that cannot work: one line on stderr, exit code 2, nothing read or written."""
+    """A flag value or input that cannot work: one line on stderr; exit 2 before the work (nothing written)."""
 
 class DataError(Exception):
-    """A problem found while running (bad image, unreadable archive): one line on stderr, exit code 1."""
+    """Bad data (an image, an archive, labels): one line on stderr; exit 2 found before the work, 1 while working."""
+
+@contextlib.contextmanager
+def working():
+    try:
+        yield
+    except (UsageError, DataError, OSError) as e:
+        e.while_working = True
+        raise
+
+def exit_code(e):
+    return 1 if getattr(e, 'while_working', False) else 2
+
+MAX_SIDE = 16384        # --resolution: 805 MB per RGB image, 3.2 GB while it is resized
+MAX_IMAGES = 2**31 - 1  # --max-images
 
 def is_image_name(name):
     return os.path.splitext(name)[1].lower() in PIL.Image.registered_extensions()
@@ -164,8 +192,11 @@ def open_cifar10(source):
                 images.append(data.transpose(0, 2, 3, 1))                                  # -> [N, 32, 32, 3]
                 labels += [int(label) for label in batch[b'labels']]
                 names += [f'{member}[{j}]' for j in range(len(data))]
-    except (KeyError, tarfile.TarError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+    except (KeyError, IndexError, TypeError, AttributeError, tarfile.TarError, OSError, EOFError, ValueError,
+            zlib.error, pickle.UnpicklingError) as e:
         raise DataError(f'{source}: cannot read the CIFAR-10 tarball ({e})') from None
+    if len(labels) != sum(map(len, images)):
+        raise DataError(f'{source}: {sum(map(len, images))} images but {len(labels)} labels')
     images = np.concatenate(images)
     def items():
         for name, img, label in zip(names, images, labels):
@@ -183,7 +214,7 @@ def read_idx(path, magic):
         ndim = magic & 0xff
         shape = [int.from_bytes(raw[4 + 4 * k: 8 + 4 * k], 'big') for k in range(ndim)]
         return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-    except (OSError, EOFError, ValueError) as e:
+    except (OSError, EOFError, ValueError, zlib.error) as e:
         raise DataError(f'{path}: cannot read the idx file ({e})') from None
 
 def mnist_labels_path(source):
@@ -299,6 +330,32 @@ class DatasetWriter:
 def is_power_of_two(n):
     return n > 0 and n & (n - 1) == 0
 
+def writable(folder):
+    """Whether a file can be made in `folder`: a probe file made and removed (permission bits do not stop root; a
+    read-only mount does)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix='.write-check-', dir=folder)
+        os.close(fd)
+        os.remove(probe)
+        return True
+    except OSError:
+        return False
+
+def is_inside(path, folder):
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+def memory_bytes():
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+def check_image_size(W, H, what):
+    """Refuse images larger than MAX_SIDE or than this machine's memory holds 4 RGB copies of (a resize needs them)."""
+    need = 4 * W * H * 3
+    if max(W, H) > MAX_SIDE or need > memory_bytes():
+        size = f'{need / 2**30:,.1f} GiB' if need < 2**60 else f'{need:.1e} bytes'
+        raise UsageError(f'{what}: too large; {W}x{H} pixels need {size} of memory (this machine has '
+                         f'{memory_bytes() / 2**30:,.1f} GiB); at most {MAX_SIDE} pixels a side')
+
 # Every flag, before anything is read or written. Raises UsageError naming the flag, its value and what is allowed.
 def check_convert_flags(source, dest, max_images, transform, resolution):
     reader = source_reader(source)
@@ -317,14 +374,18 @@ def check_convert_flags(source, dest, max_images, transform, resolution):
         parent = os.path.dirname(parent) or '.'
     if not os.path.isdir(parent):
         raise UsageError(f'--dest={dest}: {parent} is a file, not a folder')
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not writable(parent):
         raise UsageError(f'--dest={dest}: folder {parent} is not writable')
-    if max_images is not None and max_images < 1:
-        raise UsageError(f'--max-images={max_images}: must be at least 1')
+    if os.path.isdir(source) and is_inside(dest, source):
+        raise UsageError(f'--dest={dest} is inside --source={source}: the output would be read as input by the next '
+                         'conversion; write it elsewhere')
+    if max_images is not None and not 1 <= max_images <= MAX_IMAGES:
+        raise UsageError(f'--max-images={max_images}: must be at least 1 and at most {MAX_IMAGES}')
     if transform is not None and resolution is None:
         raise UsageError(f'--transform={transform}: needs --resolution=WxH')
     if resolution is not None:
         W, H = resolution
+        check_image_size(W, max(W, H) if transform == 'center-crop-wide' else H, f'--resolution={W}x{H}')
         if transform == 'center-crop-wide' and (not is_power_of_two(W) or H > W):
             raise UsageError(f'--resolution={W}x{H}: with --transform=center-crop-wide, W must be a power of two '
                              'and H <= W (the band is letterboxed on a WxW canvas)')
@@ -344,41 +405,42 @@ def convert(source, dest, max_images=None, transform=None, resolution=None):
     hint = '' if resolution else '; use --resolution=WxH'
     labels, first, skipped = [], None, 0  # first = (name, (W, H), mode) of the first image written
     try:
-        writer = DatasetWriter(dest)
-        try:
-            with tqdm(total=count, unit='img') as bar:
-                for i, (name, img, label) in enumerate(itertools.islice(items, count)):
-                    bar.update()
-                    img = transform_image(img, transform, resolution)
-                    if img is None:  # center-crop-wide: image too small; index i stays unused, as in EDM
-                        skipped += 1
-                        continue
-                    if first is None:
-                        first = (name, img.size, img.mode)
-                        w, h = img.size
-                        if w != h or not is_power_of_two(w):
-                            raise DataError(f"output images must be square with a power-of-two side, got {w}x{h} "
-                                            f"from '{name}'{hint}")
-                    if img.mode == 'L' and first[2] == 'RGB':  # grey image in a colour dataset: R = G = B
-                        img = img.convert('RGB')
-                    if (img.size, img.mode) != first[1:]:
-                        raise DataError(f"image '{name}' is {img.width}x{img.height} {img.mode} but the first image "
-                                        f"'{first[0]}' is {first[1][0]}x{first[1][1]} {first[2]}"
-                                        f"{hint if img.size != first[1] else ''}")
-                    archive_name = f'{i // 1000:05d}/img{i:08d}.png'
-                    png = io.BytesIO()
-                    img.save(png, format='png', compress_level=0, optimize=False)
-                    writer.write(archive_name, png.getvalue())
-                    labels.append([archive_name, label])
-            if first is None:
-                raise DataError(f'all {count} images were skipped by --transform={transform}: narrower than W or '
-                                'too short')
-            all_labelled = all(label is not None for _, label in labels)
-            writer.write('dataset.json', json.dumps({'labels': labels if all_labelled else None}).encode())
-            writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
+        with working():
+            writer = DatasetWriter(dest)
+            try:
+                with tqdm(total=count, unit='img') as bar:
+                    for i, (name, img, label) in enumerate(itertools.islice(items, count)):
+                        bar.update()
+                        img = transform_image(img, transform, resolution)
+                        if img is None:  # center-crop-wide: image too small; index i stays unused, as in EDM
+                            skipped += 1
+                            continue
+                        if first is None:
+                            first = (name, img.size, img.mode)
+                            w, h = img.size
+                            if w != h or not is_power_of_two(w):
+                                raise DataError(f"output images must be square with a power-of-two side, got {w}x{h} "
+                                                f"from '{name}'{hint}")
+                        if img.mode == 'L' and first[2] == 'RGB':  # grey image in a colour dataset: R = G = B
+                            img = img.convert('RGB')
+                        if (img.size, img.mode) != first[1:]:
+                            raise DataError(f"image '{name}' is {img.width}x{img.height} {img.mode} but the first "
+                                            f"image '{first[0]}' is {first[1][0]}x{first[1][1]} {first[2]}"
+                                            f"{hint if img.size != first[1] else ''}")
+                        archive_name = f'{i // 1000:05d}/img{i:08d}.png'
+                        png = io.BytesIO()
+                        img.save(png, format='png', compress_level=0, optimize=False)
+                        writer.write(archive_name, png.getvalue())
+                        labels.append([archive_name, label])
+                if first is None:
+                    raise DataError(f'all {count} images were skipped by --transform={transform}: narrower than W or '
+                                    'too short')
+                all_labelled = all(label is not None for _, label in labels)
+                writer.write('dataset.json', json.dumps({'labels': labels if all_labelled else None}).encode())
+                writer.finish()
+            except BaseException:
+                writer.abort()
+                raise
     finally:
         items.close()
     num_classes = len({json.dumps(label) for _, label in labels}) if all_labelled else 0
@@ -450,26 +512,34 @@ def check(data):
     if not os.path.isdir(data) and not zipfile.is_zipfile(data):
         raise DataError(f'{data}: cannot read the zip (no zip directory found; the file is truncated or corrupt)')
     problems, bad, found = [], {}, {}  # bad: {name: [what, ...]}; found: {name: ((W, H), mode)}
-    with (contextlib.nullcontext() if os.path.isdir(data) else zipfile.ZipFile(data)) as z:
+    try:
+        z = None if os.path.isdir(data) else zipfile.ZipFile(data)
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise DataError(f'{data}: cannot read the zip ({e})') from None
+    with z or contextlib.nullcontext():
         if z is None:
             names = [os.path.relpath(os.path.join(root, f), data).replace('\\', '/')
                      for root, _, files in os.walk(data) for f in files]
             read = lambda name: Path(data, name).read_bytes()
         else:
             names, read = z.namelist(), z.read
-        raw_json = read('dataset.json') if 'dataset.json' in names else None
+        try:
+            raw_json = read('dataset.json') if 'dataset.json' in names else None
+        except Exception as e:  # OSError; from a zip member also BadZipFile (CRC mismatch), zlib.error, ...
+            raise DataError(f'{os.path.join(data, "dataset.json")}: cannot read ({e})') from None
         names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
         if not names:
             raise DataError(f'{data}: no images found')
         labels = read_check_labels(raw_json, names, os.path.join(data, 'dataset.json'), problems)
-        for name in tqdm(names, unit='img'):
-            try:
-                img = decode_image(read(name))
-                found[name] = (img.size, img.mode)
-            except DataError as e:
-                bad[name] = [str(e)]
-            except Exception as e:  # OSError; from a zip member also BadZipFile (CRC mismatch), zlib.error, ...
-                bad[name] = [f'cannot read ({e})']
+        with working():
+            for name in tqdm(names, unit='img'):
+                try:
+                    img = decode_image(read(name))
+                    found[name] = (img.size, img.mode)
+                except DataError as e:
+                    bad[name] = [str(e)]
+                except Exception as e:  # OSError; from a zip member also BadZipFile (CRC mismatch), zlib.error, ...
+                    bad[name] = [f'cannot read ({e})']
     usual = collections.Counter(found.values()).most_common(1)[0][0] if found else None  # ((W, H), mode)
     for name, size_mode in found.items():
         what = image_problems(size_mode, usual)
@@ -498,13 +568,81 @@ def check(data):
     return not bad and not problems
 
 #------------------------------------------------------------------------------
-# 7. Command line
+# 7. Grid: real training images in the layout of common.save_image_grid, for the README beside a demo's samples.
+
+def grid(data, dest, num=64, seed=0):
+    """A seeded choice of `num` images of `data` (demo[-RES] or an EDM-format zip/folder; common.open_dataset), in
+    index order, written as one PNG grid (common.save_image_grid: about square, black cells pad the last row)."""
+    data, dest = str(data), str(dest)
+    if not dest.lower().endswith('.png'):
+        raise UsageError(f'--dest={dest}: must end with .png')
+    if os.path.isdir(dest):
+        raise UsageError(f'--dest={dest}: is a folder; allowed: a .png file name')
+    parent = os.path.dirname(os.path.abspath(dest))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f'--dest={dest}: {parent} is a file, not a folder')
+    if not writable(parent):
+        raise UsageError(f'--dest={dest}: folder {parent} is not writable')
+    if not re.fullmatch(r'demo(-[0-9]+)?', data) and not os.path.exists(data):
+        raise UsageError(f'--data={data}: no such file or folder (or use --data=demo-RES)')
+    import common  # torch; only this command needs it
+    import torch
+    try:
+        dataset = common.open_dataset(data)
+    except common.UserError as e:
+        raise UsageError(str(e)) from None
+    if num > len(dataset):
+        raise UsageError(f'--num={num}: {data} holds only {len(dataset)} images')
+    cols = math.ceil(math.sqrt(num))
+    side = max(cols, math.ceil(num / cols)) * dataset.resolution
+    check_image_size(side, side, f'a grid of {num} images of {dataset.resolution}x{dataset.resolution}')
+    indices = np.sort(np.random.default_rng(seed).choice(len(dataset), num, replace=False))
+    folder, name = os.path.split(os.path.abspath(dest))
+    tmp = os.path.join(folder, f'.{name[:-4]}.tmp{os.getpid()}.png')
+    made = [p for p in itertools.accumulate(Path(folder).parts, os.path.join) if not os.path.exists(p)]
+    with working():
+        try:
+            try:
+                images = np.stack([dataset[int(i)][0] for i in indices])  # uint8 [N, C, H, W]
+            except common.UserError as e:
+                raise DataError(str(e)) from None
+            os.makedirs(folder, exist_ok=True)
+            common.save_image_grid(torch.from_numpy(images).double() / 127.5 - 1, tmp)  # to_uint8 gives them back
+            os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            for p in reversed(made):
+                with contextlib.suppress(OSError):
+                    os.rmdir(p)
+            raise
+    print(f'Wrote a grid of {num} images of {data} ({cols} columns, {dataset.resolution}x{dataset.resolution}, '
+          f'seed {seed}) to {dest}')
+    return indices
+
+#------------------------------------------------------------------------------
+# 8. Command line
 
 def parse_resolution(s):
-    m = re.fullmatch(r'(\d+)[x,](\d+)', s)
+    m = re.fullmatch(r'([0-9]+)[x,]([0-9]+)', s)
     if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
         raise argparse.ArgumentTypeError(f"expected WxH with positive integers, e.g. 64x64, got '{s}'")
     return int(m.group(1)), int(m.group(2))
+
+def ranged_int(low, high):
+    """argparse type: an integer in [low, high]."""
+    def parse(s):
+        try:
+            value = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got '{s}'") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f'{s} is out of range: must be >= {low} and <= {high}')
+        return value
+    parse.__name__ = 'int'
+    return parse
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own complaints become one line and exit code 2, like ours
@@ -512,11 +650,11 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser():
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest='command', required=True, metavar='{convert,check}')
+    sub = p.add_subparsers(dest='command', required=True, metavar='{convert,check,grid}')
     c = sub.add_parser('convert', help='make an EDM-format dataset (the default: `dataset_tool.py --source=...`)')
     c.add_argument('--source', required=True, metavar='PATH', help='input folder or archive (see above)')
     c.add_argument('--dest', required=True, metavar='PATH', help='output: new or empty folder, or new .zip file')
-    c.add_argument('--max-images', type=int, default=None, metavar='INT',
+    c.add_argument('--max-images', type=int, default=None, metavar='INT',  # range checked with the other flags
                    help='convert at most INT input images (default: all)')
     c.add_argument('--transform', choices=['center-crop', 'center-crop-wide'], default=None, metavar='MODE',
                    help='center-crop: central square; center-crop-wide: central W:H band on a black WxW canvas; '
@@ -525,26 +663,33 @@ def build_parser():
                    help='output size in pixels, LANCZOS resampling (default: keep the input size)')
     k = sub.add_parser('check', help='decode every image of an EDM-format dataset and report each bad file')
     k.add_argument('--data', required=True, metavar='ZIP|DIR', help='EDM-format zip or folder')
+    g = sub.add_parser('grid', help='a PNG grid of a seeded choice of real images (for the README beside samples)')
+    g.add_argument('--data', required=True, metavar='demo[-RES]|ZIP|DIR',
+                   help='the built-in demo data (its 4096 training images) or an EDM-format zip or folder')
+    g.add_argument('--dest', required=True, metavar='PNG', help='output file (.png)')
+    g.add_argument('--num', type=ranged_int(1, 4096), default=64, metavar='INT', help='images in the grid')
+    g.add_argument('--seed', type=ranged_int(0, 2**32 - 1), default=0, metavar='INT', help='seed of the choice')
     return p
 
 def main(argv=None):
     argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    warnings.simplefilter('ignore', PIL.Image.DecompressionBombWarning)  # too large images fail with one line
     if not argv or (argv[0].startswith('-') and argv[0] not in ('-h', '--help')):
         argv.insert(0, 'convert')  # the original form, `dataset_tool.py --source=... --dest=...`
     try:
         args = build_parser().parse_args(argv)
         if args.command == 'check':
             all_ok = check(args.data)
+        elif args.command == 'grid':
+            grid(args.data, args.dest, num=args.num, seed=args.seed)
+            all_ok = True
         else:
             convert(args.source, args.dest, max_images=args.max_images, transform=args.transform,
                     resolution=args.resolution)
             all_ok = True
-    except UsageError as e:
+    except (UsageError, DataError, OSError) as e:  # 2 before the work, 1 while working (see `working`)
         print(f'dataset_tool.py: error: {e}', file=sys.stderr)
-        sys.exit(2)
-    except (DataError, OSError) as e:
-        print(f'dataset_tool.py: error: {e}', file=sys.stderr)
-        sys.exit(1)
+        sys.exit(exit_code(e))
     except KeyboardInterrupt:
         print('dataset_tool.py: interrupted; nothing written', file=sys.stderr)
         sys.exit(130)

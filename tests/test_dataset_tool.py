@@ -349,6 +349,37 @@ def make_file(t, name, text='x'):
     (t / name).write_text(text)
     return t / name
 
+def zip_of(t, extra):
+    """in.zip: one good PNG a.png plus the given {name: bytes}."""
+    with zipfile.ZipFile(t / 'in.zip', 'w') as z:
+        z.writestr('a.png', png_bytes(PIL.Image.new('RGB', (8, 8))))
+        for name, data in extra.items():
+            z.writestr(name, data)
+    return t / 'in.zip'
+
+def cifar_of_lists(t):
+    """A CIFAR-10 tarball whose batches are pickled lists, not dicts of arrays."""
+    with tarfile.open(t / 'cifar-10-python.tar.gz', 'w:gz') as tar:
+        for b in range(1, 6):
+            data = pickle.dumps([1, 2, 3])
+            info = tarfile.TarInfo(f'cifar-10-batches-py/data_batch_{b}')
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return t / 'cifar-10-python.tar.gz'
+
+def mnist_claiming(t, n):
+    """MNIST idx files whose header claims n images but holds 100 bytes."""
+    with gzip.open(t / 'train-images-idx3-ubyte.gz', 'wb') as f:
+        f.write((2051).to_bytes(4, 'big') + n.to_bytes(4, 'big') + (28).to_bytes(4, 'big') * 2 + bytes(100))
+    with gzip.open(t / 'train-labels-idx1-ubyte.gz', 'wb') as f:
+        f.write((2049).to_bytes(4, 'big') + (1).to_bytes(4, 'big') + bytes(1))
+    return t / 'train-images-idx3-ubyte.gz'
+
+def src_with(t, name, data):
+    s = src(t)
+    (s / name).write_bytes(data)
+    return s
+
 def labels_missing_one(t):
     s = src(t)
     (s / 'dataset.json').write_text(json.dumps({'labels': [['a.png', 0]]}))
@@ -411,14 +442,72 @@ CLI_ERRORS = [
     ('zip_member_bad_crc', lambda t: ['--source', zip_with_bad_crc(t), '--dest', t / 'o'], 1,
                            ['in.zip/b.png', 'cannot read', 'CRC']),
     ('source_not_pow2',    lambda t: ['--source', src(t, size=12), '--dest', t / 'o'], 1, ['12x12', 'power-of-two']),
-    ('labels_miss_one',    lambda t: ['--source', labels_missing_one(t), '--dest', t / 'o.zip'], 1,
+    ('labels_miss_one',    lambda t: ['--source', labels_missing_one(t), '--dest', t / 'o.zip'], 2,
                            ['dataset.json', 'b.png']),
-    ('corrupt_source_zip', lambda t: ['--source', make_file(t, 'in.zip', 'PK junk'), '--dest', t / 'o'], 1,
+    ('corrupt_source_zip', lambda t: ['--source', make_file(t, 'in.zip', 'PK junk'), '--dest', t / 'o'], 2,
                            ['in.zip', 'cannot read the zip']),
-    ('no_images',          lambda t: ['--source', src(t, 0), '--dest', t / 'o.zip'], 1, ['no images']),
-    ('check_corrupt_zip',  lambda t: ['check', '--data', make_file(t, 'd.zip', 'PK junk')], 1,
+    ('no_images',          lambda t: ['--source', src(t, 0), '--dest', t / 'o.zip'], 2, ['no images']),
+    ('check_corrupt_zip',  lambda t: ['check', '--data', make_file(t, 'd.zip', 'PK junk')], 2,
                            ['d.zip', 'cannot read the zip']),
-    ('check_no_images',    lambda t: ['check', '--data', src(t, 0)], 1, ['no images']),
+    ('check_no_images',    lambda t: ['check', '--data', src(t, 0)], 2, ['no images']),
+    # issue 24, bad input round two: every numeric flag in a finite range, sizes that cannot fit, bad sources found
+    # before the work (exit 2); bad images found while working (exit 1)
+    ('resolution_huge',    lambda t: ['--source', src(t), '--dest', t / 'o.zip', '--resolution=65536x65536'], 2,
+                           ['--resolution=65536x65536', 'GiB', 'at most 16384']),
+    ('resolution_absurd',  lambda t: ['--source', src(t), '--dest', t / 'o', '--resolution', f'{10**30}x8'], 2,
+                           ['--resolution=', 'too large']),
+    ('wide_canvas_huge',   lambda t: ['--source', src(t), '--dest', t / 'o.zip', '--transform=center-crop-wide',
+                                      '--resolution=32768x1'], 2, ['--resolution=32768x1', 'too large']),
+    ('max_images_negative', lambda t: ['--source', src(t), '--dest', t / 'o.zip', '--max-images=-5'], 2,
+                           ['--max-images=-5', 'at least 1']),
+    ('max_images_huge',    lambda t: ['--source', src(t), '--dest', t / 'o.zip', f'--max-images={10**20}'], 2,
+                           ['--max-images=', 'at most']),
+    ('max_images_inf',     lambda t: ['--source', src(t), '--dest', t / 'o.zip', '--max-images=inf'], 2,
+                           ['--max-images', 'inf']),
+    ('dest_inside_source', lambda t: ['--source', src(t), '--dest', t / 's' / 'o.zip'], 2,
+                           ['--dest=', 'inside --source=']),
+    ('dest_deep_in_source', lambda t: ['--source', src(t), '--dest', t / 's' / 'new' / 'o'], 2,
+                           ['--dest=', 'inside --source=']),
+    ('dest_in_proc',       lambda t: ['--source', src(t), '--dest', '/proc/dataset-tool-test.zip'], 2,
+                           ['--dest=/proc/dataset-tool-test.zip', 'not writable']),
+    ('empty_source_zip',   lambda t: ['--source', make_file(t, 'in.zip', ''), '--dest', t / 'o'], 2,
+                           ['in.zip', 'cannot read the zip']),
+    ('zip_json_unparsable', lambda t: ['--source', zip_of(t, {'dataset.json': b'[1,'}), '--dest', t / 'o'], 2,
+                           ['in.zip/dataset.json', 'cannot parse']),
+    ('zip_json_not_a_list', lambda t: ['--source', zip_of(t, {'dataset.json': b'{"labels": 5}'}), '--dest', t / 'o'],
+                           2, ['in.zip/dataset.json', 'cannot parse']),
+    ('cifar_not_arrays',   lambda t: ['--source', cifar_of_lists(t), '--dest', t / 'o.zip'], 2,
+                           ['cifar-10-python.tar.gz', 'cannot read the CIFAR-10 tarball']),
+    ('cifar_not_gzip',     lambda t: ['--source', make_file(t, 'cifar-10-python.tar.gz', 'junk'), '--dest',
+                                      t / 'o.zip'], 2, ['cifar-10-python.tar.gz', 'not a gzip']),
+    ('mnist_bad_dims',     lambda t: ['--source', mnist_claiming(t, 10**9), '--dest', t / 'o.zip'], 2,
+                           ['train-images-idx3-ubyte.gz', 'cannot read the idx file']),
+    ('empty_png',          lambda t: ['--source', src_with(t, 'z.png', b''), '--dest', t / 'o'], 1,
+                           ['z.png', 'cannot decode']),
+    ('text_named_png',     lambda t: ['--source', src_with(t, 'z.png', b'hello'), '--dest', t / 'o.zip'], 1,
+                           ['z.png', 'cannot decode']),
+    ('grid_num_zero',      lambda t: ['grid', '--data=demo-8', '--dest', t / 'g.png', '--num=0'], 2,
+                           ['--num', 'out of range']),
+    ('grid_num_huge',      lambda t: ['grid', '--data=demo-8', '--dest', t / 'g.png', '--num=100000'], 2,
+                           ['--num', 'out of range']),
+    ('grid_more_than_data', lambda t: ['grid', '--data', src(t), '--dest', t / 'g.png', '--num=3'], 2,
+                           ['--num=3', 'holds only 2 images']),
+    ('grid_seed_negative', lambda t: ['grid', '--data=demo-8', '--dest', t / 'g.png', '--seed=-1'], 2,
+                           ['--seed', 'out of range']),
+    ('grid_demo_too_small', lambda t: ['grid', '--data=demo-2', '--dest', t / 'g.png'], 2, ['demo-2', '4 to 1024']),
+    ('grid_too_large',     lambda t: ['grid', '--data=demo-1024', '--dest', t / 'g.png', '--num=4096'], 2,
+                           ['grid of 4096 images', 'GiB']),
+    ('grid_missing_data',  lambda t: ['grid', '--data', t / 'nowhere', '--dest', t / 'g.png'], 2,
+                           ['--data=', 'nowhere', 'no such file']),
+    ('grid_mixed_sizes',   lambda t: ['grid', '--data', bad_source(t, 'wider'), '--dest', t / 'g.png'], 2,
+                           ['z.png', '16x8']),
+    ('grid_dest_not_png',  lambda t: ['grid', '--data=demo-8', '--dest', t / 'g.jpg'], 2, ['--dest=', '.png']),
+    ('grid_dest_folder',   lambda t: ['grid', '--data=demo-8', '--dest', src(t, name='d.png')], 2,
+                           ['--dest=', 'is a folder']),
+    ('grid_dest_in_proc',  lambda t: ['grid', '--data=demo-8', '--dest', '/proc/sub/g.png'], 2,
+                           ['--dest=/proc/sub/g.png', 'not writable']),
+    ('grid_garbled_image', lambda t: ['grid', '--data', bad_source(t, 'garbled'), '--dest', t / 'new' / 'g.png',
+                                      '--num=3'], 1, ['garbled/z.png', 'cannot read image']),
 ]
 
 @pytest.mark.parametrize('argv, code, words', [pytest.param(*row[1:], id=row[0]) for row in CLI_ERRORS])
@@ -647,3 +736,44 @@ def test_check_unparseable_dataset_json(tmp_path, capsys):
     assert code == 1
     assert out.splitlines()[0].startswith(f'{s / "dataset.json"}: cannot parse (')
     assert out.splitlines()[-1] == '2 images OK, 0 bad, 1 dataset.json problems (8x8 RGB, no labels)'
+
+#------------------------------------------------------------------------------
+# grid: real training images for the README, in the layout of common.save_image_grid
+
+def tiles(path, res):
+    """[rows*cols, H, W, C] uint8 cells of a grid PNG, row by row."""
+    grid = np.array(PIL.Image.open(path).convert('RGB'))
+    rows, cols = grid.shape[0] // res, grid.shape[1] // res
+    return grid.reshape(rows, res, cols, res, 3).transpose(0, 2, 1, 3, 4).reshape(rows * cols, res, res, 3)
+
+def test_grid_of_demo_images_is_seeded_and_its_tiles_are_dataset_images(tmp_path, capsys):
+    from common import DemoDataset
+    demo = np.stack([DemoDataset(8)[i][0].transpose(1, 2, 0) for i in range(4096)])   # the 4096 training images
+    code, out, _ = cli(capsys, 'grid', '--data=demo-8', '--dest', tmp_path / 'new' / 'g.png', '--num=10')
+    assert code == 0 and out == ('Wrote a grid of 10 images of demo-8 (4 columns, 8x8, seed 0) to '
+                                 f'{tmp_path / "new" / "g.png"}\n')
+    assert PIL.Image.open(tmp_path / 'new' / 'g.png').size == (4 * 8, 3 * 8)  # ceil(sqrt(10)) = 4 columns, 3 rows
+    cells = tiles(tmp_path / 'new' / 'g.png', 8)
+    found = [int(np.flatnonzero((demo == cell).all(axis=(1, 2, 3)))[0]) for cell in cells[:10]]
+    assert found == sorted(set(found)) and len(found) == 10       # ten distinct training images, in index order
+    assert not cells[10:].any()                                   # the two cells after them are black
+    assert sorted(os.listdir(tmp_path / 'new')) == ['g.png']      # no temporary file left
+    cli(capsys, 'grid', '--data=demo-8', '--dest', tmp_path / 'again.png', '--num=10')
+    cli(capsys, 'grid', '--data=demo-8', '--dest', tmp_path / 'seed1.png', '--num=10', '--seed=1')
+    assert (tmp_path / 'again.png').read_bytes() == (tmp_path / 'new' / 'g.png').read_bytes()
+    assert (tmp_path / 'seed1.png').read_bytes() != (tmp_path / 'new' / 'g.png').read_bytes()
+
+@pytest.mark.parametrize('form', ['zip', 'folder'])
+def test_grid_of_an_edm_dataset(tmp_path, capsys, form):
+    rng = np.random.default_rng(3)
+    (tmp_path / 'in').mkdir()
+    images = [rand_image(rng, 8, 8, mode) for mode in ('L', 'L', 'L', 'L')]
+    for i, img in enumerate(images):
+        img.save(tmp_path / 'in' / f'{i}.png')
+    dest = tmp_path / ('ds.zip' if form == 'zip' else 'ds')
+    assert cli(capsys, '--source', tmp_path / 'in', '--dest', dest)[0] == 0
+    code, _, _ = cli(capsys, 'grid', '--data', dest, '--dest', tmp_path / 'g.png', '--num=4')
+    grid = np.array(PIL.Image.open(tmp_path / 'g.png'))
+    assert code == 0 and grid.shape == (16, 16)  # grey stays grey; 2 x 2 cells
+    cells = grid.reshape(2, 8, 2, 8).transpose(0, 2, 1, 3).reshape(4, 8, 8)
+    assert all(np.array_equal(cell, np.array(img)) for cell, img in zip(cells, images))
