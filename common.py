@@ -5,25 +5,25 @@ NeurIPS 2022, arXiv:2206.00364v2 (equation and table numbers below refer to that
 Official code: https://github.com/NVlabs/edm (CC BY-NC-SA 4.0; nothing here is copied from it; parameter names
 match it so that official checkpoints load).
 
-Contents, in order:
-  1. distributed setup (`init_distributed`, `print0`), the one-line errors (`UserError`, `UsageError`,
-     `DataError`) and the CLI entry `run_main`
-  2. command line: `Parser`, argument types (`parse_int_list`, `parse_bool`, `number`), `parse_command_line`
-     (default subcommand, presets, `--resume` defaults from the training state), `RESUME_MAY_CHANGE`,
-     `add_train_flags`, `add_edm_train_flags`, `add_generate_flags`
-  3. seeding: per-step reseed (`reseed`), per-image generators (`PerSeedRNG`)
+Contents, in order: EDM first, then data, then the plumbing every method file uses.
+  1. EDM preconditioning (`EDMPrecond`, Table 1), loss (`EDMLoss`, Eq. 2), Heun sampler (`edm_sampler`, Alg. 2)
+  2. the EDM U-Nets: layers, DDPM++/NCSN++ `SongUNet`, ADM `DhariwalUNet`, `EDM_ARCHS`
+  3. EDM's augmentation pipe (`AugmentPipe`, the geometric and colour transforms of ADA)
   4. data: EDM-format `ImageFolderDataset` (zip or folder), the built-in `DemoDataset`, `open_dataset`,
      `InfiniteSampler`, `data_stream`
-  5. EDM preconditioning (`EDMPrecond`, Table 1), loss (`EDMLoss`, Eq. 2), Heun sampler (`edm_sampler`, Alg. 2)
-  6. the EDM U-Nets: layers, DDPM++/NCSN++ `SongUNet`, ADM `DhariwalUNet`, `EDM_ARCHS`
-  7. training plumbing: precision, batch split, DDP, lr ramp-up, EMA, gradient scrub, `network_and_ema`,
+  5. images and labels: uint8 conversion, per-seed PNGs, grids, `seed_batches`, `seed_labels`, `check_class`
+  6. Inception-v3 features and the Frechet distance (the other metrics live in fid.py)
+  7. distributed setup (`init_distributed`, `print0`), the one-line errors (`UserError`, `UsageError`,
+     `DataError`), `working` and the CLI entry `run_main` (exit codes)
+  8. command line: `Parser`, argument types (`parse_int_list`, `parse_bool`, `number`), `parse_command_line`
+     (default subcommand, presets, `--resume` defaults from the training state), `RESUME_MAY_CHANGE`,
+     `add_train_flags`, `add_edm_train_flags`, `add_metric_flags` (train --metrics), `add_generate_flags`
+  9. seeding: per-step reseed (`reseed`), per-image generators (`PerSeedRNG`)
+ 10. training plumbing: precision, batch split, DDP, lr ramp-up, EMA, gradient scrub, `network_and_ema`,
      `run_desc`, `check_outdir`, `TrainingRun` (run directory, status lines, divergence stop, periodic
-     checkpoints, Ctrl-C), `read_training_options`, `load_training_state` (resume)
-  8. checkpoints: `save_checkpoint`, `load_checkpoint`, `load_weights`; `load_official` for official EDM .pkl
+     checkpoints, metrics, Ctrl-C), `read_training_options`, `load_training_state` (resume)
+ 11. checkpoints: `save_checkpoint`, `load_checkpoint`, `load_weights`; `load_official` for official EDM .pkl
      snapshots and torch-zip archives (no code from the file runs); `load_snapshot`, the one snapshot layout
-  9. images and labels: uint8 conversion, per-seed PNGs, grids, `seed_batches`, `seed_labels`, `check_class`
- 10. Inception-v3 features and the Frechet distance (the other metrics live in fid.py)
- 11. EDM's augmentation pipe (`AugmentPipe`, the geometric and colour transforms of ADA)
 """
 import argparse, contextlib, copy, errno, glob, io, json, math, os, pickle, re, shlex, shutil, signal, sys
 import threading, time, urllib.parse, warnings, zipfile
@@ -39,554 +39,7 @@ from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 #------------------------------------------------------------------------------
-# 1. Distributed setup: always a process group (torchrun's, or a world of one; nccl on GPUs, gloo on CPU), errors.
-
-def init_distributed():
-    """Join the torchrun group, or make a world of one (an in-memory store: no port, no environment variables)."""
-    cuda = torch.cuda.is_available()
-    # NOTE: 1x1 convolutions on 1x1 maps (small patches) get weight gradients whose size-1 dims carry other strides
-    # than the parameter's: the same memory layout, but DDP compares strides literally and warns at every step.
-    warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
-    if not dist.is_initialized():  # without RANK (a plain `python x.py`) a world of one
-        world_of_one = {} if 'RANK' in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
-        dist.init_process_group('nccl' if cuda else 'gloo', **world_of_one)
-    device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if cuda else torch.device('cpu')
-    if cuda:
-        torch.cuda.set_device(device)
-    elif 'OMP_NUM_THREADS' not in os.environ and hasattr(os, 'getloadavg'):  # torch takes every core: on a busy
-        # CPU that is many times slower
-        idle = max(int(os.cpu_count() - os.getloadavg()[0] + 0.5), 1)
-        if idle < torch.get_num_threads():
-            torch.set_num_threads(idle)
-            print0(f'note: the CPU is busy (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): '
-                   f'{torch.get_num_threads()} thread(s); set OMP_NUM_THREADS to choose')
-    return device
-
-def get_rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-def get_world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-def print0(*args, **kwargs):
-    if get_rank() == 0:
-        print(*args, **kwargs, flush=True)
-
-class UserError(Exception):
-    """A problem with the user's input (flag, file, data) or a fault while working (disk full, divergence): one line.
-    Exit code (every CLI of this project): 2 if raised before the work starts (the input is wrong), 1 if raised while
-    working (inside `working()` or a `TrainingRun`), 130 for Ctrl-C."""
-
-class UsageError(UserError):
-    """A bad flag value or combination, found before anything is written."""
-
-class DataError(UserError):
-    """An image or label that cannot be read; raised by the datasets, so a run can save its state before it stops."""
-
-@contextlib.contextmanager
-def working():
-    """The work itself (generation, feature extraction, conversion): an error raised inside is a failure while
-    working (exit 1); before it, bad input (exit 2)."""
-    try:
-        yield
-    except (UserError, OSError) as e:
-        e.while_working = True
-        raise
-
-def exit_code(e):
-    return 1 if getattr(e, 'while_working', False) else 2
-
-def run_main(command, args):
-    """Run a CLI command: errors become one line on stderr (exit 2 bad input, 1 a failure while working, 130
-    interrupt), never a traceback; the process group is torn down."""
-    try:
-        command(args)
-    except UserError as e:  # from a DataLoader worker it comes back with the worker's traceback in its message
-        print(f'error: {re.split("(?:User|Usage|Data)Error: ", str(e))[-1].strip()}', file=sys.stderr)
-        sys.exit(exit_code(e))
-    except KeyboardInterrupt:
-        print('interrupted', file=sys.stderr)
-        sys.exit(130)
-    except OSError as e:  # a file that cannot be written or read: name it, no traceback
-        print(f'error: {e.filename or "(no file name)"}: {e.strerror or e}', file=sys.stderr)
-        sys.exit(exit_code(e))
-    finally:
-        if dist.is_initialized():
-            gloo = dist.get_backend() == 'gloo' and dist.get_world_size() > 1
-            dist.destroy_process_group()
-            # NOTE: gloo's worker threads free a finished collective after the caller has moved on and need the GIL
-            # to do it; once the interpreter is shutting down they are killed mid-destructor and the process aborts
-            # (SIGABRT, torch 2.13 on CPU). Half a second lets them finish.
-            if gloo:
-                time.sleep(0.5)
-
-#------------------------------------------------------------------------------
-# 2. Command line: argument types, the parser (presets, resume), the shared flags.
-
-MAX_SEEDS = 10**7  # one command's seeds: 200 times EDM's 50,000 FID images
-
-def parse_int_list(s):
-    """'0-3,7' -> [0, 1, 2, 3, 7] (EDM's seed syntax); a list passes through. An empty result is an error."""
-    if isinstance(s, (list, tuple)):
-        return list(s)
-    out = []
-    for part in s.split(','):
-        m = re.fullmatch(r'\s*(-?\d+)\s*-\s*(-?\d+)\s*', part)
-        try:
-            if m and int(m[2]) - int(m[1]) >= MAX_SEEDS:
-                raise argparse.ArgumentTypeError(f'{part.strip()!r} holds more than {MAX_SEEDS:,} numbers; '
-                                                 'split the work')
-            out.extend(range(int(m[1]), int(m[2]) + 1) if m else [int(part)])
-        except ValueError:
-            raise argparse.ArgumentTypeError(f'expected integers or ranges like 0-49999,7; got {s!r}') from None
-        if m and int(m[2]) < int(m[1]):
-            raise argparse.ArgumentTypeError(f'{part.strip()!r} is an empty range (write low-high)')
-        if len(out) > MAX_SEEDS:
-            raise argparse.ArgumentTypeError(f'{s!r} holds more than {MAX_SEEDS:,} numbers; split the work')
-    return out
-
-def parse_bool(s):
-    """Booleans that published commands pass as values: --cond=1, --fp16=True."""
-    words = {'1': True, 'true': True, 'yes': True, 'on': True, '0': False, 'false': False, 'no': False, 'off': False}
-    if not isinstance(s, bool) and s.lower() not in words:
-        raise argparse.ArgumentTypeError(f'expected a boolean (1/0/true/false); got {s!r}')
-    return s if isinstance(s, bool) else words[s.lower()]
-
-def number(kind, low=None, high=None, low_open=False, inf=False):
-    """argparse type: a finite int or float within [low, high] (or (low, high] with low_open), e.g. number(int, 1);
-    `inf=True` also takes +inf (a bound that may be absent, e.g. EDM's S_max)."""
-    def parse(s):
-        try:
-            value = kind(s)
-        except (ValueError, OverflowError):
-            what = 'an integer' if kind is int else 'a number'
-            raise argparse.ArgumentTypeError(f'expected {what}, got {s!r}') from None
-        if kind is float and not math.isfinite(value) and not (inf and value == math.inf):
-            raise argparse.ArgumentTypeError(f'{s} is not a finite number' + (' (or inf)' if inf else ''))
-        below = low is not None and (value <= low if low_open else value < low)
-        if below or (high is not None and value > high):
-            bounds = [f'{"> " if low_open else ">= "}{low}'] if low is not None else []
-            bounds += [f'<= {high:g}' if isinstance(high, float) else f'<= {high}'] if high is not None else []
-            raise argparse.ArgumentTypeError(f'{s} is out of range: must be {" and ".join(bounds)}')
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block) and defaults shown in --help; its subcommands are Parsers too."""
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
-
-    def error(self, message):
-        self.exit(2, f'{self.prog}: error: {message}\n')
-
-# Training options that may change when a run is resumed; every other option defines the run, and `--resume`
-# refuses a different value. Flags left out take the training state's values, these too.
-RESUME_MAY_CHANGE = {'command', 'outdir', 'resume', 'duration', 'train_steps', 'tick', 'snap', 'dump', 'workers',
-                     'grid', 'grid_steps', 'desc', 'nosubdir', 'dry_run', 'compile', 'batch_gpu', 'preset', 'metrics',
-                     'metrics_ref', 'metrics_detector', 'metrics_preprocess', 'metrics_cache', 'metrics_first',
-                     'metrics_steps'}
-
-def parse_command_line(build_parser, argv=None):
-    """`train` is the default subcommand (`x.py --preset=demo` trains). `build_parser(preset)` builds the parser; a
-    preset's values are defaults of the subcommand that has --preset. With `train --resume=STATE` the state's options
-    are the defaults, and a flag that gives a run-defining option another value is an error."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0].startswith('-') and argv[0] not in ('-h', '--help')):
-        argv.insert(0, 'train')
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, 'preset', None) is not None:
-        parser = build_parser(args.preset)
-        args = parser.parse_args(argv)
-    if args.command == 'train' and getattr(args, 'resume', None):
-        try:
-            args.resume = latest_checkpoint(args.resume, 'training-state', '--resume')
-            method, options = read_training_options(args.resume)
-            expected = os.path.splitext(os.path.basename(sys.modules[build_parser.__module__].__file__))[0]
-            if method != expected:  # before any option comparison: the options of another method mean nothing here
-                raise UsageError(f'{args.resume}: a {method}.py training state; {expected}.py continues only its own')
-            stored = {k: v for k, v in options.items() if hasattr(args, k)}
-            branch = any(a == '--outdir' or a.startswith('--outdir=') for a in argv)
-            if not branch:
-                check_no_later_states(args.resume)
-        except UserError as e:
-            parser.error(f'argument --resume: {e}')
-        train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices['train']
-        train.set_defaults(**{k: v for k, v in stored.items() if k not in ('command', 'resume', 'dry_run')})
-        resume, args = args.resume, parser.parse_args(argv)
-        args.resume = resume
-        if not branch:  # one training, one run directory: continue in the state's folder (as EDM2), not --outdir's
-            args.outdir, args.nosubdir = os.path.dirname(os.path.abspath(resume)), True
-        elif '--nosubdir' not in argv:  # a branch: a new numbered run directory in --outdir
-            args.nosubdir = False
-        changed = [k for k, v in stored.items() if k not in RESUME_MAY_CHANGE and getattr(args, k) != v]
-        if changed:
-            flag = {a.dest: next(o for o in a.option_strings if o.startswith('--')) for a in train._actions
-                    if any(o.startswith('--') for o in a.option_strings)}  # dest -> its --spelling
-            parser.error(f'--resume={args.resume} continues a run with other options: ' + '; '.join(
-                f'{flag[k]}={getattr(args, k)} given, {stored[k]} in the training state' for k in changed) +
-                ' (leave them out to continue that run, or start a new run)')
-    if args.command == 'train' and getattr(args, 'data', '') is None:
-        parser.error('--data is required (an EDM-format zip or folder, or demo)')
-    if args.command == 'generate' and getattr(args, 'pick', None) and getattr(args, 'network', None):
-        try:
-            args.network = pick_snapshot(args.network, args.pick, '--network')
-        except UserError as e:
-            parser.error(str(e))
-    if getattr(args, 'sigma_min', None) is not None and getattr(args, 'sigma_max', None) is not None:
-        if args.sigma_min >= args.sigma_max:
-            parser.error(f'--sigma_min={args.sigma_min:g} must be below --sigma_max={args.sigma_max:g}')
-    return args
-
-def check_no_later_states(state):
-    """Continuing a run in its folder from an older training state would overwrite the later ones."""
-    folder, name = os.path.split(os.path.abspath(state))
-    later = sorted(n for n in os.listdir(folder) if re.fullmatch(r'training-state-[\d_]+\.pt', n) and n > name)
-    if later:
-        raise UsageError(f'{state}: its folder holds later training states ({later[-1]}); continuing there would '
-                         'overwrite them: resume from the latest, or branch into a new run directory with --outdir=DIR')
-
-def add_train_flags(p, **defaults):
-    """The training flags every method file shares (EDM's names and units); `defaults` overrides per method."""
-    d = dict(outdir='training-runs', duration=200, batch=512, lr=1e-3, dropout=0.13, tick=50, snap=50, dump=500)
-    d |= defaults
-    pos_int, nonneg_int = number(int, 1, 2**24), number(int, 0, 256)
-    pos_float = lambda high: number(float, 0, high, low_open=True)  # noqa: E731
-    add = p.add_argument
-    add('--outdir', default=d['outdir'], metavar='DIR', help='where to make the run directory')
-    add('--data', default=None, metavar='ZIP|DIR|demo',
-        help='required: an EDM-format zip or folder (dataset_tool.py), or demo[-RES] for built-in shapes')
-    add('--cond', type=parse_bool, default=False, metavar='BOOL', help='class-conditional (labels from dataset.json)')
-    add('--duration', type=pos_float(1e5), default=d['duration'], metavar='MIMG', help='training length, Mimg')
-    add('--batch', type=pos_int, default=d['batch'], metavar='INT', help='global batch size (images per step)')
-    add('--batch-gpu', type=pos_int, default=None, metavar='INT', help='max images per GPU pass; rest accumulated')
-    add('--lr', type=pos_float(None), default=d['lr'], metavar='FLOAT', help='learning rate')
-    add('--dropout', type=number(float, 0, 1), default=d['dropout'], metavar='FLOAT', help='dropout probability')
-    add('--xflip', type=parse_bool, default=False, metavar='BOOL', help='add x-flipped copies of the dataset')
-    add('--fp16', type=parse_bool, default=False, metavar='BOOL', help='fp16 autocast around the network, GradScaler')
-    add('--bf16', type=parse_bool, default=False, metavar='BOOL', help='bf16 autocast around the network')
-    add('--ls', type=pos_float(1e6), default=1, metavar='FLOAT', help='loss scaling (a constant multiplier, as EDM)')
-    add('--tf32', type=parse_bool, default=False, metavar='BOOL', help='allow TF32 matmuls/convolutions')
-    add('--compile', type=parse_bool, default=False, metavar='BOOL', help='torch.compile the network (GPU speed)')
-    add('--tick', type=pos_float(1e6), default=d['tick'], metavar='KIMG', help='kimg between status lines')
-    add('--snap', type=number(int, 0), default=d['snap'], metavar='TICKS', help='ticks between snapshots; 0 = at the end')
-    add('--dump', type=number(int, 0), default=d['dump'], metavar='TICKS', help='ticks between training states; 0 = at end')
-    add('--seed', type=number(int, 0, 2**32 - 1), default=0, metavar='INT', help='random seed')
-    add('--resume', default=None, metavar='PT', help='continue a training-state-*.pt; flags left out take its values')
-    add('--desc', default=None, metavar='STR', help='appended to the run directory name')
-    add('--nosubdir', action='store_true', help='write into --outdir itself, no numbered run directory')
-    add('--workers', type=nonneg_int, default=1, metavar='INT', help='DataLoader worker processes per GPU')
-    add('-n', '--dry-run', action='store_true', help='print the resolved options as JSON and exit')
-
-def add_edm_train_flags(p, ema=0.5, lr_rampup=10000):
-    """EDM's lr ramp-up and EMA half-life (the methods that train with EDM's schedule: all but MaskDM)."""
-    p.add_argument('--lr-rampup', type=number(float, 0), default=lr_rampup, metavar='KIMG', help='lr ramp-up, kimg')
-    p.add_argument('--ema', type=number(float, 0), default=ema, metavar='MIMG', help='EMA half-life, Mimg')
-
-# Sample quality during training (train --metrics): name -> generated images, seeds 0..N-1. The FIDs are
-# StyleGAN2-ADA's metrics of those names (metric_main.py: against the full dataset's statistics), computed as
-# `fid.py calc` does; toy_fd is `fid.py score`'s. fid.py evaluates them (`fid.TrainingMetrics`).
-TRAINING_METRICS = dict(fid50k_full=50000, fid10k_full=10000, toy_fd=500)
-
-def parse_metric_names(s):
-    names = [] if s.strip().lower() in ('', 'none') else [name.strip() for name in s.split(',')]
-    unknown = [name for name in names if name not in TRAINING_METRICS]
-    if unknown:
-        known = ', '.join(TRAINING_METRICS)
-        raise argparse.ArgumentTypeError(f'unknown metric {unknown[0]!r}; known: {known}, none')
-    return names
-
-def add_metric_flags(p, preprocess='nvidia'):
-    """`train --metrics`: evaluated on every network snapshot (see TrainingRun.run_metrics and fid.TrainingMetrics)."""
-    add = p.add_argument
-    add('--metrics', type=parse_metric_names, default=[], metavar='LIST',
-        help=f'sample quality at every snapshot: {", ".join(TRAINING_METRICS)} or none (fid*: against '
-             '--metrics-ref; toy_fd: fid.py score against --data, offline)')
-    add('--metrics-ref', default=None, metavar='NPZ|URL', help='reference statistics for fid* (fid.py ref)')
-    add('--metrics-detector', default=None, metavar='PATH|URL', help='Inception weights for fid* (default: fid.py\'s)')
-    add('--metrics-preprocess', choices=['nvidia', 'pytorch_fid'], default=preprocess,
-        help='fid* resize/normalization, as fid.py --preprocess')
-    add('--metrics-cache', default=None, metavar='DIR', help='toy_fd classifier cache (default: fid.py score\'s)')
-
-def training_metrics(args, resolution, channels, device, sample):
-    """The `evaluate` of a TrainingRun for `--metrics` (None without): fid.py's numbers of the images that
-    `sample(seeds)` makes (float [-1, 1] [N, C, H, W]; the method's generate, with its defaults). Everything the
-    metrics need (reference, detector, toy classifier) is checked and loaded here, before the first step."""
-    if not args.metrics:
-        return None
-    try:
-        import fid  # fid.py imports this file: imported when used
-    except ImportError:
-        raise UsageError('--metrics needs fid.py beside common.py') from None
-    metrics = fid.TrainingMetrics(args.metrics, args.data, resolution, channels, device, ref=args.metrics_ref,
-                                  detector=args.metrics_detector, preprocess=args.metrics_preprocess,
-                                  cache=args.metrics_cache)
-    return lambda: metrics(sample)
-
-def pick_snapshot(path, pick, flag):
-    """`generate --pick`: for a run directory, its newest snapshot (`latest`) or the one with the lowest value of a
-    metric in its metric-<name>.jsonl (`best`: the only metric there; `best:NAME`); a file is itself."""
-    if not os.path.isdir(path):
-        return path
-    if pick == 'latest':
-        newest = latest_checkpoint(path, 'network-snapshot', flag)
-        if os.environ.get('RANK', '0') == '0':  # before the process group exists
-            print(f'{flag}={path}: its newest snapshot, {os.path.relpath(newest, path)}', flush=True)
-        return newest
-    files = sorted(glob.glob(os.path.join(path, 'metric-*.jsonl')))
-    names = [os.path.basename(f)[len('metric-'):-len('.jsonl')] for f in files]
-    name = pick.partition(':')[2]
-    if not name and len(names) != 1:
-        listed = ', '.join(names) or 'none: train with --metrics'
-        raise UsageError(f'--pick=best: {path} has {len(names)} metrics ({listed}); say which: --pick=best:NAME')
-    name = name or names[0]
-    if name not in names:
-        raise UsageError(f'--pick={pick}: {path} has no metric-{name}.jsonl (it has: {", ".join(names) or "none"})')
-    lines = [json.loads(line) for line in open(os.path.join(path, f'metric-{name}.jsonl')) if line.strip()]
-    lines = [line for line in lines if math.isfinite(line['results'][name])
-             and os.path.isfile(os.path.join(path, line['snapshot_pkl']))]
-    if not lines:
-        raise UsageError(f'--pick={pick}: no snapshot in {path} has a finite {name}')
-    best = min(lines, key=lambda line: line['results'][name])
-    if os.environ.get('RANK', '0') == '0':
-        print(f'--pick={pick}: {best["snapshot_pkl"]} ({name} {best["results"][name]:.4g} at kimg {best["kimg"]:g})',
-              flush=True)
-    return os.path.join(path, best['snapshot_pkl'])
-
-def parse_pick(s):
-    if s not in ('latest', 'best') and not s.startswith('best:'):
-        raise argparse.ArgumentTypeError(f'expected latest, best or best:NAME; got {s!r}')
-    return s
-
-def add_generate_flags(g, edm_sampler=True, steps=18):
-    """The generation flags every method file shares (EDM generate.py's names); EDM's sampler flags if it uses it."""
-    add, positive, nonneg = g.add_argument, number(float, 0, low_open=True), number(float, 0)
-    add('--outdir', required=True, metavar='DIR', help='where to write {seed:06d}.png')
-    add('--seeds', type=parse_int_list, default='0-63', metavar='LIST', help='random seeds, e.g. 0-49999')
-    add('--subdirs', action='store_true', help='put seeds in folders of 1,000')
-    add('--pick', type=parse_pick, default='latest', metavar='latest|best[:NAME]',
-        help='for a run directory as --network: its newest snapshot, or the one with the best (lowest) metric')
-    add('--batch', type=number(int, 1, 2**20), default=64, metavar='INT', help='images per batch per GPU')
-    if edm_sampler:
-        add('--steps', type=number(int, 1, 10**5), default=steps, metavar='INT', help='Heun steps (EDM Alg. 2)')
-        add('--sigma_min', type=positive, default=0.002, metavar='FLOAT', help='lowest noise level')
-        add('--sigma_max', type=positive, default=80, metavar='FLOAT', help='highest noise level')
-        add('--rho', type=positive, default=7, metavar='FLOAT', help='time step exponent (EDM Eq. 5)')
-        add('--S_churn', type=nonneg, default=0, metavar='FLOAT', help='stochasticity strength (EDM Alg. 2)')
-        add('--S_min', type=nonneg, default=0, metavar='FLOAT', help='lowest sigma with churn')
-        add('--S_max', type=number(float, 0, inf=True), default=float('inf'), metavar='FLOAT',
-            help='highest sigma with churn')
-        add('--S_noise', type=nonneg, default=1, metavar='FLOAT', help='churn noise inflation')
-
-#------------------------------------------------------------------------------
-# 3. Seeding. Training reseeds at every step from (seed, rank, cur_nimg), so a resumed run replays the same
-#    randomness (as EDM2). Generation gives every image its own generator, so image N depends on seed N only.
-
-def reseed(seed, rank, cur_nimg):
-    """Seed torch's global RNG for this step; returns a numpy Generator drawn from the same state."""
-    state = np.random.SeedSequence([seed, rank, cur_nimg]).generate_state(2)
-    torch.manual_seed(int(state[0]))
-    return np.random.default_rng(int(state[1]))
-
-class PerSeedRNG:
-    """One torch.Generator per image seed; every draw is a stack of per-image draws."""
-    def __init__(self, seeds, device):
-        self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
-
-    def randn(self, size, **kwargs):
-        return torch.stack([torch.randn(size, generator=g, **kwargs) for g in self.generators])
-
-    def randn_like(self, x):
-        return self.randn(x.shape[1:], dtype=x.dtype, layout=x.layout, device=x.device)
-
-    def randint(self, high, size=(), **kwargs):
-        return torch.stack([torch.randint(high, size, generator=g, **kwargs) for g in self.generators])
-
-#------------------------------------------------------------------------------
-# 4. Data. Images are uint8 CHW; the training loop maps them to [-1, 1]. Labels are float32 one-hot vectors
-#    (shape [0] when unused). EDM format: `00000/img00000000.png` files plus `dataset.json` {"labels": [[name, k]]}.
-
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
-
-class ImageFolderDataset(torch.utils.data.Dataset):
-    """An EDM-format dataset: a folder (searched recursively) or a zip of images, optionally with labels. Every
-    image's header is checked when it opens (size, mode, a PNG's end marker), so a bad file stops the run at once."""
-    def __init__(self,
-        path,                       # folder or .zip
-        resolution  = None,         # expected side length; None = whatever the images are
-        use_labels  = False,        # return one-hot labels from dataset.json
-        max_size    = None,         # seeded random subset of this many images; None = all
-        xflip       = False,        # append horizontally flipped copies (doubles the length)
-        random_seed = 0,            # seed of the max_size subset
-        check       = True,         # read every image's header now (fast); False = find bad files when read
-    ):
-        self.path, self.name = path, os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
-        self._zip, self._zip_pid = None, None
-        if os.path.isdir(path):
-            names = [os.path.relpath(os.path.join(root, f), path).replace('\\', '/')
-                     for root, _, files in os.walk(path) for f in files]
-        elif os.path.isfile(path) and zipfile.is_zipfile(path):
-            names = self._open_zip().namelist()
-        elif os.path.exists(path):
-            raise UsageError(f'{path}: not a folder or a zip file')
-        else:
-            raise UsageError(f'{path}: no such dataset (make one with dataset_tool.py, or use --data=demo)')
-        self.image_names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
-        if not self.image_names:
-            raise UserError(f'{path}: no images found')
-        self.labels = self._load_labels() if use_labels else None
-        self.label_dim = 0 if self.labels is None else self.labels.shape[1]
-        self.indices = np.arange(len(self.image_names))
-        if max_size is not None and max_size < len(self.indices):
-            self.indices = np.sort(np.random.RandomState(random_seed % (1 << 31)).permutation(self.indices)[:max_size])
-        self.xflip = xflip
-        self.num_channels, height, width = self._read(self.indices[0]).shape
-        if height != width:
-            raise UserError(f'{path}/{self.image_names[self.indices[0]]}: images must be square, got {width}x{height}')
-        self.resolution = height
-        if resolution is not None and resolution != self.resolution:
-            raise UserError(f'{path}: images are {height}x{height}, but resolution {resolution} was requested')
-        if check:
-            self._check_headers()
-
-    def _check_headers(self):
-        """Every image's size and mode from its header, without decoding; a PNG must end with its IEND chunk."""
-        expected = None
-        for index in self.indices:
-            name = self.image_names[index]
-            try:
-                with self._open(name) as f, PIL.Image.open(f) as image:
-                    found, complete = f'{image.size[0]}x{image.size[1]} {image.mode}', True
-                    if name.lower().endswith('.png'):
-                        f.seek(-12, os.SEEK_END)
-                        complete = f.read(12)[4:8] == b'IEND'
-            except Exception as e:
-                raise UserError(f'{self.path}/{name}: cannot read image ({e})') from None
-            expected = expected or found
-            if not complete:
-                raise UserError(f'{self.path}/{name}: truncated PNG (no IEND chunk at its end)')
-            if found != expected:
-                raise UserError(f'{self.path}/{name}: image is {found}, the first is {expected}; all images must '
-                                'match (see dataset_tool.py)')
-
-    def _open_zip(self):
-        if self._zip is None or self._zip_pid != os.getpid():  # one handle per DataLoader worker
-            self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
-        return self._zip
-
-    def _open(self, name):
-        return open(os.path.join(self.path, name), 'rb') if os.path.isdir(self.path) else self._open_zip().open(name)
-
-    def _load_labels(self):
-        try:
-            with self._open('dataset.json') as f:
-                labels = json.load(f).get('labels')
-        except (KeyError, FileNotFoundError):
-            labels = None
-        except (ValueError, AttributeError) as e:
-            raise UserError(f'{self.path}/dataset.json: cannot parse ({e})')
-        if labels is None:
-            raise UserError(f'{self.path}: no labels in dataset.json; train with --cond=0 or add labels')
-        labels = {name.replace('\\', '/'): label for name, label in labels}
-        missing = [n for n in self.image_names if n not in labels]
-        if missing:
-            raise UserError(f'{self.path}/dataset.json: no label for {missing[0]} '
-                            f'({len(missing)} images without labels)')
-        labels = np.array([labels[n] for n in self.image_names])
-        if labels.ndim == 1:  # class indices -> one-hot
-            return np.eye(labels.max() + 1, dtype=np.float32)[labels]
-        return labels.astype(np.float32)
-
-    def _read(self, raw_index):
-        name = self.image_names[raw_index]
-        try:
-            with self._open(name) as f:
-                image = np.array(PIL.Image.open(io.BytesIO(f.read())))
-        except Exception as e:
-            raise DataError(f'{self.path}/{name}: cannot read image ({e})') from None
-        image = (image[:, :, np.newaxis] if image.ndim == 2 else image).transpose(2, 0, 1)  # [H, W, C] -> [C, H, W]
-        if hasattr(self, 'num_channels') and image.shape != (self.num_channels, self.resolution, self.resolution):
-            raise DataError(f'{self.path}/{name}: image is {tuple(image.shape)} (CHW), expected '
-                            f'{(self.num_channels, self.resolution, self.resolution)} like the others')
-        return image
-
-    def __len__(self):
-        return len(self.indices) * (2 if self.xflip else 1)
-
-    def __getitem__(self, idx):
-        raw_index = self.indices[idx % len(self.indices)]
-        image = self._read(raw_index)
-        if idx >= len(self.indices):  # second half: flipped copies
-            image = image[:, :, ::-1]
-        label = self.labels[raw_index] if self.labels is not None else np.zeros([0], np.float32)
-        return image.copy(), label.copy()
-
-class DemoDataset(torch.utils.data.Dataset):
-    """Built-in toy data (`--data=demo` or `demo-RES`): deterministic random discs, squares and triangles on a
-    two-tone background, label = shape class (3 classes). No download, any resolution."""
-    def __init__(self, resolution=32, size=4096, use_labels=False, xflip=False, num_channels=3, **_):
-        self.name, self.resolution, self.num_channels, self.size = f'demo{resolution}', resolution, num_channels, size
-        self.label_dim, self.use_labels, self.xflip = (3 if use_labels else 0), use_labels, xflip
-
-    def __len__(self):
-        return self.size * (2 if self.xflip else 1)
-
-    def __getitem__(self, idx):
-        rng = np.random.default_rng([1234, idx % self.size])
-        shape, inside = demo_shape(self.resolution, rng)
-        top, bottom, color = rng.uniform(0, 255, (3, self.num_channels))
-        image = np.where(demo_top_half(self.resolution)[None], top[:, None, None], bottom[:, None, None])
-        image = np.where(inside[None], color[:, None, None], image).astype(np.uint8)
-        if idx >= self.size:
-            image = image[:, :, ::-1]
-        label = np.eye(3, dtype=np.float32)[shape] if self.use_labels else np.zeros([0], np.float32)
-        return image.copy(), label
-
-def demo_top_half(R):
-    """[R, R] bool: the pixels of the demo images' top background (pixel centres above the middle)."""
-    return ((np.mgrid[0:R, 0:R][0] + 0.5) / R < 0.5)
-
-def demo_shape(R, rng):
-    """One shape draw of the demo data: (class, [R, R] bool mask) from the generator `rng`."""
-    shape = int(rng.integers(3))
-    y, x = (np.mgrid[0:R, 0:R] + 0.5) / R  # pixel centres in [0, 1]
-    cx, cy = rng.uniform(0.3, 0.7, 2)
-    r = rng.uniform(0.15, 0.3)
-    inside = [(x - cx) ** 2 + (y - cy) ** 2 < r ** 2,                      # disc
-              (abs(x - cx) < r * 0.85) & (abs(y - cy) < r * 0.85),         # square
-              (y - cy < r * 0.8) & (y - cy > 2 * abs(x - cx) - r)][shape]  # triangle
-    return shape, inside
-
-def open_dataset(data, **kwargs):
-    """`--data`: 'demo' (32x32), 'demo-64', ... for the built-in toy set; otherwise an EDM-format zip or folder."""
-    m = re.fullmatch(r'demo(?:-(\d+))?', data)
-    if m and not 4 <= int(m[1] or 32) <= 1024:
-        raise UsageError(f'--data={data}: the demo resolution must be 4 to 1024 pixels')
-    return DemoDataset(resolution=int(m[1] or 32), **kwargs) if m else ImageFolderDataset(data, **kwargs)
-
-class InfiniteSampler(torch.utils.data.Sampler):
-    """Endless, seeded index stream for one rank: epoch e is a permutation seeded by (seed, e), of which ranks take
-    interleaved positions. `start` skips that many items of this rank's stream, so a resumed run sees the same data."""
-    def __init__(self, size, rank=0, world_size=1, seed=0, start=0):
-        self.size, self.rank, self.world_size, self.seed, self.start = size, rank, world_size, seed, start
-
-    def __iter__(self):
-        epoch, order = None, None
-        for i in range(self.start, 1 << 62):
-            e, pos = divmod(i * self.world_size + self.rank, self.size)
-            if e != epoch:
-                epoch, order = e, np.random.default_rng([self.seed, e]).permutation(self.size)
-            yield int(order[pos])
-
-def data_stream(dataset, batch_gpu, rank, world_size, seed, start, workers):
-    """Endless iterator over (uint8 images, labels) micro-batches, starting `start` items into this rank's stream."""
-    sampler = InfiniteSampler(len(dataset), rank, world_size, seed, start)
-    return iter(torch.utils.data.DataLoader(dataset, batch_size=batch_gpu, sampler=sampler, num_workers=workers,
-        pin_memory=torch.cuda.is_available(), prefetch_factor=2 if workers else None, persistent_workers=workers > 0))
-
-#------------------------------------------------------------------------------
-# 5. EDM preconditioning, loss and sampler. D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)   (EDM Eq. 7)
+# 1. EDM preconditioning, loss and sampler. D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)   (EDM Eq. 7)
 #    Coefficients are computed in float32; only the backbone F runs under autocast.
 
 class EDMPrecond(torch.nn.Module):
@@ -693,7 +146,7 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
     return x_next
 
 #------------------------------------------------------------------------------
-# 6. The EDM U-Nets (NVlabs/edm training/networks.py): the layers, then DDPM++/NCSN++ and ADM (Table 7).
+# 2. The EDM U-Nets (NVlabs/edm training/networks.py): the layers, then DDPM++/NCSN++ and ADM (Table 7).
 
 # Weight init of all EDM layers (EDM training/networks.py, weight_init); a convolution's fans count channels * k^2.
 def weight_init(shape, mode, fan_in, fan_out):
@@ -1071,7 +524,992 @@ def edm_backbone_kwargs(arch, cbase=None, cres=None, blocks=None):
     return model
 
 #------------------------------------------------------------------------------
-# 7. Training plumbing shared by the method files.
+# 3. EDM's augmentation pipe (EDM Sec. 5), the pipeline of ADA: Karras et al. 2020, "Training Generative Adversarial
+#     Networks with Limited Data", App. B. Official code: NVlabs/edm training/augment.py, AugmentPipe. The random
+#     draws come in the official order and shapes: one torch seed gives the official batch (to 1e-6 on CPU).
+
+# Low-pass filter of the Daubechies symlet 'sym6' wavelet (12 taps, sum sqrt(2)): the 2x up/down sampling filter.
+_SYM6 = [0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633, 0.4910559419267466,
+         0.787641141030194, 0.3379294217276218, -0.07263752278646252, -0.021060292512300564, 0.04472490177066578,
+         0.0017677118642428036, -0.007800708325034148]
+
+def _matrix(*rows, device=None):
+    """Rows of numbers and equal-shaped tensors [...] -> float32 matrices [..., R, C] ([R, C] if all are numbers)."""
+    ref = next((x for row in rows for x in row if torch.is_tensor(x)), None)
+    if ref is None:
+        return torch.tensor(rows, dtype=torch.float32, device=device)
+    entries = [x if torch.is_tensor(x) else torch.full_like(ref, x) for row in rows for x in row]
+    return torch.stack(entries, dim=-1).reshape(*ref.shape, len(rows), len(rows[0]))
+
+def _translate2d(tx, ty, device=None):
+    return _matrix([1, 0, tx], [0, 1, ty], [0, 0, 1], device=device)
+
+def _scale2d(sx, sy, device=None):
+    return _matrix([sx, 0, 0], [0, sy, 0], [0, 0, 1], device=device)
+
+def _rotate2d(theta):  # turns +x towards +y: clockwise on screen, where y points down
+    return _matrix([theta.cos(), -theta.sin(), 0], [theta.sin(), theta.cos(), 0], [0, 0, 1])
+
+def _rotate3d(axis, theta):
+    """Rotation of RGB by theta [N] about a unit axis [3] (Rodrigues' formula), as homogeneous matrices [N, 4, 4]."""
+    x, y, z = axis
+    K = _matrix([0, -z, y], [z, 0, -x], [-y, x, 0])   # cross-product matrix: K v = axis x v
+    c, s = theta.cos()[:, None, None], theta.sin()[:, None, None]
+    R = torch.eye(4, device=theta.device).repeat(len(theta), 1, 1)
+    R[:, :3, :3] = torch.outer(axis, axis) * (1 - c) + torch.eye(3, device=theta.device) * c + K * s
+    return R
+
+def _resample2x(x, filt, up):
+    """Separable 2x resampling with a low-pass filter [taps]: up = zero insertion then filtering, [N, C, H, W] ->
+    [N, C, 2H, 2W]; down = filtering then decimation, its adjoint, [N, C, 2H, 2W] -> [N, C, H, W]."""
+    w, pad = filt.to(x.dtype).tile(x.shape[1], 1), len(filt) // 2 - 1    # w: [C, taps]; even number of taps
+    conv = F.conv_transpose2d if up else F.conv2d
+    x = conv(x, w[:, None, None, :], stride=(1, 2), padding=(0, pad), groups=x.shape[1])
+    return conv(x, w[:, None, :, None], stride=(2, 1), padding=(pad, 0), groups=x.shape[1])
+
+class AugmentPipe:
+    """EDM's non-leaking augmentations: `images, augment_labels = pipe(images)`; the network is conditioned on the
+    labels (augment_dim) and sampled with zero labels. Each enabled transform runs with probability p * multiplier
+    and appends its label columns in this order (zeros where it was not applied):
+    xflip 1, yflip 1, rotate_int 2, translate_int 2, scale 1, rotate_frac 2, aniso 2, translate_frac 2, brightness 1,
+    contrast 1, lumaflip 1, hue 2, saturation 1. EDM's train.py set (xflip=1e8, yflip=1, scale=1, rotate_frac=1,
+    aniso=1, translate_frac=1) gives 9 columns: [xflip, yflip, scale, cos-1, sin, aniso x, aniso y, tx, ty]."""
+    def __init__(self,
+        p                  = 1,      # overall probability multiplier (train.py --augment); 0 = nothing applied
+        xflip              = 0,      # multipliers of the per-image probabilities; 0 = transform disabled
+        yflip              = 0,
+        rotate_int         = 0,      # 90-degree rotations (square images)
+        translate_int      = 0,      # integer translation with reflection at the borders
+        translate_int_max  = 0.125,  # its range, fraction of the image size
+        scale              = 0,      # isotropic scaling
+        rotate_frac        = 0,      # arbitrary rotation
+        aniso              = 0,      # anisotropic scaling
+        translate_frac     = 0,      # fractional translation
+        scale_std          = 0.2,    # log2 std of isotropic scaling
+        rotate_frac_max    = 1,      # range of arbitrary rotation, 1 = full circle
+        aniso_std          = 0.2,    # log2 std of anisotropic scaling
+        aniso_rotate_prob  = 0.5,    # probability that the anisotropic scaling axis is rotated (not a multiplier)
+        translate_frac_std = 0.125,  # std of fractional translation, fraction of the image size
+        brightness         = 0,      # color multipliers: brightness offset, contrast, luma flip, hue, saturation
+        contrast           = 0,
+        lumaflip           = 0,
+        hue                = 0,
+        saturation         = 0,
+        brightness_std     = 0.2,    # std of the brightness offset, in image units ([-1, 1] range)
+        contrast_std       = 0.5,    # log2 std of contrast
+        hue_max            = 1,      # range of hue rotation, 1 = full circle
+        saturation_std     = 1,      # log2 std of saturation
+    ):
+        for name, value in list(locals().items()):
+            if name != 'self':
+                setattr(self, name, float(value))
+
+    def __call__(self, images):
+        (N, C, H, W), dev = images.shape, images.device
+        labels = [torch.zeros([N, 0], device=dev)]
+
+        def gate(w, prob, shape=None):  # keep w where a fresh uniform draw falls below prob, else 0 (= not applied)
+            keep = torch.rand(w.shape if shape is None else shape, device=dev) < prob
+            return torch.where(keep, w, torch.zeros_like(w))
+
+        # Pixel blitting: flips, quarter turns, integer translation; exact pixel moves, no resampling.
+        for multiplier, dim in ((self.xflip, 3), (self.yflip, 2)):      # x-flip (left-right), then y-flip
+            if multiplier > 0:
+                w = gate(torch.randint(2, [N, 1, 1, 1], device=dev), multiplier * self.p)  # 1 = mirrored
+                images = torch.where(w == 1, images.flip(dim), images)
+                labels.append(w)
+        if self.rotate_int > 0:
+            w = gate(torch.randint(4, [N, 1, 1, 1], device=dev), self.rotate_int * self.p)  # quarter turns (rot90)
+            turns = torch.stack([images.rot90(k, dims=(2, 3)) for k in range(4)])   # [4, N, C, H, W]
+            images = turns[w.flatten(), torch.arange(N, device=dev)]
+            labels += [(w == 1) | (w == 2), (w == 2) | (w == 3)]     # two bits: the turn's x-flip and y-flip parts
+        if self.translate_int > 0:
+            w = gate(torch.rand([2, N, 1, 1, 1], device=dev) * 2 - 1, self.translate_int * self.p, [1, N, 1, 1, 1])
+            tx = w[0].mul(W * self.translate_int_max).round().to(torch.int64)   # [N, 1, 1, 1] content moves right by tx
+            ty = w[1].mul(H * self.translate_int_max).round().to(torch.int64)   # and up by ty (official convention)
+            reflect = lambda i, n: n - 1 - (n - 1 - i % (2 * n - 2)).abs()      # mirror indices into [0, n)
+            x = reflect(torch.arange(W, device=dev) - tx, W)                    # [N, 1, 1, W] source column
+            y = reflect(torch.arange(H, device=dev)[:, None] + ty, H)           # [N, 1, H, 1] source row
+            n, c = torch.arange(N, device=dev)[:, None, None, None], torch.arange(C, device=dev)[:, None, None]
+            images = images[n, c, y, x]
+            labels += [tx.div(W * self.translate_int_max), ty.div(H * self.translate_int_max)]
+
+        # General geometry: compose the inverse map G_inv [N, 3, 3] from output to input pixel coordinates
+        # (origin at the image center), then resample once.
+        G_inv = torch.eye(3, device=dev)
+        if self.scale > 0:
+            w = gate(torch.randn([N], device=dev), self.scale * self.p)
+            s = w.mul(self.scale_std).exp2()                                    # isotropic scale 2^(scale_std w)
+            G_inv = G_inv @ _scale2d(1 / s, 1 / s)
+            labels.append(w)
+        if self.rotate_frac > 0:
+            w = gate((torch.rand([N], device=dev) * 2 - 1) * (np.pi * self.rotate_frac_max), self.rotate_frac * self.p)
+            G_inv = G_inv @ _rotate2d(w)                                        # output pixel q reads input R(w) q
+            labels += [w.cos() - 1, w.sin()]
+        if self.aniso > 0:
+            w = torch.randn([N], device=dev)
+            r = (torch.rand([N], device=dev) * 2 - 1) * np.pi                   # direction of the stretch axis
+            w = gate(w, self.aniso * self.p)
+            r = gate(r, self.aniso_rotate_prob)
+            s = w.mul(self.aniso_std).exp2()                                    # stretch by s along r, by 1/s across
+            G_inv = G_inv @ _rotate2d(-r) @ _scale2d(1 / s, 1 / (1 / s)) @ _rotate2d(r)  # inverse, rounded as EDM does
+            labels += [w * r.cos(), w * r.sin()]
+        if self.translate_frac > 0:
+            w = gate(torch.randn([2, N], device=dev), self.translate_frac * self.p, [1, N])
+            G_inv = G_inv @ _translate2d(-w[0] * (W * self.translate_frac_std), -w[1] * (H * self.translate_frac_std))
+            labels += [w[0], w[1]]
+
+        if self.scale > 0 or self.rotate_frac > 0 or self.aniso > 0 or self.translate_frac > 0:
+            filt = torch.tensor(_SYM6, device=dev)
+            pad = len(_SYM6) // 4                                               # filter support at low resolution
+            # Reflect-pad enough that every output pixel (and the filter around it) samples real or mirrored data.
+            cx, cy = (W - 1) / 2, (H - 1) / 2
+            corners = G_inv @ _matrix([-cx, cx, cx, -cx], [-cy, -cy, cy, cy], [1, 1, 1, 1], device=dev)  # [N, xyz, 4]
+            corners = corners[:, :2]                                            # [N, xy, 4] in input coordinates
+            reach = torch.cat([(-corners).amax(dim=(0, 2)), corners.amax(dim=(0, 2))])  # [left, top, right, bottom]
+            margin = reach + torch.tensor([2 * pad - cx, 2 * pad - cy] * 2, device=dev)
+            margin = margin.clamp(min=0).minimum(torch.tensor([W - 1.0, H - 1.0] * 2, device=dev))
+            mx0, my0, mx1, my1 = margin.ceil().int().tolist()
+            images = F.pad(images, [mx0, mx1, my0, my1], mode='reflect')
+            # NOTE: the official alignment below is exact for a filter centered on tap 5 of 0..11; the centroid of
+            # sym6 is 5.098, so every transform pivots about a point 0.049 px up-left of the center. We keep that.
+            G_inv = _translate2d((mx0 - mx1) / 2, (my0 - my1) / 2, device=dev) @ G_inv   # origin: padded center
+            # Resample at 2x resolution, so that bilinear interpolation does not alias.
+            images = _resample2x(images, filt, up=True)
+            G_inv = _scale2d(2, 2, device=dev) @ G_inv @ _scale2d(1 / 2, 1 / 2, device=dev)
+            G_inv = _translate2d(-0.5, -0.5, device=dev) @ G_inv @ _translate2d(0.5, 0.5, device=dev)  # pixel centers
+            shape = [N, C, (H + 2 * pad) * 2, (W + 2 * pad) * 2]                # output: the image plus filter support
+            G_inv = (_scale2d(2 / images.shape[3], 2 / images.shape[2], device=dev) @ G_inv @
+                     _scale2d(shape[3] / 2, shape[2] / 2, device=dev))          # pixels -> grid_sample's [-1, 1]
+            grid = F.affine_grid(G_inv[:, :2, :].to(images.dtype), shape, align_corners=False)
+            images = F.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+            images = _resample2x(images, filt, up=False)[:, :, pad:-pad, pad:-pad]   # [N, C, H, W]
+
+        # Color: compose a homogeneous 4x4 map M [N, 4, 4] of (R, G, B, 1), then apply it per pixel.
+        M = I_4 = torch.eye(4, device=dev)
+        v = torch.tensor(np.array([1, 1, 1, 0]) / np.sqrt(3), dtype=torch.float32, device=dev)  # luma axis
+        P = torch.outer(v, v)                                                   # projection onto the luma axis
+        if self.brightness > 0:
+            w = gate(torch.randn([N], device=dev), self.brightness * self.p)
+            b = w * self.brightness_std                                         # offset added to R, G, B
+            M = _matrix([1, 0, 0, b], [0, 1, 0, b], [0, 0, 1, b], [0, 0, 0, 1]) @ M
+            labels.append(w)
+        if self.contrast > 0:
+            w = gate(torch.randn([N], device=dev), self.contrast * self.p)
+            c = w.mul(self.contrast_std).exp2()                                 # RGB scaled by 2^(contrast_std w)
+            M = _matrix([c, 0, 0, 0], [0, c, 0, 0], [0, 0, c, 0], [0, 0, 0, 1]) @ M
+            labels.append(w)
+        if self.lumaflip > 0:
+            w = gate(torch.randint(2, [N, 1, 1], device=dev), self.lumaflip * self.p)
+            M = (I_4 - 2 * P * w) @ M                                           # mirror the luma component
+            labels.append(w)
+        if self.hue > 0:
+            w = gate((torch.rand([N], device=dev) * 2 - 1) * (np.pi * self.hue_max), self.hue * self.p)
+            M = _rotate3d(v[:3], w) @ M                                         # rotate the chroma about the luma axis
+            labels += [w.cos() - 1, w.sin()]
+        if self.saturation > 0:
+            w = gate(torch.randn([N, 1, 1], device=dev), self.saturation * self.p)
+            M = (P + (I_4 - P) * w.mul(self.saturation_std).exp2()) @ M         # scale the chroma component
+            labels.append(w)
+
+        if self.brightness > 0 or self.contrast > 0 or self.lumaflip > 0 or self.hue > 0 or self.saturation > 0:
+            x = images.reshape(N, C, H * W)
+            if C == 3:
+                x = M[:, :3, :3] @ x + M[:, :3, 3:]
+            elif C == 1:  # gray in, gray out: average the R, G, B rows of M, applied to (g, g, g, 1)
+                m = M[:, :3, :].mean(dim=1, keepdim=True)                       # [N, 1, 4]
+                x = x * m[:, :, :3].sum(dim=2, keepdim=True) + m[:, :, 3:]
+            else:
+                raise ValueError(f'color augmentation needs 1 or 3 channels, not {C}')
+            images = x.reshape(N, C, H, W)
+
+        return images, torch.cat([x.to(torch.float32).reshape(N, -1) for x in labels], dim=1)
+#------------------------------------------------------------------------------
+# 4. Data. Images are uint8 CHW; the training loop maps them to [-1, 1]. Labels are float32 one-hot vectors
+#    (shape [0] when unused). EDM format: `00000/img00000000.png` files plus `dataset.json` {"labels": [[name, k]]}.
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """An EDM-format dataset: a folder (searched recursively) or a zip of images, optionally with labels. Every
+    image's header is checked when it opens (size, mode, a PNG's end marker), so a bad file stops the run at once."""
+    def __init__(self,
+        path,                       # folder or .zip
+        resolution  = None,         # expected side length; None = whatever the images are
+        use_labels  = False,        # return one-hot labels from dataset.json
+        max_size    = None,         # seeded random subset of this many images; None = all
+        xflip       = False,        # append horizontally flipped copies (doubles the length)
+        random_seed = 0,            # seed of the max_size subset
+        check       = True,         # read every image's header now (fast); False = find bad files when read
+    ):
+        self.path, self.name = path, os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+        self._zip, self._zip_pid = None, None
+        if os.path.isdir(path):
+            names = [os.path.relpath(os.path.join(root, f), path).replace('\\', '/')
+                     for root, _, files in os.walk(path) for f in files]
+        elif os.path.isfile(path) and zipfile.is_zipfile(path):
+            names = self._open_zip().namelist()
+        elif os.path.exists(path):
+            raise UsageError(f'{path}: not a folder or a zip file')
+        else:
+            raise UsageError(f'{path}: no such dataset (make one with dataset_tool.py, or use --data=demo)')
+        self.image_names = sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS))
+        if not self.image_names:
+            raise UserError(f'{path}: no images found')
+        self.labels = self._load_labels() if use_labels else None
+        self.label_dim = 0 if self.labels is None else self.labels.shape[1]
+        self.indices = np.arange(len(self.image_names))
+        if max_size is not None and max_size < len(self.indices):
+            self.indices = np.sort(np.random.RandomState(random_seed % (1 << 31)).permutation(self.indices)[:max_size])
+        self.xflip = xflip
+        self.num_channels, height, width = self._read(self.indices[0]).shape
+        if height != width:
+            raise UserError(f'{path}/{self.image_names[self.indices[0]]}: images must be square, got {width}x{height}')
+        self.resolution = height
+        if resolution is not None and resolution != self.resolution:
+            raise UserError(f'{path}: images are {height}x{height}, but resolution {resolution} was requested')
+        if check:
+            self._check_headers()
+
+    def _check_headers(self):
+        """Every image's size and mode from its header, without decoding; a PNG must end with its IEND chunk."""
+        expected = None
+        for index in self.indices:
+            name = self.image_names[index]
+            try:
+                with self._open(name) as f, PIL.Image.open(f) as image:
+                    found, complete = f'{image.size[0]}x{image.size[1]} {image.mode}', True
+                    if name.lower().endswith('.png'):
+                        f.seek(-12, os.SEEK_END)
+                        complete = f.read(12)[4:8] == b'IEND'
+            except Exception as e:
+                raise UserError(f'{self.path}/{name}: cannot read image ({e})') from None
+            expected = expected or found
+            if not complete:
+                raise UserError(f'{self.path}/{name}: truncated PNG (no IEND chunk at its end)')
+            if found != expected:
+                raise UserError(f'{self.path}/{name}: image is {found}, the first is {expected}; all images must '
+                                'match (see dataset_tool.py)')
+
+    def _open_zip(self):
+        if self._zip is None or self._zip_pid != os.getpid():  # one handle per DataLoader worker
+            self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
+        return self._zip
+
+    def _open(self, name):
+        return open(os.path.join(self.path, name), 'rb') if os.path.isdir(self.path) else self._open_zip().open(name)
+
+    def _load_labels(self):
+        try:
+            with self._open('dataset.json') as f:
+                labels = json.load(f).get('labels')
+        except (KeyError, FileNotFoundError):
+            labels = None
+        except (ValueError, AttributeError) as e:
+            raise UserError(f'{self.path}/dataset.json: cannot parse ({e})')
+        if labels is None:
+            raise UserError(f'{self.path}: no labels in dataset.json; train with --cond=0 or add labels')
+        labels = {name.replace('\\', '/'): label for name, label in labels}
+        missing = [n for n in self.image_names if n not in labels]
+        if missing:
+            raise UserError(f'{self.path}/dataset.json: no label for {missing[0]} '
+                            f'({len(missing)} images without labels)')
+        labels = np.array([labels[n] for n in self.image_names])
+        if labels.ndim == 1:  # class indices -> one-hot
+            return np.eye(labels.max() + 1, dtype=np.float32)[labels]
+        return labels.astype(np.float32)
+
+    def _read(self, raw_index):
+        name = self.image_names[raw_index]
+        try:
+            with self._open(name) as f:
+                image = np.array(PIL.Image.open(io.BytesIO(f.read())))
+        except Exception as e:
+            raise DataError(f'{self.path}/{name}: cannot read image ({e})') from None
+        image = (image[:, :, np.newaxis] if image.ndim == 2 else image).transpose(2, 0, 1)  # [H, W, C] -> [C, H, W]
+        if hasattr(self, 'num_channels') and image.shape != (self.num_channels, self.resolution, self.resolution):
+            raise DataError(f'{self.path}/{name}: image is {tuple(image.shape)} (CHW), expected '
+                            f'{(self.num_channels, self.resolution, self.resolution)} like the others')
+        return image
+
+    def __len__(self):
+        return len(self.indices) * (2 if self.xflip else 1)
+
+    def __getitem__(self, idx):
+        raw_index = self.indices[idx % len(self.indices)]
+        image = self._read(raw_index)
+        if idx >= len(self.indices):  # second half: flipped copies
+            image = image[:, :, ::-1]
+        label = self.labels[raw_index] if self.labels is not None else np.zeros([0], np.float32)
+        return image.copy(), label.copy()
+
+class DemoDataset(torch.utils.data.Dataset):
+    """Built-in toy data (`--data=demo` or `demo-RES`): deterministic random discs, squares and triangles on a
+    two-tone background, label = shape class (3 classes). No download, any resolution."""
+    def __init__(self, resolution=32, size=4096, use_labels=False, xflip=False, num_channels=3, **_):
+        self.name, self.resolution, self.num_channels, self.size = f'demo{resolution}', resolution, num_channels, size
+        self.label_dim, self.use_labels, self.xflip = (3 if use_labels else 0), use_labels, xflip
+
+    def __len__(self):
+        return self.size * (2 if self.xflip else 1)
+
+    def __getitem__(self, idx):
+        rng = np.random.default_rng([1234, idx % self.size])
+        shape, inside = demo_shape(self.resolution, rng)
+        top, bottom, color = rng.uniform(0, 255, (3, self.num_channels))
+        image = np.where(demo_top_half(self.resolution)[None], top[:, None, None], bottom[:, None, None])
+        image = np.where(inside[None], color[:, None, None], image).astype(np.uint8)
+        if idx >= self.size:
+            image = image[:, :, ::-1]
+        label = np.eye(3, dtype=np.float32)[shape] if self.use_labels else np.zeros([0], np.float32)
+        return image.copy(), label
+
+def demo_top_half(R):
+    """[R, R] bool: the pixels of the demo images' top background (pixel centres above the middle)."""
+    return ((np.mgrid[0:R, 0:R][0] + 0.5) / R < 0.5)
+
+def demo_shape(R, rng):
+    """One shape draw of the demo data: (class, [R, R] bool mask) from the generator `rng`."""
+    shape = int(rng.integers(3))
+    y, x = (np.mgrid[0:R, 0:R] + 0.5) / R  # pixel centres in [0, 1]
+    cx, cy = rng.uniform(0.3, 0.7, 2)
+    r = rng.uniform(0.15, 0.3)
+    inside = [(x - cx) ** 2 + (y - cy) ** 2 < r ** 2,                      # disc
+              (abs(x - cx) < r * 0.85) & (abs(y - cy) < r * 0.85),         # square
+              (y - cy < r * 0.8) & (y - cy > 2 * abs(x - cx) - r)][shape]  # triangle
+    return shape, inside
+
+def open_dataset(data, **kwargs):
+    """`--data`: 'demo' (32x32), 'demo-64', ... for the built-in toy set; otherwise an EDM-format zip or folder."""
+    m = re.fullmatch(r'demo(?:-(\d+))?', data)
+    if m and not 4 <= int(m[1] or 32) <= 1024:
+        raise UsageError(f'--data={data}: the demo resolution must be 4 to 1024 pixels')
+    return DemoDataset(resolution=int(m[1] or 32), **kwargs) if m else ImageFolderDataset(data, **kwargs)
+
+class InfiniteSampler(torch.utils.data.Sampler):
+    """Endless, seeded index stream for one rank: epoch e is a permutation seeded by (seed, e), of which ranks take
+    interleaved positions. `start` skips that many items of this rank's stream, so a resumed run sees the same data."""
+    def __init__(self, size, rank=0, world_size=1, seed=0, start=0):
+        self.size, self.rank, self.world_size, self.seed, self.start = size, rank, world_size, seed, start
+
+    def __iter__(self):
+        epoch, order = None, None
+        for i in range(self.start, 1 << 62):
+            e, pos = divmod(i * self.world_size + self.rank, self.size)
+            if e != epoch:
+                epoch, order = e, np.random.default_rng([self.seed, e]).permutation(self.size)
+            yield int(order[pos])
+
+def data_stream(dataset, batch_gpu, rank, world_size, seed, start, workers):
+    """Endless iterator over (uint8 images, labels) micro-batches, starting `start` items into this rank's stream."""
+    sampler = InfiniteSampler(len(dataset), rank, world_size, seed, start)
+    return iter(torch.utils.data.DataLoader(dataset, batch_size=batch_gpu, sampler=sampler, num_workers=workers,
+        pin_memory=torch.cuda.is_available(), prefetch_factor=2 if workers else None, persistent_workers=workers > 0))
+
+#------------------------------------------------------------------------------
+# 5. Images and labels: float [-1, 1] NCHW -> uint8 (EDM: floor(clip(127.5 x + 128))), PNGs per seed, grids, labels.
+
+def to_uint8(images):
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+def save_image(array, path):
+    """uint8 [C, H, W] tensor or array -> PNG (1 channel as grey)."""
+    array = np.asarray(array.cpu() if torch.is_tensor(array) else array).transpose(1, 2, 0)
+    PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
+
+def save_seed_images(images, seeds, outdir, subdirs=False):
+    """`{seed:06d}.png`, in folders of 1,000 seeds with `subdirs` (EDM's layout)."""
+    for image, seed in zip(to_uint8(images), seeds):
+        folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
+        os.makedirs(folder, exist_ok=True)
+        save_image(image, os.path.join(folder, f'{seed:06d}.png'))
+
+def save_image_grid(images, path, cols=None):
+    """float [-1, 1] images [N, C, H, W] -> one PNG grid, `cols` wide (default: about square)."""
+    images = to_uint8(images)
+    n, c, h, w = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = torch.cat([images, images.new_zeros([rows * cols - n, c, h, w])])   # padded with black cells
+    grid = grid.reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4)            # -> [C, rows, H, cols, W]
+    grid = grid.reshape(c, rows * h, cols * w)                                  # -> [C, rows*H, cols*W]
+    save_image(grid, path)
+
+def seed_batches(seeds, batch, rank, world_size):
+    """Split seeds into about-equal batches of at most `batch`, dealt round-robin to the ranks (EDM generate.py)."""
+    num = max((len(seeds) - 1) // (batch * world_size) + 1, 1) * world_size
+    return [list(chunk) for chunk in np.array_split(np.asarray(seeds, dtype=np.int64), num)[rank::world_size]]
+
+def seed_labels(rng, label_dim, class_idx=None, device=None, seeds=None):
+    """One-hot class labels of a batch of seeds (None without classes): `class_idx` for all, else drawn from each
+    seed's generator (EDM generate.py; drawn under `class_idx` too, so the seed's later draws do not change), or
+    with `seeds` given, the seed modulo the class count (official RDM generate_imagenet.py)."""
+    if not label_dim:
+        return None
+    if seeds is not None:
+        index = torch.as_tensor(seeds, device=device) % label_dim
+    else:
+        index = rng.randint(label_dim, device=device)
+    if class_idx is not None:
+        index = torch.full_like(index, class_idx)
+    return torch.eye(label_dim, device=device)[index]
+
+def check_class(class_idx, label_dim):
+    if class_idx is not None and not 0 <= class_idx < max(label_dim, 1):
+        unconditional = '' if label_dim else ' (unconditional)'
+        raise UsageError(f'--class={class_idx}: the network has {label_dim} classes{unconditional}')
+
+#------------------------------------------------------------------------------
+# 6. Inception features and the Frechet distance.
+
+def resize_tf1(x, size=299):
+    """TensorFlow-1 bilinear resize (align_corners=False, half_pixel_centers=False): output pixel j reads the source at
+    j * n_in / n_out, clamped at the last pixel. NVIDIA's detector does this with affine_grid/grid_sample."""
+    for dim in (2, 3):
+        n = x.shape[dim]
+        src = torch.arange(size, dtype=torch.float64, device=x.device) * (n / size)
+        i0 = src.floor().long().clamp(max=n - 1)
+        i1 = (i0 + 1).clamp(max=n - 1)
+        w = (src - i0).to(x.dtype).view([-1 if d == dim else 1 for d in range(4)])
+        x0 = x.index_select(dim, i0)
+        x = x0 + (x.index_select(dim, i1) - x0) * w
+    return x
+
+class _BasicConv2d(torch.nn.Module):
+    """Conv (no bias) + BatchNorm (eps 1e-3, as TF) + ReLU; torchvision's BasicConv2d."""
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+        self.bn = torch.nn.BatchNorm2d(out_channels, eps=1e-3)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+def _avg_pool_tf(x):
+    """3x3/1 average pool that ignores the zero padding, as TF's (pytorch-fid's FIDInception* patch)."""
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+class _InceptionA(torch.nn.Module):
+    """Mixed_5b/5c/5d (pytorch-fid FIDInceptionA)."""
+    def __init__(self, in_channels, pool_features):
+        super().__init__()
+        self.branch1x1 = _BasicConv2d(in_channels, 64, 1)
+        self.branch5x5_1 = _BasicConv2d(in_channels, 48, 1)
+        self.branch5x5_2 = _BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = _BasicConv2d(in_channels, 64, 1)
+        self.branch3x3dbl_2 = _BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = _BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = _BasicConv2d(in_channels, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))), self.branch_pool(_avg_pool_tf(x))], dim=1)
+
+class _InceptionB(torch.nn.Module):
+    """Mixed_6a (torchvision InceptionB): grid reduction 35 -> 17."""
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3 = _BasicConv2d(in_channels, 384, 3, stride=2)
+        self.branch3x3dbl_1 = _BasicConv2d(in_channels, 64, 1)
+        self.branch3x3dbl_2 = _BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = _BasicConv2d(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            F.max_pool2d(x, kernel_size=3, stride=2)], dim=1)
+
+class _InceptionC(torch.nn.Module):
+    """Mixed_6b..6e (pytorch-fid FIDInceptionC): factorized 1x7 / 7x1 convolutions."""
+    def __init__(self, in_channels, channels_7x7):
+        super().__init__()
+        c7 = channels_7x7
+        self.branch1x1 = _BasicConv2d(in_channels, 192, 1)
+        self.branch7x7_1 = _BasicConv2d(in_channels, c7, 1)
+        self.branch7x7_2 = _BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = _BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = _BasicConv2d(in_channels, c7, 1)
+        self.branch7x7dbl_2 = _BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = _BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = _BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = _BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = _BasicConv2d(in_channels, 192, 1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d7 = x
+        for i in range(1, 6):
+            d7 = getattr(self, f'branch7x7dbl_{i}')(d7)
+        return torch.cat([self.branch1x1(x), b7, d7, self.branch_pool(_avg_pool_tf(x))], dim=1)
+
+class _InceptionD(torch.nn.Module):
+    """Mixed_7a (torchvision InceptionD): grid reduction 17 -> 8."""
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3_1 = _BasicConv2d(in_channels, 192, 1)
+        self.branch3x3_2 = _BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = _BasicConv2d(in_channels, 192, 1)
+        self.branch7x7x3_2 = _BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = _BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = _BasicConv2d(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, kernel_size=3, stride=2)], dim=1)
+
+class _InceptionE(torch.nn.Module):
+    """Mixed_7b / 7c (pytorch-fid FIDInceptionE_1 / _2). NOTE: the TF graph pools with max, not average, in Mixed_7c."""
+    def __init__(self, in_channels, pool):
+        super().__init__()
+        self.pool = pool                                        # 'avg' (Mixed_7b) or 'max' (Mixed_7c)
+        self.branch1x1 = _BasicConv2d(in_channels, 320, 1)
+        self.branch3x3_1 = _BasicConv2d(in_channels, 384, 1)
+        self.branch3x3_2a = _BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = _BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = _BasicConv2d(in_channels, 448, 1)
+        self.branch3x3dbl_2 = _BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = _BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = _BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = _BasicConv2d(in_channels, 192, 1)
+
+    def forward(self, x):
+        b3, d3 = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pooled = _avg_pool_tf(x) if self.pool == 'avg' else F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+            self.branch3x3dbl_3a(d3), self.branch3x3dbl_3b(d3), self.branch_pool(pooled)], dim=1)
+
+class InceptionV3(torch.nn.Module):
+    """The FID Inception-v3 (TF graph inception-2015-12-05) with pytorch-fid's state-dict names, so that
+    pt_inception-2015-12-05-6726825d.pth loads with strict=True. Input: uint8-valued [N, 1 or 3, H, W], any size.
+      'nvidia'      TF1 bilinear resize to 299, (x-128)/128, as NVIDIA's detector and ADM's TF graph. Comparable with
+                    EDM's fid-refs/*.npz and FIDs published with NVIDIA's tooling (EDM, EDM2, StyleGAN2-ADA/3) and
+                    with ADM's evaluator (FID, sFID, IS, precision/recall; guided-diffusion and papers that use it).
+      'pytorch_fid' half-pixel bilinear resize (F.interpolate) of x/255, then 2x-1, exactly pytorch-fid. Comparable
+                    with `python -m pytorch_fid` numbers, not with EDM's refs (the resizes differ most at 32-64 px)."""
+    def __init__(self, preprocess='nvidia'):
+        super().__init__()
+        if preprocess not in ('nvidia', 'pytorch_fid'):
+            raise ValueError(f"preprocess must be 'nvidia' or 'pytorch_fid', not {preprocess!r}")
+        self.preprocess = preprocess
+        self.Conv2d_1a_3x3 = _BasicConv2d(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = _BasicConv2d(32, 32, 3)
+        self.Conv2d_2b_3x3 = _BasicConv2d(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = _BasicConv2d(64, 80, 1)
+        self.Conv2d_4a_3x3 = _BasicConv2d(80, 192, 3)
+        self.Mixed_5b = _InceptionA(192, pool_features=32)
+        self.Mixed_5c = _InceptionA(256, pool_features=64)
+        self.Mixed_5d = _InceptionA(288, pool_features=64)
+        self.Mixed_6a = _InceptionB(288)
+        self.Mixed_6b = _InceptionC(768, channels_7x7=128)
+        self.Mixed_6c = _InceptionC(768, channels_7x7=160)
+        self.Mixed_6d = _InceptionC(768, channels_7x7=160)
+        self.Mixed_6e = _InceptionC(768, channels_7x7=192)
+        self.Mixed_7a = _InceptionD(768)
+        self.Mixed_7b = _InceptionE(1280, pool='avg')
+        self.Mixed_7c = _InceptionE(2048, pool='max')
+        self.fc = torch.nn.Linear(2048, 1008)
+        self.eval()
+
+    def preprocess_images(self, images):
+        """uint8-valued [N, 1 or 3, H, W] -> float32 [N, 3, 299, 299] in about [-1, 1]."""
+        x = images.to(torch.float32).expand(-1, 3, -1, -1)                  # grey -> RGB
+        if self.preprocess == 'nvidia':
+            return (resize_tf1(x, 299) - 128) / 128
+        return 2 * F.interpolate(x / 255, size=(299, 299), mode='bilinear', align_corners=False) - 1
+
+    def forward(self, images, return_dict=False):
+        """Pool3 features [N, 2048]; with return_dict=True a dict of 'pool', 'logits' [N, 1008] (no bias, as the
+        original IS code and NVIDIA's no_output_bias) and 'spatial' [N, 2023] (ADM's sFID: mixed_6/conv, 7 channels)."""
+        x = self.preprocess_images(images)
+        x = F.max_pool2d(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))), kernel_size=3, stride=2)
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), kernel_size=3, stride=2)
+        x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))))
+        spatial = self.Mixed_6d.branch1x1(x)[:, :7] if return_dict else None  # TF 'mixed_6/conv', [N, 7, 17, 17]
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(self.Mixed_6d(x)))))
+        pool = x.mean(dim=(2, 3))                                             # [N, 2048, 8, 8] -> [N, 2048]
+        if not return_dict:
+            return pool
+        spatial = spatial.permute(0, 2, 3, 1).flatten(1)                      # [N, 7, 17, 17] -> [N, 17*17*7], TF order
+        return dict(pool=pool, logits=pool @ self.fc.weight.t(), spatial=spatial)
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017), as EDM: scipy sqrtm of the
+    product, real part of the result. NOTE: EDM passes disp=False, deprecated in SciPy 1.17; the plain call is equal."""
+    mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f'statistics do not match: mu {mu1.shape} vs {mu2.shape}, '
+                         f'sigma {sigma1.shape} vs {sigma2.shape}')
+    with warnings.catch_warnings():  # a singular product (fewer images than dimensions) warns; EDM silences it too
+        warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
+        s = scipy.linalg.sqrtm(np.dot(sigma1, sigma2))
+    return float(np.real(np.square(mu1 - mu2).sum() + np.trace(sigma1 + sigma2 - s * 2)))
+
+#------------------------------------------------------------------------------
+# 7. Distributed setup: always a process group (torchrun's, or a world of one; nccl on GPUs, gloo on CPU), errors.
+
+def init_distributed():
+    """Join the torchrun group, or make a world of one (an in-memory store: no port, no environment variables)."""
+    cuda = torch.cuda.is_available()
+    # NOTE: 1x1 convolutions on 1x1 maps (small patches) get weight gradients whose size-1 dims carry other strides
+    # than the parameter's: the same memory layout, but DDP compares strides literally and warns at every step.
+    warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
+    if not dist.is_initialized():  # without RANK (a plain `python x.py`) a world of one
+        world_of_one = {} if 'RANK' in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group('nccl' if cuda else 'gloo', **world_of_one)
+    device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if cuda else torch.device('cpu')
+    if cuda:
+        torch.cuda.set_device(device)
+    elif 'OMP_NUM_THREADS' not in os.environ and hasattr(os, 'getloadavg'):  # torch takes every core: on a busy
+        # CPU that is many times slower
+        idle = max(int(os.cpu_count() - os.getloadavg()[0] + 0.5), 1)
+        if idle < torch.get_num_threads():
+            torch.set_num_threads(idle)
+            print0(f'note: the CPU is busy (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): '
+                   f'{torch.get_num_threads()} thread(s); set OMP_NUM_THREADS to choose')
+    return device
+
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+def print0(*args, **kwargs):
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+class UserError(Exception):
+    """A problem with the user's input (flag, file, data) or a fault while working (disk full, divergence): one line.
+    Exit code (every CLI of this project): 2 if raised before the work starts (the input is wrong), 1 if raised while
+    working (inside `working()` or a `TrainingRun`), 130 for Ctrl-C."""
+
+class UsageError(UserError):
+    """A bad flag value or combination, found before anything is written."""
+
+class DataError(UserError):
+    """An image or label that cannot be read; raised by the datasets, so a run can save its state before it stops."""
+
+@contextlib.contextmanager
+def working():
+    """The work itself (generation, feature extraction, conversion): an error raised inside is a failure while
+    working (exit 1); before it, bad input (exit 2)."""
+    try:
+        yield
+    except (UserError, OSError) as e:
+        e.while_working = True
+        raise
+
+def exit_code(e):
+    return 1 if getattr(e, 'while_working', False) else 2
+
+def run_main(command, args):
+    """Run a CLI command: errors become one line on stderr (exit 2 bad input, 1 a failure while working, 130
+    interrupt), never a traceback; the process group is torn down."""
+    try:
+        command(args)
+    except UserError as e:  # from a DataLoader worker it comes back with the worker's traceback in its message
+        print(f'error: {re.split("(?:User|Usage|Data)Error: ", str(e))[-1].strip()}', file=sys.stderr)
+        sys.exit(exit_code(e))
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:  # a file that cannot be written or read: name it, no traceback
+        print(f'error: {e.filename or "(no file name)"}: {e.strerror or e}', file=sys.stderr)
+        sys.exit(exit_code(e))
+    finally:
+        if dist.is_initialized():
+            gloo = dist.get_backend() == 'gloo' and dist.get_world_size() > 1
+            dist.destroy_process_group()
+            # NOTE: gloo's worker threads free a finished collective after the caller has moved on and need the GIL
+            # to do it; once the interpreter is shutting down they are killed mid-destructor and the process aborts
+            # (SIGABRT, torch 2.13 on CPU). Half a second lets them finish.
+            if gloo:
+                time.sleep(0.5)
+
+#------------------------------------------------------------------------------
+# 8. Command line: argument types, the parser (presets, resume), the shared flags.
+
+MAX_SEEDS = 10**7  # one command's seeds: 200 times EDM's 50,000 FID images
+
+def parse_int_list(s):
+    """'0-3,7' -> [0, 1, 2, 3, 7] (EDM's seed syntax); a list passes through. An empty result is an error."""
+    if isinstance(s, (list, tuple)):
+        return list(s)
+    out = []
+    for part in s.split(','):
+        m = re.fullmatch(r'\s*(-?\d+)\s*-\s*(-?\d+)\s*', part)
+        try:
+            if m and int(m[2]) - int(m[1]) >= MAX_SEEDS:
+                raise argparse.ArgumentTypeError(f'{part.strip()!r} holds more than {MAX_SEEDS:,} numbers; '
+                                                 'split the work')
+            out.extend(range(int(m[1]), int(m[2]) + 1) if m else [int(part)])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected integers or ranges like 0-49999,7; got {s!r}') from None
+        if m and int(m[2]) < int(m[1]):
+            raise argparse.ArgumentTypeError(f'{part.strip()!r} is an empty range (write low-high)')
+        if len(out) > MAX_SEEDS:
+            raise argparse.ArgumentTypeError(f'{s!r} holds more than {MAX_SEEDS:,} numbers; split the work')
+    return out
+
+def parse_bool(s):
+    """Booleans that published commands pass as values: --cond=1, --fp16=True."""
+    words = {'1': True, 'true': True, 'yes': True, 'on': True, '0': False, 'false': False, 'no': False, 'off': False}
+    if not isinstance(s, bool) and s.lower() not in words:
+        raise argparse.ArgumentTypeError(f'expected a boolean (1/0/true/false); got {s!r}')
+    return s if isinstance(s, bool) else words[s.lower()]
+
+def number(kind, low=None, high=None, low_open=False, inf=False):
+    """argparse type: a finite int or float within [low, high] (or (low, high] with low_open), e.g. number(int, 1);
+    `inf=True` also takes +inf (a bound that may be absent, e.g. EDM's S_max)."""
+    def parse(s):
+        try:
+            value = kind(s)
+        except (ValueError, OverflowError):
+            what = 'an integer' if kind is int else 'a number'
+            raise argparse.ArgumentTypeError(f'expected {what}, got {s!r}') from None
+        if kind is float and not math.isfinite(value) and not (inf and value == math.inf):
+            raise argparse.ArgumentTypeError(f'{s} is not a finite number' + (' (or inf)' if inf else ''))
+        below = low is not None and (value <= low if low_open else value < low)
+        if below or (high is not None and value > high):
+            bounds = [f'{"> " if low_open else ">= "}{low}'] if low is not None else []
+            bounds += [f'<= {high:g}' if isinstance(high, float) else f'<= {high}'] if high is not None else []
+            raise argparse.ArgumentTypeError(f'{s} is out of range: must be {" and ".join(bounds)}')
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) and defaults shown in --help; its subcommands are Parsers too."""
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message}\n')
+
+# Training options that may change when a run is resumed; every other option defines the run, and `--resume`
+# refuses a different value. Flags left out take the training state's values, these too.
+RESUME_MAY_CHANGE = {'command', 'outdir', 'resume', 'duration', 'train_steps', 'tick', 'snap', 'dump', 'workers',
+                     'grid', 'grid_steps', 'desc', 'nosubdir', 'dry_run', 'compile', 'batch_gpu', 'preset', 'metrics',
+                     'metrics_ref', 'metrics_detector', 'metrics_preprocess', 'metrics_cache', 'metrics_first',
+                     'metrics_steps'}
+
+def parse_command_line(build_parser, argv=None):
+    """`train` is the default subcommand (`x.py --preset=demo` trains). `build_parser(preset)` builds the parser; a
+    preset's values are defaults of the subcommand that has --preset. With `train --resume=STATE` the state's options
+    are the defaults, and a flag that gives a run-defining option another value is an error."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith('-') and argv[0] not in ('-h', '--help')):
+        argv.insert(0, 'train')
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, 'preset', None) is not None:
+        parser = build_parser(args.preset)
+        args = parser.parse_args(argv)
+    if args.command == 'train' and getattr(args, 'resume', None):
+        try:
+            args.resume = latest_checkpoint(args.resume, 'training-state', '--resume')
+            method, options = read_training_options(args.resume)
+            expected = os.path.splitext(os.path.basename(sys.modules[build_parser.__module__].__file__))[0]
+            if method != expected:  # before any option comparison: the options of another method mean nothing here
+                raise UsageError(f'{args.resume}: a {method}.py training state; {expected}.py continues only its own')
+            stored = {k: v for k, v in options.items() if hasattr(args, k)}
+            branch = any(a == '--outdir' or a.startswith('--outdir=') for a in argv)
+            if not branch:
+                check_no_later_states(args.resume)
+        except UserError as e:
+            parser.error(f'argument --resume: {e}')
+        train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices['train']
+        train.set_defaults(**{k: v for k, v in stored.items() if k not in ('command', 'resume', 'dry_run')})
+        resume, args = args.resume, parser.parse_args(argv)
+        args.resume = resume
+        if not branch:  # one training, one run directory: continue in the state's folder (as EDM2), not --outdir's
+            args.outdir, args.nosubdir = os.path.dirname(os.path.abspath(resume)), True
+        elif '--nosubdir' not in argv:  # a branch: a new numbered run directory in --outdir
+            args.nosubdir = False
+        changed = [k for k, v in stored.items() if k not in RESUME_MAY_CHANGE and getattr(args, k) != v]
+        if changed:
+            flag = {a.dest: next(o for o in a.option_strings if o.startswith('--')) for a in train._actions
+                    if any(o.startswith('--') for o in a.option_strings)}  # dest -> its --spelling
+            parser.error(f'--resume={args.resume} continues a run with other options: ' + '; '.join(
+                f'{flag[k]}={getattr(args, k)} given, {stored[k]} in the training state' for k in changed) +
+                ' (leave them out to continue that run, or start a new run)')
+    if args.command == 'train' and getattr(args, 'data', '') is None:
+        parser.error('--data is required (an EDM-format zip or folder, or demo)')
+    if args.command == 'generate' and getattr(args, 'pick', None) and getattr(args, 'network', None):
+        try:
+            args.network = pick_snapshot(args.network, args.pick, '--network')
+        except UserError as e:
+            parser.error(str(e))
+    if getattr(args, 'sigma_min', None) is not None and getattr(args, 'sigma_max', None) is not None:
+        if args.sigma_min >= args.sigma_max:
+            parser.error(f'--sigma_min={args.sigma_min:g} must be below --sigma_max={args.sigma_max:g}')
+    return args
+
+def check_no_later_states(state):
+    """Continuing a run in its folder from an older training state would overwrite the later ones."""
+    folder, name = os.path.split(os.path.abspath(state))
+    later = sorted(n for n in os.listdir(folder) if re.fullmatch(r'training-state-[\d_]+\.pt', n) and n > name)
+    if later:
+        raise UsageError(f'{state}: its folder holds later training states ({later[-1]}); continuing there would '
+                         'overwrite them: resume from the latest, or branch into a new run directory with --outdir=DIR')
+
+def add_train_flags(p, **defaults):
+    """The training flags every method file shares (EDM's names and units); `defaults` overrides per method."""
+    d = dict(outdir='training-runs', duration=200, batch=512, lr=1e-3, dropout=0.13, tick=50, snap=50, dump=500)
+    d |= defaults
+    pos_int, nonneg_int = number(int, 1, 2**24), number(int, 0, 256)
+    pos_float = lambda high: number(float, 0, high, low_open=True)  # noqa: E731
+    add = p.add_argument
+    add('--outdir', default=d['outdir'], metavar='DIR', help='where to make the run directory')
+    add('--data', default=None, metavar='ZIP|DIR|demo',
+        help='required: an EDM-format zip or folder (dataset_tool.py), or demo[-RES] for built-in shapes')
+    add('--cond', type=parse_bool, default=False, metavar='BOOL', help='class-conditional (labels from dataset.json)')
+    add('--duration', type=pos_float(1e5), default=d['duration'], metavar='MIMG', help='training length, Mimg')
+    add('--batch', type=pos_int, default=d['batch'], metavar='INT', help='global batch size (images per step)')
+    add('--batch-gpu', type=pos_int, default=None, metavar='INT', help='max images per GPU pass; rest accumulated')
+    add('--lr', type=pos_float(None), default=d['lr'], metavar='FLOAT', help='learning rate')
+    add('--dropout', type=number(float, 0, 1), default=d['dropout'], metavar='FLOAT', help='dropout probability')
+    add('--xflip', type=parse_bool, default=False, metavar='BOOL', help='add x-flipped copies of the dataset')
+    add('--fp16', type=parse_bool, default=False, metavar='BOOL', help='fp16 autocast around the network, GradScaler')
+    add('--bf16', type=parse_bool, default=False, metavar='BOOL', help='bf16 autocast around the network')
+    add('--ls', type=pos_float(1e6), default=1, metavar='FLOAT', help='loss scaling (a constant multiplier, as EDM)')
+    add('--tf32', type=parse_bool, default=False, metavar='BOOL', help='allow TF32 matmuls/convolutions')
+    add('--compile', type=parse_bool, default=False, metavar='BOOL', help='torch.compile the network (GPU speed)')
+    add('--tick', type=pos_float(1e6), default=d['tick'], metavar='KIMG', help='kimg between status lines')
+    add('--snap', type=number(int, 0), default=d['snap'], metavar='TICKS', help='ticks between snapshots; 0 = at the end')
+    add('--dump', type=number(int, 0), default=d['dump'], metavar='TICKS', help='ticks between training states; 0 = at end')
+    add('--seed', type=number(int, 0, 2**32 - 1), default=0, metavar='INT', help='random seed')
+    add('--resume', default=None, metavar='PT', help='continue a training-state-*.pt; flags left out take its values')
+    add('--desc', default=None, metavar='STR', help='appended to the run directory name')
+    add('--nosubdir', action='store_true', help='write into --outdir itself, no numbered run directory')
+    add('--workers', type=nonneg_int, default=1, metavar='INT', help='DataLoader worker processes per GPU')
+    add('-n', '--dry-run', action='store_true', help='print the resolved options as JSON and exit')
+
+def add_edm_train_flags(p, ema=0.5, lr_rampup=10000):
+    """EDM's lr ramp-up and EMA half-life (the methods that train with EDM's schedule: all but MaskDM)."""
+    p.add_argument('--lr-rampup', type=number(float, 0), default=lr_rampup, metavar='KIMG', help='lr ramp-up, kimg')
+    p.add_argument('--ema', type=number(float, 0), default=ema, metavar='MIMG', help='EMA half-life, Mimg')
+
+# Sample quality during training (train --metrics): name -> generated images, seeds 0..N-1. The FIDs are
+# StyleGAN2-ADA's metrics of those names (metric_main.py: against the full dataset's statistics), computed as
+# `fid.py calc` does; toy_fd is `fid.py score`'s. fid.py evaluates them (`fid.TrainingMetrics`).
+TRAINING_METRICS = dict(fid50k_full=50000, fid10k_full=10000, toy_fd=500)
+
+def parse_metric_names(s):
+    names = [] if s.strip().lower() in ('', 'none') else [name.strip() for name in s.split(',')]
+    unknown = [name for name in names if name not in TRAINING_METRICS]
+    if unknown:
+        known = ', '.join(TRAINING_METRICS)
+        raise argparse.ArgumentTypeError(f'unknown metric {unknown[0]!r}; known: {known}, none')
+    return names
+
+def add_metric_flags(p, preprocess='nvidia'):
+    """`train --metrics`: evaluated on every network snapshot (see TrainingRun.run_metrics and fid.TrainingMetrics)."""
+    add = p.add_argument
+    add('--metrics', type=parse_metric_names, default=[], metavar='LIST',
+        help=f'sample quality at every snapshot: {", ".join(TRAINING_METRICS)} or none (fid*: against '
+             '--metrics-ref; toy_fd: fid.py score against --data, offline)')
+    add('--metrics-ref', default=None, metavar='NPZ|URL', help='reference statistics for fid* (fid.py ref)')
+    add('--metrics-detector', default=None, metavar='PATH|URL', help='Inception weights for fid* (default: fid.py\'s)')
+    add('--metrics-preprocess', choices=['nvidia', 'pytorch_fid'], default=preprocess,
+        help='fid* resize/normalization, as fid.py --preprocess')
+    add('--metrics-cache', default=None, metavar='DIR', help='toy_fd classifier cache (default: fid.py score\'s)')
+
+def training_metrics(args, resolution, channels, device, sample):
+    """The `evaluate` of a TrainingRun for `--metrics` (None without): fid.py's numbers of the images that
+    `sample(seeds)` makes (float [-1, 1] [N, C, H, W]; the method's generate, with its defaults). Everything the
+    metrics need (reference, detector, toy classifier) is checked and loaded here, before the first step."""
+    if not args.metrics:
+        return None
+    try:
+        import fid  # fid.py imports this file: imported when used
+    except ImportError:
+        raise UsageError('--metrics needs fid.py beside common.py') from None
+    metrics = fid.TrainingMetrics(args.metrics, args.data, resolution, channels, device, ref=args.metrics_ref,
+                                  detector=args.metrics_detector, preprocess=args.metrics_preprocess,
+                                  cache=args.metrics_cache)
+    return lambda: metrics(sample)
+
+def pick_snapshot(path, pick, flag):
+    """`generate --pick`: for a run directory, its newest snapshot (`latest`) or the one with the lowest value of a
+    metric in its metric-<name>.jsonl (`best`: the only metric there; `best:NAME`); a file is itself."""
+    if not os.path.isdir(path):
+        return path
+    if pick == 'latest':
+        newest = latest_checkpoint(path, 'network-snapshot', flag)
+        if os.environ.get('RANK', '0') == '0':  # before the process group exists
+            print(f'{flag}={path}: its newest snapshot, {os.path.relpath(newest, path)}', flush=True)
+        return newest
+    files = sorted(glob.glob(os.path.join(path, 'metric-*.jsonl')))
+    names = [os.path.basename(f)[len('metric-'):-len('.jsonl')] for f in files]
+    name = pick.partition(':')[2]
+    if not name and len(names) != 1:
+        listed = ', '.join(names) or 'none: train with --metrics'
+        raise UsageError(f'--pick=best: {path} has {len(names)} metrics ({listed}); say which: --pick=best:NAME')
+    name = name or names[0]
+    if name not in names:
+        raise UsageError(f'--pick={pick}: {path} has no metric-{name}.jsonl (it has: {", ".join(names) or "none"})')
+    lines = [json.loads(line) for line in open(os.path.join(path, f'metric-{name}.jsonl')) if line.strip()]
+    lines = [line for line in lines if math.isfinite(line['results'][name])
+             and os.path.isfile(os.path.join(path, line['snapshot_pkl']))]
+    if not lines:
+        raise UsageError(f'--pick={pick}: no snapshot in {path} has a finite {name}')
+    best = min(lines, key=lambda line: line['results'][name])
+    if os.environ.get('RANK', '0') == '0':
+        print(f'--pick={pick}: {best["snapshot_pkl"]} ({name} {best["results"][name]:.4g} at kimg {best["kimg"]:g})',
+              flush=True)
+    return os.path.join(path, best['snapshot_pkl'])
+
+def parse_pick(s):
+    if s not in ('latest', 'best') and not s.startswith('best:'):
+        raise argparse.ArgumentTypeError(f'expected latest, best or best:NAME; got {s!r}')
+    return s
+
+def add_generate_flags(g, edm_sampler=True, steps=18):
+    """The generation flags every method file shares (EDM generate.py's names); EDM's sampler flags if it uses it."""
+    add, positive, nonneg = g.add_argument, number(float, 0, low_open=True), number(float, 0)
+    add('--outdir', required=True, metavar='DIR', help='where to write {seed:06d}.png')
+    add('--seeds', type=parse_int_list, default='0-63', metavar='LIST', help='random seeds, e.g. 0-49999')
+    add('--subdirs', action='store_true', help='put seeds in folders of 1,000')
+    add('--pick', type=parse_pick, default='latest', metavar='latest|best[:NAME]',
+        help='for a run directory as --network: its newest snapshot, or the one with the best (lowest) metric')
+    add('--batch', type=number(int, 1, 2**20), default=64, metavar='INT', help='images per batch per GPU')
+    if edm_sampler:
+        add('--steps', type=number(int, 1, 10**5), default=steps, metavar='INT', help='Heun steps (EDM Alg. 2)')
+        add('--sigma_min', type=positive, default=0.002, metavar='FLOAT', help='lowest noise level')
+        add('--sigma_max', type=positive, default=80, metavar='FLOAT', help='highest noise level')
+        add('--rho', type=positive, default=7, metavar='FLOAT', help='time step exponent (EDM Eq. 5)')
+        add('--S_churn', type=nonneg, default=0, metavar='FLOAT', help='stochasticity strength (EDM Alg. 2)')
+        add('--S_min', type=nonneg, default=0, metavar='FLOAT', help='lowest sigma with churn')
+        add('--S_max', type=number(float, 0, inf=True), default=float('inf'), metavar='FLOAT',
+            help='highest sigma with churn')
+        add('--S_noise', type=nonneg, default=1, metavar='FLOAT', help='churn noise inflation')
+
+#------------------------------------------------------------------------------
+# 9. Seeding. Training reseeds at every step from (seed, rank, cur_nimg), so a resumed run replays the same
+#    randomness (as EDM2). Generation gives every image its own generator, so image N depends on seed N only.
+
+def reseed(seed, rank, cur_nimg):
+    """Seed torch's global RNG for this step; returns a numpy Generator drawn from the same state."""
+    state = np.random.SeedSequence([seed, rank, cur_nimg]).generate_state(2)
+    torch.manual_seed(int(state[0]))
+    return np.random.default_rng(int(state[1]))
+
+class PerSeedRNG:
+    """One torch.Generator per image seed; every draw is a stack of per-image draws."""
+    def __init__(self, seeds, device):
+        self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+
+    def randn(self, size, **kwargs):
+        return torch.stack([torch.randn(size, generator=g, **kwargs) for g in self.generators])
+
+    def randn_like(self, x):
+        return self.randn(x.shape[1:], dtype=x.dtype, layout=x.layout, device=x.device)
+
+    def randint(self, high, size=(), **kwargs):
+        return torch.stack([torch.randint(high, size, generator=g, **kwargs) for g in self.generators])
+
+#------------------------------------------------------------------------------
+# 10. Training plumbing shared by the method files.
 
 def setup_precision(fp16, bf16, tf32, device):
     """Autocast dtype for the backbone (None = fp32) and a GradScaler (enabled for fp16 only)."""
@@ -1460,7 +1898,7 @@ def load_training_state(path, method, rank, world_size, **objects):
     return dict(state, data_pos=positions[rank % len(positions)])
 
 #------------------------------------------------------------------------------
-# 8. Checkpoints: plain dicts of tensors, numbers and strings; written to a temp file and renamed, so a kill
+# 11. Checkpoints: plain dicts of tensors, numbers and strings; written to a temp file and renamed, so a kill
 #    never leaves a truncated file; always read with weights_only=True (no code runs).
 
 def save_checkpoint(obj, path):
@@ -1689,441 +2127,3 @@ def load_snapshot(path, flag, methods):
     ckpt.setdefault('precond', 'GaussianDiffusion' if method == 'masked_dm' else 'EDMPrecond')  # older masked_dm files
     return ckpt
 
-#------------------------------------------------------------------------------
-# 9. Images and labels: float [-1, 1] NCHW -> uint8 (EDM: floor(clip(127.5 x + 128))), PNGs per seed, grids, labels.
-
-def to_uint8(images):
-    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
-
-def save_image(array, path):
-    """uint8 [C, H, W] tensor or array -> PNG (1 channel as grey)."""
-    array = np.asarray(array.cpu() if torch.is_tensor(array) else array).transpose(1, 2, 0)
-    PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
-
-def save_seed_images(images, seeds, outdir, subdirs=False):
-    """`{seed:06d}.png`, in folders of 1,000 seeds with `subdirs` (EDM's layout)."""
-    for image, seed in zip(to_uint8(images), seeds):
-        folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
-        os.makedirs(folder, exist_ok=True)
-        save_image(image, os.path.join(folder, f'{seed:06d}.png'))
-
-def save_image_grid(images, path, cols=None):
-    """float [-1, 1] images [N, C, H, W] -> one PNG grid, `cols` wide (default: about square)."""
-    images = to_uint8(images)
-    n, c, h, w = images.shape
-    cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = torch.cat([images, images.new_zeros([rows * cols - n, c, h, w])])   # padded with black cells
-    grid = grid.reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4)            # -> [C, rows, H, cols, W]
-    grid = grid.reshape(c, rows * h, cols * w)                                  # -> [C, rows*H, cols*W]
-    save_image(grid, path)
-
-def seed_batches(seeds, batch, rank, world_size):
-    """Split seeds into about-equal batches of at most `batch`, dealt round-robin to the ranks (EDM generate.py)."""
-    num = max((len(seeds) - 1) // (batch * world_size) + 1, 1) * world_size
-    return [list(chunk) for chunk in np.array_split(np.asarray(seeds, dtype=np.int64), num)[rank::world_size]]
-
-def seed_labels(rng, label_dim, class_idx=None, device=None, seeds=None):
-    """One-hot class labels of a batch of seeds (None without classes): `class_idx` for all, else drawn from each
-    seed's generator (EDM generate.py; drawn under `class_idx` too, so the seed's later draws do not change), or
-    with `seeds` given, the seed modulo the class count (official RDM generate_imagenet.py)."""
-    if not label_dim:
-        return None
-    if seeds is not None:
-        index = torch.as_tensor(seeds, device=device) % label_dim
-    else:
-        index = rng.randint(label_dim, device=device)
-    if class_idx is not None:
-        index = torch.full_like(index, class_idx)
-    return torch.eye(label_dim, device=device)[index]
-
-def check_class(class_idx, label_dim):
-    if class_idx is not None and not 0 <= class_idx < max(label_dim, 1):
-        unconditional = '' if label_dim else ' (unconditional)'
-        raise UsageError(f'--class={class_idx}: the network has {label_dim} classes{unconditional}')
-
-#------------------------------------------------------------------------------
-# 10. Inception features and the Frechet distance.
-
-def resize_tf1(x, size=299):
-    """TensorFlow-1 bilinear resize (align_corners=False, half_pixel_centers=False): output pixel j reads the source at
-    j * n_in / n_out, clamped at the last pixel. NVIDIA's detector does this with affine_grid/grid_sample."""
-    for dim in (2, 3):
-        n = x.shape[dim]
-        src = torch.arange(size, dtype=torch.float64, device=x.device) * (n / size)
-        i0 = src.floor().long().clamp(max=n - 1)
-        i1 = (i0 + 1).clamp(max=n - 1)
-        w = (src - i0).to(x.dtype).view([-1 if d == dim else 1 for d in range(4)])
-        x0 = x.index_select(dim, i0)
-        x = x0 + (x.index_select(dim, i1) - x0) * w
-    return x
-
-class _BasicConv2d(torch.nn.Module):
-    """Conv (no bias) + BatchNorm (eps 1e-3, as TF) + ReLU; torchvision's BasicConv2d."""
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
-        self.bn = torch.nn.BatchNorm2d(out_channels, eps=1e-3)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
-
-def _avg_pool_tf(x):
-    """3x3/1 average pool that ignores the zero padding, as TF's (pytorch-fid's FIDInception* patch)."""
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
-class _InceptionA(torch.nn.Module):
-    """Mixed_5b/5c/5d (pytorch-fid FIDInceptionA)."""
-    def __init__(self, in_channels, pool_features):
-        super().__init__()
-        self.branch1x1 = _BasicConv2d(in_channels, 64, 1)
-        self.branch5x5_1 = _BasicConv2d(in_channels, 48, 1)
-        self.branch5x5_2 = _BasicConv2d(48, 64, 5, padding=2)
-        self.branch3x3dbl_1 = _BasicConv2d(in_channels, 64, 1)
-        self.branch3x3dbl_2 = _BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = _BasicConv2d(96, 96, 3, padding=1)
-        self.branch_pool = _BasicConv2d(in_channels, pool_features, 1)
-
-    def forward(self, x):
-        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))), self.branch_pool(_avg_pool_tf(x))], dim=1)
-
-class _InceptionB(torch.nn.Module):
-    """Mixed_6a (torchvision InceptionB): grid reduction 35 -> 17."""
-    def __init__(self, in_channels):
-        super().__init__()
-        self.branch3x3 = _BasicConv2d(in_channels, 384, 3, stride=2)
-        self.branch3x3dbl_1 = _BasicConv2d(in_channels, 64, 1)
-        self.branch3x3dbl_2 = _BasicConv2d(64, 96, 3, padding=1)
-        self.branch3x3dbl_3 = _BasicConv2d(96, 96, 3, stride=2)
-
-    def forward(self, x):
-        return torch.cat([self.branch3x3(x), self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            F.max_pool2d(x, kernel_size=3, stride=2)], dim=1)
-
-class _InceptionC(torch.nn.Module):
-    """Mixed_6b..6e (pytorch-fid FIDInceptionC): factorized 1x7 / 7x1 convolutions."""
-    def __init__(self, in_channels, channels_7x7):
-        super().__init__()
-        c7 = channels_7x7
-        self.branch1x1 = _BasicConv2d(in_channels, 192, 1)
-        self.branch7x7_1 = _BasicConv2d(in_channels, c7, 1)
-        self.branch7x7_2 = _BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7_3 = _BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = _BasicConv2d(in_channels, c7, 1)
-        self.branch7x7dbl_2 = _BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = _BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = _BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = _BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
-        self.branch_pool = _BasicConv2d(in_channels, 192, 1)
-
-    def forward(self, x):
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        d7 = x
-        for i in range(1, 6):
-            d7 = getattr(self, f'branch7x7dbl_{i}')(d7)
-        return torch.cat([self.branch1x1(x), b7, d7, self.branch_pool(_avg_pool_tf(x))], dim=1)
-
-class _InceptionD(torch.nn.Module):
-    """Mixed_7a (torchvision InceptionD): grid reduction 17 -> 8."""
-    def __init__(self, in_channels):
-        super().__init__()
-        self.branch3x3_1 = _BasicConv2d(in_channels, 192, 1)
-        self.branch3x3_2 = _BasicConv2d(192, 320, 3, stride=2)
-        self.branch7x7x3_1 = _BasicConv2d(in_channels, 192, 1)
-        self.branch7x7x3_2 = _BasicConv2d(192, 192, (1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = _BasicConv2d(192, 192, (7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = _BasicConv2d(192, 192, 3, stride=2)
-
-    def forward(self, x):
-        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, kernel_size=3, stride=2)], dim=1)
-
-class _InceptionE(torch.nn.Module):
-    """Mixed_7b / 7c (pytorch-fid FIDInceptionE_1 / _2). NOTE: the TF graph pools with max, not average, in Mixed_7c."""
-    def __init__(self, in_channels, pool):
-        super().__init__()
-        self.pool = pool                                        # 'avg' (Mixed_7b) or 'max' (Mixed_7c)
-        self.branch1x1 = _BasicConv2d(in_channels, 320, 1)
-        self.branch3x3_1 = _BasicConv2d(in_channels, 384, 1)
-        self.branch3x3_2a = _BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3_2b = _BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = _BasicConv2d(in_channels, 448, 1)
-        self.branch3x3dbl_2 = _BasicConv2d(448, 384, 3, padding=1)
-        self.branch3x3dbl_3a = _BasicConv2d(384, 384, (1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = _BasicConv2d(384, 384, (3, 1), padding=(1, 0))
-        self.branch_pool = _BasicConv2d(in_channels, 192, 1)
-
-    def forward(self, x):
-        b3, d3 = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        pooled = _avg_pool_tf(x) if self.pool == 'avg' else F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-            self.branch3x3dbl_3a(d3), self.branch3x3dbl_3b(d3), self.branch_pool(pooled)], dim=1)
-
-class InceptionV3(torch.nn.Module):
-    """The FID Inception-v3 (TF graph inception-2015-12-05) with pytorch-fid's state-dict names, so that
-    pt_inception-2015-12-05-6726825d.pth loads with strict=True. Input: uint8-valued [N, 1 or 3, H, W], any size.
-      'nvidia'      TF1 bilinear resize to 299, (x-128)/128, as NVIDIA's detector and ADM's TF graph. Comparable with
-                    EDM's fid-refs/*.npz and FIDs published with NVIDIA's tooling (EDM, EDM2, StyleGAN2-ADA/3) and
-                    with ADM's evaluator (FID, sFID, IS, precision/recall; guided-diffusion and papers that use it).
-      'pytorch_fid' half-pixel bilinear resize (F.interpolate) of x/255, then 2x-1, exactly pytorch-fid. Comparable
-                    with `python -m pytorch_fid` numbers, not with EDM's refs (the resizes differ most at 32-64 px)."""
-    def __init__(self, preprocess='nvidia'):
-        super().__init__()
-        if preprocess not in ('nvidia', 'pytorch_fid'):
-            raise ValueError(f"preprocess must be 'nvidia' or 'pytorch_fid', not {preprocess!r}")
-        self.preprocess = preprocess
-        self.Conv2d_1a_3x3 = _BasicConv2d(3, 32, 3, stride=2)
-        self.Conv2d_2a_3x3 = _BasicConv2d(32, 32, 3)
-        self.Conv2d_2b_3x3 = _BasicConv2d(32, 64, 3, padding=1)
-        self.Conv2d_3b_1x1 = _BasicConv2d(64, 80, 1)
-        self.Conv2d_4a_3x3 = _BasicConv2d(80, 192, 3)
-        self.Mixed_5b = _InceptionA(192, pool_features=32)
-        self.Mixed_5c = _InceptionA(256, pool_features=64)
-        self.Mixed_5d = _InceptionA(288, pool_features=64)
-        self.Mixed_6a = _InceptionB(288)
-        self.Mixed_6b = _InceptionC(768, channels_7x7=128)
-        self.Mixed_6c = _InceptionC(768, channels_7x7=160)
-        self.Mixed_6d = _InceptionC(768, channels_7x7=160)
-        self.Mixed_6e = _InceptionC(768, channels_7x7=192)
-        self.Mixed_7a = _InceptionD(768)
-        self.Mixed_7b = _InceptionE(1280, pool='avg')
-        self.Mixed_7c = _InceptionE(2048, pool='max')
-        self.fc = torch.nn.Linear(2048, 1008)
-        self.eval()
-
-    def preprocess_images(self, images):
-        """uint8-valued [N, 1 or 3, H, W] -> float32 [N, 3, 299, 299] in about [-1, 1]."""
-        x = images.to(torch.float32).expand(-1, 3, -1, -1)                  # grey -> RGB
-        if self.preprocess == 'nvidia':
-            return (resize_tf1(x, 299) - 128) / 128
-        return 2 * F.interpolate(x / 255, size=(299, 299), mode='bilinear', align_corners=False) - 1
-
-    def forward(self, images, return_dict=False):
-        """Pool3 features [N, 2048]; with return_dict=True a dict of 'pool', 'logits' [N, 1008] (no bias, as the
-        original IS code and NVIDIA's no_output_bias) and 'spatial' [N, 2023] (ADM's sFID: mixed_6/conv, 7 channels)."""
-        x = self.preprocess_images(images)
-        x = F.max_pool2d(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))), kernel_size=3, stride=2)
-        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), kernel_size=3, stride=2)
-        x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x))))))
-        spatial = self.Mixed_6d.branch1x1(x)[:, :7] if return_dict else None  # TF 'mixed_6/conv', [N, 7, 17, 17]
-        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(self.Mixed_6e(self.Mixed_6d(x)))))
-        pool = x.mean(dim=(2, 3))                                             # [N, 2048, 8, 8] -> [N, 2048]
-        if not return_dict:
-            return pool
-        spatial = spatial.permute(0, 2, 3, 1).flatten(1)                      # [N, 7, 17, 17] -> [N, 17*17*7], TF order
-        return dict(pool=pool, logits=pool @ self.fc.weight.t(), spatial=spatial)
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017), as EDM: scipy sqrtm of the
-    product, real part of the result. NOTE: EDM passes disp=False, deprecated in SciPy 1.17; the plain call is equal."""
-    mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f'statistics do not match: mu {mu1.shape} vs {mu2.shape}, '
-                         f'sigma {sigma1.shape} vs {sigma2.shape}')
-    with warnings.catch_warnings():  # a singular product (fewer images than dimensions) warns; EDM silences it too
-        warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
-        s = scipy.linalg.sqrtm(np.dot(sigma1, sigma2))
-    return float(np.real(np.square(mu1 - mu2).sum() + np.trace(sigma1 + sigma2 - s * 2)))
-
-#------------------------------------------------------------------------------
-# 11. EDM's augmentation pipe (EDM Sec. 5), the pipeline of ADA: Karras et al. 2020, "Training Generative Adversarial
-#     Networks with Limited Data", App. B. Official code: NVlabs/edm training/augment.py, AugmentPipe. The random
-#     draws come in the official order and shapes: one torch seed gives the official batch (to 1e-6 on CPU).
-
-# Low-pass filter of the Daubechies symlet 'sym6' wavelet (12 taps, sum sqrt(2)): the 2x up/down sampling filter.
-_SYM6 = [0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633, 0.4910559419267466,
-         0.787641141030194, 0.3379294217276218, -0.07263752278646252, -0.021060292512300564, 0.04472490177066578,
-         0.0017677118642428036, -0.007800708325034148]
-
-def _matrix(*rows, device=None):
-    """Rows of numbers and equal-shaped tensors [...] -> float32 matrices [..., R, C] ([R, C] if all are numbers)."""
-    ref = next((x for row in rows for x in row if torch.is_tensor(x)), None)
-    if ref is None:
-        return torch.tensor(rows, dtype=torch.float32, device=device)
-    entries = [x if torch.is_tensor(x) else torch.full_like(ref, x) for row in rows for x in row]
-    return torch.stack(entries, dim=-1).reshape(*ref.shape, len(rows), len(rows[0]))
-
-def _translate2d(tx, ty, device=None):
-    return _matrix([1, 0, tx], [0, 1, ty], [0, 0, 1], device=device)
-
-def _scale2d(sx, sy, device=None):
-    return _matrix([sx, 0, 0], [0, sy, 0], [0, 0, 1], device=device)
-
-def _rotate2d(theta):  # turns +x towards +y: clockwise on screen, where y points down
-    return _matrix([theta.cos(), -theta.sin(), 0], [theta.sin(), theta.cos(), 0], [0, 0, 1])
-
-def _rotate3d(axis, theta):
-    """Rotation of RGB by theta [N] about a unit axis [3] (Rodrigues' formula), as homogeneous matrices [N, 4, 4]."""
-    x, y, z = axis
-    K = _matrix([0, -z, y], [z, 0, -x], [-y, x, 0])   # cross-product matrix: K v = axis x v
-    c, s = theta.cos()[:, None, None], theta.sin()[:, None, None]
-    R = torch.eye(4, device=theta.device).repeat(len(theta), 1, 1)
-    R[:, :3, :3] = torch.outer(axis, axis) * (1 - c) + torch.eye(3, device=theta.device) * c + K * s
-    return R
-
-def _resample2x(x, filt, up):
-    """Separable 2x resampling with a low-pass filter [taps]: up = zero insertion then filtering, [N, C, H, W] ->
-    [N, C, 2H, 2W]; down = filtering then decimation, its adjoint, [N, C, 2H, 2W] -> [N, C, H, W]."""
-    w, pad = filt.to(x.dtype).tile(x.shape[1], 1), len(filt) // 2 - 1    # w: [C, taps]; even number of taps
-    conv = F.conv_transpose2d if up else F.conv2d
-    x = conv(x, w[:, None, None, :], stride=(1, 2), padding=(0, pad), groups=x.shape[1])
-    return conv(x, w[:, None, :, None], stride=(2, 1), padding=(pad, 0), groups=x.shape[1])
-
-class AugmentPipe:
-    """EDM's non-leaking augmentations: `images, augment_labels = pipe(images)`; the network is conditioned on the
-    labels (augment_dim) and sampled with zero labels. Each enabled transform runs with probability p * multiplier
-    and appends its label columns in this order (zeros where it was not applied):
-    xflip 1, yflip 1, rotate_int 2, translate_int 2, scale 1, rotate_frac 2, aniso 2, translate_frac 2, brightness 1,
-    contrast 1, lumaflip 1, hue 2, saturation 1. EDM's train.py set (xflip=1e8, yflip=1, scale=1, rotate_frac=1,
-    aniso=1, translate_frac=1) gives 9 columns: [xflip, yflip, scale, cos-1, sin, aniso x, aniso y, tx, ty]."""
-    def __init__(self,
-        p                  = 1,      # overall probability multiplier (train.py --augment); 0 = nothing applied
-        xflip              = 0,      # multipliers of the per-image probabilities; 0 = transform disabled
-        yflip              = 0,
-        rotate_int         = 0,      # 90-degree rotations (square images)
-        translate_int      = 0,      # integer translation with reflection at the borders
-        translate_int_max  = 0.125,  # its range, fraction of the image size
-        scale              = 0,      # isotropic scaling
-        rotate_frac        = 0,      # arbitrary rotation
-        aniso              = 0,      # anisotropic scaling
-        translate_frac     = 0,      # fractional translation
-        scale_std          = 0.2,    # log2 std of isotropic scaling
-        rotate_frac_max    = 1,      # range of arbitrary rotation, 1 = full circle
-        aniso_std          = 0.2,    # log2 std of anisotropic scaling
-        aniso_rotate_prob  = 0.5,    # probability that the anisotropic scaling axis is rotated (not a multiplier)
-        translate_frac_std = 0.125,  # std of fractional translation, fraction of the image size
-        brightness         = 0,      # color multipliers: brightness offset, contrast, luma flip, hue, saturation
-        contrast           = 0,
-        lumaflip           = 0,
-        hue                = 0,
-        saturation         = 0,
-        brightness_std     = 0.2,    # std of the brightness offset, in image units ([-1, 1] range)
-        contrast_std       = 0.5,    # log2 std of contrast
-        hue_max            = 1,      # range of hue rotation, 1 = full circle
-        saturation_std     = 1,      # log2 std of saturation
-    ):
-        for name, value in list(locals().items()):
-            if name != 'self':
-                setattr(self, name, float(value))
-
-    def __call__(self, images):
-        (N, C, H, W), dev = images.shape, images.device
-        labels = [torch.zeros([N, 0], device=dev)]
-
-        def gate(w, prob, shape=None):  # keep w where a fresh uniform draw falls below prob, else 0 (= not applied)
-            keep = torch.rand(w.shape if shape is None else shape, device=dev) < prob
-            return torch.where(keep, w, torch.zeros_like(w))
-
-        # Pixel blitting: flips, quarter turns, integer translation; exact pixel moves, no resampling.
-        for multiplier, dim in ((self.xflip, 3), (self.yflip, 2)):      # x-flip (left-right), then y-flip
-            if multiplier > 0:
-                w = gate(torch.randint(2, [N, 1, 1, 1], device=dev), multiplier * self.p)  # 1 = mirrored
-                images = torch.where(w == 1, images.flip(dim), images)
-                labels.append(w)
-        if self.rotate_int > 0:
-            w = gate(torch.randint(4, [N, 1, 1, 1], device=dev), self.rotate_int * self.p)  # quarter turns (rot90)
-            turns = torch.stack([images.rot90(k, dims=(2, 3)) for k in range(4)])   # [4, N, C, H, W]
-            images = turns[w.flatten(), torch.arange(N, device=dev)]
-            labels += [(w == 1) | (w == 2), (w == 2) | (w == 3)]     # two bits: the turn's x-flip and y-flip parts
-        if self.translate_int > 0:
-            w = gate(torch.rand([2, N, 1, 1, 1], device=dev) * 2 - 1, self.translate_int * self.p, [1, N, 1, 1, 1])
-            tx = w[0].mul(W * self.translate_int_max).round().to(torch.int64)   # [N, 1, 1, 1] content moves right by tx
-            ty = w[1].mul(H * self.translate_int_max).round().to(torch.int64)   # and up by ty (official convention)
-            reflect = lambda i, n: n - 1 - (n - 1 - i % (2 * n - 2)).abs()      # mirror indices into [0, n)
-            x = reflect(torch.arange(W, device=dev) - tx, W)                    # [N, 1, 1, W] source column
-            y = reflect(torch.arange(H, device=dev)[:, None] + ty, H)           # [N, 1, H, 1] source row
-            n, c = torch.arange(N, device=dev)[:, None, None, None], torch.arange(C, device=dev)[:, None, None]
-            images = images[n, c, y, x]
-            labels += [tx.div(W * self.translate_int_max), ty.div(H * self.translate_int_max)]
-
-        # General geometry: compose the inverse map G_inv [N, 3, 3] from output to input pixel coordinates
-        # (origin at the image center), then resample once.
-        G_inv = torch.eye(3, device=dev)
-        if self.scale > 0:
-            w = gate(torch.randn([N], device=dev), self.scale * self.p)
-            s = w.mul(self.scale_std).exp2()                                    # isotropic scale 2^(scale_std w)
-            G_inv = G_inv @ _scale2d(1 / s, 1 / s)
-            labels.append(w)
-        if self.rotate_frac > 0:
-            w = gate((torch.rand([N], device=dev) * 2 - 1) * (np.pi * self.rotate_frac_max), self.rotate_frac * self.p)
-            G_inv = G_inv @ _rotate2d(w)                                        # output pixel q reads input R(w) q
-            labels += [w.cos() - 1, w.sin()]
-        if self.aniso > 0:
-            w = torch.randn([N], device=dev)
-            r = (torch.rand([N], device=dev) * 2 - 1) * np.pi                   # direction of the stretch axis
-            w = gate(w, self.aniso * self.p)
-            r = gate(r, self.aniso_rotate_prob)
-            s = w.mul(self.aniso_std).exp2()                                    # stretch by s along r, by 1/s across
-            G_inv = G_inv @ _rotate2d(-r) @ _scale2d(1 / s, 1 / (1 / s)) @ _rotate2d(r)  # inverse, rounded as EDM does
-            labels += [w * r.cos(), w * r.sin()]
-        if self.translate_frac > 0:
-            w = gate(torch.randn([2, N], device=dev), self.translate_frac * self.p, [1, N])
-            G_inv = G_inv @ _translate2d(-w[0] * (W * self.translate_frac_std), -w[1] * (H * self.translate_frac_std))
-            labels += [w[0], w[1]]
-
-        if self.scale > 0 or self.rotate_frac > 0 or self.aniso > 0 or self.translate_frac > 0:
-            filt = torch.tensor(_SYM6, device=dev)
-            pad = len(_SYM6) // 4                                               # filter support at low resolution
-            # Reflect-pad enough that every output pixel (and the filter around it) samples real or mirrored data.
-            cx, cy = (W - 1) / 2, (H - 1) / 2
-            corners = G_inv @ _matrix([-cx, cx, cx, -cx], [-cy, -cy, cy, cy], [1, 1, 1, 1], device=dev)  # [N, xyz, 4]
-            corners = corners[:, :2]                                            # [N, xy, 4] in input coordinates
-            reach = torch.cat([(-corners).amax(dim=(0, 2)), corners.amax(dim=(0, 2))])  # [left, top, right, bottom]
-            margin = reach + torch.tensor([2 * pad - cx, 2 * pad - cy] * 2, device=dev)
-            margin = margin.clamp(min=0).minimum(torch.tensor([W - 1.0, H - 1.0] * 2, device=dev))
-            mx0, my0, mx1, my1 = margin.ceil().int().tolist()
-            images = F.pad(images, [mx0, mx1, my0, my1], mode='reflect')
-            # NOTE: the official alignment below is exact for a filter centered on tap 5 of 0..11; the centroid of
-            # sym6 is 5.098, so every transform pivots about a point 0.049 px up-left of the center. We keep that.
-            G_inv = _translate2d((mx0 - mx1) / 2, (my0 - my1) / 2, device=dev) @ G_inv   # origin: padded center
-            # Resample at 2x resolution, so that bilinear interpolation does not alias.
-            images = _resample2x(images, filt, up=True)
-            G_inv = _scale2d(2, 2, device=dev) @ G_inv @ _scale2d(1 / 2, 1 / 2, device=dev)
-            G_inv = _translate2d(-0.5, -0.5, device=dev) @ G_inv @ _translate2d(0.5, 0.5, device=dev)  # pixel centers
-            shape = [N, C, (H + 2 * pad) * 2, (W + 2 * pad) * 2]                # output: the image plus filter support
-            G_inv = (_scale2d(2 / images.shape[3], 2 / images.shape[2], device=dev) @ G_inv @
-                     _scale2d(shape[3] / 2, shape[2] / 2, device=dev))          # pixels -> grid_sample's [-1, 1]
-            grid = F.affine_grid(G_inv[:, :2, :].to(images.dtype), shape, align_corners=False)
-            images = F.grid_sample(images, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
-            images = _resample2x(images, filt, up=False)[:, :, pad:-pad, pad:-pad]   # [N, C, H, W]
-
-        # Color: compose a homogeneous 4x4 map M [N, 4, 4] of (R, G, B, 1), then apply it per pixel.
-        M = I_4 = torch.eye(4, device=dev)
-        v = torch.tensor(np.array([1, 1, 1, 0]) / np.sqrt(3), dtype=torch.float32, device=dev)  # luma axis
-        P = torch.outer(v, v)                                                   # projection onto the luma axis
-        if self.brightness > 0:
-            w = gate(torch.randn([N], device=dev), self.brightness * self.p)
-            b = w * self.brightness_std                                         # offset added to R, G, B
-            M = _matrix([1, 0, 0, b], [0, 1, 0, b], [0, 0, 1, b], [0, 0, 0, 1]) @ M
-            labels.append(w)
-        if self.contrast > 0:
-            w = gate(torch.randn([N], device=dev), self.contrast * self.p)
-            c = w.mul(self.contrast_std).exp2()                                 # RGB scaled by 2^(contrast_std w)
-            M = _matrix([c, 0, 0, 0], [0, c, 0, 0], [0, 0, c, 0], [0, 0, 0, 1]) @ M
-            labels.append(w)
-        if self.lumaflip > 0:
-            w = gate(torch.randint(2, [N, 1, 1], device=dev), self.lumaflip * self.p)
-            M = (I_4 - 2 * P * w) @ M                                           # mirror the luma component
-            labels.append(w)
-        if self.hue > 0:
-            w = gate((torch.rand([N], device=dev) * 2 - 1) * (np.pi * self.hue_max), self.hue * self.p)
-            M = _rotate3d(v[:3], w) @ M                                         # rotate the chroma about the luma axis
-            labels += [w.cos() - 1, w.sin()]
-        if self.saturation > 0:
-            w = gate(torch.randn([N, 1, 1], device=dev), self.saturation * self.p)
-            M = (P + (I_4 - P) * w.mul(self.saturation_std).exp2()) @ M         # scale the chroma component
-            labels.append(w)
-
-        if self.brightness > 0 or self.contrast > 0 or self.lumaflip > 0 or self.hue > 0 or self.saturation > 0:
-            x = images.reshape(N, C, H * W)
-            if C == 3:
-                x = M[:, :3, :3] @ x + M[:, :3, 3:]
-            elif C == 1:  # gray in, gray out: average the R, G, B rows of M, applied to (g, g, g, 1)
-                m = M[:, :3, :].mean(dim=1, keepdim=True)                       # [N, 1, 4]
-                x = x * m[:, :, :3].sum(dim=2, keepdim=True) + m[:, :, 3:]
-            else:
-                raise ValueError(f'color augmentation needs 1 or 3 channels, not {C}')
-            images = x.reshape(N, C, H, W)
-
-        return images, torch.cat([x.to(torch.float32).reshape(N, -1) for x in labels], dim=1)
