@@ -312,12 +312,12 @@ def generator_source(args, R, C, label_dim):
                          f'--data={args.data} has {R}x{R}x{C} with {label_dim} (check --cond)')
     return kwargs, state
 
-def check_and_count(net_kwargs, names, freeze, feature_res, label_dim):
+def check_and_count(net_kwargs, names, freeze, feature_res, label_dim, head_width=None):
     """Parameter counts on the meta device (no teacher, no weight files), after passing a --feature-res image
     through the discriminator's shapes."""
     with torch.device('meta'):
         G, features = GDDPrecond(**net_kwargs), FeatureNetworks(names, 0, feature_res)
-        D = Discriminator(names, features.nets[names[0]].channels, feature_res, label_dim)
+        D = Discriminator(names, features.nets[names[0]].channels, feature_res, label_dim, head_width)
         try:
             D(features(torch.zeros(2, 3, feature_res, feature_res)), torch.zeros(2, label_dim))
         except (RuntimeError, ValueError) as e:
@@ -327,10 +327,30 @@ def check_and_count(net_kwargs, names, freeze, feature_res, label_dim):
     return dict(parameter_counts(G, frozen_names(G, freeze)), discriminator_heads=count(D),
                 feature_networks=count(features))
 
-def build_discriminator(names, seed, resolution, label_dim, weights, class_embedding=None):
+# NOTE: --feature-weights=random keeps PyTorch's default conv init (uniform, 1/3 of He's variance): through the
+# ~20 layers of EfficientNet-lite0 the signal shrinks about 10x per stage (4e-10 at its last map on the demo data),
+# the heads see the CCM/CSM biases and the discriminator stays at chance. random-he draws the trunks' convs as their
+# libraries do when built without weights (timm efficientnet `_init_weight_goog`, torchvision `VGG.__init__`):
+# N(0, 2 / fan_out), fan_out = k * k * out_channels / groups, biases 0; BatchNorm stays the identity.
+def he_init(trunk, seed):
+    """Re-draw the trunk's conv weights He-normal (fan-out) from `seed`; biases zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in trunk.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(2 / fan_out))
+                if m.bias is not None:
+                    m.bias.zero_()
+    return trunk
+
+def build_discriminator(names, seed, resolution, label_dim, weights, class_embedding=None, head_width=None):
     """Frozen feature networks (with their weight files, or random) and the trained heads."""
     features = FeatureNetworks(names, seed, resolution)
-    if weights != 'random':
+    if weights == 'random-he':
+        for i, name in enumerate(names):
+            he_init(features.nets[name].trunk, seed + i)
+    elif weights != 'random':
         paths = weights.split(',') if weights else []
         if len(paths) != len(names):
             n = names[min(len(paths), len(names) - 1)]
@@ -342,7 +362,7 @@ def build_discriminator(names, seed, resolution, label_dim, weights, class_embed
             load_trunk(features.nets[name].trunk, name, path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        D = Discriminator(names, features.nets[names[0]].channels, resolution, label_dim)
+        D = Discriminator(names, features.nets[names[0]].channels, resolution, label_dim, head_width)
     if label_dim and class_embedding not in (None, 'random'):
         table = with_flag('--class-embedding', load_checkpoint, class_embedding)
         table = table.get('weight', table) if isinstance(table, dict) else table
@@ -369,9 +389,10 @@ def print_header(args, dataset, info, amp_dtype, run_dir):
            f'{args.transfer}; generator {counts["total"]:,} parameters, {counts["frozen"]:,} frozen, '
            f'{counts["trainable"]:,} trainable; discriminator {", ".join(names)}, heads '
            f'{counts["discriminator_heads"]:,}')
-    if args.feature_weights == 'random':
-        print0('WARNING: --feature-weights=random: the discriminator\'s feature networks are RANDOM, not ImageNet-'
-               'pretrained. This only shows that the machinery runs; results are not comparable to the paper.')
+    if args.feature_weights in ('random', 'random-he'):
+        print0(f'WARNING: --feature-weights={args.feature_weights}: the discriminator\'s feature networks are '
+               'RANDOM, not ImageNet-pretrained. This only shows that the machinery runs; results are not '
+               'comparable to the paper.')
     if args.bf16 and amp_dtype is None:
         print0('note: --bf16 applies on CUDA only (upstream runs the generator in fp32 elsewhere); this run is fp32')
     if dataset.label_dim and args.class_embedding in (None, 'random'):
@@ -396,7 +417,7 @@ def training_setup(args, world_size):
         raise UsageError(f'--data={args.data}: {C}-channel images; the feature networks take RGB or grey')
     batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
     net_kwargs, teacher_state = generator_source(args, R, C, label_dim)
-    counts = check_and_count(net_kwargs, names, args.freeze, args.feature_res, label_dim)
+    counts = check_and_count(net_kwargs, names, args.freeze, args.feature_res, label_dim, args.head_width)
     return dataset, net_kwargs, teacher_state, dict(net_kwargs=net_kwargs, feature_networks=names, parameters=counts,
                                                     batch_gpu=batch_gpu, rounds=rounds, world_size=world_size)
 
@@ -414,7 +435,8 @@ def train(args):
     for name, p in net.named_parameters():
         p.requires_grad_(name not in frozen)  # GDD-I; before DDP: frozen tensors are not its parameters
     features, D = (m.to(device) for m in build_discriminator(names, args.seed, args.feature_res, label_dim,
-                                                             args.feature_weights, args.class_embedding))
+                                                             args.feature_weights, args.class_embedding,
+                                                             args.head_width))
     opt_G, opt_D = build_optimizers(net, D, frozen, args.lr, args.dlr, args.r1_interval)
     lr_D = opt_D.param_groups[0]['lr']  # --dlr with the lazy-R1 correction
     run = TrainingRun('gdd', vars(args), info, device, outdir=args.outdir, nosubdir=args.nosubdir,
@@ -424,7 +446,8 @@ def train(args):
         state=dict(net=net, ema=ema, D=D, optimizer_G=opt_G, optimizer_D=opt_D),
         snapshot=lambda: dict(precond='GDDPrecond', net_kwargs=net_kwargs, ema=ema.state_dict(), freeze=args.freeze,
                               feature_networks=names, feature_weights='RANDOM (demo only)'
-                              if args.feature_weights == 'random' else args.feature_weights),
+                              if args.feature_weights == 'random' else 'RANDOM-HE (demo only)'
+                              if args.feature_weights == 'random-he' else args.feature_weights),
         grid=args.grid and (lambda path: save_sample_grid(ema, path, args.grid, device)))
     ddp_G, ddp_D = distributed_pair(net, D, device, args.compile)
     stream = run.data(dataset, batch_gpu, args.seed, args.workers)
@@ -522,12 +545,15 @@ def build_parser(preset=None):
     t.add_argument('--backbone', type=backbone, default='1', metavar='0|1|3|LIST', help='feature networks: official '
                    'numbers (0 DeiT+EffNet, 1 VGG+EffNet, 3 EffNet) or a comma list of vgg16_bn, '
                    'tf_efficientnet_lite0, deit_base_distilled_patch16_224')
-    t.add_argument('--feature-weights', default=None, metavar='PTH,...|random', help='ImageNet weight files of the '
-                   'feature networks in --backbone order (torchvision/timm .pth); random = untrained features, '
+    t.add_argument('--feature-weights', default=None, metavar='PTH,...|random|random-he', help='ImageNet weight '
+                   'files of the feature networks in --backbone order (torchvision/timm .pth); random = untrained, '
+                   'PyTorch\'s default init; random-he = untrained, He-normal fan-out convs (timm/torchvision init); '
                    'demos only')
     t.add_argument('--feature-res', type=number(int, 1), default=224, metavar='INT', help='side the images are resized '
                    'to for the feature networks (official 224; smaller only for CPU tests/demos, heads then follow '
                    'upstream\'s native-size rule)')
+    t.add_argument('--head-width', type=number(int, 1), default=None, metavar='INT', help='cap on the channel widths '
+                   'of the discriminator heads (CPU demos); None = upstream\'s widths (up to 2048)')
     t.add_argument('--class-embedding', default=None, metavar='PT|random', help='[1000, 320] class table of the '
                    'conditional heads (official in_embeddings/tf_efficientnet_lite0.pkl as a tensor file); '
                    'None/random = N(0, 1) (upstream rand_embedding)')
@@ -616,9 +642,10 @@ class Head(nn.Module):
     a class embedding e = lrelu-FC(Emb[argmax c]) (StyleGAN2 equalized FC 320 -> 64), logit = <o, e> / sqrt(64)."""
     WIDTH = {1: 2048, 2: 1024, 4: 512, 8: 512, 16: 256, 32: 128, 64: 64, 128: 64, 256: 32, 512: 16, 1024: 8}
 
-    def __init__(self, in_channels, start, end, conditional, cmap_dim=64, num_classes=1000, embed_dim=320):
+    def __init__(self, in_channels, start, end, conditional, cmap_dim=64, num_classes=1000, embed_dim=320,
+                 max_width=None):
         super().__init__()
-        width = {**self.WIDTH, start: in_channels}
+        width = {**{k: min(w, max_width or w) for k, w in self.WIDTH.items()}, start: in_channels}
         blocks, s = [], start
         while s > end:
             blocks.append(DownBlock(width[s], width[s // 2]))
@@ -653,11 +680,11 @@ def head_sizes(resolution):
 
 class Discriminator(nn.Module):
     """The trained part: 4 heads per feature network. Returns one [N, L_k] logit tensor per network."""
-    def __init__(self, names, channels, resolution=224, label_dim=0):
+    def __init__(self, names, channels, resolution=224, label_dim=0, max_width=None):
         super().__init__()
         sizes, end = head_sizes(resolution)
-        self.heads = nn.ModuleDict({name: nn.ModuleList(Head(c, s, end, label_dim > 0) for c, s in zip(channels, sizes))
-                                    for name in names})
+        self.heads = nn.ModuleDict({name: nn.ModuleList(Head(c, s, end, label_dim > 0, max_width=max_width)
+                                                        for c, s in zip(channels, sizes)) for name in names})
 
     def forward(self, features, labels=None):
         return [torch.cat([head(f, labels) for head, f in zip(heads, features[name])], dim=1)

@@ -444,6 +444,73 @@ def test_resume_equals_uninterrupted_and_frozen_teacher_weights(tmp_path, standi
     assert full['feature_weights'].startswith('RANDOM') and (tmp_path / 'full' / 'samples-000000_016.png').exists()
     assert 'feature networks are RANDOM' in (tmp_path / 'full' / 'log.txt').read_text()
 
+def numel(obj):
+    """Elements of all tensors in a nested checkpoint structure."""
+    if torch.is_tensor(obj):
+        return obj.numel()
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []
+    return sum(numel(v) for v in values)
+
+def test_state_holds_no_feature_networks_and_resume_is_bitwise(tmp_path, standin):
+    """The training state holds G, its EMA, D's heads and the optimizers: no tensor of the frozen feature networks
+    (trunks, random projections), which come back from --seed (random, random-he) or their weight files. Resume is
+    bitwise, also from a state that carries the frozen feature networks (extra entries are not read)."""
+    teacher = write_teacher(tmp_path / 'teacher.pt')
+    he = ['--feature-weights=random-he', '--head-width=8']
+    full = load_checkpoint(str(run_train(tmp_path / 'full', teacher, '--duration=0.000016', *he)))
+    half = run_train(tmp_path / 'half', teacher, '--duration=0.000008', *he)
+    features, D = gdd.build_discriminator(['tiny'], 0, 32, 0, 'random-he', head_width=8)
+    state = load_checkpoint(str(half))
+    assert all(not any(s in k for s in ('trunk', 'ccm', 'csm')) for part in ('net', 'ema', 'D') for k in state[part])
+    assert state['D'].keys() == D.state_dict().keys()
+    trained = ('net', 'ema', 'D', 'optimizer_G', 'optimizer_D')
+    assert numel(state) == numel({k: state[k] for k in trained})  # no other tensor anywhere in the state
+    old = tmp_path / 'old-state.pt'  # an older layout that also stored the frozen feature networks
+    common.save_checkpoint(dict(state, features=features.state_dict()), old)
+    for i, path in enumerate([half, old]):
+        resumed = load_checkpoint(str(run_train(tmp_path / f'resumed{i}', teacher, '--duration=0.000016', *he,
+                                                f'--resume={path}')))
+        assert full['step'] == resumed['step'] == 4 and full['data_pos'] == resumed['data_pos']
+        for key in ('net', 'ema', 'D', 'optimizer_G', 'optimizer_D'):
+            assert same(full[key], resumed[key]), key
+    assert full['feature_weights'] == 'RANDOM-HE (demo only)'
+
+def test_random_he_features_keep_the_signal():
+    """--feature-weights=random: PyTorch's default conv init, EfficientNet-lite0's deepest map carries ~1e-9 of the
+    image; random-he (He-normal fan-out convs, as timm/torchvision draw them) keeps it at order 1e-2..1. Seeded:
+    the same seed gives the same trunk, biases zero."""
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 8, 8) * 2 - 1
+    spread = {}
+    for weights in ('random', 'random-he'):
+        features, _ = gdd.build_discriminator(['tf_efficientnet_lite0'], 3, 32, 0, weights, head_width=8)
+        net = features.nets['tf_efficientnet_lite0']
+        with torch.no_grad():
+            maps = net.trunk(F.interpolate(((x + 1) / 2 - net.mean) / net.std, 32, mode='bilinear'))
+        spread[weights] = [m.std(0).mean().item() for m in maps]
+    assert spread['random'][-1] < 1e-6 and min(spread['random-he']) > 1e-2
+    a, b, c = (gdd.he_init(gdd.EfficientNetLite0(), seed) for seed in (1, 1, 2))
+    assert same(a.state_dict(), b.state_dict()) and not same(a.state_dict(), c.state_dict())
+    conv = a.blocks[1][0].conv_dw  # depthwise 3x3 over 96 channels: fan_out = 9
+    assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / 9), rel=0.1)
+
+def test_head_width_caps_the_heads():
+    """--head-width caps every head's channel width; None builds upstream's heads, bit for bit."""
+    names, channels = ['tf_efficientnet_lite0'], [64, 64, 128, 256]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        default = gdd.Discriminator(names, channels, 32)
+        torch.manual_seed(0)
+        none = gdd.Discriminator(names, channels, 32, 0, None)
+        capped = gdd.Discriminator(names, channels, 32, 0, 32)
+    assert same(default.state_dict(), none.state_dict())
+    widths = [m.out_channels for m in capped.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert max(widths) == 32 and max(m.out_channels for m in default.modules() if isinstance(m, torch.nn.Conv2d)) > 32
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(capped) < count(default) / 100
+    x = {names[0]: [torch.randn(2, c, s, s) for c, s in zip(channels, (16, 8, 4, 2))]}
+    assert [l.shape for l in capped(x)] == [l.shape for l in default(x)]
+
 @pytest.mark.parametrize('freeze, tag', [(2, 'gddi-qkv'), (3, 'gddi-qkv-skip')])
 def test_cli_freeze_2_3(tmp_path, standin, freeze, tag):
     teacher = write_teacher(tmp_path / 'teacher.pt')
