@@ -180,6 +180,7 @@ RULES = [
     (r"^python - <<'EOF'\n(.|\n)*torch\.device\('meta'\)", RUN),      # shapes on the meta device, seconds
     (r"^python -c \"import torch, patch_diffusion as pd; .*AutoencoderKL\(block_out_channels=\(32, 32, 32\)", RUN),
     (r'^python patch_diffusion\.py encode --data=demo-32 .*--vae=tiny-vae\.bin', RUN),   # 4096 images, ~8 s
+    (r'^python dataset_tool\.py grid --data=demo-\d+ .*--num=\d{1,3}(\s|$)', RUN),   # a grid of demo images, seconds
     (r'--source=downloads/', 'needs a download (the original dataset files under downloads/)'),
     (r'--data=datasets/', 'needs a dataset made from a download (docs/evaluation.md)'),
     (r'--(network|network_first|network_second|transfer)=(all_ckpt|pretrained|ckpts)/', 'needs a downloaded checkpoint'),
