@@ -1356,7 +1356,7 @@ def add_train_flags(p, **defaults):
     """The training flags every method file shares (EDM's names and units); `defaults` overrides per method."""
     d = dict(outdir='training-runs', duration=200, batch=512, lr=1e-3, dropout=0.13, tick=50, snap=50, dump=500)
     d |= defaults
-    pos_int, nonneg_int = number(int, 1, 2**24), number(int, 0, 256)
+    pos_int, nonneg, nonneg_int = number(int, 1, 2**24), number(int, 0), number(int, 0, 256)
     pos_float = lambda high: number(float, 0, high, low_open=True)  # noqa: E731
     add = p.add_argument
     add('--outdir', default=d['outdir'], metavar='DIR', help='where to make the run directory')
@@ -1375,8 +1375,8 @@ def add_train_flags(p, **defaults):
     add('--tf32', type=parse_bool, default=False, metavar='BOOL', help='allow TF32 matmuls/convolutions')
     add('--compile', type=parse_bool, default=False, metavar='BOOL', help='torch.compile the network (GPU speed)')
     add('--tick', type=pos_float(1e6), default=d['tick'], metavar='KIMG', help='kimg between status lines')
-    add('--snap', type=number(int, 0), default=d['snap'], metavar='TICKS', help='ticks between snapshots; 0 = at the end')
-    add('--dump', type=number(int, 0), default=d['dump'], metavar='TICKS', help='ticks between training states; 0 = at end')
+    add('--snap', type=nonneg, default=d['snap'], metavar='TICKS', help='ticks between snapshots; 0 = at the end')
+    add('--dump', type=nonneg, default=d['dump'], metavar='TICKS', help='ticks between training states; 0 = at end')
     add('--seed', type=number(int, 0, 2**32 - 1), default=0, metavar='INT', help='random seed')
     add('--resume', default=None, metavar='PT', help='continue a training-state-*.pt; flags left out take its values')
     add('--desc', default=None, metavar='STR', help='appended to the run directory name')
