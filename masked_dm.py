@@ -37,6 +37,7 @@ import json
 import math
 import os
 import types
+import warnings
 
 import numpy as np
 import torch
@@ -925,13 +926,15 @@ def read_checkpoint(path, flag):
     UsageError naming the flag if it is missing or not a checkpoint."""
     if not os.path.isfile(path):
         raise UsageError(f'{flag}={path}: no such file')
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except Exception:  # not a zip archive (mmap needs one), or not a checkpoint: load_checkpoint's one line
+    with warnings.catch_warnings():  # torch warns about the pickle protocol of a raw pickle: the one line says it
+        warnings.simplefilter('ignore')
         try:
-            ckpt = load_checkpoint(path)
-        except UserError as e:
-            raise UsageError(f'{flag}={e}') from None
+            ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        except Exception:  # not a zip archive (mmap needs one), or not a checkpoint: load_checkpoint's one line
+            try:
+                ckpt = load_checkpoint(path)
+            except UserError as e:
+                raise UsageError(f'{flag}={e}') from None
     if not isinstance(ckpt, dict):
         raise UsageError(f'{flag}={path}: not a checkpoint of this project (a {type(ckpt).__name__})')
     return ckpt

@@ -1,8 +1,10 @@
 """masked_dm.py: fidelity to the official code (jiachenlei/maskdm: parameter counts, blocks, sequence lengths, masks,
 locality, time embedding, schedules, DDIM grid, Haar, EMA, loss, transfer) and end-to-end properties (closed-form
 DDIM, overfitting, DDP, resume, per-seed generation, torchrun CLI, official checkpoint layout, every bad flag)."""
+import functools
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -346,7 +348,7 @@ def state_at(folder, nimg):
               if name.startswith('training-state-')]
     return next(s for s in states if s['cur_nimg'] == nimg)
 
-def test_resume_equals_uninterrupted_and_finetune_from_online_weights(dataset_zip, tmp_path):
+def test_resume_equals_uninterrupted_and_finetune_from_online_weights(dataset_zip, tmp_path, capsys):
     base = TINY_FLAGS + [f'--data={dataset_zip}', '--tick=0.004', '--snap=1', '--dump=2', '--nosubdir',
                          '--train_steps=4']
     run_train(base + [f'--outdir={tmp_path / "a"}'])
@@ -363,9 +365,14 @@ def test_resume_equals_uninterrupted_and_finetune_from_online_weights(dataset_zi
     net = tiny_net(7)
     md.load_pretrained(net, str(tmp_path / 'pre.pt'))  # strict: no missing or unexpected keys (official: all load)
     assert all(torch.equal(v, a['net'][k]) for k, v in net.state_dict().items())
+    capsys.readouterr()
     run_train(base + [f'--outdir={tmp_path / "ft"}', '--mask_type=none', '--train_steps=1', '--warmup_steps=5',
                       f'--pretrained_model_ckpt={tmp_path / "pre.pt"}', '--adam_betas=0.9,0.999'])
     ft = state_at(tmp_path / 'ft', 4)
+    # The run says what it starts from (also in its log.txt): the file, its kimg and step, and which weights.
+    said = f'fine-tuning from {tmp_path / "pre.pt"}: a masked_dm.py training state (kimg 0.016, step 4): its online ' \
+           'weights "net", not its EMA'
+    assert said in capsys.readouterr().out and said in (tmp_path / 'ft' / 'log.txt').read_text()
     # AdamW's betas: the official configs' (0.99, 0.99) unless --adam_betas says otherwise (the CPU demo's).
     assert a['optimizer']['param_groups'][0]['betas'] == (0.99, 0.99)
     assert ft['optimizer']['param_groups'][0]['betas'] == (0.9, 0.999)
@@ -727,14 +734,61 @@ BAD = [  # (argv, exit code, a word of the one line)
     (GENERATE + ['--network={official}'], 2, '--preset'),
     (GENERATE + ['--class=1'], 2, '--class'),
     (GENERATE + ['--cfg=2'], 2, '--cfg'),
+    # Hostile input, one row per class: non-finite and out-of-range numbers, paths that are no checkpoint of ours.
+    (TRAIN + ['--weight_decay=inf'], 2, '--weight_decay'),
+    (TRAIN + ['--clip_grad=nan'], 2, '--clip_grad'),
+    (TRAIN + ['--mask_ratio=1e400'], 2, '--mask_ratio'),
+    (TRAIN + ['--weight_decay=5', '--lr=0.5'], 2, 'product must be below 1'),
+    (TRAIN + ['--embed_dim=99999999'], 2, '--embed_dim'),
+    (TRAIN + ['--embed_dim=16384', '--depth=999', '--heads=1'], 2, 'GiB'),
+    (TRAIN + ['--train_steps=99999999999'], 2, '--train_steps'),
+    (TRAIN + ['--train_steps=900000000', '--batch=4096'], 2, '100,000 Mimg'),
+    (TRAIN + ['--grid=100000'], 2, '--grid'),
+    (TRAIN + ['--grid_steps=5000'], 2, '--grid_steps'),
+    (TRAIN + ['--metrics=bogus'], 2, '--metrics'),
+    (TRAIN + ['--metrics=fid10k_full'], 2, '--metrics-ref'),
+    (TRAIN + ['--metrics=fid10k_full', '--metrics-ref={tmp}/missing.npz'], 2, 'missing.npz'),
+    (TRAIN + ['--metrics-steps=0'], 2, '--metrics-steps'),
+    (TRAIN + ['--resume={patch_state}'], 2, 'patch_diffusion.py training state'),
+    (TRAIN + ['--pretrained_model_ckpt={patch_state}'], 2, 'a patch_diffusion.py checkpoint'),
+    (TRAIN + ['--pretrained_model_ckpt={pickle}'], 2, 'not a checkpoint of this project'),
+    (TRAIN + ['--pretrained_model_ckpt={empty}'], 2, 'empty.pt'),
+    (TRAIN + ['--pretrained_model_ckpt={tmp}'], 2, 'without training-state'),
+    (TRAIN + ['--pretrained_model_ckpt={nan_state}'], 2, 'NaN or inf'),
+    (GENERATE + ['--network={patch_snapshot}'], 2, 'a patch_diffusion.py checkpoint'),
+    (GENERATE + ['--network={pickle}'], 2, 'not a checkpoint of this project'),
+    (GENERATE + ['--network={empty}'], 2, 'empty.pt'),
+    (GENERATE + ['--network={nan_snapshot}'], 2, 'NaN or inf'),
+    (GENERATE + ['--steps=5000'], 2, '--steps'),
+    (GENERATE + ['--eta=nan'], 2, '--eta'),
+    (GENERATE + ['--cfg=inf'], 2, '--cfg'),
+    (GENERATE + ['--class=-1'], 2, '--class'),
 ]
+
+@pytest.fixture(scope='module')
+def patch_run(tmp_path_factory):
+    """Another method's training state and snapshot, from a tiny patch_diffusion.py run."""
+    import patch_diffusion
+    out = tmp_path_factory.mktemp('patch')
+    patch_diffusion.train(parse_command_line(patch_diffusion.build_parser, [
+        'train', '--data=demo-8', '--cbase=16', '--cres=1,2', '--batch=8', '--dropout=0', '--workers=0', '--grid=0',
+        '--tick=0.008', '--duration=0.000008', f'--outdir={out}', '--nosubdir']))
+    return dict(patch_state=next(out.glob('training-state-*.pt')), patch_snapshot=next(out.glob('network-snapshot-*')))
 
 @pytest.mark.parametrize('argv, code, word', BAD,
                          ids=[' '.join(a[:1] + a[len(TRAIN if a[0] == 'train' else GENERATE):]) for a, _, _ in BAD])
-def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys, argv, code, word):
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys, patch_run, argv, code, word):
     files = dict(snapshot=tmp_path / 'net.pt', other=tmp_path / 'gdd.pt', junk=tmp_path / 'junk.pt',
-                 official=tmp_path / 'model-1.pt', file=tmp_path / 'a-file')
+                 official=tmp_path / 'model-1.pt', file=tmp_path / 'a-file', pickle=tmp_path / 'raw.pkl',
+                 empty=tmp_path / 'empty.pt', nan_snapshot=tmp_path / 'nan.pt', nan_state=tmp_path / 'nan-state.pt',
+                 **patch_run)
     write_snapshot(files['snapshot'], tiny_net())
+    snapshot = load_checkpoint(files['snapshot'])
+    nan = {k: v * float('nan') for k, v in snapshot['ema'].items()}
+    torch.save(dict(snapshot, ema=nan), files['nan_snapshot'])
+    torch.save(dict(snapshot, net=nan, optimizer={}), files['nan_state'])
+    files['pickle'].write_bytes(pickle.dumps({'ema': {'w': [1.0]}}))
+    files['empty'].write_bytes(b'')
     torch.save(dict(method='gdd', net_kwargs={}, ema={}, args={}, cur_nimg=0), files['other'])
     files['junk'].write_text('not a checkpoint')
     files['file'].write_text('x')
@@ -747,3 +801,38 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys,
     err = capsys.readouterr().err
     assert e.value.code == code and word in err and err.count('\n') == 1 and 'Traceback' not in err, err
     assert sorted(os.listdir(tmp_path)) == before and files['file'].read_text() == 'x'  # no run dir, no temp file
+
+#------------------------------------------------------------------------------
+# train --metrics: the numbers of what generate makes from each snapshot.
+
+@pytest.fixture(scope='session')
+def toy_cache(tmp_path_factory):
+    """One toy-classifier cache for the session: the classifier is trained once, by the first run that needs it."""
+    return tmp_path_factory.mktemp('toy-cache')
+
+def test_train_metrics_equal_generate_then_score(tmp_path, toy_cache, capsys, monkeypatch):
+    import fid
+    run_train(TINY_FLAGS + ['--data=demo-8', f'--outdir={tmp_path / "run"}', '--nosubdir', '--train_steps=3',
+                            '--tick=0.004', '--snap=1', '--dump=0', '--metrics=toy_fd', '--metrics-steps=2',
+                            f'--metrics-cache={toy_cache}'])
+    lines = [json.loads(line) for line in (tmp_path / 'run' / 'metric-toy_fd.jsonl').read_text().splitlines()]
+    snapshots = sorted(n for n in os.listdir(tmp_path / 'run') if n.startswith('network-snapshot-'))
+    assert [line['snapshot_pkl'] for line in lines] == snapshots and len(snapshots) == 2  # one line per snapshot
+    for line in lines:  # StyleGAN2-ADA's metric-*.jsonl layout
+        assert {'results', 'metric', 'total_time', 'num_gpus', 'snapshot_pkl', 'timestamp', 'kimg'} <= set(line)
+        assert line['metric'] == 'toy_fd' and line['num_gpus'] == 1 and line['total_time'] > 0
+    assert [line['kimg'] for line in lines] == [load_checkpoint(tmp_path / 'run' / n)['cur_nimg'] / 1000
+                                                for n in snapshots]
+    capsys.readouterr()
+    computed, toy_fd = [], fid.toy_fd  # score's unrounded numbers (it prints 6 digits)
+    monkeypatch.setattr(fid, 'toy_fd', lambda *a: computed.append(toy_fd(*a)) or computed[-1])
+    monkeypatch.setattr(fid, 'demo_masks', functools.lru_cache(fid.demo_masks))  # seeded: the same masks, once
+    for line in lines:  # the same number from generate's PNGs and fid.py score
+        out = tmp_path / line['snapshot_pkl'][:-3]
+        md.generate(parse(['generate', f'--network={tmp_path / "run" / line["snapshot_pkl"]}', f'--outdir={out}',
+                           '--seeds=0-499', '--steps=2']))
+        computed.clear()
+        fid.main(['score', f'--images={out}', '--data=demo-8', '--num=500', f'--cache={toy_cache}'])
+        printed = dict(row.split() for row in capsys.readouterr().out.splitlines() if row.startswith('toy_fd '))
+        assert f'{line["results"]["toy_fd"]:.6g}' == printed['toy_fd']
+        assert line['results']['toy_fd'] == pytest.approx(computed[0], rel=1e-6)  # the samples' toy_fd comes first
