@@ -31,8 +31,11 @@ plain torch (sd-vae-ft-ema weights from a local file or URL; `encode` pre-encode
       --S_max=50 --S_noise=1.003 --on_latents=1 --batch=64 --outdir=fid-tmp --seeds=0-49999 --subdirs --network=...
 """
 
+import argparse
+import contextlib
 import json
 import os
+import re
 import struct
 import types
 
@@ -43,12 +46,12 @@ from torch import nn
 from tqdm import tqdm
 
 from common import (AugmentPipe, EDMLoss, EDMPrecond, Parser, PerSeedRNG, TrainingRun, UsageError, UserError,
-                    add_edm_train_flags, add_generate_flags, add_train_flags, check_class, check_outdir,
-                    distributed_model, download, edm_backbone_kwargs, edm_sampler, ema_beta, get_rank, get_world_size,
-                    init_distributed, is_official, learning_rate, load_official, load_snapshot, load_weights,
-                    network_and_ema, number, open_dataset, optimizer_step, parse_bool, parse_command_line,
-                    parse_int_list, print0, reseed, run_desc, run_main, save_image_grid, save_seed_images,
-                    seed_batches, seed_labels, setup_precision, split_batch, sync_if, update_ema)
+                    add_edm_train_flags, add_generate_flags, add_metric_flags, add_train_flags, check_class,
+                    check_outdir, distributed_model, download, edm_backbone_kwargs, edm_sampler, ema_beta, get_rank,
+                    get_world_size, init_distributed, is_official, learning_rate, load_official, load_snapshot,
+                    load_weights, network_and_ema, number, open_dataset, optimizer_step, parse_bool, parse_command_line,
+                    parse_int_list, print0, reseed, run_desc, run_main, save_image_grid, save_seed_images, seed_batches,
+                    seed_labels, setup_precision, split_batch, sync_if, training_metrics, update_ema, working)
 
 #------------------------------------------------------------------------------
 # 1. Config. Presets hold the published hyperparameters; flags given on the command line override them. The
@@ -95,6 +98,8 @@ def precond_class(real_p):
 
 def network_kwargs(args, resolution, channels, label_dim):
     """Preconditioner kwargs from the CLI flags (EDM train.py's mapping)."""
+    if args.label_dropout and not label_dim:
+        raise UsageError(f'--label-dropout={args.label_dropout:g} needs class labels (--cond=1)')
     model = edm_backbone_kwargs(args.arch, args.cbase, args.cres)
     model.update(dropout=args.dropout, label_dropout=args.label_dropout, augment_dim=9 if args.augment else 0)
     return dict(img_resolution=resolution, img_channels=channels, label_dim=label_dim, **model)
@@ -194,6 +199,21 @@ def patch_sampler(net, latents, labels=None, randn_like=torch.randn_like, pos=No
     the canvas attached at every call (official generate.py) and classifier-free guidance weight `cfg`."""
     return edm_sampler(guided_denoiser(net, pos, cfg), latents, labels, randn_like, **settings)
 
+@torch.no_grad()
+def sample_images(net, seeds, device, vae=None, resolution=None, image_size=None, x_start=0, y_start=0,
+                  class_idx=None, cfg=None, **settings):
+    """The images of `seeds` as `generate` makes them (float32 [-1, 1] [N, C, H, W], pixels: latents decoded by
+    `vae`): an image_size canvas (None = resolution, None = the network's) whose coordinates are normalized by
+    `resolution`, every draw from the seed's own generator (noise, then the label)."""
+    resolution = resolution or net.img_resolution
+    image_size = image_size or resolution
+    pos = coordinate_canvas(resolution, image_size, x_start, y_start, device)
+    rng = PerSeedRNG(seeds, device)
+    latents = rng.randn([net.img_channels, image_size, image_size], device=device)
+    labels = seed_labels(rng, net.label_dim, class_idx, device)
+    images = patch_sampler(net, latents, labels, rng.randn_like, pos, cfg, **settings)
+    return decode_latents(vae, images) if vae is not None else images
+
 #------------------------------------------------------------------------------
 # 5. Training loop (official training/training_loop.py): each optimizer step is `rounds` micro-batches, each of
 #    one patch size drawn per micro-batch and rank, with batch_mul[k] times the images of a full-size one.
@@ -238,15 +258,38 @@ def check_patch_sizes(precond, net_kwargs, sizes, pmf):
                          'levels (--cres) or --real_p=1')
     return sum(p.numel() for p in net.parameters())
 
-@torch.no_grad()
-def save_sample_grid(net, path, num, device, vae=None, num_steps=18):
-    """A quick look at training progress: seeds 0..num-1, 18 Heun steps, one PNG grid (latents decoded by `vae`)."""
-    rng = PerSeedRNG(range(num), device)
-    latents = rng.randn([net.img_channels, net.img_resolution, net.img_resolution], device=device)
-    pos = coordinate_canvas(net.img_resolution, net.img_resolution, device=device)
-    images = patch_sampler(net, latents, seed_labels(rng, net.label_dim, device=device), rng.randn_like, pos,
-                           num_steps=num_steps)
-    save_image_grid(decode_latents(vae, images) if vae else images, path)
+def device_memory(device):
+    """Bytes of memory on `device` (a GPU's, or this machine's RAM); None where the OS does not say."""
+    if device.type == 'cuda':
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (AttributeError, ValueError, OSError):
+        return None
+
+def check_run(args, num_params, mul_avg, device):
+    """Refuse, before anything is written, a network whose weights, EMA, gradients and Adam moments (5 x float32 per
+    parameter) cannot fit in the device's memory, and a run of more than 10^9 optimizer steps, which would never end."""
+    need, have = 20 * num_params, device_memory(device)
+    if have and need > have:
+        raise UsageError(f'a network of {num_params:,} parameters (--arch, --cbase, --cres) needs {need / 2**30:,.1f} '
+                         f'GiB for its weights, EMA, gradients and Adam moments; {device} has {have / 2**30:,.1f} GiB')
+    steps = args.duration * 1e6 / (args.batch * mul_avg)
+    if steps > 1e9:
+        raise UsageError(f'--duration={args.duration:g} Mimg at --batch={args.batch} is {steps:.3g} optimizer steps: '
+                         'a run that would never end; train for fewer Mimg or with a larger batch')
+
+def metric_options(args, dataset, vae, R, C):
+    """(options, resolution, channels) of `train --metrics`, which score pixels: a latent run's samples decoded by
+    `vae`; for pre-encoded latents toy_fd compares them with the images they were encoded from (dataset.json's
+    source), which must still be there."""
+    if not args.train_on_latents or not args.metrics:
+        return args, R, C
+    source = getattr(dataset, 'info', {}).get('source', args.data)
+    if 'toy_fd' in args.metrics and not (re.fullmatch(r'demo(-\d+)?', str(source)) or os.path.exists(source)):
+        raise UsageError(f'--metrics=toy_fd: {args.data} holds pre-encoded latents and toy_fd scores the decoded '
+                         f'images against the images they were encoded from, {source}, which are not there; use fid*')
+    return argparse.Namespace(**dict(vars(args), data=source)), R * vae.factor, vae.decoder.conv_out.out_channels
 
 def train(args):
     device, rank, world_size = init_distributed(), get_rank(), get_world_size()
@@ -258,15 +301,19 @@ def train(args):
     precond, net_kwargs = precond_class(args.real_p), network_kwargs(args, R, C, dataset.label_dim)
     vae_weights = (args.vae or getattr(dataset, 'info', {}).get('vae') or SD_VAE_URL) if args.train_on_latents else None
     num_params = check_patch_sizes(precond, net_kwargs, sizes, pmf)
+    check_run(args, num_params, mul_avg, device)
     info = dict(precond_class=precond, net_kwargs=net_kwargs, num_params=num_params, patch_sizes=sizes, patch_pmf=pmf,
                 batch_mul=batch_mul, batch_mul_avg=mul_avg, batch_gpu=batch_gpu, rounds=rounds, world_size=world_size,
                 **latent_info(args, dataset, vae, vae_weights, C, R))
     if args.dry_run:
         return print0(json.dumps(dict(vars(args), **info), indent=2))
     vae = vae and vae.to(device)  # frozen, float32 (official); None for pixels and pre-encoded moments
-    grid_vae = vae or (load_vae(vae_weights).to(device) if vae_weights and args.grid else None)
+    out_vae = vae or (load_vae(vae_weights).to(device) if vae_weights and (args.grid or args.metrics) else None)
     torch.manual_seed(args.seed)
     net, ema = network_and_ema(build_network(precond, net_kwargs), device, amp_dtype)
+    ema.amp_dtype = None  # it samples (grid, metrics) in float32, as generate samples a snapshot
+    evaluate = training_metrics(*metric_options(args, dataset, out_vae, R, C), device,
+                                lambda seeds: sample_images(ema, seeds, device, out_vae))  # generate's defaults
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,  # EDM's optimizer
                                  fused=device.type == 'cuda')
     augment_pipe = AugmentPipe(p=args.augment, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
@@ -277,7 +324,8 @@ def train(args):
         resume=args.resume, total_nimg=args.duration * 1e6, tick=args.tick, snap=args.snap, dump=args.dump,
         state=dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler),
         snapshot=lambda: dict(precond=precond, net_kwargs=net_kwargs, ema=ema.state_dict(), vae=vae_weights),
-        grid=args.grid and (lambda path: save_sample_grid(ema, path, args.grid, device, grid_vae)))
+        grid=args.grid and (lambda path: save_image_grid(sample_images(ema, range(args.grid), device, out_vae), path)),
+        evaluate=evaluate)
     ddp, loss_fn, coords = distributed_model(net, device, args.compile), EDMLoss(), precond == 'PatchPrecond'
     stream = run.data(dataset, batch_gpu, args.seed, args.workers)
     with run:
@@ -326,6 +374,21 @@ def latent_info(args, dataset, vae, vae_weights, C, R):
 #------------------------------------------------------------------------------
 # 6. Generation: one PNG per seed, identical for any --batch and any number of GPUs.
 
+def network_from(path, precond, kwargs, state_dict):
+    """The network of a checkpoint: its class, constructor arguments and (finite) weights, or one line naming it."""
+    if precond not in ('EDMPrecond', 'PatchPrecond'):
+        raise UsageError(f'--network={path}: a {precond} network; patch_diffusion.py samples EDMPrecond and '
+                         'PatchPrecond networks')
+    try:
+        net = build_network(precond, kwargs)
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise UsageError(f'--network={path}: its {precond} arguments build no network ({type(e).__name__}: '
+                         f'{str(e).splitlines()[0] if str(e) else e!r})') from None
+    if not all(torch.isfinite(t).all() for t in state_dict.values() if torch.is_tensor(t) and t.is_floating_point()):
+        raise UsageError(f'--network={path}: its weights hold NaN or inf (a diverged run); use an earlier snapshot')
+    load_weights(net, state_dict, f'--network={path}')
+    return net
+
 def load_network(path):
     """Our snapshots / training states (.pt), or official EDM and Patch Diffusion pickles (.pkl, path or URL).
     Official pickles count upstream's img_channels = C + 2 (the network input); ours count C (what is sampled)."""
@@ -337,17 +400,35 @@ def load_network(path):
             kwargs['img_channels'] = out_channels if out_channels is not None else kwargs['img_channels'] - 2
             precond = 'PatchPrecond'
         elif precond != 'EDMPrecond':
-            raise UsageError(f'--network={path}: a {precond} network; patch_diffusion.py samples EDMPrecond and '
-                             'Patch_EDMPrecond networks')
-        net = build_network(precond, kwargs)
-        net.load_state_dict(official['state_dict'])
-        return net
+            raise UsageError(f'--network={path}: a {precond or official["class_name"]} network; patch_diffusion.py '
+                             'samples EDMPrecond and Patch_EDMPrecond networks')
+        return network_from(path, precond, kwargs, official['state_dict'])
     ckpt = load_snapshot(path, '--network', ['patch_diffusion'])
-    net = build_network(ckpt['precond'], ckpt['net_kwargs'])
-    load_weights(net, ckpt['ema'], path)
+    net = network_from(path, ckpt['precond'], ckpt['net_kwargs'], ckpt['ema'])
     args = ckpt.get('args', {})
     net.latent_vae = ckpt.get('vae', args.get('vae')) if args.get('train_on_latents') else None  # generate decodes
     return net
+
+def check_canvas(net, vae, batch, image_size, device):
+    """Refuse a batch of canvases that cannot fit: at least four float32 maps of the U-Net's first level and the
+    sampler's float64 state per image (a lower bound), plus one VAE decoder level of 128 channels at pixel size."""
+    width = next(iter(net.model.enc.values())).weight.shape[0]  # the first convolution's output channels
+    need = batch * image_size ** 2 * (4 * 4 * width + 4 * 8 * net.img_channels)
+    need += 2 * 4 * 128 * (image_size * vae.factor) ** 2 if vae is not None else 0
+    have = device_memory(device)
+    if have and need > have:
+        raise UsageError(f'--image_size={image_size} with --batch={batch}: a batch needs at least {need / 2**30:,.1f} '
+                         f'GiB, {device} has {have / 2**30:,.1f} GiB; lower --batch or --image_size')
+
+@contextlib.contextmanager
+def out_of_memory(what):
+    """A failed allocation while working: one line (exit 1), not a traceback."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and not re.search('alloc|out of memory', str(e)):
+            raise
+        raise UserError(f'out of memory {what} ({type(e).__name__}); lower --batch or --image_size') from None
 
 @torch.no_grad()
 def generate(args):
@@ -371,24 +452,32 @@ def generate(args):
     check_class(args.class_idx, net.label_dim)
     if args.cfg is not None and not net.label_dim:
         raise UsageError('--cfg needs a class-conditional network')
-    pos = coordinate_canvas(resolution, image_size, args.x_start, args.y_start, device)
+    check_canvas(net, vae, min(args.batch, len(args.seeds)), image_size, device)
     settings = dict(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
                     S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
     print0(f'generating {len(args.seeds)} images of {image_size}x{image_size}' + (f' latents (decoded x{vae.factor})'
            if vae else '') + f' with {args.steps} steps into {args.outdir}')
-    with tqdm(total=len(args.seeds), unit='img', disable=rank != 0) as bar:
+    what = f'generating {image_size}x{image_size} canvases into {args.outdir}'
+    with working(), out_of_memory(what), tqdm(total=len(args.seeds), unit='img', disable=rank != 0) as bar:
         for seeds in seed_batches(args.seeds, args.batch, rank, world_size):
-            rng = PerSeedRNG(seeds, device)
-            latents = rng.randn([net.img_channels, image_size, image_size], device=device)
-            labels = seed_labels(rng, net.label_dim, args.class_idx, device)
-            images = patch_sampler(net, latents, labels, rng.randn_like, pos, args.cfg, **settings)
-            save_seed_images(decode_latents(vae, images) if vae else images, seeds, args.outdir, args.subdirs)
+            images = sample_images(net, seeds, device, vae, resolution, image_size, args.x_start, args.y_start,
+                                   args.class_idx, args.cfg, **settings)
+            save_seed_images(images, seeds, args.outdir, args.subdirs)
             bar.update(len(seeds) * world_size)
     torch.distributed.barrier()
     print0('done')
 
 #------------------------------------------------------------------------------
 # 7. Command line.
+
+MAX_CANVAS = 2**14  # --image_size, --resolution and the canvas offsets, in pixels (or latent pixels)
+
+def parse_cres(s):
+    """--cres: channel multipliers of the U-Net's levels, 1 to 8 levels of 1 to 64 each."""
+    cres = parse_int_list(s)
+    if not 1 <= len(cres) <= 8 or not all(1 <= c <= 64 for c in cres):
+        raise argparse.ArgumentTypeError(f'expected 1 to 8 multipliers from 1 to 64, e.g. 1,2,2,2; got {s!r}')
+    return cres
 
 def build_parser(preset=None):
     """The parser; `preset` (a PRESETS name) becomes the defaults of `train` (see common.parse_command_line)."""
@@ -397,14 +486,15 @@ def build_parser(preset=None):
     t = sub.add_parser('train', help='train a model')
     add_train_flags(t)
     add_edm_train_flags(t)
+    add_metric_flags(t)
     p01 = number(float, 0, 1)
     t.add_argument('--preset', choices=sorted(PRESETS), default=None, help='published hyperparameters; flags override')
     t.add_argument('--arch', choices=['ddpmpp', 'ncsnpp', 'adm'], default='ddpmpp',
                    help='backbone: DDPM++, NCSN++ or ADM')
-    t.add_argument('--cbase', type=number(int, 1), default=None, metavar='INT',
+    t.add_argument('--cbase', type=number(int, 1, 4096), default=None, metavar='INT',
                    help='base channel count; None = the arch\'s (128 DDPM++/NCSN++, 192 ADM)')
-    t.add_argument('--cres', type=parse_int_list, default=None, metavar='LIST',
-                   help='channel multipliers per resolution, e.g. 1,2,2,2; None = the arch\'s')
+    t.add_argument('--cres', type=parse_cres, default=None, metavar='LIST',
+                   help='channel multipliers per resolution (1-64, 1-8 levels), e.g. 1,2,2,2; None = the arch\'s')
     t.add_argument('--augment', type=p01, default=0, metavar='P',
                    help='EDM augmentation probability (EDM: 0.12; every paper config: 0)')
     t.add_argument('--label-dropout', type=p01, default=0, metavar='P',
@@ -417,7 +507,7 @@ def build_parser(preset=None):
                    help='train on SD-VAE latents of the images (or on a folder from `encode`)')
     t.add_argument('--vae', default=None, metavar='PATH|URL',
                    help='AutoencoderKL weights (.safetensors/.bin); None = the encoded folder\'s, else sd-vae-ft-ema')
-    t.add_argument('--grid', type=number(int, 0), default=64, metavar='INT',
+    t.add_argument('--grid', type=number(int, 0, 1024), default=64, metavar='INT',
                    help='images in the sample grid written with each snapshot; 0 = none')
     t.set_defaults(**PRESETS.get(preset, {}))
 
@@ -425,17 +515,18 @@ def build_parser(preset=None):
     g.add_argument('--network', required=True, metavar='PT|PKL|URL',
                    help='network snapshot (ours .pt, or official .pkl)')
     add_generate_flags(g)
-    g.add_argument('--class', dest='class_idx', type=int, default=None, metavar='INT',
+    g.add_argument('--class', dest='class_idx', type=number(int, 0, 2**31 - 1), default=None, metavar='INT',
                    help='class label; None = random')
-    g.add_argument('--resolution', type=number(int, 1), default=None, metavar='INT',
+    g.add_argument('--resolution', type=number(int, 2, MAX_CANVAS), default=None, metavar='INT',
                    help='coordinate normalization size; None = training size')
-    g.add_argument('--image_size', type=number(int, 1), default=None, metavar='INT',
+    g.add_argument('--image_size', type=number(int, 1, MAX_CANVAS), default=None, metavar='INT',
                    help='canvas size; None = --resolution; larger extrapolates')
-    g.add_argument('--x_start', type=int, default=0, metavar='INT',
+    g.add_argument('--x_start', type=number(int, -MAX_CANVAS, MAX_CANVAS), default=0, metavar='INT',
                    help='column of the canvas\'s left edge in the coordinate grid')
-    g.add_argument('--y_start', type=int, default=0, metavar='INT',
+    g.add_argument('--y_start', type=number(int, -MAX_CANVAS, MAX_CANVAS), default=0, metavar='INT',
                    help='row of the canvas\'s top edge in the coordinate grid')
-    g.add_argument('--cfg', type=float, default=None, metavar='W', help='classifier-free guidance weight (paper: 1.3)')
+    g.add_argument('--cfg', type=number(float, 0, 100), default=None, metavar='W',
+                   help='classifier-free guidance weight (paper: 1.3)')
     g.add_argument('--on_latents', type=parse_bool, default=None, metavar='BOOL',
                    help='decode with the VAE; None = as trained (official .pkl: 0)')
     g.add_argument('--vae', default=None, metavar='PATH|URL',
@@ -446,7 +537,7 @@ def build_parser(preset=None):
     e.add_argument('--data', required=True, metavar='ZIP|DIR|demo', help='EDM-format image dataset')
     e.add_argument('--dest', required=True, metavar='DIR', help='output folder: moments.npy, labels.npy, dataset.json')
     e.add_argument('--vae', default=None, metavar='PATH|URL', help='VAE weights; None = sd-vae-ft-ema')
-    e.add_argument('--batch', type=number(int, 1), default=64, metavar='INT', help='images per batch per GPU')
+    e.add_argument('--batch', type=number(int, 1, 4096), default=64, metavar='INT', help='images per batch per GPU')
     e.add_argument('--workers', type=number(int, 0), default=2, metavar='INT',
                    help='DataLoader worker processes per GPU')
     return parser
@@ -727,6 +818,7 @@ def encode(args):
     Each rank encodes every world_size-th image into the shared memory-mapped file."""
     device = init_distributed()
     rank, world_size = get_rank(), get_world_size()
+    check_outdir(args.dest, '--dest')
     try:
         dataset = open_dataset(args.data, use_labels=True)
     except UserError:  # no labels: encode the images alone (a missing dataset fails again below)
@@ -738,30 +830,32 @@ def encode(args):
                         f'{vae.encoder.conv_in.in_channels} channels and sides divisible by {vae.factor}')
     files = {'moments': [len(dataset), 2 * C, R // vae.factor, R // vae.factor],
              'labels': [len(dataset), dataset.label_dim]}
-    if rank == 0:
-        os.makedirs(args.dest, exist_ok=True)
-        for name, shape in files.items():
-            if shape[1]:
-                path = os.path.join(args.dest, f'{name}.npy')
-                np.lib.format.open_memmap(path, 'w+', np.float32, tuple(shape)).flush()
-        with open(os.path.join(args.dest, 'dataset.json'), 'w') as f:
-            json.dump(dict(source=args.data, vae=args.vae or SD_VAE_URL, image_resolution=R,
-                           num_images=len(dataset)), f)
-    torch.distributed.barrier()
-    out = {name: np.load(os.path.join(args.dest, f'{name}.npy'), mmap_mode='r+') for name, s in files.items() if s[1]}
-    indices = list(range(rank, len(dataset), world_size))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=args.batch,
-                                         num_workers=args.workers)
-    print0(f'encoding {len(dataset)} images of {R}x{R} into {args.dest} ({files["moments"][1:]} moments each)')
-    bar = tqdm(loader, unit='batch', disable=rank != 0)
-    for start, (images, labels) in zip(range(0, len(indices), args.batch), bar):
-        mean, logvar = vae.encode(images.to(device).to(torch.float32) / 127.5 - 1)
-        rows = indices[start:start + len(images)]
-        out['moments'][rows] = torch.cat([mean, (0.5 * logvar).exp()], dim=1).cpu().numpy()  # (mean, std)
-        if 'labels' in out:
-            out['labels'][rows] = labels.numpy()
-    for array in out.values():
-        array.flush()
+    with working():
+        if rank == 0:
+            os.makedirs(args.dest, exist_ok=True)
+            for name, shape in files.items():
+                if shape[1]:
+                    path = os.path.join(args.dest, f'{name}.npy')
+                    np.lib.format.open_memmap(path, 'w+', np.float32, tuple(shape)).flush()
+            with open(os.path.join(args.dest, 'dataset.json'), 'w') as f:
+                json.dump(dict(source=os.path.abspath(args.data) if os.path.exists(args.data) else args.data,
+                               vae=args.vae or SD_VAE_URL, image_resolution=R, num_images=len(dataset)), f)
+        torch.distributed.barrier()
+        out = {name: np.load(os.path.join(args.dest, f'{name}.npy'), mmap_mode='r+')
+               for name, shape in files.items() if shape[1]}
+        indices = list(range(rank, len(dataset), world_size))
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=args.batch,
+                                             num_workers=args.workers)
+        print0(f'encoding {len(dataset)} images of {R}x{R} into {args.dest} ({files["moments"][1:]} moments each)')
+        bar = tqdm(loader, unit='batch', disable=rank != 0)
+        for start, (images, labels) in zip(range(0, len(indices), args.batch), bar):
+            mean, logvar = vae.encode(images.to(device).to(torch.float32) / 127.5 - 1)
+            rows = indices[start:start + len(images)]
+            out['moments'][rows] = torch.cat([mean, (0.5 * logvar).exp()], dim=1).cpu().numpy()  # (mean, std)
+            if 'labels' in out:
+                out['labels'][rows] = labels.numpy()
+        for array in out.values():
+            array.flush()
     torch.distributed.barrier()
     print0('done')
 

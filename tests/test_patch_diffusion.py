@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import ROOT, TINY_UNET
+from conftest import ROOT, TINY_UNET, run_main
 
 import patch_diffusion as pd
 from common import EDMLoss, UserError, edm_time_steps, ema_beta, load_checkpoint, reseed, save_checkpoint
@@ -317,3 +317,139 @@ def test_snapshots_of_the_earlier_layout_load(tmp_path):
     loaded = pd.load_network(str(tmp_path / 'old.pt'))
     assert loaded.latent_vae == 'vae.safetensors' and all(torch.equal(a, b) for a, b in
                                                           zip(loaded.state_dict().values(), net.state_dict().values()))
+
+#------------------------------------------------------------------------------
+# Hostile input (issue 24): one line naming the flag or file, exit 2 before anything is written, 1 while working.
+
+@pytest.fixture(scope='module')
+def hostile_files(tmp_path_factory):
+    """A tiny run's snapshot and training state, and files of the wrong kind: other methods' checkpoints (the
+    layout their tiny runs write: method, precond, net_kwargs, ema, ...), a tampered precond, a raw pickle, an empty
+    file, a folder without checkpoints."""
+    out = tmp_path_factory.mktemp('hostile')
+    state = run_train(out / 'run', '--duration=0.00001')
+    snapshot = sorted((out / 'run').glob('network-snapshot-*.pt'))[-1]
+    snap = load_checkpoint(str(snapshot))
+    save_checkpoint(dict(snap, method='gdd', precond='GDDPrecond', freeze=1), str(out / 'gdd-snapshot.pt'))
+    save_checkpoint(dict(snap, precond='GDDPrecond'), str(out / 'tampered.pt'))
+    save_checkpoint(dict(load_checkpoint(str(state)), method='masked_dm'), str(out / 'masked-state.pt'))
+    save_checkpoint(dict(snap, method='relay_diffusion', stage=1), str(out / 'relay-snapshot.pt'))
+    import pickle
+    for name in ('raw.pt', 'raw.pkl'):
+        (out / name).write_bytes(pickle.dumps({'ema': {'w': 1}}))
+    (out / 'empty.pt').write_bytes(b'')
+    (out / 'empty.safetensors').write_bytes(b'')
+    (out / 'folder').mkdir()
+    (out / 'file').write_text('a file, not a folder')
+    return dict(snapshot=snapshot, state=state, **{p.stem.replace('-', '_') + p.suffix.replace('.', '_'): p
+                                                    for p in out.iterdir() if p.name != 'run'})
+
+TRAIN_ERRORS = [  # (argv, words the one line must contain); all exit 2, nothing written
+    (['--cres=0,2'], ['--cres', '1 to 64']),                                  # was ZeroDivisionError
+    (['--cres=1,100000'], ['--cres', '1 to 64']),                             # was a 92 TB allocation
+    (['--cbase=100000000'], ['--cbase', '<= 4096']),
+    (['--cbase=4096', '--cres=64,64'], ['parameters', 'GiB', 'has']),         # cannot fit in memory
+    (['--label-dropout=0.5'], ['--label-dropout=0.5', '--cond=1']),           # was accepted without labels
+    (['--grid=1000000000'], ['--grid', '<= 1024']),
+    (['--batch=1', '--duration=100000'], ['optimizer steps', 'never end']),
+    (['--real_p=nan'], ['--real_p', 'not a finite number']),
+    (['--data={folder}'], ['folder']),
+    (['--resume={masked_state_pt}'], ['masked_dm.py training state', 'patch_diffusion.py continues']),
+    (['--resume={raw_pt}'], ['--resume', 'raw.pt']),
+    (['--train_on_latents=1', '--vae={empty_safetensors}'], ['empty.safetensors']),
+    (['--metrics=bogus'], ['--metrics', 'bogus']),
+    (['--metrics=fid10k_full'], ['--metrics-ref']),
+    (['--metrics=fid10k_full', '--metrics-ref=missing.npz'], ['missing.npz']),
+]
+
+@pytest.mark.parametrize('argv, words', TRAIN_ERRORS, ids=[' '.join(c[0]) for c in TRAIN_ERRORS])
+def test_train_hostile_input_one_line_exit_2_nothing_written(tmp_path, monkeypatch, capsys, hostile_files, argv,
+                                                             words):
+    argv = [a.format(**hostile_files) for a in argv]
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(pd, monkeypatch, capsys, TRAIN[:-1] + [f'--outdir={tmp_path / "runs"}', *argv])
+    assert code == 2 and err.count('\n') == 1 and 'Traceback' not in err and 'weights_only' not in err, err
+    assert all(w in err for w in words), err
+    assert not list(tmp_path.iterdir())
+
+GENERATE_ERRORS = [
+    (['--network={gdd_snapshot_pt}'], ['gdd-snapshot.pt', 'a gdd.py checkpoint']),  # was KeyError: 'GDDPrecond'
+    (['--network={relay_snapshot_pt}'], ['relay-snapshot.pt', 'a relay_diffusion.py checkpoint']),
+    (['--network={tampered_pt}'], ['tampered.pt', 'a GDDPrecond network']),
+    (['--network={raw_pkl}'], ['raw.pkl']),
+    (['--network={raw_pt}'], ['raw.pt']),
+    (['--network={empty_pt}'], ['empty.pt']),
+    (['--network={folder}'], ['folder', 'network-snapshot']),
+    (['--image_size=200000'], ['--image_size', '<= 16384']),                 # was MemoryError
+    (['--image_size=16384'], ['--image_size=16384', 'GiB']),                 # cannot fit in memory
+    (['--resolution=1'], ['--resolution', '>= 2']),                          # coordinates would divide by 0
+    (['--cfg=nan'], ['--cfg', 'not a finite number']),
+    (['--x_start=1000000000000000000000000'], ['--x_start', 'out of range']),
+    (['--class=-1'], ['--class', '>= 0']),
+]
+
+@pytest.mark.parametrize('argv, words', GENERATE_ERRORS, ids=[' '.join(c[0]) for c in GENERATE_ERRORS])
+def test_generate_hostile_input_one_line_exit_2_nothing_written(tmp_path, monkeypatch, capsys, hostile_files, argv,
+                                                                words):
+    argv = [a.format(**hostile_files) for a in argv]
+    monkeypatch.chdir(tmp_path)
+    base = ['generate', f'--network={hostile_files["snapshot"]}', f'--outdir={tmp_path / "gen"}', '--steps=2']
+    code, err = run_main(pd, monkeypatch, capsys, base + argv)
+    assert code == 2 and err.count('\n') == 1 and 'Traceback' not in err and 'weights_only' not in err, err
+    assert all(w in err for w in words), err
+    assert not list(tmp_path.iterdir())
+
+@pytest.mark.parametrize('fault', [OSError(28, 'No space left on device', 'gen/000000.png'),
+                                   RuntimeError('DefaultCPUAllocator: can\'t allocate memory: you tried to allocate 1')])
+def test_generate_failure_while_working_exits_1(tmp_path, monkeypatch, capsys, hostile_files, fault):
+    """A full disk or a failed allocation during generation: one line, exit 1 (bad input before it is exit 2)."""
+    def fail(*args, **kwargs):
+        raise fault
+    monkeypatch.setattr(pd, 'save_seed_images' if isinstance(fault, OSError) else 'sample_images', fail)
+    base = ['generate', f'--network={hostile_files["snapshot"]}', f'--outdir={tmp_path / "gen"}', '--steps=2']
+    code, err = run_main(pd, monkeypatch, capsys, base)
+    lines = [line for line in err.split('\n') if line.strip() and '%|' not in line]  # tqdm's bar aside
+    assert code == 1 and len(lines) == 1 and lines[0].startswith('error: ') and 'Traceback' not in err, err
+    assert ('No space left' in err) if isinstance(fault, OSError) else ('out of memory' in err)
+
+#------------------------------------------------------------------------------
+# train --metrics (issue 22): the numbers of generate + fid.py for every snapshot, in StyleGAN's metric-<name>.jsonl.
+
+METRIC_NET = ['--cbase=8', '--cres=1']  # 22k parameters: 500 samples in about 4 CPU seconds
+
+@pytest.fixture(scope='session')
+def toy_cache(tmp_path_factory):
+    """The session's toy classifier cache (tests/test_metrics.py names the same folder): the demo-8 classifier,
+    trained into it once per session."""
+    import fid
+    cache = tmp_path_factory.getbasetemp() / 'toy-cache'
+    dataset = fid.open_toy_data('demo-8', 3)
+    fid.toy_classifier(dataset, fid.toy_splits(dataset, 500)[0], fid.toy_cache_path(str(cache), 'demo-8', dataset))
+    return cache
+
+def fid_score(images, cache, capsys):
+    """`python fid.py score --images=... --data=demo-8 --num=500`, in this process: its printed numbers."""
+    import fid
+    capsys.readouterr()
+    fid.main(['score', f'--images={images}', '--data=demo-8', '--num=500', f'--cache={cache}'])
+    return {line.split()[0]: float(line.split()[1]) for line in capsys.readouterr().out.splitlines()
+            if len(line.split()) == 2 and line.split()[0].startswith(('toy_fd', 'demo_fit', 'confident'))}
+
+def test_train_metrics_equal_generate_then_fid_score(tmp_path, toy_cache, capsys):
+    """--metrics=toy_fd --snap=1: one StyleGAN-layout line per snapshot, whose value is what `generate --seeds=0-499`
+    of that snapshot and `fid.py score --num=500` print."""
+    run = tmp_path / 'run'
+    run_train(run, *METRIC_NET, '--duration=0.000045', '--metrics=toy_fd', f'--metrics-cache={toy_cache}')
+    lines = [json.loads(line) for line in open(run / 'metric-toy_fd.jsonl')]
+    snapshots = sorted(p.name for p in run.glob('network-snapshot-*.pt'))
+    assert [line['snapshot_pkl'] for line in lines] == snapshots and len(snapshots) == 2  # ticks 1 and 2
+    assert all(set(line) >= {'results', 'metric', 'total_time', 'num_gpus', 'snapshot_pkl', 'timestamp', 'kimg'}
+               and line['metric'] == 'toy_fd' and line['num_gpus'] == 1 for line in lines)
+    assert [line['kimg'] for line in lines] == [0.03, 0.045]
+    gen = tmp_path / 'gen'
+    pd.generate(pd.parse_args(['generate', f'--network={run / snapshots[-1]}', f'--outdir={gen}', '--seeds=0-499',
+                               '--batch=250']))
+    assert fid_score(gen, toy_cache, capsys)['toy_fd'] == pytest.approx(lines[-1]['results']['toy_fd'], rel=1e-6)
+    log = (run / 'log.txt').read_text()
+    best = min(lines, key=lambda line: line['results']['toy_fd'])
+    assert f'best so far {best["results"]["toy_fd"]:.4g} at {best["snapshot_pkl"]}' in log
