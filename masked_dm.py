@@ -541,6 +541,9 @@ def load_network(path, preset=None, flag='--network'):
     ckpt = read_checkpoint(path, flag)
     if is_official_maskdm(ckpt):
         return official_network(ckpt, path, preset, flag)
+    if ckpt.get('method') != 'masked_dm':
+        raise UsageError(f'{flag}={path}: {checkpoint_kind(ckpt)}; expected a masked_dm.py network snapshot (or '
+                         'training state), or an official MaskDM .pt with --preset')
     ckpt = load_snapshot(path, flag, ['masked_dm'])
     try:
         net = GaussianDiffusion(**ckpt['net_kwargs'])
@@ -898,11 +901,9 @@ def load_pretrained(net, path, flag='--pretrained_model_ckpt'):
         weights = official_online_weights(ckpt, path, flag)
         what = f'an official MaskDM .pt (step {ckpt.get("step", "unknown")}): its online weights "model", not its "ema"'
     else:
-        method = ckpt.get('method')
-        if method != 'masked_dm':  # before anything else is read: another method's options mean nothing here
-            got = f'a {method}.py checkpoint' if isinstance(method, str) else 'not a checkpoint of this project'
-            raise UsageError(f'{flag}={path}: {got}; expected a masked_dm.py training state or snapshot, or an '
-                             'official MaskDM .pt')
+        if ckpt.get('method') != 'masked_dm':  # before anything else is read: another method's options mean nothing
+            raise UsageError(f'{flag}={path}: {checkpoint_kind(ckpt)}; expected a masked_dm.py training state or '
+                             'snapshot, or an official MaskDM .pt')
         ckpt = load_snapshot(path, flag, ['masked_dm'])
         where = f'kimg {ckpt.get("cur_nimg", 0) / 1000:g}' + (f', step {ckpt["step"]}' if 'step' in ckpt else '')
         what = (f'a masked_dm.py training state ({where}): its online weights "net", not its EMA' if 'net' in ckpt else
@@ -938,6 +939,13 @@ def read_checkpoint(path, flag):
     if not isinstance(ckpt, dict):
         raise UsageError(f'{flag}={path}: not a checkpoint of this project (a {type(ckpt).__name__})')
     return ckpt
+
+def checkpoint_kind(ckpt):
+    """What a checkpoint dict is, for the one line that refuses it: 'a gdd.py training state', ..."""
+    method = ckpt.get('method')
+    if not isinstance(method, str):
+        return 'not a checkpoint of this project'
+    return f'a {method}.py {"training state" if "optimizer" in ckpt else "network snapshot"}'
 
 def is_official_maskdm(ckpt):
     return 'method' not in ckpt and isinstance(ckpt.get('model', ckpt.get('ema')), dict)

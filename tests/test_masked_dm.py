@@ -683,7 +683,7 @@ def test_old_layout_snapshot_and_training_state_load(tmp_path, capsys):
             parse(['train', f'--resume={tmp_path / "old-state.pt"}', changed])
         assert e.value.code == 2 and f'{changed} given, {stored} in the training state' in capsys.readouterr().err
     run_train([f'--resume={tmp_path / "old-state.pt"}'])  # the stored options, one more step to 8 images
-    resumed = state_at(tmp_path / 'run', 8)
+    resumed = state_at(tmp_path, 8)  # a resume continues in the state's folder
     assert resumed['step'] == 2 and not torch.equal(resumed['net']['model.encoder_to_output.weight'],
                                                     net.state_dict()['model.encoder_to_output.weight'])
 
@@ -750,12 +750,12 @@ BAD = [  # (argv, exit code, a word of the one line)
     (TRAIN + ['--metrics=fid10k_full', '--metrics-ref={tmp}/missing.npz'], 2, 'missing.npz'),
     (TRAIN + ['--metrics-steps=0'], 2, '--metrics-steps'),
     (TRAIN + ['--resume={patch_state}'], 2, 'patch_diffusion.py training state'),
-    (TRAIN + ['--pretrained_model_ckpt={patch_state}'], 2, 'a patch_diffusion.py checkpoint'),
+    (TRAIN + ['--pretrained_model_ckpt={patch_state}'], 2, 'a patch_diffusion.py training state'),
     (TRAIN + ['--pretrained_model_ckpt={pickle}'], 2, 'not a checkpoint of this project'),
     (TRAIN + ['--pretrained_model_ckpt={empty}'], 2, 'empty.pt'),
     (TRAIN + ['--pretrained_model_ckpt={tmp}'], 2, 'without training-state'),
     (TRAIN + ['--pretrained_model_ckpt={nan_state}'], 2, 'NaN or inf'),
-    (GENERATE + ['--network={patch_snapshot}'], 2, 'a patch_diffusion.py checkpoint'),
+    (GENERATE + ['--network={patch_snapshot}'], 2, 'a patch_diffusion.py network snapshot'),
     (GENERATE + ['--network={pickle}'], 2, 'not a checkpoint of this project'),
     (GENERATE + ['--network={empty}'], 2, 'empty.pt'),
     (GENERATE + ['--network={nan_snapshot}'], 2, 'NaN or inf'),
