@@ -492,7 +492,7 @@ def train(args):
         state=dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler),
         snapshot=lambda: dict(net_kwargs=net_kwargs, ema=ema.state_dict()),
         grid=args.grid and (lambda path: save_image_grid(sample_images(ema, range(args.grid), device,
-                                                                num_steps=args.grid_steps), path)),
+                                                                       num_steps=args.grid_steps), path)),
         evaluate=evaluate)
     ddp, batch_gpu, rounds = distributed_model(net, device, args.compile), info['batch_gpu'], info['rounds']
     stream = run.data(dataset, batch_gpu, args.seed, args.workers)
