@@ -179,7 +179,19 @@ def r1_penalty(features, D, images, labels):
     grad, = torch.autograd.grad(sum(l.sum() for l in logits), x, create_graph=True)
     return grad.square().sum(dim=[1, 2, 3])  # official GDDLoss, the R1 term
 
-def g_step(ddp_G, features, D, micro_batches, gan_weight=1, run=None, ls=1):
+# NOTE: upstream (and the default --d-pass=separate) sends the fakes and the reals through D in separate passes, so
+# the heads' train-mode BatchNorm normalizes each batch by its own statistics and a difference in a feature's batch
+# mean or spread between fakes and reals is erased. --d-pass=joint (CPU demos) sends them as one batch, as
+# BigGAN-PyTorch does "so that BN stats are shared" (ajbrock/BigGAN-PyTorch, BigGAN.py, G_D.forward), in the D step
+# and in the G step (reals without gradient there); the R1 step stays reals-only.
+def joint_logits(D, features, fake, images, labels):
+    """D's logits of [fakes; reals] in one pass, split back: (fake logits, real logits), one [N, L_k] each."""
+    n = fake.shape[0]
+    both = None if labels is None else torch.cat([labels, labels])
+    logits = D(features(torch.cat([fake, images])), both)                 # [2N, L_k] per network
+    return [l[:n] for l in logits], [l[n:] for l in logits]
+
+def g_step(ddp_G, features, D, micro_batches, gan_weight=1, run=None, ls=1, joint=False):
     """G's gradient: D's heads frozen, backprop through D and the feature networks into G's trainable parameters.
     Fresh noise from the global RNG (reseeded per step); the fakes are not clamped. The plain D, not its DDP wrapper:
     no D gradient is needed (upstream calls the wrapper with D's requires_grad off; same result)."""
@@ -187,17 +199,27 @@ def g_step(ddp_G, features, D, micro_batches, gan_weight=1, run=None, ls=1):
     for r, (images, labels) in enumerate(micro_batches):
         with sync_if(ddp_G, r == len(micro_batches) - 1):
             fake = ddp_G(torch.randn_like(images) * SIGMA_MAX, SIGMA_MAX, labels)  # x = G(80 z; 80, c)
-            loss = gan_loss(D(features(fake), labels), target_real=True)
+            logits = joint_logits(D, features, fake, images, labels)[0] if joint else D(features(fake), labels)
+            loss = gan_loss(logits, target_real=True)
             (loss.sum() * gan_weight * ls).backward()
         if run:
             run.add('loss_G', loss)
     D.requires_grad_(True)
 
-def d_step(G, features, ddp_D, micro_batches, run=None, ls=1):
-    """D's gradient: fakes without grad, then reals, forwarded separately (BatchNorm batch statistics per pass)."""
+def d_step(G, features, ddp_D, micro_batches, run=None, ls=1, joint=False):
+    """D's gradient: fakes without grad, then reals, forwarded separately (BatchNorm batch statistics per pass);
+    joint: in one pass."""
     for r, (images, labels) in enumerate(micro_batches):
         with torch.no_grad():
             fake = G(torch.randn_like(images) * SIGMA_MAX, SIGMA_MAX, labels)
+        if joint:
+            with sync_if(ddp_D, r == len(micro_batches) - 1):
+                logits_fake, logits_real = joint_logits(ddp_D, features, fake, images, labels)
+                loss_fake, loss_real = gan_loss(logits_fake, False), gan_loss(logits_real, True)
+                ((loss_fake.sum() + loss_real.sum()) * ls).backward()
+            if run:
+                run.add('loss_D', loss_fake + loss_real)
+            continue
         with ddp_D.no_sync():
             loss_fake = gan_loss(ddp_D(features(fake), labels), target_real=False)
             (loss_fake.sum() * ls).backward()
@@ -218,17 +240,17 @@ def r1_step(features, ddp_D, micro_batches, gamma, interval, run=None, ls=1):
             run.add('r1_penalty', penalty)
 
 def gdd_iteration(G, ddp_G, features, D, ddp_D, opt_G, opt_D, micro_batches, step, lr_G, lr_D, scaler, gan_weight=1,
-                  r1_gamma=1e-4, r1_interval=16, ls=1, run=None):
+                  r1_gamma=1e-4, r1_interval=16, ls=1, run=None, joint=False):
     """One iteration on the rank's real micro-batches [(images, labels)]: G step, D step and, every r1_interval
     iterations (not at 0), an R1 step, each a separate Adam step (official training_loop.py: stage order G, D, R1).
     NOTE: upstream's logits are a Python list with one row per (network, sample), each reduced by .mean(); the loss
     is therefore a SUM over the rank's samples of per-sample means (B x the batch mean), over networks summed, and
     DDP averages it over ranks. We reproduce that: it sets the balance between the D and the R1 steps."""
     opt_G.zero_grad(set_to_none=True)
-    g_step(ddp_G, features, D, micro_batches, gan_weight, run, ls)
+    g_step(ddp_G, features, D, micro_batches, gan_weight, run, ls, joint)
     optimizer_step(opt_G, scaler, lr_G)
     opt_D.zero_grad(set_to_none=True)
-    d_step(G, features, ddp_D, micro_batches, run, ls)
+    d_step(G, features, ddp_D, micro_batches, run, ls, joint)
     optimizer_step(opt_D, scaler, lr_D)
     if step > 0 and step % r1_interval == 0 and r1_gamma > 0:  # iterations 16, 32, ..., never 0
         opt_D.zero_grad(set_to_none=True)
@@ -463,7 +485,7 @@ def train(args):
             # The paper's loss (GAN loss only), backward, optimizers: G step, D step, every r1_interval steps lazy R1.
             gdd_iteration(net, ddp_G, features, D, ddp_D, opt_G, opt_D, reals, run.step,
                           learning_rate(args.lr, run.cur_nimg, args.lr_rampup), lr_D, scaler, args.gan_weight,
-                          args.r1_gamma, args.r1_interval, args.ls, run)
+                          args.r1_gamma, args.r1_interval, args.ls, run, args.d_pass == 'joint')
             # EMA of the generator (half-life --ema, EDM's ramp-up; n = images before this step), then the tick.
             update_ema(ema, net, ema_beta(run.cur_nimg, args.batch, args.ema * 1000))
             run.end_step(args.batch)  # status line, snapshots, training states
@@ -552,6 +574,8 @@ def build_parser(preset=None):
     t.add_argument('--feature-res', type=number(int, 1), default=224, metavar='INT', help='side the images are resized '
                    'to for the feature networks (official 224; smaller only for CPU tests/demos, heads then follow '
                    'upstream\'s native-size rule)')
+    t.add_argument('--d-pass', choices=['separate', 'joint'], default='separate', help='fakes and reals through D in '
+                   'separate passes (upstream) or one (BatchNorm statistics shared; CPU demos)')
     t.add_argument('--head-width', type=number(int, 1), default=None, metavar='INT', help='cap on the channel widths '
                    'of the discriminator heads (CPU demos); None = upstream\'s widths (up to 2048)')
     t.add_argument('--class-embedding', default=None, metavar='PT|random', help='[1000, 320] class table of the '

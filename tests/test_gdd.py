@@ -391,6 +391,30 @@ def test_generator_step_ignores_real_images(standin):
         results.append([p.grad.clone() for p in G.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
+def test_joint_d_pass_shares_batchnorm_statistics(standin):
+    """--d-pass=joint: with the heads' BatchNorm on running statistics (eval) the joint and the separate passes give
+    the same G and D gradients (to float rounding); in training mode they differ, and the G step then depends on the
+    real images (they share the batch statistics)."""
+    def grads(joint, train, images=None):
+        _, G, features, D, _, _, _ = tiny_gan(freeze=0, label_dim=3)
+        D.train(train)
+        (reals, labels), = real_batches(1, label_dim=3)[0]
+        batches = [(reals if images is None else images, labels)]
+        out = []
+        for stage in (lambda: gdd.g_step(Local(G), features, D, batches, joint=joint),
+                      lambda: gdd.d_step(G, features, Local(D), batches, joint=joint)):
+            reseed(0, 0, 0)
+            for p in list(G.parameters()) + list(D.parameters()):
+                p.grad = None
+            stage()
+            out += [p.grad.clone() for p in list(G.parameters()) + list(D.parameters()) if p.grad is not None]
+        return out
+    close = lambda a, b: len(a) == len(b) > 0 and all((x - y).norm() <= 1e-5 * x.norm() for x, y in zip(a, b))  # noqa
+    assert close(grads(False, False), grads(True, False))
+    assert not close(grads(False, True), grads(True, True))
+    noise = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert not close(grads(True, True), grads(True, True, noise))
+
 def test_loss_scaling_scales_every_gradient(standin):
     """--ls multiplies the G, D and R1 losses (EDM's loss scaling): by 2, every gradient doubles exactly."""
     grads = []
