@@ -29,10 +29,12 @@ F.scaled_dot_product_attention computes the same attention).
   torchrun --standalone --nproc_per_node=8 fid.py calc --images=samples --ref=fid-refs/imagenet-256x256.npz
 """
 
+import argparse
 import json
 import math
 import os
 import re
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -42,12 +44,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (AugmentPipe, EDMLoss, EDMPrecond, Parser, PerSeedRNG, TrainingRun, UsageError, UserError,
-                    add_edm_train_flags, add_generate_flags, add_train_flags, check_class, check_outdir, data_stream,
-                    distributed_model, edm_backbone_kwargs, edm_sampler, edm_time_steps, ema_beta, get_rank,
-                    get_world_size, init_distributed, is_official, learning_rate, load_official, load_snapshot,
-                    load_weights, network_and_ema, number, open_dataset, optimizer_step, parse_bool, parse_command_line,
-                    parse_int_list, print0, reseed, run_desc, run_main, save_image_grid, save_seed_images, seed_batches,
-                    seed_labels, setup_precision, split_batch, sync_if, to_uint8, update_ema)
+                    add_edm_train_flags, add_generate_flags, add_metric_flags, add_train_flags, check_class,
+                    check_outdir, data_stream, distributed_model, edm_backbone_kwargs, edm_sampler, edm_time_steps,
+                    ema_beta, get_rank, get_world_size, init_distributed, is_official, latest_checkpoint,
+                    learning_rate, load_official, load_snapshot, load_weights, network_and_ema, number, open_dataset,
+                    optimizer_step, parse_bool, parse_command_line, parse_int_list, print0, reseed, run_desc, run_main,
+                    save_image_grid, save_seed_images, seed_batches, seed_labels, setup_precision, split_batch, sync_if,
+                    to_uint8, training_metrics, update_ema, working)
 
 #------------------------------------------------------------------------------
 # 1. Config. A preset is an official run: `train --preset=NAME` takes its README training command, `generate
@@ -307,6 +310,29 @@ def blur_sampler(net, images, class_labels=None, randn_like=torch.randn_like, nu
         x = block_idct(c_U * U + c_g * (g + g_prime) / 2, s) + s_noise * t_next * xi()  # Alg. 1: 2nd order, fresh noise
     return x
 
+@torch.no_grad()
+def sample_images(net, seeds, device, first=None, low=None, class_idx=None, first_settings={}, second_settings={},
+                  relayed=None):
+    """Images of `seeds` as `generate` makes them, [N, C, H, W] in [-1, 1] (the samplers' float64: generate's PNGs
+    are its uint8 rounding). `net` alone is a stage-one network; with `first` (stage one) or `low` (stage-one images)
+    it is the stage-two network that relays them. One generator per seed for both stages: labels (seed mod classes,
+    or class_idx), stage one's draws, then stage two's. first_settings: edm_sampler's (or sde_sampler's, with
+    sde_scale) plus cfg_scale; second_settings: blur_sampler's. `relayed` (a list) receives (upsampled, relayed)."""
+    rng = PerSeedRNG(seeds, device)
+    labels = seed_labels(rng, net.label_dim, class_idx, device, seeds=seeds)  # seed mod classes (upstream)
+    if low is None:
+        one, settings = (net if first is None else first), dict(first_settings)
+        sampler = sde_sampler if 'sde_scale' in settings else edm_sampler
+        latents = rng.randn([one.img_channels, one.img_resolution, one.img_resolution], device=device)
+        low = sampler(guided(one, settings.pop('cfg_scale', 1)), latents, labels, rng.randn_like, **settings)
+        if first is None:
+            return low
+    x_up = F.interpolate(low, scale_factor=second_settings.get('up_scale', 4), mode='nearest')  # NOTE: upstream
+    images = blur_sampler(net, x_up, labels, rng.randn_like, **second_settings)     # resizes to 256 whatever s is
+    if relayed is not None:
+        relayed.append((x_up, images))
+    return images
+
 #------------------------------------------------------------------------------
 # 5. Training loop: one loop for both stages; --precond picks EDMLoss (stage one) or BlurLoss (stage two).
 
@@ -324,20 +350,22 @@ def make_loss(args):
     return BlurLoss(up_scale=args.up_scale, prob_length=args.prob_length, blur_sigma_max=args.blur_sigma_max,
                     block_scale=args.block_scale, paper_noise_norm=args.paper_noise_norm)
 
-def training_setup(args, world_size):
+def training_setup(args, world_size, device):
     """(dataset, network kwargs, batch_gpu, rounds, what the run records besides its flags); the flags that depend
     on the data are checked here, before anything is written."""
     dataset, R, C, label_dim = dataset_shape(args)
     net_kwargs = network_kwargs(args, R, C, label_dim)
     check_train_flags(args, R, label_dim, net_kwargs)
     batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
+    if not args.dry_run:
+        check_memory(count_parameters(net_kwargs), device)
     return dataset, net_kwargs, batch_gpu, rounds, dict(net_kwargs=net_kwargs, num_params=count_parameters(net_kwargs),
         stage=stage_of(args), batch_gpu=batch_gpu, rounds=rounds, world_size=world_size)
 
 def train(args):
     device, rank, world_size = init_distributed(), get_rank(), get_world_size()
     amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
-    dataset, net_kwargs, batch_gpu, rounds, info = training_setup(args, world_size)
+    dataset, net_kwargs, batch_gpu, rounds, info = training_setup(args, world_size, device)
     if args.dry_run:
         print0(json.dumps(dict(vars(args), **info), indent=2))
         return print0(f'{info["num_params"]:,} parameters')
@@ -348,6 +376,8 @@ def train(args):
     augment_pipe = AugmentPipe(args.augment, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
                                translate_frac=1) if args.augment else None  # EDM's CelebA/CIFAR setting, as upstream
     loss_fn = make_loss(args)  # stage one: EDM's loss; stage two: BlurLoss
+    evaluate = training_metrics(args, net_kwargs['img_resolution'], net_kwargs['img_channels'], device,
+                                metrics_sampler(args, ema, net_kwargs, device))  # --metrics: as generate samples
     run = TrainingRun('relay_diffusion', vars(args), info, device, outdir=args.outdir, nosubdir=args.nosubdir,
         desc=run_desc(os.path.splitext(os.path.basename(args.data))[0], 'cond' if args.cond else 'uncond', args.arch,
                       args.precond, world_size=world_size, batch=args.batch, fp16=args.fp16, bf16=args.bf16,
@@ -355,7 +385,7 @@ def train(args):
         resume=args.resume, total_nimg=args.duration * 1e6, tick=args.tick, snap=args.snap, dump=args.dump,
         state=dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler),
         snapshot=lambda: dict(precond='EDMPrecond', net_kwargs=net_kwargs, stage=info['stage'], ema=ema.state_dict()),
-        grid=args.grid and progress_grid(ema, args.grid, dataset, args.seed, device, loss_fn))
+        grid=args.grid and progress_grid(ema, args.grid, dataset, args.seed, device, loss_fn), evaluate=evaluate)
     ddp, stream = distributed_model(net, device, args.compile), run.data(dataset, batch_gpu, args.seed, args.workers)
     with run:
         print0(f'Relay Diffusion stage {"one (EDM)" if args.precond == "edm" else "two (blur)"}: {dataset.name} '
@@ -393,18 +423,19 @@ def load_network(path, flag='--network', stage=None):
     (dict(precond, up_scale, ...)); None for official files, which do not record them."""
     if is_official(path):
         return official_network(path, flag)
+    path = latest_checkpoint(path, 'network-snapshot', flag)  # a run directory: its newest snapshot, named below
     try:
-        ckpt = load_snapshot(path, flag, ['relay_diffusion', 'patch_diffusion'])
+        with warnings.catch_warnings():  # torch's notes on old pickle protocols: the one line below says it all
+            warnings.simplefilter('ignore')
+            ckpt = load_snapshot(path, flag, ['relay_diffusion', 'patch_diffusion'])
     except UsageError:
         raise
     except UserError as ours:  # not loadable with weights_only: maybe an official RDM torch.save archive
-        if not os.path.isfile(path):
-            raise UsageError(f'{flag}={path}: no such file') from None
         try:
             return official_network(path, flag)
         except UserError as theirs:
-            raise UsageError(f'{flag}={path}: neither one of our snapshots ({str(ours).split(": ", 1)[-1]}) '
-                             f'nor an official network ({str(theirs).split(": ", 1)[-1]})') from None
+            raise UsageError(f'{flag}={path}: neither one of our snapshots ({one_line(ours).split(": ", 1)[-1]}) '
+                             f'nor an official network ({one_line(theirs).split(": ", 1)[-1]})') from None
     if ckpt['method'] == 'patch_diffusion' and ckpt['precond'] != 'EDMPrecond':
         raise UsageError(f'{flag}={path}: a Patch Diffusion network with coordinate channels; only --real_p=1 '
                          'snapshots (plain EDM) can serve as a first stage')
@@ -412,10 +443,25 @@ def load_network(path, flag='--network', stage=None):
     if stage is not None and info['precond'] != stage:
         want = 'a stage-one (--precond=edm)' if stage == 'edm' else 'a stage-two (--precond=blur)'
         raise UsageError(f'{flag}={path}: a --precond={info["precond"]} network, but {flag} needs {want} network')
-    net = EDMPrecond(**ckpt['net_kwargs'])
+    net = build_network(ckpt['net_kwargs'], flag, path, f'a {ckpt["method"]}.py snapshot')
     load_weights(net, ckpt['ema'], path)
     net.stage = info
     return net
+
+def sampler_settings(args, trained_noise_norm=False):
+    """sample_images' first_settings and second_settings from generate's flags; --paper_noise_norm None = as the
+    stage-two network was trained."""
+    first = dict(num_steps=args.num_steps_first, sigma_min=args.sigma_min_first, sigma_max=args.sigma_max_first,
+                 rho=args.rho_first, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise,
+                 cfg_scale=args.cfg_scale_first)
+    if args.sde_scale_first:
+        first['sde_scale'] = args.sde_scale_first
+    norm = trained_noise_norm if args.paper_noise_norm is None else args.paper_noise_norm
+    second = dict(num_steps=args.num_steps_second, sigma_min=args.sigma_min_second, sigma_max=args.sigma_max_second,
+                  rho=args.rho_second, up_scale=args.up_scale_second, truncation_sigma=args.truncation_sigma_second,
+                  truncation_t=args.truncation_t_second, cfg_scale=args.cfg_scale_second, s_block=args.s_block_second,
+                  s_noise=args.s_noise_second, blur_sigma_max=args.blur_sigma_max_second, paper_noise_norm=norm)
+    return first, second
 
 @torch.no_grad()
 def generate(args):
@@ -429,47 +475,23 @@ def generate(args):
     if stages in ('second', 'both'):
         second = load_network(args.network_second, '--network_second', 'blur').to(device).eval()
     check_networks(args, first, second)
-    label_dim = (first or second).label_dim
     indir = indir_paths(args.indir, args.seeds, second.img_resolution // s) if first is None else None
-    first_kwargs = dict(num_steps=args.num_steps_first, sigma_min=args.sigma_min_first, sigma_max=args.sigma_max_first,
-                        rho=args.rho_first, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
-                        S_noise=args.S_noise)
-    if args.sde_scale_first:
-        first_kwargs['sde_scale'] = args.sde_scale_first
-    trained = (getattr(second, 'stage', None) or {}).get('paper_noise_norm', False)
-    second_kwargs = dict(num_steps=args.num_steps_second, sigma_min=args.sigma_min_second,
-                         sigma_max=args.sigma_max_second, rho=args.rho_second, up_scale=s,
-                         truncation_sigma=args.truncation_sigma_second, truncation_t=args.truncation_t_second,
-                         cfg_scale=args.cfg_scale_second, s_block=args.s_block_second, s_noise=args.s_noise_second,
-                         blur_sigma_max=args.blur_sigma_max_second,
-                         paper_noise_norm=trained if args.paper_noise_norm is None else args.paper_noise_norm)
-    print0(f'sampler stages {stages}: first {first_kwargs if first else "-"}; '
-           f'second {second_kwargs if second else "-"}')
-    grid = []
-    with tqdm(total=len(args.seeds), unit='img', disable=rank != 0) as bar:
+    first_settings, second_settings = sampler_settings(args, (getattr(second, 'stage', None) or {}).get(
+        'paper_noise_norm', False))
+    print0(f'sampler stages {stages}: first {first_settings if first else "-"}; '
+           f'second {second_settings if second else "-"}')
+    relayed = [] if grid_path(args) and rank == 0 else None
+    with working(), tqdm(total=len(args.seeds), unit='img', disable=rank != 0) as bar:
         for seeds in seed_batches(args.seeds, args.batch, rank, world_size):
-            rng = PerSeedRNG(seeds, device)  # one generator per seed for both stages (upstream: --indir crashes here)
-            labels = seed_labels(rng, label_dim, args.class_idx, device, seeds=seeds)  # seed mod classes (upstream)
-            if first is not None:
-                latents = rng.randn([first.img_channels, first.img_resolution, first.img_resolution], device=device)
-                sampler = sde_sampler if 'sde_scale' in first_kwargs else edm_sampler
-                low = sampler(guided(first, args.cfg_scale_first), latents, labels, rng.randn_like, **first_kwargs)
-            else:
-                low = read_images([indir[seed] for seed in seeds], args.indir, device)
-            if second is not None:
-                x_up = F.interpolate(low, scale_factor=s, mode='nearest')  # NOTE: upstream resizes to 256 whatever s is
-                if x_up.shape[-1] != second.img_resolution or x_up.shape[1] != second.img_channels:
-                    raise UserError(f'--indir={args.indir}: stage-one images {tuple(low.shape[1:])} x{s} do not fit '
-                                     f'the second stage ({second.img_channels}x{second.img_resolution}x'
-                                     f'{second.img_resolution})')
-                images = blur_sampler(second, x_up, labels, rng.randn_like, **second_kwargs)
-                if args.grid and rank == 0:
-                    grid.append((x_up, images))
-            save_images(low if second is None else images, seeds, args.outdir, args.subdirs, args.enhance)
+            low = read_images([indir[seed] for seed in seeds], args.indir, s, second, device) if indir else None
+            images = sample_images(second or first, seeds, device, first=first if second else None, low=low,
+                                   class_idx=args.class_idx, first_settings=first_settings,
+                                   second_settings=second_settings, relayed=relayed)
+            save_images(images, seeds, args.outdir, args.subdirs, args.enhance)
             bar.update(len(seeds) * world_size)
-    if args.grid and rank == 0 and grid:
-        ups, outs = torch.cat([g[0] for g in grid])[:8], torch.cat([g[1] for g in grid])[:8]
-        save_image_grid(torch.cat([ups, outs]), args.grid, cols=len(ups))  # stage one (upsampled) above, relayed below
+        if relayed:
+            os.makedirs(os.path.dirname(grid_path(args)) or '.', exist_ok=True)
+            save_relay_grid(torch.cat([r[0] for r in relayed]), torch.cat([r[1] for r in relayed]), grid_path(args))
     torch.distributed.barrier()
     print0('done')
 
@@ -485,30 +507,36 @@ def build_parser(preset=None):
     t = sub.add_parser('train', help='train stage one (--precond=edm) or stage two (--precond=blur)')
     add_train_flags(t, lr=1e-4)  # NOTE: upstream's default lr is 1e-4 (EDM: 1e-3); every README command sets it
     add_edm_train_flags(t)
-    p01, nonneg, pos = number(float, 0, 1), number(float, 0), number(float, 0, low_open=True)
+    p01, nonneg, pos = number(float, 0, 1), number(float, 0, 1e4), number(float, 0, 1e5, low_open=True)
+    blur_max = number(float, 0, 100, low_open=True)  # B_max: from about 20 on every non-DC coefficient is at the floor
+    steps, rho, cfg = number(int, 1, 10**5), number(float, 0, 1000, low_open=True), number(float, 0, 100)
+    scale, weight = number(int, 1, 256), number(float, 0, 10)
     add = t.add_argument
     add('--preset', choices=sorted(PRESETS), default=None,
         help='an official run: its README training flags (generate --preset: its sampler settings); flags override')
     add('--arch', choices=['ddpmpp', 'ncsnpp', 'adm'], default='adm', help='backbone (adm: ADM-64, ADM-256 at 256 px)')
     add('--precond', choices=['edm', 'blur'], default='edm',
         help='edm: stage one (EDMLoss); blur: stage two (BlurLoss), same EDM preconditioning')
-    add('--cbase', type=number(int, 1), default=None, metavar='INT', help="base channel count; None = the arch's")
-    add('--cres', type=parse_int_list, default=None, metavar='LIST', help="channel multipliers; None = the arch's")
-    add('--blocks', type=number(int, 1), default=None, metavar='INT', help="blocks per resolution; None = the arch's")
+    add('--cbase', type=number(int, 1, 4096), default=None, metavar='INT', help="base channel count; None = the arch's")
+    add('--cres', type=parse_cres, default=None, metavar='LIST', help="channel multipliers; None = the arch's")
+    add('--blocks', type=number(int, 1, 64), default=None, metavar='INT', help="blocks per level; None = the arch's")
     add('--augment', type=p01, default=0, metavar='P', help='EDM augmentation probability (augment_dim 9 when > 0)')
     add('--label-dropout', type=p01, default=0, metavar='P', help='drop class labels with this probability (for CFG)')
     add('--eff-attn', type=parse_bool, default=True, metavar='BOOL', help='accepted for the official README commands; '
         'no effect here (attention is always F.scaled_dot_product_attention)')
-    add('--up-scale', type=number(int, 1), default=4, metavar='INT',
+    add('--up-scale', type=scale, default=4, metavar='INT',
         help='stage two: block size s of the DCT blur and block noise (= the upsampling factor)')
-    add('--block-scale', type=nonneg, default=0.15, metavar='FLOAT', help='stage two: alpha, weight of block noise')
+    add('--block-scale', type=weight, default=0.15, metavar='FLOAT', help='stage two: alpha, weight of block noise')
     add('--prob-length', type=number(float, 0, 1, low_open=True), default=0.93, metavar='FLOAT',
         help="stage two: L, the trained lower fraction of EDM's sigma distribution")
-    add('--blur-sigma-max', type=nonneg, default=3.0, metavar='FLOAT', help='stage two: B_max, blur strength at u = 1')
+    add('--blur-sigma-max', type=blur_max, default=3.0, metavar='FLOAT', help='stage two: B_max, the blur at u = 1')
     add('--paper-noise-norm', type=parse_bool, default=False, metavar='BOOL',
         help="stage two: scale noise by 1/sqrt(1+alpha^2) (paper; the code doesn't)")
-    add('--grid', type=number(int, 0), default=16, metavar='INT',
+    add('--grid', type=number(int, 0, 1024), default=64, metavar='INT',
         help='images in the sample grid written with each snapshot; 0 = none')
+    add_metric_flags(t)
+    add('--metrics-first', default=None, metavar='PT|DIR|PKL',
+        help='stage two\'s --metrics: the stage-one network (snapshot or run directory) whose samples it relays')
     t.set_defaults(**PRESETS.get(preset, {}).get('train', {}))
 
     g = sub.add_parser('generate', help='two-stage generation')
@@ -520,31 +548,33 @@ def build_parser(preset=None):
     add('--sampler_stages', choices=['first', 'second', 'both'], default='both', help='which stages to run')
     add('--indir', default=None, metavar='DIR', help='stage-one PNGs for --sampler_stages=second')
     add('--enhance', choices=sorted(ENHANCE), default='none', help='official PIL post-processing (not in the paper)')
-    add('--grid', default=None, metavar='PNG', help='also write a grid: stage one (upsampled) above, relayed below')
+    add('--grid', default=None, metavar='PNG', help='also write a grid of the first 64 seeds: stage one (upsampled) '
+        'above, relayed below; a bare file name goes beside --outdir, not into it')
     add('--network_first', default=None, metavar='PT|PKL|URL',
         help='stage-one network (ours, patch_diffusion --real_p=1, EDM .pkl, RDM .pt)')
-    add('--num_steps_first', type=number(int, 1), default=18, metavar='INT', help='stage-one sampling steps')
+    add('--num_steps_first', type=steps, default=18, metavar='INT', help='stage-one sampling steps')
     add('--sigma_min_first', type=pos, default=0.002, metavar='FLOAT', help='lowest noise level')
     add('--sigma_max_first', type=pos, default=80, metavar='FLOAT', help='highest noise level')
-    add('--rho_first', type=pos, default=7, metavar='FLOAT', help='time step exponent (EDM Eq. 5)')
-    add('--cfg_scale_first', type=nonneg, default=1, metavar='FLOAT', help='classifier-free guidance; <= 1 = none')
+    add('--rho_first', type=rho, default=7, metavar='FLOAT', help='time step exponent (EDM Eq. 5)')
+    add('--cfg_scale_first', type=cfg, default=1, metavar='FLOAT', help='classifier-free guidance; <= 1 = none')
     add('--S_churn', type=nonneg, default=0, metavar='FLOAT', help='stage-one stochasticity strength (EDM Alg. 2)')
     add('--S_min', type=nonneg, default=0, metavar='FLOAT', help='lowest sigma with churn')
-    add('--S_max', type=nonneg, default=float('inf'), metavar='FLOAT', help='highest sigma with churn')
-    add('--S_noise', type=nonneg, default=1, metavar='FLOAT', help='churn noise inflation')
+    add('--S_max', type=number(float, 0, inf=True), default=float('inf'), metavar='FLOAT', help='top sigma with churn')
+    add('--S_noise', type=weight, default=1, metavar='FLOAT', help='churn noise inflation')
     add('--sde_scale_first', type=number(float, 0, 1), default=0, metavar='FLOAT',
         help='SDE-Heun noise of generate_celebahq.py (0.05); 0 = EDM Heun')
     add('--network_second', default=None, metavar='PT|PKL|URL', help='stage-two network (ours or RDM .pt)')
-    add('--num_steps_second', type=number(int, 1), default=18, metavar='INT', help='stage-two grid before truncation')
+    add('--num_steps_second', type=steps, default=18, metavar='INT', help='stage-two grid, before truncation')
     add('--sigma_min_second', type=pos, default=0.008, metavar='FLOAT', help='lowest noise level')
     add('--sigma_max_second', type=pos, default=80, metavar='FLOAT', help='highest noise level of the grid')
-    add('--rho_second', type=pos, default=7, metavar='FLOAT', help='time step exponent')
-    add('--blur_sigma_max_second', type=nonneg, default=3, metavar='FLOAT', help='B_max of the blur schedule')
-    add('--cfg_scale_second', type=nonneg, default=1, metavar='FLOAT', help='classifier-free guidance; <= 1 = none')
-    add('--up_scale_second', type=number(int, 1), default=4, metavar='INT', help='upsampling factor = DCT block size')
+    add('--rho_second', type=rho, default=7, metavar='FLOAT', help='time step exponent')
+    add('--blur_sigma_max_second', type=blur_max, default=3, metavar='FLOAT', help='B_max of the blur schedule')
+    add('--cfg_scale_second', type=cfg, default=1, metavar='FLOAT', help='classifier-free guidance; <= 1 = none')
+    add('--up_scale_second', type=scale, default=4, metavar='INT', help='upsampling factor = DCT block size')
     add('--truncation_sigma_second', type=pos, default=0.9, metavar='FLOAT', help='start: grid levels >= it dropped')
-    add('--truncation_t_second', type=pos, default=0.93, metavar='FLOAT', help="L of the sampler's sigma -> u map")
-    add('--s_block_second', type=nonneg, default=0.15, metavar='FLOAT', help='weight of block noise')
+    add('--truncation_t_second', type=number(float, 0, 1.1, low_open=True), default=0.93, metavar='FLOAT',
+        help="L of the sampler's sigma -> u map (official: 0.93, 1.05); u at the start must be <= 1")
+    add('--s_block_second', type=weight, default=0.15, metavar='FLOAT', help='weight of block noise')
     add('--s_noise_second', type=p01, default=0.2, metavar='FLOAT', help='eta, stochasticity of the blur sampler')
     add('--paper_noise_norm', type=parse_bool, default=None, metavar='BOOL',
         help='1/sqrt(1+s_block^2) noise scale; None = as the network was trained')
@@ -552,7 +582,9 @@ def build_parser(preset=None):
     return parser
 
 def main():
-    args = parse_command_line(build_parser)
+    with warnings.catch_warnings():  # --resume of a foreign pickle: torch's protocol note would precede the one line
+        warnings.filterwarnings('ignore', message='Detected pickle protocol')
+        args = parse_command_line(build_parser)
     run_main(train if args.command == 'train' else generate, args)
 
 #------------------------------------------------------------------------------
@@ -560,12 +592,40 @@ def main():
 #    guess, the sample grid written during training, official-checkpoint reading, stage-one PNGs from disk, the
 #    official PNG post-processing.
 
+def parse_cres(s):
+    """--cres: 1 to 16 channel multipliers, each 1 to 64."""
+    cres = parse_int_list(s)
+    if not 1 <= len(cres) <= 16 or not all(1 <= c <= 64 for c in cres):
+        raise argparse.ArgumentTypeError(f'expected 1 to 16 channel multipliers from 1 to 64, e.g. 1,2,2; got {s!r}')
+    return cres
+
+def check_memory(num_params, device):
+    """Weights, EMA, gradients and Adam's two moments are 5 float32 copies: refuse a network that cannot fit."""
+    if device.type == 'cuda':
+        have, where = torch.cuda.get_device_properties(device).total_memory, f'{device} has'
+    elif hasattr(os, 'sysconf'):
+        have, where = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'), 'this machine has'
+    else:
+        return
+    if 20 * num_params > have:
+        raise UsageError(f'the network has {num_params:,} parameters: {20 * num_params / 2**30:.1f} GiB for weights, '
+                         f'EMA, gradients and Adam state, but {where} {have / 2**30:.1f} GiB (see --cbase, --cres, '
+                         '--blocks)')
+
 def check_train_flags(args, R, label_dim, net_kwargs):
     """Flag combinations that depend on the data, checked before anything is written."""
+    if args.precond == 'blur' and args.up_scale < 2:
+        raise UsageError('--up-scale=1: a 1x1 block neither blurs nor relays anything; stage two needs 2 or more')
     if args.precond == 'blur' and R % args.up_scale:
         raise UsageError(f'--up-scale={args.up_scale} must divide the image size: {args.data} has {R}x{R} images')
     if args.label_dropout and not label_dim:
         raise UsageError(f'--label-dropout={args.label_dropout} needs class labels (--cond=1)')
+    if args.precond == 'edm' and args.metrics_first:
+        raise UsageError(f'--metrics-first={args.metrics_first}: only stage two (--precond=blur) relays a first stage; '
+                         'stage one samples by itself')
+    if args.precond == 'blur' and args.metrics and not args.metrics_first:
+        raise UsageError(f'--metrics={",".join(args.metrics)}: stage two relays stage-one samples; name the first '
+                         'stage with --metrics-first=SNAPSHOT|RUN_DIR (its resolution x --up-scale = this run\'s)')
     levels = len(net_kwargs['channel_mult'])
     if R % 2 ** (levels - 1):
         raise UsageError(f'--cres={",".join(map(str, net_kwargs["channel_mult"]))}: a {levels}-level U-Net needs '
@@ -583,10 +643,18 @@ def check_generate_flags(args):
     if args.grid is not None:
         if not args.grid.lower().endswith('.png') or stages == 'first':
             raise UsageError(f'--grid={args.grid}: expected a .png path, and a run with a second stage')
-        check_outdir(os.path.dirname(args.grid) or '.', '--grid')
-    if stages != 'first':  # the truncated grid must keep at least one level
-        relay_time_steps(args.num_steps_second, args.sigma_min_second, args.sigma_max_second, args.rho_second,
-                         args.truncation_sigma_second)
+        check_outdir(os.path.dirname(grid_path(args)) or '.', '--grid')
+    for low, high in (('sigma_min_first', 'sigma_max_first'), ('sigma_min_second', 'sigma_max_second'),
+                      ('S_min', 'S_max')):
+        if getattr(args, low) >= getattr(args, high):
+            raise UsageError(f'--{low}={getattr(args, low):g} must be below --{high}={getattr(args, high):g}')
+    if stages != 'first':  # the truncated grid must keep at least one level, and start at u <= 1
+        start = relay_time_steps(args.num_steps_second, args.sigma_min_second, args.sigma_max_second, args.rho_second,
+                                 args.truncation_sigma_second)[0]
+        if u_of_sigma(start, args.truncation_t_second) > 1:
+            raise UsageError(f'--truncation_t_second={args.truncation_t_second:g}: the first level, sigma '
+                             f'{start:.4g}, maps to u = {u_of_sigma(start, args.truncation_t_second):.3f} > 1, where '
+                             'the blur schedule runs backwards; raise it or lower --truncation_sigma_second')
 
 def check_networks(args, first, second):
     """The two stages fit each other (classes, resolution x --up_scale_second) and the flags (--class, CFG)."""
@@ -615,35 +683,81 @@ def dataset_shape(args):
     return dataset, dataset.resolution, dataset.num_channels, dataset.label_dim
 
 def progress_grid(net, num, dataset, seed, device, loss_fn):
-    """grid(path) for TrainingRun, a PNG of seeds 0..num-1: stage one samples 18 Heun steps from noise; stage two
+    """grid(path) for TrainingRun, a PNG of seeds 0..num-1: stage one samples them as generate does; stage two
     relays the block means of `num` fixed training images (drawn now; average-pooled by s, nearest-upsampled: a
-    stand-in for stage-one samples), shown above the relayed results."""
+    stand-in for stage-one samples), each above its relayed result (save_relay_grid)."""
     fixed = next(data_stream(dataset, num, 0, 1, seed, 0, 0))[0] if isinstance(loss_fn, BlurLoss) else None
 
-    @torch.no_grad()
     def grid(path):
-        rng = PerSeedRNG(range(num), device)
-        labels = seed_labels(rng, net.label_dim, device=device, seeds=list(range(num)))  # seed mod classes
         if fixed is None:
-            latents = rng.randn([net.img_channels, net.img_resolution, net.img_resolution], device=device)
-            return save_image_grid(edm_sampler(net, latents, labels, rng.randn_like), path)
-        s = loss_fn.up_scale
-        real = fixed.to(device).to(torch.float64) / 127.5 - 1
-        x_up = F.interpolate(F.avg_pool2d(real, s), scale_factor=s, mode='nearest')
-        out = blur_sampler(net, x_up, labels, rng.randn_like, up_scale=s, truncation_t=loss_fn.prob_length,
-                           blur_sigma_max=loss_fn.blur_sigma_max, s_block=loss_fn.block_scale,
-                           paper_noise_norm=loss_fn.paper_noise_norm)
-        save_image_grid(torch.cat([x_up, out]), path, cols=num)
+            return save_image_grid(sample_images(net, list(range(num)), device), path)
+        s, relayed = loss_fn.up_scale, []
+        low = F.avg_pool2d(fixed.to(device).to(torch.float64) / 127.5 - 1, s)
+        sample_images(net, list(range(num)), device, low=low, relayed=relayed, second_settings=dict(
+            up_scale=s, truncation_t=loss_fn.prob_length, blur_sigma_max=loss_fn.blur_sigma_max,
+            s_block=loss_fn.block_scale, paper_noise_norm=loss_fn.paper_noise_norm))
+        save_relay_grid(*relayed[0], path)
     return grid
+
+def save_relay_grid(x_up, images, path, cols=8):
+    """At most 64 samples, 8 per row, each row of upsampled stage-one images above the row of their relayed results."""
+    n, cols = min(len(images), 64), min(cols, len(images))
+    pad = lambda x: torch.cat([x[:n], x.new_full([-n % cols, *x.shape[1:]], -1.0)])  # black cells end the last row
+    x_up, images = pad(x_up), pad(images)
+    save_image_grid(torch.cat([torch.cat([x_up[i:i + cols], images[i:i + cols]]) for i in range(0, len(x_up), cols)]),
+                    path, cols=cols)
+
+def grid_path(args):
+    """generate --grid: a bare file name goes beside --outdir (in its parent folder, so the sample folder holds only
+    samples, as fid.py reads it); a path with a folder is taken as given."""
+    if not args.grid or os.path.dirname(args.grid):
+        return args.grid
+    return os.path.join(os.path.dirname(os.path.abspath(args.outdir)), args.grid)
+
+def metrics_sampler(args, ema, net_kwargs, device):
+    """sample(seeds) for --metrics: what `generate` makes from this run's snapshots (the EMA weights) with its default
+    settings (the preset's, if it has them; --up_scale_second = --up-scale): stage one alone, or stage two relaying
+    --metrics-first's samples, checked to fit this run (resolution x --up-scale, channels, classes)."""
+    if not args.metrics:
+        return None
+    g = build_parser(args.preset).parse_args(['generate', '--outdir=.', f'--up_scale_second={args.up_scale}'])
+    first_settings, second_settings = sampler_settings(g, args.paper_noise_norm)
+    first = None
+    if args.precond == 'blur':
+        first = load_network(args.metrics_first, '--metrics-first', 'edm').to(device).eval()
+        R, C, label_dim = net_kwargs['img_resolution'], net_kwargs['img_channels'], net_kwargs['label_dim']
+        found = (first.img_resolution * args.up_scale, first.img_channels, first.label_dim)
+        if found != (R, C, label_dim):
+            raise UsageError(f'--metrics-first={args.metrics_first}: makes {first.img_resolution}x'
+                             f'{first.img_resolution}x{first.img_channels} images with {first.label_dim} classes '
+                             f'(x{args.up_scale} = {found[0]}); this run trains {R}x{R}x{C} with {label_dim} classes')
+    return lambda seeds: sample_images(ema, seeds, device, first, first_settings=first_settings,
+                                       second_settings=second_settings)
+
+def one_line(e):
+    return ' '.join(str(e).split())
+
+def build_network(net_kwargs, flag, path, what):
+    """EDMPrecond(**net_kwargs) of a loaded file, or one line saying why its arguments do not build one."""
+    try:
+        return EDMPrecond(**net_kwargs)
+    except (TypeError, ValueError, KeyError, AssertionError, RuntimeError) as e:
+        raise UsageError(f'{flag}={path}: {what} whose network arguments do not build an EDMPrecond ({one_line(e)})'
+                         ) from None
 
 def official_network(path, flag):
     """EDMPrecond from an official EDM .pkl or RDM .pt (common.load_official: no code from the file runs); the
     official files do not record the stage (net.stage = None)."""
-    official = load_official(path, flag)
+    try:
+        official = load_official(path, flag)
+    except UserError as e:
+        raise UsageError(one_line(e)) from None
     if official['precond'] != 'EDMPrecond':
         raise UsageError(f'{flag}={path}: a {official["precond"]} network; Relay Diffusion uses EDMPrecond networks')
+    if not all(torch.isfinite(v).all() for v in official['state_dict'].values() if v.is_floating_point()):
+        raise UsageError(f'{flag}={path}: its weights hold NaN or inf (a diverged run)')
     kwargs = {k: v for k, v in official['init_kwargs'].items() if k != 'eff_attn'}  # xformers switch (upstream)
-    net = EDMPrecond(**kwargs)
+    net = build_network(kwargs, flag, path, 'an official network')
     load_weights(net, official['state_dict'], path)
     net.stage = None
     return net
@@ -664,13 +778,16 @@ def indir_paths(indir, seeds, resolution):
                              f'takes {resolution}x{resolution} images (its resolution / --up_scale_second)')
     return paths
 
-def read_images(paths, indir, device):
-    """Stage-one PNGs as float64 in [-1, 1], [N, C, H, W]."""
+def read_images(paths, indir, up_scale, second, device):
+    """Stage-one PNGs as float64 in [-1, 1], [N, C, H, W], checked against the second stage."""
     images = [np.array(PIL.Image.open(path)) for path in paths]
     images = [image[:, :, None] if image.ndim == 2 else image for image in images]
     if len({im.shape for im in images}) > 1:
         raise UserError(f'--indir={indir}: images of different sizes {sorted({im.shape for im in images})}')
     images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # [N, H, W, C] -> [N, C, H, W]
+    if images.shape[-1] * up_scale != second.img_resolution or images.shape[1] != second.img_channels:
+        raise UserError(f'--indir={indir}: stage-one images {tuple(images.shape[1:])} x{up_scale} do not fit the '
+                        f'second stage ({second.img_channels}x{second.img_resolution}x{second.img_resolution})')
     return images.to(device).to(torch.float64) / 127.5 - 1
 
 # PIL post-processing of the official generate_celebahq.py / generate_imagenet.py, applied to every saved PNG

@@ -3,6 +3,7 @@ schedule, BlurLoss, blur sampler, parameter counts) and end-to-end properties (c
 generation with and without --indir,
 resume, DDP, a two-stage torchrun run)."""
 import glob
+import json
 import math
 import os
 import pickle
@@ -449,6 +450,93 @@ def test_two_stage_cli_under_torchrun(tmp_path):
     assert len(one) == 5 and one.keys() == two.keys() and all(np.array_equal(one[k], two[k]) for k in one)
 
 #------------------------------------------------------------------------------
+# train --metrics (issue 22): the numbers of generate + fid.py score for every snapshot, in StyleGAN's
+# metric-<name>.jsonl; stage two relays the samples of --metrics-first.
+
+METRIC_NET = ['--arch=ddpmpp', '--cbase=8', '--cres=1', '--blocks=1', '--dropout=0', '--lr-rampup=0', '--grid=0',
+              '--workers=0', '--batch=4', '--tick=0.004', '--snap=1', '--dump=0', '--nosubdir']
+
+@pytest.fixture(scope='session')
+def toy_cache(tmp_path_factory):
+    """The session's toy classifier cache (the other method tests name the same folder): the demo-8 classifier,
+    trained into it once per session."""
+    import fid
+    cache = tmp_path_factory.getbasetemp() / 'toy-cache'
+    dataset = fid.open_toy_data('demo-8', 3)
+    fid.toy_classifier(dataset, fid.toy_splits(dataset, 500)[0], fid.toy_cache_path(str(cache), 'demo-8', dataset))
+    return cache
+
+def fid_score(images, cache, capsys):
+    """`python fid.py score --images=... --data=demo-8 --num=500`, in this process: its printed numbers."""
+    import fid
+    capsys.readouterr()
+    fid.main(['score', f'--images={images}', '--data=demo-8', '--num=500', f'--cache={cache}'])
+    return {line.split()[0]: float(line.split()[1]) for line in capsys.readouterr().out.splitlines()
+            if len(line.split()) == 2 and line.split()[0].startswith(('toy_fd', 'demo_fit', 'confident'))}
+
+def printed(value):
+    """`fid.py score` prints 6 significant digits: equal to float precision is equal as printed."""
+    return float(f'{value:.6g}')
+
+def metric_lines(run, count):
+    lines = [json.loads(line) for line in open(run / 'metric-toy_fd.jsonl')]
+    snapshots = sorted(p.name for p in run.glob('network-snapshot-*.pt'))
+    assert [line['snapshot_pkl'] for line in lines] == snapshots and len(snapshots) == count
+    assert all(set(line) >= {'results', 'metric', 'total_time', 'num_gpus', 'snapshot_pkl', 'timestamp', 'kimg'}
+               and line['metric'] == 'toy_fd' and line['num_gpus'] == 1 for line in lines)
+    return lines
+
+def test_stage_one_metrics_equal_generate_then_fid_score(tmp_path, toy_cache, capsys):
+    """--metrics=toy_fd --snap=1: one line per snapshot, whose value is what `generate --sampler_stages=first
+    --seeds=0-499` of that snapshot and `fid.py score --num=500` print."""
+    folder = tmp_path / 'run'
+    train_run(['--data=demo-8', '--duration=0.000012', '--metrics=toy_fd', f'--metrics-cache={toy_cache}',
+               f'--outdir={folder}'])
+    lines = metric_lines(folder, 2)  # ticks 1 and 2
+    assert [line['kimg'] for line in lines] == [0.008, 0.012]
+    gen = tmp_path / 'gen'
+    generate_run(['--sampler_stages=first', f'--network_first={folder / lines[-1]["snapshot_pkl"]}',
+                  f'--outdir={gen}', '--seeds=0-499', '--batch=250'])
+    assert fid_score(gen, toy_cache, capsys)['toy_fd'] == printed(lines[-1]['results']['toy_fd'])
+    best = min(lines, key=lambda line: line['results']['toy_fd'])
+    assert f'best so far {best["results"]["toy_fd"]:.4g} at {best["snapshot_pkl"]}' in (folder / 'log.txt').read_text()
+
+def test_stage_two_metrics_relay_metrics_first_as_generate_does(tmp_path, toy_cache, capsys):
+    """Stage two's toy_fd is that of generate's two-stage samples (its default settings, --up_scale_second =
+    --up-scale) with --metrics-first as the first stage: a snapshot, or a run directory (its newest snapshot)."""
+    first = tmp_path / 'first'
+    first.mkdir()
+    snapshot(first / 'network-snapshot-000001.pt', tiny_net(1, 4))
+    folder = tmp_path / 'run'
+    train_run(['--data=demo-8', '--precond=blur', '--up-scale=2', '--duration=0.000008', '--metrics=toy_fd',
+               f'--metrics-first={first}', f'--metrics-cache={toy_cache}', f'--outdir={folder}'])
+    lines = metric_lines(folder, 1)
+    gen = tmp_path / 'gen'
+    generate_run([f'--network_first={first}', f'--network_second={folder / lines[-1]["snapshot_pkl"]}',
+                  '--up_scale_second=2', f'--outdir={gen}', '--seeds=0-499', '--batch=250'])
+    assert fid_score(gen, toy_cache, capsys)['toy_fd'] == printed(lines[-1]['results']['toy_fd'])
+
+def train_run(argv):
+    run(['train'] + METRIC_NET + argv)
+
+def generate_run(argv):
+    run(['generate'] + argv)
+
+def test_generate_grid_goes_beside_outdir_with_up_to_64_pairs(tmp_path, monkeypatch, relay_files):
+    """--grid=NAME.png: beside --outdir (fid.py reads --outdir), never the working directory; 8 samples per row,
+    each row of upsampled stage-one images above its relayed row, black cells after the last sample."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / 'out' / 'gen'
+    generate_run([f'--network_first={relay_files["first"]}', f'--network_second={relay_files["second"]}',
+                  '--up_scale_second=2', '--num_steps_first=2', '--num_steps_second=6', '--seeds=0-9',
+                  f'--outdir={out}', '--grid=relay_grid.png'])
+    assert sorted(os.listdir(tmp_path)) == ['out'] and sorted(os.listdir(tmp_path / 'out')) == ['gen', 'relay_grid.png']
+    grid = np.array(PIL.Image.open(tmp_path / 'out' / 'relay_grid.png'))
+    assert grid.shape == (4 * 8, 8 * 8, 3)  # 10 samples: 2 rows of pairs
+    first_up = np.array(PIL.Image.open(out / '000000.png'))
+    assert np.array_equal(grid[8:16, :8], first_up) and grid[24:, 16:].max() == 0
+
+#------------------------------------------------------------------------------
 # Bad input through the real command line: one line on stderr naming the flag, exit 2 for usage errors and 1 for
 # run-time failures, no traceback, nothing written.
 
@@ -459,12 +547,28 @@ def relay_files(tmp_path_factory):
     """A stage-two training state and snapshot, stage-one / stage-two / masked_dm / gdd snapshots."""
     out = tmp_path_factory.mktemp('relay_files')
     run(TRAIN + ['--precond=blur', '--up-scale=2', f'--outdir={out / "two"}'])
-    return dict(state=max(glob.glob(f'{out}/two/training-state-*.pt')),
+    state = max(glob.glob(f'{out}/two/training-state-*.pt'))
+    save_checkpoint(dict(load_checkpoint(state), method='masked_dm'), out / 'masked-state.pt')
+    return dict(state=state, masked_state=str(out / 'masked-state.pt'),
                 snap=max(glob.glob(f'{out}/two/network-snapshot-*.pt')),
                 first=snapshot(out / 'first.pt', tiny_net(1, 4)),
                 second=snapshot(out / 'second.pt', tiny_net(2, 8), stage='blur'),
                 masked=snapshot(out / 'masked.pt', tiny_net(1, 4), method='masked_dm'),
-                gdd=snapshot(out / 'gdd.pt', tiny_net(1, 4), method='gdd'))
+                gdd=snapshot(out / 'gdd.pt', tiny_net(1, 4), method='gdd'), **hostile_files(out))
+
+def hostile_files(out):
+    """A raw pickle (.pkl and .pt), a truncated snapshot, an empty file, a snapshot with NaN weights."""
+    for name in ('raw.pkl', 'raw.pt'):
+        with open(out / name, 'wb') as f:
+            pickle.dump({'a': [1, 2], 'z': complex(1, 2)}, f)
+    whole = open(snapshot(out / 'whole.pt', tiny_net(1, 4)), 'rb').read()
+    (out / 'truncated.pt').write_bytes(whole[:len(whole) // 2])
+    (out / 'empty.pt').write_bytes(b'')
+    nan = tiny_net(1, 4)
+    with torch.no_grad():
+        next(nan.parameters()).fill_(float('nan'))
+    return dict(raw_pkl=str(out / 'raw.pkl'), raw_pt=str(out / 'raw.pt'), truncated=str(out / 'truncated.pt'),
+                empty=str(out / 'empty.pt'), nan=snapshot(out / 'nan.pt', nan))
 
 TRAIN_CASES = [  # (argv after TRAIN, exit code, words the one line must contain)
     (['--batch=-4'], 2, ['--batch', '-4', '>= 1']),
@@ -486,7 +590,37 @@ TRAIN_CASES = [  # (argv after TRAIN, exit code, words the one line must contain
     (['--resume=missing.pt'], 2, ['--resume', 'missing.pt']),
     (['--resume={state}', '--cbase=32'], 2, ['--cbase=32 given, 16 in the training state']),
     (['--resume={state}', '--precond=edm'], 2, ['--precond=edm given, blur in the training state']),
-    (['--resume={snap}'], 1, ['network snapshot, not a training state']),
+    (['--resume={snap}'], 2, ['network snapshot, not a training state']),
+    # hostile numbers (issue 24): non-finite, out of range, sizes that cannot fit, a run that means nothing
+    (['--block-scale=inf'], 2, ['--block-scale', 'not a finite number']),
+    (['--block-scale=1e30'], 2, ['--block-scale', '<= 10']),
+    (['--blur-sigma-max=0'], 2, ['--blur-sigma-max', '> 0']),
+    (['--blur-sigma-max=nan'], 2, ['--blur-sigma-max', 'not a finite number']),
+    (['--precond=blur', '--up-scale=1'], 2, ['--up-scale=1', 'neither blurs nor relays']),
+    (['--up-scale=99999999999'], 2, ['--up-scale', '<= 256']),
+    (['--cres=0,2'], 2, ['--cres', '1 to 64']),
+    (['--blocks=100000'], 2, ['--blocks', '<= 64']),
+    (['--cbase=4096', '--cres=64,64'], 2, ['parameters', 'GiB', '--cbase']),
+    (['--grid=1e9'], 2, ['--grid', 'expected an integer']),
+    # hostile paths: another method's state, a raw pickle, an empty file
+    (['--resume={masked_state}'], 2, ['--resume', 'a masked_dm.py training state']),
+    (['--resume={raw_pt}'], 2, ['--resume', 'raw.pt', 'not a checkpoint']),
+    (['--resume={empty}'], 2, ['--resume', 'empty.pt', 'not a checkpoint']),
+    # train --metrics (issue 22): refused before anything is written
+    (['--metrics=bogus'], 2, ['--metrics', 'bogus']),
+    (['--metrics=fid10k_full'], 2, ['--metrics-ref']),
+    (['--metrics=fid10k_full', '--metrics-ref=missing.npz'], 2, ['missing.npz']),
+    (['--precond=blur', '--up-scale=2', '--metrics=toy_fd'], 2, ['--metrics=toy_fd', '--metrics-first']),
+    (['--metrics-first={first}'], 2, ['--metrics-first', 'only stage two']),
+    (['--precond=blur', '--up-scale=2', '--metrics=toy_fd', '--metrics-first={second}'], 2,
+     ['--metrics-first', 'stage-one']),
+    (['--precond=blur', '--up-scale=4', '--metrics=toy_fd', '--metrics-first={first}'], 2,
+     ['--metrics-first', '4x4x3', 'x4 = 16', 'trains 8x8x3']),
+    (['--precond=blur', '--up-scale=2', '--metrics=toy_fd', '--metrics-first={gdd}'], 2, ['--metrics-first', 'gdd.py']),
+    (['--precond=blur', '--up-scale=2', '--metrics=toy_fd', '--metrics-first={raw_pkl}'], 2,
+     ['--metrics-first', 'raw.pkl', 'official network']),
+    (['--precond=blur', '--up-scale=2', '--metrics=toy_fd', '--metrics-first={nan}'], 2,
+     ['--metrics-first', 'nan.pt', 'NaN']),
 ]
 
 @pytest.mark.parametrize('argv, code, words', TRAIN_CASES, ids=[' '.join(c[0]) for c in TRAIN_CASES])
@@ -526,6 +660,23 @@ GENERATE_CASES = [  # (argv after the base command, exit code, words the one lin
     (['--sampler_stages=second', '--indir={file}'], 2, ['--indir', 'not a folder']),
     (['--sampler_stages=second', '--indir={tmp}'], 2, ['--indir', 'no image for seed 0']),
     (['--sampler_stages=second', '--indir={tmp}', '--seeds=7'], 2, ['--indir', '000007.png is 3x3', 'takes 4x4']),
+    # hostile numbers (issue 24)
+    (['--truncation_t_second=1.5'], 2, ['--truncation_t_second', '<= 1.1']),
+    (['--num_steps_second=18', '--truncation_t_second=0.5'], 2, ['--truncation_t_second=0.5', 'u = 1.637 > 1']),
+    (['--sigma_max_second=1e400'], 2, ['--sigma_max_second', 'not a finite number']),
+    (['--sigma_min_first=100'], 2, ['--sigma_min_first=100', 'below --sigma_max_first=80']),
+    (['--S_min=5', '--S_max=1'], 2, ['--S_min=5', 'below --S_max=1']),
+    (['--blur_sigma_max_second=0'], 2, ['--blur_sigma_max_second', '> 0']),
+    (['--cfg_scale_first=inf'], 2, ['--cfg_scale_first', 'not a finite number']),
+    (['--num_steps_first=99999999'], 2, ['--num_steps_first', '<= 100000']),
+    # hostile paths: truncated (one line), raw pickles, empty, NaN weights, a folder, the wrong grid path
+    (['--network_first={truncated}'], 2, ['--network_first', 'truncated.pt', 'neither']),
+    (['--network_first={raw_pkl}'], 2, ['--network_first', 'raw.pkl', 'official network']),
+    (['--network_second={raw_pt}'], 2, ['--network_second', 'raw.pt']),
+    (['--network_first={empty}'], 2, ['--network_first', 'empty.pt']),
+    (['--network_first={nan}'], 2, ['--network_first', 'nan.pt', 'NaN']),
+    (['--network_second={tmp}'], 2, ['--network_second', 'a folder without network-snapshot']),
+    (['--grid={file}/grid.png'], 2, ['--grid', 'not a folder']),
 ]
 
 @pytest.mark.parametrize('argv, code, words', GENERATE_CASES, ids=[' '.join(c[0]) for c in GENERATE_CASES])
