@@ -742,18 +742,27 @@ def load_vae(path_or_url):
     if not os.path.isfile(path):
         raise UserError(f'{path}: no such VAE weights file (diffusers format, e.g. sd-vae-ft-ema/'
                         'diffusion_pytorch_model.safetensors)')
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    what = 'not a readable diffusers AutoencoderKL weights file'
+    if len(head) < 9:
+        raise UserError(f'{path}: {what} (empty or truncated: {os.path.getsize(path)} bytes)')
     try:
-        with open(path, 'rb') as f:
-            head = f.read(9)
-        if len(head) == 9 and head[8:9] == b'{':  # safetensors: a JSON header follows the 8-byte length
+        if head[8:9] == b'{':  # safetensors: a JSON header follows the 8-byte length
             state_dict = read_safetensors(path)
         else:
-            state_dict = torch.load(path, map_location='cpu', weights_only=True)
+            try:
+                state_dict = torch.load(path, map_location='cpu', weights_only=True)
+            except Exception:  # torch's message would advise an unsafe load
+                raise UserError(f'{path}: {what} (neither safetensors nor a torch.save file of tensors)') from None
+        if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+            raise UserError(f'{path}: {what} (it holds no dict of tensors)')
         state_dict = convert_vae_keys(state_dict)
         vae = AutoencoderKL(**vae_config(state_dict))
+    except UserError:
+        raise
     except Exception as e:
-        raise UserError(f'{path}: not a readable diffusers AutoencoderKL weights file ({type(e).__name__}: {e})') \
-            from None
+        raise UserError(f'{path}: {what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from None
     expected = vae.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -763,6 +772,8 @@ def load_vae(path_or_url):
                 f'{wrong[0]} has shape {list(state_dict[wrong[0]].shape)}, expected {list(expected[wrong[0]].shape)}')
         raise UserError(f'{path}: not an AutoencoderKL state dict ({what}; {len(missing)} missing, {len(unexpected)} '
                         f'unexpected, {len(wrong)} wrong shapes)')
+    if not all(torch.isfinite(v).all() for v in state_dict.values() if v.is_floating_point()):
+        raise UserError(f'{path}: its weights hold NaN or inf')
     vae.load_state_dict({k: v.float() for k, v in state_dict.items()})
     return vae.eval().requires_grad_(False)
 

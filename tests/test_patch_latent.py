@@ -182,6 +182,21 @@ def test_load_vae_errors(tmp_path, monkeypatch):
     torch.save(sd, tmp_path / 'shape.bin')
     with pytest.raises(UserError, match=r'to_q.weight has shape \[32, 31\], expected \[32, 32\]'):
         pd.load_vae(str(tmp_path / 'shape.bin'))
+    # Hostile files (issue 24): one line naming the file, never torch's unsafe-load advice.
+    import pickle
+    (tmp_path / 'empty.safetensors').write_bytes(b'')
+    (tmp_path / 'raw.bin').write_bytes(pickle.dumps({'decoder.conv_out.weight': 1}))
+    torch.save({'a': [1, 2]}, tmp_path / 'list.bin')
+    sd = tiny_vae().state_dict()
+    torch.save({k: v * float('nan') if k == 'decoder.conv_out.weight' else v for k, v in sd.items()},
+               tmp_path / 'nan.bin')
+    for name, words in [('empty.safetensors', 'empty or truncated: 0 bytes'),
+                        ('raw.bin', 'neither safetensors nor a torch.save file of tensors'),
+                        ('list.bin', 'no dict of tensors'), ('nan.bin', 'NaN or inf')]:
+        with pytest.raises(UserError) as e:
+            pd.load_vae(str(tmp_path / name))
+        assert str(e.value).startswith(f'{tmp_path / name}: ') and words in str(e.value)
+        assert 'weights_only' not in str(e.value) and '\n' not in str(e.value)
 
 #------------------------------------------------------------------------------
 # Latent training: the patch schedule, the seed's commands, pre-encoding, CLI train + generate.
@@ -327,3 +342,27 @@ def test_official_latent_pickle_loads_and_samples(tmp_path):
         pd.generate(pd.parse_args(gen + [f'--outdir={tmp_path / "x"}']))
     pd.generate(pd.parse_args(gen + [f'--outdir={tmp_path / "out"}', '--on_latents=1', f'--vae={tmp_path / "vae.safetensors"}']))
     assert len(list((tmp_path / 'out').glob('*.png'))) == 2
+
+from test_patch_diffusion import toy_cache  # noqa: E402,F401  (the session's toy classifier, trained once)
+
+def test_latent_metrics_score_decoded_images_against_the_source(tmp_path, monkeypatch, capsys, toy_cache):  # noqa: F811
+    """train --metrics=toy_fd on pre-encoded latents scores the VAE-decoded samples against the images the latents
+    were encoded from (dataset.json's source: demo-8); if that source is gone, one line, exit 2, nothing written."""
+    from conftest import run_main
+    vae_path = tmp_path / 'vae.safetensors'
+    write_tiny_vae(vae_path)
+    pd.encode(pd.parse_args(['encode', '--data=demo-8', f'--dest={tmp_path / "lat"}', f'--vae={vae_path}',
+                             '--workers=0', '--batch=512']))
+    train = [a for a in LATENT_TRAIN if not a.startswith(('--cond', '--label-dropout', '--duration', '--snap'))]
+    train += [f'--data={tmp_path / "lat"}', '--duration=0.000006', '--grid=0', '--metrics=toy_fd',
+              f'--metrics-cache={toy_cache}']
+    pd.train(pd.parse_args(train + [f'--outdir={tmp_path / "run"}']))
+    line, = [json.loads(s) for s in open(tmp_path / 'run' / 'metric-toy_fd.jsonl')]
+    assert line['snapshot_pkl'] == 'network-snapshot-000000_006.pt' and line['results']['toy_fd'] > 0
+    info = json.loads((tmp_path / 'lat' / 'dataset.json').read_text())
+    (tmp_path / 'lat' / 'dataset.json').write_text(json.dumps(dict(info, source=str(tmp_path / 'gone.zip'))))
+    before = sorted(tmp_path.rglob('*'))
+    capsys.readouterr()
+    code, err = run_main(pd, monkeypatch, capsys, train + [f'--outdir={tmp_path / "run2"}'])
+    assert code == 2 and err.count('\n') == 1 and 'gone.zip' in err and '--metrics=toy_fd' in err, err
+    assert sorted(tmp_path.rglob('*')) == before
