@@ -79,10 +79,12 @@ PRESETS = {
                               ema=50, bf16=True, seed=42, freeze=0),
     'imagenet64_gddi':   dict(arch='adm', cond=True, backbone='0', batch=512, lr=8e-6, dlr=4e-5, duration=10,
                               ema=50, bf16=True, seed=42, freeze=1),
-    # Ours, CPU demo (about 5 CPU-minutes): GDD-I on the 8x8 shapes from patch_diffusion.py's demo teacher, with
-    # RANDOM feature networks (EfficientNet-lite0 at 32 px): it shows the machinery, not the paper's quality.
-    'demo':              dict(data='demo-8', backbone='3', feature_weights='random', feature_res=32, batch=16, lr=2e-4,
-                              dlr=2e-4, duration=0.00096, tick=0.16, snap=100, dump=100, freeze=1, workers=0),
+    # Ours, CPU demo (about 7 CPU-minutes): GDD-I on the 8x8 shapes from patch_diffusion.py's demo teacher, with
+    # RANDOM feature networks (EfficientNet-lite0 at 32 px, He-normal), heads capped at 64 channels, one D pass for
+    # fakes and reals (docs/gdd.md, CPU demo: why), 960 iterations: the machinery, not the paper's quality.
+    'demo':              dict(data='demo-8', backbone='3', feature_weights='random-he', feature_res=32, head_width=64,
+                              d_pass='joint', batch=16, lr=1e-3, dlr=1e-3, duration=0.01536, tick=1.6, snap=100,
+                              dump=100, freeze=1, workers=0),
 }
 
 # Feature networks of the discriminator by the official --backbone numbers (train.py): 0 DeiT + EfficientNet,
