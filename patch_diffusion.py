@@ -38,6 +38,7 @@ import os
 import re
 import struct
 import types
+import warnings
 
 import numpy as np
 import torch
@@ -546,6 +547,8 @@ def parse_args(argv=None):
     return parse_command_line(build_parser, argv)
 
 def main():
+    # NOTE: torch warns before refusing a raw pickle (its protocol); our one-line error says what the file is.
+    warnings.filterwarnings('ignore', message='Detected pickle protocol')
     args = parse_command_line(build_parser)
     run_main({'train': train, 'generate': generate, 'encode': encode}[args.command], args)
 
