@@ -383,13 +383,14 @@ def test_resume_of_stage_two_without_its_flags_continues_stage_two(tmp_path, mon
     assert middle, [load_checkpoint(p)['cur_nimg'] for p in states]
     code, err = run_cli(monkeypatch, capsys, ['train', f'--resume={middle[0]}', f'--outdir={tmp_path}/resumed'])
     assert code == 0, err
-    (n1, net1, ema1), (n2, net2, ema2) = final_weights(tmp_path / 'full'), final_weights(tmp_path / 'resumed')
+    resumed, = (tmp_path / 'resumed').iterdir()  # --outdir branches: a new numbered run directory in it
+    (n1, net1, ema1), (n2, net2, ema2) = final_weights(tmp_path / 'full'), final_weights(resumed)
     assert n1 == n2 == 16
     assert all(torch.equal(net1[k], net2[k]) and torch.equal(ema1[k], ema2[k]) for k in net1)
-    snapshot = load_checkpoint(max(glob.glob(f'{tmp_path}/resumed/network-snapshot-*.pt')))
+    snapshot = load_checkpoint(max(glob.glob(f'{resumed}/network-snapshot-*.pt')))
     assert snapshot['stage'] == dict(precond='blur', up_scale=2, prob_length=0.93, blur_sigma_max=3.0,
                                      block_scale=0.15, paper_noise_norm=False)
-    assert rd.load_network(max(glob.glob(f'{tmp_path}/resumed/network-snapshot-*.pt')), '--network_second',
+    assert rd.load_network(max(glob.glob(f'{resumed}/network-snapshot-*.pt')), '--network_second',
                            'blur').stage['precond'] == 'blur'
 
 def _free_port():
