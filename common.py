@@ -1859,7 +1859,9 @@ def read_training_options(path):
     if not os.path.isfile(path):
         raise UserError(f'{path}: no such training state')
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except Exception:
         state = load_checkpoint(path)  # its one-line error
     if not isinstance(state, dict) or 'method' not in state or not isinstance(state.get('args'), dict):
@@ -1932,7 +1934,9 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UsageError(f'{path}: no such checkpoint')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on old pickle protocols would precede our one line
+            warnings.simplefilter('ignore')
+            return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # torch's message would advise weights_only=False, which runs code from the file
         first = 'not a torch.save file, or truncated'
         if zipfile.is_zipfile(path) and ('weights_only' in str(e) or 'Unsupported global' in str(e)):

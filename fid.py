@@ -673,7 +673,12 @@ class TrainingMetrics:
                 raise UsageError(f'--metrics=toy_fd: --data={data} has {dataset.resolution}x{dataset.resolution} '
                                  f'images, the samples are {resolution}x{resolution}')
             train_idx, ref_idx, _ = toy_splits(dataset, TRAINING_METRICS['toy_fd'])
-            path = toy_cache_path(cache or TOY_CACHE, data, dataset)
+            cache = cache or TOY_CACHE
+            if os.path.exists(cache) and not os.path.isdir(cache):
+                raise UsageError(f'--metrics-cache={cache}: exists and is not a folder')
+            path = toy_cache_path(cache, data, dataset)
+            if not os.path.isfile(path):
+                check_dest(path, f'--metrics-cache={cache}')
             print0(f'toy_fd: toy classifier {path}' + ('' if os.path.isfile(path) else ' (training it, once)'))
             self.toy = rank0_first(toy_classifier, dataset, train_idx, path)
             self.toy_ref = toy_features(self.toy, load_images(dataset, ref_idx)[0])[0]
