@@ -87,10 +87,10 @@ PRESETS = {
     # the same built-in shapes.
     'demo8':       dict(train=dict(data='demo-8', arch='ddpmpp', precond='edm', cbase=32, cres=[1, 2], blocks=2,
                                    batch=32, lr=2e-3, lr_rampup=1, ema=0.005, dropout=0, augment=0, duration=0.06,
-                                   tick=10, snap=100, dump=100, workers=0)),
+                                   tick=10, snap=2, dump=100, workers=0)),
     'demo16':      dict(train=dict(data='demo-16', arch='ddpmpp', precond='blur', cbase=32, cres=[1, 2, 2], blocks=1,
                                    batch=32, lr=2e-3, lr_rampup=1, ema=0.005, dropout=0, augment=0, duration=0.048,
-                                   tick=4, snap=100, dump=100, workers=0, up_scale=2, block_scale=0.15,
+                                   tick=4, snap=3, dump=100, workers=0, up_scale=2, block_scale=0.15,
                                    prob_length=0.93, blur_sigma_max=3.0),
                         generate=dict(up_scale_second=2)),
     'demo32':      dict(train=dict(data='demo-32', arch='ddpmpp', precond='blur', cbase=32, cres=[1, 2, 2], blocks=1,
