@@ -150,11 +150,11 @@ PRESETS = {
     'demo_pre':        dict(data='demo-8', arch='T', resolution=8, patch_size=2, mask_type='block', mask_ratio=0.5,
                             block_size=2, batch=32, lr=3e-4, adam_betas=[0.9, 0.999], warmup_steps=20, clip_grad=1.0,
                             beta_schedule='cosine', ema_decay=0.999, ema_every=1, xflip=False, train_steps=8000,
-                            tick=20, snap=1000, dump=1000, workers=0),
+                            tick=20, snap=4, dump=1000, workers=0),
     'demo_ft':         dict(data='demo-8', arch='T', resolution=8, patch_size=2, mask_type='none', mask_ratio=0,
                             batch=32, lr=2e-4, adam_betas=[0.9, 0.999], warmup_steps=20, clip_grad=1.0,
                             beta_schedule='cosine', ema_decay=0.999, ema_every=1, xflip=False, train_steps=6000,
-                            tick=20, snap=1000, dump=1000, workers=0),
+                            tick=20, snap=3, dump=1000, workers=0),
 }
 
 #------------------------------------------------------------------------------

@@ -138,7 +138,7 @@ def claim(args):
                 ema = copy.deepcopy(net).requires_grad_(False)
             steps.append(run_stage(net, ema, data, fraction * budget, kind, lr, args.batch, 1))
         results[name] = dict(steps=steps, loss_online=held_out_loss(net, triples), loss_ema=held_out_loss(ema, triples))
-        grid = md.sample(ema.eval(), range(36), device, num_steps=50)
+        grid = md.sample_images(ema.eval(), range(36), device, num_steps=50)
         save_image_grid(grid, str(Path(args.outdir) / f'grid-{name.replace("+", "-").replace(" ", "-")}.png'))
         print(name, json.dumps(results[name]), flush=True)
     print(f'\nheld-out denoising loss ({args.held_out} fixed (image, t, noise) triples, all tokens), '
