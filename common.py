@@ -1575,6 +1575,12 @@ def network_and_ema(net, device, amp_dtype):
     net.amp_dtype = amp_dtype
     return net, copy.deepcopy(net).eval().requires_grad_(False)
 
+def print_options(args, info):
+    """`--dry-run`: the resolved options and what setup resolved, as JSON, and the parameter count."""
+    print0(json.dumps(dict(vars(args), **info), indent=2))
+    if 'num_params' in info:
+        print0(f'{info["num_params"]:,} parameters')
+
 def run_desc(*parts, world_size, batch, fp16=False, bf16=False, desc=None):
     """The run directory's name after its number (EDM): `<parts>-gpus<N>-batch<B>-<dtype>[-<desc>]`."""
     dtype = 'fp16' if fp16 else 'bf16' if bf16 else 'fp32'
@@ -2010,7 +2016,7 @@ _SAFE_GLOBALS = {
     ('numpy._core.multiarray', 'scalar'): lambda dtype, data: np.frombuffer(data, dtype=dtype)[0].item(),
 }
 
-class _SnapshotUnpickler(pickle.Unpickler):
+class SnapshotUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _SAFE_GLOBALS:
             return _SAFE_GLOBALS[module, name]
@@ -2041,7 +2047,8 @@ def _plain(value, key):
         return value
     raise ValueError(f'constructor argument {key} is a {type(value).__name__}, not a plain value')
 
-def _from_snapshot(data):
+def official_network(data):
+    """What load_official returns, from the unpickled snapshot dict (its 'ema' a tree of stubs)."""
     if not isinstance(data, dict) or not isinstance(data.get('ema'), _Stub):
         raise ValueError("not an EDM network snapshot (expected a dict whose 'ema' is a pickled network)")
     ema = data['ema']
@@ -2053,7 +2060,7 @@ def _from_snapshot(data):
     return dict(class_name=(ema if model is None else model).name, precond=None if model is None else ema.name,
                 init_kwargs=kwargs, state_dict=_flatten(ema, '', {}))
 
-class _TorchZipUnpickler(_SnapshotUnpickler):
+class _TorchZipUnpickler(SnapshotUnpickler):
     """The same unpickler for torch.save zip archives (official RDM .pt files that pickle whole modules)."""
     def __init__(self, file, archive, prefix):
         super().__init__(file)
@@ -2091,9 +2098,9 @@ def load_official(path_or_url, flag='--network'):
         raise UsageError(f'{flag}={path}: no such file')
     try:
         if zipfile.is_zipfile(path):
-            return _from_snapshot(_load_torch_zip(path))
+            return official_network(_load_torch_zip(path))
         with open(path, 'rb') as f:
-            return _from_snapshot(_SnapshotUnpickler(f).load())
+            return official_network(SnapshotUnpickler(f).load())
     except Exception as e:
         raise UsageError(f'{flag}={path}: cannot load it as an official network ({e})') from e
 
