@@ -1352,10 +1352,12 @@ def check_no_later_states(state):
         raise UsageError(f'{state}: its folder holds later training states ({later[-1]}); continuing there would '
                          'overwrite them: resume from the latest, or branch into a new run directory with --outdir=DIR')
 
-def add_train_flags(p, **defaults):
-    """The training flags every method file shares (EDM's names and units); `defaults` overrides per method."""
+def add_train_flags(p, help=None, **defaults):
+    """The training flags every method file shares (EDM's names and units); `defaults` overrides per method, `help`
+    the help text of a flag (by its name without dashes)."""
     d = dict(outdir='training-runs', duration=200, batch=512, lr=1e-3, dropout=0.13, tick=50, snap=50, dump=500)
     d |= defaults
+    helps = help or {}
     pos_int, nonneg, nonneg_int = number(int, 1, 2**24), number(int, 0), number(int, 0, 256)
     pos_float = lambda high: number(float, 0, high, low_open=True)  # noqa: E731
     add = p.add_argument
@@ -1367,7 +1369,8 @@ def add_train_flags(p, **defaults):
     add('--batch', type=pos_int, default=d['batch'], metavar='INT', help='global batch size (images per step)')
     add('--batch-gpu', type=pos_int, default=None, metavar='INT', help='max images per GPU pass; rest accumulated')
     add('--lr', type=pos_float(None), default=d['lr'], metavar='FLOAT', help='learning rate')
-    add('--dropout', type=number(float, 0, 1), default=d['dropout'], metavar='FLOAT', help='dropout probability')
+    add('--dropout', type=number(float, 0, 1), default=d['dropout'], metavar='FLOAT',
+        help=helps.get('dropout', 'dropout probability'))
     add('--xflip', type=parse_bool, default=False, metavar='BOOL', help='add x-flipped copies of the dataset')
     add('--fp16', type=parse_bool, default=False, metavar='BOOL', help='fp16 autocast around the network, GradScaler')
     add('--bf16', type=parse_bool, default=False, metavar='BOOL', help='bf16 autocast around the network')
