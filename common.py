@@ -1360,7 +1360,10 @@ def add_train_flags(p, help=None, **defaults):
     helps = help or {}
     pos_int, nonneg, nonneg_int = number(int, 1, 2**24), number(int, 0), number(int, 0, 256)
     pos_float = lambda high: number(float, 0, high, low_open=True)  # noqa: E731
-    add = p.add_argument
+
+    def add(*names, **kwargs):
+        name = names[-1].lstrip('-').replace('-', '_')
+        p.add_argument(*names, **dict(kwargs, help=helps.get(name, kwargs.get('help'))))
     add('--outdir', default=d['outdir'], metavar='DIR', help='where to make the run directory')
     add('--data', default=None, metavar='ZIP|DIR|demo',
         help='required: an EDM-format zip or folder (dataset_tool.py), or demo[-RES] for built-in shapes')
@@ -1369,8 +1372,7 @@ def add_train_flags(p, help=None, **defaults):
     add('--batch', type=pos_int, default=d['batch'], metavar='INT', help='global batch size (images per step)')
     add('--batch-gpu', type=pos_int, default=None, metavar='INT', help='max images per GPU pass; rest accumulated')
     add('--lr', type=pos_float(None), default=d['lr'], metavar='FLOAT', help='learning rate')
-    add('--dropout', type=number(float, 0, 1), default=d['dropout'], metavar='FLOAT',
-        help=helps.get('dropout', 'dropout probability'))
+    add('--dropout', type=number(float, 0, 1), default=d['dropout'], metavar='FLOAT', help='dropout probability')
     add('--xflip', type=parse_bool, default=False, metavar='BOOL', help='add x-flipped copies of the dataset')
     add('--fp16', type=parse_bool, default=False, metavar='BOOL', help='fp16 autocast around the network, GradScaler')
     add('--bf16', type=parse_bool, default=False, metavar='BOOL', help='bf16 autocast around the network')
