@@ -68,93 +68,59 @@ ARCHS = {
 
 # The CelebA-64 ablations (configs/ablation/pretrain/<mask>/celeba_<p>p.yml; crop: c = 15, 11, 5 tokens for "10p,
 # 50p, 90p") share MaskDM-S, batch 256, lr 2e-4, no warm-up, no clipping, linear schedule, EMA 0.999 every step.
+CELEBA64 = dict(arch='S', resolution=64, batch=256, lr=2e-4, warmup_steps=0, clip_grad=0,
+                beta_schedule='linear', ema_decay=0.999, ema_every=1, xflip=False, train_steps=200000)
+# The 256-pixel configs: cosine schedule, clipping at 1 (configs/transfer/*_small*.yml; HEAD configs/*_base*.yml).
+S256 = CELEBA64 | dict(resolution=256, clip_grad=1.0, beta_schedule='cosine')
+B256 = S256 | dict(arch='B')
+# MaskDM-L in the Haar wavelet domain (the v1 DWT configs, below).
+L256_DWT = S256 | dict(arch='L', dwt=True, ema_every=10, xflip=True)
+# Ours, about 3.5 + 4 CPU-minutes (one thread): 8x8 shapes, a 1M-parameter U-ViT with 2-pixel patches (16
+# tokens), block-2 50% masks (8 tokens visible), then full-image fine-tuning. Cosine schedule (the 256 configs'):
+# at 8x8 the linear one spends half its steps at SNR < 0.1. AdamW betas 0.9, 0.999: with the configs' 0.99, 0.99
+# the short run's tiles stay speckled. The settings tried: docs/masked_dm.md, CPU demo.
+DEMO = dict(data='demo-8', arch='T', resolution=8, patch_size=2, batch=32, adam_betas=[0.9, 0.999],
+            warmup_steps=20, clip_grad=1.0, beta_schedule='cosine', ema_decay=0.999, ema_every=1,
+            xflip=False, tick=20, dump=1000, workers=0)
+
 PRESETS = {
-    'celeba64_pre_patch_10':  dict(arch='S', resolution=64, mask_type='patch', mask_ratio=0.1, batch=256, lr=2e-4,
-                                   warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999, ema_every=1,
-                                   xflip=False, train_steps=200000),
-    'celeba64_pre_patch_50':  dict(arch='S', resolution=64, mask_type='patch', mask_ratio=0.5, batch=256, lr=2e-4,
-                                   warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999, ema_every=1,
-                                   xflip=False, train_steps=200000),
-    'celeba64_pre_patch_90':  dict(arch='S', resolution=64, mask_type='patch', mask_ratio=0.9, batch=256, lr=2e-4,
-                                   warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999, ema_every=1,
-                                   xflip=False, train_steps=200000),
-    'celeba64_pre_block2_10': dict(arch='S', resolution=64, mask_type='block', mask_ratio=0.1, block_size=2, batch=256,
-                                   lr=2e-4, warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999,
-                                   ema_every=1, xflip=False, train_steps=200000),
-    'celeba64_pre_block2_50': dict(arch='S', resolution=64, mask_type='block', mask_ratio=0.5, block_size=2, batch=256,
-                                   lr=2e-4, warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999,
-                                   ema_every=1, xflip=False, train_steps=200000),
-    'celeba64_pre_block2_90': dict(arch='S', resolution=64, mask_type='block', mask_ratio=0.9, block_size=2, batch=256,
-                                   lr=2e-4, warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999,
-                                   ema_every=1, xflip=False, train_steps=200000),
-    'celeba64_pre_block4_10': dict(arch='S', resolution=64, mask_type='block', mask_ratio=0.1, block_size=4, batch=256,
-                                   lr=2e-4, warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999,
-                                   ema_every=1, xflip=False, train_steps=200000),
-    'celeba64_pre_block4_50': dict(arch='S', resolution=64, mask_type='block', mask_ratio=0.5, block_size=4, batch=256,
-                                   lr=2e-4, warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999,
-                                   ema_every=1, xflip=False, train_steps=200000),
-    'celeba64_pre_block4_90': dict(arch='S', resolution=64, mask_type='block', mask_ratio=0.9, block_size=4, batch=256,
-                                   lr=2e-4, warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999,
-                                   ema_every=1, xflip=False, train_steps=200000),
-    'celeba64_pre_block8_50': dict(arch='S', resolution=64, mask_type='block', mask_ratio=0.5, block_size=8, batch=256,
-                                   lr=2e-4, warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999,
-                                   ema_every=1, xflip=False, train_steps=200000),
-    'celeba64_pre_crop_10':   dict(arch='S', resolution=64, mask_type='crop', mask_ratio=0, crop_size=15, batch=256,
-                                   lr=2e-4, warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999,
-                                   ema_every=1, xflip=False, train_steps=200000),
-    'celeba64_pre_crop_50':   dict(arch='S', resolution=64, mask_type='crop', mask_ratio=0, crop_size=11, batch=256,
-                                   lr=2e-4, warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999,
-                                   ema_every=1, xflip=False, train_steps=200000),
-    'celeba64_pre_crop_90':   dict(arch='S', resolution=64, mask_type='crop', mask_ratio=0, crop_size=5, batch=256,
-                                   lr=2e-4, warmup_steps=0, clip_grad=0, beta_schedule='linear', ema_decay=0.999,
-                                   ema_every=1, xflip=False, train_steps=200000),
+    'celeba64_pre_patch_10':  CELEBA64 | dict(mask_type='patch', mask_ratio=0.1),
+    'celeba64_pre_patch_50':  CELEBA64 | dict(mask_type='patch', mask_ratio=0.5),
+    'celeba64_pre_patch_90':  CELEBA64 | dict(mask_type='patch', mask_ratio=0.9),
+    'celeba64_pre_block2_10': CELEBA64 | dict(mask_type='block', mask_ratio=0.1, block_size=2),
+    'celeba64_pre_block2_50': CELEBA64 | dict(mask_type='block', mask_ratio=0.5, block_size=2),
+    'celeba64_pre_block2_90': CELEBA64 | dict(mask_type='block', mask_ratio=0.9, block_size=2),
+    'celeba64_pre_block4_10': CELEBA64 | dict(mask_type='block', mask_ratio=0.1, block_size=4),
+    'celeba64_pre_block4_50': CELEBA64 | dict(mask_type='block', mask_ratio=0.5, block_size=4),
+    'celeba64_pre_block4_90': CELEBA64 | dict(mask_type='block', mask_ratio=0.9, block_size=4),
+    'celeba64_pre_block8_50': CELEBA64 | dict(mask_type='block', mask_ratio=0.5, block_size=8),
+    'celeba64_pre_crop_10':   CELEBA64 | dict(mask_type='crop', mask_ratio=0, crop_size=15),
+    'celeba64_pre_crop_50':   CELEBA64 | dict(mask_type='crop', mask_ratio=0, crop_size=11),
+    'celeba64_pre_crop_90':   CELEBA64 | dict(mask_type='crop', mask_ratio=0, crop_size=5),
     # configs/ablation/celeba_small.yml: fine-tuning / the from-scratch baseline
-    'celeba64_ft':     dict(arch='S', resolution=64, mask_type='none', mask_ratio=0, batch=128, lr=2e-4, warmup_steps=0,
-                            clip_grad=0, beta_schedule='linear', ema_decay=0.999, ema_every=1, xflip=False,
-                            train_steps=200000),
+    'celeba64_ft':            CELEBA64 | dict(mask_type='none', mask_ratio=0, batch=128),
     # configs/transfer/vggface2_small_90p.yml, celebahq_small_90p.yml, celebahq_small_0.1.yml
-    'vgg256s_pre90':   dict(arch='S', resolution=256, mask_type='block', mask_ratio=0.9, block_size=4, batch=256,
-                            lr=2e-4, warmup_steps=0, clip_grad=1.0, beta_schedule='cosine', ema_decay=0.999,
-                            ema_every=1, xflip=False, train_steps=200000),
-    'hq256s_pre90':    dict(arch='S', resolution=256, mask_type='block', mask_ratio=0.9, block_size=4, batch=256,
-                            lr=2e-4, warmup_steps=0, clip_grad=1.0, beta_schedule='cosine', ema_decay=0.999,
-                            ema_every=1, xflip=False, train_steps=200000),
-    'hq256s_ft10pct':  dict(arch='S', resolution=256, mask_type='none', mask_ratio=0, batch=64, lr=5e-5,
-                            warmup_steps=0, clip_grad=0, beta_schedule='cosine', ema_decay=0.999, ema_every=1,
-                            xflip=True, train_steps=200000),
+    'vgg256s_pre90':    S256 | dict(mask_type='block', mask_ratio=0.9, block_size=4),
+    'hq256s_pre90':     S256 | dict(mask_type='block', mask_ratio=0.9, block_size=4),
+    'hq256s_ft10pct':   S256 | dict(mask_type='none', mask_ratio=0, batch=64, lr=5e-5, clip_grad=0,
+                                    xflip=True),
     # HEAD configs/celebahq_base_90p.yml, celebahq_base_50p.yml, celebahq_base.yml, church256_base.yml
-    'hq256b_pre90':    dict(arch='B', resolution=256, mask_type='block', mask_ratio=0.9, block_size=4, batch=256,
-                            lr=2e-4, warmup_steps=0, clip_grad=1.0, beta_schedule='cosine', ema_decay=0.999,
-                            ema_every=1, xflip=False, train_steps=200000),
-    'hq256b_pre50':    dict(arch='B', resolution=256, mask_type='block', mask_ratio=0.5, block_size=4, batch=64,
-                            lr=2e-4, warmup_steps=5000, clip_grad=1.0, beta_schedule='cosine', ema_decay=0.999,
-                            ema_every=1, xflip=False, train_steps=200000),
-    'hq256b_ft':       dict(arch='B', resolution=256, mask_type='none', mask_ratio=0, batch=32, lr=1e-5,
-                            warmup_steps=5000, clip_grad=1.0, beta_schedule='cosine', ema_decay=0.999, ema_every=1,
-                            xflip=False, train_steps=200000),
-    'church256b_ft':   dict(arch='B', resolution=256, mask_type='none', mask_ratio=0, batch=64, lr=1e-4,
-                            warmup_steps=5000, clip_grad=1.0, beta_schedule='linear', ema_decay=0.9999, ema_every=1,
-                            xflip=True, train_steps=200000),
+    'hq256b_pre90':     B256 | dict(mask_type='block', mask_ratio=0.9, block_size=4),
+    'hq256b_pre50':     B256 | dict(mask_type='block', mask_ratio=0.5, block_size=4, batch=64,
+                                    warmup_steps=5000),
+    'hq256b_ft':        B256 | dict(mask_type='none', mask_ratio=0, batch=32, lr=1e-5, warmup_steps=5000),
+    'church256b_ft':    B256 | dict(mask_type='none', mask_ratio=0, batch=64, lr=1e-4, warmup_steps=5000,
+                                    beta_schedule='linear', ema_decay=0.9999, xflip=True),
     # v1 configs/celebahq_maskdml_dwt.yml, celebahq_baseline_dwt.yml (no clip_grad: the script's 1.0). NOTE: the v1
     # DWT script hard-codes patch masks and ignores the config's block-4; we follow the code.
-    'hq256l_dwt_pre70': dict(arch='L', dwt=True, resolution=256, mask_type='patch', mask_ratio=0.7, block_size=4,
-                             batch=128, lr=1e-4, warmup_steps=0, clip_grad=1.0, beta_schedule='cosine',
-                             ema_decay=0.999, ema_every=10, xflip=True, train_steps=200000),
-    'hq256l_dwt_ft':    dict(arch='L', dwt=True, resolution=256, mask_type='none', mask_ratio=0, batch=16, lr=5e-5,
-                             warmup_steps=0, clip_grad=1.0, beta_schedule='cosine', ema_decay=0.999, ema_every=10,
-                             xflip=True, train_steps=550000),
-    # Ours, about 3.5 + 4 CPU-minutes (one thread): 8x8 shapes, a 1M-parameter U-ViT with 2-pixel patches (16
-    # tokens), block-2 50% masks (8 tokens visible), then full-image fine-tuning. Cosine schedule (the 256 configs'):
-    # at 8x8 the linear one spends half its steps at SNR < 0.1. AdamW betas 0.9, 0.999: with the configs' 0.99, 0.99
-    # the short run's tiles stay speckled. The settings tried: docs/masked_dm.md, CPU demo.
-    'demo_pre':        dict(data='demo-8', arch='T', resolution=8, patch_size=2, mask_type='block', mask_ratio=0.5,
-                            block_size=2, batch=32, lr=3e-4, adam_betas=[0.9, 0.999], warmup_steps=20, clip_grad=1.0,
-                            beta_schedule='cosine', ema_decay=0.999, ema_every=1, xflip=False, train_steps=8000,
-                            tick=20, snap=4, dump=1000, workers=0),
-    'demo_ft':         dict(data='demo-8', arch='T', resolution=8, patch_size=2, mask_type='none', mask_ratio=0,
-                            batch=32, lr=2e-4, adam_betas=[0.9, 0.999], warmup_steps=20, clip_grad=1.0,
-                            beta_schedule='cosine', ema_decay=0.999, ema_every=1, xflip=False, train_steps=6000,
-                            tick=20, snap=3, dump=1000, workers=0),
+    'hq256l_dwt_pre70': L256_DWT | dict(mask_type='patch', mask_ratio=0.7, block_size=4, batch=128,
+                                        lr=1e-4),
+    'hq256l_dwt_ft':    L256_DWT | dict(mask_type='none', mask_ratio=0, batch=16, lr=5e-5,
+                                        train_steps=550000),
+    # Ours (DEMO above): pre-training, then fine-tuning from its training state.
+    'demo_pre': DEMO | dict(mask_type='block', mask_ratio=0.5, block_size=2, lr=3e-4, train_steps=8000,
+                            snap=4),
+    'demo_ft':  DEMO | dict(mask_type='none', mask_ratio=0, lr=2e-4, train_steps=6000, snap=3),
 }
 
 #------------------------------------------------------------------------------
