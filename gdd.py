@@ -41,12 +41,12 @@ from einops import rearrange
 from tqdm import tqdm
 
 from common import (EDMPrecond, Parser, PerSeedRNG, TrainingRun, UNetBlock, UsageError, UserError, add_edm_train_flags,
-                    add_generate_flags, add_train_flags, check_class, check_outdir, distributed_model,
+                    add_generate_flags, add_metric_flags, add_train_flags, check_class, check_outdir, distributed_model,
                     edm_backbone_kwargs, ema_beta, get_rank, get_world_size, init_distributed, is_official,
                     learning_rate, load_checkpoint, load_official, load_snapshot, load_weights, network_and_ema,
                     number, open_dataset, optimizer_step, parse_command_line, parse_int_list, print0, reseed, run_desc,
                     run_main, save_image_grid, save_seed_images, seed_batches, seed_labels, setup_precision,
-                    split_batch, sync_if, update_ema)
+                    split_batch, sync_if, training_metrics, update_ema, working)
 
 #------------------------------------------------------------------------------
 # 1. Config. Presets are the runs of the official train.sh (Zyriix/GDD:train.sh, 4 GPUs there); `_gdd` and `_gddi`
@@ -281,11 +281,14 @@ def one_step_sampler(net, latents, labels=None, randn_like=torch.randn_like, sig
     sigma = torch.full([latents.shape[0], 1, 1, 1], float(sigma_max), dtype=torch.float64, device=latents.device)
     return net(latents.to(torch.float64) * sigma, sigma, labels).to(torch.float64)
 
-def draw_latents(net, seeds, device, class_idx=None):
-    """Per-seed latents, then (conditional) a per-seed uniform class, --class overriding it (EDM generate.py)."""
+def sample_images(net, seeds, device, class_idx=None, sigma_max=SIGMA_MAX):
+    """Images of `seeds` as generate makes them: float32 [N, C, H, W] in [-1, 1] (generate, the sample grid and
+    train --metrics call it). Per-seed latents, then (conditional) a per-seed uniform class, --class overriding it
+    (EDM generate.py); every draw from the image's own generator."""
     rng = PerSeedRNG(seeds, device)
     latents = rng.randn([net.img_channels, net.img_resolution, net.img_resolution], device=device)
-    return latents, seed_labels(rng, net.label_dim, class_idx, device)
+    labels = seed_labels(rng, net.label_dim, class_idx, device)
+    return one_step_sampler(net, latents, labels, sigma_max=sigma_max).to(torch.float32)
 
 #------------------------------------------------------------------------------
 # 5. Training loop (official training/training_loop.py): per step `rounds` real micro-batches per rank, then the
@@ -425,12 +428,6 @@ def print_header(args, dataset, info, amp_dtype, run_dir):
     print0(f'{info["batch_gpu"]} images x {info["rounds"]} rounds x {info["world_size"]} GPUs per step; run directory '
            f'{run_dir}')
 
-@torch.no_grad()
-def save_sample_grid(net, path, num, device):
-    """A quick look at training progress: the one-step images of seeds 0..num-1 in one PNG grid."""
-    latents, labels = draw_latents(net, range(num), device)
-    save_image_grid(one_step_sampler(net, latents, labels), path)
-
 def training_setup(args, world_size):
     """Everything checked before a file is written: (dataset, generator kwargs, teacher weights, run info)."""
     if args.fp16:
@@ -463,6 +460,9 @@ def train(args):
                                                              args.head_width))
     opt_G, opt_D = build_optimizers(net, D, frozen, args.lr, args.dlr, args.r1_interval)
     lr_D = opt_D.param_groups[0]['lr']  # --dlr with the lazy-R1 correction
+    ema.amp_dtype = None  # it samples (grid, metrics) in float32, as generate samples a snapshot
+    evaluate = training_metrics(args, dataset.resolution, dataset.num_channels, device,
+                                lambda seeds: sample_images(ema, seeds, device))  # generate's defaults
     run = TrainingRun('gdd', vars(args), info, device, outdir=args.outdir, nosubdir=args.nosubdir,
         desc=run_desc(dataset.name, 'cond' if args.cond else 'uncond', VARIANTS[args.freeze], world_size=world_size,
                       batch=args.batch, bf16=amp_dtype is not None, desc=args.desc),
@@ -472,7 +472,8 @@ def train(args):
                               feature_networks=names, feature_weights='RANDOM (demo only)'
                               if args.feature_weights == 'random' else 'RANDOM-HE (demo only)'
                               if args.feature_weights == 'random-he' else args.feature_weights),
-        grid=args.grid and (lambda path: save_sample_grid(ema, path, args.grid, device)))
+        grid=(lambda path: save_image_grid(sample_images(ema, range(args.grid), device), path)) if args.grid else None,
+        evaluate=evaluate)
     ddp_G, ddp_D = distributed_pair(net, D, device, args.compile)
     stream = run.data(dataset, batch_gpu, args.seed, args.workers)
     with run:
@@ -519,13 +520,12 @@ def generate(args):
     check_class(args.class_idx, net.label_dim)
     print0(f'generating {len(args.seeds)} images of {net.img_resolution}x{net.img_resolution}, one step each, into '
            f'{args.outdir}')
-    with tqdm(total=len(args.seeds), unit='img', disable=rank != 0) as bar:
+    with working(), tqdm(total=len(args.seeds), unit='img', disable=rank != 0) as bar:
         for seeds in seed_batches(args.seeds, args.batch, rank, world_size):
-            latents, labels = draw_latents(net, seeds, device, args.class_idx)
-            images = one_step_sampler(net, latents, labels, sigma_max=args.sigma_max)
+            images = sample_images(net, seeds, device, args.class_idx, args.sigma_max)
             save_seed_images(images, seeds, args.outdir, args.subdirs)
             bar.update(len(seeds) * world_size)
-    torch.distributed.barrier()
+        torch.distributed.barrier()
     print0('done')
 
 #------------------------------------------------------------------------------
@@ -585,6 +585,7 @@ def build_parser(preset=None):
                    'None/random = N(0, 1) (upstream rand_embedding)')
     t.add_argument('--grid', type=number(int, 0), default=64, metavar='INT', help='one-step samples in the grid '
                    'written with each snapshot; 0 = none')
+    add_metric_flags(t)
     t.set_defaults(**PRESETS.get(preset, {}))
 
     g = sub.add_parser('generate', help='generate images, one network evaluation each')

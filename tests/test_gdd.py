@@ -635,6 +635,13 @@ CLI_ERRORS = [
     ('generate_network_text', lambda t, f: gen_argv(t, f, network='text'), 2, ['--network=', 'not a checkpoint']),
     ('generate_class_uncond', lambda t, f: gen_argv(t, f, '--class=3'), 2, ['--class=3', '0 classes']),
     ('generate_sigma_max_zero', lambda t, f: gen_argv(t, f, '--sigma_max=0'), 2, ['--sigma_max', '0']),
+    # train --metrics: a bad metric flag is one line before anything is written (issue 22)
+    ('metrics_bogus', lambda t, f: train_argv(t, f, '--metrics=bogus'), 2, ['--metrics', 'bogus']),
+    ('metrics_fid_without_ref', lambda t, f: train_argv(t, f, '--metrics=fid10k_full'), 2, ['--metrics-ref']),
+    ('metrics_ref_missing', lambda t, f: train_argv(t, f, '--metrics=fid10k_full', f'--metrics-ref={t}/missing.npz'),
+     2, ['missing.npz']),
+    ('metrics_cache_is_file', lambda t, f: train_argv(t, f, '--metrics=toy_fd', f'--metrics-cache={f["text"]}'), 2,
+     ['--metrics-cache=', 'not a folder']),
 ]
 
 def tree(folder):
@@ -653,6 +660,48 @@ def test_cli_errors_table(tmp_path, files, standin, monkeypatch, capsys, argv, c
         assert word in err, (word, err)
     assert tree(tmp_path) == before and tree(Path(files['teacher']).parent) == files_before  # nothing left behind
 
+#------------------------------------------------------------------------------
+# train --metrics (issue 22): the numbers of generate + fid.py score of every snapshot, in StyleGAN's
+# metric-<name>.jsonl.
+
+@pytest.fixture(scope='session')
+def toy_cache(tmp_path_factory):
+    """The session's toy classifier cache (the other method tests name the same folder): the demo-8 classifier,
+    trained into it once per session."""
+    import fid
+    cache = tmp_path_factory.getbasetemp() / 'toy-cache'
+    dataset = fid.open_toy_data('demo-8', 3)
+    fid.toy_classifier(dataset, fid.toy_splits(dataset, 500)[0], fid.toy_cache_path(str(cache), 'demo-8', dataset))
+    return cache
+
+def test_train_metrics_equal_generate_then_score(tmp_path, files, toy_cache, standin, capsys, monkeypatch):
+    """--metrics=toy_fd --snap=1: one line per snapshot (StyleGAN2-ADA's layout), whose value is, to float
+    precision, what `generate --seeds=0-499` of that snapshot and `fid.py score --num=500` give."""
+    import fid
+    run = tmp_path / 'run'
+    gdd.train(parse(TRAIN + [f'--outdir={run}', f'--transfer={files["teacher"]}', '--duration=0.000012', '--dump=0',
+                             '--grid=0', '--metrics=toy_fd', f'--metrics-cache={toy_cache}']))  # 3 steps: 2 snapshots
+    lines = [json.loads(line) for line in (run / 'metric-toy_fd.jsonl').read_text().splitlines()]
+    snapshots = sorted(p.name for p in run.glob('network-snapshot-*.pt'))
+    assert [line['snapshot_pkl'] for line in lines] == snapshots and len(snapshots) == 2
+    for line in lines:
+        assert {'results', 'metric', 'total_time', 'num_gpus', 'snapshot_pkl', 'timestamp', 'kimg'} <= set(line)
+        assert line['metric'] == 'toy_fd' and line['num_gpus'] == 1 and line['total_time'] > 0
+    assert [line['kimg'] for line in lines] == [load_checkpoint(str(run / n))['cur_nimg'] / 1000 for n in snapshots]
+    assert lines[0]['results'] != lines[1]['results']  # the generator trained between them
+    computed, toy_fd = [], fid.toy_fd  # score's unrounded numbers (it prints 6 digits)
+    monkeypatch.setattr(fid, 'toy_fd', lambda *a: computed.append(toy_fd(*a)) or computed[-1])
+    for line in lines:
+        out = tmp_path / line['snapshot_pkl'][:-3]
+        gdd.generate(parse(['generate', f'--network={run / line["snapshot_pkl"]}', f'--outdir={out}',
+                            '--seeds=0-499', '--batch=250']))
+        capsys.readouterr()
+        computed.clear()
+        fid.main(['score', f'--images={out}', '--data=demo-8', '--num=500', f'--cache={toy_cache}'])
+        printed = dict(row.split() for row in capsys.readouterr().out.splitlines() if row.startswith('toy_fd '))
+        assert f'{line["results"]["toy_fd"]:.6g}' == printed['toy_fd']
+        assert line['results']['toy_fd'] == pytest.approx(computed[0], rel=1e-6)  # the samples' toy_fd comes first
+
 def test_relay_stage_one_is_a_teacher(files):
     kwargs, state = gdd.load_teacher(files['relay_one'])
     assert kwargs['img_resolution'] == 8 and state.keys() == load_checkpoint(files['teacher'])['ema'].keys()
@@ -667,8 +716,7 @@ def test_old_layout_snapshot_loads(tmp_path):
     common.save_checkpoint(old, tmp_path / 'network-snapshot-000000.pt')
     net = gdd.load_network(str(tmp_path / 'network-snapshot-000000.pt'))
     assert same(net.state_dict(), G.state_dict()) and isinstance(net, gdd.GDDPrecond) and net.eps == 0.002
-    latents, labels = gdd.draw_latents(net, [0, 1], 'cpu')
-    assert torch.equal(gdd.one_step_sampler(net, latents, labels), gdd.one_step_sampler(G, latents, labels))
+    assert torch.equal(gdd.sample_images(net, [0, 1], 'cpu'), gdd.sample_images(G, [0, 1], 'cpu'))
 
 def test_dry_run_counts_without_teacher(capsys):
     gdd.train(parse(['train', '--preset=cifar10_gddi', '--data=demo-32', '-n']))
@@ -709,8 +757,11 @@ def test_torchrun_train_and_generate_per_seed(tmp_path, standin):
     assert not np.array_equal(one['000000.png'], one['000001.png'])
     # the image is G(80 z_seed; 80, c_seed), quantized as floor(clip(127.5 x + 128)); --class fixes c
     net = gdd.load_network(snapshot)
-    latents, labels = gdd.draw_latents(net, [3], 'cpu', class_idx=2)
-    x = gdd.one_step_sampler(net, latents, labels)
+    rng = common.PerSeedRNG([3], 'cpu')
+    z = rng.randn([3, 8, 8])
+    rng.randint(3)  # the seed's class draw, overridden by --class
+    with torch.no_grad():
+        x = net(z * 80, 80, torch.eye(3)[[2]])
     assert np.array_equal(cls['000003.png'], (x[0] * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
 
 #------------------------------------------------------------------------------
