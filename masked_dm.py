@@ -33,7 +33,6 @@ wavelets, two token families, per-band clamping), the ema-pytorch EMA, presets o
 """
 
 import argparse
-import json
 import math
 import os
 import types
@@ -48,7 +47,7 @@ from tqdm import tqdm
 from common import (Parser, PerSeedRNG, TrainingRun, UsageError, UserError, add_generate_flags, add_metric_flags,
                     add_train_flags, check_class, check_outdir, distributed_model, drop_labels, get_rank,
                     get_world_size, init_distributed, latest_checkpoint, load_checkpoint, load_snapshot, load_weights,
-                    network_and_ema, number, open_dataset, optimizer_step, parse_bool, parse_command_line, print0,
+                    network_and_ema, number, print_options, open_dataset, optimizer_step, parse_bool, parse_command_line, print0,
                     reseed, run_desc, run_main, save_image_grid, save_seed_images, seed_batches, seed_labels,
                     setup_precision, split_batch, sync_if, training_metrics, update_ema, working)
 
@@ -283,7 +282,7 @@ def draw_mask(kind, h, w, rng, ratio=0.0, block_size=1, crop_size=None):
         grid[i:i + crop_size, j:j + crop_size] = False
         mask = grid.reshape(N)
     elif kind != 'none':
-        raise UsageError(f'--mask_type={kind}: expected patch, block, crop or none')
+        raise ValueError(f'unknown mask kind {kind!r}')
     return mask
 
 def draw_keep(net, batch, rng, kind, ratio=0.0, block_size=1, crop_size=None, device='cpu'):
@@ -308,7 +307,7 @@ def make_alphas_cumprod(name, T=1000):
         f = torch.cos((u / T + 0.008) / 1.008 * math.pi / 2) ** 2  # f(u), Nichol & Dhariwal Eq. 17
         betas = (1 - f[1:] / f[:-1]).clip(0, 0.999)  # 1 - alpha_bar_{t+1} / alpha_bar_t: f(0) cancels
     else:
-        raise UsageError(f'--beta_schedule={name}: expected linear or cosine')
+        raise ValueError(f'unknown beta schedule {name!r}')
     return torch.cumprod(1 - betas, dim=0)
 
 class GaussianDiffusion(torch.nn.Module):
@@ -438,8 +437,9 @@ def train(args):
     device, rank, world_size = init_distributed(), get_rank(), get_world_size()
     dataset, net_kwargs, info = training_setup(args, world_size)
     if args.dry_run:
-        return print0(f'{json.dumps(dict(vars(args), **info), indent=2)}\n{info["num_params"]:,} parameters, '
-                      f'{info["tokens"]} tokens per image')
+        print_options(args, info)
+        print0(f'{info["num_params"]:,} parameters, {info["tokens"]} tokens per image')
+        return
     check_memory(info['num_params'], device)
     amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
     torch.manual_seed(args.seed)
@@ -546,8 +546,8 @@ def build_parser(preset=None):
     parser = Parser(description='Masked Diffusion Models (Lei et al. 2023)')
     sub = parser.add_subparsers(dest='command', required=True)
     t = sub.add_parser('train', help='train a model')
-    add_train_flags(t, duration=51.2, batch=256, lr=2e-4, dropout=0, tick=50, snap=50, dump=100)
-    t._option_string_actions['--dropout'].help = 'must be 0: the MaskDM U-ViT has no dropout'
+    add_train_flags(t, help=dict(dropout='must be 0: the MaskDM U-ViT has no dropout'),
+                    duration=51.2, batch=256, lr=2e-4, dropout=0, tick=50, snap=50, dump=100)
     p01, steps = number(float, 0, 1), number(int, 1, 1000)  # DDIM steps: at most T = 1000
     size, count = number(int, 1, 2**14), number(int, 1, 10**9)  # widths, sides; step counts (official: 550k at most)
     t.add_argument('--preset', choices=sorted(PRESETS), default=None, help='an official config; flags override')
@@ -617,7 +617,7 @@ def build_parser(preset=None):
 
 def main():
     args = parse_command_line(build_parser)
-    run_main(train if args.command == 'train' else generate, args)
+    run_main({'train': train, 'generate': generate}[args.command], args)
 
 #------------------------------------------------------------------------------
 # 8. Appendix: what a reader of the paper can skip: the U-ViT layers, the data space (v1 DWT: Haar transform), the
