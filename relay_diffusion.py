@@ -30,11 +30,12 @@ F.scaled_dot_product_attention computes the same attention).
 """
 
 import argparse
-import json
+import io
 import math
 import os
 import re
 import warnings
+import zipfile
 
 import numpy as np
 import PIL.Image
@@ -43,76 +44,84 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (AugmentPipe, EDMLoss, EDMPrecond, Parser, PerSeedRNG, TrainingRun, UsageError, UserError,
-                    add_edm_train_flags, add_generate_flags, add_metric_flags, add_train_flags, check_class,
-                    check_outdir, data_stream, distributed_model, edm_backbone_kwargs, edm_sampler, edm_time_steps,
-                    ema_beta, get_rank, get_world_size, init_distributed, is_official, latest_checkpoint,
-                    learning_rate, load_official, load_snapshot, load_weights, network_and_ema, number, open_dataset,
-                    optimizer_step, parse_bool, parse_command_line, parse_int_list, print0, reseed, run_desc, run_main,
-                    save_image_grid, save_seed_images, seed_batches, seed_labels, setup_precision, split_batch, sync_if,
-                    to_uint8, training_metrics, update_ema, working)
+from common import (AugmentPipe, EDMLoss, EDMPrecond, Parser, PerSeedRNG, SnapshotUnpickler, TrainingRun,
+                    UsageError, UserError, add_edm_train_flags, add_generate_flags, add_metric_flags,
+                    add_train_flags, check_class, check_outdir, data_stream, distributed_model, download,
+                    edm_backbone_kwargs, edm_sampler, edm_time_steps, ema_beta, get_rank, get_world_size,
+                    init_distributed, is_official, latest_checkpoint, learning_rate, load_official, load_snapshot,
+                    load_weights, network_and_ema, number, official_network, open_dataset, optimizer_step,
+                    parse_bool, parse_command_line, parse_int_list, print0, print_options, reseed, run_desc,
+                    run_main, save_image_grid, save_seed_images, seed_batches, setup_precision, split_batch,
+                    sync_if, to_uint8, training_metrics, update_ema, working)
 
 #------------------------------------------------------------------------------
 # 1. Config. A preset is an official run: `train --preset=NAME` takes its README training command, `generate
 #    --preset=NAME` the settings of the official generate_*.py that samples it (both stages). Flags override.
 
+# Official runs (README training commands): ADM, lr 1e-4, loss scale 1, EDM augmentation 0.2, batch 1024.
+README = dict(cond=False, arch='adm', batch=1024, lr=1e-4, augment=0.2, ls=1)
+# Stage two's blur and block noise: the ImageNet README command's values (also the flag defaults).
+BLUR = dict(precond='blur', up_scale=4, block_scale=0.15, prob_length=0.93, blur_sigma_max=3.0)
+# Ours, CPU demo on the built-in shapes: a small DDPM++ trained with a large lr, short EMA, no dropout.
+DEMO = dict(arch='ddpmpp', cbase=32, batch=32, lr=2e-3, lr_rampup=1, ema=0.005, dropout=0, augment=0, dump=100,
+            workers=0)
+
 PRESETS = {
     # Stage one, CelebA-HQ 64 (README). fp32; the training length is not published (train.py default: 200 Mimg).
-    'celebahq64':  dict(train=dict(cond=False, arch='adm', precond='edm', batch=1024, batch_gpu=32, lr=1e-4,
-                                   dropout=0.15, augment=0.2, ls=1)),
+    'celebahq64': dict(train=README | dict(precond='edm', batch_gpu=32, dropout=0.15)),
     # Stage two, CelebA-HQ 256 (README); "47M" training images in the README table for the whole model.
-    # Sampling: generate_celebahq.py: 30k seeds, SDE-Heun stage one (sde_scale 0.05), 150-step grid truncated at 0.95.
-    # NOTE: its sampler maps sigma -> u with L = 1.05 although the network was trained with prob_length 0.89 (less
-    # blur than trained at every sigma); the reason is unknown, we keep the official values.
-    'celebahq256': dict(train=dict(cond=False, arch='adm', precond='blur', batch=1024, batch_gpu=8, lr=1e-4,
-                                   dropout=0.2, augment=0.2, fp16=True, ls=1, up_scale=4, block_scale=0.15,
-                                   prob_length=0.89, blur_sigma_max=2.0, duration=47),
-                        generate=dict(seeds='80000-109999', num_steps_first=120, sde_scale_first=0.05,
-                                      num_steps_second=150, rho_second=7, truncation_sigma_second=0.95,
-                                      truncation_t_second=1.05, blur_sigma_max_second=2.0, cfg_scale_second=1)),
+    # Sampling: generate_celebahq.py: 30k seeds, SDE-Heun stage one (sde_scale 0.05), 150-step grid truncated at
+    # 0.95. NOTE: its sampler maps sigma -> u with L = 1.05 although the network was trained with prob_length 0.89
+    # (less blur than trained at every sigma); the reason is unknown, we keep the official values.
+    'celebahq256': dict(
+        train=README | BLUR | dict(batch_gpu=8, dropout=0.2, fp16=True, prob_length=0.89, blur_sigma_max=2.0,
+                                   duration=47),
+        generate=dict(seeds='80000-109999', num_steps_first=120, sde_scale_first=0.05, num_steps_second=150,
+                      rho_second=7, truncation_sigma_second=0.95, truncation_t_second=1.05,
+                      blur_sigma_max_second=2.0, cfg_scale_second=1)),
     # Stage two, ImageNet 256 (README). NOTE: the README command sets no --augment, so train.py's default 0.12
     # applies (553,833,475 parameters); --label-dropout 0.1 is our assumption: the released train.py has no such
     # option, yet the ImageNet sampler uses CFG 3.5 against an all-zero label. duration: the README's 1250M total,
     # taken as stage two's (our assumption; per-stage lengths are not published).
     # Sampling: generate_imagenet.py: 50k seeds (labels seed mod 1000), EDM's stochastic ImageNet-64 sampler for
     # stage one, a 200-step rho=100 grid truncated at 0.9, CFG 3.5 in stage two.
-    'imagenet256': dict(train=dict(cond=True, arch='adm', precond='blur', batch=4096, batch_gpu=8, lr=1e-4,
-                                   dropout=0.1, augment=0.12, fp16=True, ls=1, up_scale=4, block_scale=0.15,
-                                   prob_length=0.93, blur_sigma_max=3.0, label_dropout=0.1, duration=1250),
-                        generate=dict(seeds='10000-59999', num_steps_first=256, S_churn=40, S_min=0.05, S_max=50,
-                                      S_noise=1.003, num_steps_second=200, rho_second=100, truncation_sigma_second=0.9,
-                                      truncation_t_second=0.93, blur_sigma_max_second=3.0, cfg_scale_second=3.5)),
+    'imagenet256': dict(
+        train=README | BLUR | dict(cond=True, batch=4096, batch_gpu=8, dropout=0.1, augment=0.12, fp16=True,
+                                   label_dropout=0.1, duration=1250),
+        generate=dict(seeds='10000-59999', num_steps_first=256, S_churn=40, S_min=0.05, S_max=50, S_noise=1.003,
+                      num_steps_second=200, rho_second=100, truncation_sigma_second=0.9, truncation_t_second=0.93,
+                      blur_sigma_max_second=3.0, cfg_scale_second=3.5)),
     # Ours, CPU demo: an 8 px EDM stage one (about 5 CPU-minutes), then a 16 px blur stage two x2 (demo16, about 5;
     # 12 kimg left the relayed tiles noisy) or a 32 px one x4 (demo32, the paper's factor; the toy benchmark's) on
     # the same built-in shapes.
-    'demo8':       dict(train=dict(data='demo-8', arch='ddpmpp', precond='edm', cbase=32, cres=[1, 2], blocks=2,
-                                   batch=32, lr=2e-3, lr_rampup=1, ema=0.005, dropout=0, augment=0, duration=0.06,
-                                   tick=10, snap=2, dump=100, workers=0)),
-    'demo16':      dict(train=dict(data='demo-16', arch='ddpmpp', precond='blur', cbase=32, cres=[1, 2, 2], blocks=1,
-                                   batch=32, lr=2e-3, lr_rampup=1, ema=0.005, dropout=0, augment=0, duration=0.048,
-                                   tick=4, snap=3, dump=100, workers=0, up_scale=2, block_scale=0.15,
-                                   prob_length=0.93, blur_sigma_max=3.0),
-                        generate=dict(up_scale_second=2)),
-    'demo32':      dict(train=dict(data='demo-32', arch='ddpmpp', precond='blur', cbase=32, cres=[1, 2, 2], blocks=1,
-                                   batch=16, lr=1e-3, lr_rampup=1, ema=0.002, dropout=0, augment=0, duration=0.003,
-                                   tick=1, snap=100, dump=100, workers=0, up_scale=4, block_scale=0.15,
-                                   prob_length=0.93, blur_sigma_max=3.0)),
+    'demo8': dict(train=DEMO | dict(data='demo-8', precond='edm', cres=[1, 2], blocks=2, duration=0.06, tick=10,
+                                    snap=2)),
+    'demo16': dict(train=DEMO | BLUR | dict(data='demo-16', cres=[1, 2, 2], blocks=1, duration=0.048, tick=4, snap=3,
+                                            up_scale=2),
+                   generate=dict(up_scale_second=2)),
+    'demo32': dict(train=DEMO | BLUR | dict(data='demo-32', cres=[1, 2, 2], blocks=1, batch=16, lr=1e-3, ema=0.002,
+                                            duration=0.003, tick=1, snap=100)),
 }
 
 MIN_SCALE = 0.001            # blur multiplier floor m (hard-coded in the official blurring.py and loss.py)
 TRUNCATE_SIGMA = 7.5e-3      # lower sigma bound of stage-two training (official BlurLoss truncate_sigma)
 
 #------------------------------------------------------------------------------
-# 2. Backbone: EDM's U-Nets (common.EDM_ARCHS) and preconditioning, unchanged (official train.py: --precond=blur
+# 2. Backbone: EDM's U-Nets (common.EDM_ARCHS; ADM256 below) and preconditioning, unchanged (official train.py: --precond=blur
 #    selects EDMPrecond). NOTE: there is no blur-aware preconditioning in the official code: c_skip, c_out, c_in,
 #    c_noise are EDM's, computed from sigma alone (the extra 1.0225 noise variance and the blurred signal are
 #    ignored); we follow it.
 
+# --arch=adm at 256 px: ADM's 256x256 configuration (official RDM train.py); --cbase, --cres, --blocks override it.
+ADM256 = dict(model_channels=256, channel_mult=[1, 1, 2, 2, 4, 4], num_blocks=2)
+
 def network_kwargs(args, resolution, channels, label_dim):
-    """EDMPrecond constructor kwargs from the CLI flags (official train.py's mapping; adm at 256 px is ADM's 256
-    config)."""
-    model = edm_backbone_kwargs('adm256' if args.arch == 'adm' and resolution == 256 else args.arch, args.cbase,
-                                args.cres, args.blocks)
+    """EDMPrecond constructor kwargs from the CLI flags (official train.py's mapping)."""
+    model = edm_backbone_kwargs(args.arch, args.cbase, args.cres, args.blocks)
+    if args.arch == 'adm' and resolution == 256:
+        model.update(model_channels=args.cbase or ADM256['model_channels'],
+                     channel_mult=args.cres or ADM256['channel_mult'],
+                     num_blocks=args.blocks or ADM256['num_blocks'])
     model.update(dropout=args.dropout, label_dropout=args.label_dropout if label_dim else 0)
     if args.augment:
         model['augment_dim'] = 9  # EDM AugmentPipe labels
@@ -267,8 +276,7 @@ def relay_time_steps(num_steps=18, sigma_min=0.008, sigma_max=80, rho=7, truncat
     t = edm_time_steps(num_steps, sigma_min, sigma_max, rho)
     kept = t[:-1][t[:-1] < truncation_sigma]
     if len(kept) == 0:
-        raise UsageError(f'--truncation_sigma_second={truncation_sigma}: no level of the {num_steps}-step grid lies '
-                         'below it')
+        raise ValueError(f'truncation_sigma={truncation_sigma}: no level of the {num_steps}-step grid lies below it')
     return torch.cat([kept, t[-1:]])
 
 @torch.no_grad()
@@ -319,7 +327,11 @@ def sample_images(net, seeds, device, first=None, low=None, class_idx=None, firs
     or class_idx), stage one's draws, then stage two's. first_settings: edm_sampler's (or sde_sampler's, with
     sde_scale) plus cfg_scale; second_settings: blur_sampler's. `relayed` (a list) receives (upsampled, relayed)."""
     rng = PerSeedRNG(seeds, device)
-    labels = seed_labels(rng, net.label_dim, class_idx, device, seeds=seeds)  # seed mod classes (upstream)
+    labels = None
+    if net.label_dim:  # seed mod classes (official generate_imagenet.py), or --class for all
+        index = torch.as_tensor(seeds, device=device) % net.label_dim
+        index = index if class_idx is None else torch.full_like(index, class_idx)
+        labels = torch.eye(net.label_dim, device=device)[index]
     if low is None:
         one, settings = (net if first is None else first), dict(first_settings)
         sampler = sde_sampler if 'sde_scale' in settings else edm_sampler
@@ -344,49 +356,53 @@ def stage_of(args):
                 blur_sigma_max=args.blur_sigma_max, block_scale=args.block_scale,
                 paper_noise_norm=args.paper_noise_norm)
 
+def training_setup(args, world_size):
+    """(dataset, network kwargs, what the run records besides its flags: net_kwargs, num_params, stage, batch_gpu,
+    rounds, world_size); the flags that depend on the data are checked here, before anything is written."""
+    dataset, R, C, label_dim = dataset_shape(args)
+    net_kwargs = network_kwargs(args, R, C, label_dim)
+    check_train_flags(args, R, label_dim, net_kwargs)
+    batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
+    num_params = count_parameters(net_kwargs)
+    if not args.dry_run:
+        check_memory(num_params)
+    info = dict(net_kwargs=net_kwargs, num_params=num_params, stage=stage_of(args), batch_gpu=batch_gpu,
+                rounds=rounds, world_size=world_size)
+    return dataset, net_kwargs, info
+
 def make_loss(args):
+    """Stage one: EDM's loss; stage two: BlurLoss with this run's blur and block noise."""
     if args.precond == 'edm':
         return EDMLoss()
     return BlurLoss(up_scale=args.up_scale, prob_length=args.prob_length, blur_sigma_max=args.blur_sigma_max,
                     block_scale=args.block_scale, paper_noise_norm=args.paper_noise_norm)
 
-def training_setup(args, world_size, device):
-    """(dataset, network kwargs, batch_gpu, rounds, what the run records besides its flags); the flags that depend
-    on the data are checked here, before anything is written."""
-    dataset, R, C, label_dim = dataset_shape(args)
-    net_kwargs = network_kwargs(args, R, C, label_dim)
-    check_train_flags(args, R, label_dim, net_kwargs)
-    batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
-    if not args.dry_run:
-        check_memory(count_parameters(net_kwargs), device)
-    return dataset, net_kwargs, batch_gpu, rounds, dict(net_kwargs=net_kwargs, num_params=count_parameters(net_kwargs),
-        stage=stage_of(args), batch_gpu=batch_gpu, rounds=rounds, world_size=world_size)
-
 def train(args):
-    device, rank, world_size = init_distributed(), get_rank(), get_world_size()
+    device = init_distributed()
+    rank, world_size = get_rank(), get_world_size()
     amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
-    dataset, net_kwargs, batch_gpu, rounds, info = training_setup(args, world_size, device)
+    dataset, net_kwargs, info = training_setup(args, world_size)
     if args.dry_run:
-        print0(json.dumps(dict(vars(args), **info), indent=2))
-        return print0(f'{info["num_params"]:,} parameters')
+        print_options(args, info)
+        return
     torch.manual_seed(args.seed)
     net, ema = network_and_ema(EDMPrecond(**net_kwargs), device, amp_dtype)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,  # EDM's optimizer
                                  fused=device.type == 'cuda')
     augment_pipe = AugmentPipe(args.augment, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
                                translate_frac=1) if args.augment else None  # EDM's CelebA/CIFAR setting, as upstream
-    loss_fn = make_loss(args)  # stage one: EDM's loss; stage two: BlurLoss
-    evaluate = training_metrics(args, net_kwargs['img_resolution'], net_kwargs['img_channels'], device,
-                                metrics_sampler(args, ema, net_kwargs, device))  # --metrics: as generate samples
-    run = TrainingRun('relay_diffusion', vars(args), info, device, outdir=args.outdir, nosubdir=args.nosubdir,
-        desc=run_desc(os.path.splitext(os.path.basename(args.data))[0], 'cond' if args.cond else 'uncond', args.arch,
-                      args.precond, world_size=world_size, batch=args.batch, fp16=args.fp16, bf16=args.bf16,
-                      desc=args.desc),
-        resume=args.resume, total_nimg=args.duration * 1e6, tick=args.tick, snap=args.snap, dump=args.dump,
-        state=dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler),
-        snapshot=lambda: dict(precond='EDMPrecond', net_kwargs=net_kwargs, stage=info['stage'], ema=ema.state_dict()),
-        grid=args.grid and progress_grid(ema, args.grid, dataset, args.seed, device, loss_fn), evaluate=evaluate)
-    ddp, stream = distributed_model(net, device, args.compile), run.data(dataset, batch_gpu, args.seed, args.workers)
+    loss_fn = make_loss(args)
+    sample = metrics_sampler(args, ema, net_kwargs, device)  # --metrics: samples as `generate` makes them
+    evaluate = training_metrics(args, net_kwargs['img_resolution'], net_kwargs['img_channels'], device, sample)
+    grid = progress_grid(ema, args.grid, dataset, args.seed, device, loss_fn) if args.grid else None
+    run = TrainingRun('relay_diffusion', vars(args), info, device, **run_options(args, world_size),
+                      state=dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler),
+                      snapshot=lambda: dict(precond='EDMPrecond', net_kwargs=net_kwargs, stage=info['stage'],
+                                            ema=ema.state_dict()),
+                      grid=grid, evaluate=evaluate)
+    ddp = distributed_model(net, device, args.compile)
+    batch_gpu, rounds = info['batch_gpu'], info['rounds']
+    stream = run.data(dataset, batch_gpu, args.seed, args.workers)
     with run:
         print0(f'Relay Diffusion stage {"one (EDM)" if args.precond == "edm" else "two (blur)"}: {dataset.name} '
                f'({len(dataset)} images, {dataset.resolution} px), {args.arch}, {info["num_params"]:,} parameters, '
@@ -396,20 +412,23 @@ def train(args):
             reseed(args.seed, rank, run.cur_nimg)  # per-step randomness: resume == uninterrupted
             optimizer.zero_grad(set_to_none=True)
             for r in range(rounds):
-                # Fetch data.
+                # Fetch data
                 images, labels = next(stream)
                 images = images.to(device).to(torch.float32) / 127.5 - 1
-                # The paper's loss (stage two: BlurLoss, paper Sec. 3), then backward.
+                labels = labels.to(device)
                 with sync_if(ddp, r == rounds - 1):
-                    loss = loss_fn(ddp, images, labels.to(device), augment_pipe)
+                    # The paper's loss: EDMLoss (stage one) or BlurLoss (stage two, paper Sec. 3)
+                    loss = loss_fn(ddp, images, labels, augment_pipe)
                     run.add('loss', loss)
-                    # NOTE: upstream back-propagates sum(loss) ls / T with T = 32 at 64 px and 256 otherwise; we use
-                    # EDM's sum over pixels, mean over this GPU's images (Adam makes the constant nearly irrelevant).
+                    # Backward. NOTE: upstream back-propagates sum(loss) ls / T with T = 32 at 64 px and 256
+                    # otherwise; we use EDM's sum over pixels, mean over this GPU's images (Adam makes the constant
+                    # nearly irrelevant).
                     scaler.scale(loss.sum() * (args.ls / (batch_gpu * rounds))).backward()
-            # Optimizer and EMA (EDM's lr ramp-up and EMA half-life).
+            # Optimizer and EMA (EDM's lr ramp-up and EMA half-life)
             optimizer_step(optimizer, scaler, learning_rate(args.lr, run.cur_nimg, args.lr_rampup))
             update_ema(ema, net, ema_beta(run.cur_nimg, args.batch, args.ema * 1000))
-            run.end_step(args.batch)  # tick: status line, snapshots, training states
+            # Tick: status line, snapshots, training states, metrics
+            run.end_step(args.batch)
         print0(f'done: {run.dir}')
 
 #------------------------------------------------------------------------------
@@ -422,21 +441,19 @@ def load_network(path, flag='--network', stage=None):
     given, is the stage the network must have been trained for. net.stage: the stage settings of our snapshots
     (dict(precond, up_scale, ...)); None for official files, which do not record them."""
     if is_official(path):
-        return official_network(path, flag)
+        return load_official_network(path, flag)
     path = latest_checkpoint(path, 'network-snapshot', flag)  # a run directory: its newest snapshot, named below
     try:
-        with warnings.catch_warnings():  # torch's notes on old pickle protocols: the one line below says it all
-            warnings.simplefilter('ignore')
-            ckpt = load_snapshot(path, flag, ['relay_diffusion', 'patch_diffusion'])
+        ckpt = load_snapshot(path, flag, ['relay_diffusion', 'patch_diffusion'])
     except UsageError:
         raise
     except UserError as ours:  # not loadable with weights_only: maybe an official RDM torch.save archive
         try:
-            return official_network(path, flag)
+            return load_official_network(path, flag)
         except UserError as theirs:
             raise UsageError(f'{flag}={path}: neither one of our snapshots ({one_line(ours).split(": ", 1)[-1]}) '
                              f'nor an official network ({one_line(theirs).split(": ", 1)[-1]})') from None
-    if ckpt['method'] == 'patch_diffusion' and ckpt['precond'] != 'EDMPrecond':
+    if ckpt['method'] == 'patch_diffusion' and ckpt.get('precond', 'EDMPrecond') != 'EDMPrecond':
         raise UsageError(f'{flag}={path}: a Patch Diffusion network with coordinate channels; only --real_p=1 '
                          'snapshots (plain EDM) can serve as a first stage')
     info = ckpt.get('stage', dict(precond='edm')) if ckpt['method'] == 'relay_diffusion' else dict(precond='edm')
@@ -582,10 +599,8 @@ def build_parser(preset=None):
     return parser
 
 def main():
-    with warnings.catch_warnings():  # --resume of a foreign pickle: torch's protocol note would precede the one line
-        warnings.filterwarnings('ignore', message='Detected pickle protocol')
-        args = parse_command_line(build_parser)
-    run_main(train if args.command == 'train' else generate, args)
+    args = parse_command_line(build_parser)
+    run_main({'train': train, 'generate': generate}[args.command], args)
 
 #------------------------------------------------------------------------------
 # 8. Appendix: what a reader of the paper can skip: the checks of flag combinations, the dry run's dataset
@@ -599,9 +614,11 @@ def parse_cres(s):
         raise argparse.ArgumentTypeError(f'expected 1 to 16 channel multipliers from 1 to 64, e.g. 1,2,2; got {s!r}')
     return cres
 
-def check_memory(num_params, device):
-    """Weights, EMA, gradients and Adam's two moments are 5 float32 copies: refuse a network that cannot fit."""
-    if device.type == 'cuda':
+def check_memory(num_params):
+    """Weights, EMA, gradients and Adam's two moments are 5 float32 copies: refuse a network that cannot fit (on
+    this process's GPU, set by init_distributed, else in this machine's memory)."""
+    if torch.cuda.is_available():
+        device = torch.device('cuda', torch.cuda.current_device())
         have, where = torch.cuda.get_device_properties(device).total_memory, f'{device} has'
     elif hasattr(os, 'sysconf'):
         have, where = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'), 'this machine has'
@@ -649,6 +666,10 @@ def check_generate_flags(args):
         if getattr(args, low) >= getattr(args, high):
             raise UsageError(f'--{low}={getattr(args, low):g} must be below --{high}={getattr(args, high):g}')
     if stages != 'first':  # the truncated grid must keep at least one level, and start at u <= 1
+        grid = edm_time_steps(args.num_steps_second, args.sigma_min_second, args.sigma_max_second, args.rho_second)
+        if not (grid[:-1] < args.truncation_sigma_second).any():
+            raise UsageError(f'--truncation_sigma_second={args.truncation_sigma_second}: no level of the '
+                             f'{args.num_steps_second}-step grid lies below it')
         start = relay_time_steps(args.num_steps_second, args.sigma_min_second, args.sigma_max_second, args.rho_second,
                                  args.truncation_sigma_second)[0]
         if u_of_sigma(start, args.truncation_t_second) > 1:
@@ -681,6 +702,14 @@ def dataset_shape(args):
         return None, int(m[1]), 3, 1000 if args.cond else 0
     dataset = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
     return dataset, dataset.resolution, dataset.num_channels, dataset.label_dim
+
+def run_options(args, world_size):
+    """TrainingRun's options from the flags: the run directory (EDM's name for it), resume, length, tick, saves."""
+    data_name = os.path.splitext(os.path.basename(args.data))[0]
+    desc = run_desc(data_name, 'cond' if args.cond else 'uncond', args.arch, args.precond, world_size=world_size,
+                    batch=args.batch, fp16=args.fp16, bf16=args.bf16, desc=args.desc)
+    return dict(outdir=args.outdir, desc=desc, nosubdir=args.nosubdir, resume=args.resume,
+                total_nimg=args.duration * 1e6, tick=args.tick, snap=args.snap, dump=args.dump)
 
 def progress_grid(net, num, dataset, seed, device, loss_fn):
     """grid(path) for TrainingRun, a PNG of seeds 0..num-1: stage one samples them as generate does; stage two
@@ -745,11 +774,11 @@ def build_network(net_kwargs, flag, path, what):
         raise UsageError(f'{flag}={path}: {what} whose network arguments do not build an EDMPrecond ({one_line(e)})'
                          ) from None
 
-def official_network(path, flag):
-    """EDMPrecond from an official EDM .pkl or RDM .pt (common.load_official: no code from the file runs); the
-    official files do not record the stage (net.stage = None)."""
+def load_official_network(path, flag):
+    """EDMPrecond from an official EDM .pkl (common.load_official) or RDM .pt (load_torch_zip): no code from the
+    file runs; the official files do not record the stage (net.stage = None)."""
     try:
-        official = load_official(path, flag)
+        official = read_official(path, flag)
     except UserError as e:
         raise UsageError(one_line(e)) from None
     if official['precond'] != 'EDMPrecond':
@@ -761,6 +790,46 @@ def official_network(path, flag):
     load_weights(net, official['state_dict'], path)
     net.stage = None
     return net
+
+def read_official(path_or_url, flag):
+    """What common.load_official returns (class_name, precond, init_kwargs, state_dict), from an official RDM .pt
+    (a torch.save zip archive that pickles whole modules) or, through load_official, an EDM-format .pkl."""
+    path = download(path_or_url, flag) if '://' in str(path_or_url) else path_or_url
+    if not zipfile.is_zipfile(path):
+        return load_official(path, flag)  # one line for a missing file, an EDM pickle otherwise
+    try:
+        return official_network(load_torch_zip(path))
+    except Exception as e:
+        raise UsageError(f'{flag}={path}: cannot load it as an official network ({e})') from e
+
+class TorchZipUnpickler(SnapshotUnpickler):
+    """common's restricted unpickler for torch.save zip archives (official RDM .pt files that pickle whole modules):
+    tensors and plain containers only; the official classes become inert stubs."""
+    def __init__(self, file, archive, prefix):
+        super().__init__(file)
+        self.archive, self.prefix = archive, prefix
+
+    def find_class(self, module, name):
+        module = 'builtins' if module == '__builtin__' else module  # torch.save's protocol 2 uses Python 2 names
+        if module == 'torch' and name.endswith('Storage') and isinstance(getattr(torch, name, None), type):
+            return getattr(torch, name)  # torch.FloatStorage etc.: only its dtype is used
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        _, storage_type, key, _, _ = pid  # ('storage', torch.FloatStorage, '0', 'cuda:0', numel)
+        data = torch.UntypedStorage.from_buffer(self.archive.read(f'{self.prefix}/data/{key}'), dtype=torch.uint8)
+        return torch.storage.TypedStorage(wrap_storage=data, dtype=storage_type.dtype, _internal=True)
+
+def load_torch_zip(path):
+    """The unpickled object of a torch.save zip archive, read with TorchZipUnpickler."""
+    with zipfile.ZipFile(path) as archive:
+        pkl = [n for n in archive.namelist() if n.endswith('/data.pkl')]
+        if not pkl:
+            raise ValueError('no data.pkl in the archive')
+        prefix = pkl[0].rsplit('/', 1)[0]
+        with warnings.catch_warnings():  # TypedStorage is deprecated, but it is what carries the dtype here
+            warnings.simplefilter('ignore', UserWarning)
+            return TorchZipUnpickler(io.BytesIO(archive.read(pkl[0])), archive, prefix).load()
 
 def indir_paths(indir, seeds, resolution):
     """{seed: path} of stage-one PNGs `{seed:06d}.png`, flat or in EDM's folders of 1,000; all must exist, and the
