@@ -44,12 +44,14 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
-from common import (Parser, PerSeedRNG, TrainingRun, UsageError, UserError, add_generate_flags, add_metric_flags,
-                    add_train_flags, check_class, check_outdir, distributed_model, drop_labels, get_rank,
-                    get_world_size, init_distributed, latest_checkpoint, load_checkpoint, load_snapshot, load_weights,
-                    network_and_ema, number, print_options, open_dataset, optimizer_step, parse_bool, parse_command_line, print0,
-                    reseed, run_desc, run_main, save_image_grid, save_seed_images, seed_batches, seed_labels,
-                    setup_precision, split_batch, sync_if, training_metrics, update_ema, working)
+from common import (Parser, PerSeedRNG, TrainingRun, UsageError, UserError, add_generate_flags,
+                    add_metric_flags, add_train_flags, check_class, check_outdir,
+                    distributed_model, drop_labels, get_rank, get_world_size, init_distributed,
+                    latest_checkpoint, load_checkpoint, load_snapshot, load_weights,
+                    network_and_ema, number, open_dataset, optimizer_step, parse_bool,
+                    parse_command_line, print0, print_options, reseed, run_desc, run_main,
+                    save_image_grid, save_seed_images, seed_batches, seed_labels, setup_precision,
+                    split_batch, sync_if, training_metrics, update_ema, working)
 
 #------------------------------------------------------------------------------
 # 1. Config. Every official config, one preset each (config files of jiachenlei/maskdm; v1 = tree 40907a6); flags
@@ -433,6 +435,27 @@ def training_setup(args, world_size):
                 world_size=world_size, total_nimg=total_nimg, total_kimg=total_nimg / 1000)
     return dataset, net_kwargs, info
 
+def training_run(args, dataset, net_kwargs, info, device, state):
+    """common.TrainingRun: the run directory, log, status lines, snapshots with a sample grid, --metrics."""
+    ema = state['ema']
+
+    def snapshot():  # what a network snapshot holds besides the method's name and the flags
+        return dict(net_kwargs=net_kwargs, ema=ema.state_dict())
+
+    def save_grid(path):  # the sample grid written with each snapshot
+        save_image_grid(sample_images(ema, range(args.grid), device, num_steps=args.grid_steps), path)
+
+    steps = args.metrics_steps or args.grid_steps  # --metrics: what generate makes (DDIM, eta 1) in `steps` steps
+    evaluate = training_metrics(args, dataset.resolution, dataset.num_channels, device,
+                                lambda seeds: sample_images(ema, seeds, device, num_steps=steps))
+    desc = run_desc(dataset.name, args.arch, *['dwt'] * args.dwt, *['cond'] * args.cond, info['mask'],
+                    world_size=info['world_size'], batch=args.batch, fp16=args.fp16, bf16=args.bf16,
+                    desc=args.desc)
+    return TrainingRun('masked_dm', vars(args), info, device, outdir=args.outdir, desc=desc,
+                       nosubdir=args.nosubdir, resume=args.resume, total_nimg=info['total_nimg'],
+                       tick=args.tick, snap=args.snap, dump=args.dump, state=state, snapshot=snapshot,
+                       grid=save_grid if args.grid else None, evaluate=evaluate)
+
 def train(args):
     device, rank, world_size = init_distributed(), get_rank(), get_world_size()
     dataset, net_kwargs, info = training_setup(args, world_size)
@@ -443,24 +466,17 @@ def train(args):
     check_memory(info['num_params'], device)
     amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
     torch.manual_seed(args.seed)
-    net, start = load_pretrained(GaussianDiffusion(**net_kwargs), None if args.resume else args.pretrained_model_ckpt)
-    net, ema = network_and_ema(net, device, amp_dtype)  # fine-tuning: the pre-trained online weights, EMA their copy
+    pretrained = None if args.resume else args.pretrained_model_ckpt  # --resume restores its own weights
+    net, start = load_pretrained(GaussianDiffusion(**net_kwargs), pretrained)
+    net, ema = network_and_ema(net, device, amp_dtype)  # fine-tuning: the pre-trained online weights, EMA a copy
     ema.amp_dtype = None  # the EMA samples (grid, --metrics) in float32, as generate does from its snapshots
-    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=tuple(args.adam_betas), eps=1e-8,  # all decay
-                                  weight_decay=args.weight_decay, fused=device.type == 'cuda')
-    steps = args.metrics_steps or args.grid_steps  # --metrics: what generate makes (DDIM, eta 1) in `steps` steps
-    evaluate = training_metrics(args, dataset.resolution, dataset.num_channels, device,
-                                lambda seeds: sample_images(ema, seeds, device, num_steps=steps))
-    run = TrainingRun('masked_dm', vars(args), info, device, outdir=args.outdir, nosubdir=args.nosubdir,
-        desc=run_desc(dataset.name, args.arch, *['dwt'] * args.dwt, *['cond'] * args.cond, info['mask'],
-                      world_size=world_size, batch=args.batch, fp16=args.fp16, bf16=args.bf16, desc=args.desc),
-        resume=args.resume, total_nimg=info['total_nimg'], tick=args.tick, snap=args.snap, dump=args.dump,
-        state=dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler),
-        snapshot=lambda: dict(net_kwargs=net_kwargs, ema=ema.state_dict()),
-        grid=args.grid and (lambda path: save_image_grid(sample_images(ema, range(args.grid), device,
-                                                                       num_steps=args.grid_steps), path)),
-        evaluate=evaluate)
-    ddp, batch_gpu, rounds = distributed_model(net, device, args.compile), info['batch_gpu'], info['rounds']
+    optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=tuple(args.adam_betas), eps=1e-8,
+                                  weight_decay=args.weight_decay, fused=device.type == 'cuda')  # all decay
+    state = dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler)
+    run = training_run(args, dataset, net_kwargs, info, device, state)
+    ddp = distributed_model(net, device, args.compile)
+    batch_gpu = info['batch_gpu']
+    rounds = info['rounds']
     stream = run.data(dataset, batch_gpu, args.seed, args.workers)
     with run:
         print0(banner(args, dataset, info, device))
@@ -470,31 +486,36 @@ def train(args):
             rng = reseed(args.seed, rank, run.cur_nimg)  # t, noise (torch) and masks (numpy) of this step
             optimizer.zero_grad(set_to_none=True)
             for r in range(rounds):
-                # Fetch data: images, a uniform t in {0..999}, noise and one mask per image (official datasets draw
-                # it in __getitem__). Labels one-hot; --label-dropout (ours, for --cfg) zeroes rows: `uncond_embed`.
+                # Fetch data: [-1, 1] pixels (v1 DWT: Haar coefficients), one-hot labels.
                 images, labels = next(stream)
-                x0 = to_model_space(images.to(device), args.dwt)  # [-1, 1] (v1 DWT: Haar coefficients)
+                x0 = to_model_space(images.to(device), args.dwt)
+                # The paper's loss (masked denoising score matching): a uniform t in {0..999}, noise and one
+                # mask per image (official datasets draw it in __getitem__); epsilon-MSE on visible patches.
                 t = torch.randint(0, net.num_timesteps, [batch_gpu], device=device)
                 noise = torch.randn_like(x0)
                 keep = draw_keep(net, batch_gpu, rng, args.mask_type, args.mask_ratio, args.block_size,
                                  args.crop_size, device)
-                labels = drop_labels(labels.to(device), args.label_dropout, batch_gpu, True) if args.cond else None
-                # The paper's loss (masked denoising score matching on the visible patches), then backward.
+                if args.cond:  # --label-dropout (ours, for --cfg) zeroes rows: the unconditional token
+                    labels = drop_labels(labels.to(device), args.label_dropout, batch_gpu, True)
+                else:
+                    labels = None
                 with sync_if(ddp, r == rounds - 1):
                     loss = mdsm_loss(net, x0, t, noise, keep, ddp, labels)
                     run.add('loss', loss)
-                    scaler.scale(loss.sum() * (args.ls / (batch_gpu * rounds))).backward()  # DDP averages ranks
+                    # Backward: the mean over this process's images (DDP averages the processes).
+                    scaler.scale(loss.sum() * (args.ls / (batch_gpu * rounds))).backward()
             # Optimizer: official LambdaLR warm-up (lr 0 at step 0), clipping, AdamW.
             lr = args.lr * min(run.step / args.warmup_steps, 1) if args.warmup_steps else args.lr
             if args.clip_grad:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(net.parameters(), args.clip_grad)
             optimizer_step(optimizer, scaler, lr)
-            # EMA, ema-pytorch's schedule at optimizer step run.step + 1.
+            # EMA: ema-pytorch's schedule at optimizer step run.step + 1 (Appendix, ema_decay).
             beta = ema_decay(run.step + 1, args.ema_decay, args.ema_every)
             if beta is not None:
                 update_ema(ema, net, beta)
-            run.end_step(args.batch)  # tick: status line, snapshots, training states
+            # Tick: status line, snapshots, training states, metrics.
+            run.end_step(args.batch)
         print0(f'done: {run.dir}')
 
 #------------------------------------------------------------------------------
