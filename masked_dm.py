@@ -347,8 +347,8 @@ def mdsm_loss(net, x0, t, noise, keep, call=None, labels=None):
     return loss
 
 #------------------------------------------------------------------------------
-# 4. Sampler: DDIM (the official FID sampler) and 1000-step ancestral DDPM. State in float64, the network in float32;
-#    epsilon from guided_eps (Appendix: the network, or our classifier-free guidance).
+# 4. Sampler: DDIM, the official FID sampler (Appendix: 1000-step ancestral DDPM). State in float64, the
+#    network in float32; epsilon from guided_eps (Appendix: the network, or our classifier-free guidance).
 
 def ddim_time_pairs(num_steps, T=1000):
     """(t, s) pairs: trunc(linspace(-1, T-1, S+1)) reversed; S=250 -> (999, 995), ..., (7, 3), (3, -1) (official
@@ -377,26 +377,6 @@ def ddim_sampler(net, latents, labels=None, randn_like=torch.randn_like, num_ste
         x = ab[s].sqrt() * x0 + (1 - ab[s] - sigma ** 2).sqrt() * eps  # DDIM Eq. 12, with the raw eps
         if eta > 0:
             x = x + sigma * randn_like(x)
-    return x
-
-@torch.no_grad()
-def ddpm_sampler(net, latents, labels=None, randn_like=torch.randn_like, clamp=True, alphas_cumprod=None, cfg=None):
-    """Ancestral DDPM over all T steps (official p_sample_loop): mean of q(x_{t-1} | x_t, x0) with the clamped x0,
-    variance beta~_t = beta_t (1 - ab_{t-1}) / (1 - ab_t) (log clamped at 1e-20), no noise at t = 0."""
-    ab = (net.alphas_cumprod if alphas_cumprod is None else alphas_cumprod).double().to(latents.device)
-    ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
-    beta = 1 - ab / ab_prev
-    lo, hi = (b.to(latents.device) for b in x0_range(net)) if clamp else (None, None)
-    x = latents.to(torch.float64)
-    for t in reversed(range(len(ab))):
-        t_batch = torch.full([len(x)], t, device=x.device, dtype=torch.long)
-        eps = guided_eps(net, x.to(torch.float32), t_batch, labels, cfg).double()
-        x0 = (x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()
-        # NOTE: v1 clamps the DWT x0 to [-1, 1] here (p_mean_variance), cutting LL in half; we use per-band bounds.
-        x0 = x0.clamp(lo, hi) if clamp else x0
-        mean = (beta[t] * ab_prev[t].sqrt() * x0 + (1 - ab_prev[t]) * (1 - beta[t]).sqrt() * x) / (1 - ab[t])  # Eq. 7
-        var = (beta[t] * (1 - ab_prev[t]) / (1 - ab[t])).clamp(min=1e-20)  # beta~_t, DDPM Eq. 7
-        x = mean + var.sqrt() * randn_like(x) if t > 0 else mean
     return x
 
 def sample_images(net, seeds, device, sampler='ddim', num_steps=250, eta=1.0, class_idx=None, cfg=None):
@@ -434,27 +414,6 @@ def training_setup(args, world_size):
                 tokens=shape_net.model.encoder.extras + patches, batch_gpu=batch_gpu, rounds=rounds,
                 world_size=world_size, total_nimg=total_nimg, total_kimg=total_nimg / 1000)
     return dataset, net_kwargs, info
-
-def training_run(args, dataset, net_kwargs, info, device, state):
-    """common.TrainingRun: the run directory, log, status lines, snapshots with a sample grid, --metrics."""
-    ema = state['ema']
-
-    def snapshot():  # what a network snapshot holds besides the method's name and the flags
-        return dict(net_kwargs=net_kwargs, ema=ema.state_dict())
-
-    def save_grid(path):  # the sample grid written with each snapshot
-        save_image_grid(sample_images(ema, range(args.grid), device, num_steps=args.grid_steps), path)
-
-    steps = args.metrics_steps or args.grid_steps  # --metrics: what generate makes (DDIM, eta 1) in `steps` steps
-    evaluate = training_metrics(args, dataset.resolution, dataset.num_channels, device,
-                                lambda seeds: sample_images(ema, seeds, device, num_steps=steps))
-    desc = run_desc(dataset.name, args.arch, *['dwt'] * args.dwt, *['cond'] * args.cond, info['mask'],
-                    world_size=info['world_size'], batch=args.batch, fp16=args.fp16, bf16=args.bf16,
-                    desc=args.desc)
-    return TrainingRun('masked_dm', vars(args), info, device, outdir=args.outdir, desc=desc,
-                       nosubdir=args.nosubdir, resume=args.resume, total_nimg=info['total_nimg'],
-                       tick=args.tick, snap=args.snap, dump=args.dump, state=state, snapshot=snapshot,
-                       grid=save_grid if args.grid else None, evaluate=evaluate)
 
 def train(args):
     device, rank, world_size = init_distributed(), get_rank(), get_world_size()
@@ -641,9 +600,10 @@ def main():
     run_main({'train': train, 'generate': generate}[args.command], args)
 
 #------------------------------------------------------------------------------
-# 8. Appendix: what a reader of the paper can skip: the U-ViT layers, the data space (v1 DWT: Haar transform), the
-#    EMA's decay schedule, classifier-free guidance (ours), the checks of flag combinations and the run's first
-#    status line, checkpoint files (the fine-tuning init, official .pt files).
+# 8. Appendix: what a reader of the paper can skip: the U-ViT layers, the data space (v1 DWT: Haar
+#    transform), the EMA's decay schedule, ancestral DDPM sampling, classifier-free guidance (ours), the checks
+#    of flag combinations, the run directory and its first status line, checkpoint files (the fine-tuning
+#    init, official .pt files).
 
 # U-ViT layers (Bao et al. 2023, arXiv:2209.12152; the official models/mask_uvit.py names): the standard ViT pieces
 # that MaskedUViT / UViTEncoder (section 2) assemble.
@@ -773,6 +733,28 @@ def ema_decay(n, beta, every=1, after=100):
         return 0.0
     return min(beta, 1 - (n - after) ** (-2 / 3))
 
+# The 1000-step ancestral sampler (generate --sampler=ddpm), the official code's alternative to DDIM.
+
+@torch.no_grad()
+def ddpm_sampler(net, latents, labels=None, randn_like=torch.randn_like, clamp=True, alphas_cumprod=None, cfg=None):
+    """Ancestral DDPM over all T steps (official p_sample_loop): mean of q(x_{t-1} | x_t, x0) with the clamped x0,
+    variance beta~_t = beta_t (1 - ab_{t-1}) / (1 - ab_t) (log clamped at 1e-20), no noise at t = 0."""
+    ab = (net.alphas_cumprod if alphas_cumprod is None else alphas_cumprod).double().to(latents.device)
+    ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
+    beta = 1 - ab / ab_prev
+    lo, hi = (b.to(latents.device) for b in x0_range(net)) if clamp else (None, None)
+    x = latents.to(torch.float64)
+    for t in reversed(range(len(ab))):
+        t_batch = torch.full([len(x)], t, device=x.device, dtype=torch.long)
+        eps = guided_eps(net, x.to(torch.float32), t_batch, labels, cfg).double()
+        x0 = (x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()
+        # NOTE: v1 clamps the DWT x0 to [-1, 1] here (p_mean_variance), cutting LL in half; we use per-band bounds.
+        x0 = x0.clamp(lo, hi) if clamp else x0
+        mean = (beta[t] * ab_prev[t].sqrt() * x0 + (1 - ab_prev[t]) * (1 - beta[t]).sqrt() * x) / (1 - ab[t])  # Eq. 7
+        var = (beta[t] * (1 - ab_prev[t]) / (1 - ab[t])).clamp(min=1e-20)  # beta~_t, DDPM Eq. 7
+        x = mean + var.sqrt() * randn_like(x) if t > 0 else mean
+    return x
+
 # The samplers' epsilon: the network's, or with classifier-free guidance (ours).
 
 def guided_eps(net, x, t, labels=None, cfg=None):
@@ -789,7 +771,7 @@ def guided_eps(net, x, t, labels=None, cfg=None):
                                labels=torch.cat([torch.zeros_like(labels), labels])).chunk(2)
     return eps_uncond + cfg * (eps_cond - eps_uncond)
 
-# Flag checks and the banner (training_setup, train), and --adam_betas's type.
+# Flag checks, the run directory and the banner (training_setup, train), and --adam_betas's type.
 
 def parse_betas(s):
     """'0.9,0.999' -> [0.9, 0.999]: two numbers in [0, 1) (a list, as the training options store it)."""
@@ -862,6 +844,27 @@ def check_memory(num_params, device):
         raise UsageError(f'a U-ViT of {num_params:,} parameters needs {need / 2**30:,.1f} GiB for its weights, EMA, '
                          f'gradients and AdamW moments; {device} has {total / 2**30:,.1f} GiB (--arch, --embed_dim, '
                          '--depth set the size)')
+
+def training_run(args, dataset, net_kwargs, info, device, state):
+    """common.TrainingRun: the run directory, log, status lines, snapshots with a sample grid, --metrics."""
+    ema = state['ema']
+
+    def snapshot():  # what a network snapshot holds besides the method's name and the flags
+        return dict(net_kwargs=net_kwargs, ema=ema.state_dict())
+
+    def save_grid(path):  # the sample grid written with each snapshot
+        save_image_grid(sample_images(ema, range(args.grid), device, num_steps=args.grid_steps), path)
+
+    steps = args.metrics_steps or args.grid_steps  # --metrics: what generate makes (DDIM, eta 1) in `steps` steps
+    evaluate = training_metrics(args, dataset.resolution, dataset.num_channels, device,
+                                lambda seeds: sample_images(ema, seeds, device, num_steps=steps))
+    desc = run_desc(dataset.name, args.arch, *['dwt'] * args.dwt, *['cond'] * args.cond, info['mask'],
+                    world_size=info['world_size'], batch=args.batch, fp16=args.fp16, bf16=args.bf16,
+                    desc=args.desc)
+    return TrainingRun('masked_dm', vars(args), info, device, outdir=args.outdir, desc=desc,
+                       nosubdir=args.nosubdir, resume=args.resume, total_nimg=info['total_nimg'],
+                       tick=args.tick, snap=args.snap, dump=args.dump, state=state, snapshot=snapshot,
+                       grid=save_grid if args.grid else None, evaluate=evaluate)
 
 def banner(args, dataset, info, device):
     """The run's first status line: data, network, tokens per image, schedule and batch layout."""
