@@ -58,13 +58,13 @@ from common import (AugmentPipe, EDMLoss, EDMPrecond, Parser, PerSeedRNG, Snapsh
 # 1. Config. A preset is an official run: `train --preset=NAME` takes its README training command, `generate
 #    --preset=NAME` the settings of the official generate_*.py that samples it (both stages). Flags override.
 
-# Official runs (README training commands): ADM, lr 1e-4, loss scale 1, EDM augmentation 0.2, batch 1024.
+# Official runs (README training commands): ADM, lr 1e-4, loss scale 1, EDM augmentation 0.2.
 README = dict(cond=False, arch='adm', batch=1024, lr=1e-4, augment=0.2, ls=1)
 # Stage two's blur and block noise: the ImageNet README command's values (also the flag defaults).
 BLUR = dict(precond='blur', up_scale=4, block_scale=0.15, prob_length=0.93, blur_sigma_max=3.0)
-# Ours, CPU demo on the built-in shapes: a small DDPM++ trained with a large lr, short EMA, no dropout.
-DEMO = dict(arch='ddpmpp', cbase=32, batch=32, lr=2e-3, lr_rampup=1, ema=0.005, dropout=0, augment=0, dump=100,
-            workers=0)
+# Ours, CPU demo on the built-in shapes: a small DDPM++, a large lr, a short EMA, no dropout.
+DEMO = dict(arch='ddpmpp', cbase=32, batch=32, lr=2e-3, lr_rampup=1, ema=0.005, dropout=0, augment=0,
+            dump=100, workers=0)
 
 PRESETS = {
     # Stage one, CelebA-HQ 64 (README). fp32; the training length is not published (train.py default: 200 Mimg).
@@ -74,11 +74,11 @@ PRESETS = {
     # 0.95. NOTE: its sampler maps sigma -> u with L = 1.05 although the network was trained with prob_length 0.89
     # (less blur than trained at every sigma); the reason is unknown, we keep the official values.
     'celebahq256': dict(
-        train=README | BLUR | dict(batch_gpu=8, dropout=0.2, fp16=True, prob_length=0.89, blur_sigma_max=2.0,
-                                   duration=47),
-        generate=dict(seeds='80000-109999', num_steps_first=120, sde_scale_first=0.05, num_steps_second=150,
-                      rho_second=7, truncation_sigma_second=0.95, truncation_t_second=1.05,
-                      blur_sigma_max_second=2.0, cfg_scale_second=1)),
+        train=README | BLUR | dict(batch_gpu=8, dropout=0.2, fp16=True, prob_length=0.89,
+                                   blur_sigma_max=2.0, duration=47),
+        generate=dict(seeds='80000-109999', num_steps_first=120, sde_scale_first=0.05,
+                      num_steps_second=150, rho_second=7, truncation_sigma_second=0.95,
+                      truncation_t_second=1.05, blur_sigma_max_second=2.0, cfg_scale_second=1)),
     # Stage two, ImageNet 256 (README). NOTE: the README command sets no --augment, so train.py's default 0.12
     # applies (553,833,475 parameters); --label-dropout 0.1 is our assumption: the released train.py has no such
     # option, yet the ImageNet sampler uses CFG 3.5 against an all-zero label. duration: the README's 1250M total,
@@ -86,31 +86,31 @@ PRESETS = {
     # Sampling: generate_imagenet.py: 50k seeds (labels seed mod 1000), EDM's stochastic ImageNet-64 sampler for
     # stage one, a 200-step rho=100 grid truncated at 0.9, CFG 3.5 in stage two.
     'imagenet256': dict(
-        train=README | BLUR | dict(cond=True, batch=4096, batch_gpu=8, dropout=0.1, augment=0.12, fp16=True,
-                                   label_dropout=0.1, duration=1250),
-        generate=dict(seeds='10000-59999', num_steps_first=256, S_churn=40, S_min=0.05, S_max=50, S_noise=1.003,
-                      num_steps_second=200, rho_second=100, truncation_sigma_second=0.9, truncation_t_second=0.93,
-                      blur_sigma_max_second=3.0, cfg_scale_second=3.5)),
+        train=README | BLUR | dict(cond=True, batch=4096, batch_gpu=8, dropout=0.1, augment=0.12,
+                                   fp16=True, label_dropout=0.1, duration=1250),
+        generate=dict(seeds='10000-59999', num_steps_first=256, S_churn=40, S_min=0.05, S_max=50,
+                      S_noise=1.003, num_steps_second=200, rho_second=100, truncation_sigma_second=0.9,
+                      truncation_t_second=0.93, blur_sigma_max_second=3.0, cfg_scale_second=3.5)),
     # Ours, CPU demo: an 8 px EDM stage one (about 5 CPU-minutes), then a 16 px blur stage two x2 (demo16, about 5;
     # 12 kimg left the relayed tiles noisy) or a 32 px one x4 (demo32, the paper's factor; the toy benchmark's) on
     # the same built-in shapes.
-    'demo8': dict(train=DEMO | dict(data='demo-8', precond='edm', cres=[1, 2], blocks=2, duration=0.06, tick=10,
-                                    snap=2)),
-    'demo16': dict(train=DEMO | BLUR | dict(data='demo-16', cres=[1, 2, 2], blocks=1, duration=0.048, tick=4, snap=3,
-                                            up_scale=2),
+    'demo8': dict(train=DEMO | dict(data='demo-8', precond='edm', cres=[1, 2], blocks=2,
+                                    duration=0.06, tick=10, snap=2)),
+    'demo16': dict(train=DEMO | BLUR | dict(data='demo-16', cres=[1, 2, 2], blocks=1, up_scale=2,
+                                            duration=0.048, tick=4, snap=3),
                    generate=dict(up_scale_second=2)),
-    'demo32': dict(train=DEMO | BLUR | dict(data='demo-32', cres=[1, 2, 2], blocks=1, batch=16, lr=1e-3, ema=0.002,
-                                            duration=0.003, tick=1, snap=100)),
+    'demo32': dict(train=DEMO | BLUR | dict(data='demo-32', cres=[1, 2, 2], blocks=1, batch=16, lr=1e-3,
+                                            ema=0.002, duration=0.003, tick=1, snap=100)),
 }
 
 MIN_SCALE = 0.001            # blur multiplier floor m (hard-coded in the official blurring.py and loss.py)
 TRUNCATE_SIGMA = 7.5e-3      # lower sigma bound of stage-two training (official BlurLoss truncate_sigma)
 
 #------------------------------------------------------------------------------
-# 2. Backbone: EDM's U-Nets (common.EDM_ARCHS; ADM256 below) and preconditioning, unchanged (official train.py: --precond=blur
-#    selects EDMPrecond). NOTE: there is no blur-aware preconditioning in the official code: c_skip, c_out, c_in,
-#    c_noise are EDM's, computed from sigma alone (the extra 1.0225 noise variance and the blurred signal are
-#    ignored); we follow it.
+# 2. Backbone: EDM's U-Nets (common.EDM_ARCHS; ADM256 below) and preconditioning, unchanged (official
+#    train.py: --precond=blur selects EDMPrecond). NOTE: there is no blur-aware preconditioning in the official
+#    code: c_skip, c_out, c_in, c_noise are EDM's, computed from sigma alone (the extra 1.0225 noise variance
+#    and the blurred signal are ignored); we follow it.
 
 # --arch=adm at 256 px: ADM's 256x256 configuration (official RDM train.py); --cbase, --cres, --blocks override it.
 ADM256 = dict(model_channels=256, channel_mult=[1, 1, 2, 2, 4, 4], num_blocks=2)
@@ -234,10 +234,12 @@ class BlurLoss:
     def __call__(self, net, images, labels=None, augment_pipe=None):
         u, sigma, B = self.schedule(images.shape[0], images.device)
         lam = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2  # EDM Table 1, lambda(sigma)
-        weight = lam.clamp(max=1e5)                                         # official BlurLoss clamp (never fires)
+        weight = lam.clamp(max=1e5)  # official BlurLoss clamp (never fires)
         y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
-        n = sigma * mixed_noise(y, self.up_scale, self.block_scale, torch.randn_like, self.paper_noise_norm)
-        D_yn = net(blur(y, B, self.up_scale) + n, sigma, labels, augment_labels=augment_labels)  # x_t = A(B(u)) y + n
+        xi = mixed_noise(y, self.up_scale, self.block_scale, torch.randn_like, self.paper_noise_norm)
+        n = sigma * xi
+        x = blur(y, B, self.up_scale) + n  # x_t = A(B(u)) y + n
+        D_yn = net(x, sigma, labels, augment_labels=augment_labels)
         return weight * (D_yn - y) ** 2  # target: the sharp y (official BlurLoss)
 
 #------------------------------------------------------------------------------
@@ -276,7 +278,8 @@ def relay_time_steps(num_steps=18, sigma_min=0.008, sigma_max=80, rho=7, truncat
     t = edm_time_steps(num_steps, sigma_min, sigma_max, rho)
     kept = t[:-1][t[:-1] < truncation_sigma]
     if len(kept) == 0:
-        raise ValueError(f'truncation_sigma={truncation_sigma}: no level of the {num_steps}-step grid lies below it')
+        raise ValueError(f'truncation_sigma={truncation_sigma}: no level of the {num_steps}-step grid '
+                         'lies below it')
     return torch.cat([kept, t[-1:]])
 
 @torch.no_grad()
@@ -298,24 +301,28 @@ def blur_sampler(net, images, class_labels=None, randn_like=torch.randn_like, nu
     denoise = guided(net, cfg_scale)
     x_up = images.to(torch.float64)
     H, W = x_up.shape[-2:]
-    alpha = lambda sigma: blur_multipliers(blur_of_u(u_of_sigma(sigma, truncation_t), blur_sigma_max), s, H, W)
-    xi = lambda: mixed_noise(x_up, s, s_block, randn_like, paper_noise_norm)  # every xi drawn fresh
-    x = x_up + t_steps[0] * xi()                                               # relay start state, no further blur
+    def alpha(sigma):  # a = d(B(u(sigma))), the blur multipliers at noise level sigma
+        return blur_multipliers(blur_of_u(u_of_sigma(sigma, truncation_t), blur_sigma_max), s, H, W)
+    def xi():  # every xi drawn fresh
+        return mixed_noise(x_up, s, s_block, randn_like, paper_noise_norm)
+    x = x_up + t_steps[0] * xi()  # relay start state, no further blur
     K = len(t_steps) - 1
     a_next = alpha(t_steps[0])
     for n, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
-        D_0 = denoise(x, t_cur, class_labels).to(torch.float64)                       # Alg. 1: D_0 = D(x; sigma_n)
+        D_0 = denoise(x, t_cur, class_labels).to(torch.float64)  # Alg. 1: D_0 = D(x; sigma_n)
         if n == K - 1:
             return D_0  # sigma_min is the last level evaluated; nothing steps to 0
         a_cur, a_next = a_next, alpha(t_next)  # a_n = d(B(u(sigma_n))), each level's table built once
-        gamma = math.sqrt(1 - s_noise ** 2) * t_next / t_cur                           # Alg. 1: gamma
+        gamma = math.sqrt(1 - s_noise ** 2) * t_next / t_cur  # Alg. 1: gamma
         U = block_dct(x, s)
         g = (U - block_dct(D_0, s)) / t_cur
-        c_U, c_g = a_next + gamma * (1 - a_cur), t_cur * (gamma * a_cur - a_next)
-        x_prop = block_idct(c_U * U + c_g * g, s) + s_noise * t_next * xi()            # Alg. 1: Euler proposal
+        c_U = a_next + gamma * (1 - a_cur)
+        c_g = t_cur * (gamma * a_cur - a_next)
+        x_prop = block_idct(c_U * U + c_g * g, s) + s_noise * t_next * xi()  # Alg. 1: Euler proposal
         D_1 = denoise(x_prop, t_next, class_labels).to(torch.float64)
         g_prime = (block_dct(x_prop, s) - block_dct(D_1, s)) / t_next
-        x = block_idct(c_U * U + c_g * (g + g_prime) / 2, s) + s_noise * t_next * xi()  # Alg. 1: 2nd order, fresh noise
+        # Alg. 1: 2nd order (the mean of both slopes), fresh noise
+        x = block_idct(c_U * U + c_g * (g + g_prime) / 2, s) + s_noise * t_next * xi()
     return x
 
 @torch.no_grad()
@@ -434,51 +441,7 @@ def train(args):
 #------------------------------------------------------------------------------
 # 6. Generation: stage one (EDM sampler) -> nearest upsampling -> stage two (blur sampler); one PNG per seed,
 #    identical for any --batch, any GPU count, and (for stage two) whether stage one ran now or came from --indir.
-
-def load_network(path, flag='--network', stage=None):
-    """EDMPrecond (EMA weights) from our snapshots or training states (relay_diffusion.py; patch_diffusion.py
-    --real_p=1 as a stage one), official EDM .pkl (path or URL) or official RDM .pt. `stage` ('edm' or 'blur'), if
-    given, is the stage the network must have been trained for. net.stage: the stage settings of our snapshots
-    (dict(precond, up_scale, ...)); None for official files, which do not record them."""
-    if is_official(path):
-        return load_official_network(path, flag)
-    path = latest_checkpoint(path, 'network-snapshot', flag)  # a run directory: its newest snapshot, named below
-    try:
-        ckpt = load_snapshot(path, flag, ['relay_diffusion', 'patch_diffusion'])
-    except UsageError:
-        raise
-    except UserError as ours:  # not loadable with weights_only: maybe an official RDM torch.save archive
-        try:
-            return load_official_network(path, flag)
-        except UserError as theirs:
-            raise UsageError(f'{flag}={path}: neither one of our snapshots ({one_line(ours).split(": ", 1)[-1]}) '
-                             f'nor an official network ({one_line(theirs).split(": ", 1)[-1]})') from None
-    if ckpt['method'] == 'patch_diffusion' and ckpt.get('precond', 'EDMPrecond') != 'EDMPrecond':
-        raise UsageError(f'{flag}={path}: a Patch Diffusion network with coordinate channels; only --real_p=1 '
-                         'snapshots (plain EDM) can serve as a first stage')
-    info = ckpt.get('stage', dict(precond='edm')) if ckpt['method'] == 'relay_diffusion' else dict(precond='edm')
-    if stage is not None and info['precond'] != stage:
-        want = 'a stage-one (--precond=edm)' if stage == 'edm' else 'a stage-two (--precond=blur)'
-        raise UsageError(f'{flag}={path}: a --precond={info["precond"]} network, but {flag} needs {want} network')
-    net = build_network(ckpt['net_kwargs'], flag, path, f'a {ckpt["method"]}.py snapshot')
-    load_weights(net, ckpt['ema'], path)
-    net.stage = info
-    return net
-
-def sampler_settings(args, trained_noise_norm=False):
-    """sample_images' first_settings and second_settings from generate's flags; --paper_noise_norm None = as the
-    stage-two network was trained."""
-    first = dict(num_steps=args.num_steps_first, sigma_min=args.sigma_min_first, sigma_max=args.sigma_max_first,
-                 rho=args.rho_first, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise,
-                 cfg_scale=args.cfg_scale_first)
-    if args.sde_scale_first:
-        first['sde_scale'] = args.sde_scale_first
-    norm = trained_noise_norm if args.paper_noise_norm is None else args.paper_noise_norm
-    second = dict(num_steps=args.num_steps_second, sigma_min=args.sigma_min_second, sigma_max=args.sigma_max_second,
-                  rho=args.rho_second, up_scale=args.up_scale_second, truncation_sigma=args.truncation_sigma_second,
-                  truncation_t=args.truncation_t_second, cfg_scale=args.cfg_scale_second, s_block=args.s_block_second,
-                  s_noise=args.s_noise_second, blur_sigma_max=args.blur_sigma_max_second, paper_noise_norm=norm)
-    return first, second
+#    The networks' reader (load_network) and the flags -> sampler settings map are in the Appendix.
 
 @torch.no_grad()
 def generate(args):
@@ -603,9 +566,54 @@ def main():
     run_main({'train': train, 'generate': generate}[args.command], args)
 
 #------------------------------------------------------------------------------
-# 8. Appendix: what a reader of the paper can skip: the checks of flag combinations, the dry run's dataset
-#    guess, the sample grid written during training, official-checkpoint reading, stage-one PNGs from disk, the
-#    official PNG post-processing.
+# 8. Appendix: what a reader of the paper can skip: the network reader and generate's sampler settings, the
+#    checks of flag combinations, the dry run's dataset guess, the run directory and the sample grid written
+#    during training, official-checkpoint reading, stage-one PNGs from disk, the official PNG post-processing.
+
+def load_network(path, flag='--network', stage=None):
+    """EDMPrecond (EMA weights) from our snapshots or training states (relay_diffusion.py; patch_diffusion.py
+    --real_p=1 as a stage one), official EDM .pkl (path or URL) or official RDM .pt. `stage` ('edm' or 'blur'), if
+    given, is the stage the network must have been trained for. net.stage: the stage settings of our snapshots
+    (dict(precond, up_scale, ...)); None for official files, which do not record them."""
+    if is_official(path):
+        return load_official_network(path, flag)
+    path = latest_checkpoint(path, 'network-snapshot', flag)  # a run directory: its newest snapshot, named below
+    try:
+        ckpt = load_snapshot(path, flag, ['relay_diffusion', 'patch_diffusion'])
+    except UsageError:
+        raise
+    except UserError as ours:  # not loadable with weights_only: maybe an official RDM torch.save archive
+        try:
+            return load_official_network(path, flag)
+        except UserError as theirs:
+            raise UsageError(f'{flag}={path}: neither one of our snapshots ({one_line(ours).split(": ", 1)[-1]}) '
+                             f'nor an official network ({one_line(theirs).split(": ", 1)[-1]})') from None
+    if ckpt['method'] == 'patch_diffusion' and ckpt.get('precond', 'EDMPrecond') != 'EDMPrecond':
+        raise UsageError(f'{flag}={path}: a Patch Diffusion network with coordinate channels; only --real_p=1 '
+                         'snapshots (plain EDM) can serve as a first stage')
+    info = ckpt.get('stage', dict(precond='edm')) if ckpt['method'] == 'relay_diffusion' else dict(precond='edm')
+    if stage is not None and info['precond'] != stage:
+        want = 'a stage-one (--precond=edm)' if stage == 'edm' else 'a stage-two (--precond=blur)'
+        raise UsageError(f'{flag}={path}: a --precond={info["precond"]} network, but {flag} needs {want} network')
+    net = build_network(ckpt['net_kwargs'], flag, path, f'a {ckpt["method"]}.py snapshot')
+    load_weights(net, ckpt['ema'], path)
+    net.stage = info
+    return net
+
+def sampler_settings(args, trained_noise_norm=False):
+    """sample_images' first_settings and second_settings from generate's flags; --paper_noise_norm None = as the
+    stage-two network was trained."""
+    first = dict(num_steps=args.num_steps_first, sigma_min=args.sigma_min_first, sigma_max=args.sigma_max_first,
+                 rho=args.rho_first, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise,
+                 cfg_scale=args.cfg_scale_first)
+    if args.sde_scale_first:
+        first['sde_scale'] = args.sde_scale_first
+    norm = trained_noise_norm if args.paper_noise_norm is None else args.paper_noise_norm
+    second = dict(num_steps=args.num_steps_second, sigma_min=args.sigma_min_second, sigma_max=args.sigma_max_second,
+                  rho=args.rho_second, up_scale=args.up_scale_second, truncation_sigma=args.truncation_sigma_second,
+                  truncation_t=args.truncation_t_second, cfg_scale=args.cfg_scale_second, s_block=args.s_block_second,
+                  s_noise=args.s_noise_second, blur_sigma_max=args.blur_sigma_max_second, paper_noise_norm=norm)
+    return first, second
 
 def parse_cres(s):
     """--cres: 1 to 16 channel multipliers, each 1 to 64."""
