@@ -547,8 +547,6 @@ def parse_args(argv=None):
     return parse_command_line(build_parser, argv)
 
 def main():
-    # NOTE: torch warns before refusing a raw pickle (its protocol); our one-line error says what the file is.
-    warnings.filterwarnings('ignore', message='Detected pickle protocol')
     args = parse_command_line(build_parser)
     run_main({'train': train, 'generate': generate, 'encode': encode}[args.command], args)
 
@@ -755,7 +753,9 @@ def load_vae(path_or_url):
             state_dict = read_safetensors(path)
         else:
             try:
-                state_dict = torch.load(path, map_location='cpu', weights_only=True)
+                with warnings.catch_warnings():  # torch's note on old pickle protocols would precede our one line
+                    warnings.simplefilter('ignore')
+                    state_dict = torch.load(path, map_location='cpu', weights_only=True)
             except Exception:  # torch's message would advise an unsafe load
                 raise UserError(f'{path}: {what} (neither safetensors nor a torch.save file of tensors)') from None
         if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):

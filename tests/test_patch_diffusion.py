@@ -399,15 +399,18 @@ def test_generate_hostile_input_one_line_exit_2_nothing_written(tmp_path, monkey
     assert all(w in err for w in words), err
     assert not list(tmp_path.iterdir())
 
-def test_raw_pickle_is_one_line_without_torch_warning(hostile_files, tmp_path):
+@pytest.mark.parametrize('argv, words', [(['generate', '--network={raw_pt}'], 'raw.pt: not a checkpoint of this project'),
+                                         (['train', '--data=demo-8', '--train_on_latents=1', '--vae={raw_pt}'],
+                                          'raw.pt: not a readable diffusers AutoencoderKL weights file')])
+def test_raw_pickle_is_one_line_without_torch_warning(hostile_files, tmp_path, argv, words):
     """torch warns (pickle protocol) before its weights-only loader refuses a raw pickle; the command line prints only
     its own line (in-process, pytest would capture the warning: hence a subprocess)."""
-    result = subprocess.run([sys.executable, str(ROOT / 'patch_diffusion.py'), 'generate',
-                             f'--network={hostile_files["raw_pt"]}', f'--outdir={tmp_path / "gen"}'],
-                            capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    argv = [a.format(**hostile_files) for a in argv] + [f'--outdir={tmp_path / "out"}']
+    result = subprocess.run([sys.executable, str(ROOT / 'patch_diffusion.py'), *argv], capture_output=True, text=True,
+                            timeout=120, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert result.returncode == 2 and result.stderr.startswith('error: ') and result.stderr.count('\n') == 1, \
         result.stderr
-    assert 'raw.pt: not a checkpoint of this project' in result.stderr and not (tmp_path / 'gen').exists()
+    assert words in result.stderr and not (tmp_path / 'out').exists()
 
 @pytest.mark.parametrize('fault', [OSError(28, 'No space left on device', 'gen/000000.png'),
                                    RuntimeError('DefaultCPUAllocator: can\'t allocate memory: you tried to allocate 1')])
