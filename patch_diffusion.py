@@ -71,7 +71,7 @@ PRESETS = {
     # Ours, about 8 CPU-minutes (one thread): the built-in 8x8 shapes, a 1.5M-parameter DDPM++, ~3,100 steps; long
     # enough that the samples show the two-tone background and the shape (docs/patch_diffusion.md, CPU demo).
     'demo':     dict(data='demo-8', arch='ddpmpp', cbase=32, cres=[1, 2], batch=32, lr=2e-3, lr_rampup=1, ema=0.005,
-                     dropout=0, duration=0.19, tick=20, snap=5, dump=5, real_p=0.5, workers=0),
+                     dropout=0, duration=0.19, tick=20, snap=2, dump=5, real_p=0.5, workers=0),
 }
 
 #------------------------------------------------------------------------------
