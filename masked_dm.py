@@ -140,7 +140,8 @@ class UViTEncoder(torch.nn.Module):
         for name, chans in families:
             self.add_module(name, PatchEmbed(chans, embed_dim, patch_size))
         self.num_patches = (img_size // patch_size) ** 2  # per family
-        self.embed_dim, self.num_classes = embed_dim, num_classes
+        self.embed_dim = embed_dim
+        self.num_classes = num_classes
         self.extras = 2 if num_classes else 1  # tokens before the patches: [label,] time
         if num_classes:  # official UViTEncoder: a class token; `uncond_embed` stands in when there is no label
             self.label_emb = torch.nn.Embedding(num_classes, embed_dim)  # PyTorch default init N(0, 1), as official
@@ -204,7 +205,10 @@ class MaskedUViT(torch.nn.Module):
         mlp_time_embed = False,     # Linear-SiLU-Linear on the time embedding (official `mlp_time_embed`)
     ):
         super().__init__()
-        self.img_size, self.in_chans, self.patch_size, self.dwt = img_size, in_chans, patch_size, dwt
+        self.img_size = img_size
+        self.in_chans = in_chans
+        self.patch_size = patch_size
+        self.dwt = dwt
         self.num_classes = num_classes
         # NOTE: v1 also allows a larger patch for the detail family (`scale`); its only config uses scale 1, as here.
         C = in_chans // 4 if dwt else in_chans  # image channels (v1 `data_chans`)
@@ -318,7 +322,8 @@ class GaussianDiffusion(torch.nn.Module):
     def __init__(self, beta_schedule='linear', timesteps=1000, **model_kwargs):
         super().__init__()
         self.model = MaskedUViT(**model_kwargs)
-        self.beta_schedule, self.num_timesteps = beta_schedule, timesteps
+        self.beta_schedule = beta_schedule
+        self.num_timesteps = timesteps
         self.register_buffer('alphas_cumprod', make_alphas_cumprod(beta_schedule, timesteps), persistent=False)
         self.amp_dtype = None
         for name in ('img_size', 'in_chans', 'dwt', 'num_patches', 'family_chans', 'patch_size', 'num_classes'):
@@ -406,13 +411,20 @@ def training_setup(args, world_size):
     net_kwargs = network_kwargs(args, R, C, dataset.label_dim)
     shape_net, keep = check_token_grid(args, R, net_kwargs)  # the network's shapes and one drawn mask
     batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
-    patches = sum(k.shape[1] for k in keep) if keep else shape_net.num_patches * len(shape_net.family_chans)
+    if keep is None:
+        patches = shape_net.num_patches * len(shape_net.family_chans)
+    else:
+        patches = sum(k.shape[1] for k in keep)  # the visible ones
     total_nimg = args.train_steps * args.batch if args.train_steps else int(args.duration * 1e6)
-    mask = 'full' if keep is None else f'{args.mask_type}{args.block_size if args.mask_type == "block" else ""}-' \
-        f'{args.crop_size if args.mask_type == "crop" else round(args.mask_ratio * 100)}'
-    info = dict(net_kwargs=net_kwargs, num_params=sum(w.numel() for w in shape_net.parameters()), mask=mask,
-                tokens=shape_net.model.encoder.extras + patches, batch_gpu=batch_gpu, rounds=rounds,
-                world_size=world_size, total_nimg=total_nimg, total_kimg=total_nimg / 1000)
+    info = dict(net_kwargs=net_kwargs,
+                num_params=sum(w.numel() for w in shape_net.parameters()),
+                mask=mask_name(args, keep),
+                tokens=shape_net.model.encoder.extras + patches,  # [label,] time, patches
+                batch_gpu=batch_gpu,
+                rounds=rounds,
+                world_size=world_size,
+                total_nimg=total_nimg,
+                total_kimg=total_nimg / 1000)
     return dataset, net_kwargs, info
 
 def train(args):
@@ -507,7 +519,10 @@ def generate(args):
     check_class(args.class_idx, net.num_classes)
     if args.cfg is not None and not net.num_classes:
         raise UsageError(f'--cfg={args.cfg} needs a class-conditional network')
-    what = f'DDIM {args.steps} steps, eta {args.eta:g}' if args.sampler == 'ddim' else 'ancestral DDPM, 1000 steps'
+    if args.sampler == 'ddim':
+        what = f'DDIM {args.steps} steps, eta {args.eta:g}'
+    else:
+        what = 'ancestral DDPM, 1000 steps'
     side = net.img_size * (2 if net.dwt else 1)
     print0(f'generating {len(args.seeds)} images of {side}x{side} ({what}) into {args.outdir}')
     with working(), tqdm(total=len(args.seeds), unit='img', disable=rank != 0) as bar:
@@ -865,6 +880,15 @@ def training_run(args, dataset, net_kwargs, info, device, state):
                        nosubdir=args.nosubdir, resume=args.resume, total_nimg=info['total_nimg'],
                        tick=args.tick, snap=args.snap, dump=args.dump, state=state, snapshot=snapshot,
                        grid=save_grid if args.grid else None, evaluate=evaluate)
+
+def mask_name(args, keep):
+    """The mask in the run directory's name and the banner: full, patch-90, block4-90, crop-5."""
+    if keep is None:
+        return 'full'
+    if args.mask_type == 'crop':
+        return f'crop-{args.crop_size}'
+    block = args.block_size if args.mask_type == 'block' else ''
+    return f'{args.mask_type}{block}-{round(args.mask_ratio * 100)}'
 
 def banner(args, dataset, info, device):
     """The run's first status line: data, network, tokens per image, schedule and batch layout."""
