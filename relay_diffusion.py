@@ -103,6 +103,8 @@ PRESETS = {
                                             ema=0.002, duration=0.003, tick=1, snap=100)),
 }
 
+# EDM's augmentation with probability --augment: train.py's CelebA/CIFAR set, as upstream.
+AUGMENT = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
 MIN_SCALE = 0.001            # blur multiplier floor m (hard-coded in the official blurring.py and loss.py)
 TRUNCATE_SIGMA = 7.5e-3      # lower sigma bound of stage-two training (official BlurLoss truncate_sigma)
 
@@ -396,11 +398,9 @@ def train(args):
     net, ema = network_and_ema(EDMPrecond(**net_kwargs), device, amp_dtype)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,  # EDM's optimizer
                                  fused=device.type == 'cuda')
-    augment_pipe = AugmentPipe(args.augment, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
-                               translate_frac=1) if args.augment else None  # EDM's CelebA/CIFAR setting, as upstream
+    augment_pipe = AugmentPipe(args.augment, **AUGMENT) if args.augment else None
     loss_fn = make_loss(args)
-    sample = metrics_sampler(args, ema, net_kwargs, device)  # --metrics: samples as `generate` makes them
-    evaluate = training_metrics(args, net_kwargs['img_resolution'], net_kwargs['img_channels'], device, sample)
+    evaluate = metrics_evaluate(args, ema, net_kwargs, device)  # --metrics: of samples as `generate` makes them
     grid = progress_grid(ema, args.grid, dataset, args.seed, device, loss_fn) if args.grid else None
     run = TrainingRun('relay_diffusion', vars(args), info, device, **run_options(args, world_size),
                       state=dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler),
@@ -751,10 +751,11 @@ def grid_path(args):
         return args.grid
     return os.path.join(os.path.dirname(os.path.abspath(args.outdir)), args.grid)
 
-def metrics_sampler(args, ema, net_kwargs, device):
-    """sample(seeds) for --metrics: what `generate` makes from this run's snapshots (the EMA weights) with its default
-    settings (the preset's, if it has them; --up_scale_second = --up-scale): stage one alone, or stage two relaying
-    --metrics-first's samples, checked to fit this run (resolution x --up-scale, channels, classes)."""
+def metrics_evaluate(args, ema, net_kwargs, device):
+    """TrainingRun's `evaluate` for --metrics (None without): fid.py's numbers of what `generate` makes from this
+    run's snapshots (the EMA weights) with its default settings (the preset's, if it has them; --up_scale_second =
+    --up-scale): stage one alone, or stage two relaying --metrics-first's samples, checked to fit this run
+    (resolution x --up-scale, channels, classes)."""
     if not args.metrics:
         return None
     g = build_parser(args.preset).parse_args(['generate', '--outdir=.', f'--up_scale_second={args.up_scale}'])
@@ -768,8 +769,11 @@ def metrics_sampler(args, ema, net_kwargs, device):
             raise UsageError(f'--metrics-first={args.metrics_first}: makes {first.img_resolution}x'
                              f'{first.img_resolution}x{first.img_channels} images with {first.label_dim} classes '
                              f'(x{args.up_scale} = {found[0]}); this run trains {R}x{R}x{C} with {label_dim} classes')
-    return lambda seeds: sample_images(ema, seeds, device, first, first_settings=first_settings,
-                                       second_settings=second_settings)
+
+    def sample(seeds):
+        return sample_images(ema, seeds, device, first, first_settings=first_settings,
+                             second_settings=second_settings)
+    return training_metrics(args, net_kwargs['img_resolution'], net_kwargs['img_channels'], device, sample)
 
 def one_line(e):
     return ' '.join(str(e).split())
