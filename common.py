@@ -503,15 +503,13 @@ class DhariwalUNet(torch.nn.Module):
         emb = F.silu(emb)
         return self.out_conv(F.silu(self.out_norm(encode_decode(self.enc, self.dec, x, emb))))
 
-# The backbones as EDM's train.py configures them (EDM Table 7): --arch=ddpmpp (VP), ncsnpp (VE), adm; adm256 is
-# ADM's 256x256 configuration (official RDM train.py).
+# The backbones as EDM's train.py configures them (EDM Table 7): --arch=ddpmpp (VP), ncsnpp (VE), adm.
 EDM_ARCHS = {
     'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
                    channel_mult_noise=1, resample_filter=[1, 1], model_channels=128, channel_mult=[2, 2, 2]),
     'ncsnpp': dict(model_type='SongUNet', embedding_type='fourier', encoder_type='residual', decoder_type='standard',
                    channel_mult_noise=2, resample_filter=[1, 3, 3, 1], model_channels=128, channel_mult=[2, 2, 2]),
     'adm':    dict(model_type='DhariwalUNet', model_channels=192, channel_mult=[1, 2, 3, 4]),
-    'adm256': dict(model_type='DhariwalUNet', model_channels=256, channel_mult=[1, 1, 2, 2, 4, 4], num_blocks=2),
 }
 
 def edm_backbone_kwargs(arch, cbase=None, cres=None, blocks=None):
@@ -940,16 +938,12 @@ def seed_batches(seeds, batch, rank, world_size):
     num = max((len(seeds) - 1) // (batch * world_size) + 1, 1) * world_size
     return [list(chunk) for chunk in np.array_split(np.asarray(seeds, dtype=np.int64), num)[rank::world_size]]
 
-def seed_labels(rng, label_dim, class_idx=None, device=None, seeds=None):
+def seed_labels(rng, label_dim, class_idx=None, device=None):
     """One-hot class labels of a batch of seeds (None without classes): `class_idx` for all, else drawn from each
-    seed's generator (EDM generate.py; drawn under `class_idx` too, so the seed's later draws do not change), or
-    with `seeds` given, the seed modulo the class count (official RDM generate_imagenet.py)."""
+    seed's generator (EDM generate.py; drawn under `class_idx` too, so the seed's later draws do not change)."""
     if not label_dim:
         return None
-    if seeds is not None:
-        index = torch.as_tensor(seeds, device=device) % label_dim
-    else:
-        index = rng.randint(label_dim, device=device)
+    index = rng.randint(label_dim, device=device)
     if class_idx is not None:
         index = torch.full_like(index, class_idx)
     return torch.eye(label_dim, device=device)[index]
@@ -1278,9 +1272,24 @@ def number(kind, low=None, high=None, low_open=False, inf=False):
     return parse
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block) and defaults shown in --help; its subcommands are Parsers too."""
+    """argparse with one-line errors (no usage block) and defaults shown in --help; its subcommands are Parsers too.
+    It keeps its subcommands (`subcommands`: name -> Parser) and each option's --spelling (`flags`: dest -> flag)."""
     def __init__(self, *args, **kwargs):
+        self.subcommands = {}
+        self.flags = {}  # before argparse adds -h
         super().__init__(*args, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+    def add_subparsers(self, **kwargs):
+        group = super().add_subparsers(**kwargs)
+        self.subcommands = group.choices  # filled by group.add_parser
+        return group
+
+    def add_argument(self, *names, **kwargs):
+        action = super().add_argument(*names, **kwargs)
+        long = [name for name in names if name.startswith('--')]
+        if long:
+            self.flags[action.dest] = long[0]
+        return action
 
     def error(self, message):
         self.exit(2, f'{self.prog}: error: {message}\n')
@@ -1317,7 +1326,7 @@ def parse_command_line(build_parser, argv=None):
                 check_no_later_states(args.resume)
         except UserError as e:
             parser.error(f'argument --resume: {e}')
-        train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices['train']
+        train = parser.subcommands['train']
         train.set_defaults(**{k: v for k, v in stored.items() if k not in ('command', 'resume', 'dry_run')})
         resume, args = args.resume, parser.parse_args(argv)
         args.resume = resume
@@ -1327,10 +1336,8 @@ def parse_command_line(build_parser, argv=None):
             args.nosubdir = False
         changed = [k for k, v in stored.items() if k not in RESUME_MAY_CHANGE and getattr(args, k) != v]
         if changed:
-            flag = {a.dest: next(o for o in a.option_strings if o.startswith('--')) for a in train._actions
-                    if any(o.startswith('--') for o in a.option_strings)}  # dest -> its --spelling
             parser.error(f'--resume={args.resume} continues a run with other options: ' + '; '.join(
-                f'{flag[k]}={getattr(args, k)} given, {stored[k]} in the training state' for k in changed) +
+                f'{train.flags[k]}={getattr(args, k)} given, {stored[k]} in the training state' for k in changed) +
                 ' (leave them out to continue that run, or start a new run)')
     if args.command == 'train' and getattr(args, 'data', '') is None:
         parser.error('--data is required (an EDM-format zip or folder, or demo)')
@@ -2065,36 +2072,10 @@ def official_network(data):
     return dict(class_name=(ema if model is None else model).name, precond=None if model is None else ema.name,
                 init_kwargs=kwargs, state_dict=_flatten(ema, '', {}))
 
-class _TorchZipUnpickler(SnapshotUnpickler):
-    """The same unpickler for torch.save zip archives (official RDM .pt files that pickle whole modules)."""
-    def __init__(self, file, archive, prefix):
-        super().__init__(file)
-        self.archive, self.prefix = archive, prefix
-
-    def find_class(self, module, name):
-        module = 'builtins' if module == '__builtin__' else module  # torch.save's protocol 2 uses Python 2 names
-        if module == 'torch' and name.endswith('Storage') and isinstance(getattr(torch, name, None), type):
-            return getattr(torch, name)  # torch.FloatStorage etc.: only its dtype is used
-        return super().find_class(module, name)
-
-    def persistent_load(self, pid):
-        _, storage_type, key, _, _ = pid  # ('storage', torch.FloatStorage, '0', 'cuda:0', numel)
-        data = torch.UntypedStorage.from_buffer(self.archive.read(f'{self.prefix}/data/{key}'), dtype=torch.uint8)
-        return torch.storage.TypedStorage(wrap_storage=data, dtype=storage_type.dtype, _internal=True)
-
-def _load_torch_zip(path):
-    with zipfile.ZipFile(path) as archive:
-        pkl = [n for n in archive.namelist() if n.endswith('/data.pkl')]
-        if not pkl:
-            raise ValueError('no data.pkl in the archive')
-        prefix = pkl[0].rsplit('/', 1)[0]
-        with warnings.catch_warnings():  # TypedStorage is deprecated, but it is what carries the dtype here
-            warnings.simplefilter('ignore', UserWarning)
-            return _TorchZipUnpickler(io.BytesIO(archive.read(pkl[0])), archive, prefix).load()
-
 def load_official(path_or_url, flag='--network'):
     """An official network, read without its source tree and without running code from the file: an EDM-format .pkl
-    snapshot (EDM, Patch Diffusion, GDD; path or URL) or a torch.save archive that pickles the module (RDM's .pt).
+    snapshot (EDM, Patch Diffusion, GDD; path or URL). relay_diffusion.py reads RDM's torch.save archives with the
+    same unpickler.
     Returns dict(class_name: the backbone, precond: its preconditioner or None, init_kwargs: the constructor's, with
     model_type, without use_fp16, state_dict: the EMA weights, 'model.enc.32x32_conv.weight'); EDMPrecond(**init_kwargs)
     loads the state_dict."""
@@ -2103,7 +2084,7 @@ def load_official(path_or_url, flag='--network'):
         raise UsageError(f'{flag}={path}: no such file')
     try:
         if zipfile.is_zipfile(path):
-            return official_network(_load_torch_zip(path))
+            raise ValueError('a torch.save archive, not an EDM-format pickle')
         with open(path, 'rb') as f:
             return official_network(SnapshotUnpickler(f).load())
     except Exception as e:
