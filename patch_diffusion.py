@@ -58,20 +58,20 @@ from common import (AugmentPipe, EDMLoss, EDMPrecond, Parser, PerSeedRNG, Traini
 # 1. Config. Presets hold the published hyperparameters; flags given on the command line override them. The
 #    backbones are EDM's (common.EDM_ARCHS: --arch=ddpmpp, ncsnpp, adm, as EDM's train.py).
 
+# Official README, "Train DDPM++ model for CelebA-64x64 using 8 GPUs"; the paper trains for 200 Mimg.
+CELEBA64 = dict(arch='ddpmpp', batch=256, cres=[1, 2, 2, 2], lr=2e-4, dropout=0.05, augment=0, real_p=0.5,
+                duration=200)
+
 PRESETS = {
-    # Official README, "Train DDPM++ model for CelebA-64x64 using 8 GPUs"; the paper trains for 200 Mimg.
-    'celeba64': dict(arch='ddpmpp', batch=256, cres=[1, 2, 2, 2], lr=2e-4, dropout=0.05, augment=0, real_p=0.5,
-                     duration=200),
+    'celeba64': CELEBA64,
     # NOTE: the paper gives no FFHQ/AFHQv2 command lines; we use the CelebA recipe, 75 Mimg for AFHQv2 (the
     # paper's small-data runs).
-    'ffhq64':   dict(arch='ddpmpp', batch=256, cres=[1, 2, 2, 2], lr=2e-4, dropout=0.05, augment=0, real_p=0.5,
-                     duration=200),
-    'afhqv264': dict(arch='ddpmpp', batch=256, cres=[1, 2, 2, 2], lr=2e-4, dropout=0.05, augment=0, real_p=0.5,
-                     duration=75),
+    'ffhq64':   CELEBA64,
+    'afhqv264': CELEBA64 | dict(duration=75),
     # Ours, about 8 CPU-minutes (one thread): the built-in 8x8 shapes, a 1.5M-parameter DDPM++, ~3,100 steps; long
     # enough that the samples show the two-tone background and the shape (docs/patch_diffusion.md, CPU demo).
-    'demo':     dict(data='demo-8', arch='ddpmpp', cbase=32, cres=[1, 2], batch=32, lr=2e-3, lr_rampup=1, ema=0.005,
-                     dropout=0, duration=0.19, tick=20, snap=2, dump=5, real_p=0.5, workers=0),
+    'demo':     dict(data='demo-8', arch='ddpmpp', cbase=32, cres=[1, 2], batch=32, lr=2e-3, lr_rampup=1,
+                     ema=0.005, dropout=0, duration=0.19, tick=20, snap=2, dump=5, real_p=0.5, workers=0),
 }
 
 #------------------------------------------------------------------------------
