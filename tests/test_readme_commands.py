@@ -191,14 +191,7 @@ RULES = [
 
 # Commands that fail as printed today (exact text: a doc edit makes the entry stale, which fails too). They are run
 # whatever the rules say; strict xfail: once fixed, the XPASS fails and tells you to delete the entry.
-XFAIL = {
-    ('README.md', 'python gdd.py train --preset=cifar10_gddi --data=datasets/cifar10-32x32.zip -n   # options and parameter counts, no teacher read'):
-        'the dry run stops on the missing dataset ("no such dataset"), though described as reading no data',
-    ('docs/gdd.md', 'python gdd.py train --preset=cifar10_gddi --data=datasets/cifar10-32x32.zip -n   # options and parameter counts, no teacher read'):
-        'the dry run stops on the missing dataset ("no such dataset"), though described as reading no data',
-    ('README.md', 'python fid.py score --images=out --data=demo-16'):
-        'error: out: no such dataset (no printed command writes out/ without a download)',
-}
+XFAIL = {}
 
 def classify(c):
     """(RUN, '') to run it, (SKIP, reason) to skip it, (None, why) when no rule matches; XFAIL entries run."""
