@@ -1937,7 +1937,10 @@ def save_checkpoint(obj, path):
         raise OSError(errno.ENOSPC if full else getattr(e, 'errno', None), reason, path) from None
 
 def remove_stale_temp_files(folder):
-    """Delete temp files that killed runs left behind (their process is gone)."""
+    """Delete temp files that killed runs left behind (their process is gone). Not on Windows, where signal 0 is
+    CTRL_C_EVENT rather than a question."""
+    if os.name == 'nt':
+        return
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         m = re.fullmatch(r'\..+\.tmp(\d+)', name)
         if m:
