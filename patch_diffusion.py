@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from common import (AugmentPipe, EDMLoss, EDMPrecond, Parser, PerSeedRNG, TrainingRun, UsageError, UserError,
+from common import (AugmentPipe, EDMPrecond, Parser, PerSeedRNG, TrainingRun, UsageError, UserError,
                     add_edm_train_flags, add_generate_flags, add_metric_flags, add_train_flags, check_class,
                     check_outdir, distributed_model, download, edm_backbone_kwargs, edm_sampler, ema_beta, get_rank,
                     get_world_size, init_distributed, is_official, learning_rate, load_official, load_snapshot,
@@ -162,15 +162,22 @@ def reduce_loss(loss, per_gpu_batch, batch_mul):
     patches. A 16x16 patch thus weighs 1/16 of a 64x64 image; the official code does this, not a per-pixel mean."""
     return loss.sum() / (per_gpu_batch * batch_mul)
 
-def patch_loss(net, loss_fn, images, labels, size, coords=True, augment_pipe=None):
-    """EDM loss on random crops (official `Patch_EDMLoss`): unreduced, shape [N, C, s, s]. The noise is added to the
-    image channels only; the coordinates go to the network clean. coords=False is plain EDM (real_p = 1). The
-    augmentation, if any, transforms the crop, not its coordinates (official code)."""
-    patches, pos = random_patches(images, size)
-    if not coords:
-        return loss_fn(net, patches, labels, augment_pipe)
-    return loss_fn(lambda x, sigma, labels, augment_labels=None: net(x, sigma, pos, labels, augment_labels), patches,
-                   labels, augment_pipe)
+# The paper's loss (official `Patch_EDMLoss`): EDM's loss on a random crop of each image, unreduced [N, C, s, s].
+# The noise goes to the image channels; the coordinates reach the network clean, and an augmentation transforms the
+# crop, not its coordinates (official code). coords=False (real_p = 1: an EDMPrecond) is EDM's loss exactly.
+def patch_loss(net, images, labels, size, coords=True, augment_pipe=None,
+               P_mean=-1.2, P_std=1.2, sigma_data=0.5):  # EDM Table 1 (common.EDMLoss's defaults)
+    patches, pos = random_patches(images, size)  # crops [N, C, s, s] and their coordinates [N, 2, s, s]
+    rnd_normal = torch.randn([patches.shape[0], 1, 1, 1], device=patches.device)
+    sigma = (rnd_normal * P_std + P_mean).exp()                          # EDM Table 1, p_train (log-normal)
+    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2  # EDM Table 1, lambda(sigma)
+    y, augment_labels = augment_pipe(patches) if augment_pipe is not None else (patches, None)
+    n = torch.randn_like(y) * sigma  # image channels only
+    if coords:
+        D_yn = net(y + n, sigma, pos, labels, augment_labels=augment_labels)  # pos clean, unscaled
+    else:
+        D_yn = net(y + n, sigma, labels, augment_labels=augment_labels)
+    return weight * (D_yn - y) ** 2  # EDM Eq. 2
 
 #------------------------------------------------------------------------------
 # 4. Sampler: EDM's Heun sampler over a full canvas, the coordinate grid attached at every call, optional CFG.
@@ -327,7 +334,7 @@ def train(args):
         snapshot=lambda: dict(precond=precond, net_kwargs=net_kwargs, ema=ema.state_dict(), vae=vae_weights),
         grid=args.grid and (lambda path: save_image_grid(sample_images(ema, range(args.grid), device, out_vae), path)),
         evaluate=evaluate)
-    ddp, loss_fn, coords = distributed_model(net, device, args.compile), EDMLoss(), precond == 'PatchPrecond'
+    ddp, coords = distributed_model(net, device, args.compile), precond == 'PatchPrecond'
     stream = run.data(dataset, batch_gpu, args.seed, args.workers)
     with run:
         print0(f'Patch Diffusion: {dataset.name} ({len(dataset)} images, {R}x{R}x{C}), {precond} {args.arch}, '
@@ -353,7 +360,7 @@ def train(args):
                 labels = torch.cat([f[1] for f in fetched]).to(device)
                 # The paper's loss (EDM's loss on random crops with coordinates), then backward.
                 with sync_if(ddp, r == rounds - 1):
-                    loss = patch_loss(ddp, loss_fn, images, labels, sizes[k], coords, augment_pipe)
+                    loss = patch_loss(ddp, images, labels, sizes[k], coords, augment_pipe)
                     run.add('loss', loss)
                     scaler.scale(reduce_loss(loss, batch_gpu * rounds, batch_mul[k]) * args.ls).backward()
             # Optimizer and EMA; the patch counter (patches per step, all ranks) drives kimg, lr, EMA and the end.

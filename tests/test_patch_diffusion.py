@@ -111,7 +111,7 @@ def test_coordinates_reach_the_unet_clean_and_image_channels_scaled():
     torch.manual_seed(1)
     images = torch.randn(6, 3, 8, 8) * 0.5
     torch.manual_seed(2)
-    pd.patch_loss(net, EDMLoss(), images, None, 4)
+    pd.patch_loss(net, images, None, 4)
     torch.manual_seed(2)  # replay the same draws by hand: offsets (rows, columns), sigma, noise
     i, j = torch.randint(0, 5, (6,)), torch.randint(0, 5, (6,))
     sigma = (torch.randn([6, 1, 1, 1]) * 1.2 - 1.2).exp()
@@ -126,7 +126,7 @@ def test_patch_loss_shape_and_unit_level_at_init():
     images = torch.randn(64, 3, 8, 8) * 0.5
     for s in (2, 4, 8):
         with torch.no_grad():
-            loss = pd.patch_loss(net, EDMLoss(), images, None, s)
+            loss = pd.patch_loss(net, images, None, s)
         assert loss.shape == (64, 3, s, s)
         assert loss.mean().item() == pytest.approx(1.0, abs=0.15)  # lambda c_out^2 = 1 and F ~ 0 at init
 
@@ -148,7 +148,7 @@ def test_real_p_1_is_plain_edm():
     net = pd.build_network(precond, kwargs)
     images = torch.randn(4, 3, 8, 8) * 0.5
     torch.manual_seed(5)
-    ours = pd.patch_loss(net, EDMLoss(), images, None, 8, coords=False)
+    ours = pd.patch_loss(net, images, None, 8, coords=False)
     torch.manual_seed(5)
     assert torch.equal(ours, EDMLoss()(net, images))
 
@@ -160,7 +160,7 @@ def test_overfits_one_batch_of_patches():
     losses = []
     for _ in range(150):
         torch.manual_seed(3)  # the same crops, sigma and noise every step: a deterministic objective
-        loss = pd.reduce_loss(pd.patch_loss(net, EDMLoss(), images, None, 4), 4, 1)
+        loss = pd.reduce_loss(pd.patch_loss(net, images, None, 4), 4, 1)
         opt.zero_grad()
         loss.backward()
         opt.step()
