@@ -315,3 +315,15 @@ def test_ddp_two_processes_equal_one(tmp_path):
         assert all(torch.allclose(g, p.grad, atol=1e-6, rtol=1e-4) for g, p in zip(grads, net.parameters()))
     w0, w1 = torch.load(tmp_path / 'weights0.pt'), torch.load(tmp_path / 'weights1.pt')
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+def test_imports_without_unix_only_modules():
+    """common.py imports on any OS: without `resource` and `os.getloadavg` (Windows) it imports and reports 0 memory."""
+    import subprocess
+    import sys
+    code = ('import sys, os; sys.modules["resource"] = None; del os.getloadavg; sys.path.insert(0, sys.argv[1]); '
+            'import common; print(common.peak_cpu_memory_gib()); common.init_distributed()')
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    env.pop('OMP_NUM_THREADS')  # the thread rule would call os.getloadavg
+    out = subprocess.run([sys.executable, '-c', code, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.split()[0] == '0.0', out.stderr
