@@ -32,6 +32,7 @@ The feature networks' ImageNet weights are data files (no download at run time):
 import argparse
 import json
 import math
+import os
 import warnings
 
 import torch
@@ -301,15 +302,23 @@ def with_flag(flag, load, *args):
     except UserError as e:
         raise UsageError(str(e) if str(e).startswith(flag) else f'{flag}={e}') from None
 
+def check_finite(state, where):
+    """Weights with NaN or inf (a diverged run, a damaged file) are refused in one line naming the file."""
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise UsageError(f'{where}: its weights hold NaN or inf ({bad[0]}; {len(bad)} tensors)')
+    return state
+
 def load_teacher(path):
     """(constructor kwargs, EMA weights) of an EDM denoiser: our snapshots of plain EDM training
     (patch_diffusion.py --real_p=1, relay_diffusion.py stage one) or an official EDM .pkl (path or URL)."""
     if is_official(path):
         official = with_flag('--transfer', load_official, path, '--transfer')
-        precond, kwargs, state = official['precond'], official['init_kwargs'], official['state_dict']
+        precond, kwargs = official['precond'], official['init_kwargs']
+        state = check_finite(official['state_dict'], f'--transfer={path}')
     else:
         ckpt = with_flag('--transfer', load_snapshot, path, '--transfer', ['patch_diffusion', 'relay_diffusion'])
-        precond, kwargs, state = ckpt['precond'], ckpt['net_kwargs'], ckpt['ema']
+        precond, kwargs, state = ckpt.get('precond', 'EDMPrecond'), ckpt['net_kwargs'], ckpt['ema']
         if (ckpt.get('stage') or {}).get('precond', 'edm') != 'edm':
             precond = 'relay_diffusion.py stage-two (--precond=blur)'
     if precond != 'EDMPrecond':
@@ -323,10 +332,14 @@ def generator_source(args, R, C, label_dim):
     flag, state = f'--transfer={args.transfer}', None
     if args.dry_run:
         kwargs = network_kwargs(args, R, C, label_dim)
-    elif args.resume:  # read by parse_command_line already; mmap: only what is used is read
+        levels = len(kwargs['channel_mult'])
+        if R % 2 ** (levels - 1):
+            raise UsageError(f'--cres={",".join(map(str, kwargs["channel_mult"]))}: a {levels}-level U-Net needs '
+                             f'image sides divisible by {2 ** (levels - 1)}; --data={args.data} has {R}x{R} images')
+    elif args.resume:  # a gdd.py training state (parse_command_line checked); mmap: only what is used is read
         flag, ckpt = f'--resume={args.resume}', torch.load(args.resume, 'cpu', weights_only=True, mmap=True)
-        if ckpt.get('method') != 'gdd':
-            raise UsageError(f'{flag}: a {ckpt.get("method")}.py training state; --resume takes one of gdd.py')
+        if 'net_kwargs' not in ckpt:
+            raise UsageError(f'{flag}: a gdd.py training state without "net_kwargs" (not written by gdd.py train)')
         kwargs = ckpt['net_kwargs']
     elif not args.transfer:
         raise UsageError('--transfer is required: the teacher (an EDM snapshot .pt or an official edm-*.pkl)')
@@ -396,6 +409,7 @@ def build_discriminator(names, seed, resolution, label_dim, weights, class_embed
         if not torch.is_tensor(table) or tuple(table.shape) != (1000, 320):
             raise UsageError(f'--class-embedding={class_embedding}: expected the [1000, 320] class embedding '
                              '(official in_embeddings/tf_efficientnet_lite0.pkl, converted to a tensor file)')
+        check_finite(dict(weight=table), f'--class-embedding={class_embedding}')
         for heads in D.heads.values():
             for head in heads:
                 head.embed.weight.data.copy_(table)
@@ -428,11 +442,22 @@ def print_header(args, dataset, info, amp_dtype, run_dir):
     print0(f'{info["batch_gpu"]} images x {info["rounds"]} rounds x {info["world_size"]} GPUs per step; run directory '
            f'{run_dir}')
 
+# The data of each paper preset's teacher (image side, classes when --cond): a dry run of a preset reads no dataset.
+PRESET_DATA = {'cifar10': (32, 10), 'afhqv264': (64, 0), 'ffhq64': (64, 0), 'imagenet64': (64, 1000)}
+
+def open_training_data(args):
+    """The dataset; in a dry run of a paper preset whose dataset is not there, its teacher's data shape (RGB)."""
+    data = next((v for k, v in PRESET_DATA.items() if (args.preset or '').startswith(k + '_')), None)
+    if args.dry_run and data and not os.path.exists(args.data):
+        name = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
+        return argparse.Namespace(name=name, resolution=data[0], num_channels=3, label_dim=data[1] if args.cond else 0)
+    return open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
+
 def training_setup(args, world_size):
     """Everything checked before a file is written: (dataset, generator kwargs, teacher weights, run info)."""
     if args.fp16:
         raise UsageError('--fp16 is not supported: GDD trains in bf16 (upstream\'s --fp16=True means bf16); use --bf16')
-    dataset, names = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip), parse_backbone(args.backbone)
+    dataset, names = open_training_data(args), parse_backbone(args.backbone)
     R, C, label_dim = dataset.resolution, dataset.num_channels, dataset.label_dim
     if C not in (1, 3):
         raise UsageError(f'--data={args.data}: {C}-channel images; the feature networks take RGB or grey')
@@ -505,7 +530,7 @@ def load_network(path):
             raise UsageError(f'--network={path}: a {official["precond"]} network, not a one-step GDD generator '
                              '(GDDPrecond); sample EDM teachers with patch_diffusion.py generate')
         net = GDDPrecond(**official['init_kwargs'])
-        net.load_state_dict(official['state_dict'])
+        load_weights(net, check_finite(official['state_dict'], f'--network={path}'), f'--network={path}')
         return net
     ckpt = with_flag('--network', load_snapshot, path, '--network', ['gdd'])
     net = GDDPrecond(**ckpt['net_kwargs'])
@@ -540,6 +565,13 @@ def parse_backbone(value):
                                          f'numbers) or a comma list of {", ".join(TRUNKS)}')
     return names
 
+def parse_cres(s):
+    """--cres: 1 to 16 channel multipliers, each 1 to 64."""
+    cres = parse_int_list(s)
+    if not 1 <= len(cres) <= 16 or not all(1 <= c <= 64 for c in cres):
+        raise argparse.ArgumentTypeError(f'expected 1 to 16 channel multipliers from 1 to 64, e.g. 1,2,2; got {s!r}')
+    return cres
+
 def backbone(value):
     parse_backbone(value)
     return value  # kept as typed: the training options (and a resume's comparison) see the flag's own value
@@ -558,14 +590,16 @@ def build_parser(preset=None):
                    'the blocks\' 3x3 convs and attention proj; 2 = also attention qkv; 3 = also the blocks\' skips')
     t.add_argument('--arch', choices=['ddpmpp', 'ncsnpp', 'adm'], default='ncsnpp', help='teacher architecture for '
                    '`train -n` (a run uses the teacher\'s)')
-    t.add_argument('--cres', type=parse_int_list, default=None, metavar='LIST', help='channel multipliers for '
+    t.add_argument('--cres', type=parse_cres, default=None, metavar='LIST', help='channel multipliers for '
                    '`train -n`; None = the arch\'s')
-    t.add_argument('--dlr', type=number(float, 0, low_open=True), default=1e-4, metavar='FLOAT',
+    t.add_argument('--dlr', type=number(float, 0, 1, low_open=True), default=1e-4, metavar='FLOAT',
                    help='discriminator lr before the lazy-R1 correction x interval / (interval + 1)')
-    t.add_argument('--r1-gamma', type=number(float, 0), default=1e-4, metavar='FLOAT', help='R1 weight; 0 = no R1')
-    t.add_argument('--r1-interval', type=number(int, 1), default=16, metavar='INT', help='steps between lazy R1 steps')
-    t.add_argument('--gan-weight', type=number(float, 0), default=1, metavar='FLOAT', help='weight of G\'s adversarial '
-                   'loss (1; 0 only for tests)')
+    t.add_argument('--r1-gamma', type=number(float, 0, 1e4), default=1e-4, metavar='FLOAT',
+                   help='R1 weight; 0 = no R1')
+    t.add_argument('--r1-interval', type=number(int, 1, 10**6), default=16, metavar='INT',
+                   help='steps between lazy R1 steps')
+    t.add_argument('--gan-weight', type=number(float, 0, 1e3), default=1, metavar='FLOAT',
+                   help='weight of G\'s adversarial loss (1; 0 only for tests)')
     t.add_argument('--backbone', type=backbone, default='1', metavar='0|1|3|LIST', help='feature networks: official '
                    'numbers (0 DeiT+EffNet, 1 VGG+EffNet, 3 EffNet) or a comma list of vgg16_bn, '
                    'tf_efficientnet_lite0, deit_base_distilled_patch16_224')
@@ -573,17 +607,18 @@ def build_parser(preset=None):
                    'files of the feature networks in --backbone order (torchvision/timm .pth); random = untrained, '
                    'PyTorch\'s default init; random-he = untrained, He-normal fan-out convs (timm/torchvision init); '
                    'demos only')
-    t.add_argument('--feature-res', type=number(int, 1), default=224, metavar='INT', help='side the images are resized '
-                   'to for the feature networks (official 224; smaller only for CPU tests/demos, heads then follow '
-                   'upstream\'s native-size rule)')
+    t.add_argument('--feature-res', type=number(int, 32, 1024), default=224, metavar='INT',
+                   help='side the images are resized to for the feature networks (official 224; smaller only for '
+                   'CPU tests/demos, heads then follow upstream\'s native-size rule)')
     t.add_argument('--d-pass', choices=['separate', 'joint'], default='separate', help='fakes and reals through D in '
                    'separate passes (upstream) or one (BatchNorm statistics shared; CPU demos)')
-    t.add_argument('--head-width', type=number(int, 1), default=None, metavar='INT', help='cap on the channel widths '
-                   'of the discriminator heads (CPU demos); None = upstream\'s widths (up to 2048)')
+    t.add_argument('--head-width', type=number(int, 1, 2048), default=None, metavar='INT',
+                   help='cap on the channel widths of the discriminator heads (CPU demos); None = upstream\'s widths '
+                   '(up to 2048)')
     t.add_argument('--class-embedding', default=None, metavar='PT|random', help='[1000, 320] class table of the '
                    'conditional heads (official in_embeddings/tf_efficientnet_lite0.pkl as a tensor file); '
                    'None/random = N(0, 1) (upstream rand_embedding)')
-    t.add_argument('--grid', type=number(int, 0), default=64, metavar='INT', help='one-step samples in the grid '
+    t.add_argument('--grid', type=number(int, 0, 1024), default=64, metavar='INT', help='one-step samples in the grid '
                    'written with each snapshot; 0 = none')
     add_metric_flags(t)
     t.set_defaults(**PRESETS.get(preset, {}))
@@ -593,8 +628,8 @@ def build_parser(preset=None):
     add_generate_flags(g, edm_sampler=False)
     g.add_argument('--class', dest='class_idx', type=int, default=None, metavar='INT',
                    help='class label; None = random')
-    g.add_argument('--sigma_max', type=number(float, 0, low_open=True), default=SIGMA_MAX, metavar='FLOAT',
-                   help='the noise level of the one step')
+    g.add_argument('--sigma_max', type=number(float, 0, 1e3, low_open=True), default=SIGMA_MAX, metavar='FLOAT',
+                   help='the noise level of the one step (the generator was trained at 80)')
     return parser
 
 def main():
@@ -879,6 +914,7 @@ def load_trunk(trunk, name, path):
         first = (missing or extra or shapes)[0]
         raise UsageError(f'--feature-weights={path}: not the {name} weights ({WEIGHT_FILES[name]}): {first} '
                          f'({len(missing)} missing, {len(extra)} extra, {len(shapes)} shapes differ)')
+    check_finite({k: state[k] for k in own if k in state}, f'--feature-weights={path}')
     trunk.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
 
 if __name__ == '__main__':

@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -293,6 +294,15 @@ def test_official_gdd_pickle_loads(tmp_path):
     write_persistence_pickle(tmp_path / 'edm.pkl', dict(ema=teacher), dict(img_resolution=8, img_channels=3, **TINY))
     with pytest.raises(UserError, match='not a one-step GDD generator'):
         gdd.load_network(str(tmp_path / 'edm.pkl'))
+    with torch.no_grad():  # non-finite official weights: one line naming the file, generator and teacher alike
+        net.model.enc['8x8_conv'].weight[0] = math.nan
+        teacher.model.enc['8x8_conv'].weight[0] = math.inf
+    write_persistence_pickle(tmp_path / 'nan.pkl', dict(ema=net), init_kwargs)
+    write_persistence_pickle(tmp_path / 'inf.pkl', dict(ema=teacher), dict(img_resolution=8, img_channels=3, **TINY))
+    with pytest.raises(UserError, match=r'--network=.*nan.pkl: its weights hold NaN or inf \(model.enc.8x8_conv'):
+        gdd.load_network(str(tmp_path / 'nan.pkl'))
+    with pytest.raises(UserError, match=r'--transfer=.*inf.pkl: its weights hold NaN or inf'):
+        gdd.load_teacher(str(tmp_path / 'inf.pkl'))
 
 #------------------------------------------------------------------------------
 # Losses (official training/loss.py, GDDLoss) and optimizers (training_loop.py).
@@ -583,8 +593,17 @@ def files(tmp_path_factory):
                        stage=dict(precond='blur', up_scale=2), ema=net.state_dict()),
         masked=save('masked.pt', method='masked_dm', net_kwargs=dict(img_size=8, in_chans=3), ema={}),
         gdd=save('gdd.pt', method='gdd', precond='GDDPrecond', net_kwargs=gdd.generator_kwargs(kwargs),
-                 ema=G.state_dict()),
-        text=str(d / 'notes.txt') if (d / 'notes.txt').write_text('not a checkpoint') else None)
+                 ema=G.state_dict(), args=dict(data='demo-8')),
+        text=str(d / 'notes.txt') if (d / 'notes.txt').write_text('not a checkpoint') else None,
+        empty=str(d / 'empty.pt') if (d / 'empty.pt').write_bytes(b'') == 0 else None,
+        raw_pickle=str(d / 'raw.pt') if (d / 'raw.pt').write_bytes(pickle.dumps(dict(ema={}))) else None,
+        folder=str(d / 'folder') if (d / 'folder').mkdir() is None else None,
+        gdd_nan=save('gdd-nan.pt', method='gdd', precond='GDDPrecond', net_kwargs=gdd.generator_kwargs(kwargs),
+                     ema={k: v * math.nan if v.is_floating_point() else v for k, v in G.state_dict().items()}),
+        teacher_nan=save('teacher-nan.pt', method='patch_diffusion', precond='EDMPrecond', net_kwargs=kwargs,
+                         ema={k: v * math.inf for k, v in net.state_dict().items()}),
+        relay_state=save('relay-state.pt', method='relay_diffusion', args=dict(data='demo-8'), net_kwargs=kwargs,
+                         ema=net.state_dict(), net=net.state_dict(), optimizer={}))
 
 BASE = ['train', '--data=demo-8', '--batch=4', '--feature-weights=random', '--backbone=tiny', '--feature-res=32',
         '--workers=0', '--nosubdir']
@@ -606,7 +625,9 @@ CLI_ERRORS = [
     ('transfer_absent', lambda t, f: train_argv(t, f, transfer=None), 2, ['--transfer is required']),
     ('transfer_wrong_labels', lambda t, f: train_argv(t, f, '--cond=1'), 2, ['--transfer=', '0 classes', '--cond']),
     ('feature_res_7', lambda t, f: train_argv(t, f, '--backbone=tf_efficientnet_lite0', '--feature-res=7'), 2,
-     ['--feature-res=7', 'tf_efficientnet_lite0']),
+     ['--feature-res', '7', '>= 32']),
+    ('feature_res_48', lambda t, f: train_argv(t, f, '--backbone=tf_efficientnet_lite0', '--feature-res=48'), 2,
+     ['--feature-res=48', 'tf_efficientnet_lite0']),
     ('feature_res_deit', lambda t, f: train_argv(t, f, '--backbone=0'), 2, ['--feature-res=32', 'DeiT']),
     ('feature_weights_count', lambda t, f: train_argv(t, f, '--feature-weights=a.pth,b.pth'), 2,
      ['--feature-weights', '2 file(s) for 1']),
@@ -636,6 +657,38 @@ CLI_ERRORS = [
     ('generate_class_uncond', lambda t, f: gen_argv(t, f, '--class=3'), 2, ['--class=3', '0 classes']),
     ('generate_sigma_max_zero', lambda t, f: gen_argv(t, f, '--sigma_max=0'), 2, ['--sigma_max', '0']),
     # train --metrics: a bad metric flag is one line before anything is written (issue 22)
+    # hostile input (issue 24): every number finite and within a range that means something; any file of the wrong
+    # kind named in one line
+    ('dlr_inf', lambda t, f: train_argv(t, f, '--dlr=inf'), 2, ['--dlr', 'not a finite number']),
+    ('dlr_huge', lambda t, f: train_argv(t, f, '--dlr=1e9'), 2, ['--dlr', '<= 1']),
+    ('r1_gamma_huge', lambda t, f: train_argv(t, f, '--r1-gamma=1e300'), 2, ['--r1-gamma', 'out of range']),
+    ('r1_interval_huge', lambda t, f: train_argv(t, f, '--r1-interval=99999999999'), 2, ['--r1-interval', 'range']),
+    ('gan_weight_nan', lambda t, f: train_argv(t, f, '--gan-weight=nan'), 2, ['--gan-weight', 'not a finite']),
+    ('head_width_huge', lambda t, f: train_argv(t, f, '--head-width=99999999'), 2, ['--head-width', '<= 2048']),
+    ('feature_res_huge', lambda t, f: train_argv(t, f, '--feature-res=100000'), 2, ['--feature-res', '<= 1024']),
+    ('grid_huge', lambda t, f: train_argv(t, f, '--grid=100000000'), 2, ['--grid', '<= 1024']),
+    ('cres_zero', lambda t, f: train_argv(t, f, '--cres=0', '-n'), 2, ['--cres', 'channel multipliers']),
+    ('cres_too_deep', lambda t, f: train_argv(t, f, '--cres=1,2,2,2,2', '-n'), 2, ['--cres=1,2,2,2,2', '8x8']),
+    ('transfer_folder', lambda t, f: train_argv(t, f, transfer='folder'), 2, ['--transfer=', 'folder without']),
+    ('transfer_empty', lambda t, f: train_argv(t, f, transfer='empty'), 2, ['--transfer=', 'empty.pt', 'truncated']),
+    ('transfer_raw_pickle', lambda t, f: train_argv(t, f, transfer='raw_pickle'), 2, ['--transfer=', 'raw.pt']),
+    ('transfer_nan', lambda t, f: train_argv(t, f, transfer='teacher_nan'), 2, ['--transfer=', 'NaN or inf']),
+    ('feature_weights_empty', lambda t, f: train_argv(t, f, f'--feature-weights={f["empty"]}'), 2,
+     ['--feature-weights=', 'empty.pt']),
+    ('resume_relay_state', lambda t, f: train_argv(t, f, f'--resume={f["relay_state"]}'), 2,
+     ['--resume', 'relay_diffusion.py training state']),
+    ('resume_gdd_snapshot', lambda t, f: train_argv(t, f, f'--resume={f["gdd"]}'), 2,
+     ['--resume', 'network snapshot, not a training state']),
+    ('resume_raw_pickle', lambda t, f: train_argv(t, f, f'--resume={f["raw_pickle"]}'), 2, ['--resume', 'raw.pt']),
+    ('generate_network_folder', lambda t, f: gen_argv(t, f, network='folder'), 2, ['--network=', 'folder without']),
+    ('generate_network_empty', lambda t, f: gen_argv(t, f, network='empty'), 2, ['--network=', 'empty.pt']),
+    ('generate_network_raw_pickle', lambda t, f: gen_argv(t, f, network='raw_pickle'), 2, ['--network=', 'raw.pt']),
+    ('generate_network_nan', lambda t, f: gen_argv(t, f, network='gdd_nan'), 2, ['--network=', 'NaN or inf']),
+    ('generate_network_masked_dm', lambda t, f: gen_argv(t, f, network='masked'), 2, ['--network=', 'masked_dm.py']),
+    ('generate_network_relay_state', lambda t, f: gen_argv(t, f, network='relay_state'), 2,
+     ['--network=', 'relay_diffusion.py']),
+    ('generate_sigma_max_huge', lambda t, f: gen_argv(t, f, '--sigma_max=1e300'), 2, ['--sigma_max', '<= 1000']),
+    ('generate_sigma_max_nan', lambda t, f: gen_argv(t, f, '--sigma_max=nan'), 2, ['--sigma_max', 'not a finite']),
     ('metrics_bogus', lambda t, f: train_argv(t, f, '--metrics=bogus'), 2, ['--metrics', 'bogus']),
     ('metrics_fid_without_ref', lambda t, f: train_argv(t, f, '--metrics=fid10k_full'), 2, ['--metrics-ref']),
     ('metrics_ref_missing', lambda t, f: train_argv(t, f, '--metrics=fid10k_full', f'--metrics-ref={t}/missing.npz'),
@@ -728,6 +781,21 @@ def test_dry_run_counts_without_teacher(capsys):
     assert options['lr_rampup'] == 0
     gdd.train(parse(['train', '--data=demo-32', '-n']))  # no preset: still no warm-up
     assert json.loads(capsys.readouterr().out)['lr_rampup'] == 0
+
+def test_dry_run_of_a_preset_reads_no_dataset(tmp_path, capsys, monkeypatch):
+    """`train --preset=cifar10_gddi --data=datasets/cifar10-32x32.zip -n` (README) without the dataset: the
+    preset's teacher data (32x32 RGB, 10 classes with --cond) gives the counts; nothing is read or written."""
+    monkeypatch.chdir(tmp_path)
+    gdd.train(parse(['train', '--preset=cifar10_gddi', '--data=datasets/cifar10-32x32.zip', '-n']))
+    options = json.loads(capsys.readouterr().out)
+    assert options['parameters']['total'] == 56_395_523 and options['net_kwargs']['img_resolution'] == 32
+    gdd.train(parse(['train', '--preset=cifar10_cond_gddi', '--data=datasets/cifar10-32x32.zip', '-n']))
+    assert json.loads(capsys.readouterr().out)['parameters']['total'] == 56_398_339  # label_dim 10
+    gdd.train(parse(['train', '--preset=imagenet64_gddi', '--data=datasets/imagenet-64x64.zip', '-n']))
+    assert json.loads(capsys.readouterr().out)['parameters']['trainable'] == 62_833_347  # ADM, 1000 classes
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UserError, match='no such dataset'):  # without a preset the data must be there
+        gdd.train(parse(['train', '--data=datasets/cifar10-32x32.zip', '-n']))
 
 def read_pngs(folder):
     return {p.name: np.array(PIL.Image.open(p)) for p in sorted(Path(folder).rglob('*.png'))}
