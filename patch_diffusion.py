@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from common import (AugmentPipe, EDMPrecond, Parser, PerSeedRNG, TrainingRun, UsageError, UserError,
+from common import (AugmentPipe, EDMPrecond, Parser, PerSeedRNG, TrainingRun, UsageError, UserError, print_options,
                     add_edm_train_flags, add_generate_flags, add_metric_flags, add_train_flags, check_class,
                     check_outdir, distributed_model, download, edm_backbone_kwargs, edm_sampler, ema_beta, get_rank,
                     get_world_size, init_distributed, is_official, learning_rate, load_official, load_snapshot,
@@ -73,6 +73,8 @@ PRESETS = {
     'demo':     dict(data='demo-8', arch='ddpmpp', cbase=32, cres=[1, 2], batch=32, lr=2e-3, lr_rampup=1,
                      ema=0.005, dropout=0, duration=0.19, tick=20, snap=2, dump=5, real_p=0.5, workers=0),
 }
+
+AUGMENT = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)  # EDM train.py's geometric set
 
 #------------------------------------------------------------------------------
 # 2. Backbone: EDM's U-Net with two more input channels, fed by a preconditioner that appends the coordinates.
@@ -224,160 +226,81 @@ def sample_images(net, seeds, device, vae=None, resolution=None, image_size=None
 
 #------------------------------------------------------------------------------
 # 5. Training loop (official training/training_loop.py): each optimizer step is `rounds` micro-batches, each of
-#    one patch size drawn per micro-batch and rank, with batch_mul[k] times the images of a full-size one.
+#    one patch size drawn per micro-batch and rank, with batch_mul[k] times the images of a full-size one. The data
+#    readers, the checks and the run's plumbing (VAE, run directory, grid, metrics) are in the Appendix.
 
-def open_training_data(args):
-    """(dataset, vae, R, C): what each step fetches, the VAE that encodes it every step (None for pixels and for
-    pre-encoded moments), and the resolution and channels of what the network sees (latents of 256x256 images
-    through the SD VAE: 32 and 4). A dry run reads no weights (the SD kl-f8 VAE is assumed) and, for latents, no
-    images: a dataset that is not there is taken as 256x256 RGB, with ImageNet's 1000 classes if --cond."""
-    if os.path.isfile(os.path.join(args.data, 'moments.npy')):
-        if not args.train_on_latents:
-            raise UsageError(f'--data={args.data}: pre-encoded latents (patch_diffusion.py encode); '
-                             'train with --train_on_latents=1')
-        dataset = LatentDataset(args.data, use_labels=args.cond, xflip=args.xflip)
-        return dataset, None, dataset.resolution, dataset.num_channels
-    if args.dry_run and args.train_on_latents and not os.path.exists(args.data):
-        name = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
-        dataset = types.SimpleNamespace(name=name, resolution=256, num_channels=3, label_dim=1000 if args.cond else 0)
-    else:
-        dataset = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
-    if not args.train_on_latents:
-        return dataset, None, dataset.resolution, dataset.num_channels
-    if args.dry_run:
-        with torch.device('meta'):
-            vae = AutoencoderKL()
-    else:
-        vae = load_vae(args.vae or SD_VAE_URL)
-    if dataset.resolution % vae.factor or dataset.num_channels != vae.encoder.conv_in.in_channels:
-        raise UsageError(f'{args.data}: {dataset.resolution}x{dataset.resolution}x{dataset.num_channels} images; the '
-                         f'VAE takes {vae.encoder.conv_in.in_channels} channels and sides divisible by {vae.factor}')
-    return dataset, vae, dataset.resolution // vae.factor, vae.post_quant_conv.in_channels
-
-def check_patch_sizes(precond, net_kwargs, sizes, pmf):
-    """Every drawn patch size must pass the U-Net's downsampling; returns the parameter count."""
-    with torch.device('meta'):  # the network's shape only, nothing allocated
-        net = build_network(precond, net_kwargs)
-    multiple = size_multiple(net)
-    bad = [s for s, p in zip(sizes, pmf) if p > 0 and (s % multiple or s < multiple)]
-    if bad:
-        raise UsageError(f'patch size {bad[0]} (of {sizes} for {sizes[-1]}x{sizes[-1]} images) is not a multiple of '
-                         f'{multiple}, which this {len(net_kwargs["channel_mult"])}-level U-Net needs; use fewer '
-                         'levels (--cres) or --real_p=1')
-    return sum(p.numel() for p in net.parameters())
-
-def device_memory(device):
-    """Bytes of memory on `device` (a GPU's, or this machine's RAM); None where the OS does not say."""
-    if device.type == 'cuda':
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    except (AttributeError, ValueError, OSError):
-        return None
-
-def check_run(args, num_params, mul_avg, device):
-    """Refuse, before anything is written, a network whose weights, EMA, gradients and Adam moments (5 x float32 per
-    parameter) cannot fit in the device's memory, and a run of more than 10^9 optimizer steps, which would never end."""
-    need, have = 20 * num_params, device_memory(device)
-    if have and need > have:
-        raise UsageError(f'a network of {num_params:,} parameters (--arch, --cbase, --cres) needs {need / 2**30:,.1f} '
-                         f'GiB for its weights, EMA, gradients and Adam moments; {device} has {have / 2**30:,.1f} GiB')
-    steps = args.duration * 1e6 / (args.batch * mul_avg)
-    if steps > 1e9:
-        raise UsageError(f'--duration={args.duration:g} Mimg at --batch={args.batch} is {steps:.3g} optimizer steps: '
-                         'a run that would never end; train for fewer Mimg or with a larger batch')
-
-def metric_options(args, dataset, vae, R, C):
-    """(options, resolution, channels) of `train --metrics`, which score pixels: a latent run's samples decoded by
-    `vae`; for pre-encoded latents toy_fd compares them with the images they were encoded from (dataset.json's
-    source), which must still be there."""
-    if not args.train_on_latents or not args.metrics:
-        return args, R, C
-    source = getattr(dataset, 'info', {}).get('source', args.data)
-    if 'toy_fd' in args.metrics and not (re.fullmatch(r'demo(-\d+)?', str(source)) or os.path.exists(source)):
-        raise UsageError(f'--metrics=toy_fd: {args.data} holds pre-encoded latents and toy_fd scores the decoded '
-                         f'images against the images they were encoded from, {source}, which are not there; use fid*')
-    return argparse.Namespace(**dict(vars(args), data=source)), R * vae.factor, vae.decoder.conv_out.out_channels
-
-def train(args):
-    device, rank, world_size = init_distributed(), get_rank(), get_world_size()
-    amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
+def training_setup(args, world_size):
+    """(dataset, net_kwargs, info): the data, the network's arguments and what the run records besides its flags
+    (the preconditioner, the parameter count, the patch schedule, the batch split; latent runs: the latent shape
+    and the VAE). Every flag that depends on the data is checked here, before anything is written."""
     dataset, vae, R, C = open_training_data(args)
     batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
     sizes, pmf, batch_mul = patch_schedule(R, args.real_p, args.train_on_latents)
     mul_avg = float(np.dot(pmf, batch_mul))  # expected multiplier: 1.9 at p = 0.5 (latent: 1.5)
-    precond, net_kwargs = precond_class(args.real_p), network_kwargs(args, R, C, dataset.label_dim)
-    vae_weights = (args.vae or getattr(dataset, 'info', {}).get('vae') or SD_VAE_URL) if args.train_on_latents else None
+    precond = precond_class(args.real_p)
+    net_kwargs = network_kwargs(args, R, C, dataset.label_dim)
     num_params = check_patch_sizes(precond, net_kwargs, sizes, pmf)
-    check_run(args, num_params, mul_avg, device)
-    info = dict(precond_class=precond, net_kwargs=net_kwargs, num_params=num_params, patch_sizes=sizes, patch_pmf=pmf,
-                batch_mul=batch_mul, batch_mul_avg=mul_avg, batch_gpu=batch_gpu, rounds=rounds, world_size=world_size,
-                **latent_info(args, dataset, vae, vae_weights, C, R))
+    check_run(args, num_params, mul_avg)
+    check_metric_data(args, dataset)
+    info = dict(precond_class=precond, net_kwargs=net_kwargs, num_params=num_params,
+                patch_sizes=sizes, patch_pmf=pmf, batch_mul=batch_mul, batch_mul_avg=mul_avg,
+                batch_gpu=batch_gpu, rounds=rounds, world_size=world_size)
+    return dataset, net_kwargs, info | latent_info(args, dataset, vae, R, C)
+
+def train(args):
+    device = init_distributed()
+    rank = get_rank()
+    amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
+    world_size = get_world_size()
+    dataset, net_kwargs, info = training_setup(args, world_size)
     if args.dry_run:
-        return print0(json.dumps(dict(vars(args), **info), indent=2))
-    vae = vae and vae.to(device)  # frozen, float32 (official); None for pixels and pre-encoded moments
-    out_vae = vae or (load_vae(vae_weights).to(device) if vae_weights and (args.grid or args.metrics) else None)
+        print_options(args, info)
+        return
+    vae = training_vae(args, info, device)  # latent runs: encodes each batch, decodes the samples
     torch.manual_seed(args.seed)
-    net, ema = network_and_ema(build_network(precond, net_kwargs), device, amp_dtype)
+    net, ema = network_and_ema(build_network(info['precond_class'], net_kwargs), device, amp_dtype)
     ema.amp_dtype = None  # it samples (grid, metrics) in float32, as generate samples a snapshot
-    evaluate = training_metrics(*metric_options(args, dataset, out_vae, R, C), device,
-                                lambda seeds: sample_images(ema, seeds, device, out_vae))  # generate's defaults
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,  # EDM's optimizer
                                  fused=device.type == 'cuda')
-    augment_pipe = AugmentPipe(p=args.augment, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1,
-                               translate_frac=1) if args.augment else None  # EDM train.py's geometric set
-    run = TrainingRun('patch_diffusion', vars(args), info, device, outdir=args.outdir, nosubdir=args.nosubdir,
-        desc=run_desc(dataset.name, 'cond' if args.cond else 'uncond', args.arch, 'edm' if precond == 'EDMPrecond' else
-                      'pedm', world_size=world_size, batch=args.batch, fp16=args.fp16, bf16=args.bf16, desc=args.desc),
-        resume=args.resume, total_nimg=args.duration * 1e6, tick=args.tick, snap=args.snap, dump=args.dump,
-        state=dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler),
-        snapshot=lambda: dict(precond=precond, net_kwargs=net_kwargs, ema=ema.state_dict(), vae=vae_weights),
-        grid=args.grid and (lambda path: save_image_grid(sample_images(ema, range(args.grid), device, out_vae), path)),
-        evaluate=evaluate)
-    ddp, coords = distributed_model(net, device, args.compile), precond == 'PatchPrecond'
+    augment_pipe = AugmentPipe(p=args.augment, **AUGMENT) if args.augment else None
+    run = training_run(args, dataset, info, ema, vae, device, dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler))
+    # NOTE: 1x1 convolutions on 1x1 maps (small patches) get weight gradients whose size-1 dims carry other strides
+    # than the parameter's: the same memory layout, but DDP compares strides literally and warns at every step.
+    warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
+    ddp = distributed_model(net, device, args.compile)
+    batch_gpu, rounds = info['batch_gpu'], info['rounds']
     stream = run.data(dataset, batch_gpu, args.seed, args.workers)
+    sizes, pmf, batch_mul = info['patch_sizes'], info['patch_pmf'], info['batch_mul']
+    coords = info['precond_class'] == 'PatchPrecond'  # real_p = 1: plain EDM, no coordinate channels
+    encoder = vae if info.get('encoding') == 'per step' else None  # None: pixels, or pre-encoded moments
     with run:
-        print0(f'Patch Diffusion: {dataset.name} ({len(dataset)} images, {R}x{R}x{C}), {precond} {args.arch}, '
-               f'{info["num_params"]:,} parameters, device {device}, {world_size} process(es); patch sizes {sizes} '
-               f'with probabilities {[round(p, 3) for p in pmf]} and batch multipliers {batch_mul} (average '
-               f'{mul_avg:g}); {batch_gpu} images x {rounds} rounds x {world_size} GPUs per step; run directory '
-               f'{run.dir}; training to {args.duration * 1000:g} kimg (patch counter)')
-        if args.train_on_latents:
-            print0(f'latents {C}x{R}x{R} (x {LATENT_SCALE}) of {info["image_resolution"]}-pixel images, '
-                   f'{info["encoding"]}, VAE {vae_weights}')
+        print0(banner(args, dataset, info, device, run.dir))
         while not run.done:
             rng = reseed(args.seed, rank, run.cur_nimg)  # this step's randomness: a resumed run replays it
             optimizer.zero_grad(set_to_none=True)
             if args.progressive:
                 k = progressive_index((run.cur_nimg // 1000) / (args.duration * 1000), pmf)
             for r in range(rounds):
-                # Fetch data: one patch size per micro-batch (stochastic schedule, paper Eq. 5), batch_mul[k] images.
+                # Fetch data: one patch size per micro-batch (stochastic schedule, paper Eq. 5), batch_mul[k] images
                 if not args.progressive:
                     k = int(rng.choice(len(sizes), p=pmf))
                 fetched = [next(stream) for _ in range(batch_mul[k])]
                 x = torch.cat([f[0] for f in fetched]).to(device)
-                images = latents_from(x, vae) if args.train_on_latents else x.to(torch.float32) / 127.5 - 1
+                images = latents_from(x, encoder) if args.train_on_latents else x.to(torch.float32) / 127.5 - 1
                 labels = torch.cat([f[1] for f in fetched]).to(device)
-                # The paper's loss (EDM's loss on random crops with coordinates), then backward.
                 with sync_if(ddp, r == rounds - 1):
+                    # The paper's loss: EDM's loss on random crops with their coordinates
                     loss = patch_loss(ddp, images, labels, sizes[k], coords, augment_pipe)
                     run.add('loss', loss)
+                    # Backward: the sum over each patch, the mean over this GPU's patches (reduce_loss)
                     scaler.scale(reduce_loss(loss, batch_gpu * rounds, batch_mul[k]) * args.ls).backward()
-            # Optimizer and EMA; the patch counter (patches per step, all ranks) drives kimg, lr, EMA and the end.
-            nimg = args.batch * (batch_mul[k] if args.progressive else mul_avg)
+            # Optimizer and EMA; the patch counter (patches per step, all ranks) drives kimg, lr, EMA and the end
+            nimg = args.batch * (batch_mul[k] if args.progressive else info['batch_mul_avg'])
             optimizer_step(optimizer, scaler, learning_rate(args.lr, run.cur_nimg, args.lr_rampup))
             update_ema(ema, net, ema_beta(run.cur_nimg, nimg, args.ema * 1000))
-            run.end_step(nimg)  # tick: status line, snapshots, training states
+            # Tick: status line, snapshots, training states, metrics
+            run.end_step(nimg)
         print0(f'done: {run.dir}')
-
-def latent_info(args, dataset, vae, vae_weights, C, R):
-    """What a latent run records in its options: the latent shape, the encoding and the VAE's size."""
-    if not args.train_on_latents:
-        return {}
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return dict(vae=vae_weights, latent_shape=[C, R, R], encoding='per step' if vae else 'pre-encoded',
-                image_resolution=dataset.resolution if vae else dataset.info.get('image_resolution'),
-                vae_params=vae and dict(total=count(vae), encoder=count(vae.encoder), decoder=count(vae.decoder)))
 
 #------------------------------------------------------------------------------
 # 6. Generation: one PNG per seed, identical for any --batch and any number of GPUs.
@@ -879,6 +802,156 @@ def encode(args):
             array.flush()
     torch.distributed.barrier()
     print0('done')
+
+#------------------------------------------------------------------------------
+# 8b. Appendix: the training run's plumbing. What train() reads (pixels, latents encoded now, or pre-encoded
+#     moments), the checks of flags against the data and the machine, the VAE, the run directory, the sample grid,
+#     --metrics and the status line at the start.
+
+def open_training_data(args):
+    """(dataset, vae, R, C): what each step fetches, the VAE that encodes it every step (None for pixels and for
+    pre-encoded moments), and the resolution and channels of what the network sees (latents of 256x256 images
+    through the SD VAE: 32 and 4). A dry run reads no weights (the SD kl-f8 VAE is assumed) and, for latents, no
+    images: a dataset that is not there is taken as 256x256 RGB, with ImageNet's 1000 classes if --cond."""
+    if os.path.isfile(os.path.join(args.data, 'moments.npy')):
+        if not args.train_on_latents:
+            raise UsageError(f'--data={args.data}: pre-encoded latents (patch_diffusion.py encode); '
+                             'train with --train_on_latents=1')
+        dataset = LatentDataset(args.data, use_labels=args.cond, xflip=args.xflip)
+        return dataset, None, dataset.resolution, dataset.num_channels
+    if args.dry_run and args.train_on_latents and not os.path.exists(args.data):
+        name = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
+        dataset = types.SimpleNamespace(name=name, resolution=256, num_channels=3, label_dim=1000 if args.cond else 0)
+    else:
+        dataset = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
+    if not args.train_on_latents:
+        return dataset, None, dataset.resolution, dataset.num_channels
+    if args.dry_run:
+        with torch.device('meta'):
+            vae = AutoencoderKL()
+    else:
+        vae = load_vae(args.vae or SD_VAE_URL)
+    if dataset.resolution % vae.factor or dataset.num_channels != vae.encoder.conv_in.in_channels:
+        raise UsageError(f'{args.data}: {dataset.resolution}x{dataset.resolution}x{dataset.num_channels} images; the '
+                         f'VAE takes {vae.encoder.conv_in.in_channels} channels and sides divisible by {vae.factor}')
+    return dataset, vae, dataset.resolution // vae.factor, vae.post_quant_conv.in_channels
+
+def check_patch_sizes(precond, net_kwargs, sizes, pmf):
+    """Every drawn patch size must pass the U-Net's downsampling; returns the parameter count."""
+    with torch.device('meta'):  # the network's shape only, nothing allocated
+        net = build_network(precond, net_kwargs)
+    multiple = size_multiple(net)
+    bad = [s for s, p in zip(sizes, pmf) if p > 0 and (s % multiple or s < multiple)]
+    if bad:
+        raise UsageError(f'patch size {bad[0]} (of {sizes} for {sizes[-1]}x{sizes[-1]} images) is not a multiple of '
+                         f'{multiple}, which this {len(net_kwargs["channel_mult"])}-level U-Net needs; use fewer '
+                         'levels (--cres) or --real_p=1')
+    return sum(p.numel() for p in net.parameters())
+
+def device_memory(device):
+    """Bytes of memory on `device` (a GPU's, or this machine's RAM); None where the OS does not say."""
+    if device.type == 'cuda':
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    except (AttributeError, ValueError, OSError):
+        return None
+
+def check_run(args, num_params, mul_avg):
+    """Refuse, before anything is written, a network whose weights, EMA, gradients and Adam moments (5 x float32 per
+    parameter) cannot fit in the device's memory, and a run of more than 10^9 optimizer steps, which would never end."""
+    cuda = torch.cuda.is_available()  # init_distributed made this process's GPU the current one
+    device = torch.device('cuda', torch.cuda.current_device()) if cuda else torch.device('cpu')
+    need = 20 * num_params
+    have = device_memory(device)
+    if have and need > have:
+        raise UsageError(f'a network of {num_params:,} parameters (--arch, --cbase, --cres) needs {need / 2**30:,.1f} '
+                         f'GiB for its weights, EMA, gradients and Adam moments; {device} has {have / 2**30:,.1f} GiB')
+    steps = args.duration * 1e6 / (args.batch * mul_avg)
+    if steps > 1e9:
+        raise UsageError(f'--duration={args.duration:g} Mimg at --batch={args.batch} is {steps:.3g} optimizer steps: '
+                         'a run that would never end; train for fewer Mimg or with a larger batch')
+
+def metrics_source(args, dataset):
+    """The images `train --metrics` scores against: --data, or for pre-encoded latents the images they were encoded
+    from (dataset.json's source), which toy_fd needs to be there."""
+    source = getattr(dataset, 'info', {}).get('source', args.data)
+    return source
+
+def check_metric_data(args, dataset):
+    """toy_fd on pre-encoded latents scores the decoded samples against the images the latents were encoded from
+    (dataset.json's source): they must still be there."""
+    if not args.train_on_latents or 'toy_fd' not in args.metrics:
+        return
+    source = metrics_source(args, dataset)
+    if not (re.fullmatch(r'demo(-\d+)?', str(source)) or os.path.exists(source)):
+        raise UsageError(f'--metrics=toy_fd: {args.data} holds pre-encoded latents and toy_fd scores the decoded '
+                         f'images against the images they were encoded from, {source}, which are not there; use fid*')
+
+def latent_info(args, dataset, vae, R, C):
+    """What a latent run records in its options: the VAE's weights, the latent shape, the encoding and the VAE's
+    size."""
+    if not args.train_on_latents:
+        return {}
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return dict(vae=args.vae or getattr(dataset, 'info', {}).get('vae') or SD_VAE_URL, latent_shape=[C, R, R],
+                encoding='per step' if vae else 'pre-encoded',
+                image_resolution=dataset.resolution if vae else dataset.info.get('image_resolution'),
+                vae_params=vae and dict(total=count(vae), encoder=count(vae.encoder), decoder=count(vae.decoder)))
+
+def training_vae(args, info, device):
+    """A latent run's SD VAE, frozen, float32 (official), on `device`: it encodes every batch (unless the data are
+    pre-encoded moments) and decodes the samples of the grid and --metrics. None for pixels, and for pre-encoded
+    moments without a grid or metrics."""
+    if not args.train_on_latents:
+        return None
+    if info['encoding'] == 'pre-encoded' and not (args.grid or args.metrics):
+        return None
+    return load_vae(info['vae']).to(device)
+
+def training_run(args, dataset, info, ema, vae, device, state):
+    """train()'s TrainingRun: the run directory (EDM's name for it), resume, length, ticks and saves; the snapshot
+    content; the sample grid and --metrics, which sample the EMA as `generate` does (its defaults; latents decoded
+    by `vae`) and score pixels."""
+    precond = info['precond_class']
+    desc = run_desc(dataset.name, 'cond' if args.cond else 'uncond', args.arch,
+                    'edm' if precond == 'EDMPrecond' else 'pedm', world_size=info['world_size'], batch=args.batch,
+                    fp16=args.fp16, bf16=args.bf16, desc=args.desc)
+
+    def snapshot():
+        return dict(precond=precond, net_kwargs=info['net_kwargs'], ema=ema.state_dict(), vae=info.get('vae'))
+
+    def sample(seeds):
+        return sample_images(ema, seeds, device, vae)
+
+    def grid(path):
+        save_image_grid(sample(range(args.grid)), path)
+
+    R, C = info['net_kwargs']['img_resolution'], info['net_kwargs']['img_channels']
+    metric_args = args
+    if args.train_on_latents and args.metrics:  # the decoded pixels, scored against the encoded images
+        metric_args = argparse.Namespace(**dict(vars(args), data=metrics_source(args, dataset)))
+        R, C = R * vae.factor, vae.decoder.conv_out.out_channels
+    evaluate = training_metrics(metric_args, R, C, device, sample)
+    return TrainingRun('patch_diffusion', vars(args), info, device, outdir=args.outdir, desc=desc,
+                       nosubdir=args.nosubdir, resume=args.resume, total_nimg=args.duration * 1e6, tick=args.tick,
+                       snap=args.snap, dump=args.dump, state=state, snapshot=snapshot,
+                       grid=grid if args.grid else None, evaluate=evaluate)
+
+def banner(args, dataset, info, device, run_dir):
+    """The run's first lines: the data, the network, the patch schedule, the batch split, where it goes."""
+    R, C = info['net_kwargs']['img_resolution'], info['net_kwargs']['img_channels']
+    pmf = [round(p, 3) for p in info['patch_pmf']]
+    text = (f'Patch Diffusion: {dataset.name} ({len(dataset)} images, {R}x{R}x{C}), {info["precond_class"]} '
+            f'{args.arch}, {info["num_params"]:,} parameters, device {device}, {info["world_size"]} process(es); '
+            f'patch sizes {info["patch_sizes"]} with probabilities {pmf} and batch multipliers {info["batch_mul"]} '
+            f'(average {info["batch_mul_avg"]:g}); {info["batch_gpu"]} images x {info["rounds"]} rounds x '
+            f'{info["world_size"]} GPUs per step; run directory {run_dir}; training to {args.duration * 1000:g} kimg '
+            '(patch counter)')
+    if args.train_on_latents:
+        text += (f'\nlatents {C}x{R}x{R} (x {LATENT_SCALE}) of {info["image_resolution"]}-pixel images, '
+                 f'{info["encoding"]}, VAE {info["vae"]}')
+    return text
 
 if __name__ == '__main__':
     main()

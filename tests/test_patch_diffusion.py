@@ -215,7 +215,8 @@ def test_counter_errors_and_dry_run(tmp_path, capsys):
         pd.train(pd.parse_args(TRAIN + ['--cres=1,2,2']))
     capsys.readouterr()
     pd.train(pd.parse_args(TRAIN + ['--dry-run']))
-    assert json.loads(capsys.readouterr().out)['batch_mul_avg'] == pytest.approx(1.9)
+    out = capsys.readouterr().out  # the options as JSON, then the parameter count
+    assert json.loads(out[out.index('{'):out.rindex('}') + 1])['batch_mul_avg'] == pytest.approx(1.9)
     # Progressive schedule: the first 20% of training uses the smallest patches, counted with their multiplier (4).
     run_train(tmp_path / 'p', '--duration=0.0001', '--progressive=1')
     stats = [json.loads(line) for line in open(tmp_path / 'p' / 'stats.jsonl')]

@@ -222,7 +222,8 @@ def test_seed_commands_dry_run_without_data_or_weights(num_params, tmp_path, cap
     monkeypatch.setattr(pd, 'download', lambda *a: pytest.fail('a dry run must not download'))
     monkeypatch.chdir(tmp_path)                                   # the datasets are not there
     pd.train(pd.parse_args(['train', *SEED_COMMANDS[num_params].split(), '-n']))
-    options = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr().out  # the options as JSON, then the parameter count
+    options = json.loads(out[out.index('{'):out.rindex('}') + 1])
     assert options['num_params'] == num_params and options['net_kwargs']['img_channels'] == 4
     assert options['latent_shape'] == [4, 32, 32] and options['patch_sizes'] == [16, 32] and options['batch_mul_avg'] == 1.5
     assert options['vae_params'] == dict(total=83_653_863, encoder=34_163_592, decoder=49_490_179)
