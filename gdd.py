@@ -54,38 +54,36 @@ from common import (EDMPrecond, Parser, PerSeedRNG, TrainingRun, UNetBlock, Usag
 #    differ only in --freeze. The flag defaults are train.sh's too: --tick=25 --snap=10 --dropout=0 --lr-rampup=0
 #    --r1-gamma=1e-4 --r1-interval=16. Teachers: the official EDM checkpoints named in each comment.
 
+# The flags train.sh gives every run, then per dataset (the same for AFHQv2 and FFHQ).
+TRAIN_SH = dict(batch=256, ema=0.5, bf16=True, seed=42)
+CIFAR10 = TRAIN_SH | dict(arch='ncsnpp', backbone='1', lr=1e-4, dlr=1e-4, duration=5)
+CIFAR10_COND = CIFAR10 | dict(cond=True)
+AFHQ_FFHQ64 = TRAIN_SH | dict(arch='ncsnpp', cres=[1, 2, 2, 2], backbone='0', lr=2e-5, dlr=4e-5, duration=10)
+IMAGENET64 = TRAIN_SH | dict(arch='adm', cond=True, backbone='0', batch=512, lr=8e-6, dlr=4e-5, duration=10,
+                             ema=50)
+
 PRESETS = {
     # CIFAR-10 unconditional, teacher edm-cifar10-32x32-uncond-ve.pkl, VGG16-BN + EfficientNet-lite0 (--backbone=1)
-    'cifar10_gdd':       dict(arch='ncsnpp', backbone='1', batch=256, lr=1e-4, dlr=1e-4, duration=5, ema=0.5,
-                              bf16=True, seed=42, freeze=0),
-    'cifar10_gddi':      dict(arch='ncsnpp', backbone='1', batch=256, lr=1e-4, dlr=1e-4, duration=5, ema=0.5,
-                              bf16=True, seed=42, freeze=1),
+    'cifar10_gdd': CIFAR10 | dict(freeze=0),
+    'cifar10_gddi': CIFAR10 | dict(freeze=1),
     # CIFAR-10 conditional, teacher edm-cifar10-32x32-cond-ve.pkl
-    'cifar10_cond_gdd':  dict(arch='ncsnpp', cond=True, backbone='1', batch=256, lr=1e-4, dlr=1e-4, duration=5,
-                              ema=0.5, bf16=True, seed=42, freeze=0),
-    'cifar10_cond_gddi': dict(arch='ncsnpp', cond=True, backbone='1', batch=256, lr=1e-4, dlr=1e-4, duration=5,
-                              ema=0.5, bf16=True, seed=42, freeze=1),
+    'cifar10_cond_gdd': CIFAR10_COND | dict(freeze=0),
+    'cifar10_cond_gddi': CIFAR10_COND | dict(freeze=1),
     # AFHQv2 64x64, teacher edm-afhqv2-64x64-uncond-ve.pkl, DeiT-B/16-distilled + EfficientNet-lite0 (--backbone=0)
-    'afhqv264_gdd':      dict(arch='ncsnpp', cres=[1, 2, 2, 2], backbone='0', batch=256, lr=2e-5, dlr=4e-5,
-                              duration=10, ema=0.5, bf16=True, seed=42, freeze=0),
-    'afhqv264_gddi':     dict(arch='ncsnpp', cres=[1, 2, 2, 2], backbone='0', batch=256, lr=2e-5, dlr=4e-5,
-                              duration=10, ema=0.5, bf16=True, seed=42, freeze=1),
+    'afhqv264_gdd': AFHQ_FFHQ64 | dict(freeze=0),
+    'afhqv264_gddi': AFHQ_FFHQ64 | dict(freeze=1),
     # FFHQ 64x64, teacher edm-ffhq-64x64-uncond-ve.pkl
-    'ffhq64_gdd':        dict(arch='ncsnpp', cres=[1, 2, 2, 2], backbone='0', batch=256, lr=2e-5, dlr=4e-5,
-                              duration=10, ema=0.5, bf16=True, seed=42, freeze=0),
-    'ffhq64_gddi':       dict(arch='ncsnpp', cres=[1, 2, 2, 2], backbone='0', batch=256, lr=2e-5, dlr=4e-5,
-                              duration=10, ema=0.5, bf16=True, seed=42, freeze=1),
+    'ffhq64_gdd': AFHQ_FFHQ64 | dict(freeze=0),
+    'ffhq64_gddi': AFHQ_FFHQ64 | dict(freeze=1),
     # ImageNet 64x64 conditional, teacher edm-imagenet-64x64-cond-adm.pkl
-    'imagenet64_gdd':    dict(arch='adm', cond=True, backbone='0', batch=512, lr=8e-6, dlr=4e-5, duration=10,
-                              ema=50, bf16=True, seed=42, freeze=0),
-    'imagenet64_gddi':   dict(arch='adm', cond=True, backbone='0', batch=512, lr=8e-6, dlr=4e-5, duration=10,
-                              ema=50, bf16=True, seed=42, freeze=1),
+    'imagenet64_gdd': IMAGENET64 | dict(freeze=0),
+    'imagenet64_gddi': IMAGENET64 | dict(freeze=1),
     # Ours, CPU demo (about 7 CPU-minutes): GDD-I on the 8x8 shapes from patch_diffusion.py's demo teacher, with
     # RANDOM feature networks (EfficientNet-lite0 at 32 px, He-normal), heads capped at 64 channels, one D pass for
     # fakes and reals (docs/gdd.md, CPU demo: why), 960 iterations: the machinery, not the paper's quality.
-    'demo':              dict(data='demo-8', backbone='3', feature_weights='random-he', feature_res=32, head_width=64,
-                              d_pass='joint', batch=16, lr=1e-3, dlr=1e-3, duration=0.01536, tick=1.6, snap=100,
-                              dump=100, freeze=1, workers=0),
+    'demo': dict(data='demo-8', backbone='3', feature_weights='random-he', feature_res=32, head_width=64,
+                 d_pass='joint', batch=16, lr=1e-3, dlr=1e-3, duration=0.01536, tick=1.6, snap=100, dump=100,
+                 freeze=1, workers=0),
 }
 
 # Feature networks of the discriminator by the official --backbone numbers (train.py): 0 DeiT + EfficientNet,
