@@ -45,7 +45,7 @@ from common import (EDMPrecond, Parser, PerSeedRNG, TrainingRun, UNetBlock, Usag
                     add_generate_flags, add_metric_flags, add_train_flags, check_class, check_outdir, distributed_model,
                     edm_backbone_kwargs, ema_beta, get_rank, get_world_size, init_distributed, is_official,
                     learning_rate, load_checkpoint, load_official, load_snapshot, load_weights, network_and_ema,
-                    number, open_dataset, optimizer_step, parse_command_line, parse_int_list, print0, reseed, run_desc,
+                    number, open_dataset, optimizer_step, parse_command_line, parse_int_list, print0, print_options, reseed, run_desc,
                     run_main, save_image_grid, save_seed_images, seed_batches, seed_labels, setup_precision,
                     split_batch, sync_if, training_metrics, update_ema, working)
 
@@ -88,7 +88,7 @@ PRESETS = {
 
 # Feature networks of the discriminator by the official --backbone numbers (train.py): 0 DeiT + EfficientNet,
 # 1 VGG + EfficientNet, 3 EfficientNet only; the networks themselves are in the appendix.
-BACKBONES = {'0': ['deit_base_distilled_patch16_224', 'tf_efficientnet_lite0'],
+FEATURE_NETWORK_SETS = {'0': ['deit_base_distilled_patch16_224', 'tf_efficientnet_lite0'],
              '1': ['vgg16_bn', 'tf_efficientnet_lite0'], '3': ['tf_efficientnet_lite0']}
 
 #------------------------------------------------------------------------------
@@ -141,6 +141,14 @@ def frozen_names(net, level=1):
                 if getattr(module, part, None) is not None:
                     names += [f'{prefix}.{part}.{n}' for n, _ in getattr(module, part).named_parameters()]
     return names
+
+def freeze(net, level):
+    """GDD-I: no gradients for the parameters frozen_names(net, level) lists, set before DDP wraps the network (frozen
+    tensors are then not its parameters); returns their names."""
+    frozen = frozen_names(net, level)
+    for name, p in net.named_parameters():
+        p.requires_grad_(name not in frozen)
+    return frozen
 
 def parameter_counts(net, frozen):
     total, frozen = sum(p.numel() for p in net.parameters()), set(frozen)
@@ -293,6 +301,209 @@ def sample_images(net, seeds, device, class_idx=None, sigma_max=SIGMA_MAX):
 # 5. Training loop (official training/training_loop.py): per step `rounds` real micro-batches per rank, then the
 #    G step, the D step and every --r1-interval steps the lazy R1 step, each an Adam step of its own.
 
+def training_setup(args, world_size):
+    """(dataset, generator kwargs, info): every flag checked against the data and the teacher before a file is
+    written (the checks and file readers are in the appendix); `info` is what setup resolved, recorded in
+    training_options.json."""
+    if args.fp16:
+        raise UsageError('--fp16 is not supported: GDD trains in bf16 (upstream\'s --fp16=True means bf16); use --bf16')
+    dataset = open_training_data(args)
+    names = parse_feature_networks(args.backbone)
+    R = dataset.resolution
+    C = dataset.num_channels
+    if C not in (1, 3):
+        raise UsageError(f'--data={args.data}: {C}-channel images; the feature networks take RGB or grey')
+    batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
+    net_kwargs = generator_source(args, R, C, dataset.label_dim)
+    counts = check_and_count(net_kwargs, names, args.freeze, args.feature_res, dataset.label_dim, args.head_width)
+    info = dict(net_kwargs=net_kwargs, feature_networks=names, parameters=counts, batch_gpu=batch_gpu,
+                rounds=rounds, world_size=world_size)
+    return dataset, net_kwargs, info
+
+def build_generator(args, net_kwargs):
+    """G: the teacher's architecture and EMA weights (--transfer); with --resume, TrainingRun loads the training
+    state's weights instead."""
+    net = GDDPrecond(**net_kwargs)
+    if args.resume:
+        return net
+    return init_from_teacher(net, load_teacher(args.transfer)[1], f'--transfer={args.transfer}')
+
+def snapshot_content(args, net_kwargs, ema, names):
+    """What a network snapshot holds besides the common entries: the generator and how it was trained."""
+    random = {'random': 'RANDOM (demo only)', 'random-he': 'RANDOM-HE (demo only)'}
+    return dict(precond='GDDPrecond', net_kwargs=net_kwargs, ema=ema.state_dict(), freeze=args.freeze,
+                feature_networks=names, feature_weights=random.get(args.feature_weights, args.feature_weights))
+
+def train(args):
+    device = init_distributed()
+    dataset, net_kwargs, info = training_setup(args, get_world_size())
+    if args.dry_run:  # the --arch/--cres architecture; the teacher is not read
+        print_options(args, info)
+        return
+    amp_dtype, scaler = setup_precision(False, args.bf16 and device.type == 'cuda', args.tf32, device)  # as upstream
+    net, ema = network_and_ema(build_generator(args, net_kwargs), device, amp_dtype)
+    ema.amp_dtype = None  # it samples (grid, metrics) in float32, as generate samples a snapshot
+    frozen = freeze(net, args.freeze)  # GDD-I
+    features, D = build_discriminator(info['feature_networks'], args.seed, args.feature_res, dataset.label_dim,
+                                      args.feature_weights, args.class_embedding, args.head_width)
+    features, D = features.to(device), D.to(device)
+    opt_G, opt_D = build_optimizers(net, D, frozen, args.lr, args.dlr, args.r1_interval)
+    lr_D = opt_D.param_groups[0]['lr']  # --dlr with the lazy-R1 correction
+    evaluate = training_metrics(args, dataset.resolution, dataset.num_channels, device,
+                                lambda seeds: sample_images(ema, seeds, device))  # generate's defaults
+    desc = run_desc(dataset.name, 'cond' if args.cond else 'uncond', VARIANTS[args.freeze],
+                    world_size=get_world_size(), batch=args.batch, bf16=amp_dtype is not None, desc=args.desc)
+    run = TrainingRun('gdd', vars(args), info, device, outdir=args.outdir, desc=desc, nosubdir=args.nosubdir,
+        resume=args.resume, total_nimg=args.duration * 1e6, tick=args.tick, snap=args.snap, dump=args.dump,
+        state=dict(net=net, ema=ema, D=D, optimizer_G=opt_G, optimizer_D=opt_D),
+        snapshot=lambda: snapshot_content(args, net_kwargs, ema, info['feature_networks']),
+        grid=(lambda path: save_image_grid(sample_images(ema, range(args.grid), device), path)) if args.grid else None,
+        evaluate=evaluate)
+    ddp_G, ddp_D = distributed_pair(net, D, device, args.compile)
+    stream = run.data(dataset, info['batch_gpu'], args.seed, args.workers)
+    with run:
+        print_header(args, dataset, info, amp_dtype, run.dir)
+        while not run.done:
+            reseed(args.seed, get_rank(), run.cur_nimg)  # this step's randomness: a resumed run replays it
+            # Fetch data: `rounds` real micro-batches in [-1, 1]; the fakes take their labels (official training loop).
+            # NOTE: upstream takes one batch_gpu batch per iteration whatever --batch-gpu says, yet counts --batch
+            # images; we accumulate `rounds` micro-batches (their losses summed).
+            batches = [next(stream) for _ in range(info['rounds'])]
+            reals = [(x.to(device).to(torch.float32) / 127.5 - 1, c.to(device) if dataset.label_dim else None)
+                     for x, c in batches]
+            # The paper's loss (GAN loss only), backward, optimizers: G step, D step, every r1_interval steps lazy R1.
+            lr_G = learning_rate(args.lr, run.cur_nimg, args.lr_rampup)
+            gdd_iteration(net, ddp_G, features, D, ddp_D, opt_G, opt_D, reals, run.step, lr_G, lr_D, scaler,
+                          args.gan_weight, args.r1_gamma, args.r1_interval, args.ls, run, args.d_pass == 'joint')
+            # EMA of the generator (half-life --ema, EDM's ramp-up; n = images before this step).
+            update_ema(ema, net, ema_beta(run.cur_nimg, args.batch, args.ema * 1000))
+            # Tick: status line, snapshots, metrics.
+            run.end_step(args.batch)
+        print0(f'done: {run.dir}')
+
+#------------------------------------------------------------------------------
+# 6. Generation: one network evaluation per image, one PNG per seed, identical for any --batch and GPU count.
+
+def load_network(path):
+    """Our gdd.py snapshots / training states (.pt), or an official GDD .pkl (path or URL)."""
+    if is_official(path):
+        official = with_flag('--network', load_official, path)
+        if official['precond'] != 'GDDPrecond':
+            raise UsageError(f'--network={path}: a {official["precond"]} network, not a one-step GDD generator '
+                             '(GDDPrecond); sample EDM teachers with patch_diffusion.py generate')
+        net = GDDPrecond(**official['init_kwargs'])
+        load_weights(net, check_finite(official['state_dict'], f'--network={path}'), f'--network={path}')
+        return net
+    ckpt = with_flag('--network', load_snapshot, path, '--network', ['gdd'])
+    net = GDDPrecond(**ckpt['net_kwargs'])
+    load_weights(net, ckpt['ema'], f'--network={path}')
+    return net
+
+@torch.no_grad()
+def generate(args):
+    device, rank, world_size = init_distributed(), get_rank(), get_world_size()
+    check_outdir(args.outdir)
+    net = load_network(args.network).to(device).eval()
+    check_class(args.class_idx, net.label_dim)
+    print0(f'generating {len(args.seeds)} images of {net.img_resolution}x{net.img_resolution}, one step each, into '
+           f'{args.outdir}')
+    with working(), tqdm(total=len(args.seeds), unit='img', disable=rank != 0) as bar:
+        for seeds in seed_batches(args.seeds, args.batch, rank, world_size):
+            images = sample_images(net, seeds, device, args.class_idx, args.sigma_max)
+            save_seed_images(images, seeds, args.outdir, args.subdirs)
+            bar.update(len(seeds) * world_size)
+        torch.distributed.barrier()
+    print0('done')
+
+#------------------------------------------------------------------------------
+# 7. Command line.
+
+def build_parser(preset=None):
+    """The parser; `preset` (a PRESETS name) becomes the defaults of `train` (see common.parse_command_line)."""
+    parser = Parser(description='GDD / GDD-I (Zheng & Yang 2024): one-step generators from EDM teachers')
+    sub = parser.add_subparsers(dest='command', required=True)
+    t = sub.add_parser('train', help='distill a teacher into a one-step generator')
+    add_train_flags(t, duration=5, batch=256, lr=1e-4, dropout=0, tick=25, snap=10)
+    add_edm_train_flags(t, ema=0.5, lr_rampup=0)  # upstream: no lr warm-up
+    t.add_argument('--preset', choices=sorted(PRESETS), default=None, help='train.sh\'s settings; flags override')
+    t.add_argument('--transfer', default=None, metavar='PT|PKL|URL', help='teacher: EDM snapshot .pt (ours) or '
+                   'official edm-*.pkl (required)')
+    t.add_argument('--freeze', type=int, choices=sorted(FREEZE_PARTS), default=0, help='0 = GDD; 1 = GDD-I: freeze '
+                   'the blocks\' 3x3 convs and attention proj; 2 = also attention qkv; 3 = also the blocks\' skips')
+    t.add_argument('--arch', choices=['ddpmpp', 'ncsnpp', 'adm'], default='ncsnpp', help='teacher architecture for '
+                   '`train -n` (a run uses the teacher\'s)')
+    t.add_argument('--cres', type=parse_cres, default=None, metavar='LIST', help='channel multipliers for '
+                   '`train -n`; None = the arch\'s')
+    t.add_argument('--dlr', type=number(float, 0, 1, low_open=True), default=1e-4, metavar='FLOAT',
+                   help='discriminator lr before the lazy-R1 correction x interval / (interval + 1)')
+    t.add_argument('--r1-gamma', type=number(float, 0, 1e4), default=1e-4, metavar='FLOAT',
+                   help='R1 weight; 0 = no R1')
+    t.add_argument('--r1-interval', type=number(int, 1, 10**6), default=16, metavar='INT',
+                   help='steps between lazy R1 steps')
+    t.add_argument('--gan-weight', type=number(float, 0, 1e3), default=1, metavar='FLOAT',
+                   help='weight of G\'s adversarial loss (1; 0 only for tests)')
+    t.add_argument('--backbone', type=check_feature_networks, default='1', metavar='0|1|3|LIST', help='feature networks: official '
+                   'numbers (0 DeiT+EffNet, 1 VGG+EffNet, 3 EffNet) or a comma list of vgg16_bn, '
+                   'tf_efficientnet_lite0, deit_base_distilled_patch16_224')
+    t.add_argument('--feature-weights', default=None, metavar='PTH,...|random|random-he', help='ImageNet weight '
+                   'files of the feature networks in --backbone order (torchvision/timm .pth); random = untrained, '
+                   'PyTorch\'s default init; random-he = untrained, He-normal fan-out convs (timm/torchvision init); '
+                   'demos only')
+    t.add_argument('--feature-res', type=number(int, 32, 1024), default=224, metavar='INT',
+                   help='side the images are resized to for the feature networks (official 224; smaller only for '
+                   'CPU tests/demos, heads then follow upstream\'s native-size rule)')
+    t.add_argument('--d-pass', choices=['separate', 'joint'], default='separate', help='fakes and reals through D in '
+                   'separate passes (upstream) or one (BatchNorm statistics shared; CPU demos)')
+    t.add_argument('--head-width', type=number(int, 1, 2048), default=None, metavar='INT',
+                   help='cap on the channel widths of the discriminator heads (CPU demos); None = upstream\'s widths '
+                   '(up to 2048)')
+    t.add_argument('--class-embedding', default=None, metavar='PT|random', help='[1000, 320] class table of the '
+                   'conditional heads (official in_embeddings/tf_efficientnet_lite0.pkl as a tensor file); '
+                   'None/random = N(0, 1) (upstream rand_embedding)')
+    t.add_argument('--grid', type=number(int, 0, 1024), default=64, metavar='INT', help='one-step samples in the grid '
+                   'written with each snapshot; 0 = none')
+    add_metric_flags(t)
+    t.set_defaults(**PRESETS.get(preset, {}))
+
+    g = sub.add_parser('generate', help='generate images, one network evaluation each')
+    g.add_argument('--network', required=True, metavar='PT|PKL|URL', help='gdd.py snapshot .pt, or official GDD .pkl')
+    add_generate_flags(g, edm_sampler=False)
+    g.add_argument('--class', dest='class_idx', type=int, default=None, metavar='INT',
+                   help='class label; None = random')
+    g.add_argument('--sigma_max', type=number(float, 0, 1e3, low_open=True), default=SIGMA_MAX, metavar='FLOAT',
+                   help='the noise level of the one step (the generator was trained at 80)')
+    return parser
+
+def parse_args(argv=None):
+    return parse_command_line(build_parser, argv)
+
+def main():
+    args = parse_args()
+    run_main({'train': train, 'generate': generate}[args.command], args)
+
+#------------------------------------------------------------------------------
+# 8. Appendix: what a reader of the paper may skip. 8a: the flag checks and file readers of train and generate.
+
+def parse_feature_networks(value):
+    """--backbone: the official numbers (FEATURE_NETWORK_SETS) or a comma list of feature networks -> their names."""
+    names = FEATURE_NETWORK_SETS.get(str(value), str(value).split(','))
+    bad = [n for n in names if n not in TRUNKS]
+    if bad:
+        raise argparse.ArgumentTypeError(f'unknown feature network {bad[0]!r} in {value!r}; use 0, 1, 3 (official '
+                                         f'numbers) or a comma list of {", ".join(TRUNKS)}')
+    return names
+
+def parse_cres(s):
+    """--cres: 1 to 16 channel multipliers, each 1 to 64."""
+    cres = parse_int_list(s)
+    if not 1 <= len(cres) <= 16 or not all(1 <= c <= 64 for c in cres):
+        raise argparse.ArgumentTypeError(f'expected 1 to 16 channel multipliers from 1 to 64, e.g. 1,2,2; got {s!r}')
+    return cres
+
+def check_feature_networks(value):
+    parse_feature_networks(value)
+    return value  # kept as typed: the training options (and a resume's comparison) see the flag's own value
+
 def with_flag(flag, load, *args):
     """load(*args); a one-line error from it (a file of the wrong kind) becomes a usage error naming the flag."""
     try:
@@ -325,9 +536,9 @@ def load_teacher(path):
     return dict(kwargs), state
 
 def generator_source(args, R, C, label_dim):
-    """(GDDPrecond kwargs, weights to start from): the teacher's EMA (--transfer); with --resume the training
-    state's kwargs and no weights (TrainingRun loads them); in a dry run the --arch/--cres architecture."""
-    flag, state = f'--transfer={args.transfer}', None
+    """The generator's GDDPrecond kwargs, checked against the data: the teacher's (--transfer); with --resume the
+    training state's; in a dry run the --arch/--cres architecture (no teacher read)."""
+    flag = f'--transfer={args.transfer}'
     if args.dry_run:
         kwargs = network_kwargs(args, R, C, label_dim)
         levels = len(kwargs['channel_mult'])
@@ -342,13 +553,13 @@ def generator_source(args, R, C, label_dim):
     elif not args.transfer:
         raise UsageError('--transfer is required: the teacher (an EDM snapshot .pt or an official edm-*.pkl)')
     else:
-        kwargs, state = load_teacher(args.transfer)
+        kwargs = load_teacher(args.transfer)[0]
     kwargs = generator_kwargs(kwargs, args.dropout)
     shape = (kwargs['img_resolution'], kwargs['img_channels'], kwargs.get('label_dim', 0))
     if shape != (R, C, label_dim):
         raise UsageError(f'{flag}: a network of {shape[0]}x{shape[0]}x{shape[1]} with {shape[2]} classes; '
                          f'--data={args.data} has {R}x{R}x{C} with {label_dim} (check --cond)')
-    return kwargs, state
+    return kwargs
 
 def check_and_count(net_kwargs, names, freeze, feature_res, label_dim, head_width=None):
     """Parameter counts on the meta device (no teacher, no weight files), after passing a --feature-res image
@@ -364,6 +575,50 @@ def check_and_count(net_kwargs, names, freeze, feature_res, label_dim, head_widt
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     return dict(parameter_counts(G, frozen_names(G, freeze)), discriminator_heads=count(D),
                 feature_networks=count(features))
+
+def distributed_pair(net, D, device, compile):
+    """DDP wrappers of G and D without buffer broadcasts: BatchNorm and spectral-norm buffers stay per rank (as
+    upstream). torch 2.13 renames broadcast_buffers, with that meaning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated')
+        return (distributed_model(net, device, compile, broadcast_buffers=False),
+                distributed_model(D, device, False, broadcast_buffers=False))
+
+def print_header(args, dataset, info, amp_dtype, run_dir):
+    counts, names, R, C = info['parameters'], info['feature_networks'], dataset.resolution, dataset.num_channels
+    level = f' (--freeze={args.freeze})' if args.freeze > 1 else ''
+    print0(f'GDD{"-I" if args.freeze else ""}{level}: {dataset.name} ({len(dataset)} images, {R}x{R}x{C}), teacher '
+           f'{args.transfer}; generator {counts["total"]:,} parameters, {counts["frozen"]:,} frozen, '
+           f'{counts["trainable"]:,} trainable; discriminator {", ".join(names)}, heads '
+           f'{counts["discriminator_heads"]:,}')
+    if args.feature_weights in ('random', 'random-he'):
+        print0(f'WARNING: --feature-weights={args.feature_weights}: the discriminator\'s feature networks are '
+               'RANDOM, not ImageNet-pretrained. This only shows that the machinery runs; results are not '
+               'comparable to the paper.')
+    if args.bf16 and amp_dtype is None:
+        print0('note: --bf16 applies on CUDA only (upstream runs the generator in fp32 elsewhere); this run is fp32')
+    if dataset.label_dim and args.class_embedding in (None, 'random'):
+        print0('note: conditional heads start from a random N(0, 1) class embedding (upstream rand_embedding=True), '
+               'not the official ImageNet table (--class-embedding)')
+    print0(f'{info["batch_gpu"]} images x {info["rounds"]} rounds x {info["world_size"]} GPUs per step; run directory '
+           f'{run_dir}')
+
+# The data of each paper preset's teacher (image side, classes when --cond): a dry run of a preset reads no dataset.
+PRESET_DATA = {'cifar10': (32, 10), 'afhqv264': (64, 0), 'ffhq64': (64, 0), 'imagenet64': (64, 1000)}
+
+def open_training_data(args):
+    """The dataset; in a dry run of a paper preset whose dataset is not there, its teacher's data shape (RGB)."""
+    data = next((v for k, v in PRESET_DATA.items() if (args.preset or '').startswith(k + '_')), None)
+    if args.dry_run and data and not os.path.exists(args.data):
+        name = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
+        return argparse.Namespace(name=name, resolution=data[0], num_channels=3, label_dim=data[1] if args.cond else 0)
+    return open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
+
+#------------------------------------------------------------------------------
+# 8b. The projected discriminator (official pg_modules/): frozen ImageNet feature networks, fixed random projections
+#     (Projected GAN's CCM and CSM) and trained multi-scale heads (StyleGAN-XL); then the feature networks in plain
+#     torch with the state-dict keys of the public torchvision / timm weight files (official feature_networks/), and
+#     their strict loader.
 
 # NOTE: --feature-weights=random keeps PyTorch's default conv init (uniform, 1/3 of He's variance): through the
 # ~20 layers of EfficientNet-lite0 the signal shrinks about 10x per stage (4e-10 at its last map on the demo data),
@@ -412,233 +667,6 @@ def build_discriminator(names, seed, resolution, label_dim, weights, class_embed
             for head in heads:
                 head.embed.weight.data.copy_(table)
     return features, D
-
-def distributed_pair(net, D, device, compile):
-    """DDP wrappers of G and D without buffer broadcasts: BatchNorm and spectral-norm buffers stay per rank (as
-    upstream). torch 2.13 renames broadcast_buffers, with that meaning."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated')
-        return (distributed_model(net, device, compile, broadcast_buffers=False),
-                distributed_model(D, device, False, broadcast_buffers=False))
-
-def print_header(args, dataset, info, amp_dtype, run_dir):
-    counts, names, R, C = info['parameters'], info['feature_networks'], dataset.resolution, dataset.num_channels
-    level = f' (--freeze={args.freeze})' if args.freeze > 1 else ''
-    print0(f'GDD{"-I" if args.freeze else ""}{level}: {dataset.name} ({len(dataset)} images, {R}x{R}x{C}), teacher '
-           f'{args.transfer}; generator {counts["total"]:,} parameters, {counts["frozen"]:,} frozen, '
-           f'{counts["trainable"]:,} trainable; discriminator {", ".join(names)}, heads '
-           f'{counts["discriminator_heads"]:,}')
-    if args.feature_weights in ('random', 'random-he'):
-        print0(f'WARNING: --feature-weights={args.feature_weights}: the discriminator\'s feature networks are '
-               'RANDOM, not ImageNet-pretrained. This only shows that the machinery runs; results are not '
-               'comparable to the paper.')
-    if args.bf16 and amp_dtype is None:
-        print0('note: --bf16 applies on CUDA only (upstream runs the generator in fp32 elsewhere); this run is fp32')
-    if dataset.label_dim and args.class_embedding in (None, 'random'):
-        print0('note: conditional heads start from a random N(0, 1) class embedding (upstream rand_embedding=True), '
-               'not the official ImageNet table (--class-embedding)')
-    print0(f'{info["batch_gpu"]} images x {info["rounds"]} rounds x {info["world_size"]} GPUs per step; run directory '
-           f'{run_dir}')
-
-# The data of each paper preset's teacher (image side, classes when --cond): a dry run of a preset reads no dataset.
-PRESET_DATA = {'cifar10': (32, 10), 'afhqv264': (64, 0), 'ffhq64': (64, 0), 'imagenet64': (64, 1000)}
-
-def open_training_data(args):
-    """The dataset; in a dry run of a paper preset whose dataset is not there, its teacher's data shape (RGB)."""
-    data = next((v for k, v in PRESET_DATA.items() if (args.preset or '').startswith(k + '_')), None)
-    if args.dry_run and data and not os.path.exists(args.data):
-        name = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
-        return argparse.Namespace(name=name, resolution=data[0], num_channels=3, label_dim=data[1] if args.cond else 0)
-    return open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
-
-def training_setup(args, world_size):
-    """Everything checked before a file is written: (dataset, generator kwargs, teacher weights, run info)."""
-    if args.fp16:
-        raise UsageError('--fp16 is not supported: GDD trains in bf16 (upstream\'s --fp16=True means bf16); use --bf16')
-    dataset, names = open_training_data(args), parse_backbone(args.backbone)
-    R, C, label_dim = dataset.resolution, dataset.num_channels, dataset.label_dim
-    if C not in (1, 3):
-        raise UsageError(f'--data={args.data}: {C}-channel images; the feature networks take RGB or grey')
-    batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
-    net_kwargs, teacher_state = generator_source(args, R, C, label_dim)
-    counts = check_and_count(net_kwargs, names, args.freeze, args.feature_res, label_dim, args.head_width)
-    return dataset, net_kwargs, teacher_state, dict(net_kwargs=net_kwargs, feature_networks=names, parameters=counts,
-                                                    batch_gpu=batch_gpu, rounds=rounds, world_size=world_size)
-
-def train(args):
-    device, rank, world_size = init_distributed(), get_rank(), get_world_size()
-    dataset, net_kwargs, teacher_state, info = training_setup(args, world_size)
-    if args.dry_run:  # the --arch/--cres architecture; the teacher is not read
-        return print0(json.dumps(dict(vars(args), **info), indent=2))
-    amp_dtype, scaler = setup_precision(False, args.bf16 and device.type == 'cuda', args.tf32, device)  # as upstream
-    names, label_dim, batch_gpu, rounds = info['feature_networks'], dataset.label_dim, info['batch_gpu'], info['rounds']
-    net = GDDPrecond(**net_kwargs)  # the teacher's EMA weights; on --resume the training state's (TrainingRun)
-    net = net if teacher_state is None else init_from_teacher(net, teacher_state, f'--transfer={args.transfer}')
-    net, ema = network_and_ema(net, device, amp_dtype)
-    frozen = frozen_names(net, args.freeze)
-    for name, p in net.named_parameters():
-        p.requires_grad_(name not in frozen)  # GDD-I; before DDP: frozen tensors are not its parameters
-    features, D = (m.to(device) for m in build_discriminator(names, args.seed, args.feature_res, label_dim,
-                                                             args.feature_weights, args.class_embedding,
-                                                             args.head_width))
-    opt_G, opt_D = build_optimizers(net, D, frozen, args.lr, args.dlr, args.r1_interval)
-    lr_D = opt_D.param_groups[0]['lr']  # --dlr with the lazy-R1 correction
-    ema.amp_dtype = None  # it samples (grid, metrics) in float32, as generate samples a snapshot
-    evaluate = training_metrics(args, dataset.resolution, dataset.num_channels, device,
-                                lambda seeds: sample_images(ema, seeds, device))  # generate's defaults
-    run = TrainingRun('gdd', vars(args), info, device, outdir=args.outdir, nosubdir=args.nosubdir,
-        desc=run_desc(dataset.name, 'cond' if args.cond else 'uncond', VARIANTS[args.freeze], world_size=world_size,
-                      batch=args.batch, bf16=amp_dtype is not None, desc=args.desc),
-        resume=args.resume, total_nimg=args.duration * 1e6, tick=args.tick, snap=args.snap, dump=args.dump,
-        state=dict(net=net, ema=ema, D=D, optimizer_G=opt_G, optimizer_D=opt_D),
-        snapshot=lambda: dict(precond='GDDPrecond', net_kwargs=net_kwargs, ema=ema.state_dict(), freeze=args.freeze,
-                              feature_networks=names, feature_weights='RANDOM (demo only)'
-                              if args.feature_weights == 'random' else 'RANDOM-HE (demo only)'
-                              if args.feature_weights == 'random-he' else args.feature_weights),
-        grid=(lambda path: save_image_grid(sample_images(ema, range(args.grid), device), path)) if args.grid else None,
-        evaluate=evaluate)
-    ddp_G, ddp_D = distributed_pair(net, D, device, args.compile)
-    stream = run.data(dataset, batch_gpu, args.seed, args.workers)
-    with run:
-        print_header(args, dataset, info, amp_dtype, run.dir)
-        while not run.done:
-            reseed(args.seed, rank, run.cur_nimg)  # this step's randomness: a resumed run replays it
-            # Fetch data: `rounds` real micro-batches in [-1, 1]; the fakes take their labels (official training loop).
-            # NOTE: upstream takes one batch_gpu batch per iteration whatever --batch-gpu says, yet counts --batch
-            # images; we accumulate `rounds` micro-batches (their losses summed).
-            reals = [(x.to(device).to(torch.float32) / 127.5 - 1, c.to(device) if label_dim else None)
-                     for x, c in (next(stream) for _ in range(rounds))]
-            # The paper's loss (GAN loss only), backward, optimizers: G step, D step, every r1_interval steps lazy R1.
-            gdd_iteration(net, ddp_G, features, D, ddp_D, opt_G, opt_D, reals, run.step,
-                          learning_rate(args.lr, run.cur_nimg, args.lr_rampup), lr_D, scaler, args.gan_weight,
-                          args.r1_gamma, args.r1_interval, args.ls, run, args.d_pass == 'joint')
-            # EMA of the generator (half-life --ema, EDM's ramp-up; n = images before this step), then the tick.
-            update_ema(ema, net, ema_beta(run.cur_nimg, args.batch, args.ema * 1000))
-            run.end_step(args.batch)  # status line, snapshots, training states
-        print0(f'done: {run.dir}')
-
-#------------------------------------------------------------------------------
-# 6. Generation: one network evaluation per image, one PNG per seed, identical for any --batch and GPU count.
-
-def load_network(path):
-    """Our gdd.py snapshots / training states (.pt), or an official GDD .pkl (path or URL)."""
-    if is_official(path):
-        official = with_flag('--network', load_official, path)
-        if official['precond'] != 'GDDPrecond':
-            raise UsageError(f'--network={path}: a {official["precond"]} network, not a one-step GDD generator '
-                             '(GDDPrecond); sample EDM teachers with patch_diffusion.py generate')
-        net = GDDPrecond(**official['init_kwargs'])
-        load_weights(net, check_finite(official['state_dict'], f'--network={path}'), f'--network={path}')
-        return net
-    ckpt = with_flag('--network', load_snapshot, path, '--network', ['gdd'])
-    net = GDDPrecond(**ckpt['net_kwargs'])
-    load_weights(net, ckpt['ema'], f'--network={path}')
-    return net
-
-@torch.no_grad()
-def generate(args):
-    device, rank, world_size = init_distributed(), get_rank(), get_world_size()
-    check_outdir(args.outdir)
-    net = load_network(args.network).to(device).eval()
-    check_class(args.class_idx, net.label_dim)
-    print0(f'generating {len(args.seeds)} images of {net.img_resolution}x{net.img_resolution}, one step each, into '
-           f'{args.outdir}')
-    with working(), tqdm(total=len(args.seeds), unit='img', disable=rank != 0) as bar:
-        for seeds in seed_batches(args.seeds, args.batch, rank, world_size):
-            images = sample_images(net, seeds, device, args.class_idx, args.sigma_max)
-            save_seed_images(images, seeds, args.outdir, args.subdirs)
-            bar.update(len(seeds) * world_size)
-        torch.distributed.barrier()
-    print0('done')
-
-#------------------------------------------------------------------------------
-# 7. Command line.
-
-def parse_backbone(value):
-    """--backbone: the official numbers (BACKBONES) or a comma list of feature networks -> their names."""
-    names = BACKBONES.get(str(value), str(value).split(','))
-    bad = [n for n in names if n not in TRUNKS]
-    if bad:
-        raise argparse.ArgumentTypeError(f'unknown feature network {bad[0]!r} in {value!r}; use 0, 1, 3 (official '
-                                         f'numbers) or a comma list of {", ".join(TRUNKS)}')
-    return names
-
-def parse_cres(s):
-    """--cres: 1 to 16 channel multipliers, each 1 to 64."""
-    cres = parse_int_list(s)
-    if not 1 <= len(cres) <= 16 or not all(1 <= c <= 64 for c in cres):
-        raise argparse.ArgumentTypeError(f'expected 1 to 16 channel multipliers from 1 to 64, e.g. 1,2,2; got {s!r}')
-    return cres
-
-def backbone(value):
-    parse_backbone(value)
-    return value  # kept as typed: the training options (and a resume's comparison) see the flag's own value
-
-def build_parser(preset=None):
-    """The parser; `preset` (a PRESETS name) becomes the defaults of `train` (see common.parse_command_line)."""
-    parser = Parser(description='GDD / GDD-I (Zheng & Yang 2024): one-step generators from EDM teachers')
-    sub = parser.add_subparsers(dest='command', required=True)
-    t = sub.add_parser('train', help='distill a teacher into a one-step generator')
-    add_train_flags(t, duration=5, batch=256, lr=1e-4, dropout=0, tick=25, snap=10)
-    add_edm_train_flags(t, ema=0.5, lr_rampup=0)  # upstream: no lr warm-up
-    t.add_argument('--preset', choices=sorted(PRESETS), default=None, help='train.sh\'s settings; flags override')
-    t.add_argument('--transfer', default=None, metavar='PT|PKL|URL', help='teacher: EDM snapshot .pt (ours) or '
-                   'official edm-*.pkl (required)')
-    t.add_argument('--freeze', type=int, choices=sorted(FREEZE_PARTS), default=0, help='0 = GDD; 1 = GDD-I: freeze '
-                   'the blocks\' 3x3 convs and attention proj; 2 = also attention qkv; 3 = also the blocks\' skips')
-    t.add_argument('--arch', choices=['ddpmpp', 'ncsnpp', 'adm'], default='ncsnpp', help='teacher architecture for '
-                   '`train -n` (a run uses the teacher\'s)')
-    t.add_argument('--cres', type=parse_cres, default=None, metavar='LIST', help='channel multipliers for '
-                   '`train -n`; None = the arch\'s')
-    t.add_argument('--dlr', type=number(float, 0, 1, low_open=True), default=1e-4, metavar='FLOAT',
-                   help='discriminator lr before the lazy-R1 correction x interval / (interval + 1)')
-    t.add_argument('--r1-gamma', type=number(float, 0, 1e4), default=1e-4, metavar='FLOAT',
-                   help='R1 weight; 0 = no R1')
-    t.add_argument('--r1-interval', type=number(int, 1, 10**6), default=16, metavar='INT',
-                   help='steps between lazy R1 steps')
-    t.add_argument('--gan-weight', type=number(float, 0, 1e3), default=1, metavar='FLOAT',
-                   help='weight of G\'s adversarial loss (1; 0 only for tests)')
-    t.add_argument('--backbone', type=backbone, default='1', metavar='0|1|3|LIST', help='feature networks: official '
-                   'numbers (0 DeiT+EffNet, 1 VGG+EffNet, 3 EffNet) or a comma list of vgg16_bn, '
-                   'tf_efficientnet_lite0, deit_base_distilled_patch16_224')
-    t.add_argument('--feature-weights', default=None, metavar='PTH,...|random|random-he', help='ImageNet weight '
-                   'files of the feature networks in --backbone order (torchvision/timm .pth); random = untrained, '
-                   'PyTorch\'s default init; random-he = untrained, He-normal fan-out convs (timm/torchvision init); '
-                   'demos only')
-    t.add_argument('--feature-res', type=number(int, 32, 1024), default=224, metavar='INT',
-                   help='side the images are resized to for the feature networks (official 224; smaller only for '
-                   'CPU tests/demos, heads then follow upstream\'s native-size rule)')
-    t.add_argument('--d-pass', choices=['separate', 'joint'], default='separate', help='fakes and reals through D in '
-                   'separate passes (upstream) or one (BatchNorm statistics shared; CPU demos)')
-    t.add_argument('--head-width', type=number(int, 1, 2048), default=None, metavar='INT',
-                   help='cap on the channel widths of the discriminator heads (CPU demos); None = upstream\'s widths '
-                   '(up to 2048)')
-    t.add_argument('--class-embedding', default=None, metavar='PT|random', help='[1000, 320] class table of the '
-                   'conditional heads (official in_embeddings/tf_efficientnet_lite0.pkl as a tensor file); '
-                   'None/random = N(0, 1) (upstream rand_embedding)')
-    t.add_argument('--grid', type=number(int, 0, 1024), default=64, metavar='INT', help='one-step samples in the grid '
-                   'written with each snapshot; 0 = none')
-    add_metric_flags(t)
-    t.set_defaults(**PRESETS.get(preset, {}))
-
-    g = sub.add_parser('generate', help='generate images, one network evaluation each')
-    g.add_argument('--network', required=True, metavar='PT|PKL|URL', help='gdd.py snapshot .pt, or official GDD .pkl')
-    add_generate_flags(g, edm_sampler=False)
-    g.add_argument('--class', dest='class_idx', type=int, default=None, metavar='INT',
-                   help='class label; None = random')
-    g.add_argument('--sigma_max', type=number(float, 0, 1e3, low_open=True), default=SIGMA_MAX, metavar='FLOAT',
-                   help='the noise level of the one step (the generator was trained at 80)')
-    return parser
-
-def main():
-    args = parse_command_line(build_parser)
-    run_main({'train': train, 'generate': generate}[args.command], args)
-
-#------------------------------------------------------------------------------
-# 8. Appendix: the projected discriminator (official pg_modules/): frozen ImageNet feature networks, fixed random
-#    projections (Projected GAN's CCM and CSM) and trained multi-scale heads (StyleGAN-XL); then the feature networks
-#    in plain torch with the state-dict keys of the public torchvision / timm weight files (official
-#    feature_networks/), and their strict loader.
 
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 INCEPTION_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

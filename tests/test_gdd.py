@@ -347,9 +347,9 @@ def test_optimizer_settings_and_presets(standin):
     assert pick('ffhq64_gdd', 'batch', 'lr', 'dlr', 'duration', 'cres', 'freeze') == [
         256, 2e-5, 4e-5, 10, [1, 2, 2, 2], 0]
     assert pick('imagenet64_gddi', 'batch', 'lr', 'dlr', 'ema', 'arch', 'cond') == [512, 8e-6, 4e-5, 50, 'adm', True]
-    assert gdd.parse_backbone(p['afhqv264_gddi']['backbone']) == ['deit_base_distilled_patch16_224',
+    assert gdd.parse_feature_networks(p['afhqv264_gddi']['backbone']) == ['deit_base_distilled_patch16_224',
                                                                    'tf_efficientnet_lite0']
-    assert gdd.parse_backbone(p['cifar10_cond_gdd']['backbone']) == ['vgg16_bn', 'tf_efficientnet_lite0']
+    assert gdd.parse_feature_networks(p['cifar10_cond_gdd']['backbone']) == ['vgg16_bn', 'tf_efficientnet_lite0']
     names = ('cifar10', 'cifar10_cond', 'afhqv264', 'ffhq64', 'imagenet64')  # GDD and GDD-I differ only in --freeze
     assert p['cifar10_cond_gdd']['cond'] and all(p[f'{n}_gdd'] == dict(p[f'{n}_gddi'], freeze=0) for n in names)
     assert sorted(k for k in p if k != 'demo') == sorted(f'{n}_{v}' for n in names for v in ('gdd', 'gddi'))
