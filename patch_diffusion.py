@@ -1,34 +1,41 @@
 """Patch Diffusion: Faster and More Data-Efficient Training of Diffusion Models.
 
 Wang, Jiang, Zheng, Wang, He, Wang, Chen, Zhou, NeurIPS 2023, arXiv:2304.12526v2.
-Official code: https://github.com/Zhendong-Wang/Patch-Diffusion (an EDM fork; nothing here is copied from it).
+Official code: https://github.com/Zhendong-Wang/Patch-Diffusion (an EDM fork; nothing here is
+copied from it).
 
-The denoiser is trained on random square crops ("patches") of the training images. Each crop carries two extra
-input channels with the (x, y) position of its pixels in the full image, in [-1, 1]. The crop size is drawn from
-{R/4, R/2, R}; with probability `real_p` it is the full image, and smaller crops come with a proportionally larger
-batch. The loss is EDM's loss on the crop. Sampling is plain EDM sampling of a full-size canvas with the full
-coordinate grid attached at every network call. `--real_p=1` is plain EDM training (our baseline). The 256x256
-models (LSUN, ImageNet) run on Stable Diffusion VAE latents (4x32x32, patch sizes {R/2, R}).
+The denoiser is trained on random square crops ("patches") of the training images. Each crop
+carries two extra input channels with the (x, y) position of its pixels in the full image, in
+[-1, 1]. The crop size is drawn from {R/4, R/2, R}; with probability `real_p` it is the full
+image, and smaller crops come with a proportionally larger batch. The loss is EDM's loss on the
+crop. Sampling is plain EDM sampling of a full-size canvas with the full coordinate grid attached
+at every network call. `--real_p=1` is plain EDM training (our baseline). The 256x256 models
+(LSUN, ImageNet) run on Stable Diffusion VAE latents (4x32x32, patch sizes {R/2, R}).
 
-Implemented: pixel-space training (DDPM++, NCSN++, ADM backbones), the stochastic and progressive patch-size
-schedules, classifier-free guidance (label dropout in training, `--cfg` in sampling), larger sampling canvases
-(coordinate extrapolation), EDM's augmentation pipe, latent-space training and sampling with the SD VAE written in
-plain torch (sd-vae-ft-ema weights from a local file or URL; `encode` pre-encodes a dataset once).
+Implemented: pixel-space training (DDPM++, NCSN++, ADM backbones), the stochastic and progressive
+patch-size schedules, classifier-free guidance (label dropout in training, `--cfg` in sampling),
+larger sampling canvases (coordinate extrapolation), EDM's augmentation pipe, latent-space training
+and sampling with the SD VAE written in plain torch (sd-vae-ft-ema weights from a local file or
+URL; `encode` pre-encodes a dataset once).
 
   # train DDPM++ on CelebA-64 with 8 GPUs (the official README's command)
   torchrun --standalone --nproc_per_node=8 patch_diffusion.py train --outdir=training-runs \\
-      --data=datasets/celeba-64x64.zip --cond=0 --arch=ddpmpp --batch=256 --cres=1,2,2,2 --lr=2e-4 \\
-      --dropout=0.05 --augment=0 --real_p=0.5
+      --data=datasets/celeba-64x64.zip --cond=0 --arch=ddpmpp --batch=256 --cres=1,2,2,2 \\
+      --lr=2e-4 --dropout=0.05 --augment=0 --real_p=0.5
   # 50k images for FID, 50 Heun steps as in the paper
-  torchrun --standalone --nproc_per_node=8 patch_diffusion.py generate --steps=50 --resolution=64 --batch=64 \\
-      --outdir=fid-tmp --seeds=0-49999 --subdirs --network=training-runs/00000-*/network-snapshot-200000.pt
-  torchrun --standalone --nproc_per_node=8 fid.py calc --images=fid-tmp --ref=fid-refs/celeba-64x64.npz
+  torchrun --standalone --nproc_per_node=8 patch_diffusion.py generate --steps=50 \\
+      --resolution=64 --batch=64 --outdir=fid-tmp --seeds=0-49999 --subdirs \\
+      --network=training-runs/00000-*/network-snapshot-200000.pt
+  torchrun --standalone --nproc_per_node=8 fid.py calc --images=fid-tmp \\
+      --ref=fid-refs/celeba-64x64.npz
   # latent ADM on LSUN-Bedroom-256 (official README), then 256 stochastic steps decoded by the VAE
   torchrun --standalone --nproc_per_node=8 patch_diffusion.py train --outdir=training-runs \\
-      --data=datasets/lsun-bedroom-256x256.zip --cond=0 --arch=adm --train_on_latents=1 --duration=200 \\
-      --batch-gpu=32 --batch=1024 --lr=1e-4 --ema=50 --dropout=0.10 --fp16=1 --ls=100 --augment=0 --real_p=0.5
-  torchrun --standalone --nproc_per_node=8 patch_diffusion.py generate --steps=256 --S_churn=40 --S_min=0.05 \\
-      --S_max=50 --S_noise=1.003 --on_latents=1 --batch=64 --outdir=fid-tmp --seeds=0-49999 --subdirs --network=...
+      --data=datasets/lsun-bedroom-256x256.zip --cond=0 --arch=adm --train_on_latents=1 \\
+      --duration=200 --batch-gpu=32 --batch=1024 --lr=1e-4 --ema=50 --dropout=0.10 --fp16=1 \\
+      --ls=100 --augment=0 --real_p=0.5
+  torchrun --standalone --nproc_per_node=8 patch_diffusion.py generate --steps=256 \\
+      --S_churn=40 --S_min=0.05 --S_max=50 --S_noise=1.003 --on_latents=1 --batch=64 \\
+      --outdir=fid-tmp --seeds=0-49999 --subdirs --network=...
 """
 
 import argparse
@@ -46,30 +53,33 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from common import (AugmentPipe, EDMPrecond, Parser, PerSeedRNG, TrainingRun, UsageError, UserError, print_options,
-                    add_edm_train_flags, add_generate_flags, add_metric_flags, add_train_flags, check_class,
-                    check_outdir, distributed_model, download, edm_backbone_kwargs, edm_sampler, ema_beta, get_rank,
-                    get_world_size, init_distributed, is_official, learning_rate, load_official, load_snapshot,
-                    load_weights, network_and_ema, number, open_dataset, optimizer_step, parse_bool, parse_command_line,
-                    parse_int_list, print0, reseed, run_desc, run_main, save_image_grid, save_seed_images, seed_batches,
-                    seed_labels, setup_precision, split_batch, sync_if, training_metrics, update_ema, working)
+from common import (AugmentPipe, EDMPrecond, Parser, PerSeedRNG, TrainingRun, UsageError, UserError,
+                    add_edm_train_flags, add_generate_flags, add_metric_flags, add_train_flags,
+                    check_class, check_outdir, distributed_model, download, edm_backbone_kwargs,
+                    edm_sampler, ema_beta, get_rank, get_world_size, init_distributed, is_official,
+                    learning_rate, load_official, load_snapshot, load_weights, network_and_ema,
+                    number, open_dataset, optimizer_step, parse_bool, parse_command_line,
+                    parse_int_list, print0, print_options, reseed, run_desc, run_main,
+                    save_image_grid, save_seed_images, seed_batches, seed_labels, setup_precision,
+                    split_batch, sync_if, training_metrics, update_ema, working)
 
 #------------------------------------------------------------------------------
-# 1. Config. Presets hold the published hyperparameters; flags given on the command line override them. The
-#    backbones are EDM's (common.EDM_ARCHS: --arch=ddpmpp, ncsnpp, adm, as EDM's train.py).
+# 1. Config. Presets hold the published hyperparameters; flags on the command line override them.
+#    The backbones are EDM's (common.EDM_ARCHS: --arch=ddpmpp, ncsnpp, adm, as EDM's train.py).
 
-# Official README, "Train DDPM++ model for CelebA-64x64 using 8 GPUs"; the paper trains for 200 Mimg.
+# Official README, "Train DDPM++ model for CelebA-64x64 using 8 GPUs"; the paper: 200 Mimg.
 CELEBA64 = dict(arch='ddpmpp', batch=256, cres=[1, 2, 2, 2], lr=2e-4, dropout=0.05, augment=0, real_p=0.5,
                 duration=200)
 
 PRESETS = {
     'celeba64': CELEBA64,
-    # NOTE: the paper gives no FFHQ/AFHQv2 command lines; we use the CelebA recipe, 75 Mimg for AFHQv2 (the
-    # paper's small-data runs).
+    # NOTE: the paper gives no FFHQ/AFHQv2 command lines; we use the CelebA recipe, 75 Mimg for
+    # AFHQv2 (the paper's small-data runs).
     'ffhq64':   CELEBA64,
     'afhqv264': CELEBA64 | dict(duration=75),
-    # Ours, about 8 CPU-minutes (one thread): the built-in 8x8 shapes, a 1.5M-parameter DDPM++, ~3,100 steps; long
-    # enough that the samples show the two-tone background and the shape (docs/patch_diffusion.md, CPU demo).
+    # Ours, about 8 CPU-minutes (one thread): the built-in 8x8 shapes, a 1.5M-parameter DDPM++,
+    # ~3,100 steps; long enough that the samples show the two-tone background and the shape
+    # (docs/patch_diffusion.md, CPU demo).
     'demo':     dict(data='demo-8', arch='ddpmpp', cbase=32, cres=[1, 2], batch=32, lr=2e-3, lr_rampup=1,
                      ema=0.005, dropout=0, duration=0.19, tick=20, snap=2, dump=5, real_p=0.5, workers=0),
 }
@@ -77,14 +87,15 @@ PRESETS = {
 AUGMENT = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)  # EDM train.py's geometric set
 
 #------------------------------------------------------------------------------
-# 2. Backbone: EDM's U-Net with two more input channels, fed by a preconditioner that appends the coordinates.
+# 2. Backbone: EDM's U-Net with two more input channels; the preconditioner appends the coordinates.
 
 class PatchPrecond(EDMPrecond):
-    """EDM preconditioning with coordinate channels (paper: method, coordinate channels; official `Patch_EDMPrecond`):
-    D(x; sigma, pos) = c_skip x + c_out F(cat[c_in x, pos]; c_noise). pos is clean and unscaled at every sigma."""
+    """EDM preconditioning with coordinate channels (paper: method, coordinate channels; official
+    `Patch_EDMPrecond`): D(x; sigma, pos) = c_skip x + c_out F(cat[c_in x, pos]; c_noise). pos is
+    clean and unscaled at every sigma."""
     def __init__(self, img_resolution, img_channels, label_dim=0, **kwargs):
-        # NOTE: upstream stores img_channels = C + 2 (the network input); we keep img_channels = C (what the sampler
-        # draws) and give the network in_channels = C + 2, out_channels = C.
+        # NOTE: upstream stores img_channels = C + 2 (the network input); we keep img_channels = C
+        # (what the sampler draws) and give the network in_channels = C + 2, out_channels = C.
         super().__init__(img_resolution, img_channels, label_dim, in_channels=img_channels + 2, **kwargs)
 
     def forward(self, x, sigma, pos, class_labels=None, augment_labels=None):
@@ -95,15 +106,14 @@ class PatchPrecond(EDMPrecond):
         return c_skip * x + c_out * F_x  # EDM Eq. 7 on the patch
 
 def precond_class(real_p):
-    """PatchPrecond; with real_p = 1 (every crop the full image) EDMPrecond. NOTE: upstream still feeds the
-    (constant) full-image coordinates there; we drop them so that the baseline is exactly EDM (a 3-channel net)."""
+    """PatchPrecond; with real_p = 1 (every crop the full image) EDMPrecond. NOTE: upstream still
+    feeds the (constant) full-image coordinates there; we drop them so that the baseline is exactly
+    EDM (a 3-channel net)."""
     return 'EDMPrecond' if real_p == 1 else 'PatchPrecond'
 
 def network_kwargs(args, resolution, channels, label_dim):
     """Preconditioner kwargs from the CLI flags (EDM train.py's mapping)."""
-    if args.label_dropout and not label_dim:
-        raise UsageError(f'--label-dropout={args.label_dropout:g} needs class labels (--cond=1)')
-    model = edm_backbone_kwargs(args.arch, args.cbase, args.cres)
+    model = edm_backbone_kwargs(args.arch, args.cbase, args.cres)  # the backbone F's arguments
     model.update(dropout=args.dropout, label_dropout=args.label_dropout, augment_dim=9 if args.augment else 0)
     return dict(img_resolution=resolution, img_channels=channels, label_dim=label_dim, **model)
 
@@ -111,33 +121,36 @@ def build_network(precond, kwargs):
     return {'EDMPrecond': EDMPrecond, 'PatchPrecond': PatchPrecond}[precond](**kwargs)
 
 def size_multiple(net):
-    """Side lengths the U-Net accepts are multiples of this: 2 ** (number of downsampling blocks)."""
+    """Side lengths the U-Net accepts are multiples of 2 ** (number of downsampling blocks)."""
     return 2 ** sum(name.endswith('_down') for name in net.model.enc)
 
 #------------------------------------------------------------------------------
 # 3. Method math: patch-size schedule, random crops with coordinates, the patch loss.
 
 def patch_schedule(resolution, real_p, latent=False):
-    """Patch sizes {R/4, R/2, R} with probabilities (0.4 (1-p), 0.6 (1-p), p) (paper Eq. 5) and their batch
-    multipliers R/s (official batch_mul table: 16->4, 32->2, 64->1 at R=64). Latent space (official
-    train_on_latents): sizes {R/2, R} with probabilities (1-p, p), multipliers 2 and 1 (16->2, 32->1 at R=32)."""
+    """Patch sizes {R/4, R/2, R} with probabilities (0.4 (1-p), 0.6 (1-p), p) (paper Eq. 5) and
+    their batch multipliers R/s (official batch_mul table: 16->4, 32->2, 64->1 at R=64). Latent
+    space (official train_on_latents): sizes {R/2, R} with probabilities (1-p, p), multipliers 2 and
+    1 (16->2, 32->1 at R=32)."""
     sizes = [resolution // 2, resolution] if latent else [resolution // 4, resolution // 2, resolution]
     pmf = [1 - real_p, real_p] if latent else [0.4 * (1 - real_p), 0.6 * (1 - real_p), real_p]
-    # NOTE: upstream looks the multiplier up in a fixed table that has no entry for 8 (so CIFAR-sized data crashes,
-    # official issue #3) and gives 1.9 as the average only for R=64; R // s reproduces that table for R=64 and
-    # extends it to any resolution.
+    # NOTE: upstream looks the multiplier up in a fixed table that has no entry for 8 (so
+    # CIFAR-sized data crashes, official issue #3) and gives 1.9 as the average only for R=64;
+    # R // s reproduces that table for R=64 and extends it to any resolution.
     batch_mul = [resolution // s for s in sizes]
     return sizes, pmf, batch_mul
 
 def progressive_index(progress, pmf):
-    """Progressive schedule (paper ablation): the first size whose cumulative probability reaches progress."""
+    """Progressive schedule (paper ablation): the first size whose cumulative probability
+    reaches `progress`."""
     cdf = np.cumsum(pmf)
     cdf[-1] = np.inf
     return int(np.argmax(cdf >= progress))
 
 def patch_coordinates(resolution, size, i, j):
-    """Coordinate channels of size x size patches at row offsets i and column offsets j ([N] int tensors) in an
-    R x R image: channel 0 x = 2 col / (R - 1) - 1, channel 1 y = 2 row / (R - 1) - 1 (official pos_embedding)."""
+    """Coordinate channels of size x size patches at row offsets i and column offsets j ([N] int
+    tensors) in an R x R image: channel 0 x = 2 col / (R - 1) - 1, channel 1 y = 2 row / (R - 1) - 1
+    (official pos_embedding)."""
     steps = torch.arange(size, device=i.device)
     cols = (j[:, None] + steps).float() * 2 / (resolution - 1) - 1  # [N, s]
     rows = (i[:, None] + steps).float() * 2 / (resolution - 1) - 1  # [N, s]
@@ -146,8 +159,8 @@ def patch_coordinates(resolution, size, i, j):
     return torch.stack([x, y], dim=1)         # [N, 2, s, s]
 
 def random_patches(images, size):
-    """One size x size crop per image at an independent uniform offset (rows drawn first), and its coordinates.
-    The full size takes the whole image without any random draw."""
+    """One size x size crop per image at an independent uniform offset (rows drawn first), and its
+    coordinates. The full size takes the whole image without any random draw."""
     N, C, R, _ = images.shape
     if size == R:
         i = j = torch.zeros(N, dtype=torch.long, device=images.device)
@@ -160,13 +173,15 @@ def random_patches(images, size):
     return patches.permute(0, 3, 1, 2).contiguous(), patch_coordinates(R, size, i, j)  # [N, C, s, s]
 
 def reduce_loss(loss, per_gpu_batch, batch_mul):
-    """EDM's reduction: per-patch sum over pixels and channels, mean over the rank's per_gpu_batch * batch_mul
-    patches. A 16x16 patch thus weighs 1/16 of a 64x64 image; the official code does this, not a per-pixel mean."""
+    """EDM's reduction: per-patch sum over pixels and channels, mean over the rank's
+    per_gpu_batch * batch_mul patches. A 16x16 patch thus weighs 1/16 of a 64x64 image; the official
+    code does this, not a per-pixel mean."""
     return loss.sum() / (per_gpu_batch * batch_mul)
 
-# The paper's loss (official `Patch_EDMLoss`): EDM's loss on a random crop of each image, unreduced [N, C, s, s].
-# The noise goes to the image channels; the coordinates reach the network clean, and an augmentation transforms the
-# crop, not its coordinates (official code). coords=False (real_p = 1: an EDMPrecond) is EDM's loss exactly.
+# The paper's loss (official `Patch_EDMLoss`): EDM's loss on a random crop of each image, unreduced
+# [N, C, s, s]. The noise goes to the image channels; the coordinates reach the network clean, and
+# an augmentation transforms the crop, not its coordinates (official code). coords=False
+# (real_p = 1: an EDMPrecond) is EDM's loss exactly.
 def patch_loss(net, images, labels, size, coords=True, augment_pipe=None,
                P_mean=-1.2, P_std=1.2, sigma_data=0.5):  # EDM Table 1 (common.EDMLoss's defaults)
     patches, pos = random_patches(images, size)  # crops [N, C, s, s] and their coordinates [N, 2, s, s]
@@ -182,19 +197,20 @@ def patch_loss(net, images, labels, size, coords=True, augment_pipe=None,
     return weight * (D_yn - y) ** 2  # EDM Eq. 2
 
 #------------------------------------------------------------------------------
-# 4. Sampler: EDM's Heun sampler over a full canvas, the coordinate grid attached at every call, optional CFG.
+# 4. Sampler: EDM's Heun sampler over a full canvas, its coordinates attached at every call; CFG.
 
 def coordinate_canvas(resolution, image_size, x_start=0, y_start=0, device='cpu'):
-    """[1, 2, S, S] coordinates of an S x S canvas normalized by the training resolution; a canvas larger than
-    it, or a negative start, extrapolates beyond [-1, 1] (official generate.py: --image_size, --x_start, --y_start)."""
+    """[1, 2, S, S] coordinates of an S x S canvas normalized by the training resolution; a canvas
+    larger than it, or a negative start, extrapolates beyond [-1, 1] (official generate.py:
+    --image_size, --x_start, --y_start)."""
     i = torch.tensor([y_start], device=device)
     j = torch.tensor([x_start], device=device)
     return patch_coordinates(resolution, image_size, i, j)
 
 def guided_denoiser(net, pos=None, cfg=None):
-    """net(x, sigma, labels) for the sampler. With cfg = w: D = D(x | 0) + w (D(x | y) - D(x | 0)), both halves in
-    one batch, the unconditional half with an all-zero label row (paper: ImageNet with w = 1.3; official generate.py
-    --cfg)."""
+    """net(x, sigma, labels) for the sampler. With cfg = w: D = D(x | 0) + w (D(x | y) - D(x | 0)),
+    both halves in one batch, the unconditional half with an all-zero label row (paper: ImageNet
+    with w = 1.3; official generate.py --cfg)."""
     call = (lambda x, sigma, labels: net(x, sigma, pos, labels)) if isinstance(net, PatchPrecond) else net
     if cfg is None:
         return call
@@ -205,16 +221,18 @@ def guided_denoiser(net, pos=None, cfg=None):
     return denoise
 
 def patch_sampler(net, latents, labels=None, randn_like=torch.randn_like, pos=None, cfg=None, **settings):
-    """EDM's Heun sampler (EDM Alg. 2; `settings` are its num_steps, sigma_min, ...) with the coordinates `pos` of
-    the canvas attached at every call (official generate.py) and classifier-free guidance weight `cfg`."""
+    """EDM's Heun sampler (EDM Alg. 2; `settings` are its num_steps, sigma_min, ...) with the
+    coordinates `pos` of the canvas attached at every call (official generate.py) and
+    classifier-free guidance weight `cfg`."""
     return edm_sampler(guided_denoiser(net, pos, cfg), latents, labels, randn_like, **settings)
 
 @torch.no_grad()
 def sample_images(net, seeds, device, vae=None, resolution=None, image_size=None, x_start=0, y_start=0,
                   class_idx=None, cfg=None, **settings):
-    """The images of `seeds` as `generate` makes them (float32 [-1, 1] [N, C, H, W], pixels: latents decoded by
-    `vae`): an image_size canvas (None = resolution, None = the network's) whose coordinates are normalized by
-    `resolution`, every draw from the seed's own generator (noise, then the label)."""
+    """The images of `seeds` as `generate` makes them (float32 [-1, 1] [N, C, H, W], pixels: latents
+    decoded by `vae`): an image_size canvas (None = resolution, None = the network's) whose
+    coordinates are normalized by `resolution`, every draw from the seed's own generator (noise,
+    then the label)."""
     resolution = resolution or net.img_resolution
     image_size = image_size or resolution
     pos = coordinate_canvas(resolution, image_size, x_start, y_start, device)
@@ -225,18 +243,22 @@ def sample_images(net, seeds, device, vae=None, resolution=None, image_size=None
     return decode_latents(vae, images) if vae is not None else images
 
 #------------------------------------------------------------------------------
-# 5. Training loop (official training/training_loop.py): each optimizer step is `rounds` micro-batches, each of
-#    one patch size drawn per micro-batch and rank, with batch_mul[k] times the images of a full-size one. The data
-#    readers, the checks and the run's plumbing (VAE, run directory, grid, metrics) are in the Appendix.
+# 5. Training loop (official training/training_loop.py): each optimizer step is `rounds`
+#    micro-batches, each of one patch size drawn per micro-batch and rank, with batch_mul[k] times
+#    the images of a full-size one. The data readers, the checks and the run's plumbing (VAE, run
+#    directory, grid, metrics) are in the Appendix.
 
 def training_setup(args, world_size):
-    """(dataset, net_kwargs, info): the data, the network's arguments and what the run records besides its flags
-    (the preconditioner, the parameter count, the patch schedule, the batch split; latent runs: the latent shape
-    and the VAE). Every flag that depends on the data is checked here, before anything is written."""
+    """(dataset, net_kwargs, info): the data, the network's arguments and what the run records
+    besides its flags (the preconditioner, the parameter count, the patch schedule, the batch split;
+    latent runs: the latent shape and the VAE). Every flag that depends on the data is checked here,
+    before anything is written."""
     dataset, vae, R, C = open_training_data(args)
     batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
     sizes, pmf, batch_mul = patch_schedule(R, args.real_p, args.train_on_latents)
     mul_avg = float(np.dot(pmf, batch_mul))  # expected multiplier: 1.9 at p = 0.5 (latent: 1.5)
+    if args.label_dropout and not dataset.label_dim:
+        raise UsageError(f'--label-dropout={args.label_dropout:g} needs class labels (--cond=1)')
     precond = precond_class(args.real_p)
     net_kwargs = network_kwargs(args, R, C, dataset.label_dim)
     num_params = check_patch_sizes(precond, net_kwargs, sizes, pmf)
@@ -250,8 +272,8 @@ def training_setup(args, world_size):
 def train(args):
     device = init_distributed()
     rank = get_rank()
-    amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
     world_size = get_world_size()
+    amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
     dataset, net_kwargs, info = training_setup(args, world_size)
     if args.dry_run:
         print_options(args, info)
@@ -264,8 +286,9 @@ def train(args):
                                  fused=device.type == 'cuda')
     augment_pipe = AugmentPipe(p=args.augment, **AUGMENT) if args.augment else None
     run = training_run(args, dataset, info, ema, vae, device, dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler))
-    # NOTE: 1x1 convolutions on 1x1 maps (small patches) get weight gradients whose size-1 dims carry other strides
-    # than the parameter's: the same memory layout, but DDP compares strides literally and warns at every step.
+    # NOTE: 1x1 convolutions on 1x1 maps (small patches) get weight gradients whose size-1 dims
+    # carry other strides than the parameter's: the same memory layout, but DDP compares strides
+    # literally and warns at every step.
     warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
     ddp = distributed_model(net, device, args.compile)
     batch_gpu, rounds = info['batch_gpu'], info['rounds']
@@ -281,7 +304,7 @@ def train(args):
             if args.progressive:
                 k = progressive_index((run.cur_nimg // 1000) / (args.duration * 1000), pmf)
             for r in range(rounds):
-                # Fetch data: one patch size per micro-batch (stochastic schedule, paper Eq. 5), batch_mul[k] images
+                # Fetch data: a patch size per micro-batch (paper Eq. 5), batch_mul[k] images
                 if not args.progressive:
                     k = int(rng.choice(len(sizes), p=pmf))
                 fetched = [next(stream) for _ in range(batch_mul[k])]
@@ -292,9 +315,9 @@ def train(args):
                     # The paper's loss: EDM's loss on random crops with their coordinates
                     loss = patch_loss(ddp, images, labels, sizes[k], coords, augment_pipe)
                     run.add('loss', loss)
-                    # Backward: the sum over each patch, the mean over this GPU's patches (reduce_loss)
+                    # Backward: sum over each patch, mean over this GPU's patches
                     scaler.scale(reduce_loss(loss, batch_gpu * rounds, batch_mul[k]) * args.ls).backward()
-            # Optimizer and EMA; the patch counter (patches per step, all ranks) drives kimg, lr, EMA and the end
+            # Optimizer and EMA; the patch counter (all ranks' patches) drives kimg, lr, EMA
             nimg = args.batch * (batch_mul[k] if args.progressive else info['batch_mul_avg'])
             optimizer_step(optimizer, scaler, learning_rate(args.lr, run.cur_nimg, args.lr_rampup))
             update_ema(ema, net, ema_beta(run.cur_nimg, nimg, args.ema * 1000))
@@ -303,71 +326,17 @@ def train(args):
         print0(f'done: {run.dir}')
 
 #------------------------------------------------------------------------------
-# 6. Generation: one PNG per seed, identical for any --batch and any number of GPUs.
-
-def network_from(path, precond, kwargs, state_dict):
-    """The network of a checkpoint: its class, constructor arguments and (finite) weights, or one line naming it."""
-    if precond not in ('EDMPrecond', 'PatchPrecond'):
-        raise UsageError(f'--network={path}: a {precond} network; patch_diffusion.py samples EDMPrecond and '
-                         'PatchPrecond networks')
-    try:
-        net = build_network(precond, kwargs)
-    except (TypeError, ValueError, KeyError, RuntimeError) as e:
-        raise UsageError(f'--network={path}: its {precond} arguments build no network ({type(e).__name__}: '
-                         f'{str(e).splitlines()[0] if str(e) else e!r})') from None
-    if not all(torch.isfinite(t).all() for t in state_dict.values() if torch.is_tensor(t) and t.is_floating_point()):
-        raise UsageError(f'--network={path}: its weights hold NaN or inf (a diverged run); use an earlier snapshot')
-    load_weights(net, state_dict, f'--network={path}')
-    return net
-
-def load_network(path):
-    """Our snapshots / training states (.pt), or official EDM and Patch Diffusion pickles (.pkl, path or URL).
-    Official pickles count upstream's img_channels = C + 2 (the network input); ours count C (what is sampled)."""
-    if is_official(path):
-        official = load_official(path)
-        kwargs, precond = dict(official['init_kwargs']), official['precond']
-        if precond == 'Patch_EDMPrecond':
-            out_channels = kwargs.pop('out_channels', None)
-            kwargs['img_channels'] = out_channels if out_channels is not None else kwargs['img_channels'] - 2
-            precond = 'PatchPrecond'
-        elif precond != 'EDMPrecond':
-            raise UsageError(f'--network={path}: a {precond or official["class_name"]} network; patch_diffusion.py '
-                             'samples EDMPrecond and Patch_EDMPrecond networks')
-        return network_from(path, precond, kwargs, official['state_dict'])
-    ckpt = load_snapshot(path, '--network', ['patch_diffusion'])
-    net = network_from(path, ckpt['precond'], ckpt['net_kwargs'], ckpt['ema'])
-    args = ckpt.get('args', {})
-    net.latent_vae = ckpt.get('vae', args.get('vae')) if args.get('train_on_latents') else None  # generate decodes
-    return net
-
-def check_canvas(net, vae, batch, image_size, device):
-    """Refuse a batch of canvases that cannot fit: at least four float32 maps of the U-Net's first level and the
-    sampler's float64 state per image (a lower bound), plus one VAE decoder level of 128 channels at pixel size."""
-    width = next(iter(net.model.enc.values())).weight.shape[0]  # the first convolution's output channels
-    need = batch * image_size ** 2 * (4 * 4 * width + 4 * 8 * net.img_channels)
-    need += 2 * 4 * 128 * (image_size * vae.factor) ** 2 if vae is not None else 0
-    have = device_memory(device)
-    if have and need > have:
-        raise UsageError(f'--image_size={image_size} with --batch={batch}: a batch needs at least {need / 2**30:,.1f} '
-                         f'GiB, {device} has {have / 2**30:,.1f} GiB; lower --batch or --image_size')
-
-@contextlib.contextmanager
-def out_of_memory(what):
-    """A failed allocation while working: one line (exit 1), not a traceback."""
-    try:
-        yield
-    except (MemoryError, RuntimeError) as e:
-        if not isinstance(e, MemoryError) and not re.search('alloc|out of memory', str(e)):
-            raise
-        raise UserError(f'out of memory {what} ({type(e).__name__}); lower --batch or --image_size') from None
+# 6. Generation: one PNG per seed, identical for any --batch and any number of GPUs. The networks'
+#    reader (load_network: ours and the official pickles) and the memory checks are in the Appendix.
 
 @torch.no_grad()
 def generate(args):
     device, rank, world_size = init_distributed(), get_rank(), get_world_size()
     check_outdir(args.outdir)
     net = load_network(args.network).to(device).eval()
-    # NOTE: upstream's --on_latents=1 forces resolution = image_size = 32 and x_start = 0; we default both sizes to
-    # the network's resolution (32 for latent models) and keep --image_size, --x_start and --y_start as given.
+    # NOTE: upstream's --on_latents=1 forces resolution = image_size = 32 and x_start = 0; we
+    # default both sizes to the network's resolution (32 for latent models) and keep --image_size,
+    # --x_start and --y_start as given.
     on_latents = getattr(net, 'latent_vae', None) is not None if args.on_latents is None else args.on_latents
     vae = load_vae(args.vae or getattr(net, 'latent_vae', None) or SD_VAE_URL).to(device) if on_latents else None
     if vae is None and net.img_channels not in (1, 3):
@@ -411,7 +380,7 @@ def parse_cres(s):
     return cres
 
 def build_parser(preset=None):
-    """The parser; `preset` (a PRESETS name) becomes the defaults of `train` (see common.parse_command_line)."""
+    """The parser; `preset` (a PRESETS name) gives `train` its defaults (common.parse_command_line)."""
     parser = Parser(description='Patch Diffusion (Wang et al. 2023) on EDM')
     sub = parser.add_subparsers(dest='command', required=True)
     t = sub.add_parser('train', help='train a model')
@@ -477,21 +446,22 @@ def parse_args(argv=None):
     return parse_command_line(build_parser, argv)
 
 def main():
-    args = parse_command_line(build_parser)
+    args = parse_args()
     run_main({'train': train, 'generate': generate, 'encode': encode}[args.command], args)
 
 #------------------------------------------------------------------------------
-# 8. Appendix: latent space (paper: LSUN and ImageNet at 256x256; official --train_on_latents): the Stable
-#    Diffusion VAE (kl-f8) in plain torch, with the module and parameter names of diffusers' `AutoencoderKL`
-#    (autoencoders/vae.py), so the released `stabilityai/sd-vae-ft-ema` weights load by name; posterior sampling;
-#    datasets encoded once. A reader of the paper can skip it: it is the format the latent models need.
+# 8. Appendix: latent space (paper: LSUN and ImageNet at 256x256; official --train_on_latents): the
+#    Stable Diffusion VAE (kl-f8) in plain torch, with the module and parameter names of diffusers'
+#    `AutoencoderKL` (autoencoders/vae.py), so the released `stabilityai/sd-vae-ft-ema` weights load
+#    by name; posterior sampling; datasets encoded once. A reader of the paper can skip it: it is
+#    the format the latent models need.
 
 LATENT_SCALE = 0.18215  # SD latent scale factor: latents = 0.18215 * posterior sample (official training_loop.py)
 SD_VAE_URL = 'https://huggingface.co/stabilityai/sd-vae-ft-ema/resolve/main/diffusion_pytorch_model.safetensors'
 
 class VAEResnet(nn.Module):
-    """GroupNorm-SiLU-conv3x3 twice plus the input, through a 1x1 conv where the width changes (diffusers
-    ResnetBlock2D)."""
+    """GroupNorm-SiLU-conv3x3 twice plus the input, through a 1x1 conv where the width changes
+    (diffusers ResnetBlock2D)."""
     def __init__(self, in_channels, out_channels, groups):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=1e-6)
@@ -505,7 +475,7 @@ class VAEResnet(nn.Module):
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
 class VAEAttention(nn.Module):
-    """One-head self-attention over all positions, with a residual (diffusers Attention in the mid block)."""
+    """One-head self-attention over all positions, with a residual (diffusers Attention, mid block)."""
     def __init__(self, channels, groups):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, channels, eps=1e-6)
@@ -520,8 +490,8 @@ class VAEAttention(nn.Module):
         return x + self.to_out[0](h).transpose(1, 2).reshape(N, C, H, W)             # [N, HW, C] -> [N, C, H, W]
 
 class VAEResample(nn.Module):
-    """2x down: zero-pad right and bottom by one, 3x3 conv with stride 2 (Downsample2D with padding 0); 2x up:
-    nearest-neighbour upsampling, 3x3 conv (Upsample2D)."""
+    """2x down: zero-pad right and bottom by one, 3x3 conv with stride 2 (Downsample2D with padding
+    0); 2x up: nearest-neighbour upsampling, 3x3 conv (Upsample2D)."""
     def __init__(self, channels, up):
         super().__init__()
         self.up = up
@@ -556,7 +526,7 @@ class VAEMid(nn.Module):
         return self.resnets[1](self.attentions[0](self.resnets[0](x)))
 
 class VAEEncoder(nn.Module):
-    """Image -> 2 * latent_channels moments (mean, log-variance) at 1 / 2 ** (levels - 1) the resolution."""
+    """Image -> 2 * latent_channels moments (mean, log-variance) at 1 / 2 ** (levels - 1) the size."""
     def __init__(self, in_channels, latent_channels, channels, layers_per_block, groups):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
@@ -592,8 +562,9 @@ class VAEDecoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 class AutoencoderKL(nn.Module):
-    """The KL-regularized autoencoder of Stable Diffusion (Rombach et al. 2022); defaults = the SD kl-f8 VAE
-    (83,653,863 parameters), whose 256x256 images become 4x32x32 latents. Frozen here: no loss, no training."""
+    """The KL-regularized autoencoder of Stable Diffusion (Rombach et al. 2022); defaults = the SD
+    kl-f8 VAE (83,653,863 parameters), whose 256x256 images become 4x32x32 latents. Frozen here: no
+    loss, no training."""
     def __init__(self,
         in_channels         = 3,                     # image channels
         out_channels        = 3,                     # decoded image channels
@@ -610,8 +581,8 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
 
     def encode(self, x):
-        """Posterior N(mean, exp(logvar)) for images in [-1, 1]; logvar clamped to [-30, 20] (diffusers
-        DiagonalGaussianDistribution)."""
+        """Posterior N(mean, exp(logvar)) for images in [-1, 1]; logvar clamped to [-30, 20]
+        (diffusers DiagonalGaussianDistribution)."""
         mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)  # [N, 2C, h, w] -> 2 x [N, C, h, w]
         return mean, logvar.clamp(-30, 20)
 
@@ -623,9 +594,10 @@ SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.f
                       'BOOL': torch.bool}
 
 def read_safetensors(path):
-    """Tensors of a .safetensors file, without the safetensors package: an 8-byte little-endian header length n,
-    n bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}, '__metadata__': ...}, then the raw
-    little-endian tensor bytes (offsets relative to the end of the header)."""
+    """Tensors of a .safetensors file, without the safetensors package: an 8-byte little-endian
+    header length n, n bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]},
+    '__metadata__': ...}, then the raw little-endian tensor bytes (offsets relative to the end of
+    the header)."""
     with open(path, 'rb') as f:
         (n,) = struct.unpack('<Q', f.read(8))
         header = json.loads(f.read(n))
@@ -646,8 +618,8 @@ def read_safetensors(path):
 OLD_ATTENTION_NAMES = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out.0'}
 
 def convert_vae_keys(state_dict):
-    """Current diffusers names: query/key/value/proj_attn -> to_q/to_k/to_v/to_out.0, and attention weights stored
-    as 1x1 convolutions [C, C, 1, 1] -> linear [C, C]."""
+    """Current diffusers names: query/key/value/proj_attn -> to_q/to_k/to_v/to_out.0, and attention
+    weights stored as 1x1 convolutions [C, C, 1, 1] -> linear [C, C]."""
     out = {}
     for key, t in state_dict.items():
         parts = key.rsplit('.', 2)
@@ -657,8 +629,8 @@ def convert_vae_keys(state_dict):
     return out
 
 def vae_config(state_dict):
-    """AutoencoderKL constructor arguments read off the weight shapes (GroupNorm groups cannot be: 32, as every SD
-    VAE)."""
+    """AutoencoderKL constructor arguments read off the weight shapes (GroupNorm groups cannot
+    be: 32, as every SD VAE)."""
     enc = lambda name: state_dict[f'encoder.{name}.weight']
     levels = sum(f'encoder.down_blocks.{i}.resnets.0.conv1.weight' in state_dict for i in range(len(state_dict)))
     layers = sum(f'encoder.down_blocks.0.resnets.{j}.conv1.weight' in state_dict for j in range(len(state_dict)))
@@ -667,8 +639,8 @@ def vae_config(state_dict):
                 layers_per_block=layers, latent_channels=state_dict['post_quant_conv.weight'].shape[0])
 
 def load_vae(path_or_url):
-    """The VAE from diffusers-format weights (`diffusion_pytorch_model.safetensors` or `.bin`; old or current
-    attention names), a local path or a URL (downloaded once into torch's hub cache)."""
+    """The VAE from diffusers-format weights (`diffusion_pytorch_model.safetensors` or `.bin`; old
+    or current attention names), a local path or a URL (downloaded once into torch's hub cache)."""
     path = download(path_or_url, '--vae') if '://' in str(path_or_url) else str(path_or_url)
     if not os.path.isfile(path):
         raise UserError(f'{path}: no such VAE weights file (diffusers format, e.g. sd-vae-ft-ema/'
@@ -712,8 +684,9 @@ def load_vae(path_or_url):
 
 @torch.no_grad()
 def latents_from(batch, vae=None):
-    """0.18215 * a posterior sample mean + std * eps (official training loop: `latent_dist.sample()`), from uint8
-    images encoded now by `vae`, or from pre-encoded moments [N, 2C, h, w] = (mean, std) when vae is None."""
+    """0.18215 * a posterior sample mean + std * eps (official training loop:
+    `latent_dist.sample()`), from uint8 images encoded now by `vae`, or from pre-encoded moments
+    [N, 2C, h, w] = (mean, std) when vae is None."""
     if vae is not None:
         mean, logvar = vae.encode(batch.to(torch.float32) / 127.5 - 1)
         std = (0.5 * logvar).exp()
@@ -723,13 +696,13 @@ def latents_from(batch, vae=None):
 
 @torch.no_grad()
 def decode_latents(vae, x):
-    """Images in [-1, 1] from latents x (official generate.py: decode(x / 0.18215)).
-    NOTE: upstream decodes the whole batch; we decode one image at a time, so no image depends on its batch."""
+    """Images in [-1, 1] from latents x (official generate.py: decode(x / 0.18215)). NOTE: upstream
+    decodes the whole batch; we decode one image at a time, so no image depends on its batch."""
     return torch.cat([vae.decode(z[None].float() / LATENT_SCALE) for z in x])
 
 class LatentDataset(torch.utils.data.Dataset):
-    """A folder written by `patch_diffusion.py encode`: item i = (posterior moments [2C, h, w] float32 = mean then
-    std, one-hot label). The moments stay on disk (memory-mapped .npy)."""
+    """A folder written by `patch_diffusion.py encode`: item i = (posterior moments [2C, h, w]
+    float32 = mean then std, one-hot label). The moments stay on disk (memory-mapped .npy)."""
     def __init__(self, path, use_labels=False, xflip=False, **_):
         if xflip:
             raise UserError(f'{path}: pre-encoded latents cannot be x-flipped; train on the images (per-step encoding) '
@@ -756,10 +729,11 @@ class LatentDataset(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def encode(args):
-    """`encode`: a dataset -> folder of posterior moments. NOTE: not in the official code, which encodes every batch
-    (EDM2 pre-encodes this way); training from the folder samples the same posterior without running the encoder:
-    moments.npy [N, 2C, h, w] float32 (mean, std), labels.npy [N, label_dim] if the dataset has labels, dataset.json.
-    Each rank encodes every world_size-th image into the shared memory-mapped file."""
+    """`encode`: a dataset -> folder of posterior moments. NOTE: not in the official code, which
+    encodes every batch (EDM2 pre-encodes this way); training from the folder samples the same
+    posterior without running the encoder: moments.npy [N, 2C, h, w] float32 (mean, std), labels.npy
+    [N, label_dim] if the dataset has labels, dataset.json. Each rank encodes every world_size-th
+    image into the shared memory-mapped file."""
     device = init_distributed()
     rank, world_size = get_rank(), get_world_size()
     check_outdir(args.dest, '--dest')
@@ -804,15 +778,16 @@ def encode(args):
     print0('done')
 
 #------------------------------------------------------------------------------
-# 8b. Appendix: the training run's plumbing. What train() reads (pixels, latents encoded now, or pre-encoded
-#     moments), the checks of flags against the data and the machine, the VAE, the run directory, the sample grid,
-#     --metrics and the status line at the start.
+# 8b. Appendix: the training run's plumbing. What train() reads (pixels, latents encoded now, or
+#     pre-encoded moments), the checks of flags against the data and the machine, the VAE, the run
+#     directory, the sample grid, --metrics and the status line at the start.
 
 def open_training_data(args):
-    """(dataset, vae, R, C): what each step fetches, the VAE that encodes it every step (None for pixels and for
-    pre-encoded moments), and the resolution and channels of what the network sees (latents of 256x256 images
-    through the SD VAE: 32 and 4). A dry run reads no weights (the SD kl-f8 VAE is assumed) and, for latents, no
-    images: a dataset that is not there is taken as 256x256 RGB, with ImageNet's 1000 classes if --cond."""
+    """(dataset, vae, R, C): what each step fetches, the VAE that encodes it every step (None for
+    pixels and for pre-encoded moments), and the resolution and channels of what the network sees
+    (latents of 256x256 images through the SD VAE: 32 and 4). A dry run reads no weights (the SD
+    kl-f8 VAE is assumed) and, for latents, no images: a dataset that is not there is taken as
+    256x256 RGB, with ImageNet's 1000 classes if --cond."""
     if os.path.isfile(os.path.join(args.data, 'moments.npy')):
         if not args.train_on_latents:
             raise UsageError(f'--data={args.data}: pre-encoded latents (patch_diffusion.py encode); '
@@ -849,7 +824,7 @@ def check_patch_sizes(precond, net_kwargs, sizes, pmf):
     return sum(p.numel() for p in net.parameters())
 
 def device_memory(device):
-    """Bytes of memory on `device` (a GPU's, or this machine's RAM); None where the OS does not say."""
+    """Bytes of memory on `device` (a GPU's, or this machine's RAM); None if the OS does not say."""
     if device.type == 'cuda':
         return torch.cuda.get_device_properties(device).total_memory
     try:
@@ -858,8 +833,9 @@ def device_memory(device):
         return None
 
 def check_run(args, num_params, mul_avg):
-    """Refuse, before anything is written, a network whose weights, EMA, gradients and Adam moments (5 x float32 per
-    parameter) cannot fit in the device's memory, and a run of more than 10^9 optimizer steps, which would never end."""
+    """Refuse, before anything is written, a network whose weights, EMA, gradients and Adam moments
+    (5 x float32 per parameter) cannot fit in the device's memory, and a run of more than 10^9
+    optimizer steps, which would never end."""
     cuda = torch.cuda.is_available()  # init_distributed made this process's GPU the current one
     device = torch.device('cuda', torch.cuda.current_device()) if cuda else torch.device('cpu')
     need = 20 * num_params
@@ -873,14 +849,14 @@ def check_run(args, num_params, mul_avg):
                          'a run that would never end; train for fewer Mimg or with a larger batch')
 
 def metrics_source(args, dataset):
-    """The images `train --metrics` scores against: --data, or for pre-encoded latents the images they were encoded
-    from (dataset.json's source), which toy_fd needs to be there."""
+    """The images `train --metrics` scores against: --data, or for pre-encoded latents the images
+    they were encoded from (dataset.json's source), which toy_fd needs to be there."""
     source = getattr(dataset, 'info', {}).get('source', args.data)
     return source
 
 def check_metric_data(args, dataset):
-    """toy_fd on pre-encoded latents scores the decoded samples against the images the latents were encoded from
-    (dataset.json's source): they must still be there."""
+    """toy_fd on pre-encoded latents scores the decoded samples against the images the latents were
+    encoded from (dataset.json's source): they must still be there."""
     if not args.train_on_latents or 'toy_fd' not in args.metrics:
         return
     source = metrics_source(args, dataset)
@@ -889,8 +865,8 @@ def check_metric_data(args, dataset):
                          f'images against the images they were encoded from, {source}, which are not there; use fid*')
 
 def latent_info(args, dataset, vae, R, C):
-    """What a latent run records in its options: the VAE's weights, the latent shape, the encoding and the VAE's
-    size."""
+    """What a latent run records in its options: the VAE's weights, the latent shape, the encoding
+    and the VAE's size."""
     if not args.train_on_latents:
         return {}
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -900,9 +876,9 @@ def latent_info(args, dataset, vae, R, C):
                 vae_params=vae and dict(total=count(vae), encoder=count(vae.encoder), decoder=count(vae.decoder)))
 
 def training_vae(args, info, device):
-    """A latent run's SD VAE, frozen, float32 (official), on `device`: it encodes every batch (unless the data are
-    pre-encoded moments) and decodes the samples of the grid and --metrics. None for pixels, and for pre-encoded
-    moments without a grid or metrics."""
+    """A latent run's SD VAE, frozen, float32 (official), on `device`: it encodes every batch
+    (unless the data are pre-encoded moments) and decodes the samples of the grid and --metrics.
+    None for pixels, and for pre-encoded moments without a grid or metrics."""
     if not args.train_on_latents:
         return None
     if info['encoding'] == 'pre-encoded' and not (args.grid or args.metrics):
@@ -910,9 +886,9 @@ def training_vae(args, info, device):
     return load_vae(info['vae']).to(device)
 
 def training_run(args, dataset, info, ema, vae, device, state):
-    """train()'s TrainingRun: the run directory (EDM's name for it), resume, length, ticks and saves; the snapshot
-    content; the sample grid and --metrics, which sample the EMA as `generate` does (its defaults; latents decoded
-    by `vae`) and score pixels."""
+    """train()'s TrainingRun: the run directory (EDM's name for it), resume, length, ticks and
+    saves; the snapshot content; the sample grid and --metrics, which sample the EMA as `generate`
+    does (its defaults; latents decoded by `vae`) and score pixels."""
     precond = info['precond_class']
     desc = run_desc(dataset.name, 'cond' if args.cond else 'uncond', args.arch,
                     'edm' if precond == 'EDMPrecond' else 'pedm', world_size=info['world_size'], batch=args.batch,
@@ -939,7 +915,8 @@ def training_run(args, dataset, info, ema, vae, device, state):
                        grid=grid if args.grid else None, evaluate=evaluate)
 
 def banner(args, dataset, info, device, run_dir):
-    """The run's first lines: the data, the network, the patch schedule, the batch split, where it goes."""
+    """The run's first lines: the data, the network, the patch schedule, the batch split, where it
+    goes."""
     R, C = info['net_kwargs']['img_resolution'], info['net_kwargs']['img_channels']
     pmf = [round(p, 3) for p in info['patch_pmf']]
     text = (f'Patch Diffusion: {dataset.name} ({len(dataset)} images, {R}x{R}x{C}), {info["precond_class"]} '
@@ -952,6 +929,69 @@ def banner(args, dataset, info, device, run_dir):
         text += (f'\nlatents {C}x{R}x{R} (x {LATENT_SCALE}) of {info["image_resolution"]}-pixel images, '
                  f'{info["encoding"]}, VAE {info["vae"]}')
     return text
+
+#------------------------------------------------------------------------------
+# 8c. Appendix: generate's plumbing. The networks' reader (our snapshots, official EDM and Patch
+#     Diffusion pickles), and the canvas memory check and out-of-memory line.
+
+def network_from(path, precond, kwargs, state_dict):
+    """The network of a checkpoint: its class, constructor arguments and (finite) weights, or
+    one line naming the problem."""
+    if precond not in ('EDMPrecond', 'PatchPrecond'):
+        raise UsageError(f'--network={path}: a {precond} network; patch_diffusion.py samples EDMPrecond and '
+                         'PatchPrecond networks')
+    try:
+        net = build_network(precond, kwargs)
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise UsageError(f'--network={path}: its {precond} arguments build no network ({type(e).__name__}: '
+                         f'{str(e).splitlines()[0] if str(e) else e!r})') from None
+    if not all(torch.isfinite(t).all() for t in state_dict.values() if torch.is_tensor(t) and t.is_floating_point()):
+        raise UsageError(f'--network={path}: its weights hold NaN or inf (a diverged run); use an earlier snapshot')
+    load_weights(net, state_dict, f'--network={path}')
+    return net
+
+def load_network(path):
+    """Our snapshots / training states (.pt), or official EDM and Patch Diffusion pickles (.pkl,
+    path or URL). Official pickles count upstream's img_channels = C + 2 (the network input);
+    ours count C (what is sampled)."""
+    if is_official(path):
+        official = load_official(path)
+        kwargs, precond = dict(official['init_kwargs']), official['precond']
+        if precond == 'Patch_EDMPrecond':
+            out_channels = kwargs.pop('out_channels', None)
+            kwargs['img_channels'] = out_channels if out_channels is not None else kwargs['img_channels'] - 2
+            precond = 'PatchPrecond'
+        elif precond != 'EDMPrecond':
+            raise UsageError(f'--network={path}: a {precond or official["class_name"]} network; patch_diffusion.py '
+                             'samples EDMPrecond and Patch_EDMPrecond networks')
+        return network_from(path, precond, kwargs, official['state_dict'])
+    ckpt = load_snapshot(path, '--network', ['patch_diffusion'])
+    net = network_from(path, ckpt.get('precond', 'EDMPrecond'), ckpt['net_kwargs'], ckpt['ema'])
+    args = ckpt.get('args', {})
+    net.latent_vae = ckpt.get('vae', args.get('vae')) if args.get('train_on_latents') else None  # generate decodes
+    return net
+
+def check_canvas(net, vae, batch, image_size, device):
+    """Refuse a batch of canvases that cannot fit: at least four float32 maps of the U-Net's first
+    level and the sampler's float64 state per image (a lower bound), plus one VAE decoder level of
+    128 channels at pixel size."""
+    width = next(iter(net.model.enc.values())).weight.shape[0]  # the first convolution's output channels
+    need = batch * image_size ** 2 * (4 * 4 * width + 4 * 8 * net.img_channels)
+    need += 2 * 4 * 128 * (image_size * vae.factor) ** 2 if vae is not None else 0
+    have = device_memory(device)
+    if have and need > have:
+        raise UsageError(f'--image_size={image_size} with --batch={batch}: a batch needs at least {need / 2**30:,.1f} '
+                         f'GiB, {device} has {have / 2**30:,.1f} GiB; lower --batch or --image_size')
+
+@contextlib.contextmanager
+def out_of_memory(what):
+    """A failed allocation while working: one line (exit 1), not a traceback."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and not re.search('alloc|out of memory', str(e)):
+            raise
+        raise UserError(f'out of memory {what} ({type(e).__name__}); lower --batch or --image_size') from None
 
 if __name__ == '__main__':
     main()
