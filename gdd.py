@@ -41,35 +41,41 @@ import torch.nn.functional as F
 from einops import rearrange
 from tqdm import tqdm
 
-from common import (EDMPrecond, Parser, PerSeedRNG, TrainingRun, UNetBlock, UsageError, UserError, add_edm_train_flags,
-                    add_generate_flags, add_metric_flags, add_train_flags, check_class, check_outdir, distributed_model,
-                    edm_backbone_kwargs, ema_beta, get_rank, get_world_size, init_distributed, is_official,
-                    learning_rate, load_checkpoint, load_official, load_snapshot, load_weights, network_and_ema,
-                    number, open_dataset, optimizer_step, parse_command_line, parse_int_list, print0, print_options, reseed, run_desc,
-                    run_main, save_image_grid, save_seed_images, seed_batches, seed_labels, setup_precision,
-                    split_batch, sync_if, training_metrics, update_ema, working)
+from common import (EDMPrecond, Parser, PerSeedRNG, TrainingRun, UNetBlock, UsageError, UserError,
+                    add_edm_train_flags, add_generate_flags, add_metric_flags, add_train_flags,
+                    check_class, check_outdir, distributed_model, edm_backbone_kwargs, ema_beta,
+                    get_rank, get_world_size, init_distributed, is_official, learning_rate,
+                    load_checkpoint, load_official, load_snapshot, load_weights, network_and_ema,
+                    number, open_dataset, optimizer_step, parse_command_line, parse_int_list,
+                    print0, print_options, reseed, run_desc, run_main, save_image_grid,
+                    save_seed_images, seed_batches, seed_labels, setup_precision, split_batch,
+                    sync_if, training_metrics, update_ema, working)
 
 #------------------------------------------------------------------------------
-# 1. Config. Presets are the runs of the official train.sh (Zyriix/GDD:train.sh, 4 GPUs there); `_gdd` and `_gddi`
-#    differ only in --freeze. The flag defaults are train.sh's too: --tick=25 --snap=10 --dropout=0 --lr-rampup=0
-#    --r1-gamma=1e-4 --r1-interval=16. Teachers: the official EDM checkpoints named in each comment.
+# 1. Config. Presets are the runs of the official train.sh (Zyriix/GDD:train.sh, 4 GPUs there);
+#    `_gdd` and `_gddi` differ only in --freeze. The flag defaults are train.sh's too: --tick=25
+#    --snap=10 --dropout=0 --lr-rampup=0 --r1-gamma=1e-4 --r1-interval=16. Teachers: the official
+#    EDM checkpoints named in each comment.
 
 # The flags train.sh gives every run, then per dataset (the same for AFHQv2 and FFHQ).
 TRAIN_SH = dict(batch=256, ema=0.5, bf16=True, seed=42)
 CIFAR10 = TRAIN_SH | dict(arch='ncsnpp', backbone='1', lr=1e-4, dlr=1e-4, duration=5)
 CIFAR10_COND = CIFAR10 | dict(cond=True)
-AFHQ_FFHQ64 = TRAIN_SH | dict(arch='ncsnpp', cres=[1, 2, 2, 2], backbone='0', lr=2e-5, dlr=4e-5, duration=10)
-IMAGENET64 = TRAIN_SH | dict(arch='adm', cond=True, backbone='0', batch=512, lr=8e-6, dlr=4e-5, duration=10,
-                             ema=50)
+AFHQ_FFHQ64 = TRAIN_SH | dict(arch='ncsnpp', cres=[1, 2, 2, 2], backbone='0', lr=2e-5, dlr=4e-5,
+                              duration=10)
+IMAGENET64 = TRAIN_SH | dict(arch='adm', cond=True, backbone='0', batch=512, lr=8e-6, dlr=4e-5,
+                             duration=10, ema=50)
 
 PRESETS = {
-    # CIFAR-10 unconditional, teacher edm-cifar10-32x32-uncond-ve.pkl, VGG16-BN + EfficientNet-lite0 (--backbone=1)
+    # CIFAR-10 unconditional, teacher edm-cifar10-32x32-uncond-ve.pkl,
+    # VGG16-BN + EfficientNet-lite0 (--backbone=1)
     'cifar10_gdd': CIFAR10 | dict(freeze=0),
     'cifar10_gddi': CIFAR10 | dict(freeze=1),
     # CIFAR-10 conditional, teacher edm-cifar10-32x32-cond-ve.pkl
     'cifar10_cond_gdd': CIFAR10_COND | dict(freeze=0),
     'cifar10_cond_gddi': CIFAR10_COND | dict(freeze=1),
-    # AFHQv2 64x64, teacher edm-afhqv2-64x64-uncond-ve.pkl, DeiT-B/16-distilled + EfficientNet-lite0 (--backbone=0)
+    # AFHQv2 64x64, teacher edm-afhqv2-64x64-uncond-ve.pkl,
+    # DeiT-B/16-distilled + EfficientNet-lite0 (--backbone=0)
     'afhqv264_gdd': AFHQ_FFHQ64 | dict(freeze=0),
     'afhqv264_gddi': AFHQ_FFHQ64 | dict(freeze=1),
     # FFHQ 64x64, teacher edm-ffhq-64x64-uncond-ve.pkl
@@ -78,73 +84,83 @@ PRESETS = {
     # ImageNet 64x64 conditional, teacher edm-imagenet-64x64-cond-adm.pkl
     'imagenet64_gdd': IMAGENET64 | dict(freeze=0),
     'imagenet64_gddi': IMAGENET64 | dict(freeze=1),
-    # Ours, CPU demo (about 7 CPU-minutes): GDD-I on the 8x8 shapes from patch_diffusion.py's demo teacher, with
-    # RANDOM feature networks (EfficientNet-lite0 at 32 px, He-normal), heads capped at 64 channels, one D pass for
-    # fakes and reals (docs/gdd.md, CPU demo: why), 960 iterations: the machinery, not the paper's quality.
-    'demo': dict(data='demo-8', backbone='3', feature_weights='random-he', feature_res=32, head_width=64,
-                 d_pass='joint', batch=16, lr=1e-3, dlr=1e-3, duration=0.01536, tick=1.6, snap=100, dump=100,
-                 freeze=1, workers=0),
+    # Ours, CPU demo (about 7 CPU-minutes): GDD-I on the 8x8 shapes from patch_diffusion.py's demo
+    # teacher, with RANDOM feature networks (EfficientNet-lite0 at 32 px, He-normal), heads capped
+    # at 64 channels, one D pass for fakes and reals (docs/gdd.md, CPU demo: why), 960 iterations:
+    # the machinery, not the paper's quality.
+    'demo': dict(data='demo-8', backbone='3', feature_weights='random-he', feature_res=32,
+                 head_width=64, d_pass='joint', batch=16, lr=1e-3, dlr=1e-3, duration=0.01536,
+                 tick=1.6, snap=100, dump=100, freeze=1, workers=0),
 }
 
-# Feature networks of the discriminator by the official --backbone numbers (train.py): 0 DeiT + EfficientNet,
-# 1 VGG + EfficientNet, 3 EfficientNet only; the networks themselves are in the appendix.
+# Feature networks of the discriminator by the official --backbone numbers (train.py):
+# 0 DeiT + EfficientNet, 1 VGG + EfficientNet, 3 EfficientNet only; the networks are in the appendix.
 FEATURE_NETWORK_SETS = {'0': ['deit_base_distilled_patch16_224', 'tf_efficientnet_lite0'],
              '1': ['vgg16_bn', 'tf_efficientnet_lite0'], '3': ['tf_efficientnet_lite0']}
 
 #------------------------------------------------------------------------------
 # 2. Backbone: the teacher's U-Net with GDD's preconditioning; GDD-I's frozen set.
 
-SIGMA_MAX = 80.0  # the generator's one noise level: EDM's sigma_max (official training/loss.py, GDDLoss)
+# The generator's one noise level: EDM's sigma_max (official training/loss.py, GDDLoss).
+SIGMA_MAX = 80.0
 
 class GDDPrecond(EDMPrecond):
-    """EDM preconditioning with the output coefficients shifted by eps (official training/networks.py, GDDPrecond):
-    c_skip = s_d^2 / ((sigma - eps)^2 + s_d^2), c_out = s_d (sigma - eps) / sqrt(sigma^2 + s_d^2); c_in and c_noise
-    are EDM's. At sigma = 80 this differs from the teacher's D by 2.5e-5 relative."""
+    """EDM preconditioning with the output coefficients shifted by eps (official
+    training/networks.py, GDDPrecond):
+    c_skip = s_d^2 / ((sigma - eps)^2 + s_d^2), c_out = s_d (sigma - eps) / sqrt(sigma^2 + s_d^2);
+    c_in and c_noise are EDM's. At sigma = 80 this differs from the teacher's D by 2.5e-5 relative."""
     def __init__(self, img_resolution, img_channels, label_dim=0, eps=0.002, **kwargs):
         super().__init__(img_resolution, img_channels, label_dim, **kwargs)
-        self.eps = eps                                   # shift of c_skip/c_out (the sampler's sigma_min)
+        self.eps = eps  # shift of c_skip/c_out (the sampler's sigma_min)
 
     def coefficients(self, sigma):
         _, _, c_in, c_noise = super().coefficients(sigma)
-        c_skip = self.sigma_data ** 2 / ((sigma - self.eps) ** 2 + self.sigma_data ** 2)           # GDDPrecond c_skip
-        c_out = (sigma - self.eps) * self.sigma_data / (sigma ** 2 + self.sigma_data ** 2).sqrt()  # GDDPrecond c_out
-        return c_skip, c_out, c_in, c_noise  # NOTE: c_out's root has the unshifted sigma, as upstream
+        s_d = self.sigma_data
+        c_skip = s_d ** 2 / ((sigma - self.eps) ** 2 + s_d ** 2)           # GDDPrecond c_skip
+        c_out = (sigma - self.eps) * s_d / (sigma ** 2 + s_d ** 2).sqrt()  # GDDPrecond c_out
+        # NOTE: c_out's root has the unshifted sigma, as upstream.
+        return c_skip, c_out, c_in, c_noise
 
 def generator_kwargs(teacher_kwargs, dropout=0):
-    """GDDPrecond kwargs from a teacher's: no augmentation conditioning (the teacher's map_augment is dropped; it
-    is unused at sampling), dropout as given (train.sh: 0), no label dropout."""
+    """GDDPrecond kwargs from a teacher's: no augmentation conditioning (the teacher's
+    map_augment is dropped; it is unused at sampling), dropout as given (train.sh: 0), no label
+    dropout."""
     kwargs = {k: v for k, v in teacher_kwargs.items() if k not in ('augment_dim', 'eps')}
     return dict(kwargs, augment_dim=0, dropout=dropout, label_dropout=0)
 
 def network_kwargs(args, resolution, channels, label_dim):
-    """GDDPrecond kwargs of --arch/--cres as EDM's train.py builds them, without a teacher (`train -n`)."""
+    """GDDPrecond kwargs of --arch/--cres as EDM's train.py builds them, without a teacher
+    (`train -n`)."""
     model = edm_backbone_kwargs(args.arch, None, args.cres)
     model.update(dropout=args.dropout, label_dropout=0, augment_dim=0)
     return dict(img_resolution=resolution, img_channels=channels, label_dim=label_dim, **model)
 
-# The residual-block (UNetBlock) parts each --freeze level keeps fixed. Official train.py's freeze_layer per level:
-# 1 ['conv', 'proj'], 2 ['conv', 'proj', 'qkv'], 3 ['conv', 'proj', 'qkv', 'skip'].
+# The residual-block (UNetBlock) parts each --freeze level keeps fixed. Official train.py's
+# freeze_layer per level: 1 ['conv', 'proj'], 2 ['conv', 'proj', 'qkv'],
+# 3 ['conv', 'proj', 'qkv', 'skip'].
 FREEZE_PARTS = {0: (), 1: ('conv0', 'conv1', 'proj'), 2: ('conv0', 'conv1', 'proj', 'qkv'),
                 3: ('conv0', 'conv1', 'proj', 'qkv', 'skip')}
 VARIANTS = ('gdd', 'gddi', 'gddi-qkv', 'gddi-qkv-skip')  # the run directory's tag of each level
 
 def frozen_names(net, level=1):
-    """Names of the generator parameters that --freeze=level keeps fixed; level 1 is the paper's GDD-I: conv0 and
-    conv1 (the 3x3 convs) of every U-Net residual block and the attention output projection `proj`; level 2 adds
-    the attention `qkv`, level 3 also the blocks' 1x1 `skip` convs. Selected by module type: upstream's substring
-    rule (official training/training_loop.py: "block"/"up"/"down"/"in" and one of train.py's freeze_layer strings
-    in the name) picks exactly these on EDM's SongUNet and DhariwalUNet."""
+    """Names of the generator parameters that --freeze=level keeps fixed; level 1 is the paper's
+    GDD-I: conv0 and conv1 (the 3x3 convs) of every U-Net residual block and the attention output
+    projection `proj`; level 2 adds the attention `qkv`, level 3 also the blocks' 1x1 `skip`
+    convs. Selected by module type: upstream's substring rule (official
+    training/training_loop.py: "block"/"up"/"down"/"in" and one of train.py's freeze_layer
+    strings in the name) picks exactly these on EDM's SongUNet and DhariwalUNet."""
     names = []
     for prefix, module in net.named_modules():
         if isinstance(module, UNetBlock):
             for part in FREEZE_PARTS[level]:
                 if getattr(module, part, None) is not None:
-                    names += [f'{prefix}.{part}.{n}' for n, _ in getattr(module, part).named_parameters()]
+                    params = getattr(module, part).named_parameters()
+                    names += [f'{prefix}.{part}.{n}' for n, _ in params]
     return names
 
 def freeze(net, level):
-    """GDD-I: no gradients for the parameters frozen_names(net, level) lists, set before DDP wraps the network (frozen
-    tensors are then not its parameters); returns their names."""
+    """GDD-I: no gradients for the parameters frozen_names(net, level) lists, set before DDP
+    wraps the network (frozen tensors are then not its parameters); returns their names."""
     frozen = frozen_names(net, level)
     for name, p in net.named_parameters():
         p.requires_grad_(name not in frozen)
@@ -156,59 +172,69 @@ def parameter_counts(net, frozen):
     return dict(total=total, frozen=num_frozen, trainable=total - num_frozen)
 
 def init_from_teacher(net, state, where):
-    """Copy the teacher's EMA parameters and buffers by name (official misc.copy_params_and_buffers). Buffers matter:
-    NCSN++'s Fourier frequencies are random per checkpoint. Only the teacher's map_augment may be left over."""
+    """Copy the teacher's EMA parameters and buffers by name (official
+    misc.copy_params_and_buffers). Buffers matter: NCSN++'s Fourier frequencies are random per
+    checkpoint. Only the teacher's map_augment may be left over."""
     own = net.state_dict()
     missing = [k for k in own if k not in state]
     extra = [k for k in state if k not in own and not k.startswith('model.map_augment.')]
     shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or extra or shapes:
         first = missing[:1] or extra[:1] or shapes[:1]
-        raise UsageError(f'{where}: the teacher does not fit its own architecture ({first[0]}: {len(missing)} '
-                         f'missing, {len(extra)} extra, {len(shapes)} shapes differ)')
+        raise UsageError(f'{where}: the teacher does not fit its own architecture ({first[0]}: '
+                         f'{len(missing)} missing, {len(extra)} extra, {len(shapes)} shapes differ)')
     net.load_state_dict({k: state[k] for k in own})
     return net
 
 #------------------------------------------------------------------------------
-# 3. Method math: the GAN losses with lazy R1 and one training iteration (official training/loss.py, GDDLoss, and
-#    training/training_loop.py). The discriminator D (Projected GAN / StyleGAN-XL's: frozen feature networks, fixed
-#    random projections, trained heads) is not this paper's contribution: it is in the appendix.
+# 3. Method math: the GAN losses with lazy R1 and one training iteration (official training/loss.py,
+#    GDDLoss, and training/training_loop.py). The discriminator D (Projected GAN / StyleGAN-XL's:
+#    frozen feature networks, fixed random projections, trained heads) is not this paper's
+#    contribution: it is in the appendix.
 
 def gan_loss(logits, target_real):
-    """Non-saturating logistic loss per sample: sum over networks of the mean over that network's logits of
-    softplus(-l) (target real) or softplus(l) (target fake); shape [N] (official GDDLoss, the G and D terms)."""
+    """Non-saturating logistic loss per sample: sum over networks of the mean over that network's
+    logits of softplus(-l) (target real) or softplus(l) (target fake); shape [N] (official
+    GDDLoss, the G and D terms)."""
     sign = -1 if target_real else 1
     return sum(F.softplus(sign * l).mean(dim=1) for l in logits)
 
 def r1_penalty(features, D, images, labels):
-    """||grad_x sum of all real logits||^2 per sample (lazy R1, StyleGAN2), through resize, frozen trunks, random
-    projections and heads (double backward); shape [N]."""
+    """||grad_x sum of all real logits||^2 per sample (lazy R1, StyleGAN2), through resize,
+    frozen trunks, random projections and heads (double backward); shape [N]."""
     x = images.detach().requires_grad_(True)
     logits = D(features(x), labels)
     grad, = torch.autograd.grad(sum(l.sum() for l in logits), x, create_graph=True)
     return grad.square().sum(dim=[1, 2, 3])  # official GDDLoss, the R1 term
 
-# NOTE: upstream (and the default --d-pass=separate) sends the fakes and the reals through D in separate passes, so
-# the heads' train-mode BatchNorm normalizes each batch by its own statistics and a difference in a feature's batch
-# mean or spread between fakes and reals is erased. --d-pass=joint (CPU demos) sends them as one batch, as
-# BigGAN-PyTorch does "so that BN stats are shared" (ajbrock/BigGAN-PyTorch, BigGAN.py, G_D.forward), in the D step
-# and in the G step (reals without gradient there); the R1 step stays reals-only.
+# NOTE: upstream (and the default --d-pass=separate) sends the fakes and the reals through D in
+# separate passes, so the heads' train-mode BatchNorm normalizes each batch by its own statistics
+# and a difference in a feature's batch mean or spread between fakes and reals is erased.
+# --d-pass=joint (CPU demos) sends them as one batch, as BigGAN-PyTorch does "so that BN stats are
+# shared" (ajbrock/BigGAN-PyTorch, BigGAN.py, G_D.forward), in the D step and in the G step (reals
+# without gradient there); the R1 step stays reals-only.
 def joint_logits(D, features, fake, images, labels):
-    """D's logits of [fakes; reals] in one pass, split back: (fake logits, real logits), one [N, L_k] each."""
+    """D's logits of [fakes; reals] in one pass, split back: (fake logits, real logits), one
+    [N, L_k] each."""
     n = fake.shape[0]
     both = None if labels is None else torch.cat([labels, labels])
     logits = D(features(torch.cat([fake, images])), both)                 # [2N, L_k] per network
     return [l[:n] for l in logits], [l[n:] for l in logits]
 
 def g_step(ddp_G, features, D, micro_batches, gan_weight=1, run=None, ls=1, joint=False):
-    """G's gradient: D's heads frozen, backprop through D and the feature networks into G's trainable parameters.
-    Fresh noise from the global RNG (reseeded per step); the fakes are not clamped. The plain D, not its DDP wrapper:
-    no D gradient is needed (upstream calls the wrapper with D's requires_grad off; same result)."""
+    """G's gradient: D's heads frozen, backprop through D and the feature networks into G's
+    trainable parameters. Fresh noise from the global RNG (reseeded per step); the fakes are not
+    clamped. The plain D, not its DDP wrapper: no D gradient is needed (upstream calls the
+    wrapper with D's requires_grad off; same result)."""
     D.requires_grad_(False)
     for r, (images, labels) in enumerate(micro_batches):
         with sync_if(ddp_G, r == len(micro_batches) - 1):
-            fake = ddp_G(torch.randn_like(images) * SIGMA_MAX, SIGMA_MAX, labels)  # x = G(80 z; 80, c)
-            logits = joint_logits(D, features, fake, images, labels)[0] if joint else D(features(fake), labels)
+            z = torch.randn_like(images)
+            fake = ddp_G(z * SIGMA_MAX, SIGMA_MAX, labels)  # x = G(80 z; 80, c)
+            if joint:
+                logits = joint_logits(D, features, fake, images, labels)[0]
+            else:
+                logits = D(features(fake), labels)
             loss = gan_loss(logits, target_real=True)
             (loss.sum() * gan_weight * ls).backward()
         if run:
@@ -216,8 +242,8 @@ def g_step(ddp_G, features, D, micro_batches, gan_weight=1, run=None, ls=1, join
     D.requires_grad_(True)
 
 def d_step(G, features, ddp_D, micro_batches, run=None, ls=1, joint=False):
-    """D's gradient: fakes without grad, then reals, forwarded separately (BatchNorm batch statistics per pass);
-    joint: in one pass."""
+    """D's gradient: fakes without grad, then reals, forwarded separately (BatchNorm batch
+    statistics per pass); joint: in one pass."""
     for r, (images, labels) in enumerate(micro_batches):
         with torch.no_grad():
             fake = G(torch.randn_like(images) * SIGMA_MAX, SIGMA_MAX, labels)
@@ -239,22 +265,26 @@ def d_step(G, features, ddp_D, micro_batches, run=None, ls=1, joint=False):
             run.add('loss_D', loss_fake + loss_real)
 
 def r1_step(features, ddp_D, micro_batches, gamma, interval, run=None, ls=1):
-    """Lazy R1's gradient: gamma / 2 x the mean penalty over the rank's batch, times the interval (StyleGAN2)."""
+    """Lazy R1's gradient: gamma / 2 x the mean penalty over the rank's batch, times the interval
+    (StyleGAN2)."""
     n = sum(images.shape[0] for images, _ in micro_batches)
     for r, (images, labels) in enumerate(micro_batches):
         with sync_if(ddp_D, r == len(micro_batches) - 1):
             penalty = r1_penalty(features, ddp_D, images, labels)
-            (penalty.sum() / n * (gamma / 2) * interval * ls).backward()  # gamma/2 E||grad||^2, x interval (lazy)
+            # gamma/2 E||grad||^2, times the interval (lazy R1)
+            (penalty.sum() / n * (gamma / 2) * interval * ls).backward()
         if run:
             run.add('r1_penalty', penalty)
 
-def gdd_iteration(G, ddp_G, features, D, ddp_D, opt_G, opt_D, micro_batches, step, lr_G, lr_D, scaler, gan_weight=1,
-                  r1_gamma=1e-4, r1_interval=16, ls=1, run=None, joint=False):
-    """One iteration on the rank's real micro-batches [(images, labels)]: G step, D step and, every r1_interval
-    iterations (not at 0), an R1 step, each a separate Adam step (official training_loop.py: stage order G, D, R1).
-    NOTE: upstream's logits are a Python list with one row per (network, sample), each reduced by .mean(); the loss
-    is therefore a SUM over the rank's samples of per-sample means (B x the batch mean), over networks summed, and
-    DDP averages it over ranks. We reproduce that: it sets the balance between the D and the R1 steps."""
+def gdd_iteration(G, ddp_G, features, D, ddp_D, opt_G, opt_D, micro_batches, step, lr_G, lr_D,
+                  scaler, gan_weight=1, r1_gamma=1e-4, r1_interval=16, ls=1, run=None, joint=False):
+    """One iteration on the rank's real micro-batches [(images, labels)]: G step, D step and,
+    every r1_interval iterations (not at 0), an R1 step, each a separate Adam step (official
+    training_loop.py: stage order G, D, R1). NOTE: upstream's logits are a Python list with one
+    row per (network, sample), each reduced by .mean(); the loss is therefore a SUM over the
+    rank's samples of per-sample means (B x the batch mean), over networks summed, and DDP
+    averages it over ranks. We reproduce that: it sets the balance between the D and the R1
+    steps."""
     opt_G.zero_grad(set_to_none=True)
     g_step(ddp_G, features, D, micro_batches, gan_weight, run, ls, joint)
     optimizer_step(opt_G, scaler, lr_G)
@@ -267,15 +297,16 @@ def gdd_iteration(G, ddp_G, features, D, ddp_D, opt_G, opt_D, micro_batches, ste
         optimizer_step(opt_D, scaler, lr_D)
 
 def build_optimizers(G, D, frozen, lr, dlr, r1_interval=16):
-    """Adam (0, 0.99) for G's trainable parameters; D's with StyleGAN2's lazy-regularization corrections:
-    lr x c and beta2 = 0.99^c, c = interval / (interval + 1) (official training_loop.py). The D lr set here is
-    the one every D step uses (read back from the optimizer)."""
+    """Adam (0, 0.99) for G's trainable parameters; D's with StyleGAN2's lazy-regularization
+    corrections: lr x c and beta2 = 0.99^c, c = interval / (interval + 1) (official
+    training_loop.py). The D lr set here is the one every D step uses (read back from the
+    optimizer)."""
     c, frozen = r1_interval / (r1_interval + 1), set(frozen)
     params = [p for name, p in G.named_parameters() if name not in frozen]
     fused = params[0].is_cuda  # one fused kernel per step on GPUs
     opt_G = torch.optim.Adam(params, lr=lr, betas=(0.0, 0.99), eps=1e-8, fused=fused)
-    opt_D = torch.optim.Adam(D.parameters(), lr=dlr * r1_interval / (r1_interval + 1), betas=(0.0, 0.99 ** c),
-                             eps=1e-8, fused=fused)
+    opt_D = torch.optim.Adam(D.parameters(), lr=dlr * r1_interval / (r1_interval + 1),
+                             betas=(0.0, 0.99 ** c), eps=1e-8, fused=fused)
     return opt_G, opt_D
 
 #------------------------------------------------------------------------------
@@ -283,56 +314,67 @@ def build_optimizers(G, D, frozen, lr, dlr, r1_interval=16):
 
 @torch.no_grad()
 def one_step_sampler(net, latents, labels=None, randn_like=torch.randn_like, sigma_max=SIGMA_MAX):
-    """x = G(sigma_max z; sigma_max, c): float64 input, network in float32. One step draws no noise (randn_like is
-    there for edm_sampler's signature)."""
-    sigma = torch.full([latents.shape[0], 1, 1, 1], float(sigma_max), dtype=torch.float64, device=latents.device)
+    """x = G(sigma_max z; sigma_max, c): float64 input, network in float32. One step draws no
+    noise (randn_like is there for edm_sampler's signature)."""
+    sigma = torch.full([latents.shape[0], 1, 1, 1], float(sigma_max), dtype=torch.float64,
+                       device=latents.device)
     return net(latents.to(torch.float64) * sigma, sigma, labels).to(torch.float64)
 
 def sample_images(net, seeds, device, class_idx=None, sigma_max=SIGMA_MAX):
-    """Images of `seeds` as generate makes them: float32 [N, C, H, W] in [-1, 1] (generate, the sample grid and
-    train --metrics call it). Per-seed latents, then (conditional) a per-seed uniform class, --class overriding it
-    (EDM generate.py); every draw from the image's own generator."""
+    """Images of `seeds` as generate makes them: float32 [N, C, H, W] in [-1, 1] (generate, the
+    sample grid and train --metrics call it). Per-seed latents, then (conditional) a per-seed
+    uniform class, --class overriding it (EDM generate.py); every draw from the image's own
+    generator."""
     rng = PerSeedRNG(seeds, device)
     latents = rng.randn([net.img_channels, net.img_resolution, net.img_resolution], device=device)
     labels = seed_labels(rng, net.label_dim, class_idx, device)
     return one_step_sampler(net, latents, labels, sigma_max=sigma_max).to(torch.float32)
 
 #------------------------------------------------------------------------------
-# 5. Training loop (official training/training_loop.py): per step `rounds` real micro-batches per rank, then the
-#    G step, the D step and every --r1-interval steps the lazy R1 step, each an Adam step of its own.
+# 5. Training loop (official training/training_loop.py): per step `rounds` real micro-batches per
+#    rank, then the G step, the D step and every --r1-interval steps the lazy R1 step, each an Adam
+#    step of its own.
 
 def training_setup(args, world_size):
-    """(dataset, generator kwargs, info): every flag checked against the data and the teacher before a file is
-    written (the checks and file readers are in the appendix); `info` is what setup resolved, recorded in
-    training_options.json."""
+    """(dataset, generator kwargs, info): every flag checked against the data and the teacher
+    before a file is written (the checks and file readers are in the appendix); `info` is what
+    setup resolved, recorded in training_options.json."""
     if args.fp16:
-        raise UsageError('--fp16 is not supported: GDD trains in bf16 (upstream\'s --fp16=True means bf16); use --bf16')
+        raise UsageError('--fp16 is not supported: GDD trains in bf16 (upstream\'s --fp16=True '
+                         'means bf16); use --bf16')
     dataset = open_training_data(args)
     names = parse_feature_networks(args.backbone)
     R = dataset.resolution
     C = dataset.num_channels
     if C not in (1, 3):
-        raise UsageError(f'--data={args.data}: {C}-channel images; the feature networks take RGB or grey')
+        raise UsageError(f'--data={args.data}: {C}-channel images; the feature networks take RGB '
+                         'or grey')
     batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
     net_kwargs = generator_source(args, R, C, dataset.label_dim)
-    counts = check_and_count(net_kwargs, names, args.freeze, args.feature_res, dataset.label_dim, args.head_width)
-    info = dict(net_kwargs=net_kwargs, feature_networks=names, parameters=counts, batch_gpu=batch_gpu,
-                rounds=rounds, world_size=world_size)
+    counts = check_and_count(net_kwargs, names, args.freeze, args.feature_res, dataset.label_dim,
+                             args.head_width)
+    info = dict(net_kwargs=net_kwargs, feature_networks=names, parameters=counts,
+                batch_gpu=batch_gpu, rounds=rounds, world_size=world_size)
     return dataset, net_kwargs, info
 
 def build_generator(args, net_kwargs):
-    """G: the teacher's architecture and EMA weights (--transfer); with --resume, TrainingRun loads the training
-    state's weights instead."""
+    """G: the teacher's architecture and EMA weights (--transfer); with --resume, TrainingRun
+    loads the training state's weights instead."""
     net = GDDPrecond(**net_kwargs)
     if args.resume:
         return net
     return init_from_teacher(net, load_teacher(args.transfer)[1], f'--transfer={args.transfer}')
 
 def snapshot_content(args, net_kwargs, ema, names):
-    """What a network snapshot holds besides the common entries: the generator and how it was trained."""
+    """A network snapshot's own entries: the generator and how it was trained."""
     random = {'random': 'RANDOM (demo only)', 'random-he': 'RANDOM-HE (demo only)'}
-    return dict(precond='GDDPrecond', net_kwargs=net_kwargs, ema=ema.state_dict(), freeze=args.freeze,
-                feature_networks=names, feature_weights=random.get(args.feature_weights, args.feature_weights))
+    return dict(precond='GDDPrecond', net_kwargs=net_kwargs, ema=ema.state_dict(),
+                freeze=args.freeze, feature_networks=names,
+                feature_weights=random.get(args.feature_weights, args.feature_weights))
+
+def save_grid(net, num, path, device):
+    """A quick look at training progress: the one-step images of seeds 0..num-1 in one PNG."""
+    save_image_grid(sample_images(net, range(num), device), path)
 
 def train(args):
     device = init_distributed()
@@ -340,41 +382,49 @@ def train(args):
     if args.dry_run:  # the --arch/--cres architecture; the teacher is not read
         print_options(args, info)
         return
-    amp_dtype, scaler = setup_precision(False, args.bf16 and device.type == 'cuda', args.tf32, device)  # as upstream
+    bf16 = args.bf16 and device.type == 'cuda'  # as upstream
+    amp_dtype, scaler = setup_precision(False, bf16, args.tf32, device)
     net, ema = network_and_ema(build_generator(args, net_kwargs), device, amp_dtype)
     ema.amp_dtype = None  # it samples (grid, metrics) in float32, as generate samples a snapshot
     frozen = freeze(net, args.freeze)  # GDD-I
-    features, D = build_discriminator(info['feature_networks'], args.seed, args.feature_res, dataset.label_dim,
-                                      args.feature_weights, args.class_embedding, args.head_width)
+    features, D = build_discriminator(info['feature_networks'], args.seed, args.feature_res,
+                                      dataset.label_dim, args.feature_weights,
+                                      args.class_embedding, args.head_width)
     features, D = features.to(device), D.to(device)
     opt_G, opt_D = build_optimizers(net, D, frozen, args.lr, args.dlr, args.r1_interval)
     lr_D = opt_D.param_groups[0]['lr']  # --dlr with the lazy-R1 correction
     evaluate = training_metrics(args, dataset.resolution, dataset.num_channels, device,
                                 lambda seeds: sample_images(ema, seeds, device))  # generate's defaults
     desc = run_desc(dataset.name, 'cond' if args.cond else 'uncond', VARIANTS[args.freeze],
-                    world_size=get_world_size(), batch=args.batch, bf16=amp_dtype is not None, desc=args.desc)
-    run = TrainingRun('gdd', vars(args), info, device, outdir=args.outdir, desc=desc, nosubdir=args.nosubdir,
-        resume=args.resume, total_nimg=args.duration * 1e6, tick=args.tick, snap=args.snap, dump=args.dump,
+                    world_size=get_world_size(), batch=args.batch, bf16=amp_dtype is not None,
+                    desc=args.desc)
+    run = TrainingRun('gdd', vars(args), info, device, outdir=args.outdir, desc=desc,
+        nosubdir=args.nosubdir, resume=args.resume, total_nimg=args.duration * 1e6,
+        tick=args.tick, snap=args.snap, dump=args.dump,
         state=dict(net=net, ema=ema, D=D, optimizer_G=opt_G, optimizer_D=opt_D),
         snapshot=lambda: snapshot_content(args, net_kwargs, ema, info['feature_networks']),
-        grid=(lambda path: save_image_grid(sample_images(ema, range(args.grid), device), path)) if args.grid else None,
+        grid=(lambda path: save_grid(ema, args.grid, path, device)) if args.grid else None,
         evaluate=evaluate)
     ddp_G, ddp_D = distributed_pair(net, D, device, args.compile)
     stream = run.data(dataset, info['batch_gpu'], args.seed, args.workers)
     with run:
         print_header(args, dataset, info, amp_dtype, run.dir)
         while not run.done:
-            reseed(args.seed, get_rank(), run.cur_nimg)  # this step's randomness: a resumed run replays it
-            # Fetch data: `rounds` real micro-batches in [-1, 1]; the fakes take their labels (official training loop).
-            # NOTE: upstream takes one batch_gpu batch per iteration whatever --batch-gpu says, yet counts --batch
-            # images; we accumulate `rounds` micro-batches (their losses summed).
+            # This step's randomness: a resumed run replays it.
+            reseed(args.seed, get_rank(), run.cur_nimg)
+            # Fetch data: `rounds` real micro-batches in [-1, 1]; the fakes take their labels
+            # (official training loop).
+            # NOTE: upstream takes one batch_gpu batch per iteration whatever --batch-gpu says,
+            # yet counts --batch images; we accumulate `rounds` micro-batches (losses summed).
             batches = [next(stream) for _ in range(info['rounds'])]
-            reals = [(x.to(device).to(torch.float32) / 127.5 - 1, c.to(device) if dataset.label_dim else None)
-                     for x, c in batches]
-            # The paper's loss (GAN loss only), backward, optimizers: G step, D step, every r1_interval steps lazy R1.
+            reals = [(x.to(device).to(torch.float32) / 127.5 - 1,
+                      c.to(device) if dataset.label_dim else None) for x, c in batches]
+            # The paper's loss (GAN loss only), backward, optimizers: the G step, the D step and
+            # every --r1-interval steps the lazy R1 step.
             lr_G = learning_rate(args.lr, run.cur_nimg, args.lr_rampup)
-            gdd_iteration(net, ddp_G, features, D, ddp_D, opt_G, opt_D, reals, run.step, lr_G, lr_D, scaler,
-                          args.gan_weight, args.r1_gamma, args.r1_interval, args.ls, run, args.d_pass == 'joint')
+            gdd_iteration(net, ddp_G, features, D, ddp_D, opt_G, opt_D, reals, run.step, lr_G,
+                          lr_D, scaler, args.gan_weight, args.r1_gamma, args.r1_interval,
+                          args.ls, run, args.d_pass == 'joint')
             # EMA of the generator (half-life --ema, EDM's ramp-up; n = images before this step).
             update_ema(ema, net, ema_beta(run.cur_nimg, args.batch, args.ema * 1000))
             # Tick: status line, snapshots, metrics.
@@ -382,17 +432,19 @@ def train(args):
         print0(f'done: {run.dir}')
 
 #------------------------------------------------------------------------------
-# 6. Generation: one network evaluation per image, one PNG per seed, identical for any --batch and GPU count.
+# 6. Generation: one network evaluation per image, one PNG per seed, identical for any --batch
+#    and GPU count.
 
 def load_network(path):
     """Our gdd.py snapshots / training states (.pt), or an official GDD .pkl (path or URL)."""
     if is_official(path):
         official = with_flag('--network', load_official, path)
         if official['precond'] != 'GDDPrecond':
-            raise UsageError(f'--network={path}: a {official["precond"]} network, not a one-step GDD generator '
-                             '(GDDPrecond); sample EDM teachers with patch_diffusion.py generate')
+            raise UsageError(f'--network={path}: a {official["precond"]} network, not a one-step GDD '
+                             'generator (GDDPrecond); sample EDM teachers with patch_diffusion.py generate')
         net = GDDPrecond(**official['init_kwargs'])
-        load_weights(net, check_finite(official['state_dict'], f'--network={path}'), f'--network={path}')
+        state = check_finite(official['state_dict'], f'--network={path}')
+        load_weights(net, state, f'--network={path}')
         return net
     ckpt = with_flag('--network', load_snapshot, path, '--network', ['gdd'])
     net = GDDPrecond(**ckpt['net_kwargs'])
@@ -405,8 +457,8 @@ def generate(args):
     check_outdir(args.outdir)
     net = load_network(args.network).to(device).eval()
     check_class(args.class_idx, net.label_dim)
-    print0(f'generating {len(args.seeds)} images of {net.img_resolution}x{net.img_resolution}, one step each, into '
-           f'{args.outdir}')
+    R = net.img_resolution
+    print0(f'generating {len(args.seeds)} images of {R}x{R}, one step each, into {args.outdir}')
     with working(), tqdm(total=len(args.seeds), unit='img', disable=rank != 0) as bar:
         for seeds in seed_batches(args.seeds, args.batch, rank, world_size):
             images = sample_images(net, seeds, device, args.class_idx, args.sigma_max)
@@ -419,7 +471,7 @@ def generate(args):
 # 7. Command line.
 
 def build_parser(preset=None):
-    """The parser; `preset` (a PRESETS name) becomes the defaults of `train` (see common.parse_command_line)."""
+    """The parser; a PRESETS name `preset` gives `train` its defaults (common.parse_command_line)."""
     parser = Parser(description='GDD / GDD-I (Zheng & Yang 2024): one-step generators from EDM teachers')
     sub = parser.add_subparsers(dest='command', required=True)
     t = sub.add_parser('train', help='distill a teacher into a one-step generator')
