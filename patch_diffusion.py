@@ -68,8 +68,8 @@ from common import (AugmentPipe, EDMPrecond, Parser, PerSeedRNG, TrainingRun, Us
 #    The backbones are EDM's (common.EDM_ARCHS: --arch=ddpmpp, ncsnpp, adm, as EDM's train.py).
 
 # Official README, "Train DDPM++ model for CelebA-64x64 using 8 GPUs"; the paper: 200 Mimg.
-CELEBA64 = dict(arch='ddpmpp', batch=256, cres=[1, 2, 2, 2], lr=2e-4, dropout=0.05, augment=0, real_p=0.5,
-                duration=200)
+CELEBA64 = dict(arch='ddpmpp', cres=[1, 2, 2, 2], batch=256, lr=2e-4, dropout=0.05, augment=0,
+                real_p=0.5, duration=200)
 
 PRESETS = {
     'celeba64': CELEBA64,
@@ -80,11 +80,13 @@ PRESETS = {
     # Ours, about 8 CPU-minutes (one thread): the built-in 8x8 shapes, a 1.5M-parameter DDPM++,
     # ~3,100 steps; long enough that the samples show the two-tone background and the shape
     # (docs/patch_diffusion.md, CPU demo).
-    'demo':     dict(data='demo-8', arch='ddpmpp', cbase=32, cres=[1, 2], batch=32, lr=2e-3, lr_rampup=1,
-                     ema=0.005, dropout=0, duration=0.19, tick=20, snap=2, dump=5, real_p=0.5, workers=0),
+    'demo':     dict(data='demo-8', arch='ddpmpp', cbase=32, cres=[1, 2], batch=32, lr=2e-3,
+                     lr_rampup=1, ema=0.005, dropout=0, duration=0.19, real_p=0.5,
+                     tick=20, snap=2, dump=5, workers=0),
 }
 
-AUGMENT = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)  # EDM train.py's geometric set
+# --augment: EDM train.py's geometric set (every paper config trains without it)
+AUGMENT = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
 
 #------------------------------------------------------------------------------
 # 2. Backbone: EDM's U-Net with two more input channels; the preconditioner appends the coordinates.
@@ -96,13 +98,15 @@ class PatchPrecond(EDMPrecond):
     def __init__(self, img_resolution, img_channels, label_dim=0, **kwargs):
         # NOTE: upstream stores img_channels = C + 2 (the network input); we keep img_channels = C
         # (what the sampler draws) and give the network in_channels = C + 2, out_channels = C.
-        super().__init__(img_resolution, img_channels, label_dim, in_channels=img_channels + 2, **kwargs)
+        super().__init__(img_resolution, img_channels, label_dim,
+                         in_channels=img_channels + 2, **kwargs)
 
     def forward(self, x, sigma, pos, class_labels=None, augment_labels=None):
         x, sigma, class_labels = self.prepare(x, sigma, class_labels)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         pos = pos.to(torch.float32).expand(x.shape[0], -1, -1, -1)
-        F_x = self.backbone(torch.cat([c_in * x, pos], dim=1), c_noise, class_labels, augment_labels)  # image, x, y
+        x_in = torch.cat([c_in * x, pos], dim=1)  # [N, C + 2, s, s]: image, x, y
+        F_x = self.backbone(x_in, c_noise, class_labels, augment_labels)
         return c_skip * x + c_out * F_x  # EDM Eq. 7 on the patch
 
 def precond_class(real_p):
@@ -114,7 +118,8 @@ def precond_class(real_p):
 def network_kwargs(args, resolution, channels, label_dim):
     """Preconditioner kwargs from the CLI flags (EDM train.py's mapping)."""
     model = edm_backbone_kwargs(args.arch, args.cbase, args.cres)  # the backbone F's arguments
-    model.update(dropout=args.dropout, label_dropout=args.label_dropout, augment_dim=9 if args.augment else 0)
+    model.update(dropout=args.dropout, label_dropout=args.label_dropout)
+    model.update(augment_dim=9 if args.augment else 0)
     return dict(img_resolution=resolution, img_channels=channels, label_dim=label_dim, **model)
 
 def build_network(precond, kwargs):
@@ -127,17 +132,17 @@ def size_multiple(net):
 #------------------------------------------------------------------------------
 # 3. Method math: patch-size schedule, random crops with coordinates, the patch loss.
 
-def patch_schedule(resolution, real_p, latent=False):
+def patch_schedule(R, real_p, latent=False):
     """Patch sizes {R/4, R/2, R} with probabilities (0.4 (1-p), 0.6 (1-p), p) (paper Eq. 5) and
     their batch multipliers R/s (official batch_mul table: 16->4, 32->2, 64->1 at R=64). Latent
     space (official train_on_latents): sizes {R/2, R} with probabilities (1-p, p), multipliers 2 and
     1 (16->2, 32->1 at R=32)."""
-    sizes = [resolution // 2, resolution] if latent else [resolution // 4, resolution // 2, resolution]
+    sizes = [R // 2, R] if latent else [R // 4, R // 2, R]
     pmf = [1 - real_p, real_p] if latent else [0.4 * (1 - real_p), 0.6 * (1 - real_p), real_p]
     # NOTE: upstream looks the multiplier up in a fixed table that has no entry for 8 (so
     # CIFAR-sized data crashes, official issue #3) and gives 1.9 as the average only for R=64;
     # R // s reproduces that table for R=64 and extends it to any resolution.
-    batch_mul = [resolution // s for s in sizes]
+    batch_mul = [R // s for s in sizes]
     return sizes, pmf, batch_mul
 
 def progressive_index(progress, pmf):
@@ -168,9 +173,12 @@ def random_patches(images, size):
     i = torch.randint(0, R - size + 1, (N,), device=images.device)
     j = torch.randint(0, R - size + 1, (N,), device=images.device)
     steps = torch.arange(size, device=images.device)
-    rows, cols = (i[:, None] + steps)[:, :, None], (j[:, None] + steps)[:, None, :]  # [N, s, 1], [N, 1, s]
-    patches = images[torch.arange(N, device=images.device)[:, None, None], :, rows, cols]  # [N, s, s, C]
-    return patches.permute(0, 3, 1, 2).contiguous(), patch_coordinates(R, size, i, j)  # [N, C, s, s]
+    rows = (i[:, None] + steps)[:, :, None]  # [N, s, 1]
+    cols = (j[:, None] + steps)[:, None, :]  # [N, 1, s]
+    n = torch.arange(N, device=images.device)[:, None, None]
+    patches = images[n, :, rows, cols]  # [N, s, s, C]
+    patches = patches.permute(0, 3, 1, 2).contiguous()  # [N, C, s, s]
+    return patches, patch_coordinates(R, size, i, j)
 
 def reduce_loss(loss, per_gpu_batch, batch_mul):
     """EDM's reduction: per-patch sum over pixels and channels, mean over the rank's
@@ -184,10 +192,10 @@ def reduce_loss(loss, per_gpu_batch, batch_mul):
 # (real_p = 1: an EDMPrecond) is EDM's loss exactly.
 def patch_loss(net, images, labels, size, coords=True, augment_pipe=None,
                P_mean=-1.2, P_std=1.2, sigma_data=0.5):  # EDM Table 1 (common.EDMLoss's defaults)
-    patches, pos = random_patches(images, size)  # crops [N, C, s, s] and their coordinates [N, 2, s, s]
+    patches, pos = random_patches(images, size)  # [N, C, s, s] crops, [N, 2, s, s] coordinates
     rnd_normal = torch.randn([patches.shape[0], 1, 1, 1], device=patches.device)
-    sigma = (rnd_normal * P_std + P_mean).exp()                          # EDM Table 1, p_train (log-normal)
-    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2  # EDM Table 1, lambda(sigma)
+    sigma = (rnd_normal * P_std + P_mean).exp()  # EDM Table 1, p_train (log-normal)
+    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2  # EDM Table 1, lambda
     y, augment_labels = augment_pipe(patches) if augment_pipe is not None else (patches, None)
     n = torch.randn_like(y) * sigma  # image channels only
     if coords:
@@ -211,24 +219,28 @@ def guided_denoiser(net, pos=None, cfg=None):
     """net(x, sigma, labels) for the sampler. With cfg = w: D = D(x | 0) + w (D(x | y) - D(x | 0)),
     both halves in one batch, the unconditional half with an all-zero label row (paper: ImageNet
     with w = 1.3; official generate.py --cfg)."""
-    call = (lambda x, sigma, labels: net(x, sigma, pos, labels)) if isinstance(net, PatchPrecond) else net
+    def with_pos(x, sigma, labels):
+        return net(x, sigma, pos, labels)
+    call = with_pos if isinstance(net, PatchPrecond) else net
     if cfg is None:
         return call
 
-    def denoise(x, sigma, labels):
-        D_uncond, D_cond = call(torch.cat([x, x]), sigma, torch.cat([torch.zeros_like(labels), labels])).chunk(2)
+    def guided(x, sigma, labels):
+        no_labels = torch.zeros_like(labels)  # the unconditional half
+        D_uncond, D_cond = call(torch.cat([x, x]), sigma, torch.cat([no_labels, labels])).chunk(2)
         return D_uncond + cfg * (D_cond - D_uncond)
-    return denoise
+    return guided
 
-def patch_sampler(net, latents, labels=None, randn_like=torch.randn_like, pos=None, cfg=None, **settings):
+def patch_sampler(net, latents, labels=None, randn_like=torch.randn_like, pos=None, cfg=None,
+                  **settings):
     """EDM's Heun sampler (EDM Alg. 2; `settings` are its num_steps, sigma_min, ...) with the
     coordinates `pos` of the canvas attached at every call (official generate.py) and
     classifier-free guidance weight `cfg`."""
     return edm_sampler(guided_denoiser(net, pos, cfg), latents, labels, randn_like, **settings)
 
 @torch.no_grad()
-def sample_images(net, seeds, device, vae=None, resolution=None, image_size=None, x_start=0, y_start=0,
-                  class_idx=None, cfg=None, **settings):
+def sample_images(net, seeds, device, vae=None, resolution=None, image_size=None,
+                  x_start=0, y_start=0, class_idx=None, cfg=None, **settings):
     """The images of `seeds` as `generate` makes them (float32 [-1, 1] [N, C, H, W], pixels: latents
     decoded by `vae`): an image_size canvas (None = resolution, None = the network's) whose
     coordinates are normalized by `resolution`, every draw from the seed's own generator (noise,
@@ -272,9 +284,8 @@ def training_setup(args, world_size):
 def train(args):
     device = init_distributed()
     rank = get_rank()
-    world_size = get_world_size()
     amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
-    dataset, net_kwargs, info = training_setup(args, world_size)
+    dataset, net_kwargs, info = training_setup(args, get_world_size())
     if args.dry_run:
         print_options(args, info)
         return
@@ -282,24 +293,24 @@ def train(args):
     torch.manual_seed(args.seed)
     net, ema = network_and_ema(build_network(info['precond_class'], net_kwargs), device, amp_dtype)
     ema.amp_dtype = None  # it samples (grid, metrics) in float32, as generate samples a snapshot
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,  # EDM's optimizer
-                                 fused=device.type == 'cuda')
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                                 fused=device.type == 'cuda')  # EDM's optimizer
     augment_pipe = AugmentPipe(p=args.augment, **AUGMENT) if args.augment else None
-    run = training_run(args, dataset, info, ema, vae, device, dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler))
-    # NOTE: 1x1 convolutions on 1x1 maps (small patches) get weight gradients whose size-1 dims
-    # carry other strides than the parameter's: the same memory layout, but DDP compares strides
-    # literally and warns at every step.
+    state = dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler)
+    run = training_run(args, dataset, info, ema, vae, device, state)
+    # NOTE: 1x1 convolutions on 1x1 maps (small patches) get weight gradients whose size-1 dims carry
+    # other strides (same memory layout); DDP compares strides literally and would warn every step.
     warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
     ddp = distributed_model(net, device, args.compile)
     batch_gpu, rounds = info['batch_gpu'], info['rounds']
     stream = run.data(dataset, batch_gpu, args.seed, args.workers)
     sizes, pmf, batch_mul = info['patch_sizes'], info['patch_pmf'], info['batch_mul']
-    coords = info['precond_class'] == 'PatchPrecond'  # real_p = 1: plain EDM, no coordinate channels
-    encoder = vae if info.get('encoding') == 'per step' else None  # None: pixels, or pre-encoded moments
+    coords = info['precond_class'] == 'PatchPrecond'  # real_p = 1: EDM, no coordinates
+    encoder = vae if info.get('encoding') == 'per step' else None  # None: pre-encoded
     with run:
         print0(banner(args, dataset, info, device, run.dir))
         while not run.done:
-            rng = reseed(args.seed, rank, run.cur_nimg)  # this step's randomness: a resumed run replays it
+            rng = reseed(args.seed, rank, run.cur_nimg)  # a resumed run replays it
             optimizer.zero_grad(set_to_none=True)
             if args.progressive:
                 k = progressive_index((run.cur_nimg // 1000) / (args.duration * 1000), pmf)
@@ -309,14 +320,18 @@ def train(args):
                     k = int(rng.choice(len(sizes), p=pmf))
                 fetched = [next(stream) for _ in range(batch_mul[k])]
                 x = torch.cat([f[0] for f in fetched]).to(device)
-                images = latents_from(x, encoder) if args.train_on_latents else x.to(torch.float32) / 127.5 - 1
+                if args.train_on_latents:
+                    images = latents_from(x, encoder)
+                else:
+                    images = x.to(torch.float32) / 127.5 - 1
                 labels = torch.cat([f[1] for f in fetched]).to(device)
                 with sync_if(ddp, r == rounds - 1):
                     # The paper's loss: EDM's loss on random crops with their coordinates
                     loss = patch_loss(ddp, images, labels, sizes[k], coords, augment_pipe)
                     run.add('loss', loss)
                     # Backward: sum over each patch, mean over this GPU's patches
-                    scaler.scale(reduce_loss(loss, batch_gpu * rounds, batch_mul[k]) * args.ls).backward()
+                    loss = reduce_loss(loss, batch_gpu * rounds, batch_mul[k])
+                    scaler.scale(loss * args.ls).backward()
             # Optimizer and EMA; the patch counter (all ranks' patches) drives kimg, lr, EMA
             nimg = args.batch * (batch_mul[k] if args.progressive else info['batch_mul_avg'])
             optimizer_step(optimizer, scaler, learning_rate(args.lr, run.cur_nimg, args.lr_rampup))
