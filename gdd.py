@@ -122,15 +122,13 @@ class GDDPrecond(EDMPrecond):
         return c_skip, c_out, c_in, c_noise
 
 def generator_kwargs(teacher_kwargs, dropout=0):
-    """GDDPrecond kwargs from a teacher's: no augmentation conditioning (the teacher's
-    map_augment is dropped; it is unused at sampling), dropout as given (train.sh: 0), no label
-    dropout."""
+    """GDDPrecond kwargs from a teacher's: no augmentation conditioning (the teacher's map_augment,
+    unused at sampling, is dropped), dropout as given (train.sh: 0), no label dropout."""
     kwargs = {k: v for k, v in teacher_kwargs.items() if k not in ('augment_dim', 'eps')}
     return dict(kwargs, augment_dim=0, dropout=dropout, label_dropout=0)
 
 def network_kwargs(args, resolution, channels, label_dim):
-    """GDDPrecond kwargs of --arch/--cres as EDM's train.py builds them, without a teacher
-    (`train -n`)."""
+    """GDDPrecond kwargs of --arch/--cres as EDM's train.py builds them (`train -n`)."""
     model = edm_backbone_kwargs(args.arch, None, args.cres)
     model.update(dropout=args.dropout, label_dropout=0, augment_dim=0)
     return dict(img_resolution=resolution, img_channels=channels, label_dim=label_dim, **model)
@@ -187,10 +185,9 @@ def init_from_teacher(net, state, where):
     return net
 
 #------------------------------------------------------------------------------
-# 3. Method math: the GAN losses with lazy R1 and one training iteration (official training/loss.py,
-#    GDDLoss, and training/training_loop.py). The discriminator D (Projected GAN / StyleGAN-XL's:
-#    frozen feature networks, fixed random projections, trained heads) is not this paper's
-#    contribution: it is in the appendix.
+# 3. Method math: the GAN losses with lazy R1 and one training iteration (official
+#    training/loss.py, GDDLoss, and training/training_loop.py). The discriminator D (Projected GAN:
+#    frozen feature networks, random projections, trained heads) is not GDD's: see the appendix.
 
 def gan_loss(logits, target_real):
     """Non-saturating logistic loss per sample: sum over networks of the mean over that network's
@@ -283,8 +280,7 @@ def gdd_iteration(G, ddp_G, features, D, ddp_D, opt_G, opt_D, micro_batches, ste
     training_loop.py: stage order G, D, R1). NOTE: upstream's logits are a Python list with one
     row per (network, sample), each reduced by .mean(); the loss is therefore a SUM over the
     rank's samples of per-sample means (B x the batch mean), over networks summed, and DDP
-    averages it over ranks. We reproduce that: it sets the balance between the D and the R1
-    steps."""
+    averages it over ranks. We reproduce that: it sets the balance of the D and R1 steps."""
     opt_G.zero_grad(set_to_none=True)
     g_step(ddp_G, features, D, micro_batches, gan_weight, run, ls, joint)
     optimizer_step(opt_G, scaler, lr_G)
@@ -299,8 +295,7 @@ def gdd_iteration(G, ddp_G, features, D, ddp_D, opt_G, opt_D, micro_batches, ste
 def build_optimizers(G, D, frozen, lr, dlr, r1_interval=16):
     """Adam (0, 0.99) for G's trainable parameters; D's with StyleGAN2's lazy-regularization
     corrections: lr x c and beta2 = 0.99^c, c = interval / (interval + 1) (official
-    training_loop.py). The D lr set here is the one every D step uses (read back from the
-    optimizer)."""
+    training_loop.py). Every D step reads its lr back from this optimizer."""
     c, frozen = r1_interval / (r1_interval + 1), set(frozen)
     params = [p for name, p in G.named_parameters() if name not in frozen]
     fused = params[0].is_cuda  # one fused kernel per step on GPUs
@@ -321,19 +316,17 @@ def one_step_sampler(net, latents, labels=None, randn_like=torch.randn_like, sig
     return net(latents.to(torch.float64) * sigma, sigma, labels).to(torch.float64)
 
 def sample_images(net, seeds, device, class_idx=None, sigma_max=SIGMA_MAX):
-    """Images of `seeds` as generate makes them: float32 [N, C, H, W] in [-1, 1] (generate, the
-    sample grid and train --metrics call it). Per-seed latents, then (conditional) a per-seed
-    uniform class, --class overriding it (EDM generate.py); every draw from the image's own
-    generator."""
+    """Images of `seeds` as generate makes them, float32 [N, C, H, W] in [-1, 1] (for generate, the
+    grid, train --metrics): per-seed latents, then (conditional) a per-seed uniform class that
+    --class overrides (EDM generate.py); every draw from the image's own generator."""
     rng = PerSeedRNG(seeds, device)
     latents = rng.randn([net.img_channels, net.img_resolution, net.img_resolution], device=device)
     labels = seed_labels(rng, net.label_dim, class_idx, device)
     return one_step_sampler(net, latents, labels, sigma_max=sigma_max).to(torch.float32)
 
 #------------------------------------------------------------------------------
-# 5. Training loop (official training/training_loop.py): per step `rounds` real micro-batches per
-#    rank, then the G step, the D step and every --r1-interval steps the lazy R1 step, each an Adam
-#    step of its own.
+# 5. Training loop (official training/training_loop.py): per step `rounds` real micro-batches
+#    per rank, then the G step, the D step and every --r1-interval steps lazy R1, each an Adam step.
 
 def training_setup(args, world_size):
     """(dataset, generator kwargs, info): every flag checked against the data and the teacher
@@ -477,15 +470,17 @@ def build_parser(preset=None):
     t = sub.add_parser('train', help='distill a teacher into a one-step generator')
     add_train_flags(t, duration=5, batch=256, lr=1e-4, dropout=0, tick=25, snap=10)
     add_edm_train_flags(t, ema=0.5, lr_rampup=0)  # upstream: no lr warm-up
-    t.add_argument('--preset', choices=sorted(PRESETS), default=None, help='train.sh\'s settings; flags override')
-    t.add_argument('--transfer', default=None, metavar='PT|PKL|URL', help='teacher: EDM snapshot .pt (ours) or '
-                   'official edm-*.pkl (required)')
-    t.add_argument('--freeze', type=int, choices=sorted(FREEZE_PARTS), default=0, help='0 = GDD; 1 = GDD-I: freeze '
-                   'the blocks\' 3x3 convs and attention proj; 2 = also attention qkv; 3 = also the blocks\' skips')
-    t.add_argument('--arch', choices=['ddpmpp', 'ncsnpp', 'adm'], default='ncsnpp', help='teacher architecture for '
-                   '`train -n` (a run uses the teacher\'s)')
-    t.add_argument('--cres', type=parse_cres, default=None, metavar='LIST', help='channel multipliers for '
-                   '`train -n`; None = the arch\'s')
+    t.add_argument('--preset', choices=sorted(PRESETS), default=None,
+                   help='train.sh\'s settings; flags override')
+    t.add_argument('--transfer', default=None, metavar='PT|PKL|URL',
+                   help='teacher: EDM snapshot .pt (ours) or official edm-*.pkl (required)')
+    t.add_argument('--freeze', type=int, choices=sorted(FREEZE_PARTS), default=0,
+                   help='0 = GDD; 1 = GDD-I: freeze the blocks\' 3x3 convs and attention proj; 2 = '
+                        'also attention qkv; 3 = also the blocks\' skips')
+    t.add_argument('--arch', choices=['ddpmpp', 'ncsnpp', 'adm'], default='ncsnpp',
+                   help='teacher architecture for `train -n` (a run uses the teacher\'s)')
+    t.add_argument('--cres', type=parse_cres, default=None, metavar='LIST',
+                   help='channel multipliers for `train -n`; None = the arch\'s')
     t.add_argument('--dlr', type=number(float, 0, 1, low_open=True), default=1e-4, metavar='FLOAT',
                    help='discriminator lr before the lazy-R1 correction x interval / (interval + 1)')
     t.add_argument('--r1-gamma', type=number(float, 0, 1e4), default=1e-4, metavar='FLOAT',
@@ -494,36 +489,42 @@ def build_parser(preset=None):
                    help='steps between lazy R1 steps')
     t.add_argument('--gan-weight', type=number(float, 0, 1e3), default=1, metavar='FLOAT',
                    help='weight of G\'s adversarial loss (1; 0 only for tests)')
-    t.add_argument('--backbone', type=check_feature_networks, default='1', metavar='0|1|3|LIST', help='feature networks: official '
-                   'numbers (0 DeiT+EffNet, 1 VGG+EffNet, 3 EffNet) or a comma list of vgg16_bn, '
-                   'tf_efficientnet_lite0, deit_base_distilled_patch16_224')
-    t.add_argument('--feature-weights', default=None, metavar='PTH,...|random|random-he', help='ImageNet weight '
-                   'files of the feature networks in --backbone order (torchvision/timm .pth); random = untrained, '
-                   'PyTorch\'s default init; random-he = untrained, He-normal fan-out convs (timm/torchvision init); '
-                   'demos only')
+    t.add_argument('--backbone', type=check_feature_networks, default='1', metavar='0|1|3|LIST',
+                   help='feature networks: official numbers (0 DeiT+EffNet, 1 VGG+EffNet, 3 '
+                        'EffNet) or a comma list of vgg16_bn, tf_efficientnet_lite0, '
+                        'deit_base_distilled_patch16_224')
+    t.add_argument('--feature-weights', default=None, metavar='PTH,...|random|random-he',
+                   help='ImageNet weight files of the feature networks in --backbone order '
+                        '(torchvision/timm .pth); random = untrained, PyTorch\'s default init; '
+                        'random-he = untrained, He-normal fan-out convs (timm/torchvision init); '
+                        'demos only')
     t.add_argument('--feature-res', type=number(int, 32, 1024), default=224, metavar='INT',
-                   help='side the images are resized to for the feature networks (official 224; smaller only for '
-                   'CPU tests/demos, heads then follow upstream\'s native-size rule)')
-    t.add_argument('--d-pass', choices=['separate', 'joint'], default='separate', help='fakes and reals through D in '
-                   'separate passes (upstream) or one (BatchNorm statistics shared; CPU demos)')
+                   help='side the images are resized to for the feature networks (official 224; '
+                        'smaller only for CPU tests/demos, heads then follow upstream\'s '
+                        'native-size rule)')
+    t.add_argument('--d-pass', choices=['separate', 'joint'], default='separate',
+                   help='fakes and reals through D in separate passes (upstream) or one '
+                        '(BatchNorm statistics shared; CPU demos)')
     t.add_argument('--head-width', type=number(int, 1, 2048), default=None, metavar='INT',
-                   help='cap on the channel widths of the discriminator heads (CPU demos); None = upstream\'s widths '
-                   '(up to 2048)')
-    t.add_argument('--class-embedding', default=None, metavar='PT|random', help='[1000, 320] class table of the '
-                   'conditional heads (official in_embeddings/tf_efficientnet_lite0.pkl as a tensor file); '
-                   'None/random = N(0, 1) (upstream rand_embedding)')
-    t.add_argument('--grid', type=number(int, 0, 1024), default=64, metavar='INT', help='one-step samples in the grid '
-                   'written with each snapshot; 0 = none')
+                   help='cap on the channel widths of the discriminator heads (CPU demos); None = '
+                        'upstream\'s widths (up to 2048)')
+    t.add_argument('--class-embedding', default=None, metavar='PT|random',
+                   help='[1000, 320] class table of the conditional heads (official '
+                        'in_embeddings/tf_efficientnet_lite0.pkl as a tensor file); None/random = '
+                        'N(0, 1) (upstream rand_embedding)')
+    t.add_argument('--grid', type=number(int, 0, 1024), default=64, metavar='INT',
+                   help='one-step samples in the grid written with each snapshot; 0 = none')
     add_metric_flags(t)
     t.set_defaults(**PRESETS.get(preset, {}))
 
     g = sub.add_parser('generate', help='generate images, one network evaluation each')
-    g.add_argument('--network', required=True, metavar='PT|PKL|URL', help='gdd.py snapshot .pt, or official GDD .pkl')
+    g.add_argument('--network', required=True, metavar='PT|PKL|URL',
+                   help='gdd.py snapshot .pt, or official GDD .pkl')
     add_generate_flags(g, edm_sampler=False)
     g.add_argument('--class', dest='class_idx', type=int, default=None, metavar='INT',
                    help='class label; None = random')
-    g.add_argument('--sigma_max', type=number(float, 0, 1e3, low_open=True), default=SIGMA_MAX, metavar='FLOAT',
-                   help='the noise level of the one step (the generator was trained at 80)')
+    g.add_argument('--sigma_max', type=number(float, 0, 1e3, low_open=True), default=SIGMA_MAX,
+                   metavar='FLOAT', help='the noise level of the one step (the generator was trained at 80)')
     return parser
 
 def parse_args(argv=None):
@@ -829,7 +830,6 @@ class Discriminator(nn.Module):
     def forward(self, features, labels=None):
         return [torch.cat([head(f, labels) for head, f in zip(heads, features[name])], dim=1)
                 for name, heads in self.heads.items()]
-
 
 WEIGHT_FILES = {
     'vgg16_bn': 'torchvision\'s https://download.pytorch.org/models/vgg16_bn-6c64b313.pth',
