@@ -863,18 +863,12 @@ def check_run(args, num_params, mul_avg):
         raise UsageError(f'--duration={args.duration:g} Mimg at --batch={args.batch} is {steps:.3g} optimizer steps: '
                          'a run that would never end; train for fewer Mimg or with a larger batch')
 
-def metrics_source(args, dataset):
-    """The images `train --metrics` scores against: --data, or for pre-encoded latents the images
-    they were encoded from (dataset.json's source), which toy_fd needs to be there."""
-    source = getattr(dataset, 'info', {}).get('source', args.data)
-    return source
-
 def check_metric_data(args, dataset):
     """toy_fd on pre-encoded latents scores the decoded samples against the images the latents were
     encoded from (dataset.json's source): they must still be there."""
     if not args.train_on_latents or 'toy_fd' not in args.metrics:
         return
-    source = metrics_source(args, dataset)
+    source = getattr(dataset, 'info', {}).get('source', args.data)
     if not (re.fullmatch(r'demo(-\d+)?', str(source)) or os.path.exists(source)):
         raise UsageError(f'--metrics=toy_fd: {args.data} holds pre-encoded latents and toy_fd scores the decoded '
                          f'images against the images they were encoded from, {source}, which are not there; use fid*')
@@ -921,7 +915,8 @@ def training_run(args, dataset, info, ema, vae, device, state):
     R, C = info['net_kwargs']['img_resolution'], info['net_kwargs']['img_channels']
     metric_args = args
     if args.train_on_latents and args.metrics:  # the decoded pixels, scored against the encoded images
-        metric_args = argparse.Namespace(**dict(vars(args), data=metrics_source(args, dataset)))
+        source = getattr(dataset, 'info', {}).get('source', args.data)  # see check_metric_data
+        metric_args = argparse.Namespace(**dict(vars(args), data=source))
         R, C = R * vae.factor, vae.decoder.conv_out.out_channels
     evaluate = training_metrics(metric_args, R, C, device, sample)
     return TrainingRun('patch_diffusion', vars(args), info, device, outdir=args.outdir, desc=desc,
