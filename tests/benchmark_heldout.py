@@ -29,7 +29,7 @@ def edm_heldout(path, res):
     total = 0
     for rep in range(4):
         torch.manual_seed(rep)
-        loss = pd.patch_loss(net, common.EDMLoss(), x, None, res, isinstance(net, pd.PatchPrecond))
+        loss = pd.patch_loss(net, x, None, res, isinstance(net, pd.PatchPrecond))
         total += loss.sum((1, 2, 3)).mean()
     return float(total / 4)
 

@@ -12,7 +12,7 @@ Design:
 - Training: the `demo` preset through patch_diffusion's own parser (DDPM++ cbase 32, cres 1,2,2, 2.7M parameters,
   batch 32, lr 1e-3 with a 1 kimg ramp-up, EMA half-life 2 kimg with EDM's ramp-up, no dropout, seed 0), and the
   step of patch_diffusion.train: reseed per step, patch_schedule's sizes / probabilities / batch multipliers,
-  patch_loss with EDMLoss, reduce_loss, optimizer_step, update_ema, the patch counter. Before measuring, a few
+  patch_loss (EDM's loss on patches), reduce_loss, optimizer_step, update_ema, the patch counter. Before measuring, a few
   steps of each config are checked bitwise against patch_diffusion.train itself (weights, EMA, counter).
 - Compute: the machine is shared, so wall time says little. The budget is process CPU time
   (time.process_time(), torch.set_num_threads(1)) spent in training steps, the same --budget for both runs; the
@@ -46,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import patch_diffusion as pd  # noqa: E402
-from common import (DemoDataset, EDMLoss, data_stream, ema_beta, learning_rate, load_checkpoint, optimizer_step,  # noqa: E402
+from common import (DemoDataset, data_stream, ema_beta, learning_rate, load_checkpoint, optimizer_step,  # noqa: E402
                     reseed, save_image_grid, split_batch, update_ema)
 
 RESOLUTION = 16
@@ -81,7 +81,7 @@ class Run:
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
         self.scaler = torch.amp.GradScaler('cpu', enabled=False)
         self.stream = data_stream(dataset, self.batch_gpu, 0, 1, args.seed, 0, 0)
-        self.loss_fn, self.coords = EDMLoss(), self.precond == 'PatchPrecond'
+        self.coords = self.precond == 'PatchPrecond'
         self.cur_nimg = self.step = self.data_pos = 0
         self.cpu = 0.0      # process CPU seconds spent in train_step
         self.losses = []    # training loss (mean per element) of each step
@@ -96,7 +96,7 @@ class Run:
             fetched = [next(self.stream) for _ in range(self.batch_mul[k])]
             self.data_pos += self.batch_mul[k] * self.batch_gpu
             images = torch.cat([f[0] for f in fetched]).to(torch.float32) / 127.5 - 1
-            loss = pd.patch_loss(self.net, self.loss_fn, images, None, self.sizes[k], self.coords)
+            loss = pd.patch_loss(self.net, images, None, self.sizes[k], self.coords)
             (pd.reduce_loss(loss, self.batch_gpu * self.rounds, self.batch_mul[k]) * args.ls).backward()
             self.losses.append(loss.mean().item())
         nimg_step = args.batch * self.mul_avg
