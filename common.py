@@ -1143,9 +1143,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 def init_distributed():
     """Join the torchrun group, or make a world of one (an in-memory store: no port, no environment variables)."""
     cuda = torch.cuda.is_available()
-    # NOTE: 1x1 convolutions on 1x1 maps (small patches) get weight gradients whose size-1 dims carry other strides
-    # than the parameter's: the same memory layout, but DDP compares strides literally and warns at every step.
-    warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
     if not dist.is_initialized():  # without RANK (a plain `python x.py`) a world of one
         world_of_one = {} if 'RANK' in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
         dist.init_process_group('nccl' if cuda else 'gloo', **world_of_one)
