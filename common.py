@@ -1239,6 +1239,8 @@ def parse_int_list(s):
             raise argparse.ArgumentTypeError(f'{part.strip()!r} is an empty range (write low-high)')
         if len(out) > MAX_SEEDS:
             raise argparse.ArgumentTypeError(f'{s!r} holds more than {MAX_SEEDS:,} numbers; split the work')
+    if min(out, default=0) < 0:
+        raise argparse.ArgumentTypeError(f'{s!r} holds a negative number ({min(out)}); seeds and sizes are >= 0')
     return out
 
 def parse_bool(s):

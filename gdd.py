@@ -90,7 +90,7 @@ PRESETS = {
     # the machinery, not the paper's quality.
     'demo': dict(data='demo-8', backbone='3', feature_weights='random-he', feature_res=32,
                  head_width=64, d_pass='joint', batch=16, lr=1e-3, dlr=1e-3, duration=0.01536,
-                 tick=1.6, snap=100, dump=100, freeze=1, workers=0),
+                 tick=1.6, snap=2, dump=100, freeze=1, workers=0),
 }
 
 # Feature networks of the discriminator by the official --backbone numbers (train.py):
@@ -316,13 +316,13 @@ def one_step_sampler(net, latents, labels=None, randn_like=torch.randn_like, sig
     return net(latents.to(torch.float64) * sigma, sigma, labels).to(torch.float64)
 
 def sample_images(net, seeds, device, class_idx=None, sigma_max=SIGMA_MAX):
-    """Images of `seeds` as generate makes them, float32 [N, C, H, W] in [-1, 1] (for generate, the
-    grid, train --metrics): per-seed latents, then (conditional) a per-seed uniform class that
-    --class overrides (EDM generate.py); every draw from the image's own generator."""
+    """Images of `seeds` as generate makes them, [N, C, H, W] in [-1, 1] in the sampler's dtype (for
+    generate, the grid, train --metrics): per-seed latents, then (conditional) a per-seed uniform
+    class that --class overrides (EDM generate.py); every draw from the image's own generator."""
     rng = PerSeedRNG(seeds, device)
     latents = rng.randn([net.img_channels, net.img_resolution, net.img_resolution], device=device)
     labels = seed_labels(rng, net.label_dim, class_idx, device)
-    return one_step_sampler(net, latents, labels, sigma_max=sigma_max).to(torch.float32)
+    return one_step_sampler(net, latents, labels, sigma_max=sigma_max)
 
 #------------------------------------------------------------------------------
 # 5. Training loop (official training/training_loop.py): per step `rounds` real micro-batches

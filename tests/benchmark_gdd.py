@@ -42,7 +42,7 @@ def bench_step(args):
     for name, p in G.named_parameters():
         p.requires_grad_(name not in frozen)
     G.amp_dtype = torch.bfloat16 if device.type == 'cuda' else None  # upstream: bf16 on CUDA only
-    features, D = gdd.build_discriminator(gdd.BACKBONES['1'], 0, 224, 0, 'random')
+    features, D = gdd.build_discriminator(gdd.FEATURE_NETWORK_SETS['1'], 0, 224, 0, 'random')
     features, D = features.to(device), D.to(device).train()
     opt_G, opt_D = gdd.build_optimizers(G, D, frozen, 1e-4, 1e-4)
     ddp_G = common.distributed_model(G, device, broadcast_buffers=False)
