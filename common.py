@@ -2109,7 +2109,8 @@ def latest_checkpoint(path, kind, flag):
 
 def load_snapshot(path, flag, methods):
     """A network snapshot or training state written by one of `methods` (file names), in the one layout of this
-    project: {method, precond (the network's class), net_kwargs (its constructor arguments), ema (its weights), args
+    project: {method, precond (the network's class; older files lack it), net_kwargs (its constructor arguments),
+    ema (its weights), args
     (the training flags), cur_nimg} plus what the method's generation needs; a training state adds the training
     objects (net, optimizer, ...), step, tick and data_pos."""
     path = latest_checkpoint(path, 'network-snapshot', flag)
@@ -2123,6 +2124,5 @@ def load_snapshot(path, flag, methods):
         raise UsageError(f'{flag}={path}: a {method}.py checkpoint without a network (no "ema"/"net_kwargs")')
     if not _all_finite(ckpt['ema']):
         raise UsageError(f'{flag}={path}: its weights hold NaN or inf (a diverged run); use an earlier snapshot')
-    ckpt.setdefault('precond', 'GaussianDiffusion' if method == 'masked_dm' else 'EDMPrecond')  # older masked_dm files
     return ckpt
 
