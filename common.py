@@ -2110,9 +2110,8 @@ def latest_checkpoint(path, kind, flag):
 def load_snapshot(path, flag, methods):
     """A network snapshot or training state written by one of `methods` (file names), in the one layout of this
     project: {method, precond (the network's class; older files lack it), net_kwargs (its constructor arguments),
-    ema (its weights), args
-    (the training flags), cur_nimg} plus what the method's generation needs; a training state adds the training
-    objects (net, optimizer, ...), step, tick and data_pos."""
+    ema (its weights), args (the training flags), cur_nimg} plus what the method's generation needs; a training
+    state adds the training objects (net, optimizer, ...), step, tick and data_pos."""
     path = latest_checkpoint(path, 'network-snapshot', flag)
     ckpt = load_checkpoint(path)  # UserError if unreadable: a caller may try the official formats next
     method = ckpt.get('method') if isinstance(ckpt, dict) else None
