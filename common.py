@@ -1441,8 +1441,9 @@ def training_metrics(args, resolution, channels, device, sample):
     return lambda: metrics(sample)
 
 def pick_snapshot(path, pick, flag):
-    """`generate --pick`: for a run directory, its newest snapshot (`latest`) or the one with the lowest value of a
-    metric in its metric-<name>.jsonl (`best`: the only metric there; `best:NAME`); a file is itself."""
+    """`generate --pick`: for a run directory (or an --outdir: its newest run), its newest snapshot (`latest`) or the
+    one with the lowest value of a metric in its metric-<name>.jsonl (`best`: the only metric there; `best:NAME`); a
+    file is itself."""
     if not os.path.isdir(path):
         return path
     if pick == 'latest':
@@ -1450,6 +1451,7 @@ def pick_snapshot(path, pick, flag):
         if os.environ.get('RANK', '0') == '0':  # before the process group exists
             print(f'{flag}={path}: its newest snapshot, {os.path.relpath(newest, path)}', flush=True)
         return newest
+    path = os.path.dirname(latest_checkpoint(path, 'network-snapshot', flag))  # --outdir of runs: the newest run
     files = sorted(glob.glob(os.path.join(path, 'metric-*.jsonl')))
     names = [os.path.basename(f)[len('metric-'):-len('.jsonl')] for f in files]
     name = pick.partition(':')[2]
