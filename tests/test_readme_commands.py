@@ -186,7 +186,7 @@ RULES = [
     (r'--(network|network_first|network_second|transfer)=(all_ckpt|pretrained|ckpts)/', 'needs a downloaded checkpoint'),
     (r'\strain\s.*--preset=demo', 'trains for minutes on a CPU (the demo presets: 4-12 minutes on 2 cores)'),
     (r'\strain\s.*--data=demo32-latents', 'trains 10 kimg of latents (about a minute of CPU)'),
-    (r'--network=training-runs/\d{5}-', "needs the run of the README's demo (trains for minutes)"),
+    (r'--network=(training-runs/\d{5}-|runs/)', "needs the run of a README demo (trains for minutes)"),
 ]
 
 # Commands that fail as printed today (exact text: a doc edit makes the entry stale, which fails too). They are run
