@@ -1735,7 +1735,7 @@ class TrainingRun:
 
     def _stop(self):
         """After Ctrl-C: write a training state and stop."""
-        path = self.save('training-state', self.full_state())
+        self.save('training-state', self.full_state())
         print0(f'stopped at kimg {self.cur_nimg / 1000:g}; to continue: {resume_command(self.method, self.dir)}')
         raise KeyboardInterrupt
 

@@ -31,7 +31,6 @@ failure while working (a full disk, non-finite features), 130 for Ctrl-C; every 
 
 import argparse
 import contextlib
-import errno
 import hashlib
 import os
 import re

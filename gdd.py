@@ -30,7 +30,6 @@ The feature networks' ImageNet weights are data files (no download at run time):
 """
 
 import argparse
-import json
 import math
 import os
 import warnings

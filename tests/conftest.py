@@ -25,6 +25,23 @@ def one_thread():
 # A U-Net small enough for CPU tests: 8x8 images, 16 channels, one block per level, attention at 4x4.
 TINY_UNET = dict(model_type='SongUNet', model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0)
 
+@pytest.fixture(scope='session')
+def toy_cache(tmp_path_factory):
+    """The session's toy classifier cache for train --metrics=toy_fd and fid.py score on demo-8: trained once."""
+    import fid
+    cache = tmp_path_factory.getbasetemp() / 'toy-cache'
+    dataset = fid.open_toy_data('demo-8', 3)
+    fid.toy_classifier(dataset, fid.toy_splits(dataset, 500)[0], fid.toy_cache_path(str(cache), 'demo-8', dataset))
+    return cache
+
+def fid_score(images, cache, capsys):
+    """`python fid.py score --images=... --data=demo-8 --num=500`, in this process: its printed numbers."""
+    import fid
+    capsys.readouterr()
+    fid.main(['score', f'--images={images}', '--data=demo-8', '--num=500', f'--cache={cache}'])
+    return {line.split()[0]: float(line.split()[1]) for line in capsys.readouterr().out.splitlines()
+            if len(line.split()) == 2 and line.split()[0].startswith(('toy_fd', 'demo_fit', 'confident'))}
+
 def write_images(folder, n=16, res=8, channels=3, seed=0, labels=True):
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)

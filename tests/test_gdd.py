@@ -717,16 +717,6 @@ def test_cli_errors_table(tmp_path, files, standin, monkeypatch, capsys, argv, c
 # train --metrics (issue 22): the numbers of generate + fid.py score of every snapshot, in StyleGAN's
 # metric-<name>.jsonl.
 
-@pytest.fixture(scope='session')
-def toy_cache(tmp_path_factory):
-    """The session's toy classifier cache (the other method tests name the same folder): the demo-8 classifier,
-    trained into it once per session."""
-    import fid
-    cache = tmp_path_factory.getbasetemp() / 'toy-cache'
-    dataset = fid.open_toy_data('demo-8', 3)
-    fid.toy_classifier(dataset, fid.toy_splits(dataset, 500)[0], fid.toy_cache_path(str(cache), 'demo-8', dataset))
-    return cache
-
 def test_train_metrics_equal_generate_then_score(tmp_path, files, toy_cache, standin, capsys, monkeypatch):
     """--metrics=toy_fd --snap=1: one line per snapshot (StyleGAN2-ADA's layout), whose value is, to float
     precision, what `generate --seeds=0-499` of that snapshot and `fid.py score --num=500` give."""

@@ -805,11 +805,6 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys,
 #------------------------------------------------------------------------------
 # train --metrics: the numbers of what generate makes from each snapshot.
 
-@pytest.fixture(scope='session')
-def toy_cache(tmp_path_factory):
-    """One toy-classifier cache for the session: the classifier is trained once, by the first run that needs it."""
-    return tmp_path_factory.mktemp('toy-cache')
-
 def test_train_metrics_equal_generate_then_score(tmp_path, toy_cache, capsys, monkeypatch):
     import fid
     run_train(TINY_FLAGS + ['--data=demo-8', f'--outdir={tmp_path / "run"}', '--nosubdir', '--train_steps=3',

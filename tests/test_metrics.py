@@ -25,15 +25,6 @@ import patch_diffusion as pd
 TRAIN = ['train', '--data=demo-8', '--cbase=8', '--cres=1', '--batch=8', '--lr=1e-3', '--ema=0.0001', '--dropout=0',
          '--workers=0', '--tick=0.001', '--snap=1', '--dump=1', '--grid=0', '--nosubdir']
 
-@pytest.fixture(scope='session')
-def toy_cache(tmp_path_factory):
-    """The session's toy classifier cache (tests/test_patch_diffusion.py names the same folder): the demo-8
-    classifier, trained into it once per session."""
-    cache = tmp_path_factory.getbasetemp() / 'toy-cache'
-    dataset = fid.open_toy_data('demo-8', 3)
-    fid.toy_classifier(dataset, fid.toy_splits(dataset, 500)[0], fid.toy_cache_path(str(cache), 'demo-8', dataset))
-    return cache
-
 def train(outdir, *extra):
     pd.train(pd.parse_args(TRAIN + [f'--outdir={outdir}', *extra]))
 

@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import ROOT, TINY_UNET, run_main
+from conftest import ROOT, TINY_UNET, fid_score, run_main
 
 import patch_diffusion as pd
 from common import EDMLoss, UserError, edm_time_steps, ema_beta, load_checkpoint, reseed, save_checkpoint
@@ -430,24 +430,6 @@ def test_generate_failure_while_working_exits_1(tmp_path, monkeypatch, capsys, h
 # train --metrics (issue 22): the numbers of generate + fid.py for every snapshot, in StyleGAN's metric-<name>.jsonl.
 
 METRIC_NET = ['--cbase=8', '--cres=1']  # 22k parameters: 500 samples in about 4 CPU seconds
-
-@pytest.fixture(scope='session')
-def toy_cache(tmp_path_factory):
-    """The session's toy classifier cache (tests/test_metrics.py names the same folder): the demo-8 classifier,
-    trained into it once per session."""
-    import fid
-    cache = tmp_path_factory.getbasetemp() / 'toy-cache'
-    dataset = fid.open_toy_data('demo-8', 3)
-    fid.toy_classifier(dataset, fid.toy_splits(dataset, 500)[0], fid.toy_cache_path(str(cache), 'demo-8', dataset))
-    return cache
-
-def fid_score(images, cache, capsys):
-    """`python fid.py score --images=... --data=demo-8 --num=500`, in this process: its printed numbers."""
-    import fid
-    capsys.readouterr()
-    fid.main(['score', f'--images={images}', '--data=demo-8', '--num=500', f'--cache={cache}'])
-    return {line.split()[0]: float(line.split()[1]) for line in capsys.readouterr().out.splitlines()
-            if len(line.split()) == 2 and line.split()[0].startswith(('toy_fd', 'demo_fit', 'confident'))}
 
 def test_train_metrics_equal_generate_then_fid_score(tmp_path, toy_cache, capsys):
     """--metrics=toy_fd --snap=1: one StyleGAN-layout line per snapshot, whose value is what `generate --seeds=0-499`

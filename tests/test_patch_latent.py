@@ -344,9 +344,7 @@ def test_official_latent_pickle_loads_and_samples(tmp_path):
     pd.generate(pd.parse_args(gen + [f'--outdir={tmp_path / "out"}', '--on_latents=1', f'--vae={tmp_path / "vae.safetensors"}']))
     assert len(list((tmp_path / 'out').glob('*.png'))) == 2
 
-from test_patch_diffusion import toy_cache  # noqa: E402,F401  (the session's toy classifier, trained once)
-
-def test_latent_metrics_score_decoded_images_against_the_source(tmp_path, monkeypatch, capsys, toy_cache):  # noqa: F811
+def test_latent_metrics_score_decoded_images_against_the_source(tmp_path, monkeypatch, capsys, toy_cache):
     """train --metrics=toy_fd on pre-encoded latents scores the VAE-decoded samples against the images the latents
     were encoded from (dataset.json's source: demo-8); if that source is gone, one line, exit 2, nothing written."""
     from conftest import run_main

@@ -20,7 +20,7 @@ import scipy.stats
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import ROOT, TINY_UNET, EDMPrecond as OfficialEDMPrecond, run_main, write_persistence_pickle
+from conftest import ROOT, TINY_UNET, EDMPrecond as OfficialEDMPrecond, fid_score, run_main, write_persistence_pickle
 
 import relay_diffusion as rd
 from common import EDMPrecond, UsageError, UserError, edm_sampler, load_checkpoint, parse_command_line, save_checkpoint
@@ -456,24 +456,6 @@ def test_two_stage_cli_under_torchrun(tmp_path):
 
 METRIC_NET = ['--arch=ddpmpp', '--cbase=8', '--cres=1', '--blocks=1', '--dropout=0', '--lr-rampup=0', '--grid=0',
               '--workers=0', '--batch=4', '--tick=0.004', '--snap=1', '--dump=0', '--nosubdir']
-
-@pytest.fixture(scope='session')
-def toy_cache(tmp_path_factory):
-    """The session's toy classifier cache (the other method tests name the same folder): the demo-8 classifier,
-    trained into it once per session."""
-    import fid
-    cache = tmp_path_factory.getbasetemp() / 'toy-cache'
-    dataset = fid.open_toy_data('demo-8', 3)
-    fid.toy_classifier(dataset, fid.toy_splits(dataset, 500)[0], fid.toy_cache_path(str(cache), 'demo-8', dataset))
-    return cache
-
-def fid_score(images, cache, capsys):
-    """`python fid.py score --images=... --data=demo-8 --num=500`, in this process: its printed numbers."""
-    import fid
-    capsys.readouterr()
-    fid.main(['score', f'--images={images}', '--data=demo-8', '--num=500', f'--cache={cache}'])
-    return {line.split()[0]: float(line.split()[1]) for line in capsys.readouterr().out.splitlines()
-            if len(line.split()) == 2 and line.split()[0].startswith(('toy_fd', 'demo_fit', 'confident'))}
 
 def printed(value):
     """`fid.py score` prints 6 significant digits: equal to float precision is equal as printed."""
