@@ -267,8 +267,10 @@ def test_xfail_entries_are_current():
 
 def test_extraction_finds_the_commands():
     """The extractor itself: prompted lines only, continuations joined, here-documents whole, torchrun counted."""
-    by_id = {c.id: c.text for c in COMMANDS}
-    assert by_id['README.md:45'] == 'python patch_diffusion.py train --preset=demo --outdir=training-runs'
+    readme = [c.text for c in COMMANDS if c.file == 'README.md']
+    assert 'python patch_diffusion.py train --preset=demo --outdir=training-runs --metrics=toy_fd' in readme
+    assert ('python masked_dm.py train --preset=demo_ft --outdir=runs/masked-ft --pretrained_model_ckpt=runs/masked-pre '
+            '--metrics=toy_fd') in readme  # a continuation line, joined
     assert not any('\n' in c.text and not re.match(r"python (-c|- <<)", c.text) for c in COMMANDS)
     assert any(c.text.startswith('torchrun') for c in COMMANDS)
     assert not any(c.text.startswith(('tick ', 'done', 'error')) for c in COMMANDS)
