@@ -34,11 +34,11 @@ def toy_cache(tmp_path_factory):
     fid.toy_classifier(dataset, fid.toy_splits(dataset, 500)[0], fid.toy_cache_path(str(cache), 'demo-8', dataset))
     return cache
 
-def fid_score(images, cache, capsys):
-    """`python fid.py score --images=... --data=demo-8 --num=500`, in this process: its printed numbers."""
+def fid_score(images, cache, capsys, num=500):
+    """`python fid.py score --images=... --data=demo-8 --num=NUM`, in this process: its printed numbers."""
     import fid
     capsys.readouterr()
-    fid.main(['score', f'--images={images}', '--data=demo-8', '--num=500', f'--cache={cache}'])
+    fid.main(['score', f'--images={images}', '--data=demo-8', f'--num={num}', f'--cache={cache}'])
     return {line.split()[0]: float(line.split()[1]) for line in capsys.readouterr().out.splitlines()
             if len(line.split()) == 2 and line.split()[0].startswith(('toy_fd', 'demo_fit', 'confident'))}
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY_UNET, fid_score, run_main
 
+import common
 import patch_diffusion as pd
 from common import EDMLoss, UserError, edm_time_steps, ema_beta, load_checkpoint, reseed, save_checkpoint
 
@@ -431,9 +432,10 @@ def test_generate_failure_while_working_exits_1(tmp_path, monkeypatch, capsys, h
 
 METRIC_NET = ['--cbase=8', '--cres=1']  # 22k parameters: 500 samples in about 4 CPU seconds
 
-def test_train_metrics_equal_generate_then_fid_score(tmp_path, toy_cache, capsys):
-    """--metrics=toy_fd --snap=1: one StyleGAN-layout line per snapshot, whose value is what `generate --seeds=0-499`
-    of that snapshot and `fid.py score --num=500` print."""
+def test_train_metrics_equal_generate_then_fid_score(tmp_path, toy_cache, capsys, monkeypatch):
+    """--metrics=toy_fd --snap=1: one StyleGAN-layout line per snapshot, whose value is what `generate --seeds=0-99`
+    of that snapshot and `fid.py score --num=100` print (toy_fd's 500 images monkeypatched to 100, for time)."""
+    monkeypatch.setitem(common.TRAINING_METRICS, 'toy_fd', 100)
     run = tmp_path / 'run'
     run_train(run, *METRIC_NET, '--duration=0.000045', '--metrics=toy_fd', f'--metrics-cache={toy_cache}')
     lines = [json.loads(line) for line in open(run / 'metric-toy_fd.jsonl')]
@@ -443,9 +445,9 @@ def test_train_metrics_equal_generate_then_fid_score(tmp_path, toy_cache, capsys
                and line['metric'] == 'toy_fd' and line['num_gpus'] == 1 for line in lines)
     assert [line['kimg'] for line in lines] == [0.03, 0.045]
     gen = tmp_path / 'gen'
-    pd.generate(pd.parse_args(['generate', f'--network={run / snapshots[-1]}', f'--outdir={gen}', '--seeds=0-499',
+    pd.generate(pd.parse_args(['generate', f'--network={run / snapshots[-1]}', f'--outdir={gen}', '--seeds=0-99',
                                '--batch=250']))
-    assert fid_score(gen, toy_cache, capsys)['toy_fd'] == pytest.approx(lines[-1]['results']['toy_fd'], rel=1e-6)
+    assert fid_score(gen, toy_cache, capsys, num=100)['toy_fd'] == pytest.approx(lines[-1]['results']['toy_fd'], rel=1e-6)
     log = (run / 'log.txt').read_text()
     best = min(lines, key=lambda line: line['results']['toy_fd'])
     assert f'best so far {best["results"]["toy_fd"]:.4g} at {best["snapshot_pkl"]}' in log
