@@ -19,7 +19,7 @@ Contents, in order: EDM first, then data, then the plumbing every method file us
      (default subcommand, presets, `--resume` defaults from the training state), `RESUME_MAY_CHANGE`,
      `add_train_flags`, `add_edm_train_flags`, `add_metric_flags` (train --metrics), `add_generate_flags`
   9. seeding: per-step reseed (`reseed`), per-image generators (`PerSeedRNG`)
- 10. training plumbing: precision, batch split, DDP, lr ramp-up, EMA, gradient scrub, `network_and_ema`,
+ 10. training plumbing: precision, batch split, memory check, DDP, lr ramp-up, EMA, gradient scrub, `network_and_ema`,
      `run_desc`, `check_outdir`, `TrainingRun` (run directory, status lines, divergence stop, periodic
      checkpoints, metrics, Ctrl-C), `read_training_options`, `load_training_state` (resume)
  11. checkpoints: `save_checkpoint`, `load_checkpoint`, `load_weights`; `load_official` for official EDM .pkl
@@ -94,9 +94,6 @@ class EDMPrecond(torch.nn.Module):
         F_x = self.backbone(c_in * x, c_noise, class_labels, augment_labels)
         return c_skip * x + c_out * F_x  # EDM Eq. 7
 
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
-
 class EDMLoss:
     """EDM training loss (Eq. 2 with Table 1's p_train and lambda): returns the unreduced per-element loss."""
     def __init__(self, P_mean=-1.2, P_std=1.2, sigma_data=0.5):
@@ -152,8 +149,6 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
 def weight_init(shape, mode, fan_in, fan_out):
     if mode == 'xavier_uniform':
         return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(shape) * 2 - 1)
-    if mode == 'xavier_normal':
-        return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(shape)
     if mode == 'kaiming_uniform':
         return math.sqrt(3 / fan_in) * (torch.rand(shape) * 2 - 1)
     if mode == 'kaiming_normal':
@@ -1081,8 +1076,6 @@ class InceptionV3(torch.nn.Module):
                     with `python -m pytorch_fid` numbers, not with EDM's refs (the resizes differ most at 32-64 px)."""
     def __init__(self, preprocess='nvidia'):
         super().__init__()
-        if preprocess not in ('nvidia', 'pytorch_fid'):
-            raise ValueError(f"preprocess must be 'nvidia' or 'pytorch_fid', not {preprocess!r}")
         self.preprocess = preprocess
         self.Conv2d_1a_3x3 = _BasicConv2d(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = _BasicConv2d(32, 32, 3)
@@ -1149,8 +1142,7 @@ def init_distributed():
     device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if cuda else torch.device('cpu')
     if cuda:
         torch.cuda.set_device(device)
-    elif 'OMP_NUM_THREADS' not in os.environ and hasattr(os, 'getloadavg'):  # torch takes every core: on a busy
-        # CPU that is many times slower
+    elif 'OMP_NUM_THREADS' not in os.environ and hasattr(os, 'getloadavg'):  # torch takes every core: slow if busy
         idle = max(int(os.cpu_count() - os.getloadavg()[0] + 0.5), 1)
         if idle < torch.get_num_threads():
             torch.set_num_threads(idle)
@@ -1222,23 +1214,19 @@ def run_main(command, args):
 MAX_SEEDS = 10**7  # one command's seeds: 200 times EDM's 50,000 FID images
 
 def parse_int_list(s):
-    """'0-3,7' -> [0, 1, 2, 3, 7] (EDM's seed syntax); a list passes through. An empty result is an error."""
-    if isinstance(s, (list, tuple)):
-        return list(s)
+    """'0-3,7' -> [0, 1, 2, 3, 7] (EDM's seed syntax). An empty result is an error."""
     out = []
     for part in s.split(','):
         m = re.fullmatch(r'\s*(-?\d+)\s*-\s*(-?\d+)\s*', part)
         try:
-            if m and int(m[2]) - int(m[1]) >= MAX_SEEDS:
-                raise argparse.ArgumentTypeError(f'{part.strip()!r} holds more than {MAX_SEEDS:,} numbers; '
-                                                 'split the work')
-            out.extend(range(int(m[1]), int(m[2]) + 1) if m else [int(part)])
+            low, high = (int(m[1]), int(m[2])) if m else (int(part), int(part))
         except ValueError:
             raise argparse.ArgumentTypeError(f'expected integers or ranges like 0-49999,7; got {s!r}') from None
-        if m and int(m[2]) < int(m[1]):
+        if high < low:
             raise argparse.ArgumentTypeError(f'{part.strip()!r} is an empty range (write low-high)')
-        if len(out) > MAX_SEEDS:
+        if len(out) + high - low + 1 > MAX_SEEDS:
             raise argparse.ArgumentTypeError(f'{s!r} holds more than {MAX_SEEDS:,} numbers; split the work')
+        out.extend(range(low, high + 1))
     if min(out, default=0) < 0:
         raise argparse.ArgumentTypeError(f'{s!r} holds a negative number ({min(out)}); seeds and sizes are >= 0')
     return out
@@ -1246,9 +1234,9 @@ def parse_int_list(s):
 def parse_bool(s):
     """Booleans that published commands pass as values: --cond=1, --fp16=True."""
     words = {'1': True, 'true': True, 'yes': True, 'on': True, '0': False, 'false': False, 'no': False, 'off': False}
-    if not isinstance(s, bool) and s.lower() not in words:
+    if s.lower() not in words:
         raise argparse.ArgumentTypeError(f'expected a boolean (1/0/true/false); got {s!r}')
-    return s if isinstance(s, bool) else words[s.lower()]
+    return words[s.lower()]
 
 def number(kind, low=None, high=None, low_open=False, inf=False):
     """argparse type: a finite int or float within [low, high] (or (low, high] with low_open), e.g. number(int, 1);
@@ -1541,6 +1529,22 @@ def split_batch(batch, batch_gpu, world_size):
         raise UsageError(f'--batch={batch} must be a multiple of {world_size} GPUs x --batch-gpu ({batch_gpu})')
     return batch_gpu, rounds
 
+def check_memory(nbytes, what, device=None):
+    """Refuse, before anything is written, work that needs `nbytes` bytes on `device` (None: this process's GPU, set
+    by init_distributed, else the CPU): more than the GPU's memory or this machine's RAM. No check where the OS does
+    not say (no os.sysconf: Windows)."""
+    if device is None:
+        cuda = torch.cuda.is_available()
+        device = torch.device('cuda', torch.cuda.current_device()) if cuda else torch.device('cpu')
+    if device.type == 'cuda':
+        have, where = torch.cuda.get_device_properties(device).total_memory, str(device)
+    elif hasattr(os, 'sysconf') and 'SC_PHYS_PAGES' in os.sysconf_names:
+        have, where = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'), 'this machine'
+    else:
+        return
+    if nbytes > have:
+        raise UsageError(f'{what}: {nbytes / 2**30:,.1f} GiB of memory needed, {where} has {have / 2**30:,.1f} GiB')
+
 def distributed_model(net, device, compile=False, **ddp_kwargs):
     """DDP around the network (one process too), torch.compile'd if asked; checkpoints save `net`: plain names."""
     ddp = DDP(net, device_ids=[device] if device.type == 'cuda' else None, **ddp_kwargs)
@@ -1557,9 +1561,7 @@ def learning_rate(lr, cur_nimg, rampup_kimg=10000):
 def ema_beta(cur_nimg, batch_size, ema_halflife_kimg=500, ema_rampup_ratio=0.05):
     """Per-step EMA decay for a half-life in images, with EDM's ramp-up: the half-life is at most
     ema_rampup_ratio * cur_nimg (so the first step copies the weights)."""
-    ema_nimg = ema_halflife_kimg * 1000
-    if ema_rampup_ratio is not None:
-        ema_nimg = min(ema_nimg, cur_nimg * ema_rampup_ratio)
+    ema_nimg = min(ema_halflife_kimg * 1000, cur_nimg * ema_rampup_ratio)
     return 0.5 ** (batch_size / max(ema_nimg, 1e-8))
 
 @torch.no_grad()
@@ -1633,7 +1635,7 @@ class TrainingRun:
         self.cur_nimg = self.step = self.data_pos = self.pending_pos = self.tick = self.tick_start_nimg = 0
         self.last_state, self.log, self.interrupted, self.data_failed = resume, None, False, False
         if resume:
-            loaded = load_training_state(resume, method, get_rank(), get_world_size(), **state)
+            loaded = load_training_state(resume, get_rank(), get_world_size(), **state)
             self.cur_nimg, self.step, self.data_pos = loaded['cur_nimg'], loaded['step'], loaded['data_pos']
             # Ticks, snapshots and states stay on the uninterrupted run's grid (states before this one: a new tick).
             self.tick = loaded.get('tick', 1)
@@ -1890,18 +1892,12 @@ def read_training_options(path):
                         'training-state-*.pt')
     return state['method'], state['args']
 
-def load_training_state(path, method, rank, world_size, **objects):
-    """Resume: load `path` (a training-state-*.pt of `method`) into the named objects (modules, optimizers, scaler:
-    anything with load_state_dict). Returns the state, with `data_pos` this rank's data position."""
+def load_training_state(path, rank, world_size, **objects):
+    """Resume: load `path` (a training state of this method: parse_command_line checked it with
+    read_training_options) into the named objects (modules, optimizers, scaler: anything with load_state_dict).
+    Returns the state, with `data_pos` this rank's data position."""
     state = load_checkpoint(path)
-    if not isinstance(state, dict) or 'method' not in state:
-        raise UserError(f'{path}: not a checkpoint of this project (no "method" entry); '
-                        '--resume takes a training-state-*.pt')
-    if state['method'] != method:
-        raise UserError(f'{path}: a {state["method"]} checkpoint; --resume needs a training state of {method}.py')
     missing = [name for name in objects if name not in state]
-    if missing and 'ema' in state and not any(k.startswith('optimizer') for k in state):
-        raise UserError(f'{path}: a network snapshot, not a training state; --resume takes a training-state-*.pt')
     if missing:
         raise UserError(f'{path}: training state without {", ".join(missing)}')
     for name, obj in objects.items():
