@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from common import (AugmentPipe, EDMLoss, EDMPrecond, Parser, PerSeedRNG, SnapshotUnpickler, TrainingRun,
                     UsageError, UserError, add_edm_train_flags, add_generate_flags, add_metric_flags,
-                    add_train_flags, check_class, check_outdir, data_stream, distributed_model, download,
+                    add_train_flags, check_class, check_memory, check_outdir, data_stream, distributed_model, download,
                     edm_backbone_kwargs, edm_sampler, edm_time_steps, ema_beta, get_rank, get_world_size,
                     init_distributed, is_official, latest_checkpoint, learning_rate, load_official, load_snapshot,
                     load_weights, network_and_ema, number, official_network, open_dataset, optimizer_step,
@@ -373,8 +373,9 @@ def training_setup(args, world_size):
     check_train_flags(args, R, label_dim, net_kwargs)
     batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
     num_params = count_parameters(net_kwargs)
-    if not args.dry_run:
-        check_memory(num_params)
+    if not args.dry_run:  # weights, EMA, gradients and Adam's two moments: 5 float32 copies
+        check_memory(20 * num_params, f'the network has {num_params:,} parameters (see --cbase, --cres, --blocks); '
+                     'its weights, EMA, gradients and Adam moments')
     info = dict(net_kwargs=net_kwargs, num_params=num_params, stage=stage_of(args), batch_gpu=batch_gpu,
                 rounds=rounds, world_size=world_size)
     return dataset, net_kwargs, info
@@ -400,21 +401,13 @@ def train(args):
                                  fused=device.type == 'cuda')
     augment_pipe = AugmentPipe(args.augment, **AUGMENT) if args.augment else None
     loss_fn = make_loss(args)
-    evaluate = metrics_evaluate(args, ema, net_kwargs, device)  # --metrics: of samples as `generate` makes them
-    grid = progress_grid(ema, args.grid, dataset, args.seed, device, loss_fn) if args.grid else None
-    run = TrainingRun('relay_diffusion', vars(args), info, device, **run_options(args, world_size),
-                      state=dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler),
-                      snapshot=lambda: dict(precond='EDMPrecond', net_kwargs=net_kwargs, stage=info['stage'],
-                                            ema=ema.state_dict()),
-                      grid=grid, evaluate=evaluate)
+    state = dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler)
+    run = training_run(args, dataset, net_kwargs, info, loss_fn, device, state)
     ddp = distributed_model(net, device, args.compile)
     batch_gpu, rounds = info['batch_gpu'], info['rounds']
     stream = run.data(dataset, batch_gpu, args.seed, args.workers)
     with run:
-        print0(f'Relay Diffusion stage {"one (EDM)" if args.precond == "edm" else "two (blur)"}: {dataset.name} '
-               f'({len(dataset)} images, {dataset.resolution} px), {args.arch}, {info["num_params"]:,} parameters, '
-               f'device {device}, {world_size} process(es); {batch_gpu} images x {rounds} rounds x {world_size} '
-               'per step')
+        print0(banner(args, dataset, info, device))
         while not run.done:
             reseed(args.seed, rank, run.cur_nimg)  # per-step randomness: resume == uninterrupted
             optimizer.zero_grad(set_to_none=True)
@@ -622,21 +615,6 @@ def parse_cres(s):
         raise argparse.ArgumentTypeError(f'expected 1 to 16 channel multipliers from 1 to 64, e.g. 1,2,2; got {s!r}')
     return cres
 
-def check_memory(num_params):
-    """Weights, EMA, gradients and Adam's two moments are 5 float32 copies: refuse a network that cannot fit (on
-    this process's GPU, set by init_distributed, else in this machine's memory)."""
-    if torch.cuda.is_available():
-        device = torch.device('cuda', torch.cuda.current_device())
-        have, where = torch.cuda.get_device_properties(device).total_memory, f'{device} has'
-    elif hasattr(os, 'sysconf'):
-        have, where = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'), 'this machine has'
-    else:
-        return
-    if 20 * num_params > have:
-        raise UsageError(f'the network has {num_params:,} parameters: {20 * num_params / 2**30:.1f} GiB for weights, '
-                         f'EMA, gradients and Adam state, but {where} {have / 2**30:.1f} GiB (see --cbase, --cres, '
-                         '--blocks)')
-
 def check_train_flags(args, R, label_dim, net_kwargs):
     """Flag combinations that depend on the data, checked before anything is written."""
     if args.precond == 'blur' and args.up_scale < 2:
@@ -711,13 +689,29 @@ def dataset_shape(args):
     dataset = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
     return dataset, dataset.resolution, dataset.num_channels, dataset.label_dim
 
-def run_options(args, world_size):
-    """TrainingRun's options from the flags: the run directory (EDM's name for it), resume, length, tick, saves."""
+def training_run(args, dataset, net_kwargs, info, loss_fn, device, state):
+    """common.TrainingRun: the run directory (EDM's name for it), log, status lines, snapshots with a sample grid
+    (progress_grid), --metrics (metrics_evaluate)."""
+    ema = state['ema']
+
+    def snapshot():  # what a network snapshot holds besides the method's name and the flags
+        return dict(precond='EDMPrecond', net_kwargs=net_kwargs, stage=info['stage'], ema=ema.state_dict())
+
+    evaluate = metrics_evaluate(args, ema, net_kwargs, device)  # --metrics: of samples as `generate` makes them
+    grid = progress_grid(ema, args.grid, dataset, args.seed, device, loss_fn) if args.grid else None
     data_name = os.path.splitext(os.path.basename(args.data))[0]
-    desc = run_desc(data_name, 'cond' if args.cond else 'uncond', args.arch, args.precond, world_size=world_size,
-                    batch=args.batch, fp16=args.fp16, bf16=args.bf16, desc=args.desc)
-    return dict(outdir=args.outdir, desc=desc, nosubdir=args.nosubdir, resume=args.resume,
-                total_nimg=args.duration * 1e6, tick=args.tick, snap=args.snap, dump=args.dump)
+    desc = run_desc(data_name, 'cond' if args.cond else 'uncond', args.arch, args.precond,
+                    world_size=info['world_size'], batch=args.batch, fp16=args.fp16, bf16=args.bf16, desc=args.desc)
+    return TrainingRun('relay_diffusion', vars(args), info, device, outdir=args.outdir, desc=desc,
+                       nosubdir=args.nosubdir, resume=args.resume, total_nimg=args.duration * 1e6, tick=args.tick,
+                       snap=args.snap, dump=args.dump, state=state, snapshot=snapshot, grid=grid, evaluate=evaluate)
+
+def banner(args, dataset, info, device):
+    """The run's first status line: stage, data, network, device and how a step's batch is split."""
+    stage = 'one (EDM)' if args.precond == 'edm' else 'two (blur)'
+    return (f'Relay Diffusion stage {stage}: {dataset.name} ({len(dataset)} images, {dataset.resolution} px), '
+            f'{args.arch}, {info["num_params"]:,} parameters, device {device}, {info["world_size"]} process(es); '
+            f'{info["batch_gpu"]} images x {info["rounds"]} rounds x {info["world_size"]} per step')
 
 def progress_grid(net, num, dataset, seed, device, loss_fn):
     """grid(path) for TrainingRun, a PNG of seeds 0..num-1: stage one samples them as generate does; stage two
