@@ -77,12 +77,13 @@ B256 = S256 | dict(arch='B')
 # MaskDM-L in the Haar wavelet domain (the v1 DWT configs, below).
 L256_DWT = S256 | dict(arch='L', dwt=True, ema_every=10, xflip=True)
 # Ours, about 3.5 + 4 CPU-minutes (one thread): 8x8 shapes, a 1M-parameter U-ViT with 2-pixel patches (16
-# tokens), block-2 50% masks (8 tokens visible), then full-image fine-tuning. Cosine schedule (the 256 configs'):
-# at 8x8 the linear one spends half its steps at SNR < 0.1. AdamW betas 0.9, 0.999: with the configs' 0.99, 0.99
-# the short run's tiles stay speckled. The settings tried: docs/masked_dm.md, CPU demo.
+# tokens), block-2 50% masks, then fine-tuning. Cosine schedule: at 8x8 the linear one spends half its steps at
+# SNR < 0.1. AdamW betas 0.9, 0.999: with the configs' 0.99, 0.99 the short run's tiles stay speckled. The settings
+# tried: docs/masked_dm.md, CPU demo.
 DEMO = dict(data='demo-8', arch='T', resolution=8, patch_size=2, batch=32, adam_betas=[0.9, 0.999],
             warmup_steps=20, clip_grad=1.0, beta_schedule='cosine', ema_decay=0.999, ema_every=1,
             xflip=False, tick=20, dump=1000, workers=0)
+FULL = dict(mask_type='none', mask_ratio=0)  # fine-tuning, or training from scratch: no mask
 
 PRESETS = {
     'celeba64_pre_patch_10':  CELEBA64 | dict(mask_type='patch', mask_ratio=0.1),
@@ -99,29 +100,24 @@ PRESETS = {
     'celeba64_pre_crop_50':   CELEBA64 | dict(mask_type='crop', mask_ratio=0, crop_size=11),
     'celeba64_pre_crop_90':   CELEBA64 | dict(mask_type='crop', mask_ratio=0, crop_size=5),
     # configs/ablation/celeba_small.yml: fine-tuning / the from-scratch baseline
-    'celeba64_ft':            CELEBA64 | dict(mask_type='none', mask_ratio=0, batch=128),
+    'celeba64_ft':            CELEBA64 | FULL | dict(batch=128),
     # configs/transfer/vggface2_small_90p.yml, celebahq_small_90p.yml, celebahq_small_0.1.yml
     'vgg256s_pre90':    S256 | dict(mask_type='block', mask_ratio=0.9, block_size=4),
     'hq256s_pre90':     S256 | dict(mask_type='block', mask_ratio=0.9, block_size=4),
-    'hq256s_ft10pct':   S256 | dict(mask_type='none', mask_ratio=0, batch=64, lr=5e-5, clip_grad=0,
-                                    xflip=True),
+    'hq256s_ft10pct':   S256 | FULL | dict(batch=64, lr=5e-5, clip_grad=0, xflip=True),
     # HEAD configs/celebahq_base_90p.yml, celebahq_base_50p.yml, celebahq_base.yml, church256_base.yml
     'hq256b_pre90':     B256 | dict(mask_type='block', mask_ratio=0.9, block_size=4),
-    'hq256b_pre50':     B256 | dict(mask_type='block', mask_ratio=0.5, block_size=4, batch=64,
-                                    warmup_steps=5000),
-    'hq256b_ft':        B256 | dict(mask_type='none', mask_ratio=0, batch=32, lr=1e-5, warmup_steps=5000),
-    'church256b_ft':    B256 | dict(mask_type='none', mask_ratio=0, batch=64, lr=1e-4, warmup_steps=5000,
-                                    beta_schedule='linear', ema_decay=0.9999, xflip=True),
+    'hq256b_pre50':     B256 | dict(mask_type='block', mask_ratio=0.5, block_size=4, batch=64, warmup_steps=5000),
+    'hq256b_ft':        B256 | FULL | dict(batch=32, lr=1e-5, warmup_steps=5000),
+    'church256b_ft':    B256 | FULL | dict(batch=64, lr=1e-4, warmup_steps=5000, beta_schedule='linear',
+                                           ema_decay=0.9999, xflip=True),
     # v1 configs/celebahq_maskdml_dwt.yml, celebahq_baseline_dwt.yml (no clip_grad: the script's 1.0). NOTE: the v1
     # DWT script hard-codes patch masks and ignores the config's block-4; we follow the code.
-    'hq256l_dwt_pre70': L256_DWT | dict(mask_type='patch', mask_ratio=0.7, block_size=4, batch=128,
-                                        lr=1e-4),
-    'hq256l_dwt_ft':    L256_DWT | dict(mask_type='none', mask_ratio=0, batch=16, lr=5e-5,
-                                        train_steps=550000),
+    'hq256l_dwt_pre70': L256_DWT | dict(mask_type='patch', mask_ratio=0.7, block_size=4, batch=128, lr=1e-4),
+    'hq256l_dwt_ft':    L256_DWT | FULL | dict(batch=16, lr=5e-5, train_steps=550000),
     # Ours (DEMO above): pre-training, then fine-tuning from its training state.
-    'demo_pre': DEMO | dict(mask_type='block', mask_ratio=0.5, block_size=2, lr=3e-4, train_steps=8000,
-                            snap=4),
-    'demo_ft':  DEMO | dict(mask_type='none', mask_ratio=0, lr=2e-4, train_steps=6000, snap=3),
+    'demo_pre': DEMO | dict(mask_type='block', mask_ratio=0.5, block_size=2, lr=3e-4, train_steps=8000, snap=4),
+    'demo_ft':  DEMO | FULL | dict(lr=2e-4, train_steps=6000, snap=3),
 }
 
 #------------------------------------------------------------------------------
@@ -189,8 +185,7 @@ class UViTEncoder(torch.nn.Module):
 
 class MaskedUViT(torch.nn.Module):
     """The MaskDM network: epsilon(x_t, t[, labels]) of the visible tokens. With dwt=True the input is the Haar domain
-    [LL, H, V, D] x C (12 channels for RGB) at half resolution, with LL and detail tokens embedded and predicted
-    separately."""
+    [LL, H, V, D] x C at half resolution, with LL and detail tokens embedded and predicted separately."""
     def __init__(self,
         img_size,                   # network input side (pixels; the wavelet grid side with dwt)
         in_chans    = 3,            # network input channels: image channels (official `in_chans`); 4x that with dwt
@@ -221,18 +216,8 @@ class MaskedUViT(torch.nn.Module):
         for head, chans in zip(self.head_names, self.family_chans):
             self.add_module(head, torch.nn.Linear(embed_dim, patch_size ** 2 * chans))
         self.num_patches = self.encoder.num_patches
-        self.apply(self._init_weights)
+        self.apply(init_weights)  # official _init_weights (Appendix)
         torch.nn.init.trunc_normal_(self.encoder.encoder_pos_embed, std=0.02, a=-2, b=2)
-
-    @staticmethod
-    def _init_weights(m):  # official _init_weights: timm's trunc_normal_(std=0.02), cut at +-2 absolute (no cut)
-        if isinstance(m, torch.nn.Linear):
-            torch.nn.init.trunc_normal_(m.weight, std=0.02, a=-2, b=2)
-            if m.bias is not None:
-                torch.nn.init.zeros_(m.bias)
-        elif isinstance(m, torch.nn.LayerNorm):
-            torch.nn.init.ones_(m.weight)
-            torch.nn.init.zeros_(m.bias)
 
     def split(self, x):
         """[B, in_chans, H, W] -> the input of each token family."""
@@ -287,8 +272,6 @@ def draw_mask(kind, h, w, rng, ratio=0.0, block_size=1, crop_size=None):
         grid = np.ones((h, w), dtype=bool)
         grid[i:i + crop_size, j:j + crop_size] = False
         mask = grid.reshape(N)
-    elif kind != 'none':
-        raise ValueError(f'unknown mask kind {kind!r}')
     return mask
 
 def draw_keep(net, batch, rng, kind, ratio=0.0, block_size=1, crop_size=None, device='cpu'):
@@ -335,11 +318,10 @@ class GaussianDiffusion(torch.nn.Module):
         return [o.float() for o in out] if keep is not None else out.float()
 
 def mdsm_loss(net, x0, t, noise, keep, call=None, labels=None):
-    """Per-image epsilon-MSE on the visible patches (masked denoising score matching; official gaussian_ddpm.py
-    p_losses, loss_fn with a mask): x_t is noised over the whole image, then only visible tokens enter the net.
-    keep=None is DDPM's loss on all tokens (fine-tuning). With dwt the LL and detail families are separate
-    element-means, summed (v1 loss_fn). `call` runs the network (e.g. its DDP wrapper; default net); `labels`
-    (one-hot or None) go to it as the official p_losses passes the batch's labels. Returns [B]."""
+    """Per-image epsilon-MSE on the visible patches, [B] (masked denoising score matching; official gaussian_ddpm.py
+    p_losses with a mask): x_t is noised over the whole image, then only visible tokens enter the net; keep=None is
+    DDPM's loss on all tokens (fine-tuning). With dwt the LL and detail families are separate element-means, summed
+    (v1 loss_fn). `call` runs the network (its DDP wrapper; default: net) on the batch's labels, as p_losses does."""
     ab = net.alphas_cumprod[t][:, None, None, None]
     x_t = ab.sqrt().float() * x0 + (1 - ab).sqrt().float() * noise  # DDPM Eq. 4 (official q_sample)
     if keep is None:  # all tokens, through the same token path
@@ -364,10 +346,8 @@ def ddim_time_pairs(num_steps, T=1000):
 @torch.no_grad()
 def ddim_sampler(net, latents, labels=None, randn_like=torch.randn_like, num_steps=250, eta=1.0, clamp=True,
                  alphas_cumprod=None, cfg=None):
-    """DDIM (official ddim_sample). Per pair (t -> s): eps = net(x_t, t); x0 = (x_t - sqrt(1-a_t) eps) / sqrt(a_t),
-    clamped; x_s = sqrt(a_s) x0 + sqrt(1 - a_s - sigma^2) eps + sigma z, sigma = eta sqrt((1-a_t/a_s)(1-a_s)/(1-a_t)).
-    eps is the raw network output, not re-derived from the clamped x0. The last pair returns x0. labels, cfg: see
-    guided_eps."""
+    """DDIM (official ddim_sample) over ddim_time_pairs; eps is the raw network output, not re-derived from the
+    clamped x0, and the last pair returns x0. labels, cfg: see guided_eps."""
     ab = (net.alphas_cumprod if alphas_cumprod is None else alphas_cumprod).double().to(latents.device)
     lo, hi = (b.to(latents.device) for b in x0_range(net)) if clamp else (None, None)
     x = latents.to(torch.float64)
@@ -385,9 +365,8 @@ def ddim_sampler(net, latents, labels=None, randn_like=torch.randn_like, num_ste
     return x
 
 def sample_images(net, seeds, device, sampler='ddim', num_steps=250, eta=1.0, class_idx=None, cfg=None):
-    """Images of `seeds` as generate makes them: float32 [N, C, H, W] in [-1, 1] pixels (generate, the sample grid
-    and train --metrics call it). Every random draw comes from the image's own generator. A conditional net draws
-    each seed's class after its latents; `class_idx` replaces it (the draw still happens, as EDM)."""
+    """Images of `seeds` as generate makes them, float32 [N, C, H, W] in [-1, 1], each drawn with its own generator.
+    A conditional net draws each seed's class after its latents; `class_idx` replaces it (still drawn, as EDM)."""
     rng = PerSeedRNG(seeds, device)
     latents = rng.randn([net.in_chans, net.img_size, net.img_size], device=device, dtype=torch.float64)
     labels = seed_labels(rng, net.num_classes, class_idx, device)
@@ -400,61 +379,31 @@ def sample_images(net, seeds, device, sampler='ddim', num_steps=250, eta=1.0, cl
 #------------------------------------------------------------------------------
 # 5. Training loop (official main.py, train_step.py): AdamW (betas 0.99, 0.99 in every config; our CPU demo: 0.9,
 #    0.999) with weight decay 0.03 on every parameter, linear lr warm-up, grad-norm clipping, the ema-pytorch EMA (its
-#    decay schedule: Appendix, ema_decay), all counted in optimizer steps.
-
-def training_setup(args, world_size):
-    """(dataset, net_kwargs, info): every flag checked against the data and the token grid before anything is
-    written (Appendix: check_train_flags, check_token_grid); `info` is what setup resolved (training_options.json)."""
-    check_train_flags(args)
-    dataset = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
-    R, C = dataset.resolution, dataset.num_channels  # any channel count (official config key `in_chans`)
-    net_kwargs = network_kwargs(args, R, C, dataset.label_dim)
-    shape_net, keep = check_token_grid(args, R, net_kwargs)  # the network's shapes and one drawn mask
-    batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
-    if keep is None:
-        patches = shape_net.num_patches * len(shape_net.family_chans)
-    else:
-        patches = sum(k.shape[1] for k in keep)  # the visible ones
-    total_nimg = args.train_steps * args.batch if args.train_steps else int(args.duration * 1e6)
-    info = dict(net_kwargs=net_kwargs,
-                num_params=sum(w.numel() for w in shape_net.parameters()),
-                mask=mask_name(args, keep),
-                tokens=shape_net.model.encoder.extras + patches,  # [label,] time, patches
-                batch_gpu=batch_gpu,
-                rounds=rounds,
-                world_size=world_size,
-                total_nimg=total_nimg,
-                total_kimg=total_nimg / 1000)
-    return dataset, net_kwargs, info
+#    decay schedule: Appendix, ema_decay), all counted in optimizer steps. Setup helpers: Appendix.
 
 def train(args):
-    device, rank, world_size = init_distributed(), get_rank(), get_world_size()
-    dataset, net_kwargs, info = training_setup(args, world_size)
+    # Setup: process group, precision, data, flag checks
+    device = init_distributed()
+    amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
+    dataset, net_kwargs, info = training_setup(args, get_world_size())
     if args.dry_run:
         print_options(args, info)
         print0(f'{info["num_params"]:,} parameters, {info["tokens"]} tokens per image')
         return
-    check_memory(info['num_params'], device)
-    amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
-    torch.manual_seed(args.seed)
-    pretrained = None if args.resume else args.pretrained_model_ckpt  # --resume restores its own weights
-    net, start = load_pretrained(GaussianDiffusion(**net_kwargs), pretrained)
-    net, ema = network_and_ema(net, device, amp_dtype)  # fine-tuning: the pre-trained online weights, EMA a copy
-    ema.amp_dtype = None  # the EMA samples (grid, --metrics) in float32, as generate does from its snapshots
+    # Network and EMA (fine-tuning: the pre-trained online weights), AdamW
+    net, ema, start = training_network(args, net_kwargs, info, device, amp_dtype)
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=tuple(args.adam_betas), eps=1e-8,
-                                  weight_decay=args.weight_decay, fused=device.type == 'cuda')  # all decay
-    state = dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler)
-    run = training_run(args, dataset, net_kwargs, info, device, state)
+                                  weight_decay=args.weight_decay, fused=device.type == 'cuda')
+    run = training_run(args, dataset, info, device, net, ema, optimizer, scaler)
     ddp = distributed_model(net, device, args.compile)
-    batch_gpu = info['batch_gpu']
-    rounds = info['rounds']
+    batch_gpu, rounds = info['batch_gpu'], info['rounds']
     stream = run.data(dataset, batch_gpu, args.seed, args.workers)
     with run:
         print0(banner(args, dataset, info, device))
         if start:
             print0(start)
         while not run.done:
-            rng = reseed(args.seed, rank, run.cur_nimg)  # t, noise (torch) and masks (numpy) of this step
+            rng = reseed(args.seed, get_rank(), run.cur_nimg)  # t, noise (torch) and masks (numpy) of this step
             optimizer.zero_grad(set_to_none=True)
             for r in range(rounds):
                 # Fetch data: [-1, 1] pixels (v1 DWT: Haar coefficients), one-hot labels.
@@ -490,39 +439,19 @@ def train(args):
         print0(f'done: {run.dir}')
 
 #------------------------------------------------------------------------------
-# 6. Generation: one PNG per seed, identical for any --batch and any number of GPUs.
-
-def load_network(path, preset=None, flag='--network'):
-    """The EMA network of our snapshot / training state (a folder: its newest snapshot), or of an official .pt (whose
-    architecture `preset` names)."""
-    path = latest_checkpoint(path, 'network-snapshot', flag)
-    ckpt = read_checkpoint(path, flag)
-    if is_official_maskdm(ckpt):
-        return official_network(ckpt, path, preset, flag)
-    if ckpt.get('method') != 'masked_dm':
-        raise UsageError(f'{flag}={path}: {checkpoint_kind(ckpt)}; expected a masked_dm.py network snapshot (or '
-                         'training state), or an official MaskDM .pt with --preset')
-    ckpt = load_snapshot(path, flag, ['masked_dm'])
-    try:
-        net = GaussianDiffusion(**ckpt['net_kwargs'])
-        load_weights(net, ckpt['ema'], path)
-    except (TypeError, ValueError, RuntimeError, AttributeError) as e:  # a file made by hand, not by train
-        raise UsageError(f'{flag}={path}: a masked_dm.py checkpoint whose net_kwargs / ema describe no MaskDM '
-                         f'network ({str(e).splitlines()[0]})') from None
-    return net
+# 6. Generation: one PNG per seed, identical for any --batch and any number of GPUs (load_network: Appendix).
 
 @torch.no_grad()
 def generate(args):
-    device, rank, world_size = init_distributed(), get_rank(), get_world_size()
+    device = init_distributed()
+    rank = get_rank()
+    world_size = get_world_size()
     check_outdir(args.outdir)
     net = load_network(args.network, args.preset).to(device).eval()
     check_class(args.class_idx, net.num_classes)
     if args.cfg is not None and not net.num_classes:
         raise UsageError(f'--cfg={args.cfg} needs a class-conditional network')
-    if args.sampler == 'ddim':
-        what = f'DDIM {args.steps} steps, eta {args.eta:g}'
-    else:
-        what = 'ancestral DDPM, 1000 steps'
+    what = f'DDIM {args.steps} steps, eta {args.eta:g}' if args.sampler == 'ddim' else 'ancestral DDPM, 1000 steps'
     side = net.img_size * (2 if net.dwt else 1)
     print0(f'generating {len(args.seeds)} images of {side}x{side} ({what}) into {args.outdir}')
     with working(), tqdm(total=len(args.seeds), unit='img', disable=rank != 0) as bar:
@@ -615,10 +544,8 @@ def main():
     run_main({'train': train, 'generate': generate}[args.command], args)
 
 #------------------------------------------------------------------------------
-# 8. Appendix: what a reader of the paper can skip: the U-ViT layers, the data space (v1 DWT: Haar
-#    transform), the EMA's decay schedule, ancestral DDPM sampling, classifier-free guidance (ours), the checks
-#    of flag combinations, the run directory and its first status line, checkpoint files (the fine-tuning
-#    init, official .pt files).
+# 8. Appendix: what a reader of the paper can skip: the U-ViT layers, the data space (v1 DWT: Haar), the EMA's
+#    schedule, ancestral DDPM, guidance (ours), training setup, checkpoint files (load_network, the fine-tuning init).
 
 # U-ViT layers (Bao et al. 2023, arXiv:2209.12152; the official models/mask_uvit.py names): the standard ViT pieces
 # that MaskedUViT / UViTEncoder (section 2) assemble.
@@ -673,7 +600,8 @@ class Attention(torch.nn.Module):
 class Mlp(torch.nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
-        self.fc1, self.fc2 = torch.nn.Linear(dim, hidden), torch.nn.Linear(hidden, dim)
+        self.fc1 = torch.nn.Linear(dim, hidden)
+        self.fc2 = torch.nn.Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
@@ -693,6 +621,15 @@ class Block(torch.nn.Module):
             x = self.skip_linear(torch.cat([x, skip], dim=-1))  # current stream first
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+def init_weights(m):  # official MaskedUViT._init_weights: timm's trunc_normal_(std=0.02), cut at +-2 absolute (no cut)
+    if isinstance(m, torch.nn.Linear):
+        torch.nn.init.trunc_normal_(m.weight, std=0.02, a=-2, b=2)
+        if m.bias is not None:
+            torch.nn.init.zeros_(m.bias)
+    elif isinstance(m, torch.nn.LayerNorm):
+        torch.nn.init.ones_(m.weight)
+        torch.nn.init.zeros_(m.bias)
 
 # The data space: [-1, 1] pixels, or for the v1 DWT variant (arXiv:2306.11363v1, MaskedDWTUViT) the Haar
 # coefficients, with per-band bounds for the sampler's x0 clamp.
@@ -721,8 +658,7 @@ def x0_range(net):
     return -torch.ones_like(hi), hi
 
 def haar_dwt(x):
-    """One-level orthonormal Haar per channel (= PyWavelets dwt2 'haar'): [B, C, H, W] -> [B, 4C, H/2, W/2] in the
-    order [LL, H, V, D] x C. For each 2x2 block [[a, b], [c, d]]: LL = (a+b+c+d)/2, H = (a+b-c-d)/2, ..."""
+    """One-level orthonormal Haar (PyWavelets dwt2 'haar'): [B, C, H, W] -> [B, 4C, H/2, W/2], [LL, H, V, D] x C."""
     a, b, c, d = x[..., 0::2, 0::2], x[..., 0::2, 1::2], x[..., 1::2, 0::2], x[..., 1::2, 1::2]
     return torch.cat([a + b + c + d, a + b - c - d, a - b + c - d, a - b - c + d], dim=1) / 2
 
@@ -730,11 +666,13 @@ def haar_idwt(y):
     """The inverse: [B, 4C, H, W] -> [B, C, 2H, 2W]."""
     LL, H, V, D = y.chunk(4, dim=1)
     out = torch.empty(*LL.shape[:2], LL.shape[2] * 2, LL.shape[3] * 2, dtype=y.dtype, device=y.device)
-    out[..., 0::2, 0::2], out[..., 0::2, 1::2] = (LL + H + V + D) / 2, (LL + H - V - D) / 2
-    out[..., 1::2, 0::2], out[..., 1::2, 1::2] = (LL - H + V - D) / 2, (LL - H - V + D) / 2
+    out[..., 0::2, 0::2] = (LL + H + V + D) / 2
+    out[..., 0::2, 1::2] = (LL + H - V - D) / 2
+    out[..., 1::2, 0::2] = (LL - H + V - D) / 2
+    out[..., 1::2, 1::2] = (LL - H - V + D) / 2
     return out
 
-# The EMA's decay schedule (ema-pytorch 2023, the official code's EMA), called by train.
+# The official code's EMA decay schedule and ancestral sampler (generate --sampler=ddpm); the samplers' epsilon.
 
 def ema_decay(n, beta, every=1, after=100):
     """EMA decay at optimizer step n (1-indexed) as ema-pytorch 2023 (beta, update_after_step=100, power 2/3): None on
@@ -748,12 +686,9 @@ def ema_decay(n, beta, every=1, after=100):
         return 0.0
     return min(beta, 1 - (n - after) ** (-2 / 3))
 
-# The 1000-step ancestral sampler (generate --sampler=ddpm), the official code's alternative to DDIM.
-
 @torch.no_grad()
 def ddpm_sampler(net, latents, labels=None, randn_like=torch.randn_like, clamp=True, alphas_cumprod=None, cfg=None):
-    """Ancestral DDPM over all T steps (official p_sample_loop): mean of q(x_{t-1} | x_t, x0) with the clamped x0,
-    variance beta~_t = beta_t (1 - ab_{t-1}) / (1 - ab_t) (log clamped at 1e-20), no noise at t = 0."""
+    """Ancestral DDPM over all T steps (official p_sample_loop): x_{t-1} ~ q(x_{t-1} | x_t, x0) with the clamped x0."""
     ab = (net.alphas_cumprod if alphas_cumprod is None else alphas_cumprod).double().to(latents.device)
     ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
     beta = 1 - ab / ab_prev
@@ -770,12 +705,9 @@ def ddpm_sampler(net, latents, labels=None, randn_like=torch.randn_like, clamp=T
         x = mean + var.sqrt() * randn_like(x) if t > 0 else mean
     return x
 
-# The samplers' epsilon: the network's, or with classifier-free guidance (ours).
-
 def guided_eps(net, x, t, labels=None, cfg=None):
-    """epsilon for the samplers: net(x, t), or net(x, t | labels) for one-hot labels. With cfg = w:
-    eps(x | 0) + w (eps(x | y) - eps(x | 0)), both halves in one batch, the unconditional half with all-zero label
-    rows (the unconditional token); w = 0 is the official unconditional sampling, w = 1 plain conditional sampling.
+    """epsilon for the samplers: net(x, t), or net(x, t | labels) for one-hot labels; with cfg = w, guided, both
+    halves in one batch (all-zero label rows: the unconditional token). w = 0 is the official unconditional sampling.
     NOTE: classifier-free guidance (Ho & Salimans 2022) is our addition, not the official code's: its sampler
     (gaussian_ddpm.py, model_predictions) passes no labels, so it always samples with `uncond_embed`."""
     if labels is None:
@@ -786,7 +718,7 @@ def guided_eps(net, x, t, labels=None, cfg=None):
                                labels=torch.cat([torch.zeros_like(labels), labels])).chunk(2)
     return eps_uncond + cfg * (eps_cond - eps_uncond)
 
-# Flag checks, the run directory and the banner (training_setup, train), and --adam_betas's type.
+# Training setup: flag checks, the network, the run directory and its banner; --adam_betas's type.
 
 def parse_betas(s):
     """'0.9,0.999' -> [0.9, 0.999]: two numbers in [0, 1) (a list, as the training options store it)."""
@@ -798,6 +730,31 @@ def parse_betas(s):
         raise argparse.ArgumentTypeError(f'expected two numbers in [0, 1) like 0.9,0.999; got {s!r}')
     return betas
 
+def training_setup(args, world_size):
+    """(dataset, net_kwargs, info): every flag checked against the data and the token grid before anything is
+    written; `info` is what setup resolved (training_options.json)."""
+    check_train_flags(args)
+    dataset = open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
+    R, C = dataset.resolution, dataset.num_channels  # any channel count (official config key `in_chans`)
+    net_kwargs = network_kwargs(args, R, C, dataset.label_dim)
+    shape_net, keep = check_token_grid(args, R, net_kwargs)  # the network's shapes and one drawn mask
+    batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
+    if keep is None:
+        patches = shape_net.num_patches * len(shape_net.family_chans)
+    else:
+        patches = sum(k.shape[1] for k in keep)  # the visible ones
+    total_nimg = args.train_steps * args.batch if args.train_steps else int(args.duration * 1e6)
+    info = dict(net_kwargs=net_kwargs,
+                num_params=sum(w.numel() for w in shape_net.parameters()),
+                mask=mask_name(args, keep),
+                tokens=shape_net.model.encoder.extras + patches,  # [label,] time, patches
+                batch_gpu=batch_gpu,
+                rounds=rounds,
+                world_size=world_size,
+                total_nimg=total_nimg,
+                total_kimg=total_nimg / 1000)
+    return dataset, net_kwargs, info
+
 def check_train_flags(args):
     """Flag combinations that do not depend on the data, checked before the data are opened."""
     if args.cond and args.dwt:
@@ -806,8 +763,6 @@ def check_train_flags(args):
         raise UsageError(f'--label-dropout={args.label_dropout} needs class labels (--cond=1)')
     if args.dropout:
         raise UsageError(f'--dropout={args.dropout}: the MaskDM U-ViT has no dropout (every official config: 0)')
-    if args.fp16 and args.bf16:
-        raise UsageError('--fp16 and --bf16 are exclusive')
     if args.mask_type == 'crop' and args.crop_size is None:
         raise UsageError('--mask_type=crop needs --crop_size (the visible window\'s side in tokens)')
     if args.lr * args.weight_decay >= 1:  # AdamW scales every weight by 1 - lr * weight_decay at each step
@@ -822,7 +777,8 @@ def check_token_grid(args, R, net_kwargs):
     if args.resolution and R != args.resolution:
         raise UsageError(f'--data={args.data}: {R}x{R} images, but this configuration (--preset/--resolution) is for '
                          f'{args.resolution}x{args.resolution}')
-    p, side = net_kwargs['patch_size'], net_kwargs['img_size'] // net_kwargs['patch_size']
+    p = net_kwargs['patch_size']
+    side = net_kwargs['img_size'] // p
     if net_kwargs['img_size'] % p or (args.dwt and R % 2):
         raise UsageError(f'--patch_size={p}: {R}x{R} images do not split into {p}-pixel patches' +
                          (' after the wavelet transform' if args.dwt else ''))
@@ -846,8 +802,7 @@ def check_token_grid(args, R, net_kwargs):
     return shape_net, keep
 
 def check_memory(num_params, device):
-    """Refuse a network whose weights, EMA, gradients and AdamW moments (5 float32 copies) exceed the device's
-    memory, before anything is allocated or written."""
+    """Refuse a network whose weights, EMA, gradients and AdamW moments (5 float32 copies) exceed the memory."""
     if device.type == 'cuda':
         total = torch.cuda.mem_get_info(device)[1]
     elif hasattr(os, 'sysconf') and 'SC_PHYS_PAGES' in os.sysconf_names:
@@ -860,12 +815,20 @@ def check_memory(num_params, device):
                          f'gradients and AdamW moments; {device} has {total / 2**30:,.1f} GiB (--arch, --embed_dim, '
                          '--depth set the size)')
 
-def training_run(args, dataset, net_kwargs, info, device, state):
-    """common.TrainingRun: the run directory, log, status lines, snapshots with a sample grid, --metrics."""
-    ema = state['ema']
+def training_network(args, net_kwargs, info, device, amp_dtype):
+    """(net, ema, what it loaded): seeded, or the pre-trained online weights (--resume restores its own)."""
+    check_memory(info['num_params'], device)
+    torch.manual_seed(args.seed)
+    pretrained = None if args.resume else args.pretrained_model_ckpt
+    net, start = load_pretrained(GaussianDiffusion(**net_kwargs), pretrained)
+    net, ema = network_and_ema(net, device, amp_dtype)
+    ema.amp_dtype = None  # the EMA samples (grid, --metrics) in float32, as generate does from its snapshots
+    return net, ema, start
 
+def training_run(args, dataset, info, device, net, ema, optimizer, scaler):
+    """common.TrainingRun: the run directory, log, status lines, snapshots with a sample grid, --metrics."""
     def snapshot():  # what a network snapshot holds besides the method's name and the flags
-        return dict(net_kwargs=net_kwargs, ema=ema.state_dict())
+        return dict(net_kwargs=info['net_kwargs'], ema=ema.state_dict())
 
     def save_grid(path):  # the sample grid written with each snapshot
         save_image_grid(sample_images(ema, range(args.grid), device, num_steps=args.grid_steps), path)
@@ -878,7 +841,8 @@ def training_run(args, dataset, net_kwargs, info, device, state):
                     desc=args.desc)
     return TrainingRun('masked_dm', vars(args), info, device, outdir=args.outdir, desc=desc,
                        nosubdir=args.nosubdir, resume=args.resume, total_nimg=info['total_nimg'],
-                       tick=args.tick, snap=args.snap, dump=args.dump, state=state, snapshot=snapshot,
+                       tick=args.tick, snap=args.snap, dump=args.dump, snapshot=snapshot,
+                       state=dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler),
                        grid=save_grid if args.grid else None, evaluate=evaluate)
 
 def mask_name(args, keep):
@@ -903,6 +867,25 @@ def banner(args, dataset, info, device):
 # online GaussianDiffusion state ('model.' + network keys, schedule buffers), 'opt', 'ema': the ema-pytorch state
 # ('ema_model.' + the same keys), 'scaler'} and no configuration: the architecture comes from a preset.
 
+def load_network(path, preset=None, flag='--network'):
+    """The EMA network of our snapshot / training state (a folder: its newest snapshot), or of an official .pt (whose
+    architecture `preset` names)."""
+    path = latest_checkpoint(path, 'network-snapshot', flag)
+    ckpt = read_checkpoint(path, flag)
+    if is_official_maskdm(ckpt):
+        return official_network(ckpt, path, preset, flag)
+    if ckpt.get('method') != 'masked_dm':
+        raise UsageError(f'{flag}={path}: {checkpoint_kind(ckpt)}; expected a masked_dm.py network snapshot (or '
+                         'training state), or an official MaskDM .pt with --preset')
+    ckpt = load_snapshot(path, flag, ['masked_dm'])
+    try:
+        net = GaussianDiffusion(**ckpt['net_kwargs'])
+        load_weights(net, ckpt['ema'], path)
+    except (TypeError, ValueError, RuntimeError, AttributeError) as e:  # a file made by hand, not by train
+        raise UsageError(f'{flag}={path}: a masked_dm.py checkpoint whose net_kwargs / ema describe no MaskDM '
+                         f'network ({str(e).splitlines()[0]})') from None
+    return net
+
 def load_pretrained(net, path, flag='--pretrained_model_ckpt'):
     """Fine-tuning init (official main.py, `pretrained_model_ckpt`): the ONLINE weights of a pre-training checkpoint:
     our training state ('net'), our snapshot ('ema', the only weights it holds), or an official .pt ('model').
@@ -912,7 +895,9 @@ def load_pretrained(net, path, flag='--pretrained_model_ckpt'):
     path = latest_checkpoint(path, 'training-state', flag)  # a folder: its newest training state
     ckpt = read_checkpoint(path, flag)
     if is_official_maskdm(ckpt):
-        weights = official_online_weights(ckpt, path, flag)
+        if not isinstance(ckpt.get('model'), dict):
+            raise UsageError(f'{flag}={path}: an official MaskDM .pt without "model" (the online weights)')
+        weights = {k: v for k, v in ckpt['model'].items() if k.startswith('model.')}  # not the schedule buffers
         what = f'an official MaskDM .pt (step {ckpt.get("step", "unknown")}): its online weights "model", not its "ema"'
     else:
         if ckpt.get('method') != 'masked_dm':  # before anything else is read: another method's options mean nothing
@@ -938,9 +923,7 @@ def load_pretrained(net, path, flag='--pretrained_model_ckpt'):
 
 def read_checkpoint(path, flag):
     """A torch.save dict named by `flag`, memory-mapped where it can be (tensors are read when used); a one-line
-    UsageError naming the flag if it is missing or not a checkpoint."""
-    if not os.path.isfile(path):
-        raise UsageError(f'{flag}={path}: no such file')
+    UsageError naming the flag if it is not a checkpoint."""
     with warnings.catch_warnings():  # torch warns about the pickle protocol of a raw pickle: the one line says it
         warnings.simplefilter('ignore')
         try:
@@ -963,12 +946,6 @@ def checkpoint_kind(ckpt):
 
 def is_official_maskdm(ckpt):
     return 'method' not in ckpt and isinstance(ckpt.get('model', ckpt.get('ema')), dict)
-
-def official_online_weights(ckpt, path, flag):
-    """The online network of an official .pt ('model', GaussianDiffusion keys), without the schedule buffers."""
-    if not isinstance(ckpt.get('model'), dict):
-        raise UsageError(f'{flag}={path}: an official MaskDM .pt without "model" (the online weights)')
-    return {k: v for k, v in ckpt['model'].items() if k.startswith('model.')}
 
 def preset_network_kwargs(name):
     """Network kwargs of a preset (official checkpoints carry no configuration)."""

@@ -13,8 +13,9 @@ import PIL.Image
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
+from conftest import ROOT, fid_score
 
+import common
 import masked_dm as md
 from common import UserError, load_checkpoint, parse_command_line, to_uint8
 
@@ -806,7 +807,10 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys,
 # train --metrics: the numbers of what generate makes from each snapshot.
 
 def test_train_metrics_equal_generate_then_score(tmp_path, toy_cache, capsys, monkeypatch):
+    """--metrics=toy_fd --snap=1: one StyleGAN-layout line per snapshot, whose value is what `generate --seeds=0-99`
+    of that snapshot and `fid.py score --num=100` give (toy_fd's 500 images monkeypatched to 100, for time)."""
     import fid
+    monkeypatch.setitem(common.TRAINING_METRICS, 'toy_fd', 100)
     run_train(TINY_FLAGS + ['--data=demo-8', f'--outdir={tmp_path / "run"}', '--nosubdir', '--train_steps=3',
                             '--tick=0.004', '--snap=1', '--dump=0', '--metrics=toy_fd', '--metrics-steps=2',
                             f'--metrics-cache={toy_cache}'])
@@ -818,16 +822,15 @@ def test_train_metrics_equal_generate_then_score(tmp_path, toy_cache, capsys, mo
         assert line['metric'] == 'toy_fd' and line['num_gpus'] == 1 and line['total_time'] > 0
     assert [line['kimg'] for line in lines] == [load_checkpoint(tmp_path / 'run' / n)['cur_nimg'] / 1000
                                                 for n in snapshots]
-    capsys.readouterr()
     computed, toy_fd = [], fid.toy_fd  # score's unrounded numbers (it prints 6 digits)
     monkeypatch.setattr(fid, 'toy_fd', lambda *a: computed.append(toy_fd(*a)) or computed[-1])
-    monkeypatch.setattr(fid, 'demo_masks', functools.lru_cache(fid.demo_masks))  # seeded: the same masks, once
+    few_masks = functools.lru_cache(functools.partial(fid.demo_masks, draws=1000))
+    monkeypatch.setattr(fid, 'demo_masks', few_masks)  # for score's demo_fit, not checked here: fewer draws, once
     for line in lines:  # the same number from generate's PNGs and fid.py score
         out = tmp_path / line['snapshot_pkl'][:-3]
         md.generate(parse(['generate', f'--network={tmp_path / "run" / line["snapshot_pkl"]}', f'--outdir={out}',
-                           '--seeds=0-499', '--steps=2']))
+                           '--seeds=0-99', '--steps=2']))
         computed.clear()
-        fid.main(['score', f'--images={out}', '--data=demo-8', '--num=500', f'--cache={toy_cache}'])
-        printed = dict(row.split() for row in capsys.readouterr().out.splitlines() if row.startswith('toy_fd '))
-        assert f'{line["results"]["toy_fd"]:.6g}' == printed['toy_fd']
+        printed = fid_score(out, toy_cache, capsys, num=100)
+        assert f'{line["results"]["toy_fd"]:.6g}' == f'{printed["toy_fd"]:.6g}'
         assert line['results']['toy_fd'] == pytest.approx(computed[0], rel=1e-6)  # the samples' toy_fd comes first
