@@ -343,8 +343,11 @@ def training_setup(args, world_size):
                          'or grey')
     batch_gpu, rounds = split_batch(args.batch, args.batch_gpu, world_size)
     net_kwargs = generator_source(args, R, C, dataset.label_dim)
+    if 'teacher' in names and dataset.label_dim:
+        raise UsageError(f'--backbone={args.backbone}: the teacher as a feature network takes unconditional '
+                         'teachers only')
     counts = check_and_count(net_kwargs, names, args.freeze, args.feature_res, dataset.label_dim,
-                             args.head_width)
+                             args.head_width, args.feature_sigma)
     info = dict(net_kwargs=net_kwargs, feature_networks=names, parameters=counts,
                 batch_gpu=batch_gpu, rounds=rounds, world_size=world_size)
     return dataset, net_kwargs, info
@@ -369,34 +372,24 @@ def save_grid(net, num, path, device):
     save_image_grid(sample_images(net, range(num), device), path)
 
 def train(args):
+    # Setup: flags checked against the data and the teacher; a dry run stops here.
     device = init_distributed()
     dataset, net_kwargs, info = training_setup(args, get_world_size())
     if args.dry_run:  # the --arch/--cres architecture; the teacher is not read
         print_options(args, info)
         return
-    bf16 = args.bf16 and device.type == 'cuda'  # as upstream
-    amp_dtype, scaler = setup_precision(False, bf16, args.tf32, device)
+    amp_dtype, scaler = setup_precision(False, args.bf16 and device.type == 'cuda', args.tf32, device)  # as upstream
+    # The generator from the teacher (GDD-I: frozen convs), the discriminator, their optimizers.
     net, ema = network_and_ema(build_generator(args, net_kwargs), device, amp_dtype)
-    ema.amp_dtype = None  # it samples (grid, metrics) in float32, as generate samples a snapshot
-    frozen = freeze(net, args.freeze)  # GDD-I
-    features, D = build_discriminator(info['feature_networks'], args.seed, args.feature_res,
-                                      dataset.label_dim, args.feature_weights,
-                                      args.class_embedding, args.head_width)
+    frozen = freeze(net, args.freeze)
+    features, D = build_discriminator(info['feature_networks'], args.seed, args.feature_res, dataset.label_dim,
+                                      args.feature_weights, args.class_embedding, args.head_width,
+                                      (net_kwargs, args.feature_sigma, args.transfer))
     features, D = features.to(device), D.to(device)
     opt_G, opt_D = build_optimizers(net, D, frozen, args.lr, args.dlr, args.r1_interval)
     lr_D = opt_D.param_groups[0]['lr']  # --dlr with the lazy-R1 correction
-    evaluate = training_metrics(args, dataset.resolution, dataset.num_channels, device,
-                                lambda seeds: sample_images(ema, seeds, device))  # generate's defaults
-    desc = run_desc(dataset.name, 'cond' if args.cond else 'uncond', VARIANTS[args.freeze],
-                    world_size=get_world_size(), batch=args.batch, bf16=amp_dtype is not None,
-                    desc=args.desc)
-    run = TrainingRun('gdd', vars(args), info, device, outdir=args.outdir, desc=desc,
-        nosubdir=args.nosubdir, resume=args.resume, total_nimg=args.duration * 1e6,
-        tick=args.tick, snap=args.snap, dump=args.dump,
-        state=dict(net=net, ema=ema, D=D, optimizer_G=opt_G, optimizer_D=opt_D),
-        snapshot=lambda: snapshot_content(args, net_kwargs, ema, info['feature_networks']),
-        grid=(lambda path: save_grid(ema, args.grid, path, device)) if args.grid else None,
-        evaluate=evaluate)
+    run = training_run(args, dataset, info, device, amp_dtype, net=net, ema=ema, D=D, optimizer_G=opt_G,
+                       optimizer_D=opt_D)
     ddp_G, ddp_D = distributed_pair(net, D, device, args.compile)
     stream = run.data(dataset, info['batch_gpu'], args.seed, args.workers)
     with run:
@@ -491,12 +484,15 @@ def build_parser(preset=None):
     t.add_argument('--backbone', type=check_feature_networks, default='1', metavar='0|1|3|LIST',
                    help='feature networks: official numbers (0 DeiT+EffNet, 1 VGG+EffNet, 3 '
                         'EffNet) or a comma list of vgg16_bn, tf_efficientnet_lite0, '
-                        'deit_base_distilled_patch16_224')
+                        'deit_base_distilled_patch16_224, teacher (the teacher\'s U-Net; ours, '
+                        'after LADD)')
     t.add_argument('--feature-weights', default=None, metavar='PTH,...|random|random-he',
                    help='ImageNet weight files of the feature networks in --backbone order '
                         '(torchvision/timm .pth); random = untrained, PyTorch\'s default init; '
                         'random-he = untrained, He-normal fan-out convs (timm/torchvision init); '
                         'demos only')
+    t.add_argument('--feature-sigma', type=number(float, 0.002, 80), default=0.1, metavar='FLOAT',
+                   help='noise level of the images the teacher sees with --backbone=teacher (ours)')
     t.add_argument('--feature-res', type=number(int, 32, 1024), default=224, metavar='INT',
                    help='side the images are resized to for the feature networks (official 224; '
                         'smaller only for CPU tests/demos, heads then follow upstream\'s '
@@ -539,10 +535,12 @@ def main():
 def parse_feature_networks(value):
     """--backbone: the official numbers (FEATURE_NETWORK_SETS) or a comma list of feature networks -> their names."""
     names = FEATURE_NETWORK_SETS.get(str(value), str(value).split(','))
-    bad = [n for n in names if n not in TRUNKS]
+    bad = [n for n in names if n not in TRUNKS and n != 'teacher']
     if bad:
         raise argparse.ArgumentTypeError(f'unknown feature network {bad[0]!r} in {value!r}; use 0, 1, 3 (official '
-                                         f'numbers) or a comma list of {", ".join(TRUNKS)}')
+                                         f'numbers) or a comma list of {", ".join(TRUNKS)}, teacher')
+    if len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f'{value!r} names a feature network twice')
     return names
 
 def parse_cres(s):
@@ -613,24 +611,48 @@ def generator_source(args, R, C, label_dim):
                          f'--data={args.data} has {R}x{R}x{C} with {label_dim} (check --cond)')
     return kwargs
 
-def check_and_count(net_kwargs, names, freeze, feature_res, label_dim, head_width=None):
-    """Parameter counts on the meta device (no teacher, no weight files), after passing a --feature-res image
-    through the discriminator's shapes."""
+def check_and_count(net_kwargs, names, freeze, feature_res, label_dim, head_width=None, feature_sigma=None):
+    """Parameter counts on the meta device (no teacher, no weight files), after passing two images through the
+    discriminator's shapes."""
     with torch.device('meta'):
-        G, features = GDDPrecond(**net_kwargs), FeatureNetworks(names, 0, feature_res)
-        D = Discriminator(names, features.nets[names[0]].channels, feature_res, label_dim, head_width)
+        G = GDDPrecond(**net_kwargs)
+        features = FeatureNetworks(names, 0, feature_res, (net_kwargs, feature_sigma))
+        D = Discriminator(features.maps, label_dim, head_width)
+        R, C = net_kwargs['img_resolution'], net_kwargs['img_channels']
+        trunks = [name for name in names if name != 'teacher']  # the teacher's maps fit its heads by construction
         try:
-            D(features(torch.zeros(2, 3, feature_res, feature_res)), torch.zeros(2, label_dim))
+            for name in trunks:
+                for head, f in zip(D.heads[name], features.nets[name](torch.zeros(2, C, R, R))):
+                    head(f, torch.zeros(2, label_dim))
         except (RuntimeError, ValueError) as e:
-            raise UsageError(f'--feature-res={feature_res}: the discriminator ({", ".join(names)}) cannot take it '
+            raise UsageError(f'--feature-res={feature_res}: the discriminator ({", ".join(trunks)}) cannot take it '
                              f'({str(e).splitlines()[0]}); use 224 (official) or a power of two >= 32') from None
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     return dict(parameter_counts(G, frozen_names(G, freeze)), discriminator_heads=count(D),
                 feature_networks=count(features))
 
+def training_run(args, dataset, info, device, amp_dtype, **state):
+    """The run directory, its snapshots (the EMA generator), sample grids, metrics and training states
+    (common.TrainingRun)."""
+    ema = state['ema']
+    ema.amp_dtype = None  # it samples (grid, metrics) in float32, as generate samples a snapshot
+    evaluate = training_metrics(args, dataset.resolution, dataset.num_channels, device,
+                                lambda seeds: sample_images(ema, seeds, device))  # generate's defaults
+    desc = run_desc(dataset.name, 'cond' if args.cond else 'uncond', VARIANTS[args.freeze],
+                    world_size=get_world_size(), batch=args.batch, bf16=amp_dtype is not None, desc=args.desc)
+    snapshot = lambda: snapshot_content(args, info['net_kwargs'], ema, info['feature_networks'])  # noqa: E731
+    grid = lambda path: save_grid(ema, args.grid, path, device)  # noqa: E731
+    return TrainingRun('gdd', vars(args), info, device, outdir=args.outdir, desc=desc, nosubdir=args.nosubdir,
+                       resume=args.resume, total_nimg=args.duration * 1e6, tick=args.tick, snap=args.snap,
+                       dump=args.dump, state=state, snapshot=snapshot, grid=grid if args.grid else None,
+                       evaluate=evaluate)
+
 def distributed_pair(net, D, device, compile):
     """DDP wrappers of G and D without buffer broadcasts: BatchNorm and spectral-norm buffers stay per rank (as
-    upstream). torch 2.13 renames broadcast_buffers, with that meaning."""
+    upstream). torch 2.13 renames broadcast_buffers, with that meaning. NOTE: the heads' convs on 1x1 maps get
+    weight gradients whose size-1 dims carry other strides (same memory layout); DDP compares strides literally
+    and would warn at every step."""
+    warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated')
         return (distributed_model(net, device, compile, broadcast_buffers=False),
@@ -689,25 +711,31 @@ def he_init(trunk, seed):
                     m.bias.zero_()
     return trunk
 
-def build_discriminator(names, seed, resolution, label_dim, weights, class_embedding=None, head_width=None):
-    """Frozen feature networks (with their weight files, or random) and the trained heads."""
-    features = FeatureNetworks(names, seed, resolution)
+def build_discriminator(names, seed, resolution, label_dim, weights, class_embedding=None, head_width=None,
+                        teacher=None):
+    """Frozen feature networks (with their weight files, or random; `teacher` = (net_kwargs, --feature-sigma,
+    --transfer) for --backbone=teacher) and the trained heads."""
+    features = FeatureNetworks(names, seed, resolution, teacher and teacher[:2])
+    if 'teacher' in names:
+        init_from_teacher(features.nets['teacher'].net, load_teacher(teacher[2])[1], f'--transfer={teacher[2]}')
+    trunks = [name for name in names if name != 'teacher']
     if weights == 'random-he':
         for i, name in enumerate(names):
-            he_init(features.nets[name].trunk, seed + i)
-    elif weights != 'random':
+            if name in trunks:
+                he_init(features.nets[name].trunk, seed + i)
+    elif weights != 'random' and trunks:
         paths = weights.split(',') if weights else []
-        if len(paths) != len(names):
-            n = names[min(len(paths), len(names) - 1)]
-            raise UsageError(f'--feature-weights: {len(paths)} file(s) for {len(names)} feature network(s) '
-                             f'({", ".join(names)}), one each' + (f'; missing the {n} ImageNet weights, '
+        if len(paths) != len(trunks):
+            n = trunks[min(len(paths), len(trunks) - 1)]
+            raise UsageError(f'--feature-weights: {len(paths)} file(s) for {len(trunks)} feature network(s) '
+                             f'({", ".join(trunks)}), one each' + (f'; missing the {n} ImageNet weights, '
                              f'{WEIGHT_FILES.get(n, n)} (download it elsewhere), or give --feature-weights=random for '
-                             'a demo whose discriminator sees random features' if len(paths) < len(names) else ''))
-        for name, path in zip(names, paths):
+                             'a demo whose discriminator sees random features' if len(paths) < len(trunks) else ''))
+        for name, path in zip(trunks, paths):
             load_trunk(features.nets[name].trunk, name, path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        D = Discriminator(names, features.nets[names[0]].channels, resolution, label_dim, head_width)
+        D = Discriminator(features.maps, label_dim, head_width)
     if label_dim and class_embedding not in (None, 'random'):
         table = with_flag('--class-embedding', load_checkpoint, class_embedding)
         table = table.get('weight', table) if isinstance(table, dict) else table
@@ -743,6 +771,8 @@ class FeatureNetwork(nn.Module):
             self.ccm = nn.ModuleList(nn.Conv2d(c, w, 1) for c, w in zip(self.trunk.CHANNELS, width))
             self.csm = nn.ModuleList(nn.Conv2d(w, w // 2 if i else w, 1) for i, w in enumerate(width))
         self.channels = [cout, cout, cout * 2, cout * 4]
+        sizes, end = head_sizes(resolution)
+        self.maps = [(c, size, end) for c, size in zip(self.channels, sizes)]  # what the heads take
 
     def forward(self, x):
         if x.shape[1] == 1:  # grey images (none upstream): the RGB ImageNet networks see the grey value as R = G = B
@@ -758,11 +788,47 @@ class FeatureNetwork(nn.Module):
             y = out[i] = self.csm[i](F.interpolate(y, scale_factor=2, mode='bilinear', align_corners=True))
         return out
 
-class FeatureNetworks(nn.Module):
-    """All frozen feature networks of the discriminator; always in eval mode (BatchNorm running statistics)."""
-    def __init__(self, names, seed, resolution=224):
+# Ours, for CPU demos: the teacher as a feature network (`--backbone=teacher`), as LADD does (Sauer et al. 2024,
+# "Fast High-Resolution Image Synthesis with Latent Adversarial Diffusion Distillation", arXiv:2403.12015, Sec. 3:
+# the discriminator's features are the pretrained diffusion model's on re-noised images). Unlike a random or an
+# ImageNet network it has seen the data. The images get noise of level --feature-sigma; the teacher's U-Net then
+# runs once and the output of the last block at each resolution, in the encoder and the decoder, is a feature map
+# (no random projections); each map gets a head that halves it down to half the smallest map's side.
+class TeacherFeatures(nn.Module):
+    """The frozen teacher (an EDMPrecond of `net_kwargs`; build_discriminator loads its EMA weights) -> its U-Net's
+    per-resolution maps of x + sigma n."""
+    def __init__(self, net_kwargs, sigma):
         super().__init__()
-        self.nets = nn.ModuleDict({name: FeatureNetwork(name, seed + i, resolution) for i, name in enumerate(names)})
+        self.net, self.sigma = EDMPrecond(**net_kwargs), sigma
+        last = {}  # (encoder or decoder, side) -> the last block there
+        for part in ('enc', 'dec'):
+            for name, block in getattr(self.net.model, part).items():
+                if isinstance(block, UNetBlock):
+                    last[part, int(name.split('x')[0])] = block
+        self.blocks = list(last.values())
+        end = max(1, min(side for _, side in last) // 2)
+        self.maps = [(block.out_channels, side, end) for block, (_, side) in zip(self.blocks, last)]
+
+    def forward(self, x):
+        outputs = []
+        hooks = [block.register_forward_hook(lambda m, i, out: outputs.append(out)) for block in self.blocks]
+        try:
+            sigma = torch.full([x.shape[0], 1, 1, 1], self.sigma, device=x.device)
+            _, _, c_in, c_noise = self.net.coefficients(sigma)
+            self.net.model(c_in * (x + torch.randn_like(x) * sigma), c_noise.flatten(), None)  # F's input, EDM Eq. 7
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return outputs
+
+class FeatureNetworks(nn.Module):
+    """All frozen feature networks of the discriminator; always in eval mode (BatchNorm running statistics). `teacher`
+    is the teacher's net_kwargs and the --feature-sigma for --backbone=teacher."""
+    def __init__(self, names, seed, resolution=224, teacher=None):
+        super().__init__()
+        self.nets = nn.ModuleDict({name: TeacherFeatures(*teacher) if name == 'teacher' else
+                                   FeatureNetwork(name, seed + i, resolution) for i, name in enumerate(names)})
+        self.maps = {name: net.maps for name, net in self.nets.items()}
         self.requires_grad_(False).eval()
 
     def train(self, mode=True):
@@ -819,12 +885,12 @@ def head_sizes(resolution):
     return sizes, min(sizes[-1], 8)
 
 class Discriminator(nn.Module):
-    """The trained part: 4 heads per feature network. Returns one [N, L_k] logit tensor per network."""
-    def __init__(self, names, channels, resolution=224, label_dim=0, max_width=None):
+    """The trained part: one head per feature map, `maps` = {network: [(channels, nominal size, end size)]} (the
+    feature networks' `maps`). Returns one [N, L_k] logit tensor per network."""
+    def __init__(self, maps, label_dim=0, max_width=None):
         super().__init__()
-        sizes, end = head_sizes(resolution)
         self.heads = nn.ModuleDict({name: nn.ModuleList(Head(c, s, end, label_dim > 0, max_width=max_width)
-                                                        for c, s in zip(channels, sizes)) for name in names})
+                                                        for c, s, end in shapes) for name, shapes in maps.items()})
 
     def forward(self, features, labels=None):
         return [torch.cat([head(f, labels) for head, f in zip(heads, features[name])], dim=1)

@@ -193,7 +193,7 @@ def test_discriminator_counts_and_feature_shapes_at_224():
             assert [tuple(t.shape[1:]) for t in maps] == [(64, size, size), (64, size // 2, size // 2),
                                                           (128, size // 4, size // 4), (256, size // 8, size // 8)]
             for label_dim, head_params in ((0, 10_331_328), (10, 13_757_888)):
-                D = gdd.Discriminator([name], f.channels, 224, label_dim)
+                D = gdd.Discriminator({name: f.maps}, label_dim)
                 assert sum(p.numel() for p in D.parameters()) == head_params
                 logits, = D({name: maps}, torch.zeros(2, 10))
                 assert tuple(logits.shape) == (2, 484 if name == 'vgg16_bn' else 64)
@@ -531,12 +531,14 @@ def test_random_he_features_keep_the_signal():
 def test_head_width_caps_the_heads():
     """--head-width caps every head's channel width; None builds upstream's heads, bit for bit."""
     names, channels = ['tf_efficientnet_lite0'], [64, 64, 128, 256]
+    sizes, end = gdd.head_sizes(32)
+    maps = {names[0]: [(c, s, end) for c, s in zip(channels, sizes)]}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        default = gdd.Discriminator(names, channels, 32)
+        default = gdd.Discriminator(maps)
         torch.manual_seed(0)
-        none = gdd.Discriminator(names, channels, 32, 0, None)
-        capped = gdd.Discriminator(names, channels, 32, 0, 32)
+        none = gdd.Discriminator(maps, 0, None)
+        capped = gdd.Discriminator(maps, 0, 32)
     assert same(default.state_dict(), none.state_dict())
     widths = [m.out_channels for m in capped.modules() if isinstance(m, torch.nn.Conv2d)]
     assert max(widths) == 32 and max(m.out_channels for m in default.modules() if isinstance(m, torch.nn.Conv2d)) > 32
@@ -544,6 +546,50 @@ def test_head_width_caps_the_heads():
     assert count(capped) < count(default) / 100
     x = {names[0]: [torch.randn(2, c, s, s) for c, s in zip(channels, (16, 8, 4, 2))]}
     assert [l.shape for l in capped(x)] == [l.shape for l in default(x)]
+
+def test_teacher_features_are_the_unets_maps_of_the_noised_image():
+    """--backbone=teacher (ours, after LADD): the maps are the outputs of the last U-Net block per resolution, encoder
+    then decoder, of c_in (x + sigma n) at c_noise, from the teacher's EMA weights (its map_augment dropped). The
+    last decoder map gives the teacher's own denoised image through its output layers (EDM Eq. 7); the heads halve
+    every map to half the smallest side; nothing in it trains and the images get gradients; no hook is left."""
+    teacher, kwargs = tiny_teacher()
+    net_kwargs = gdd.generator_kwargs(kwargs)
+    features = gdd.FeatureNetworks(['teacher'], 0, 32, (net_kwargs, 0.5))
+    gdd.init_from_teacher(features.nets['teacher'].net, teacher.state_dict(), 'teacher')
+    t = features.nets['teacher']
+    assert t.maps == [(16, 8, 2), (32, 4, 2), (32, 4, 2), (16, 8, 2)]  # TINY: 16 channels at 8x8, 32 at 4x4
+    x = (torch.rand(3, 3, 8, 8) * 2 - 1).requires_grad_(True)
+    torch.manual_seed(7)
+    maps = features(x)['teacher']
+    torch.manual_seed(7)
+    noisy = x + torch.randn_like(x) * 0.5
+    assert [tuple(m.shape[1:]) for m in maps] == [(c, s, s) for c, s, _ in t.maps]
+    unet = t.net.model
+    F_x = unet.dec['8x8_aux_conv'](F.silu(unet.dec['8x8_aux_norm'](maps[-1])))
+    s_d = 0.5
+    denoised = s_d ** 2 / (0.5 ** 2 + s_d ** 2) * noisy + 0.5 * s_d / (0.5 ** 2 + s_d ** 2) ** 0.5 * F_x
+    torch.testing.assert_close(denoised, teacher(noisy, torch.tensor(0.5)), rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad for p in features.parameters())
+    sum(m.sum() for m in maps).backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(not block._forward_hooks for block in t.blocks)
+    D = gdd.Discriminator(features.maps)
+    assert [tuple(l.shape) for l in D(features(x.detach()))] == [(3, 4 * 4)]  # four heads, 2x2 logits each
+
+def test_teacher_features_train_and_resume_bitwise(tmp_path, standin):
+    """--backbone=teacher through the CLI: the feature network is the teacher read from --transfer (not in the
+    training state), and resume is bitwise."""
+    teacher = write_teacher(tmp_path / 'teacher.pt')
+    flags = ['--backbone=teacher', '--feature-sigma=0.3', '--head-width=8']
+    full = load_checkpoint(str(run_train(tmp_path / 'full', teacher, '--duration=0.000016', *flags)))
+    half = run_train(tmp_path / 'half', teacher, '--duration=0.000008', *flags)
+    resumed = load_checkpoint(str(run_train(tmp_path / 'resumed', teacher, '--duration=0.000016', *flags,
+                                            f'--resume={half}')))
+    assert full['step'] == resumed['step'] == 4
+    for key in ('net', 'ema', 'D', 'optimizer_G', 'optimizer_D'):
+        assert same(full[key], resumed[key]), key
+    assert not any(k.startswith('model.') for k in full['D'])  # heads only
+    assert full['feature_networks'] == ['teacher']
 
 @pytest.mark.parametrize('freeze, tag', [(2, 'gddi-qkv'), (3, 'gddi-qkv-skip')])
 def test_cli_freeze_2_3(tmp_path, standin, freeze, tag):
@@ -690,6 +736,8 @@ CLI_ERRORS = [
     ('generate_sigma_max_huge', lambda t, f: gen_argv(t, f, '--sigma_max=1e300'), 2, ['--sigma_max', '<= 1000']),
     ('generate_sigma_max_nan', lambda t, f: gen_argv(t, f, '--sigma_max=nan'), 2, ['--sigma_max', 'not a finite']),
     ('metrics_bogus', lambda t, f: train_argv(t, f, '--metrics=bogus'), 2, ['--metrics', 'bogus']),
+    ('backbone_twice', lambda t, f: train_argv(t, f, '--backbone=teacher,teacher'), 2, ['--backbone', 'twice']),
+    ('feature_sigma_zero', lambda t, f: train_argv(t, f, '--feature-sigma=0'), 2, ['--feature-sigma', '>= 0.002']),
     ('metrics_fid_without_ref', lambda t, f: train_argv(t, f, '--metrics=fid10k_full'), 2, ['--metrics-ref']),
     ('metrics_ref_missing', lambda t, f: train_argv(t, f, '--metrics=fid10k_full', f'--metrics-ref={t}/missing.npz'),
      2, ['missing.npz']),
