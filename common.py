@@ -1701,9 +1701,11 @@ class TrainingRun:
         self.stdout.flush()
 
     def data(self, dataset, batch_gpu, seed, workers):
-        """Endless (uint8 images, labels) micro-batches of this rank, from the run's data position on."""
-        stream = data_stream(dataset, batch_gpu, get_rank(), get_world_size(), seed, self.data_pos, workers)  # now:
-        def batches():                                              # the DataLoader draws its base seed when made
+        """Endless (uint8 images, labels) micro-batches of this rank, from the run's data position on. The DataLoader
+        is made now, not at the first batch: it draws its base seed from torch's RNG when made."""
+        stream = data_stream(dataset, batch_gpu, get_rank(), get_world_size(), seed, self.data_pos, workers)
+
+        def batches():
             while True:
                 try:
                     batch = next(stream)
@@ -1801,8 +1803,8 @@ class TrainingRun:
     def save(self, kind, data):
         """`<kind>-<kimg:06d>.pt` (EDM); a save in the first kimg, or a second one in the same kimg (--tick under 1,
         the last tick), appends `_<rest of the image count>` (no overwrites, no trained network named 000000; names
-        sort in training order). Non-finite weights stop the run;
-        so does a failed write, with one line naming the file, the free space and the last good training state."""
+        sort in training order). Non-finite weights stop the run; so does a failed write, with one line naming the
+        file, the free space and the last good training state."""
         if not _all_finite(data):
             raise UserError(f'training diverged: non-finite weights at kimg {self.cur_nimg / 1000:g}; {kind} not '
                             f'saved. Last good training state: {self.last_state or "none"}')
