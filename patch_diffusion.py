@@ -53,15 +53,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from common import (AugmentPipe, EDMPrecond, Parser, PerSeedRNG, TrainingRun, UsageError, UserError,
-                    add_edm_train_flags, add_generate_flags, add_metric_flags, add_train_flags,
-                    check_class, check_outdir, distributed_model, download, edm_backbone_kwargs,
-                    edm_sampler, ema_beta, get_rank, get_world_size, init_distributed, is_official,
-                    learning_rate, load_official, load_snapshot, load_weights, network_and_ema,
-                    number, open_dataset, optimizer_step, parse_bool, parse_command_line,
-                    parse_int_list, print0, print_options, reseed, run_desc, run_main,
-                    save_image_grid, save_seed_images, seed_batches, seed_labels, setup_precision,
-                    split_batch, sync_if, training_metrics, update_ema, working)
+from common import (AugmentPipe, EDMLoss, EDMPrecond, Parser, PerSeedRNG, TrainingRun, UsageError,
+                    UserError, add_edm_train_flags, add_generate_flags, add_metric_flags,
+                    add_train_flags, check_class, check_memory, check_outdir, distributed_model,
+                    download, edm_backbone_kwargs, edm_sampler, ema_beta, get_rank, get_world_size,
+                    init_distributed, is_official, learning_rate, load_official, load_snapshot,
+                    load_weights, network_and_ema, number, open_dataset, optimizer_step, parse_bool,
+                    parse_command_line, parse_int_list, print0, print_options, reseed, run_desc,
+                    run_main, save_image_grid, save_seed_images, seed_batches, seed_labels,
+                    setup_precision, split_batch, sync_if, training_metrics, update_ema, working)
 
 #------------------------------------------------------------------------------
 # 1. Config. Presets hold the published hyperparameters; flags on the command line override them.
@@ -190,12 +190,9 @@ def reduce_loss(loss, per_gpu_batch, batch_mul):
 # [N, C, s, s]. The noise goes to the image channels; the coordinates reach the network clean, and
 # an augmentation transforms the crop, not its coordinates (official code). coords=False
 # (real_p = 1: an EDMPrecond) is EDM's loss exactly.
-def patch_loss(net, images, labels, size, coords=True, augment_pipe=None,
-               P_mean=-1.2, P_std=1.2, sigma_data=0.5):  # EDM Table 1 (common.EDMLoss's defaults)
+def patch_loss(net, images, labels, size, coords=True, augment_pipe=None):
     patches, pos = random_patches(images, size)  # [N, C, s, s] crops, [N, 2, s, s] coordinates
-    rnd_normal = torch.randn([patches.shape[0], 1, 1, 1], device=patches.device)
-    sigma = (rnd_normal * P_std + P_mean).exp()  # EDM Table 1, p_train (log-normal)
-    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2  # EDM Table 1, lambda
+    sigma, weight = EDMLoss().sigma_and_weight(len(patches), patches.device)  # EDM Table 1
     y, augment_labels = augment_pipe(patches) if augment_pipe is not None else (patches, None)
     n = torch.randn_like(y) * sigma  # image channels only
     if coords:
@@ -282,35 +279,29 @@ def training_setup(args, world_size):
     return dataset, net_kwargs, info | latent_info(args, dataset, vae, R, C)
 
 def train(args):
+    # Setup: the data, the network's arguments, every check; nothing is written before it
     device = init_distributed()
-    rank = get_rank()
     amp_dtype, scaler = setup_precision(args.fp16, args.bf16, args.tf32, device)
     dataset, net_kwargs, info = training_setup(args, get_world_size())
     if args.dry_run:
         print_options(args, info)
         return
-    vae = training_vae(args, info, device)  # latent runs: encodes each batch, decodes the samples
-    torch.manual_seed(args.seed)
-    net, ema = network_and_ema(build_network(info['precond_class'], net_kwargs), device, amp_dtype)
-    ema.amp_dtype = None  # it samples (grid, metrics) in float32, as generate samples a snapshot
+    # Network and EMA, EDM's Adam; the run (directory, resume, snapshots, grid, metrics)
+    net, ema = training_network(args, net_kwargs, info, device, amp_dtype)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
-                                 fused=device.type == 'cuda')  # EDM's optimizer
+                                 fused=device.type == 'cuda')
     augment_pipe = AugmentPipe(p=args.augment, **AUGMENT) if args.augment else None
-    state = dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler)
-    run = training_run(args, dataset, info, ema, vae, device, state)
-    # NOTE: 1x1 convolutions on 1x1 maps (small patches) get weight gradients whose size-1 dims carry
-    # other strides (same memory layout); DDP compares strides literally and would warn every step.
-    warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
-    ddp = distributed_model(net, device, args.compile)
+    vae = training_vae(args, info, device)  # latent runs: encodes each batch, decodes the samples
+    run = training_run(args, dataset, info, device, net, ema, optimizer, scaler, vae)
+    ddp = training_ddp(net, device, args.compile)
     batch_gpu, rounds = info['batch_gpu'], info['rounds']
     stream = run.data(dataset, batch_gpu, args.seed, args.workers)
     sizes, pmf, batch_mul = info['patch_sizes'], info['patch_pmf'], info['batch_mul']
     coords = info['precond_class'] == 'PatchPrecond'  # real_p = 1: EDM, no coordinates
-    encoder = vae if info.get('encoding') == 'per step' else None  # None: pre-encoded
     with run:
         print0(banner(args, dataset, info, device, run.dir))
         while not run.done:
-            rng = reseed(args.seed, rank, run.cur_nimg)  # a resumed run replays it
+            rng = reseed(args.seed, get_rank(), run.cur_nimg)  # a resumed run replays it
             optimizer.zero_grad(set_to_none=True)
             if args.progressive:
                 k = progressive_index((run.cur_nimg // 1000) / (args.duration * 1000), pmf)
@@ -321,7 +312,7 @@ def train(args):
                 fetched = [next(stream) for _ in range(batch_mul[k])]
                 x = torch.cat([f[0] for f in fetched]).to(device)
                 if args.train_on_latents:
-                    images = latents_from(x, encoder)
+                    images = latents_from(x, vae)
                 else:
                     images = x.to(torch.float32) / 127.5 - 1
                 labels = torch.cat([f[1] for f in fetched]).to(device)
@@ -700,9 +691,9 @@ def load_vae(path_or_url):
 @torch.no_grad()
 def latents_from(batch, vae=None):
     """0.18215 * a posterior sample mean + std * eps (official training loop:
-    `latent_dist.sample()`), from uint8 images encoded now by `vae`, or from pre-encoded moments
-    [N, 2C, h, w] = (mean, std) when vae is None."""
-    if vae is not None:
+    `latent_dist.sample()`), from uint8 images encoded now by `vae`, or from float32 pre-encoded
+    moments [N, 2C, h, w] = (mean, std)."""
+    if batch.dtype == torch.uint8:
         mean, logvar = vae.encode(batch.to(torch.float32) / 127.5 - 1)
         std = (0.5 * logvar).exp()
     else:
@@ -749,8 +740,7 @@ def encode(args):
     posterior without running the encoder: moments.npy [N, 2C, h, w] float32 (mean, std), labels.npy
     [N, label_dim] if the dataset has labels, dataset.json. Each rank encodes every world_size-th
     image into the shared memory-mapped file."""
-    device = init_distributed()
-    rank, world_size = get_rank(), get_world_size()
+    device, rank, world_size = init_distributed(), get_rank(), get_world_size()
     check_outdir(args.dest, '--dest')
     try:
         dataset = open_dataset(args.data, use_labels=True)
@@ -794,8 +784,8 @@ def encode(args):
 
 #------------------------------------------------------------------------------
 # 8b. Appendix: the training run's plumbing. What train() reads (pixels, latents encoded now, or
-#     pre-encoded moments), the checks of flags against the data and the machine, the VAE, the run
-#     directory, the sample grid, --metrics and the status line at the start.
+#     pre-encoded moments), the checks of flags against the data and the machine, the network and
+#     its EMA, the VAE, the run directory, grid and --metrics, DDP, the status line at the start.
 
 def open_training_data(args):
     """(dataset, vae, R, C): what each step fetches, the VAE that encodes it every step (None for
@@ -838,26 +828,12 @@ def check_patch_sizes(precond, net_kwargs, sizes, pmf):
                          'levels (--cres) or --real_p=1')
     return sum(p.numel() for p in net.parameters())
 
-def device_memory(device):
-    """Bytes of memory on `device` (a GPU's, or this machine's RAM); None if the OS does not say."""
-    if device.type == 'cuda':
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    except (AttributeError, ValueError, OSError):
-        return None
-
 def check_run(args, num_params, mul_avg):
     """Refuse, before anything is written, a network whose weights, EMA, gradients and Adam moments
     (5 x float32 per parameter) cannot fit in the device's memory, and a run of more than 10^9
     optimizer steps, which would never end."""
-    cuda = torch.cuda.is_available()  # init_distributed made this process's GPU the current one
-    device = torch.device('cuda', torch.cuda.current_device()) if cuda else torch.device('cpu')
-    need = 20 * num_params
-    have = device_memory(device)
-    if have and need > have:
-        raise UsageError(f'a network of {num_params:,} parameters (--arch, --cbase, --cres) needs {need / 2**30:,.1f} '
-                         f'GiB for its weights, EMA, gradients and Adam moments; {device} has {have / 2**30:,.1f} GiB')
+    check_memory(20 * num_params, f'the network has {num_params:,} parameters (see --arch, --cbase, --cres); its '
+                 'weights, EMA, gradients and Adam moments')
     steps = args.duration * 1e6 / (args.batch * mul_avg)
     if steps > 1e9:
         raise UsageError(f'--duration={args.duration:g} Mimg at --batch={args.batch} is {steps:.3g} optimizer steps: '
@@ -884,6 +860,14 @@ def latent_info(args, dataset, vae, R, C):
                 image_resolution=dataset.resolution if vae else dataset.info.get('image_resolution'),
                 vae_params=vae and dict(total=count(vae), encoder=count(vae.encoder), decoder=count(vae.decoder)))
 
+def training_network(args, net_kwargs, info, device, amp_dtype):
+    """(net, ema): the network, seeded with --seed, and its EMA copy, which samples (grid, --metrics)
+    in float32, as generate samples a snapshot."""
+    torch.manual_seed(args.seed)
+    net, ema = network_and_ema(build_network(info['precond_class'], net_kwargs), device, amp_dtype)
+    ema.amp_dtype = None
+    return net, ema
+
 def training_vae(args, info, device):
     """A latent run's SD VAE, frozen, float32 (official), on `device`: it encodes every batch
     (unless the data are pre-encoded moments) and decodes the samples of the grid and --metrics.
@@ -894,7 +878,7 @@ def training_vae(args, info, device):
         return None
     return load_vae(info['vae']).to(device)
 
-def training_run(args, dataset, info, ema, vae, device, state):
+def training_run(args, dataset, info, device, net, ema, optimizer, scaler, vae):
     """train()'s TrainingRun: the run directory (EDM's name for it), resume, length, ticks and
     saves; the snapshot content; the sample grid and --metrics, which sample the EMA as `generate`
     does (its defaults; latents decoded by `vae`) and score pixels."""
@@ -919,10 +903,18 @@ def training_run(args, dataset, info, ema, vae, device, state):
         metric_args = argparse.Namespace(**dict(vars(args), data=source))
         R, C = R * vae.factor, vae.decoder.conv_out.out_channels
     evaluate = training_metrics(metric_args, R, C, device, sample)
+    state = dict(net=net, ema=ema, optimizer=optimizer, scaler=scaler)
     return TrainingRun('patch_diffusion', vars(args), info, device, outdir=args.outdir, desc=desc,
                        nosubdir=args.nosubdir, resume=args.resume, total_nimg=args.duration * 1e6, tick=args.tick,
                        snap=args.snap, dump=args.dump, state=state, snapshot=snapshot,
                        grid=grid if args.grid else None, evaluate=evaluate)
+
+def training_ddp(net, device, compile):
+    """DDP around the network, without its warning on gradient strides. NOTE: 1x1 convolutions on
+    the 1x1 maps of small patches get weight gradients whose size-1 dims carry other strides (same
+    memory layout); DDP compares strides literally and would warn every step."""
+    warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
+    return distributed_model(net, device, compile)
 
 def banner(args, dataset, info, device, run_dir):
     """The run's first lines: the data, the network, the patch schedule, the batch split, where it
@@ -966,14 +958,12 @@ def load_network(path):
     ours count C (what is sampled)."""
     if is_official(path):
         official = load_official(path)
-        kwargs, precond = dict(official['init_kwargs']), official['precond']
+        kwargs = dict(official['init_kwargs'])
+        precond = official['precond'] or official['class_name']  # None for a bare backbone
         if precond == 'Patch_EDMPrecond':
             out_channels = kwargs.pop('out_channels', None)
             kwargs['img_channels'] = out_channels if out_channels is not None else kwargs['img_channels'] - 2
             precond = 'PatchPrecond'
-        elif precond != 'EDMPrecond':
-            raise UsageError(f'--network={path}: a {precond or official["class_name"]} network; patch_diffusion.py '
-                             'samples EDMPrecond and Patch_EDMPrecond networks')
         return network_from(path, precond, kwargs, official['state_dict'])
     ckpt = load_snapshot(path, '--network', ['patch_diffusion'])
     net = network_from(path, ckpt.get('precond', 'EDMPrecond'), ckpt['net_kwargs'], ckpt['ema'])
@@ -988,10 +978,7 @@ def check_canvas(net, vae, batch, image_size, device):
     width = next(iter(net.model.enc.values())).weight.shape[0]  # the first convolution's output channels
     need = batch * image_size ** 2 * (4 * 4 * width + 4 * 8 * net.img_channels)
     need += 2 * 4 * 128 * (image_size * vae.factor) ** 2 if vae is not None else 0
-    have = device_memory(device)
-    if have and need > have:
-        raise UsageError(f'--image_size={image_size} with --batch={batch}: a batch needs at least {need / 2**30:,.1f} '
-                         f'GiB, {device} has {have / 2**30:,.1f} GiB; lower --batch or --image_size')
+    check_memory(need, f'--image_size={image_size} with --batch={batch} (a lower bound; lower either)', device)
 
 @contextlib.contextmanager
 def out_of_memory(what):

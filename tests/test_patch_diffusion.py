@@ -159,7 +159,7 @@ def test_overfits_one_batch_of_patches():
     images = torch.rand(4, 3, 8, 8) - 0.5
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     losses = []
-    for _ in range(150):
+    for _ in range(50):  # 0.05x after 25 steps, 0.001x after 50
         torch.manual_seed(3)  # the same crops, sigma and noise every step: a deterministic objective
         loss = pd.reduce_loss(pd.patch_loss(net, images, None, 4), 4, 1)
         opt.zero_grad()
@@ -224,10 +224,10 @@ def test_counter_errors_and_dry_run(tmp_path, capsys):
     assert [s['kimg'] for s in stats[:2]] == pytest.approx([0.032, 0.064])
 
 def test_resume_equals_uninterrupted(tmp_path):
-    full = load_checkpoint(run_train(tmp_path / 'full', '--duration=0.00009'))  # 6 steps of 15 patches
-    half = run_train(tmp_path / 'half', '--duration=0.000045')                   # 3 steps, then resume for 3 more
-    resumed = load_checkpoint(run_train(tmp_path / 'resumed', '--duration=0.00009', f'--resume={half}'))
-    assert full['step'] == resumed['step'] == 6 and full['cur_nimg'] == resumed['cur_nimg']
+    full = load_checkpoint(run_train(tmp_path / 'full', '--duration=0.00006'))  # 4 steps of 15 patches
+    half = run_train(tmp_path / 'half', '--duration=0.00003')                    # 2 steps, then resume for 2 more
+    resumed = load_checkpoint(run_train(tmp_path / 'resumed', '--duration=0.00006', f'--resume={half}'))
+    assert full['step'] == resumed['step'] == 4 and full['cur_nimg'] == resumed['cur_nimg']
     for key in ('net', 'ema'):
         assert all(torch.equal(full[key][k], resumed[key][k]) for k in full[key])
     assert full['data_pos'] == resumed['data_pos']
@@ -291,13 +291,12 @@ def test_official_pickles_load_and_sample(tmp_path):
         pd.generate(pd.parse_args(['generate', f'--network={path}', f'--outdir={tmp_path / official.__name__}', '--seeds=0-1', '--steps=2']))
         assert len(list((tmp_path / official.__name__).glob('*.png'))) == 2
 
-def test_presets_and_cli_errors(tmp_path):
+def test_presets_and_cli_errors(tmp_path, monkeypatch, capsys):
     args = pd.parse_args(['--preset=demo', '--batch=8'])  # a bare command is `train`; flags override the preset
     assert args.command == 'train' and args.batch == 8 and args.lr_rampup == 1 and args.cres == [1, 2]
-    result = subprocess.run([sys.executable, str(ROOT / 'patch_diffusion.py'), 'train', f'--data={tmp_path}/missing.zip'],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and 'Traceback' not in result.stderr
-    assert result.stderr.strip() == f'error: {tmp_path}/missing.zip: no such dataset (make one with dataset_tool.py, or use --data=demo)'
+    code, err = run_main(pd, monkeypatch, capsys, ['train', f'--data={tmp_path}/missing.zip'])  # main(), in-process
+    assert code == 2 and 'Traceback' not in err
+    assert err.strip() == f'error: {tmp_path}/missing.zip: no such dataset (make one with dataset_tool.py, or use --data=demo)'
 
 @pytest.mark.parametrize('flag', ['--bf16=1', '--fp16=1'])
 def test_mixed_precision_training_steps(tmp_path, flag):
@@ -435,7 +434,10 @@ METRIC_NET = ['--cbase=8', '--cres=1']  # 22k parameters: 500 samples in about 4
 def test_train_metrics_equal_generate_then_fid_score(tmp_path, toy_cache, capsys, monkeypatch):
     """--metrics=toy_fd --snap=1: one StyleGAN-layout line per snapshot, whose value is what `generate --seeds=0-99`
     of that snapshot and `fid.py score --num=100` print (toy_fd's 500 images monkeypatched to 100, for time)."""
+    import fid
     monkeypatch.setitem(common.TRAINING_METRICS, 'toy_fd', 100)
+    demo_masks = fid.demo_masks  # fid.py score's demo_fit, not compared here: 1,000 shape draws, not 100,000 (~10 s)
+    monkeypatch.setattr(fid, 'demo_masks', lambda R: demo_masks(R, draws=1000))
     run = tmp_path / 'run'
     run_train(run, *METRIC_NET, '--duration=0.000045', '--metrics=toy_fd', f'--metrics-cache={toy_cache}')
     lines = [json.loads(line) for line in open(run / 'metric-toy_fd.jsonl')]

@@ -346,8 +346,15 @@ def test_official_latent_pickle_loads_and_samples(tmp_path):
 
 def test_latent_metrics_score_decoded_images_against_the_source(tmp_path, monkeypatch, capsys, toy_cache):
     """train --metrics=toy_fd on pre-encoded latents scores the VAE-decoded samples against the images the latents
-    were encoded from (dataset.json's source: demo-8); if that source is gone, one line, exit 2, nothing written."""
-    from conftest import run_main
+    were encoded from (dataset.json's source: demo-8): what `generate` of the snapshot (decoded by the run's VAE) and
+    `fid.py score --data=demo-8` print (toy_fd's 500 images monkeypatched to 100, for time); if that source is gone,
+    one line, exit 2, nothing written."""
+    import common
+    import fid
+    from conftest import fid_score, run_main
+    monkeypatch.setitem(common.TRAINING_METRICS, 'toy_fd', 100)
+    demo_masks = fid.demo_masks  # fid.py score's demo_fit, not compared here: 1,000 shape draws, not 100,000 (~10 s)
+    monkeypatch.setattr(fid, 'demo_masks', lambda R: demo_masks(R, draws=1000))
     vae_path = tmp_path / 'vae.safetensors'
     write_tiny_vae(vae_path)
     pd.encode(pd.parse_args(['encode', '--data=demo-8', f'--dest={tmp_path / "lat"}', f'--vae={vae_path}',
@@ -358,6 +365,10 @@ def test_latent_metrics_score_decoded_images_against_the_source(tmp_path, monkey
     pd.train(pd.parse_args(train + [f'--outdir={tmp_path / "run"}']))
     line, = [json.loads(s) for s in open(tmp_path / 'run' / 'metric-toy_fd.jsonl')]
     assert line['snapshot_pkl'] == 'network-snapshot-000000_006.pt' and line['results']['toy_fd'] > 0
+    gen = tmp_path / 'gen'
+    pd.generate(pd.parse_args(['generate', f'--network={tmp_path / "run" / line["snapshot_pkl"]}', f'--outdir={gen}',
+                               '--seeds=0-99', '--batch=100']))
+    assert fid_score(gen, toy_cache, capsys, num=100)['toy_fd'] == pytest.approx(line['results']['toy_fd'], rel=1e-5)
     info = json.loads((tmp_path / 'lat' / 'dataset.json').read_text())
     (tmp_path / 'lat' / 'dataset.json').write_text(json.dumps(dict(info, source=str(tmp_path / 'gone.zip'))))
     before = sorted(tmp_path.rglob('*'))
