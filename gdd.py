@@ -363,9 +363,9 @@ def build_generator(args, net_kwargs):
 def snapshot_content(args, net_kwargs, ema, names):
     """A network snapshot's own entries: the generator and how it was trained."""
     random = {'random': 'RANDOM (demo only)', 'random-he': 'RANDOM-HE (demo only)'}
+    weights = random.get(args.feature_weights, args.feature_weights) if names != ['teacher'] else None
     return dict(precond='GDDPrecond', net_kwargs=net_kwargs, ema=ema.state_dict(),
-                freeze=args.freeze, feature_networks=names,
-                feature_weights=random.get(args.feature_weights, args.feature_weights))
+                freeze=args.freeze, feature_networks=names, feature_weights=weights)
 
 def save_grid(net, num, path, device):
     """A quick look at training progress: the one-step images of seeds 0..num-1 in one PNG."""
@@ -661,11 +661,12 @@ def distributed_pair(net, D, device, compile):
 def print_header(args, dataset, info, amp_dtype, run_dir):
     counts, names, R, C = info['parameters'], info['feature_networks'], dataset.resolution, dataset.num_channels
     level = f' (--freeze={args.freeze})' if args.freeze > 1 else ''
+    nets = [f'the teacher at sigma {args.feature_sigma:g}' if n == 'teacher' else n for n in names]
     print0(f'GDD{"-I" if args.freeze else ""}{level}: {dataset.name} ({len(dataset)} images, {R}x{R}x{C}), teacher '
            f'{args.transfer}; generator {counts["total"]:,} parameters, {counts["frozen"]:,} frozen, '
-           f'{counts["trainable"]:,} trainable; discriminator {", ".join(names)}, heads '
+           f'{counts["trainable"]:,} trainable; discriminator {", ".join(nets)}, heads '
            f'{counts["discriminator_heads"]:,}')
-    if args.feature_weights in ('random', 'random-he'):
+    if args.feature_weights in ('random', 'random-he') and names != ['teacher']:
         print0(f'WARNING: --feature-weights={args.feature_weights}: the discriminator\'s feature networks are '
                'RANDOM, not ImageNet-pretrained. This only shows that the machinery runs; results are not '
                'comparable to the paper.')

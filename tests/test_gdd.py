@@ -632,6 +632,8 @@ def files(tmp_path_factory):
     return dict(
         teacher=save('teacher.pt', method='patch_diffusion', precond='EDMPrecond', net_kwargs=kwargs,
                      ema=net.state_dict()),
+        teacher_cond=save('teacher3.pt', method='patch_diffusion', precond='EDMPrecond',
+                          net_kwargs=tiny_teacher(label_dim=3)[1], ema=tiny_teacher(label_dim=3)[0].state_dict()),
         patch=save('patch.pt', method='patch_diffusion', precond='PatchPrecond', net_kwargs=kwargs, ema={}),
         relay_one=save('relay1.pt', method='relay_diffusion', precond='EDMPrecond', net_kwargs=kwargs,
                        stage=dict(precond='edm'), ema=net.state_dict()),
@@ -737,6 +739,8 @@ CLI_ERRORS = [
     ('generate_sigma_max_nan', lambda t, f: gen_argv(t, f, '--sigma_max=nan'), 2, ['--sigma_max', 'not a finite']),
     ('metrics_bogus', lambda t, f: train_argv(t, f, '--metrics=bogus'), 2, ['--metrics', 'bogus']),
     ('backbone_twice', lambda t, f: train_argv(t, f, '--backbone=teacher,teacher'), 2, ['--backbone', 'twice']),
+    ('backbone_teacher_cond', lambda t, f: train_argv(t, f, '--cond=1', '--backbone=teacher', transfer='teacher_cond'),
+     2, ['--backbone=teacher', 'unconditional']),
     ('feature_sigma_zero', lambda t, f: train_argv(t, f, '--feature-sigma=0'), 2, ['--feature-sigma', '>= 0.002']),
     ('metrics_fid_without_ref', lambda t, f: train_argv(t, f, '--metrics=fid10k_full'), 2, ['--metrics-ref']),
     ('metrics_ref_missing', lambda t, f: train_argv(t, f, '--metrics=fid10k_full', f'--metrics-ref={t}/missing.npz'),
