@@ -3,12 +3,14 @@ import json
 import pickle
 import sys
 import types
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,6 +43,43 @@ def fid_score(images, cache, capsys, num=500):
     fid.main(['score', f'--images={images}', '--data=demo-8', f'--num={num}', f'--cache={cache}'])
     return {line.split()[0]: float(line.split()[1]) for line in capsys.readouterr().out.splitlines()
             if len(line.split()) == 2 and line.split()[0].startswith(('toy_fd', 'demo_fit', 'confident'))}
+
+class _Mixed6(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 2048, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+class StandInNvidiaDetector(torch.nn.Module):
+    """The interface of NVIDIA's TorchScript Inception (call flags, layers.mixed_6.conv, output) around a tiny random
+    net: the 299x299 resize, a conv, a max pool to mixed_6's 17x17 (the spatial features) and 2048 pooled features."""
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(OrderedDict(conv=torch.nn.Conv2d(3, 8, 3, stride=2),
+            pool0=torch.nn.AdaptiveMaxPool2d(17), mixed_6=_Mixed6(), pool2=torch.nn.AdaptiveAvgPool2d(1)))
+        self.output = torch.nn.Linear(2048, 1008)
+
+    def forward(self, img, return_features: bool = False, use_fp16: bool = False, no_output_bias: bool = False):
+        n, c, h, w = img.shape
+        theta = torch.eye(2, 3).repeat(n, 1, 1)
+        theta[:, 0, 2] += 1 / w - 1 / 299
+        theta[:, 1, 2] += 1 / h - 1 / 299
+        grid = F.affine_grid(theta, [n, c, 299, 299], align_corners=False)
+        x = F.grid_sample(img.float(), grid, mode='bilinear', padding_mode='border', align_corners=False)
+        features = self.layers((x - 128) / 128).reshape(n, 2048)
+        if return_features:
+            return features
+        logits = features @ self.output.weight.t() if no_output_bias else self.output(features)
+        return logits.softmax(dim=1)
+
+def save_stand_in_detector(path, seed=0):
+    """A StandInNvidiaDetector with seeded random weights, saved as TorchScript (what fid.py --detector reads)."""
+    torch.manual_seed(seed)
+    net = StandInNvidiaDetector().eval()
+    torch.jit.save(torch.jit.script(net), str(path))
+    return net
 
 def write_images(folder, n=16, res=8, channels=3, seed=0, labels=True):
     rng = np.random.default_rng(seed)

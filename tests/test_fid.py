@@ -2,13 +2,13 @@
 # nothing downloads. Inception runs at 299x299 whatever the input size, so the CLI tests use 8 images.
 
 import errno
+import json
 import os
 import pickle
 import subprocess
 import sys
 import urllib.error
 import zipfile
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from common import InceptionV3, UserError, frechet_distance, resize_tf1  # noqa: E402
+from conftest import save_stand_in_detector  # noqa: E402
 from fid import FeatureStats, inception_score, load_detector, precision_recall  # noqa: E402
 
 #------------------------------------------------------------------------------
@@ -160,38 +161,8 @@ def test_forward_outputs():
     assert torch.equal(out['pool'], pool) and (pool >= 0).all() and pool.std() > 0
     assert torch.allclose(out['logits'], pool @ net.fc.weight.t(), atol=1e-5)  # bias-free logits (original IS code)
 
-class _Mixed6(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(8, 2048, 1)
-
-    def forward(self, x):
-        return self.conv(x)
-
-class FakeNvidiaDetector(torch.nn.Module):
-    """The interface of NVIDIA's TorchScript detector (call flags, layers.mixed_6.conv, output) around a tiny net."""
-    def __init__(self):
-        super().__init__()
-        self.layers = torch.nn.Sequential(OrderedDict(conv=torch.nn.Conv2d(3, 8, 3, stride=2),
-            pool0=torch.nn.MaxPool2d(9, stride=9), mixed_6=_Mixed6(), pool2=torch.nn.AdaptiveAvgPool2d(1)))
-        self.output = torch.nn.Linear(2048, 1008)
-
-    def forward(self, img, return_features: bool = False, use_fp16: bool = False, no_output_bias: bool = False):
-        n, c, h, w = img.shape
-        theta = torch.eye(2, 3).repeat(n, 1, 1)
-        theta[:, 0, 2] += 1 / w - 1 / 299
-        theta[:, 1, 2] += 1 / h - 1 / 299
-        grid = F.affine_grid(theta, [n, c, 299, 299], align_corners=False)
-        x = F.grid_sample(img.float(), grid, mode='bilinear', padding_mode='border', align_corners=False)
-        features = self.layers((x - 128) / 128).reshape(n, 2048)
-        if return_features:
-            return features
-        logits = features @ self.output.weight.t() if no_output_bias else self.output(features)
-        return logits.softmax(dim=1)
-
 def test_torchscript_detector(tmp_path):
-    fake = FakeNvidiaDetector().eval()
-    torch.jit.save(torch.jit.script(fake), str(tmp_path / 'inception.pt'))
+    fake = save_stand_in_detector(tmp_path / 'inception.pt')
     net = load_detector(str(tmp_path / 'inception.pt'))
     images = uint8_images(3, 16)
     with torch.no_grad():
@@ -236,6 +207,13 @@ def test_frechet_distance_zero_symmetric_and_diagonal_closed_form():
     assert frechet_distance(np.zeros(64), np.eye(64), np.ones(64), np.eye(64)) == pytest.approx(64, rel=1e-12)
     with pytest.raises(ValueError):
         frechet_distance(mu1, s1, mu2[:8], s2[:8, :8])
+    # singular statistics, as of a few images (4 here, rank 3), the same up to float rounding (summed in another
+    # order): the distance is ~0, not the NaN or the error a singular matrix square root can give
+    feats = rng.standard_normal((4, 256)) * rng.uniform(0.1, 3, 256)
+    mu_a, mu_b = feats.mean(0), feats[::-1].mean(0)
+    s_a, s_b = np.cov(feats, rowvar=False), np.cov(feats[::-1], rowvar=False)
+    assert np.linalg.matrix_rank(s_a) == 3 and not np.array_equal(s_a, s_b)
+    assert abs(frechet_distance(mu_a, s_a, mu_b, s_b)) < 1e-4 * np.trace(s_a)
 
 def test_feature_stats_equal_numpy_mean_and_cov():
     feats = np.random.default_rng(0).standard_normal((37, 5)) * 3 + 1
@@ -268,14 +246,15 @@ def test_precision_recall():
 #------------------------------------------------------------------------------
 # fid.py end to end
 
-def run_cli(args, nproc=1):
-    """fid.py as a subprocess with one thread per process, also for numpy's BLAS (torch's CPU kernels and the matrix
-    square root are bitwise reproducible only at equal threads)."""
-    env = dict(os.environ, OMP_NUM_THREADS='1')
+def run_cli(args, nproc=1, script=None, env=None):
+    """fid.py (or `script ROOT ARGS`, a script that calls fid.main) as a subprocess with one thread per process, also
+    for numpy's BLAS (torch's CPU kernels and the matrix square root are bitwise reproducible only at equal threads)."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', **(env or {}))
     # `--` stops torchrun's argparse from reading fid.py's --num as an abbreviation of its own --numa-binding
     launcher = [sys.executable] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
                                                     f'--nproc_per_node={nproc}', '--']
-    out = subprocess.run(launcher + [str(ROOT / 'fid.py')] + args, env=env, capture_output=True, text=True, timeout=300)
+    program = [str(ROOT / 'fid.py')] if script is None else [str(script), str(ROOT)]
+    out = subprocess.run(launcher + program + args, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -283,12 +262,44 @@ def metric_lines(stdout):
     return dict(line.split() for line in stdout.splitlines() if line.split()[:1] and line.split()[0] in
                 ('fid', 'is', 'sfid', 'precision', 'recall'))
 
-def test_ref_then_calc_two_processes_equal_one(setup):
+# fid.py commands, one after the other in one process (one start of Python and torch, or of torchrun, for ref and
+# calc), with the Frechet distance swapped for a stand-in that saves its four inputs: the statistics of the images and
+# of the reference, compared here directly. The distance itself (a 2048x2048 matrix square root, about 20 CPU s on
+# one core, once for 1 and once for 2 processes) is checked in test_frechet_distance_* above, on the singular
+# statistics of a few images too.
+FID_COMMANDS = """
+import json, os, sys
+import numpy as np
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import fid
+def recorded_distance(mu1, sigma1, mu2, sigma2):
+    np.savez(os.environ['FID_INPUTS'], mu1=mu1, sigma1=sigma1, mu2=mu2, sigma2=sigma2)
+    return float(np.square(mu1 - mu2).sum() + np.square(sigma1 - sigma2).sum() + np.square(sigma1).sum())
+fid.frechet_distance = recorded_distance
+*first, last = json.loads(sys.argv[2])
+for argv in first:  # in the process group that the last command leaves (torchrun's gloo ranks cannot meet twice)
+    args = fid.parse_args(argv)
+    dict(ref=fid.ref, calc=fid.calc)[args.command](args)
+    dist.barrier()  # the command has ended on every rank (rank 0 has written its file)
+fid.main(last)
+"""
+
+def test_ref_then_calc_two_processes_equal_one(setup, tmp_path):
+    """`fid.py ref`, then `fid.py calc` of the same images, in 1 process and under torchrun with 2: the 2-process
+    reference file is the 1-process one, bitwise; calc hands the Frechet distance the same statistics, bitwise, and
+    prints the same lines (IS, precision, recall); the calc statistics of the reference images are the reference's."""
+    (tmp_path / 'fid_commands.py').write_text(FID_COMMANDS)
     flags = [f'--detector={setup / "detector.pth"}', '--batch=3', '--workers=0']
-    refs = {}
+    refs, lines, inputs = {}, {}, {}
     for nproc in (1, 2):
         refs[nproc] = setup / f'ref{nproc}.npz'
-        run_cli(['ref', f'--data={setup / "images"}', f'--dest={refs[nproc]}', '--features=1'] + flags, nproc)
+        commands = [['ref', f'--data={setup / "images"}', f'--dest={refs[nproc]}', '--features=1'] + flags,
+                    ['calc', f'--images={setup / "images"}', f'--ref={refs[nproc]}', '--num=4', '--metrics=fid,is,pr']
+                    + flags]
+        stdout = run_cli([json.dumps(commands)], nproc, script=tmp_path / 'fid_commands.py',
+                         env=dict(FID_INPUTS=str(tmp_path / f'inputs{nproc}.npz')))
+        lines[nproc], inputs[nproc] = metric_lines(stdout), np.load(tmp_path / f'inputs{nproc}.npz')
     r1, r2 = np.load(refs[1]), np.load(refs[2])
     assert sorted(r1.files) == ['features', 'mu', 'mu_s', 'num_channels', 'preprocess', 'resolution', 'sigma',
                                 'sigma_s']
@@ -300,14 +311,14 @@ def test_ref_then_calc_two_processes_equal_one(setup):
     for key in r1.files:
         assert np.array_equal(r1[key], r2[key]), key
 
-    lines = {}
-    for nproc in (1, 2):
-        stdout = run_cli(['calc', f'--images={setup / "images"}', f'--ref={refs[1]}', '--num=4',
-                          '--metrics=fid,is,pr'] + flags, nproc)
-        lines[nproc] = metric_lines(stdout)
     assert lines[1] == lines[2] and set(lines[1]) == {'fid', 'is', 'precision', 'recall'}
+    for key in ('mu1', 'sigma1', 'mu2', 'sigma2'):
+        assert np.array_equal(inputs[1][key], inputs[2][key]), key
+    assert np.array_equal(inputs[1]['mu2'], r1['mu']) and np.array_equal(inputs[1]['sigma2'], r1['sigma'])
+    # the reference images themselves: the reference's statistics up to float rounding
+    assert np.allclose(inputs[1]['mu1'], r1['mu'], rtol=0, atol=1e-6 * np.abs(r1['mu']).max())
+    assert np.allclose(inputs[1]['sigma1'], r1['sigma'], rtol=0, atol=1e-6 * np.abs(r1['sigma']).max())
     values = {k: float(v) for k, v in lines[1].items()}
-    assert abs(values['fid']) < 1e-4 * np.trace(r1['sigma'])  # the reference images themselves
     assert values['precision'] == 1 and values['recall'] == 1 and values['is'] >= 1
 
 CHUNK_CHECK = """

@@ -7,14 +7,12 @@ import os
 import subprocess
 import sys
 import time
-from collections import OrderedDict
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import ROOT, run_main
+from conftest import ROOT, run_main, save_stand_in_detector
 
 import common
 import fid
@@ -37,36 +35,6 @@ def read_pngs(folder):
 #------------------------------------------------------------------------------
 # (1) Inception FID during training = generate, then fid.py calc.
 
-class _Mixed6(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(8, 2048, 1)
-
-    def forward(self, x):
-        return self.conv(x)
-
-class StandInDetector(torch.nn.Module):
-    """NVIDIA's TorchScript Inception interface (as tests/test_fid.py's FakeNvidiaDetector) around a tiny random net:
-    the 299x299 resize, then a conv, a max pool to mixed_6's 17x17 (the spatial features) and 2048 pooled features."""
-    def __init__(self):
-        super().__init__()
-        self.layers = torch.nn.Sequential(OrderedDict(conv=torch.nn.Conv2d(3, 8, 3, stride=2),
-            pool0=torch.nn.AdaptiveMaxPool2d(17), mixed_6=_Mixed6(), pool2=torch.nn.AdaptiveAvgPool2d(1)))
-        self.output = torch.nn.Linear(2048, 1008)
-
-    def forward(self, img, return_features: bool = False, use_fp16: bool = False, no_output_bias: bool = False):
-        n, c, h, w = img.shape
-        theta = torch.eye(2, 3).repeat(n, 1, 1)
-        theta[:, 0, 2] += 1 / w - 1 / 299
-        theta[:, 1, 2] += 1 / h - 1 / 299
-        grid = F.affine_grid(theta, [n, c, 299, 299], align_corners=False)
-        x = F.grid_sample(img.float(), grid, mode='bilinear', padding_mode='border', align_corners=False)
-        features = self.layers((x - 128) / 128).reshape(n, 2048)
-        if return_features:
-            return features
-        logits = features @ self.output.weight.t() if no_output_bias else self.output(features)
-        return logits.softmax(dim=1)
-
 def test_fid_during_training_equals_generate_then_fid_calc(tmp_path, monkeypatch, capsys):
     """--metrics=fid10k_full with a stand-in detector equals `generate --seeds=0-(N-1)` of the snapshot, then
     `fid.py calc --num=N` against the same reference. N = 64, not 10,000: TRAINING_METRICS is monkeypatched, since
@@ -76,9 +44,8 @@ def test_fid_during_training_equals_generate_then_fid_calc(tmp_path, monkeypatch
     monkeypatch.setitem(common.TRAINING_METRICS, 'fid10k_full', 64)
     monkeypatch.setattr(fid, 'frechet_distance', lambda mu1, sigma1, mu2, sigma2: float(
         np.square(mu1 - mu2).sum() + np.square(sigma1 - sigma2).sum() + np.square(sigma1).sum()))
-    torch.manual_seed(0)
     detector, ref = tmp_path / 'detector.pt', tmp_path / 'ref.npz'
-    torch.jit.save(torch.jit.script(StandInDetector().eval()), str(detector))
+    save_stand_in_detector(detector)  # NVIDIA's TorchScript interface around a tiny random net (tests/conftest.py)
     fid.main(['ref', '--data=demo-8', '--num=64', f'--dest={ref}', f'--detector={detector}', '--workers=0'])
     run = tmp_path / 'run'
     train(run, '--duration=0.000015', '--metrics=fid10k_full', f'--metrics-ref={ref}', f'--metrics-detector={detector}')
@@ -96,20 +63,34 @@ def test_fid_during_training_equals_generate_then_fid_calc(tmp_path, monkeypatch
 #------------------------------------------------------------------------------
 # (2) Two gloo processes give the numbers of one.
 
-def test_two_processes_give_the_numbers_of_one(tmp_path, toy_cache):
-    """A 2-process torchrun run (gloo) splits the 500 seeds between its ranks; its metric line equals what one
-    process computes from the same snapshot. (The two runs' weights are not compared with a 1-process run's: each
-    rank draws its own noise, so the training differs, as in every DDP test here.)"""
+# patch_diffusion.py's command line with toy_fd on 100 samples (TRAINING_METRICS set as the tests here monkeypatch it)
+TOY_FD_100 = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import common
+common.TRAINING_METRICS['toy_fd'] = 100
+import patch_diffusion
+sys.argv = ['patch_diffusion.py'] + sys.argv[2:]
+patch_diffusion.main()
+"""
+
+def test_two_processes_give_the_numbers_of_one(tmp_path, monkeypatch, toy_cache):
+    """A 2-process torchrun run (gloo) splits the seeds between its ranks; its metric line equals what one process
+    computes from the same snapshot. toy_fd on 100 samples, not 500, in both (for time; the split is the same code).
+    (The two runs' weights are not compared with a 1-process run's: each rank draws its own noise, so the training
+    differs, as in every DDP test here.)"""
+    monkeypatch.setitem(common.TRAINING_METRICS, 'toy_fd', 100)
+    (tmp_path / 'toy_fd_100.py').write_text(TOY_FD_100)
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-           str(ROOT / 'patch_diffusion.py'), *TRAIN, f'--outdir={tmp_path}', '--duration=0.000015',
+           str(tmp_path / 'toy_fd_100.py'), str(ROOT), *TRAIN, f'--outdir={tmp_path / "run"}', '--duration=0.000015',
            '--metrics=toy_fd', f'--metrics-cache={toy_cache}']
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert result.returncode == 0, result.stderr[-3000:]
-    line, = metric_lines(tmp_path)
+    line, = metric_lines(tmp_path / 'run')
     assert line['num_gpus'] == 2 and f'toy_fd {line["results"]["toy_fd"]:.4g}' in result.stdout
     common.init_distributed()
     device = torch.device('cpu')
-    net = pd.load_network(str(tmp_path / line['snapshot_pkl'])).eval()
+    net = pd.load_network(str(tmp_path / 'run' / line['snapshot_pkl'])).eval()
     metrics = fid.TrainingMetrics(['toy_fd'], 'demo-8', 8, 3, device, cache=str(toy_cache))
     one = metrics(lambda seeds: pd.sample_images(net, seeds, device))
     assert one['toy_fd'] == pytest.approx(line['results']['toy_fd'], rel=1e-9)
