@@ -86,14 +86,15 @@ def test_precond_under_bf16_autocast_returns_float32_close_to_fp32():
     assert (low - ref).abs().max().item() < 0.05 * ref.abs().max().item()
 
 def test_overfit_fixed_noise_and_sigma():
-    """200 Adam steps on 4 images with fixed noise and sigma bring the loss below a tenth of its start."""
+    """100 Adam steps on 4 images with fixed noise and sigma bring the loss below a tenth of its start (it is below a
+    thousandth by then; 200 steps add nothing)."""
     net = tiny_precond()
     torch.manual_seed(0)
     images, noise = torch.rand(4, 3, 8, 8) - 0.5, torch.randn(4, 3, 8, 8)
     sigma = torch.full([4, 1, 1, 1], 0.5)
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     losses = []
-    for _ in range(200):
+    for _ in range(100):
         loss = ((net(images + sigma * noise, sigma) - images) ** 2).mean() * 8  # lambda(0.5) = 8
         opt.zero_grad()
         loss.backward()

@@ -12,7 +12,8 @@ run, a short script on the meta device), or SKIP with the rule's reason. A comma
 
 Running (`test_command`): in a fresh directory holding only the seven top-level .py files (what a fresh clone
 offers a user), with OMP_NUM_THREADS=1, through `bash -o pipefail -c`; the command must exit 0 with no
-"Traceback" on stderr. A command that reads a path (--network, --resume, --data, --images, ...) which another
+"Traceback" on stderr. The selected commands are started together when the first is needed, two at a time (each is
+one single-threaded process; the suite is sized for 2 cores), and each test checks its own. A command that reads a path (--network, --resume, --data, --images, ...) which another
 command of the same file writes (--outdir, --dest) runs only if that command runs too (it is then run first, in
 the same directory); otherwise it is skipped, naming the writer and why the writer is skipped. A path that no
 command writes and that is not in a fresh clone is not a dependency: the command runs and fails, as a user's would.
@@ -34,6 +35,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ['README.md', *sorted(str(p.relative_to(ROOT)) for p in (ROOT / 'docs').glob('*.md'))]
 SCRIPTS = ['common.py', 'dataset_tool.py', 'fid.py', 'gdd.py', 'masked_dm.py', 'patch_diffusion.py', 'relay_diffusion.py']
 TIMEOUT = 300   # seconds per command: each RUN command takes a few seconds of CPU, but the machine is shared
+WORKERS = 2     # commands run at once (test_command): the 2 cores of the machine the suite is sized for
 
 #------------------------------------------------------------------------------
 # Extraction.
@@ -241,16 +244,37 @@ def _params():
         params.append(pytest.param(c, id=c.id, marks=marks))
     return params
 
+def run_chain(command, cwd):
+    """[(c, CompletedProcess)] of command's chain, run in order in a fresh clone at cwd; stops at the first failure."""
+    fresh_clone(cwd)
+    done = []
+    for c in _runnable_chain(command):
+        done.append((c, run_as_printed(c.text, cwd)))
+        if done[-1][1].returncode != 0:
+            break
+    return done
+
+@pytest.fixture(scope='module')
+def started(request, tmp_path_factory):
+    """{command id: future of run_chain}: every RUN command that this session selected, started when the first one is
+    needed, WORKERS at a time (each is a single-threaded process: the second core works while the first waits)."""
+    commands = [item.callspec.params['command'] for item in request.session.items
+                if item.module is request.module and getattr(item, 'originalname', '') == 'test_command']
+    with ThreadPoolExecutor(WORKERS) as pool:
+        futures = {c.id: pool.submit(run_chain, c, tmp_path_factory.mktemp('clone'))
+                   for c in commands if classify(c)[0] == RUN}
+        yield futures
+        for future in futures.values():
+            future.cancel()
+
 @pytest.mark.parametrize('command', _params())
-def test_command(command, tmp_path):
+def test_command(command, started):
     verdict, why = classify(command)
     if verdict is None:
         pytest.fail(f'{command.id}: {why}:\n{command.text}')
     if verdict == SKIP:
         pytest.skip(why)
-    cwd = fresh_clone(tmp_path)
-    for c in _runnable_chain(command):
-        r = run_as_printed(c.text, cwd)
+    for c, r in started[command.id].result():
         where = command.id if c is command else f'{c.id} (run first: {command.id} reads what it writes)'
         detail = f'{where}: exit {r.returncode}\n$ {c.text}\n{r.stdout[-2000:]}{r.stderr[-3000:]}'
         assert r.returncode == 0, detail

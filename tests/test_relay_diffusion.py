@@ -22,8 +22,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import ROOT, TINY_UNET, EDMPrecond as OfficialEDMPrecond, fid_score, run_main, write_persistence_pickle
 
+import fid
 import relay_diffusion as rd
-from common import EDMPrecond, UsageError, UserError, edm_sampler, load_checkpoint, parse_command_line, save_checkpoint
+from common import (TRAINING_METRICS, EDMPrecond, UsageError, UserError, edm_sampler, load_checkpoint,
+                    parse_command_line, save_checkpoint)
 
 TINY = ['--arch=ddpmpp', '--cbase=16', '--cres=1,2', '--blocks=1', '--dropout=0', '--lr-rampup=0', '--grid=0',
         '--workers=0']
@@ -426,26 +428,44 @@ def test_ddp_two_processes_equal_one(tmp_path):
         grads = torch.load(tmp_path / f'grad{rank}.pt')
         assert all(torch.allclose(g, w, atol=1e-5 * scale, rtol=1e-4) for g, w in zip(grads, whole))
 
+# relay_diffusion.py commands one after the other in one torchrun launch (one start of its ranks for train and
+# generate): all but the last in the process group that the last one, through main(), leaves (gloo ranks cannot meet
+# twice).
+RELAY_COMMANDS = """
+import json, sys
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import relay_diffusion as rd
+from common import parse_command_line
+*first, last = json.loads(sys.argv[2])
+for argv in first:
+    args = parse_command_line(rd.build_parser, argv)
+    (rd.train if args.command == 'train' else rd.generate)(args)
+    dist.barrier()  # the command has ended on every rank (rank 0 has written its files)
+sys.argv = ['relay_diffusion.py'] + last
+rd.main()
+"""
+
 def test_two_stage_cli_under_torchrun(tmp_path):
     """Stage one (EDM, with augmentation) in one process, stage two (blur, labels, label dropout) and two-stage
     generation with CFG under torchrun with 2 ranks; 2-rank generation writes the same files as 1 rank."""
-    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                str(ROOT / 'relay_diffusion.py')]
-    env = dict(os.environ, OMP_NUM_THREADS='1')
     flags = ['train', '--batch=4', '--duration=0.000008', '--tick=0.004', '--snap=1', '--dump=0', '--nosubdir'] + TINY
     run(flags + ['--data=demo-4', '--cond=1', '--augment=0.2', f'--outdir={tmp_path}/one'])
+    first = max(glob.glob(f'{tmp_path}/one/network-snapshot-*.pt'))
     two = ['--data=demo-8', '--cond=1', '--precond=blur', '--up-scale=2', '--label-dropout=0.5',
            f'--outdir={tmp_path}/two']
-    r = subprocess.run(torchrun + flags + two, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    first, second = (max(glob.glob(f'{tmp_path}/{d}/network-snapshot-*.pt')) for d in ('one', 'two'))
-    assert load_checkpoint(first)['net_kwargs']['augment_dim'] == 9
-    assert load_checkpoint(second)['stage']['precond'] == 'blur'
+    second = f'{tmp_path}/two/network-snapshot-000000_008.pt'  # the last tick's: kimg 0.008
     gen = ['generate', '--seeds=0-4', '--batch=2', f'--network_first={first}', f'--network_second={second}',
            '--up_scale_second=2', '--num_steps_first=4', '--num_steps_second=10', '--cfg_scale_second=2']
-    r = subprocess.run(torchrun + gen + [f'--outdir={tmp_path}/gen2'], env=env, capture_output=True, text=True,
-                       timeout=120)
+    (tmp_path / 'commands.py').write_text(RELAY_COMMANDS)
+    commands = [flags + two, gen + [f'--outdir={tmp_path}/gen2']]
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                        str(tmp_path / 'commands.py'), str(ROOT), json.dumps(commands)],
+                       env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert second == max(glob.glob(f'{tmp_path}/two/network-snapshot-*.pt'))
+    assert load_checkpoint(first)['net_kwargs']['augment_dim'] == 9
+    assert load_checkpoint(second)['stage']['precond'] == 'blur'
     run(gen + [f'--outdir={tmp_path}/gen1'])
     two, one = pngs(tmp_path / 'gen2'), pngs(tmp_path / 'gen1')
     assert len(one) == 5 and one.keys() == two.keys() and all(np.array_equal(one[k], two[k]) for k in one)
@@ -469,9 +489,17 @@ def metric_lines(run, count):
                and line['metric'] == 'toy_fd' and line['num_gpus'] == 1 for line in lines)
     return lines
 
-def test_stage_one_metrics_equal_generate_then_fid_score(tmp_path, toy_cache, capsys):
+def few_demo_masks(monkeypatch):
+    """fid.py score's demo_fit, not compared here: 1,000 shape draws, not 100,000 (~5 CPU s a score)."""
+    demo_masks = fid.demo_masks
+    monkeypatch.setattr(fid, 'demo_masks', lambda R: demo_masks(R, draws=1000))
+
+def test_stage_one_metrics_equal_generate_then_fid_score(tmp_path, toy_cache, capsys, monkeypatch):
     """--metrics=toy_fd --snap=1: one line per snapshot, whose value is what `generate --sampler_stages=first
-    --seeds=0-499` of that snapshot and `fid.py score --num=500` print."""
+    --seeds=0-99` of that snapshot and `fid.py score --num=100` print (toy_fd's 500 images monkeypatched to 100, for
+    time: the code path is the same for any number)."""
+    monkeypatch.setitem(TRAINING_METRICS, 'toy_fd', 100)
+    few_demo_masks(monkeypatch)
     folder = tmp_path / 'run'
     train_run(['--data=demo-8', '--duration=0.000012', '--metrics=toy_fd', f'--metrics-cache={toy_cache}',
                f'--outdir={folder}'])
@@ -479,14 +507,17 @@ def test_stage_one_metrics_equal_generate_then_fid_score(tmp_path, toy_cache, ca
     assert [line['kimg'] for line in lines] == [0.008, 0.012]
     gen = tmp_path / 'gen'
     generate_run(['--sampler_stages=first', f'--network_first={folder / lines[-1]["snapshot_pkl"]}',
-                  f'--outdir={gen}', '--seeds=0-499', '--batch=250'])
-    assert fid_score(gen, toy_cache, capsys)['toy_fd'] == printed(lines[-1]['results']['toy_fd'])
+                  f'--outdir={gen}', '--seeds=0-99', '--batch=250'])
+    assert fid_score(gen, toy_cache, capsys, num=100)['toy_fd'] == printed(lines[-1]['results']['toy_fd'])
     best = min(lines, key=lambda line: line['results']['toy_fd'])
     assert f'best so far {best["results"]["toy_fd"]:.4g} at {best["snapshot_pkl"]}' in (folder / 'log.txt').read_text()
 
-def test_stage_two_metrics_relay_metrics_first_as_generate_does(tmp_path, toy_cache, capsys):
+def test_stage_two_metrics_relay_metrics_first_as_generate_does(tmp_path, toy_cache, capsys, monkeypatch):
     """Stage two's toy_fd is that of generate's two-stage samples (its default settings, --up_scale_second =
-    --up-scale) with --metrics-first as the first stage: a snapshot, or a run directory (its newest snapshot)."""
+    --up-scale) with --metrics-first as the first stage: a snapshot, or a run directory (its newest snapshot).
+    toy_fd on 100 images, as above."""
+    monkeypatch.setitem(TRAINING_METRICS, 'toy_fd', 100)
+    few_demo_masks(monkeypatch)
     first = tmp_path / 'first'
     first.mkdir()
     snapshot(first / 'network-snapshot-000001.pt', tiny_net(1, 4))
@@ -496,8 +527,8 @@ def test_stage_two_metrics_relay_metrics_first_as_generate_does(tmp_path, toy_ca
     lines = metric_lines(folder, 1)
     gen = tmp_path / 'gen'
     generate_run([f'--network_first={first}', f'--network_second={folder / lines[-1]["snapshot_pkl"]}',
-                  '--up_scale_second=2', f'--outdir={gen}', '--seeds=0-499', '--batch=250'])
-    assert fid_score(gen, toy_cache, capsys)['toy_fd'] == printed(lines[-1]['results']['toy_fd'])
+                  '--up_scale_second=2', f'--outdir={gen}', '--seeds=0-99', '--batch=250'])
+    assert fid_score(gen, toy_cache, capsys, num=100)['toy_fd'] == printed(lines[-1]['results']['toy_fd'])
 
 def train_run(argv):
     run(['train'] + METRIC_NET + argv)

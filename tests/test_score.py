@@ -1,8 +1,8 @@
 # Tests for the toy score of fid.py (section 3): a tiny classifier trained on the demo data scores held-out real
 # images near its finite-sample floor, uniform noise far away, and damaged real images in between, worse with more
 # damage; the demo-structure share (the generator's own model fitted to each image) is high for real images, zero for
-# noise, and falls with damage. 8x8 demo data; one classifier, trained once per module into a temporary cache, serves
-# every test.
+# noise, and falls with damage. 8x8 demo data; one classifier serves every test: the session's (conftest.py's
+# toy_cache, which train --metrics=toy_fd tests use too), trained once into a temporary cache.
 
 import json
 import os
@@ -63,11 +63,12 @@ def uniform_noise(shape, seed=0):
 # The classifier, trained once.
 
 @pytest.fixture(scope='module')
-def toy(tmp_path_factory):
-    cache = tmp_path_factory.mktemp('toy-cache')
+def toy(toy_cache):
+    cache = toy_cache
     dataset = fid.open_toy_data(f'demo-{RES}', 3)
     train_idx, ref_idx, floor_idx = fid.toy_splits(dataset, N)
     path = fid.toy_cache_path(str(cache), f'demo-{RES}', dataset)
+    assert os.path.isfile(path)  # trained by toy_cache on the same demo images (toy_splits' training range)
     net = fid.toy_classifier(dataset, train_idx, path)
     (ref, ref_labels), other = fid.load_images(dataset, ref_idx), fid.load_images(dataset, floor_idx)[0]
     ref_features, ref_p = fid.toy_features(net, ref)
@@ -167,7 +168,8 @@ def write_pngs(folder, images):
         os.makedirs(folder / f'{i - i % 32:06d}', exist_ok=True)  # generate --subdirs layout
         save_image(image, folder / f'{i - i % 32:06d}' / f'{i:06d}.png')
 
-def test_cli_score(toy, tmp_path, capsys):
+def test_cli_score(toy, masks, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(fid, 'demo_masks', lambda R: masks)  # demo_masks(8), computed once for the module (~5 s)
     write_pngs(tmp_path / 'samples', toy['other'][:64])
     fid.main(['score', f'--images={tmp_path / "samples"}', f'--data=demo-{RES}', f'--cache={toy["cache"]}'])
     out = capsys.readouterr().out

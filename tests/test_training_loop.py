@@ -37,11 +37,14 @@ def test_default_command_and_preset_under_flags():
     with pytest.raises(SystemExit):
         pd.parse_args(['train', '--batch=8'])                                      # --data is required
 
-def test_help_shows_each_default_once():
+def test_help_shows_each_default_once(monkeypatch, capsys):
+    monkeypatch.setenv('COLUMNS', '80')  # the width of `python patch_diffusion.py train --help` piped to a file
     for command in ('train', 'generate'):
-        text = pd.build_parser().format_help() + subprocess.run(
-            [sys.executable, str(ROOT / 'patch_diffusion.py'), command, '--help'], capture_output=True, text=True).stdout
-        assert text.count('(default:') > 10
+        monkeypatch.setattr(sys, 'argv', ['patch_diffusion.py', command, '--help'])  # the command line, in-process
+        with pytest.raises(SystemExit) as e:
+            pd.main()
+        text = pd.build_parser().format_help() + capsys.readouterr().out
+        assert e.value.code == 0 and text.count('(default:') > 10
         assert not [line for line in text.splitlines() if line.count('default') > 1]
 
 #------------------------------------------------------------------------------
