@@ -246,17 +246,23 @@ def test_precision_recall():
 #------------------------------------------------------------------------------
 # fid.py end to end
 
-def run_cli(args, nproc=1, script=None, env=None):
-    """fid.py (or `script ROOT ARGS`, a script that calls fid.main) as a subprocess with one thread per process, also
-    for numpy's BLAS (torch's CPU kernels and the matrix square root are bitwise reproducible only at equal threads)."""
+def start_cli(args, nproc=1, script=None, env=None):
+    """fid.py (or `script ROOT ARGS`, a script that calls fid.main) started as a subprocess with one thread per process,
+    also for numpy's BLAS (torch's CPU kernels and the matrix square root are bitwise reproducible only at equal
+    threads)."""
     env = dict(os.environ, OMP_NUM_THREADS='1', **(env or {}))
     # `--` stops torchrun's argparse from reading fid.py's --num as an abbreviation of its own --numa-binding
     launcher = [sys.executable] if nproc == 1 else [sys.executable, '-m', 'torch.distributed.run', '--standalone',
                                                     f'--nproc_per_node={nproc}', '--']
     program = [str(ROOT / 'fid.py')] if script is None else [str(script), str(ROOT)]
-    out = subprocess.run(launcher + program + args, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
+    return subprocess.Popen(launcher + program + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+def finish_cli(process):
+    """The stdout of a start_cli process, which must exit 0."""
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    return stdout
 
 def metric_lines(stdout):
     return dict(line.split() for line in stdout.splitlines() if line.split()[:1] and line.split()[0] in
@@ -291,15 +297,23 @@ def test_ref_then_calc_two_processes_equal_one(setup, tmp_path):
     prints the same lines (IS, precision, recall); the calc statistics of the reference images are the reference's."""
     (tmp_path / 'fid_commands.py').write_text(FID_COMMANDS)
     flags = [f'--detector={setup / "detector.pth"}', '--batch=3', '--workers=0']
-    refs, lines, inputs = {}, {}, {}
-    for nproc in (1, 2):
+    refs, started, lines, inputs = {}, {}, {}, {}
+    for nproc in (1, 2):  # both at once (3 single-threaded processes, for 2 cores)
         refs[nproc] = setup / f'ref{nproc}.npz'
         commands = [['ref', f'--data={setup / "images"}', f'--dest={refs[nproc]}', '--features=1'] + flags,
                     ['calc', f'--images={setup / "images"}', f'--ref={refs[nproc]}', '--num=4', '--metrics=fid,is,pr']
                     + flags]
-        stdout = run_cli([json.dumps(commands)], nproc, script=tmp_path / 'fid_commands.py',
-                         env=dict(FID_INPUTS=str(tmp_path / f'inputs{nproc}.npz')))
-        lines[nproc], inputs[nproc] = metric_lines(stdout), np.load(tmp_path / f'inputs{nproc}.npz')
+        started[nproc] = start_cli([json.dumps(commands)], nproc, script=tmp_path / 'fid_commands.py',
+                                   env=dict(FID_INPUTS=str(tmp_path / f'inputs{nproc}.npz')))
+    try:
+        for nproc in (1, 2):
+            lines[nproc] = metric_lines(finish_cli(started[nproc]))
+            inputs[nproc] = np.load(tmp_path / f'inputs{nproc}.npz')
+    finally:
+        for process in started.values():
+            if process.poll() is None:  # the other one failed: stop this one
+                process.kill()
+                process.communicate()
     r1, r2 = np.load(refs[1]), np.load(refs[2])
     assert sorted(r1.files) == ['features', 'mu', 'mu_s', 'num_channels', 'preprocess', 'resolution', 'sigma',
                                 'sigma_s']
