@@ -37,24 +37,24 @@ def read_pngs(folder):
 
 def test_fid_during_training_equals_generate_then_fid_calc(tmp_path, monkeypatch, capsys):
     """--metrics=fid10k_full with a stand-in detector equals `generate --seeds=0-(N-1)` of the snapshot, then
-    `fid.py calc --num=N` against the same reference. N = 64, not 10,000: TRAINING_METRICS is monkeypatched, since
+    `fid.py calc --num=N` against the same reference. N = 32, not 10,000: TRAINING_METRICS is monkeypatched, since
     10,000 samples and detector passes take minutes on a CPU; the code path is the same for any N. The Frechet
     distance's 2048x2048 matrix square root (about 20 CPU s each; tests/test_fid.py checks it) is swapped, in both
     paths, for |mu1 - mu2|^2 + |sigma1 - sigma2|_F^2 + |sigma1|_F^2, which differs whenever the statistics differ."""
-    monkeypatch.setitem(common.TRAINING_METRICS, 'fid10k_full', 64)
+    monkeypatch.setitem(common.TRAINING_METRICS, 'fid10k_full', 32)
     monkeypatch.setattr(fid, 'frechet_distance', lambda mu1, sigma1, mu2, sigma2: float(
         np.square(mu1 - mu2).sum() + np.square(sigma1 - sigma2).sum() + np.square(sigma1).sum()))
     detector, ref = tmp_path / 'detector.pt', tmp_path / 'ref.npz'
     save_stand_in_detector(detector)  # NVIDIA's TorchScript interface around a tiny random net (tests/conftest.py)
-    fid.main(['ref', '--data=demo-8', '--num=64', f'--dest={ref}', f'--detector={detector}', '--workers=0'])
+    fid.main(['ref', '--data=demo-8', '--num=32', f'--dest={ref}', f'--detector={detector}', '--workers=0'])
     run = tmp_path / 'run'
     train(run, '--duration=0.000015', '--metrics=fid10k_full', f'--metrics-ref={ref}', f'--metrics-detector={detector}')
     line, = metric_lines(run, 'fid10k_full')
     assert line['metric'] == 'fid10k_full' and line['snapshot_pkl'] == 'network-snapshot-000000_015.pt'
     pd.generate(pd.parse_args(['generate', f'--network={run / line["snapshot_pkl"]}', f'--outdir={tmp_path / "gen"}',
-                               '--seeds=0-63']))
+                               '--seeds=0-31']))
     capsys.readouterr()
-    fid.main(['calc', f'--images={tmp_path / "gen"}', f'--ref={ref}', '--num=64', f'--detector={detector}',
+    fid.main(['calc', f'--images={tmp_path / "gen"}', f'--ref={ref}', '--num=32', f'--detector={detector}',
               '--workers=0'])
     printed = dict(line.split()[:2] for line in capsys.readouterr().out.splitlines() if line.startswith('fid '))
     assert line['results']['fid10k_full'] == pytest.approx(float(printed['fid']), rel=1e-6)
@@ -100,9 +100,9 @@ def test_two_processes_give_the_numbers_of_one(tmp_path, monkeypatch, toy_cache)
 
 def test_resume_keeps_metric_lines_and_the_best(tmp_path, monkeypatch, toy_cache):
     """Trained to kimg 0.03, then resumed from its run directory to kimg 0.06: the same metric lines (snapshot,
-    kimg, value) as the uninterrupted run, and log.txt's last 'best so far' names the best snapshot. toy_fd on 100
+    kimg, value) as the uninterrupted run, and log.txt's last 'best so far' names the best snapshot. toy_fd on 64
     samples (TRAINING_METRICS monkeypatched: 6 evaluations of 500 would take half a CPU minute)."""
-    monkeypatch.setitem(common.TRAINING_METRICS, 'toy_fd', 100)
+    monkeypatch.setitem(common.TRAINING_METRICS, 'toy_fd', 64)
     metrics = ['--metrics=toy_fd', f'--metrics-cache={toy_cache}']
     train(tmp_path / 'full', '--duration=0.00006', *metrics)
     train(tmp_path / 'resumed', '--duration=0.00003', *metrics)
