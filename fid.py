@@ -44,9 +44,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from common import (TRAINING_METRICS, DemoDataset, ImageFolderDataset, InceptionV3, Parser, UsageError, UserError,
-                    demo_shape, demo_top_half, download, frechet_distance, get_rank, get_world_size, init_distributed,
-                    number, open_dataset, parse_bool, print0, resize_tf1, run_main, save_checkpoint, seed_batches,
-                    to_uint8, working)
+                    check_memory, demo_shape, demo_top_half, download, frechet_distance, get_rank, get_world_size,
+                    init_distributed, number, open_dataset, parse_bool, print0, resize_tf1, run_main, save_checkpoint,
+                    seed_batches, to_uint8, working)
 
 METRICS = ('fid', 'is', 'sfid', 'pr')
 MAX_IMAGES = 10**8  # --num: 80 times ImageNet's 1.28M images
@@ -245,12 +245,6 @@ def check_dest(path, what):
     except OSError as e:
         raise UsageError(f'{what}: cannot write there ({parent}: {e.strerror})') from None
 
-def check_memory(nbytes, what):
-    """Refuse up front work whose arrays cannot fit in this machine's memory."""
-    total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    if nbytes > total:
-        raise UsageError(f'{what} needs {nbytes / 2**30:,.1f} GiB of memory, this machine has {total / 2**30:,.1f} GiB')
-
 def check_finite(arrays, where):
     bad = [k for k, v in arrays.items() if np.issubdtype(v.dtype, np.floating) and not np.isfinite(v).all()]
     if bad:
@@ -291,7 +285,7 @@ def ref(args):
     if len(dataset) < 2:
         raise UserError(f'{args.data}: a covariance needs at least 2 images, found {len(dataset)}')
     if args.features:
-        check_memory(2 * len(dataset) * 2048 * 4, f'--features=1 for {len(dataset):,} images')
+        check_memory(2 * len(dataset) * 2048 * 4, f'--features=1 for {len(dataset):,} images', torch.device('cpu'))
     detector = open_detector(args, device)
     with working():
         stats, features = compute_features(dataset, detector, device, args.batch, args.workers,
@@ -400,7 +394,8 @@ def calc(args):
     if 'pr' in metrics and len(dataset) < 4:
         raise UsageError(f'--num={args.num} is too small: precision/recall (k=3) needs 4 images')
     kept = (1008 if 'is' in metrics else 0) + (2048 if 'pr' in metrics else 0)
-    check_memory(2 * len(dataset) * kept * 4, f'--metrics={",".join(metrics)} for {len(dataset):,} images')
+    check_memory(2 * len(dataset) * kept * 4, f'--metrics={",".join(metrics)} for {len(dataset):,} images',
+                 torch.device('cpu'))  # numpy arrays in host memory
     detector = open_detector(args, device)
     with working():
         results = calc_metrics(args, metrics, dataset, reference, detector, device)
@@ -609,7 +604,8 @@ def score(args):
         raise UserError(f'{args.images} holds {images.resolution}x{images.resolution}x{images.num_channels} images, '
                         f'{args.data} {dataset.resolution}x{dataset.resolution}x{dataset.num_channels}')
     image_bytes = images.num_channels * images.resolution ** 2
-    check_memory((4 * len(images) + 16384) * image_bytes * 2, f'the toy score of {len(images):,} images')
+    check_memory((4 * len(images) + 16384) * image_bytes * 2, f'the toy score of {len(images):,} images',
+                 torch.device('cpu'))
     splits = toy_splits(dataset, len(images))
     path = toy_cache_path(args.cache, args.data, dataset)
     cached = os.path.isfile(path)

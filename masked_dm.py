@@ -34,7 +34,6 @@ wavelets, two token families, per-band clamping), the ema-pytorch EMA, presets o
 
 import argparse
 import math
-import os
 import types
 import warnings
 
@@ -45,7 +44,7 @@ from einops import rearrange
 from tqdm import tqdm
 
 from common import (Parser, PerSeedRNG, TrainingRun, UsageError, UserError, add_generate_flags,
-                    add_metric_flags, add_train_flags, check_class, check_outdir,
+                    add_metric_flags, add_train_flags, check_class, check_memory, check_outdir,
                     distributed_model, drop_labels, get_rank, get_world_size, init_distributed,
                     latest_checkpoint, load_checkpoint, load_snapshot, load_weights,
                     network_and_ema, number, open_dataset, optimizer_step, parse_bool,
@@ -801,23 +800,11 @@ def check_token_grid(args, R, net_kwargs):
                'full-image training')
     return shape_net, keep
 
-def check_memory(num_params, device):
-    """Refuse a network whose weights, EMA, gradients and AdamW moments (5 float32 copies) exceed the memory."""
-    if device.type == 'cuda':
-        total = torch.cuda.mem_get_info(device)[1]
-    elif hasattr(os, 'sysconf') and 'SC_PHYS_PAGES' in os.sysconf_names:
-        total = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    else:
-        return
-    need = 5 * 4 * num_params
-    if need > total:
-        raise UsageError(f'a U-ViT of {num_params:,} parameters needs {need / 2**30:,.1f} GiB for its weights, EMA, '
-                         f'gradients and AdamW moments; {device} has {total / 2**30:,.1f} GiB (--arch, --embed_dim, '
-                         '--depth set the size)')
-
 def training_network(args, net_kwargs, info, device, amp_dtype):
     """(net, ema, what it loaded): seeded, or the pre-trained online weights (--resume restores its own)."""
-    check_memory(info['num_params'], device)
+    num_params = info['num_params']  # weights, EMA, gradients and AdamW's two moments: 5 float32 copies
+    check_memory(20 * num_params, f'a U-ViT of {num_params:,} parameters (--arch, --embed_dim, --depth set the size); '
+                 'its weights, EMA, gradients and AdamW moments', device)
     torch.manual_seed(args.seed)
     pretrained = None if args.resume else args.pretrained_model_ckpt
     net, start = load_pretrained(GaussianDiffusion(**net_kwargs), pretrained)
