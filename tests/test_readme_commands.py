@@ -13,7 +13,8 @@ run, a short script on the meta device), or SKIP with the rule's reason. A comma
 Running (`test_command`): in a fresh directory holding only the seven top-level .py files (what a fresh clone
 offers a user), with OMP_NUM_THREADS=1, through `bash -o pipefail -c`; the command must exit 0 with no
 "Traceback" on stderr. The selected commands are started together when the first is needed, two at a time (each is
-one single-threaded process; the suite is sized for 2 cores), and each test checks its own. A command that reads a path (--network, --resume, --data, --images, ...) which another
+one single-threaded process; the suite is sized for 2 cores), and each test checks its own; a command printed in
+several places (the same text) runs once, in one fresh clone, for all of them. A command that reads a path (--network, --resume, --data, --images, ...) which another
 command of the same file writes (--outdir, --dest) runs only if that command runs too (it is then run first, in
 the same directory); otherwise it is skipped, naming the writer and why the writer is skipped. A path that no
 command writes and that is not in a fresh clone is not a dependency: the command runs and fails, as a user's would.
@@ -244,25 +245,31 @@ def _params():
         params.append(pytest.param(c, id=c.id, marks=marks))
     return params
 
-def run_chain(command, cwd):
-    """[(c, CompletedProcess)] of command's chain, run in order in a fresh clone at cwd; stops at the first failure."""
+def run_chain(texts, cwd):
+    """[CompletedProcess] of the commands `texts`, run in order in a fresh clone at cwd; stops at the first failure."""
     fresh_clone(cwd)
     done = []
-    for c in _runnable_chain(command):
-        done.append((c, run_as_printed(c.text, cwd)))
-        if done[-1][1].returncode != 0:
+    for text in texts:
+        done.append(run_as_printed(text, cwd))
+        if done[-1].returncode != 0:
             break
     return done
 
 @pytest.fixture(scope='module')
 def started(request, tmp_path_factory):
     """{command id: future of run_chain}: every RUN command that this session selected, started when the first one is
-    needed, WORKERS at a time (each is a single-threaded process: the second core works while the first waits)."""
+    needed, WORKERS at a time (each is a single-threaded process: the second core works while the first waits). A
+    command printed in several places (the same text, so the same run in the same fresh clone) runs once for all."""
     commands = [item.callspec.params['command'] for item in request.session.items
                 if item.module is request.module and getattr(item, 'originalname', '') == 'test_command']
     with ThreadPoolExecutor(WORKERS) as pool:
-        futures = {c.id: pool.submit(run_chain, c, tmp_path_factory.mktemp('clone'))
-                   for c in commands if classify(c)[0] == RUN}
+        futures, by_texts = {}, {}
+        for c in commands:
+            if classify(c)[0] == RUN:
+                texts = tuple(w.text for w in _runnable_chain(c))
+                if texts not in by_texts:
+                    by_texts[texts] = pool.submit(run_chain, texts, tmp_path_factory.mktemp('clone'))
+                futures[c.id] = by_texts[texts]
         yield futures
         for future in futures.values():
             future.cancel()
@@ -274,7 +281,7 @@ def test_command(command, started):
         pytest.fail(f'{command.id}: {why}:\n{command.text}')
     if verdict == SKIP:
         pytest.skip(why)
-    for c, r in started[command.id].result():
+    for c, r in zip(_runnable_chain(command), started[command.id].result()):
         where = command.id if c is command else f'{c.id} (run first: {command.id} reads what it writes)'
         detail = f'{where}: exit {r.returncode}\n$ {c.text}\n{r.stdout[-2000:]}{r.stderr[-3000:]}'
         assert r.returncode == 0, detail
