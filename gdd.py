@@ -9,15 +9,13 @@ teacher's EMA weights, evaluated once at sigma = 80 on pure noise, x = G(80 z; 8
 only (the "exclusive distributional loss"): no regression to the teacher, no teacher at train time. The discriminator
 is a projected one (StyleGAN-XL / Projected GAN): frozen ImageNet feature networks, fixed random projections, and
 small trained heads with spectral norm. GDD fine-tunes every generator parameter; GDD-I freezes the 3x3 convolutions
-of every residual block and the attention output projections (84% of the parameters) and trains the rest. The
-official code's further levels (--freeze=2, 3) also freeze the attention qkv, then the blocks' 1x1 skip convs.
+of every residual block and the attention output projections (84% of the parameters) and trains the rest.
 
 Implemented: GDD and GDD-I for NCSN++ and ADM teachers (ours or official EDM .pkl), the projected discriminator with
-VGG16-BN, EfficientNet-lite0 and DeiT-B/16-distilled feature networks written out in plain torch (their state-dict
-keys are those of the public torchvision / timm weight files), the non-saturating loss with lazy R1, one-step
-generation, official GDD .pkl generators. Not implemented: the instance-distillation baselines left in the official
-loss file (PD/CD/CTM targets, not runnable upstream), multi-step generators, DiffAugment/ADA (off in every run).
-The feature networks' ImageNet weights are data files (no download at run time): see --feature-weights.
+VGG16-BN, EfficientNet-lite0 and DeiT-B/16-distilled in plain torch (the state-dict keys of the public torchvision /
+timm weight files, which are data files, no download: see --feature-weights), the non-saturating loss with lazy R1,
+one-step generation, official GDD .pkl generators. Not implemented: the instance-distillation baselines left in the
+official loss file (PD/CD/CTM targets, not runnable upstream), multi-step generators, DiffAugment/ADA (off in all runs).
 
   # GDD-I on CIFAR-10 with 4 GPUs (train.sh's settings), from the official EDM teacher
   torchrun --standalone --nproc_per_node=4 gdd.py train --preset=cifar10_gddi --data=datasets/cifar10-32x32.zip \\
@@ -104,10 +102,8 @@ FEATURE_NETWORK_SETS = {'0': ['deit_base_distilled_patch16_224', 'tf_efficientne
 SIGMA_MAX = 80.0
 
 class GDDPrecond(EDMPrecond):
-    """EDM preconditioning with the output coefficients shifted by eps (official
-    training/networks.py, GDDPrecond):
-    c_skip = s_d^2 / ((sigma - eps)^2 + s_d^2), c_out = s_d (sigma - eps) / sqrt(sigma^2 + s_d^2);
-    c_in and c_noise are EDM's. At sigma = 80 this differs from the teacher's D by 2.5e-5 relative."""
+    """EDM preconditioning with c_skip and c_out shifted by eps (official training/networks.py, GDDPrecond); c_in
+    and c_noise are EDM's. At sigma = 80 this differs from the teacher's D by 2.5e-5 relative."""
     def __init__(self, img_resolution, img_channels, label_dim=0, eps=0.002, **kwargs):
         super().__init__(img_resolution, img_channels, label_dim, **kwargs)
         self.eps = eps  # shift of c_skip/c_out (the sampler's sigma_min)
@@ -121,8 +117,7 @@ class GDDPrecond(EDMPrecond):
         return c_skip, c_out, c_in, c_noise
 
 def generator_kwargs(teacher_kwargs, dropout=0):
-    """GDDPrecond kwargs from a teacher's: no augmentation conditioning (the teacher's map_augment,
-    unused at sampling, is dropped), dropout as given (train.sh: 0), no label dropout."""
+    """GDDPrecond kwargs from a teacher's: no augmentation conditioning, no label dropout, --dropout (train.sh: 0)."""
     kwargs = {k: v for k, v in teacher_kwargs.items() if k not in ('augment_dim', 'eps')}
     return dict(kwargs, augment_dim=0, dropout=dropout, label_dropout=0)
 
@@ -132,20 +127,15 @@ def network_kwargs(args, resolution, channels, label_dim):
     model.update(dropout=args.dropout, label_dropout=0, augment_dim=0)
     return dict(img_resolution=resolution, img_channels=channels, label_dim=label_dim, **model)
 
-# The residual-block (UNetBlock) parts each --freeze level keeps fixed. Official train.py's
-# freeze_layer per level: 1 ['conv', 'proj'], 2 ['conv', 'proj', 'qkv'],
-# 3 ['conv', 'proj', 'qkv', 'skip'].
+# The residual-block (UNetBlock) parts each --freeze level keeps fixed; level 1 is the paper's GDD-I. Official
+# train.py's freeze_layer per level: 1 ['conv', 'proj'], 2 adds 'qkv', 3 adds 'skip'.
 FREEZE_PARTS = {0: (), 1: ('conv0', 'conv1', 'proj'), 2: ('conv0', 'conv1', 'proj', 'qkv'),
                 3: ('conv0', 'conv1', 'proj', 'qkv', 'skip')}
 VARIANTS = ('gdd', 'gddi', 'gddi-qkv', 'gddi-qkv-skip')  # the run directory's tag of each level
 
 def frozen_names(net, level=1):
-    """Names of the generator parameters that --freeze=level keeps fixed; level 1 is the paper's
-    GDD-I: conv0 and conv1 (the 3x3 convs) of every U-Net residual block and the attention output
-    projection `proj`; level 2 adds the attention `qkv`, level 3 also the blocks' 1x1 `skip`
-    convs. Selected by module type: upstream's substring rule (official
-    training/training_loop.py: "block"/"up"/"down"/"in" and one of train.py's freeze_layer
-    strings in the name) picks exactly these on EDM's SongUNet and DhariwalUNet."""
+    """Names of the generator parameters that --freeze=level keeps fixed, by module type; upstream's substring rule
+    (official training/training_loop.py) picks exactly these on EDM's SongUNet and DhariwalUNet."""
     names = []
     for prefix, module in net.named_modules():
         if isinstance(module, UNetBlock):
@@ -169,59 +159,41 @@ def parameter_counts(net, frozen):
     return dict(total=total, frozen=num_frozen, trainable=total - num_frozen)
 
 def init_from_teacher(net, state, where):
-    """Copy the teacher's EMA parameters and buffers by name (official
-    misc.copy_params_and_buffers). Buffers matter: NCSN++'s Fourier frequencies are random per
-    checkpoint. Only the teacher's map_augment may be left over."""
-    own = net.state_dict()
-    missing = [k for k in own if k not in state]
-    extra = [k for k in state if k not in own and not k.startswith('model.map_augment.')]
-    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or extra or shapes:
-        first = missing[:1] or extra[:1] or shapes[:1]
-        raise UsageError(f'{where}: the teacher does not fit its own architecture ({first[0]}: '
-                         f'{len(missing)} missing, {len(extra)} extra, {len(shapes)} shapes differ)')
-    net.load_state_dict({k: state[k] for k in own})
+    """Copy the teacher's EMA parameters and buffers by name (official misc.copy_params_and_buffers). Buffers
+    matter: NCSN++'s Fourier frequencies are random per checkpoint. The teacher's map_augment is dropped."""
+    load_weights(net, {k: v for k, v in state.items() if not k.startswith('model.map_augment.')}, where)
     return net
 
 #------------------------------------------------------------------------------
-# 3. Method math: the GAN losses with lazy R1 and one training iteration (official
-#    training/loss.py, GDDLoss, and training/training_loop.py). The discriminator D (Projected GAN:
-#    frozen feature networks, random projections, trained heads) is not GDD's: see the appendix.
+# 3. Method math: the GAN losses with lazy R1 and one training iteration (official training/loss.py, GDDLoss, and
+#    training/training_loop.py). The projected discriminator D is not GDD's: see the appendix.
 
 def gan_loss(logits, target_real):
-    """Non-saturating logistic loss per sample: sum over networks of the mean over that network's
-    logits of softplus(-l) (target real) or softplus(l) (target fake); shape [N] (official
-    GDDLoss, the G and D terms)."""
+    """Non-saturating logistic loss per sample, [N]: sum over networks of the mean over that network's logits of
+    softplus(-l) (target real) or softplus(l) (target fake) (official GDDLoss, the G and D terms)."""
     sign = -1 if target_real else 1
     return sum(F.softplus(sign * l).mean(dim=1) for l in logits)
 
 def r1_penalty(features, D, images, labels):
-    """||grad_x sum of all real logits||^2 per sample (lazy R1, StyleGAN2), through resize,
-    frozen trunks, random projections and heads (double backward); shape [N]."""
+    """||grad_x sum of all real logits||^2 per sample, [N] (lazy R1, StyleGAN2), by double backward through D."""
     x = images.detach().requires_grad_(True)
     logits = D(features(x), labels)
     grad, = torch.autograd.grad(sum(l.sum() for l in logits), x, create_graph=True)
     return grad.square().sum(dim=[1, 2, 3])  # official GDDLoss, the R1 term
 
-# NOTE: upstream (and the default --d-pass=separate) sends the fakes and the reals through D in
-# separate passes, so the heads' train-mode BatchNorm normalizes each batch by its own statistics
-# and a difference in a feature's batch mean or spread between fakes and reals is erased.
-# --d-pass=joint (CPU demos) sends them as one batch, as BigGAN-PyTorch does "so that BN stats are
-# shared" (ajbrock/BigGAN-PyTorch, BigGAN.py, G_D.forward), in the D step and in the G step (reals
-# without gradient there); the R1 step stays reals-only.
+# NOTE: upstream (and the default --d-pass=separate) sends fakes and reals through D in separate passes: the heads'
+# train-mode BatchNorm then erases a difference in a feature's batch mean or spread between them. --d-pass=joint (CPU
+# demos) sends one batch, as BigGAN-PyTorch does "so that BN stats are shared" (BigGAN.py, G_D.forward); R1 is reals.
 def joint_logits(D, features, fake, images, labels):
-    """D's logits of [fakes; reals] in one pass, split back: (fake logits, real logits), one
-    [N, L_k] each."""
+    """D's logits of [fakes; reals] in one pass, split back: (fake logits, real logits), one [N, L_k] each."""
     n = fake.shape[0]
     both = None if labels is None else torch.cat([labels, labels])
     logits = D(features(torch.cat([fake, images])), both)                 # [2N, L_k] per network
     return [l[:n] for l in logits], [l[n:] for l in logits]
 
 def g_step(ddp_G, features, D, micro_batches, gan_weight=1, run=None, ls=1, joint=False):
-    """G's gradient: D's heads frozen, backprop through D and the feature networks into G's
-    trainable parameters. Fresh noise from the global RNG (reseeded per step); the fakes are not
-    clamped. The plain D, not its DDP wrapper: no D gradient is needed (upstream calls the
-    wrapper with D's requires_grad off; same result)."""
+    """G's gradient through D's frozen heads and the feature networks; fresh noise from the global RNG (reseeded
+    per step), fakes not clamped. The plain D: no D gradient is needed (upstream: the DDP wrapper, same result)."""
     D.requires_grad_(False)
     for r, (images, labels) in enumerate(micro_batches):
         with sync_if(ddp_G, r == len(micro_batches) - 1):
@@ -248,38 +220,31 @@ def d_step(G, features, ddp_D, micro_batches, run=None, ls=1, joint=False):
                 logits_fake, logits_real = joint_logits(ddp_D, features, fake, images, labels)
                 loss_fake, loss_real = gan_loss(logits_fake, False), gan_loss(logits_real, True)
                 ((loss_fake.sum() + loss_real.sum()) * ls).backward()
-            if run:
-                run.add('loss_D', loss_fake + loss_real)
-            continue
-        with ddp_D.no_sync():
-            loss_fake = gan_loss(ddp_D(features(fake), labels), target_real=False)
-            (loss_fake.sum() * ls).backward()
-        with sync_if(ddp_D, r == len(micro_batches) - 1):
-            loss_real = gan_loss(ddp_D(features(images), labels), target_real=True)
-            (loss_real.sum() * ls).backward()
+        else:
+            with ddp_D.no_sync():
+                loss_fake = gan_loss(ddp_D(features(fake), labels), target_real=False)
+                (loss_fake.sum() * ls).backward()
+            with sync_if(ddp_D, r == len(micro_batches) - 1):
+                loss_real = gan_loss(ddp_D(features(images), labels), target_real=True)
+                (loss_real.sum() * ls).backward()
         if run:
             run.add('loss_D', loss_fake + loss_real)
 
 def r1_step(features, ddp_D, micro_batches, gamma, interval, run=None, ls=1):
-    """Lazy R1's gradient: gamma / 2 x the mean penalty over the rank's batch, times the interval
-    (StyleGAN2)."""
+    """Lazy R1's gradient: gamma / 2 x the mean penalty over the rank's batch, times the interval (StyleGAN2)."""
     n = sum(images.shape[0] for images, _ in micro_batches)
     for r, (images, labels) in enumerate(micro_batches):
         with sync_if(ddp_D, r == len(micro_batches) - 1):
             penalty = r1_penalty(features, ddp_D, images, labels)
-            # gamma/2 E||grad||^2, times the interval (lazy R1)
             (penalty.sum() / n * (gamma / 2) * interval * ls).backward()
         if run:
             run.add('r1_penalty', penalty)
 
 def gdd_iteration(G, ddp_G, features, D, ddp_D, opt_G, opt_D, micro_batches, step, lr_G, lr_D,
                   scaler, gan_weight=1, r1_gamma=1e-4, r1_interval=16, ls=1, run=None, joint=False):
-    """One iteration on the rank's real micro-batches [(images, labels)]: G step, D step and,
-    every r1_interval iterations (not at 0), an R1 step, each a separate Adam step (official
-    training_loop.py: stage order G, D, R1). NOTE: upstream's logits are a Python list with one
-    row per (network, sample), each reduced by .mean(); the loss is therefore a SUM over the
-    rank's samples of per-sample means (B x the batch mean), over networks summed, and DDP
-    averages it over ranks. We reproduce that: it sets the balance of the D and R1 steps."""
+    """One iteration on the rank's real micro-batches [(images, labels)]: G step, D step and, every r1_interval
+    iterations (not at 0), an R1 step, each its own Adam step (official training_loop.py). NOTE: as upstream, the loss
+    is a SUM of per-sample means over the rank's samples and networks (DDP averages ranks): it sets the D/R1 balance."""
     opt_G.zero_grad(set_to_none=True)
     g_step(ddp_G, features, D, micro_batches, gan_weight, run, ls, joint)
     optimizer_step(opt_G, scaler, lr_G)
@@ -292,9 +257,8 @@ def gdd_iteration(G, ddp_G, features, D, ddp_D, opt_G, opt_D, micro_batches, ste
         optimizer_step(opt_D, scaler, lr_D)
 
 def build_optimizers(G, D, frozen, lr, dlr, r1_interval=16):
-    """Adam (0, 0.99) for G's trainable parameters; D's with StyleGAN2's lazy-regularization
-    corrections: lr x c and beta2 = 0.99^c, c = interval / (interval + 1) (official
-    training_loop.py). Every D step reads its lr back from this optimizer."""
+    """Adam (0, 0.99) for G's trainable parameters; D's with StyleGAN2's lazy-regularization corrections: lr x c
+    and beta2 = 0.99^c, c = interval / (interval + 1) (official training_loop.py)."""
     c, frozen = r1_interval / (r1_interval + 1), set(frozen)
     params = [p for name, p in G.named_parameters() if name not in frozen]
     fused = params[0].is_cuda  # one fused kernel per step on GPUs
@@ -315,22 +279,18 @@ def one_step_sampler(net, latents, labels=None, randn_like=torch.randn_like, sig
     return net(latents.to(torch.float64) * sigma, sigma, labels).to(torch.float64)
 
 def sample_images(net, seeds, device, class_idx=None, sigma_max=SIGMA_MAX):
-    """Images of `seeds` as generate makes them, [N, C, H, W] in [-1, 1] in the sampler's dtype (for
-    generate, the grid, train --metrics): per-seed latents, then (conditional) a per-seed uniform
-    class that --class overrides (EDM generate.py); every draw from the image's own generator."""
+    """Images of `seeds` as generate makes them (also the grid and train --metrics): per-seed latents, then a
+    per-seed uniform class that --class overrides (EDM generate.py); every draw from the image's own generator."""
     rng = PerSeedRNG(seeds, device)
     latents = rng.randn([net.img_channels, net.img_resolution, net.img_resolution], device=device)
     labels = seed_labels(rng, net.label_dim, class_idx, device)
     return one_step_sampler(net, latents, labels, sigma_max=sigma_max)
 
 #------------------------------------------------------------------------------
-# 5. Training loop (official training/training_loop.py): per step `rounds` real micro-batches
-#    per rank, then the G step, the D step and every --r1-interval steps lazy R1, each an Adam step.
+# 5. Training loop (official training/training_loop.py).
 
 def training_setup(args, world_size):
-    """(dataset, generator kwargs, info): every flag checked against the data and the teacher
-    before a file is written (the checks and file readers are in the appendix); `info` is what
-    setup resolved, recorded in training_options.json."""
+    """(dataset, generator kwargs, info for training_options.json); every flag checked before a file is written."""
     if args.fp16:
         raise UsageError('--fp16 is not supported: GDD trains in bf16 (upstream\'s --fp16=True '
                          'means bf16); use --bf16')
@@ -353,23 +313,11 @@ def training_setup(args, world_size):
     return dataset, net_kwargs, info
 
 def build_generator(args, net_kwargs):
-    """G: the teacher's architecture and EMA weights (--transfer); with --resume, TrainingRun
-    loads the training state's weights instead."""
+    """G: the teacher's architecture and EMA weights (--transfer); --resume loads the training state's instead."""
     net = GDDPrecond(**net_kwargs)
-    if args.resume:
-        return net
-    return init_from_teacher(net, load_teacher(args.transfer)[1], f'--transfer={args.transfer}')
-
-def snapshot_content(args, net_kwargs, ema, names):
-    """A network snapshot's own entries: the generator and how it was trained."""
-    random = {'random': 'RANDOM (demo only)', 'random-he': 'RANDOM-HE (demo only)'}
-    weights = random.get(args.feature_weights, args.feature_weights) if names != ['teacher'] else None
-    return dict(precond='GDDPrecond', net_kwargs=net_kwargs, ema=ema.state_dict(),
-                freeze=args.freeze, feature_networks=names, feature_weights=weights)
-
-def save_grid(net, num, path, device):
-    """A quick look at training progress: the one-step images of seeds 0..num-1 in one PNG."""
-    save_image_grid(sample_images(net, range(num), device), path)
+    if not args.resume:
+        init_from_teacher(net, load_teacher(args.transfer)[1], f'--transfer={args.transfer}')
+    return net
 
 def train(args):
     # Setup: flags checked against the data and the teacher; a dry run stops here.
@@ -397,15 +345,12 @@ def train(args):
         while not run.done:
             # This step's randomness: a resumed run replays it.
             reseed(args.seed, get_rank(), run.cur_nimg)
-            # Fetch data: `rounds` real micro-batches in [-1, 1]; the fakes take their labels
-            # (official training loop).
-            # NOTE: upstream takes one batch_gpu batch per iteration whatever --batch-gpu says,
-            # yet counts --batch images; we accumulate `rounds` micro-batches (losses summed).
+            # Fetch data: `rounds` real micro-batches in [-1, 1]; the fakes take their labels. NOTE: upstream
+            # takes one batch_gpu batch whatever --batch-gpu says, yet counts --batch images; we accumulate.
             batches = [next(stream) for _ in range(info['rounds'])]
             reals = [(x.to(device).to(torch.float32) / 127.5 - 1,
                       c.to(device) if dataset.label_dim else None) for x, c in batches]
-            # The paper's loss (GAN loss only), backward, optimizers: the G step, the D step and
-            # every --r1-interval steps the lazy R1 step.
+            # The paper's loss (GAN loss only), backward, optimizers: G step, D step, every --r1-interval lazy R1.
             lr_G = learning_rate(args.lr, run.cur_nimg, args.lr_rampup)
             gdd_iteration(net, ddp_G, features, D, ddp_D, opt_G, opt_D, reals, run.step, lr_G,
                           lr_D, scaler, args.gan_weight, args.r1_gamma, args.r1_interval,
@@ -417,23 +362,16 @@ def train(args):
         print0(f'done: {run.dir}')
 
 #------------------------------------------------------------------------------
-# 6. Generation: one network evaluation per image, one PNG per seed, identical for any --batch
-#    and GPU count.
+# 6. Generation: one network evaluation per image, one PNG per seed, the same for any --batch and GPU count.
 
 def load_network(path):
     """Our gdd.py snapshots / training states (.pt), or an official GDD .pkl (path or URL)."""
-    if is_official(path):
-        official = with_flag('--network', load_official, path)
-        if official['precond'] != 'GDDPrecond':
-            raise UsageError(f'--network={path}: a {official["precond"]} network, not a one-step GDD '
-                             'generator (GDDPrecond); sample EDM teachers with patch_diffusion.py generate')
-        net = GDDPrecond(**official['init_kwargs'])
-        state = check_finite(official['state_dict'], f'--network={path}')
-        load_weights(net, state, f'--network={path}')
-        return net
-    ckpt = with_flag('--network', load_snapshot, path, '--network', ['gdd'])
-    net = GDDPrecond(**ckpt['net_kwargs'])
-    load_weights(net, ckpt['ema'], f'--network={path}')
+    precond, kwargs, state = read_network(path, '--network', ['gdd'])
+    if is_official(path) and precond != 'GDDPrecond':  # a .pt is ours (method gdd)
+        raise UsageError(f'--network={path}: a {precond} network, not a one-step GDD generator (GDDPrecond); '
+                         'sample EDM teachers with patch_diffusion.py generate')
+    net = GDDPrecond(**kwargs)
+    load_weights(net, state, f'--network={path}')
     return net
 
 @torch.no_grad()
@@ -488,25 +426,21 @@ def build_parser(preset=None):
                         'after LADD)')
     t.add_argument('--feature-weights', default=None, metavar='PTH,...|random|random-he',
                    help='ImageNet weight files of the feature networks in --backbone order '
-                        '(torchvision/timm .pth); random = untrained, PyTorch\'s default init; '
-                        'random-he = untrained, He-normal fan-out convs (timm/torchvision init); '
-                        'demos only')
+                        '(torchvision/timm .pth); random / random-he = untrained, PyTorch\'s / '
+                        'timm\'s He-normal init (demos only)')
     t.add_argument('--feature-sigma', type=number(float, 0.002, 80), default=0.1, metavar='FLOAT',
                    help='noise level of the images the teacher sees with --backbone=teacher (ours)')
     t.add_argument('--feature-res', type=number(int, 32, 1024), default=224, metavar='INT',
                    help='side the images are resized to for the feature networks (official 224; '
-                        'smaller only for CPU tests/demos, heads then follow upstream\'s '
-                        'native-size rule)')
+                        'smaller only for CPU tests/demos)')
     t.add_argument('--d-pass', choices=['separate', 'joint'], default='separate',
                    help='fakes and reals through D in separate passes (upstream) or one '
                         '(BatchNorm statistics shared; CPU demos)')
     t.add_argument('--head-width', type=number(int, 1, 2048), default=None, metavar='INT',
-                   help='cap on the channel widths of the discriminator heads (CPU demos); None = '
-                        'upstream\'s widths (up to 2048)')
+                   help='cap on the discriminator heads\' widths (CPU demos); None = upstream\'s (up to 2048)')
     t.add_argument('--class-embedding', default=None, metavar='PT|random',
-                   help='[1000, 320] class table of the conditional heads (official '
-                        'in_embeddings/tf_efficientnet_lite0.pkl as a tensor file); None/random = '
-                        'N(0, 1) (upstream rand_embedding)')
+                   help='[1000, 320] class table of the conditional heads (official in_embeddings/'
+                        'tf_efficientnet_lite0.pkl as a tensor file); None/random = N(0, 1)')
     t.add_argument('--grid', type=number(int, 0, 1024), default=64, metavar='INT',
                    help='one-step samples in the grid written with each snapshot; 0 = none')
     add_metric_flags(t)
@@ -522,11 +456,8 @@ def build_parser(preset=None):
                    metavar='FLOAT', help='the noise level of the one step (the generator was trained at 80)')
     return parser
 
-def parse_args(argv=None):
-    return parse_command_line(build_parser, argv)
-
 def main():
-    args = parse_args()
+    args = parse_command_line(build_parser)
     run_main({'train': train, 'generate': generate}[args.command], args)
 
 #------------------------------------------------------------------------------
@@ -544,7 +475,6 @@ def parse_feature_networks(value):
     return names
 
 def parse_cres(s):
-    """--cres: 1 to 16 channel multipliers, each 1 to 64."""
     cres = parse_int_list(s)
     if not 1 <= len(cres) <= 16 or not all(1 <= c <= 64 for c in cres):
         raise argparse.ArgumentTypeError(f'expected 1 to 16 channel multipliers from 1 to 64, e.g. 1,2,2; got {s!r}')
@@ -568,26 +498,29 @@ def check_finite(state, where):
         raise UsageError(f'{where}: its weights hold NaN or inf ({bad[0]}; {len(bad)} tensors)')
     return state
 
+def read_network(path, flag, methods):
+    """(preconditioner, constructor kwargs, EMA weights) of our snapshot written by one of `methods` or of an
+    official EDM-format .pkl (path or URL)."""
+    if is_official(path):
+        official = load_official(path, flag)
+        return official['precond'], official['init_kwargs'], check_finite(official['state_dict'], f'{flag}={path}')
+    ckpt = with_flag(flag, load_snapshot, path, flag, methods)
+    precond = ckpt.get('precond', 'EDMPrecond')
+    if (ckpt.get('stage') or {}).get('precond', 'edm') != 'edm':
+        precond = 'relay_diffusion.py stage-two (--precond=blur)'
+    return precond, ckpt['net_kwargs'], ckpt['ema']
+
 def load_teacher(path):
     """(constructor kwargs, EMA weights) of an EDM denoiser: our snapshots of plain EDM training
     (patch_diffusion.py --real_p=1, relay_diffusion.py stage one) or an official EDM .pkl (path or URL)."""
-    if is_official(path):
-        official = with_flag('--transfer', load_official, path, '--transfer')
-        precond, kwargs = official['precond'], official['init_kwargs']
-        state = check_finite(official['state_dict'], f'--transfer={path}')
-    else:
-        ckpt = with_flag('--transfer', load_snapshot, path, '--transfer', ['patch_diffusion', 'relay_diffusion'])
-        precond, kwargs, state = ckpt.get('precond', 'EDMPrecond'), ckpt['net_kwargs'], ckpt['ema']
-        if (ckpt.get('stage') or {}).get('precond', 'edm') != 'edm':
-            precond = 'relay_diffusion.py stage-two (--precond=blur)'
+    precond, kwargs, state = read_network(path, '--transfer', ['patch_diffusion', 'relay_diffusion'])
     if precond != 'EDMPrecond':
         raise UsageError(f'--transfer={path}: a {precond} network; GDD starts from an EDM denoiser (EDMPrecond: '
                          'patch_diffusion.py --real_p=1, relay_diffusion.py stage one, or an official edm-*.pkl)')
     return dict(kwargs), state
 
 def generator_source(args, R, C, label_dim):
-    """The generator's GDDPrecond kwargs, checked against the data: the teacher's (--transfer); with --resume the
-    training state's; in a dry run the --arch/--cres architecture (no teacher read)."""
+    """GDDPrecond kwargs checked against the data: the teacher's, the training state's (--resume) or --arch's (-n)."""
     flag = f'--transfer={args.transfer}'
     if args.dry_run:
         kwargs = network_kwargs(args, R, C, label_dim)
@@ -596,10 +529,8 @@ def generator_source(args, R, C, label_dim):
             raise UsageError(f'--cres={",".join(map(str, kwargs["channel_mult"]))}: a {levels}-level U-Net needs '
                              f'image sides divisible by {2 ** (levels - 1)}; --data={args.data} has {R}x{R} images')
     elif args.resume:  # a gdd.py training state (parse_command_line checked); mmap: only what is used is read
-        flag, ckpt = f'--resume={args.resume}', torch.load(args.resume, 'cpu', weights_only=True, mmap=True)
-        if 'net_kwargs' not in ckpt:
-            raise UsageError(f'{flag}: a gdd.py training state without "net_kwargs" (not written by gdd.py train)')
-        kwargs = ckpt['net_kwargs']
+        flag = f'--resume={args.resume}'
+        kwargs = torch.load(args.resume, 'cpu', weights_only=True, mmap=True)['net_kwargs']
     elif not args.transfer:
         raise UsageError('--transfer is required: the teacher (an EDM snapshot .pt or an official edm-*.pkl)')
     else:
@@ -612,8 +543,7 @@ def generator_source(args, R, C, label_dim):
     return kwargs
 
 def check_and_count(net_kwargs, names, freeze, feature_res, label_dim, head_width=None, feature_sigma=None):
-    """Parameter counts on the meta device (no teacher, no weight files), after passing two images through the
-    discriminator's shapes."""
+    """Parameter counts on the meta device (no teacher, no weight files); two images through D check its shapes."""
     with torch.device('meta'):
         G = GDDPrecond(**net_kwargs)
         features = FeatureNetworks(names, 0, feature_res, (net_kwargs, feature_sigma))
@@ -632,26 +562,32 @@ def check_and_count(net_kwargs, names, freeze, feature_res, label_dim, head_widt
                 feature_networks=count(features))
 
 def training_run(args, dataset, info, device, amp_dtype, **state):
-    """The run directory, its snapshots (the EMA generator), sample grids, metrics and training states
-    (common.TrainingRun)."""
+    """common.TrainingRun: the run directory, snapshots of the EMA generator, sample grids, metrics, states."""
     ema = state['ema']
     ema.amp_dtype = None  # it samples (grid, metrics) in float32, as generate samples a snapshot
     evaluate = training_metrics(args, dataset.resolution, dataset.num_channels, device,
                                 lambda seeds: sample_images(ema, seeds, device))  # generate's defaults
     desc = run_desc(dataset.name, 'cond' if args.cond else 'uncond', VARIANTS[args.freeze],
                     world_size=get_world_size(), batch=args.batch, bf16=amp_dtype is not None, desc=args.desc)
-    snapshot = lambda: snapshot_content(args, info['net_kwargs'], ema, info['feature_networks'])  # noqa: E731
-    grid = lambda path: save_grid(ema, args.grid, path, device)  # noqa: E731
+
+    def snapshot():  # a network snapshot's own entries: the generator and how it was trained
+        names = info['feature_networks']
+        random = {'random': 'RANDOM (demo only)', 'random-he': 'RANDOM-HE (demo only)'}
+        weights = random.get(args.feature_weights, args.feature_weights) if names != ['teacher'] else None
+        return dict(precond='GDDPrecond', net_kwargs=info['net_kwargs'], ema=ema.state_dict(),
+                    freeze=args.freeze, feature_networks=names, feature_weights=weights)
+
+    def save_grid(path):  # the one-step images of seeds 0..--grid-1 in one PNG
+        save_image_grid(sample_images(ema, range(args.grid), device), path)
+
     return TrainingRun('gdd', vars(args), info, device, outdir=args.outdir, desc=desc, nosubdir=args.nosubdir,
                        resume=args.resume, total_nimg=args.duration * 1e6, tick=args.tick, snap=args.snap,
-                       dump=args.dump, state=state, snapshot=snapshot, grid=grid if args.grid else None,
+                       dump=args.dump, state=state, snapshot=snapshot, grid=save_grid if args.grid else None,
                        evaluate=evaluate)
 
 def distributed_pair(net, D, device, compile):
     """DDP wrappers of G and D without buffer broadcasts: BatchNorm and spectral-norm buffers stay per rank (as
-    upstream). torch 2.13 renames broadcast_buffers, with that meaning. NOTE: the heads' convs on 1x1 maps get
-    weight gradients whose size-1 dims carry other strides (same memory layout); DDP compares strides literally
-    and would warn at every step."""
+    upstream). The heads' convs on 1x1 maps get gradients with other strides (same layout): DDP would warn each step."""
     warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='`broadcast_buffers` is deprecated')
@@ -668,8 +604,7 @@ def print_header(args, dataset, info, amp_dtype, run_dir):
            f'{counts["discriminator_heads"]:,}')
     if args.feature_weights in ('random', 'random-he') and names != ['teacher']:
         print0(f'WARNING: --feature-weights={args.feature_weights}: the discriminator\'s feature networks are '
-               'RANDOM, not ImageNet-pretrained. This only shows that the machinery runs; results are not '
-               'comparable to the paper.')
+               'RANDOM, not ImageNet-pretrained: the machinery runs, the results are not the paper\'s.')
     if args.bf16 and amp_dtype is None:
         print0('note: --bf16 applies on CUDA only (upstream runs the generator in fp32 elsewhere); this run is fp32')
     if dataset.label_dim and args.class_embedding in (None, 'random'):
@@ -678,11 +613,10 @@ def print_header(args, dataset, info, amp_dtype, run_dir):
     print0(f'{info["batch_gpu"]} images x {info["rounds"]} rounds x {info["world_size"]} GPUs per step; run directory '
            f'{run_dir}')
 
-# The data of each paper preset's teacher (image side, classes when --cond): a dry run of a preset reads no dataset.
+# Each paper preset's teacher data (image side, classes when --cond), for a dry run of a preset whose dataset is absent.
 PRESET_DATA = {'cifar10': (32, 10), 'afhqv264': (64, 0), 'ffhq64': (64, 0), 'imagenet64': (64, 1000)}
 
 def open_training_data(args):
-    """The dataset; in a dry run of a paper preset whose dataset is not there, its teacher's data shape (RGB)."""
     data = next((v for k, v in PRESET_DATA.items() if (args.preset or '').startswith(k + '_')), None)
     if args.dry_run and data and not os.path.exists(args.data):
         name = os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
@@ -690,18 +624,13 @@ def open_training_data(args):
     return open_dataset(args.data, use_labels=args.cond, xflip=args.xflip)
 
 #------------------------------------------------------------------------------
-# 8b. The projected discriminator (official pg_modules/): frozen ImageNet feature networks, fixed random projections
-#     (Projected GAN's CCM and CSM) and trained multi-scale heads (StyleGAN-XL); then the feature networks in plain
-#     torch with the state-dict keys of the public torchvision / timm weight files (official feature_networks/), and
-#     their strict loader.
+# 8b. The projected discriminator (official pg_modules/): frozen feature networks, fixed random projections (Projected
+#     GAN's CCM and CSM), trained heads (StyleGAN-XL); the feature networks in plain torch (official feature_networks/).
 
-# NOTE: --feature-weights=random keeps PyTorch's default conv init (uniform, 1/3 of He's variance): through the
-# ~20 layers of EfficientNet-lite0 the signal shrinks about 10x per stage (4e-10 at its last map on the demo data),
-# the heads see the CCM/CSM biases and the discriminator stays at chance. random-he draws the trunks' convs as their
-# libraries do when built without weights (timm efficientnet `_init_weight_goog`, torchvision `VGG.__init__`):
-# N(0, 2 / fan_out), fan_out = k * k * out_channels / groups, biases 0; BatchNorm stays the identity.
+# NOTE: --feature-weights=random keeps PyTorch's default conv init (1/3 of He's variance): the signal shrinks about
+# 10x per EfficientNet-lite0 stage and D stays at chance. random-he draws the convs as timm (`_init_weight_goog`) and
+# torchvision (`VGG.__init__`) do without weights: N(0, 2 / fan_out), biases 0; BatchNorm stays the identity.
 def he_init(trunk, seed):
-    """Re-draw the trunk's conv weights He-normal (fan-out) from `seed`; biases zero."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in trunk.modules():
@@ -714,8 +643,7 @@ def he_init(trunk, seed):
 
 def build_discriminator(names, seed, resolution, label_dim, weights, class_embedding=None, head_width=None,
                         teacher=None):
-    """Frozen feature networks (with their weight files, or random; `teacher` = (net_kwargs, --feature-sigma,
-    --transfer) for --backbone=teacher) and the trained heads."""
+    """Frozen feature networks (weight files or random; `teacher`: (net_kwargs, --feature-sigma, --transfer)), heads."""
     features = FeatureNetworks(names, seed, resolution, teacher and teacher[:2])
     if 'teacher' in names:
         init_from_teacher(features.nets['teacher'].net, load_teacher(teacher[2])[1], f'--transfer={teacher[2]}')
@@ -753,10 +681,8 @@ IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 INCEPTION_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 class FeatureNetwork(nn.Module):
-    """One frozen feature network (official F_RandomProj, proj_type 2, cout 64, expand): [-1, 1] -> [0, 1] ->
-    per-network mean/std -> bilinear resize -> trunk -> CCM (1x1 convs to 64, 128, 256, 512 channels) -> CSM
-    (top-down: x2 bilinear upsampling, align_corners, then a 1x1 conv halving the channels, last one keeps 64):
-    maps of 64, 64, 128, 256 channels at twice the trunk's resolutions."""
+    """One frozen feature network (official F_RandomProj, proj_type 2, cout 64, expand): trunk -> CCM (1x1 convs) ->
+    CSM (top-down x2 upsampling, 1x1 convs): maps of 64, 64, 128, 256 channels at twice the trunk's sizes."""
     def __init__(self, name, seed, resolution=224, cout=64):
         super().__init__()
         self.name, self.resolution = name, resolution
@@ -823,8 +749,7 @@ class TeacherFeatures(nn.Module):
         return outputs
 
 class FeatureNetworks(nn.Module):
-    """All frozen feature networks of the discriminator; always in eval mode (BatchNorm running statistics). `teacher`
-    is the teacher's net_kwargs and the --feature-sigma for --backbone=teacher."""
+    """The discriminator's frozen feature networks, always in eval mode; `teacher`: (net_kwargs, --feature-sigma)."""
     def __init__(self, names, seed, resolution=224, teacher=None):
         super().__init__()
         self.nets = nn.ModuleDict({name: TeacherFeatures(*teacher) if name == 'teacher' else
@@ -845,8 +770,7 @@ class DownBlock(nn.Sequential):
 
 class Head(nn.Module):
     """One trained head on one feature map (official SingleDisc / SingleDiscCond): DownBlocks from the nominal size
-    `start` down to `end`, then a spectral-norm conv to 1 logit channel; conditional: to 64 channels, projected onto
-    a class embedding e = lrelu-FC(Emb[argmax c]) (StyleGAN2 equalized FC 320 -> 64), logit = <o, e> / sqrt(64)."""
+    `start` down to `end`, then a spectral-norm conv to 1 logit, or (conditional) 64 channels dotted with e(c)."""
     WIDTH = {1: 2048, 2: 1024, 4: 512, 8: 512, 16: 256, 32: 128, 64: 64, 128: 64, 256: 32, 512: 16, 1024: 8}
 
     def __init__(self, in_channels, start, end, conditional, cmap_dim=64, num_classes=1000, embed_dim=320,
@@ -877,17 +801,15 @@ class Head(nn.Module):
         return ((out * cmap[:, :, None, None]).sum(dim=1) / math.sqrt(self.cmap_dim)).flatten(1)
 
 def head_sizes(resolution):
-    """Nominal input sizes of the 4 heads and their end size (official MultiScaleD). NOTE: upstream sizes heads for a
-    256-px image, [128, 64, 32, 16] -> 8, whatever the true map sizes (112..14 for EfficientNet/DeiT, 224..28 for
-    VGG). Other --feature-res values (tests, CPU demos) use upstream's native-resolution rule, R/2 .. R/16."""
+    """Nominal input sizes of the 4 heads and their end size (official MultiScaleD). NOTE: at 224 px upstream sizes
+    heads for 256 px, [128, 64, 32, 16] -> 8, whatever the true map sizes; other sizes: its native rule, R/2 .. R/16."""
     R = 256 if resolution == 224 else resolution
     keys = sorted(Head.WIDTH)
     sizes = [min(keys, key=lambda k: abs(k - R // 2 ** (i + 1))) for i in range(4)]
     return sizes, min(sizes[-1], 8)
 
 class Discriminator(nn.Module):
-    """The trained part: one head per feature map, `maps` = {network: [(channels, nominal size, end size)]} (the
-    feature networks' `maps`). Returns one [N, L_k] logit tensor per network."""
+    """The heads, one per map of `maps` = {network: [(channels, size, end size)]}; [N, L_k] logits per network."""
     def __init__(self, maps, label_dim=0, max_width=None):
         super().__init__()
         self.heads = nn.ModuleDict({name: nn.ModuleList(Head(c, s, end, label_dim > 0, max_width=max_width)
@@ -907,7 +829,7 @@ class VGG16BN(nn.Module):
     """torchvision vgg16_bn `features[:43]` (the last max-pool dropped), split at 13/23/33/43:
     128@112^2, 256@56^2, 512@28^2, 512@14^2 at 224 px (official _feature_splitter)."""
     CHANNELS, SPLITS = (128, 256, 512, 512), (13, 23, 33, 43)
-    UNUSED = ('classifier.',)                                  # weight-file keys the discriminator does not use
+    UNUSED = ('classifier.',)  # weight-file keys the discriminator does not use
 
     def __init__(self):
         super().__init__()
@@ -944,7 +866,7 @@ class MBConv(nn.Module):
     def __init__(self, cin, cout, k, stride, expand):
         super().__init__()
         self.separable, mid = expand == 1, cin * expand
-        bn = lambda c: nn.BatchNorm2d(c, eps=1e-3)             # TF's BatchNorm epsilon
+        bn = lambda c: nn.BatchNorm2d(c, eps=1e-3)  # TF's BatchNorm epsilon
         if self.separable:
             self.conv_dw, self.bn1 = Conv2dSame(cin, cin, k, stride, groups=cin), bn(cin)
             self.conv_pw, self.bn2 = nn.Conv2d(cin, cout, 1, bias=False), bn(cout)
@@ -968,7 +890,7 @@ class EfficientNetLite0(nn.Module):
     CHANNELS, SPLITS = (24, 40, 112, 320), (2, 3, 5, 7)
     UNUSED = ('conv_head.', 'bn2.', 'classifier.')
     STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
-              (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]              # (repeats, kernel, stride, expand, channels)
+              (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]  # (repeats, kernel, stride, expand, channels)
 
     def __init__(self):
         super().__init__()
@@ -1005,9 +927,8 @@ class ViTBlock(nn.Module):
         return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
 
 class DeiTBaseDistilled(nn.Module):
-    """timm deit_base_distilled_patch16_224 (its classifier heads kept, unused, as upstream holds them) and
-    DPT's random "readout" convs (official feature_networks/vit.py): tokens of blocks 2, 5, 8, 11 without the cls
-    and distillation tokens, 768@14^2, mapped to 96@56^2, 192@28^2, 384@14^2, 768@7^2."""
+    """timm deit_base_distilled_patch16_224 (classifier heads unused) and DPT's random "readout" convs (official
+    feature_networks/vit.py): patch tokens of blocks 2, 5, 8, 11 -> 96@56^2, 192@28^2, 384@14^2, 768@7^2."""
     CHANNELS, HOOKS = (96, 192, 384, 768), (2, 5, 8, 11)
     UNUSED = ()
 
@@ -1020,7 +941,7 @@ class DeiTBaseDistilled(nn.Module):
         self.blocks = nn.Sequential(*[ViTBlock(dim) for _ in range(depth)])
         self.norm, self.head, self.head_dist = nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, 1000), nn.Linear(dim, 1000)
         c = self.CHANNELS
-        self.readout = nn.ModuleList([                               # random, frozen; not in the weight file
+        self.readout = nn.ModuleList([  # random, frozen; not in the weight file
             nn.Sequential(nn.Conv2d(dim, c[0], 1), nn.ConvTranspose2d(c[0], c[0], 4, 4)),
             nn.Sequential(nn.Conv2d(dim, c[1], 1), nn.ConvTranspose2d(c[1], c[1], 2, 2)),
             nn.Sequential(nn.Conv2d(dim, c[2], 1)),
@@ -1044,8 +965,7 @@ TRUNKS = {'vgg16_bn': VGG16BN, 'tf_efficientnet_lite0': EfficientNetLite0,
           'deit_base_distilled_patch16_224': DeiTBaseDistilled}
 
 def load_trunk(trunk, name, path):
-    """Strict load of a torchvision/timm weight file (a state dict, or {'model': ...} / {'state_dict': ...}); only
-    the classifier-side keys in UNUSED may be extra, only the random readout convs may be missing."""
+    """Strict load of a torchvision/timm weight file: extras only in UNUSED, missing only the random readout convs."""
     state = with_flag('--feature-weights', load_checkpoint, path)
     state = state.get('model', state.get('state_dict', state)) if isinstance(state, dict) else state
     if not isinstance(state, dict):
