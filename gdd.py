@@ -81,13 +81,13 @@ PRESETS = {
     # ImageNet 64x64 conditional, teacher edm-imagenet-64x64-cond-adm.pkl
     'imagenet64_gdd': IMAGENET64 | dict(freeze=0),
     'imagenet64_gddi': IMAGENET64 | dict(freeze=1),
-    # Ours, CPU demo (about 7 CPU-minutes): GDD-I on the 8x8 shapes from patch_diffusion.py's demo
-    # teacher, with RANDOM feature networks (EfficientNet-lite0 at 32 px, He-normal), heads capped
-    # at 64 channels, one D pass for fakes and reals (docs/gdd.md, CPU demo: why), 960 iterations:
-    # the machinery, not the paper's quality.
-    'demo': dict(data='demo-8', backbone='3', feature_weights='random-he', feature_res=32,
-                 head_width=64, d_pass='joint', batch=16, lr=1e-3, dlr=1e-3, duration=0.01536,
-                 tick=1.6, snap=2, dump=100, freeze=1, workers=0),
+    # Ours, CPU demo (about 9 CPU-minutes): GDD (every parameter trained) on the 8x8 shapes from
+    # patch_diffusion.py's demo teacher. The discriminator's features are the teacher's own U-Net maps
+    # of the images with noise 0.05 (--backbone=teacher, after LADD), heads capped at 64 channels, one
+    # D pass for fakes and reals, lr 5e-4, 1,920 iterations (docs/gdd.md, CPU demo: every setting tried).
+    'demo': dict(data='demo-8', backbone='teacher', feature_sigma=0.05, head_width=64, d_pass='joint',
+                 batch=16, lr=5e-4, dlr=5e-4, duration=0.03072, tick=1.6, snap=2, dump=100, freeze=0,
+                 workers=0),
 }
 
 # Feature networks of the discriminator by the official --backbone numbers (train.py):

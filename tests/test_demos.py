@@ -34,4 +34,4 @@ def test_gdd_demo_first_step_from_the_patch_demo_teacher(tmp_path):
     first_step(pd, ['train', '--preset=demo', '--real_p=1', '--duration=0.000032'], tmp_path / 'teacher')
     args = first_step(gdd, ['train', '--preset=demo', f'--transfer={tmp_path / "teacher"}', '--duration=0.000016'],
                       tmp_path / 'gdd')
-    assert args.freeze == 1 and args.feature_weights == 'random-he'  # the demo's He-initialised random features
+    assert args.freeze == 0 and args.backbone == 'teacher'  # GDD against the teacher's own features
