@@ -84,10 +84,11 @@ PRESETS = {
     # Ours, CPU demo (about 9 CPU-minutes): GDD (every parameter trained) on the 8x8 shapes from
     # patch_diffusion.py's demo teacher. The discriminator's features are the teacher's own U-Net maps
     # of the images with noise 0.05 (--backbone=teacher, after LADD), heads capped at 64 channels, one
-    # D pass for fakes and reals, lr 5e-4, 1,920 iterations (docs/gdd.md, CPU demo: every setting tried).
+    # D pass for fakes and reals, lr 5e-4, R1 gamma 0.01, 1,920 iterations (docs/gdd.md, CPU demo: every
+    # setting tried).
     'demo': dict(data='demo-8', backbone='teacher', feature_sigma=0.05, head_width=64, d_pass='joint',
-                 batch=16, lr=5e-4, dlr=5e-4, duration=0.03072, tick=1.6, snap=2, dump=100, freeze=0,
-                 workers=0),
+                 batch=16, lr=5e-4, dlr=5e-4, r1_gamma=0.01, duration=0.03072, tick=1.6, snap=2, dump=100,
+                 freeze=0, workers=0),
 }
 
 # Feature networks of the discriminator by the official --backbone numbers (train.py):
