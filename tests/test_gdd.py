@@ -771,8 +771,12 @@ def test_cli_errors_table(tmp_path, files, standin, monkeypatch, capsys, argv, c
 
 def test_train_metrics_equal_generate_then_score(tmp_path, files, toy_cache, standin, capsys, monkeypatch):
     """--metrics=toy_fd --snap=1: one line per snapshot (StyleGAN2-ADA's layout), whose value is, to float
-    precision, what `generate --seeds=0-499` of that snapshot and `fid.py score --num=500` give."""
+    precision, what `generate --seeds=0-99` of that snapshot and `fid.py score --num=100` give (toy_fd's 500 images
+    monkeypatched to 100, for time)."""
     import fid
+    monkeypatch.setitem(common.TRAINING_METRICS, 'toy_fd', 100)
+    demo_masks = fid.demo_masks  # score's demo_fit, not compared here: 1,000 shape draws, not 100,000 (~5 s each)
+    monkeypatch.setattr(fid, 'demo_masks', lambda R: demo_masks(R, draws=1000))
     run = tmp_path / 'run'
     gdd.train(parse(TRAIN + [f'--outdir={run}', f'--transfer={files["teacher"]}', '--duration=0.000012', '--dump=0',
                              '--grid=0', '--metrics=toy_fd', f'--metrics-cache={toy_cache}']))  # 3 steps: 2 snapshots
@@ -789,10 +793,10 @@ def test_train_metrics_equal_generate_then_score(tmp_path, files, toy_cache, sta
     for line in lines:
         out = tmp_path / line['snapshot_pkl'][:-3]
         gdd.generate(parse(['generate', f'--network={run / line["snapshot_pkl"]}', f'--outdir={out}',
-                            '--seeds=0-499', '--batch=250']))
+                            '--seeds=0-99', '--batch=250']))
         capsys.readouterr()
         computed.clear()
-        fid.main(['score', f'--images={out}', '--data=demo-8', '--num=500', f'--cache={toy_cache}'])
+        fid.main(['score', f'--images={out}', '--data=demo-8', '--num=100', f'--cache={toy_cache}'])
         printed = dict(row.split() for row in capsys.readouterr().out.splitlines() if row.startswith('toy_fd '))
         assert f'{line["results"]["toy_fd"]:.6g}' == printed['toy_fd']
         assert line['results']['toy_fd'] == pytest.approx(computed[0], rel=1e-6)  # the samples' toy_fd comes first
